@@ -1,0 +1,33 @@
+"""Streaming weighted FedAvg: one running float64 sum, never all contributions in memory at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+class StreamingMean:
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] = {}
+        self._weight = 0.0
+        self.count = 0
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        if not weight > 0:
+            raise ValueError("weight must be positive")
+        if self._sum and set(update) != set(self._sum):
+            raise ValueError("update tensors differ from the first contribution's")
+        for name, tensor in update.items():
+            scaled = tensor.to(torch.float64) * weight
+            if name in self._sum:
+                self._sum[name].add_(scaled)
+            else:
+                self._sum[name] = scaled
+        self._weight += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise ValueError("no contribution was added")
+        return {k: (v / self._weight).to(torch.float32).contiguous() for k, v in self._sum.items()}

@@ -1,0 +1,95 @@
+"""The aggregator worker loop: claim a job, stream, open and sum its contributions, complete or fail it."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import grpc
+import structlog
+
+from fedcompute.aggregator.contributions import JobContext, Rejected, open_contribution
+from fedcompute.aggregator.fedavg import StreamingMean
+from fedcompute.aggregator.keys import JobKeys, KeyUnavailable
+from fedcompute.clients.typed import AggregationClient, KeyClient
+from fedcompute.core import checkpoints
+from fedcompute.v1 import aggregation_pb2
+
+log = structlog.get_logger("fedcompute.aggregator")
+
+
+class AggregatorWorker:
+    def __init__(self, jobs: AggregationClient, key_clients: list[KeyClient], worker_id: str) -> None:
+        self._jobs = jobs
+        self._key_clients = key_clients
+        self._worker_id = worker_id
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when none was waiting."""
+        claimed = self._jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id=self._worker_id))
+        if not claimed.HasField("job"):
+            return False
+        self.process(claimed.job)
+        return True
+
+    def process(self, job: aggregation_pb2.AggregationJob) -> None:
+        context = JobContext(
+            job.population_name,
+            job.task_id,
+            job.round,
+            job.aggregation_id,
+            job.model_version,
+            job.plan_sha256_hex,
+            job.model_architecture,
+        )
+        keys = JobKeys(self._key_clients, job.task_id, job.round, job.job_id)
+        mean = StreamingMean()
+        rejections: Counter[str] = Counter()
+        seen: set[str] = set()
+        lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
+        next_extension = time.monotonic() + max(lease_left, 1.0)
+        try:
+            stream = self._jobs.stream_contributions(
+                aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
+            )
+            for item in stream:
+                if item.assignment_id in seen:
+                    rejections["duplicate_assignment"] += 1
+                    continue
+                seen.add(item.assignment_id)
+                try:
+                    opened = open_contribution(item.envelope, item.assignment_id, context, keys)
+                except Rejected as rejected:
+                    rejections[rejected.reason] += 1
+                    continue
+                mean.add(opened.update, float(opened.num_examples))
+                if time.monotonic() > next_extension:
+                    self._jobs.extend_lease(aggregation_pb2.ExtendLeaseRequest(job_id=job.job_id, lease_id=job.lease_id))
+                    next_extension = time.monotonic() + max(lease_left, 1.0)
+        except KeyUnavailable as exc:
+            self._fail(job, str(exc), retryable=True)
+            return
+        except grpc.RpcError as exc:
+            self._fail(job, f"contribution stream broke: {exc.code().name}", retryable=True)
+            return
+        rejected = sum(rejections.values())
+        if mean.count == 0:
+            self._fail(job, f"no valid contribution among {rejected} ({dict(rejections)})", retryable=False)
+            return
+        self._jobs.complete_job(
+            aggregation_pb2.CompleteJobRequest(
+                job_id=job.job_id,
+                lease_id=job.lease_id,
+                update=checkpoints.encode(mean.mean()),
+                accepted_contributions=mean.count,
+                rejected_contributions=rejected,
+                rejections=[aggregation_pb2.RejectionCount(reason=r, count=c) for r, c in sorted(rejections.items())],
+            )
+        )
+        log.info("job_aggregated", job_id=job.job_id, accepted=mean.count, rejected=rejected)
+
+    def _fail(self, job: aggregation_pb2.AggregationJob, reason: str, retryable: bool) -> None:
+        log.warning("job_failing", job_id=job.job_id, reason=reason, retryable=retryable)
+        self._jobs.fail_job(
+            aggregation_pb2.FailJobRequest(job_id=job.job_id, lease_id=job.lease_id, reason=reason, retryable=retryable)
+        )

@@ -1,0 +1,258 @@
+"""The `fedcompute` command: demo, up, serve, task, devices."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from google.protobuf.json_format import MessageToDict
+from pydantic import ValidationError
+
+from fedcompute.core.logs import configure_logging
+from fedcompute.core.settings import Settings
+
+app = typer.Typer(help="fedcompute: federated-compute server suite.", no_args_is_help=True)
+task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True)
+devices_app = typer.Typer(help="Simulated device fleets.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+app.add_typer(devices_app, name="devices")
+
+ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"invalid settings: {problems}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+
+
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(min=1, max=500, help="Simulated devices.")] = 20,
+    rounds: Annotated[int, typer.Option(min=1, max=100, help="Training rounds.")] = 5,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in workdir).")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where data goes (default: a fresh temp directory).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG plot path (default: WORKDIR/accuracy.png).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data split, shards and initial model.")] = 0,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
+) -> None:
+    """Run a whole federated training job on this machine and report accuracy per round."""
+    import tempfile
+
+    from fedcompute.clients.demo import format_table, run_demo, write_json, write_plot
+
+    configure_logging(json_lines=False, level=logging.WARNING)
+    work = workdir or Path(tempfile.mkdtemp(prefix="fedcompute-demo-"))
+    settings = _settings(
+        workdir=work,
+        database_url=database_url,
+        server_port=0,
+        key_service_port=0,
+        retry_delay_min_s=0.05,
+        retry_delay_max_s=0.3,
+        poll_interval_s=0.05,
+        lease_s=30.0,
+        log_json=False,
+    )
+    result = run_demo(settings, devices, rounds, seed, timeout)
+    typer.echo(format_table(result))
+    plot_path = plot or work / "accuracy.png"
+    write_plot(result, plot_path)
+    typer.echo(f"plot: {plot_path}")
+    if json_path:
+        write_json(result, json_path)
+        typer.echo(f"json: {json_path}")
+
+
+@app.command()
+def up(
+    workdir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in workdir).")] = None,
+    port: Annotated[int | None, typer.Option(help="Server port.")] = None,
+    key_port: Annotated[int | None, typer.Option(help="Key service port.")] = None,
+) -> None:
+    """Run the whole suite (key service, server, aggregator, model updater) until interrupted."""
+    from fedcompute.suite import start_suite
+
+    settings = _settings(workdir=workdir, database_url=database_url, server_port=port, key_service_port=key_port)
+    configure_logging(settings.log_json)
+    suite = start_suite(settings)
+    typer.echo(f"fedcompute up: server {suite.server_address}, key service {suite.key_address}", err=True)
+    _wait_for_signal()
+    suite.stop()
+
+
+@app.command()
+def serve(component: Annotated[str, typer.Argument(help="server | keys | aggregator | modelupdater")]) -> None:
+    """Run one component (settings from FEDCOMPUTE_* environment variables)."""
+    from fedcompute.aggregator.worker import AggregatorWorker  # noqa: F401  (import check for the component)
+    from fedcompute.core.clock import RandomIds, SystemClock
+    from fedcompute.core.loops import PollingLoop
+    from fedcompute.suite import build_worker, load_secrets
+
+    settings = _settings()
+    configure_logging(settings.log_json)
+    secrets = load_secrets(settings)
+    clock, ids = SystemClock(), RandomIds()
+    stoppers: list[Any] = []
+    if component == "server":
+        from fedcompute.server.app import build_server
+
+        stoppers.append(build_server(settings, clock, ids, secrets.internal_token, secrets.token_secret))
+    elif component == "keys":
+        from fedcompute.keys.app import build_key_server
+
+        stoppers.append(build_key_server(settings, clock, secrets.internal_token))
+    elif component == "aggregator":
+        worker = build_worker(settings, secrets.internal_token, ids.new_id("worker"))
+        stoppers.append(PollingLoop("aggregator", worker.run_once, settings.poll_interval_s).start())
+    elif component == "modelupdater":
+        from fedcompute.modelupdater.updater import ModelUpdater
+        from fedcompute.server.app import open_storage
+
+        db, blobs = open_storage(settings)
+        updater = ModelUpdater(db, blobs, clock, ids, settings.max_job_attempts)
+        stoppers.append(PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start())
+    else:
+        typer.echo(f"unknown component {component!r}: use server, keys, aggregator or modelupdater", err=True)
+        raise typer.Exit(2)
+    _wait_for_signal()
+    for item in stoppers:
+        item.stop()
+
+
+def _operators(server: str) -> Any:
+    from fedcompute.clients.typed import TaskManagementClient
+    from fedcompute.rpc.channels import open_channel
+
+    return TaskManagementClient(open_channel(server), 30.0)
+
+
+def _print(message: Any) -> None:
+    typer.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+@task_app.command("create")
+def task_create(
+    population: Annotated[str, typer.Option(help="Population name.")],
+    server: ServerOpt = "127.0.0.1:8700",
+    architecture: Annotated[str, typer.Option(help="Model architecture id.")] = "digits-mlp-v1",
+    rounds: Annotated[int, typer.Option()] = 5,
+    report_goal: Annotated[int, typer.Option()] = 16,
+    max_cohort: Annotated[int, typer.Option()] = 20,
+    seed: Annotated[int, typer.Option(help="Initial weights seed.")] = 0,
+    weights: Annotated[Path | None, typer.Option(help="Initial weights (safetensors).")] = None,
+    min_client_version: Annotated[str, typer.Option()] = "",
+    max_client_version: Annotated[str, typer.Option()] = "",
+    local_epochs: Annotated[int, typer.Option()] = 5,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    learning_rate: Annotated[float, typer.Option()] = 0.1,
+    momentum: Annotated[float, typer.Option()] = 0.9,
+) -> None:
+    """Create a training task."""
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    spec = tm.TaskSpec(
+        population_name=population,
+        model_architecture=architecture,
+        initial_weights=weights.read_bytes() if weights else b"",
+        initial_seed=seed,
+        rounds=rounds,
+        report_goal=report_goal,
+        max_cohort=max_cohort,
+        min_client_version=min_client_version,
+        max_client_version=max_client_version,
+        hyperparameters=tm.TrainingHyperparameters(
+            local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum
+        ),
+    )
+    _call(lambda: _print(_operators(server).create_task(tm.CreateTaskRequest(spec=spec)).task))
+
+
+@task_app.command("get")
+def task_get(task_id: str, server: ServerOpt = "127.0.0.1:8700") -> None:
+    """Show a task."""
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    _call(lambda: _print(_operators(server).get_task(tm.GetTaskRequest(task_id=task_id)).task))
+
+
+@task_app.command("list")
+def task_list(
+    server: ServerOpt = "127.0.0.1:8700",
+    population: Annotated[str, typer.Option(help="Only this population.")] = "",
+) -> None:
+    """List tasks."""
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    _call(lambda: _print(_operators(server).list_tasks(tm.ListTasksRequest(population_name=population))))
+
+
+@task_app.command("cancel")
+def task_cancel(
+    task_id: str, server: ServerOpt = "127.0.0.1:8700", reason: Annotated[str, typer.Option()] = ""
+) -> None:
+    """Cancel a task (its open round stops admitting devices)."""
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    _call(lambda: _print(_operators(server).cancel_task(tm.CancelTaskRequest(task_id=task_id, reason=reason)).task))
+
+
+def _call(action: Any) -> None:
+    try:
+        action()
+    except grpc.RpcError as exc:
+        typer.echo(f"{exc.code().name}: {exc.details()}", err=True)
+        raise typer.Exit(1) from None
+
+
+@devices_app.command("simulate")
+def devices_simulate(
+    population: Annotated[str, typer.Option(help="Population to join.")],
+    server: ServerOpt = "127.0.0.1:8700",
+    count: Annotated[int, typer.Option(min=1, max=1000, help="Number of devices.")] = 20,
+    seed: Annotated[int, typer.Option()] = 0,
+    client_version: Annotated[str, typer.Option()] = "1.0.0",
+    max_sleep: Annotated[float, typer.Option(help="Cap on retry-window sleeps (s).")] = 5.0,
+) -> None:
+    """Run a simulated fleet against a running suite until the population has no open task."""
+    import torch
+
+    from fedcompute.clients.dataset import non_iid_shards, train_test_split
+    from fedcompute.clients.fleet import Fleet
+
+    configure_logging(json_lines=False, level=logging.WARNING)
+    torch.set_num_threads(1)
+    train, _ = train_test_split(seed)
+    fleet = Fleet(server, population, non_iid_shards(train, count, seed), seed, max_sleep_s=max_sleep,
+                  client_version=client_version).start(stop_when_no_task=True)
+    fleet.wait(lambda: False)
+    fleet.stop()
+    s = fleet.stats
+    typer.echo(f"participations {s.participations}, uploads {s.uploads}, rejections {s.rejections}, errors {s.errors}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Typed clients (one method per RPC), the device simulator, and the demo."""

@@ -1,0 +1,185 @@
+"""`fedcompute demo`: the whole suite on the embedded default, a simulated fleet, a table, a plot, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from tqdm import tqdm
+
+from fedcompute.clients.dataset import Split, non_iid_shards, train_test_split
+from fedcompute.clients.device import download
+from fedcompute.clients.fleet import Fleet
+from fedcompute.clients.training import DEFAULT_PLAN_HYPERPARAMETERS, TrainingConfig, evaluate, train_central
+from fedcompute.clients.typed import ResourceClient, TaskManagementClient
+from fedcompute.core import checkpoints
+from fedcompute.core.settings import Settings
+from fedcompute.rpc.channels import open_channel
+from fedcompute.suite import start_suite
+from fedcompute.v1 import task_management_pb2 as tm
+
+log = structlog.get_logger("fedcompute.demo")
+ARCHITECTURE = "digits-mlp-v1"
+POPULATION = "demo-digits"
+FINISHED = {tm.TASK_STATUS_COMPLETED, tm.TASK_STATUS_CANCELED, tm.TASK_STATUS_FAILED}
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    model_version: int
+    contributions: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    rounds: list[RoundRow]
+    final_accuracy: float
+    initial_accuracy: float
+    central_accuracy: float
+    devices: int
+    report_goal: int
+    task_id: str
+    database: str
+    elapsed_s: float
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["rounds"] = [asdict(r) for r in self.rounds]
+        return data
+
+
+def task_spec(devices: int, rounds: int, seed: int) -> tm.TaskSpec:
+    hp = DEFAULT_PLAN_HYPERPARAMETERS
+    report_goal = max(1, math.ceil(0.8 * devices))
+    return tm.TaskSpec(
+        population_name=POPULATION,
+        model_architecture=ARCHITECTURE,
+        initial_seed=seed,
+        rounds=rounds,
+        report_goal=report_goal,
+        max_cohort=devices,
+        hyperparameters=tm.TrainingHyperparameters(
+            local_epochs=int(hp["local_epochs"]),
+            batch_size=int(hp["batch_size"]),
+            learning_rate=float(hp["learning_rate"]),
+            momentum=float(hp["momentum"]),
+        ),
+    )
+
+
+def run_demo(settings: Settings, devices: int, rounds: int, seed: int, timeout_s: float) -> DemoResult:
+    started = time.monotonic()
+    torch.set_num_threads(1)  # many small models on few cores: avoid thread oversubscription
+    train, test = train_test_split(seed)
+    shards = non_iid_shards(train, devices, seed)
+    suite = start_suite(settings)
+    fleet: Fleet | None = None
+    try:
+        channel = open_channel(suite.server_address)
+        operators = TaskManagementClient(channel, settings.rpc_timeout_s)
+        resources = ResourceClient(channel, settings.rpc_timeout_s)
+        task = operators.create_task(tm.CreateTaskRequest(spec=task_spec(devices, rounds, seed))).task
+        fleet = Fleet(suite.server_address, POPULATION, shards, seed, max_sleep_s=0.5).start()
+        rows, initial = _follow(operators, resources, task.task_id, rounds, test, timeout_s)
+    finally:
+        if fleet:
+            fleet.stop()
+        suite.stop()
+    central = train_central(ARCHITECTURE, train, TrainingConfig.from_plan(DEFAULT_PLAN_HYPERPARAMETERS), 60, seed)
+    return DemoResult(
+        rounds=rows,
+        final_accuracy=rows[-1].accuracy if rows else initial,
+        initial_accuracy=initial,
+        central_accuracy=evaluate(ARCHITECTURE, central, test),
+        devices=devices,
+        report_goal=task.spec.report_goal,
+        task_id=task.task_id,
+        database="postgres" if settings.resolved_database_url().startswith("postgresql") else "sqlite",
+        elapsed_s=round(time.monotonic() - started, 1),
+    )
+
+
+def _follow(
+    operators: TaskManagementClient,
+    resources: ResourceClient,
+    task_id: str,
+    rounds: int,
+    test: Split,
+    timeout_s: float,
+) -> tuple[list[RoundRow], float]:
+    """Watch model versions appear; evaluate each on the held-out split; stop when the task finishes."""
+    rows: list[RoundRow] = []
+    initial = 0.0
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=rounds, desc="rounds", unit="round") as bar:
+        while True:
+            versions = operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task_id)).versions
+            for version in versions:
+                if version.version in seen:
+                    continue
+                seen.add(version.version)
+                weights = checkpoints.decode(download(resources, version.checkpoint))
+                accuracy = evaluate(ARCHITECTURE, weights, test)
+                if version.version == 1:
+                    initial = accuracy
+                    continue
+                rows.append(RoundRow(version.round, version.version, version.contributions, round(accuracy, 4)))
+                bar.set_postfix(accuracy=f"{accuracy:.3f}")
+                bar.update(1)
+            status = operators.get_task(tm.GetTaskRequest(task_id=task_id)).task
+            if status.status in FINISHED and len(seen) == len(versions):
+                if status.status != tm.TASK_STATUS_COMPLETED:
+                    raise RuntimeError(f"task ended {tm.TaskStatus.Name(status.status)}: {status.status_reason}")
+                return rows, initial
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the demo did not finish within {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+def format_table(result: DemoResult) -> str:
+    lines = [
+        f"{'round':>5}  {'model version':>13}  {'contributions':>13}  {'accuracy':>8}",
+        f"{0:>5}  {1:>13}  {'-':>13}  {result.initial_accuracy:>8.4f}",
+    ]
+    lines += [f"{r.round:>5}  {r.model_version:>13}  {r.contributions:>13}  {r.accuracy:>8.4f}" for r in result.rounds]
+    lines.append(
+        f"final held-out accuracy {result.final_accuracy:.4f} with {result.devices} devices "
+        f"(report goal {result.report_goal}); centrally trained baseline {result.central_accuracy:.4f}; "
+        f"{result.elapsed_s:.0f} s on {result.database}"
+    )
+    return "\n".join(lines)
+
+
+def write_plot(result: DemoResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    xs = [0] + [r.round for r in result.rounds]
+    ys = [result.initial_accuracy] + [r.accuracy for r in result.rounds]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, marker="o", label="federated (held-out)")
+    ax.axhline(result.central_accuracy, color="grey", linestyle="--", label="central baseline")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"fedcompute demo: {result.devices} devices, digits")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_json(result: DemoResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")

@@ -1,0 +1,174 @@
+"""One simulated device: check in, download and verify, train locally, report, encrypt, upload (resumable)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from fedcompute.clients.dataset import Split
+from fedcompute.clients.training import TrainingConfig, train_local
+from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient
+from fedcompute.core import checkpoints
+from fedcompute.core.context import ContributionContext
+from fedcompute.core.tasks import parse_plan
+from fedcompute.keys.envelope import seal_contribution
+from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
+from fedcompute.v1 import common_pb2, resource_pb2, task_assignment_pb2, upload_pb2
+from fedcompute.v1 import task_assignment_pb2 as ta
+
+UPLOAD_ATTEMPTS = 4
+
+
+class IntegrityError(Exception):
+    """A downloaded resource does not match its declared size or sha256."""
+
+
+@dataclass(frozen=True)
+class Participated:
+    task_id: str
+    round: int
+    uploaded: bool
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    retry_after_s: float
+
+
+@dataclass
+class Device:
+    device_id: str
+    data: Split
+    population: str
+    assignments: TaskAssignmentClient
+    resources: ResourceClient
+    uploads: UploadClient
+    client_version: str = "1.0.0"
+    rng: random.Random = field(default_factory=random.Random)
+    done: set[tuple[str, int]] = field(default_factory=set)
+
+    def participate(self) -> Participated | Rejected:
+        response = self.assignments.create_task_assignment(
+            ta.CreateTaskAssignmentRequest(
+                population_name=self.population,
+                client_version=common_pb2.ClientVersion(version_code=self.client_version),
+                recent_participations=[ta.Participation(task_id=t, round=r) for t, r in sorted(self.done)],
+            )
+        )
+        if response.HasField("rejection_info"):
+            return self._rejected(response.rejection_info)
+        assignment = response.task_assignment
+        self.done.add((assignment.task_id, assignment.round))
+        plan = parse_plan(download(self.resources, assignment.plan))
+        weights = checkpoints.decode(download(self.resources, assignment.checkpoint))
+        delta, examples = train_local(
+            str(plan["model_architecture"]),
+            weights,
+            self.data,
+            TrainingConfig.from_plan(plan),
+            seed=self.rng.randrange(2**31),
+        )
+        report = self.assignments.report_result(
+            ta.ReportResultRequest(
+                population_name=assignment.population_name,
+                task_id=assignment.task_id,
+                aggregation_id=assignment.aggregation_id,
+                assignment_id=assignment.assignment_id,
+                session_token=assignment.session_token,
+                result=ta.REPORT_RESULT_COMPLETED,
+            )
+        )
+        if not report.HasField("upload_instruction"):
+            return Participated(assignment.task_id, assignment.round, False)
+        payload = checkpoints.encode(delta, {"num_examples": examples})
+        envelope = seal_contribution(payload, context_of(assignment), assignment.encryption_key.public_key)
+        try:
+            upload(self.uploads, report.upload_instruction, envelope.SerializeToString())
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed before we finished
+                return Participated(assignment.task_id, assignment.round, False)
+            raise
+        return Participated(assignment.task_id, assignment.round, True)
+
+    def _rejected(self, info: common_pb2.RejectionInfo) -> Rejected:
+        low = info.retry_window.delay_min.ToNanoseconds() / 1e9
+        high = info.retry_window.delay_max.ToNanoseconds() / 1e9
+        reason = common_pb2.RejectionReason.Name(info.reason).removeprefix("REJECTION_REASON_")
+        return Rejected(reason, self.rng.uniform(low, max(low, high)))
+
+
+def context_of(a: task_assignment_pb2.TaskAssignment) -> ContributionContext:
+    return ContributionContext(
+        a.population_name,
+        a.task_id,
+        a.round,
+        a.aggregation_id,
+        a.assignment_id,
+        a.encryption_key.key_id,
+        a.model_version,
+        a.plan.sha256_hex,
+    )
+
+
+def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
+    """Read a resource in chunks and verify its size and sha256 against the assignment's declaration."""
+    parts = [r.data for r in client.read(resource_pb2.ReadRequest(resource_name=resource.resource_name))]
+    data = b"".join(parts)
+    if len(data) != resource.size_bytes or hashlib.sha256(data).hexdigest() != resource.sha256_hex:
+        raise IntegrityError(f"{resource.resource_name} does not match its declared size and sha256")
+    return data
+
+
+def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes) -> upload_pb2.WriteResponse:
+    """Upload with resume: ask for the committed size, send the rest, and resume again if interrupted."""
+    metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
+    chunk = instruction.chunk_size_bytes or 1024 * 1024
+    last: grpc.RpcError | None = None
+    for _ in range(UPLOAD_ATTEMPTS):
+        status = client.query_write_status(
+            upload_pb2.QueryWriteStatusRequest(
+                resource_name=instruction.resource_name, upload_token=instruction.upload_token
+            )
+        )
+        if status.complete:
+            return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=True)
+        try:
+            return client.write(_requests(instruction, metadata, data, status.committed_size, chunk))
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS) and not _offset_hint(exc):
+                raise
+            last = exc
+            time.sleep(0.05)
+    assert last is not None
+    raise last
+
+
+def _offset_hint(exc: grpc.RpcError) -> bool:
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    return any(k == COMMITTED_SIZE_KEY for k, _ in trailing or ())
+
+
+def _requests(
+    instruction: ta.UploadInstruction, metadata: upload_pb2.UploadMetadata, data: bytes, start: int, chunk: int
+) -> Iterator[upload_pb2.WriteRequest]:
+    offset = start
+    first = True
+    while True:
+        piece = data[offset : offset + chunk]
+        last = offset + len(piece) >= len(data)
+        request = upload_pb2.WriteRequest(write_offset=offset, data=piece, finish_write=last)
+        if first:
+            request.resource_name = instruction.resource_name
+            request.upload_token = instruction.upload_token
+            request.metadata.CopyFrom(metadata)
+            first = False
+        yield request
+        offset += len(piece)
+        if last:
+            return

@@ -1,0 +1,143 @@
+"""Typed client wrappers: one method per RPC, a required deadline, retries only for idempotent calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from fedcompute.rpc.auth import bearer_metadata
+from fedcompute.rpc.channels import idempotent
+from fedcompute.v1 import (
+    aggregation_pb2,
+    aggregation_pb2_grpc,
+    key_pb2,
+    key_pb2_grpc,
+    resource_pb2,
+    resource_pb2_grpc,
+    task_assignment_pb2,
+    task_assignment_pb2_grpc,
+    task_management_pb2,
+    task_management_pb2_grpc,
+    upload_pb2,
+    upload_pb2_grpc,
+)
+
+
+class TaskManagementClient:
+    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+        self._stub = task_management_pb2_grpc.TaskManagementServiceStub(channel)
+        self._timeout = timeout_s
+
+    def create_task(self, request: task_management_pb2.CreateTaskRequest) -> task_management_pb2.CreateTaskResponse:
+        return self._stub.CreateTask(request, timeout=self._timeout)
+
+    @idempotent()
+    def get_task(self, request: task_management_pb2.GetTaskRequest) -> task_management_pb2.GetTaskResponse:
+        return self._stub.GetTask(request, timeout=self._timeout)
+
+    @idempotent()
+    def list_tasks(self, request: task_management_pb2.ListTasksRequest) -> task_management_pb2.ListTasksResponse:
+        return self._stub.ListTasks(request, timeout=self._timeout)
+
+    @idempotent()
+    def cancel_task(self, request: task_management_pb2.CancelTaskRequest) -> task_management_pb2.CancelTaskResponse:
+        return self._stub.CancelTask(request, timeout=self._timeout)
+
+    @idempotent()
+    def list_iterations(
+        self, request: task_management_pb2.ListIterationsRequest
+    ) -> task_management_pb2.ListIterationsResponse:
+        return self._stub.ListIterations(request, timeout=self._timeout)
+
+    @idempotent()
+    def list_model_versions(
+        self, request: task_management_pb2.ListModelVersionsRequest
+    ) -> task_management_pb2.ListModelVersionsResponse:
+        return self._stub.ListModelVersions(request, timeout=self._timeout)
+
+
+class TaskAssignmentClient:
+    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+        self._stub = task_assignment_pb2_grpc.TaskAssignmentServiceStub(channel)
+        self._timeout = timeout_s
+
+    def create_task_assignment(
+        self, request: task_assignment_pb2.CreateTaskAssignmentRequest
+    ) -> task_assignment_pb2.CreateTaskAssignmentResponse:
+        return self._stub.CreateTaskAssignment(request, timeout=self._timeout)
+
+    @idempotent()
+    def report_result(self, request: task_assignment_pb2.ReportResultRequest) -> task_assignment_pb2.ReportResultResponse:
+        return self._stub.ReportResult(request, timeout=self._timeout)
+
+
+class UploadClient:
+    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+        self._stub = upload_pb2_grpc.UploadServiceStub(channel)
+        self._timeout = timeout_s
+
+    def write(self, requests: Iterable[upload_pb2.WriteRequest]) -> upload_pb2.WriteResponse:
+        return self._stub.Write(iter(requests), timeout=self._timeout)
+
+    @idempotent()
+    def query_write_status(self, request: upload_pb2.QueryWriteStatusRequest) -> upload_pb2.QueryWriteStatusResponse:
+        return self._stub.QueryWriteStatus(request, timeout=self._timeout)
+
+
+class ResourceClient:
+    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+        self._stub = resource_pb2_grpc.ResourceServiceStub(channel)
+        self._timeout = timeout_s
+
+    def read(self, request: resource_pb2.ReadRequest) -> Iterator[resource_pb2.ReadResponse]:
+        responses: Iterator[resource_pb2.ReadResponse] = self._stub.Read(request, timeout=self._timeout)
+        return responses
+
+
+class AggregationClient:
+    """For aggregator workers; every call carries the internal bearer token."""
+
+    def __init__(self, channel: grpc.Channel, timeout_s: float, token: str) -> None:
+        self._stub = aggregation_pb2_grpc.AggregationServiceStub(channel)
+        self._timeout = timeout_s
+        self._md = bearer_metadata(token)
+
+    @idempotent()
+    def claim_job(self, request: aggregation_pb2.ClaimJobRequest) -> aggregation_pb2.ClaimJobResponse:
+        return self._stub.ClaimJob(request, timeout=self._timeout, metadata=self._md)
+
+    @idempotent()
+    def extend_lease(self, request: aggregation_pb2.ExtendLeaseRequest) -> aggregation_pb2.ExtendLeaseResponse:
+        return self._stub.ExtendLease(request, timeout=self._timeout, metadata=self._md)
+
+    def stream_contributions(
+        self, request: aggregation_pb2.StreamContributionsRequest
+    ) -> Iterator[aggregation_pb2.StreamContributionsResponse]:
+        responses: Iterator[aggregation_pb2.StreamContributionsResponse] = self._stub.StreamContributions(
+            request, timeout=self._timeout, metadata=self._md
+        )
+        return responses
+
+    @idempotent()
+    def complete_job(self, request: aggregation_pb2.CompleteJobRequest) -> aggregation_pb2.CompleteJobResponse:
+        return self._stub.CompleteJob(request, timeout=self._timeout, metadata=self._md)
+
+    @idempotent()
+    def fail_job(self, request: aggregation_pb2.FailJobRequest) -> aggregation_pb2.FailJobResponse:
+        return self._stub.FailJob(request, timeout=self._timeout, metadata=self._md)
+
+
+class KeyClient:
+    def __init__(self, channel: grpc.Channel, timeout_s: float, token: str = "") -> None:
+        self._stub = key_pb2_grpc.KeyServiceStub(channel)
+        self._timeout = timeout_s
+        self._md = bearer_metadata(token) if token else ()
+
+    @idempotent()
+    def get_public_keys(self, request: key_pb2.GetPublicKeysRequest) -> key_pb2.GetPublicKeysResponse:
+        return self._stub.GetPublicKeys(request, timeout=self._timeout)
+
+    @idempotent()
+    def release_key_share(self, request: key_pb2.ReleaseKeyShareRequest) -> key_pb2.ReleaseKeyShareResponse:
+        return self._stub.ReleaseKeyShare(request, timeout=self._timeout, metadata=self._md)

@@ -1,0 +1,1 @@
+"""Domain types, state machines, errors, seams (clock, ids) and settings. No grpc, no sqlalchemy."""

@@ -1,0 +1,37 @@
+"""The blob store seam: content-addressed, immutable bytes, verified on every read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+
+class BlobStore(Protocol):
+    def put(self, data: bytes) -> str:
+        """Store ``data``; return its sha256 hex (its address)."""
+        ...
+
+    def put_file(self, path: Path) -> str:
+        """Move a finished file into the store (hashing it); return its sha256 hex."""
+        ...
+
+    def get(self, sha256_hex: str) -> bytes:
+        """Return the bytes, raising ``BlobCorrupted`` if they no longer hash to their address."""
+        ...
+
+    def read_chunks(self, sha256_hex: str, offset: int, chunk_size: int) -> Iterator[bytes]:
+        """Verify the blob, then yield it from ``offset`` in chunks."""
+        ...
+
+    def size(self, sha256_hex: str) -> int: ...
+
+    def exists(self, sha256_hex: str) -> bool: ...
+
+
+class BlobCorrupted(Exception):
+    """Stored bytes no longer match their sha256 address."""
+
+
+class BlobMissing(Exception):
+    """No blob has this address."""

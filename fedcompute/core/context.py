@@ -1,0 +1,85 @@
+"""The canonical, length-prefixed encoding of a contribution's context (used verbatim as HPKE ``info``).
+
+A device binds its encrypted update to (population, task, round, aggregation id, assignment id, key id, model
+version, plan hash). The aggregator never trusts the copy in the envelope: it parses it, checks every field
+against its job, and decrypts with exactly these bytes, so any tampering fails the AEAD.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"fedcompute/contribution/v1\x00"
+
+
+@dataclass(frozen=True)
+class ContributionContext:
+    population_name: str
+    task_id: str
+    round: int
+    aggregation_id: str
+    assignment_id: str
+    key_id: str
+    model_version: int
+    plan_sha256_hex: str
+
+    def encode(self) -> bytes:
+        parts = [MAGIC]
+        for text in (self.population_name, self.task_id):
+            parts.append(_lp(text))
+        parts.append(struct.pack(">Q", self.round))
+        for text in (self.aggregation_id, self.assignment_id, self.key_id):
+            parts.append(_lp(text))
+        parts.append(struct.pack(">Q", self.model_version))
+        parts.append(_lp(self.plan_sha256_hex))
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ContributionContext:
+        """Parse canonical bytes; raise ``ValueError`` on anything that is not exactly one encoding."""
+        if not data.startswith(MAGIC):
+            raise ValueError("context does not start with the fedcompute contribution magic")
+        reader = _Reader(data, len(MAGIC))
+        population, task = reader.text(), reader.text()
+        rnd = reader.u64()
+        aggregation, assignment, key = reader.text(), reader.text(), reader.text()
+        version = reader.u64()
+        plan = reader.text()
+        if reader.pos != len(data):
+            raise ValueError("context has trailing bytes")
+        ctx = cls(population, task, rnd, aggregation, assignment, key, version, plan)
+        if ctx.encode() != data:
+            raise ValueError("context is not canonical")
+        return ctx
+
+
+def _lp(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > 0xFFFF:
+        raise ValueError("context field longer than 65535 bytes")
+    return struct.pack(">H", len(raw)) + raw
+
+
+class _Reader:
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data = data
+        self.pos = pos
+
+    def _take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ValueError("context is truncated")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def text(self) -> str:
+        (length,) = struct.unpack(">H", self._take(2))
+        try:
+            return self._take(length).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError("context field is not UTF-8") from exc
+
+    def u64(self) -> int:
+        value: int = struct.unpack(">Q", self._take(8))[0]
+        return value

@@ -1,0 +1,23 @@
+"""structlog, configured once per process by ``main()``: JSON lines for services, console for the CLI."""
+
+from __future__ import annotations
+
+import logging
+
+import structlog
+
+
+def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )

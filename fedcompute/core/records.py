@@ -1,0 +1,89 @@
+"""Frozen views of stored entities, as services hand them to servicers and loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from fedcompute.core.tasks import TaskSpec
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    spec: TaskSpec
+    status: str
+    current_round: int
+    latest_model_version: int
+    plan_sha256: str
+    plan_size: int
+    created_at: datetime
+    status_reason: str
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    iteration_id: str
+    task_id: str
+    round: int
+    attempt: int
+    aggregation_id: str
+    status: str
+    base_model_version: int
+    report_goal: int
+    max_cohort: int
+    assigned: int
+    completed_uploads: int
+    accepted: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class AssignmentRecord:
+    assignment_id: str
+    iteration_id: str
+    task_id: str
+    status: str
+    result_code: str
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    upload_id: str
+    assignment_id: str
+    total_size: int
+    sha256_hex: str
+    committed_size: int
+    status: str
+    blob_sha256: str | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    iteration_id: str
+    task_id: str
+    status: str
+    lease_id: str | None
+    lease_owner: str | None
+    lease_expiry: datetime | None
+    attempts: int
+    input_set_sha256: str
+    contributions: int
+    accepted: int
+    rejected: int
+    update_sha256: str | None
+    error: str
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord:
+    task_id: str
+    version: int
+    parent_version: int | None
+    checkpoint_sha256: str
+    size_bytes: int
+    parent_sha256: str
+    round: int
+    contributions: int
+    created_at: datetime

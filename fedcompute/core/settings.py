@@ -1,0 +1,61 @@
+"""The one settings object, parsed once in ``main()`` and passed down (environment prefix ``FEDCOMPUTE_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of every component. Each field is documented; bad values fail at start naming the setting."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDCOMPUTE_", extra="forbid")
+
+    workdir: Path = Field(Path("./fedcompute-data"), description="Directory for the SQLite file, blobs and keys.")
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL; empty means a SQLite file in workdir. "
+        "Postgres: postgresql+psycopg://user@host:5432/db",
+    )
+    host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
+    server_port: int = Field(8700, ge=0, le=65535, description="Port of the orchestration server (0: any free).")
+    key_service_port: int = Field(8710, ge=0, le=65535, description="Port of the key service (0: any free).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics HTTP port (0: disabled).")
+    server_address: str = Field("127.0.0.1:8700", description="Where clients and workers reach the server.")
+    key_service_addresses: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:8710"], description="Where the server and workers reach key services."
+    )
+    internal_token: str = Field(
+        "", description="Bearer token of internal callers (aggregator workers); empty: generated into workdir."
+    )
+    token_secret: str = Field(
+        "", description="HMAC secret for session and upload tokens; empty: generated into workdir."
+    )
+    provider_id: str = Field("kp-0", description="This key service's provider id.")
+    key_lifetime_s: int = Field(30 * 86400, gt=0, description="How long a population key is used for encrypting.")
+    public_key_max_age_s: int = Field(300, gt=0, description="Cache lifetime of published public keys.")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest encrypted update accepted.")
+    chunk_size_bytes: int = Field(1024 * 1024, gt=0, le=3 * 1024 * 1024, description="Upload/download chunk size.")
+    max_message_bytes: int = Field(128 * 1024 * 1024, gt=0, description="Largest gRPC message (job results).")
+    retry_delay_min_s: float = Field(60.0, ge=0, description="Pace steering: shortest suggested retry delay.")
+    retry_delay_max_s: float = Field(300.0, ge=0, description="Pace steering: longest suggested retry delay.")
+    lease_s: float = Field(60.0, gt=0, description="Aggregation job lease duration.")
+    max_job_attempts: int = Field(5, gt=0, description="Attempts before an aggregation job fails its round.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often background loops look for work.")
+    rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of client calls.")
+    worker_threads: int = Field(16, gt=0, description="gRPC server thread pool size.")
+    log_json: bool = Field(True, description="JSON log lines (services) instead of console output.")
+
+    @field_validator("retry_delay_max_s")
+    @classmethod
+    def _window_ordered(cls, value: float, info: object) -> float:
+        data = getattr(info, "data", {})
+        low = data.get("retry_delay_min_s", 0.0)
+        if value < low:
+            raise ValueError(f"must be >= retry_delay_min_s ({low})")
+        return value
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.workdir / 'fedcompute.sqlite'}"

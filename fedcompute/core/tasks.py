@@ -1,0 +1,98 @@
+"""A task's specification, its validation, and the declarative plan devices download.
+
+The plan is JSON: an architecture id from the registry plus local-training hyperparameters. Never code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from fedcompute.core.errors import InvalidArgument
+from fedcompute.core.versions import parse_version
+
+PLAN_FORMAT = "fedcompute.plan.v1"
+PLAN_MEDIA_TYPE = "application/vnd.fedcompute.plan.v1+json"
+CHECKPOINT_MEDIA_TYPE = "application/vnd.safetensors"
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    local_epochs: int = 5
+    batch_size: int = 16
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    population_name: str
+    model_architecture: str
+    rounds: int
+    report_goal: int
+    max_cohort: int
+    initial_weights: bytes = b""
+    initial_seed: int = 0
+    min_client_version: str = ""
+    max_client_version: str = ""
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    server_learning_rate: float = 1.0
+
+    def validate(self, known_architectures: set[str]) -> None:
+        """Raise ``InvalidArgument`` naming the first bad field."""
+        if not self.population_name.strip():
+            raise InvalidArgument("spec.population_name", "must not be empty")
+        if self.model_architecture not in known_architectures:
+            known = ", ".join(sorted(known_architectures))
+            raise InvalidArgument(
+                "spec.model_architecture", f"unknown architecture {self.model_architecture!r}; known: {known}"
+            )
+        if self.rounds <= 0:
+            raise InvalidArgument("spec.rounds", f"must be > 0, got {self.rounds}")
+        if self.report_goal <= 0:
+            raise InvalidArgument("spec.report_goal", f"must be > 0, got {self.report_goal}")
+        if self.max_cohort < self.report_goal:
+            raise InvalidArgument(
+                "spec.max_cohort", f"must be >= report_goal ({self.report_goal}), got {self.max_cohort}"
+            )
+        for name in ("min_client_version", "max_client_version"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    parse_version(value)
+                except ValueError as exc:
+                    raise InvalidArgument(f"spec.{name}", str(exc)) from None
+        if (
+            self.min_client_version
+            and self.max_client_version
+            and parse_version(self.min_client_version) > parse_version(self.max_client_version)
+        ):
+            raise InvalidArgument("spec.max_client_version", "must not be lower than min_client_version")
+        hp = self.hyperparameters
+        if hp.local_epochs <= 0:
+            raise InvalidArgument("spec.hyperparameters.local_epochs", "must be > 0")
+        if hp.batch_size <= 0:
+            raise InvalidArgument("spec.hyperparameters.batch_size", "must be > 0")
+        if not hp.learning_rate > 0:
+            raise InvalidArgument("spec.hyperparameters.learning_rate", "must be > 0")
+        if not 0 <= hp.momentum < 1:
+            raise InvalidArgument("spec.hyperparameters.momentum", "must be in [0, 1)")
+        if not self.server_learning_rate > 0:
+            raise InvalidArgument("spec.server_learning_rate", "must be > 0")
+
+    def plan_bytes(self) -> bytes:
+        """The canonical plan JSON devices download."""
+        plan = {
+            "format": PLAN_FORMAT,
+            "model_architecture": self.model_architecture,
+            **asdict(self.hyperparameters),
+        }
+        return json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_plan(data: bytes) -> dict[str, object]:
+    """Parse plan JSON, refusing anything not in our format."""
+    plan = json.loads(data)
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"not a {PLAN_FORMAT} plan")
+    return plan

@@ -1,0 +1,22 @@
+"""Client version codes: dotted non-negative integers ("1", "1.4", "2.0.13"), compared numerically."""
+
+from __future__ import annotations
+
+
+def parse_version(code: str) -> tuple[int, ...]:
+    """Parse a version code or raise ``ValueError`` saying what is wrong."""
+    parts = code.strip().split(".")
+    if not code.strip() or not all(p.isdigit() for p in parts):
+        raise ValueError(f"client version {code!r} is not dotted numbers like '1.4.0'")
+    return tuple(int(p) for p in parts)
+
+
+def in_range(code: str, minimum: str, maximum: str) -> bool:
+    """Whether ``code`` lies in the inclusive range; an empty bound is unbounded; unparsable codes are out."""
+    try:
+        version = parse_version(code)
+    except ValueError:
+        return False
+    if minimum and version < parse_version(minimum):
+        return False
+    return not (maximum and version > parse_version(maximum))

@@ -1,0 +1,1 @@
+"""Key services: HPKE keysets per population, public-key publication, key release to aggregators."""

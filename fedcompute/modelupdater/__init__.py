@@ -1,0 +1,1 @@
+"""Applies an aggregation job's averaged update to model version N, publishing version N + 1."""

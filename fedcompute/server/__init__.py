@@ -1,0 +1,1 @@
+"""Orchestration servers: task management, assignment, upload, resources, the aggregation job front."""

@@ -1,0 +1,141 @@
+"""Device-facing services: TaskAssignmentService, UploadService, ResourceService."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import grpc
+
+from fedcompute.server.assignment import Assignment, AssignmentService, Refusal, Rejection
+from fedcompute.server.encoding import checkpoint_resource, duration, plan_resource
+from fedcompute.server.resources import ResourceService
+from fedcompute.server.uploads import UploadService, WriteChunk
+from fedcompute.v1 import (
+    common_pb2,
+    resource_pb2,
+    resource_pb2_grpc,
+    task_assignment_pb2,
+    task_assignment_pb2_grpc,
+    upload_pb2,
+    upload_pb2_grpc,
+)
+from fedcompute.v1 import task_assignment_pb2 as ta
+
+
+class PaceSteering:
+    """Retry windows: short ones for a full round, long ones when there is nothing for this device at all."""
+
+    def __init__(self, short: tuple[float, float], long: tuple[float, float], rng: random.Random) -> None:
+        self._short = short
+        self._long = long
+        self._rng = rng
+
+    def window(self, reason: Rejection) -> common_pb2.RetryWindow:
+        low, high = self._short if reason in (Rejection.NO_TASK_AVAILABLE, Rejection.RESULT_NOT_NEEDED) else self._long
+        start = self._rng.uniform(low, (low + high) / 2)  # jitter so a fleet does not come back at once
+        return common_pb2.RetryWindow(delay_min=duration(start), delay_max=duration(high))
+
+    def rejection(self, refusal: Refusal) -> common_pb2.RejectionInfo:
+        return common_pb2.RejectionInfo(
+            reason=common_pb2.RejectionReason.Value(f"REJECTION_REASON_{refusal.reason}"),
+            retry_window=self.window(refusal.reason),
+            message=refusal.message,
+        )
+
+
+class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServicer):
+    def __init__(self, service: AssignmentService, pace: PaceSteering, max_upload_bytes: int, chunk_size: int) -> None:
+        self._service = service
+        self._pace = pace
+        self._max_upload_bytes = max_upload_bytes
+        self._chunk_size = chunk_size
+
+    def CreateTaskAssignment(
+        self, request: ta.CreateTaskAssignmentRequest, context: grpc.ServicerContext
+    ) -> ta.CreateTaskAssignmentResponse:
+        done = {(p.task_id, p.round) for p in request.recent_participations}
+        outcome = self._service.check_in(request.population_name, request.client_version.version_code, done)
+        if isinstance(outcome, Refusal):
+            return ta.CreateTaskAssignmentResponse(rejection_info=self._pace.rejection(outcome))
+        return ta.CreateTaskAssignmentResponse(task_assignment=_encode_assignment(outcome))
+
+    def ReportResult(self, request: ta.ReportResultRequest, context: grpc.ServicerContext) -> ta.ReportResultResponse:
+        result = ta.ReportResult.Name(request.result).removeprefix("REPORT_RESULT_")
+        outcome = self._service.report(
+            request.assignment_id, request.session_token, request.task_id, request.aggregation_id, result
+        )
+        if outcome is None:
+            return ta.ReportResultResponse()
+        if isinstance(outcome, Refusal):
+            return ta.ReportResultResponse(rejection_info=self._pace.rejection(outcome))
+        return ta.ReportResultResponse(
+            upload_instruction=ta.UploadInstruction(
+                resource_name=outcome.resource_name,
+                upload_token=outcome.upload_token,
+                max_size_bytes=self._max_upload_bytes,
+                chunk_size_bytes=self._chunk_size,
+            )
+        )
+
+
+def _encode_assignment(a: Assignment) -> task_assignment_pb2.TaskAssignment:
+    return task_assignment_pb2.TaskAssignment(
+        population_name=a.task.spec.population_name,
+        task_id=a.task.task_id,
+        round=a.iteration.round,
+        aggregation_id=a.iteration.aggregation_id,
+        assignment_id=a.assignment_id,
+        session_token=a.session_token,
+        plan=plan_resource(a.task),
+        checkpoint=checkpoint_resource(
+            a.task.task_id, a.iteration.base_model_version, a.checkpoint_sha256, a.checkpoint_size
+        ),
+        model_version=a.iteration.base_model_version,
+        encryption_key=a.encryption_key,
+    )
+
+
+class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
+    def __init__(self, service: UploadService) -> None:
+        self._service = service
+
+    def Write(self, request_iterator: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext) -> upload_pb2.WriteResponse:
+        status = self._service.write(
+            WriteChunk(
+                r.resource_name,
+                r.write_offset,
+                r.finish_write,
+                r.data,
+                r.upload_token,
+                r.metadata.total_size_bytes,
+                r.metadata.sha256_hex,
+            )
+            for r in request_iterator
+        )
+        return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=status.complete)
+
+    def QueryWriteStatus(
+        self, request: upload_pb2.QueryWriteStatusRequest, context: grpc.ServicerContext
+    ) -> upload_pb2.QueryWriteStatusResponse:
+        status = self._service.query(request.resource_name, request.upload_token)
+        return upload_pb2.QueryWriteStatusResponse(committed_size=status.committed_size, complete=status.complete)
+
+
+class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
+    def __init__(self, service: ResourceService) -> None:
+        self._service = service
+
+    def Read(self, request: resource_pb2.ReadRequest, context: grpc.ServicerContext) -> Iterator[resource_pb2.ReadResponse]:
+        download = self._service.read(request.resource_name, request.read_offset)
+        first = True
+        for chunk in download.chunks:
+            if first:
+                yield resource_pb2.ReadResponse(
+                    data=chunk, total_size_bytes=download.total_size, sha256_hex=download.sha256_hex
+                )
+                first = False
+            else:
+                yield resource_pb2.ReadResponse(data=chunk)
+        if first:
+            yield resource_pb2.ReadResponse(total_size_bytes=download.total_size, sha256_hex=download.sha256_hex)

@@ -1,0 +1,73 @@
+"""AggregationService (worker-facing): decode, call JobService, encode. Internal callers only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from fedcompute.core.clock import to_unix_ms
+from fedcompute.rpc.auth import require_bearer
+from fedcompute.server.jobs import ClaimedJob, JobResult, JobService
+from fedcompute.v1 import aggregation_pb2 as pb
+from fedcompute.v1 import aggregation_pb2_grpc
+
+
+def _status(name: str) -> pb.JobStatus.ValueType:
+    return pb.JobStatus.Value(f"JOB_STATUS_{name}")
+
+
+def _encode_job(claimed: ClaimedJob) -> pb.AggregationJob:
+    job, it, task = claimed.job, claimed.iteration, claimed.task
+    return pb.AggregationJob(
+        job_id=job.job_id,
+        task_id=task.task_id,
+        population_name=task.spec.population_name,
+        round=it.round,
+        aggregation_id=it.aggregation_id,
+        model_version=it.base_model_version,
+        plan_sha256_hex=task.plan_sha256,
+        contributions=job.contributions,
+        lease_id=job.lease_id or "",
+        lease_expiry_unix_ms=to_unix_ms(job.lease_expiry) if job.lease_expiry else 0,
+        attempt=job.attempts,
+        input_set_sha256_hex=job.input_set_sha256,
+        model_architecture=task.spec.model_architecture,
+    )
+
+
+class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
+    def __init__(self, jobs: JobService, internal_token: str) -> None:
+        self._jobs = jobs
+        self._token = internal_token
+
+    def ClaimJob(self, request: pb.ClaimJobRequest, context: grpc.ServicerContext) -> pb.ClaimJobResponse:
+        require_bearer(context, self._token)
+        claimed = self._jobs.claim(request.worker_id)
+        return pb.ClaimJobResponse(job=_encode_job(claimed)) if claimed else pb.ClaimJobResponse()
+
+    def ExtendLease(self, request: pb.ExtendLeaseRequest, context: grpc.ServicerContext) -> pb.ExtendLeaseResponse:
+        require_bearer(context, self._token)
+        return pb.ExtendLeaseResponse(lease_expiry_unix_ms=self._jobs.extend(request.job_id, request.lease_id))
+
+    def StreamContributions(
+        self, request: pb.StreamContributionsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamContributionsResponse]:
+        require_bearer(context, self._token)
+        for assignment_id, envelope in self._jobs.contributions(request.job_id, request.lease_id):
+            yield pb.StreamContributionsResponse(assignment_id=assignment_id, envelope=envelope)
+
+    def CompleteJob(self, request: pb.CompleteJobRequest, context: grpc.ServicerContext) -> pb.CompleteJobResponse:
+        require_bearer(context, self._token)
+        result = JobResult(
+            update=request.update,
+            accepted=request.accepted_contributions,
+            rejected=request.rejected_contributions,
+            rejections={r.reason: r.count for r in request.rejections},
+        )
+        return pb.CompleteJobResponse(status=_status(self._jobs.complete(request.job_id, request.lease_id, result)))
+
+    def FailJob(self, request: pb.FailJobRequest, context: grpc.ServicerContext) -> pb.FailJobResponse:
+        require_bearer(context, self._token)
+        status = self._jobs.fail(request.job_id, request.lease_id, request.reason, request.retryable)
+        return pb.FailJobResponse(status=_status(status))

@@ -1,0 +1,111 @@
+"""Composition root of the orchestration server: settings -> database -> services -> servicers -> gRPC server."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from fedcompute.clients.typed import KeyClient
+from fedcompute.core.clock import Clock, IdGenerator
+from fedcompute.core.settings import Settings
+from fedcompute.rpc.auth import TokenSigner
+from fedcompute.rpc.channels import open_channel
+from fedcompute.rpc.metrics import RpcMetrics
+from fedcompute.rpc.serving import GrpcServer, build_grpc_server
+from fedcompute.server.api_devices import PaceSteering, ResourceServicer, TaskAssignmentServicer, UploadServicer
+from fedcompute.server.api_operators import TaskManagementServicer
+from fedcompute.server.api_workers import AggregationServicer
+from fedcompute.server.assignment import AssignmentService
+from fedcompute.server.jobs import JobService
+from fedcompute.server.keyring import KeyRing
+from fedcompute.server.resources import ResourceService
+from fedcompute.server.tasks import TaskService
+from fedcompute.server.uploads import UploadService
+from fedcompute.store.blobs import LocalBlobStore
+from fedcompute.store.database import Database
+from fedcompute.v1 import (
+    aggregation_pb2,
+    aggregation_pb2_grpc,
+    resource_pb2,
+    resource_pb2_grpc,
+    task_assignment_pb2,
+    task_assignment_pb2_grpc,
+    task_management_pb2,
+    task_management_pb2_grpc,
+    upload_pb2,
+    upload_pb2_grpc,
+)
+
+
+@dataclass
+class ServerApp:
+    grpc: GrpcServer
+    db: Database
+    blobs: LocalBlobStore
+    metrics: RpcMetrics
+
+    def stop(self) -> None:
+        self.grpc.stop()
+        self.db.dispose()
+
+
+def open_storage(settings: Settings) -> tuple[Database, LocalBlobStore]:
+    db = Database(settings.resolved_database_url())
+    db.migrate()
+    return db, LocalBlobStore(settings.workdir / "blobs")
+
+
+def build_server(
+    settings: Settings, clock: Clock, ids: IdGenerator, internal_token: str, token_secret: str
+) -> ServerApp:
+    db, blobs = open_storage(settings)
+    signer = TokenSigner(token_secret.encode())
+    key_client = KeyClient(open_channel(settings.key_service_addresses[0]), settings.rpc_timeout_s)
+    pace = PaceSteering(
+        (settings.retry_delay_min_s, settings.retry_delay_max_s),
+        (settings.retry_delay_min_s * 10, settings.retry_delay_max_s * 10),
+        random.Random(),
+    )
+    tasks = TaskService(db, blobs, clock, ids)
+    assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_client, clock))
+    uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes)
+    resources = ResourceService(db, blobs, settings.chunk_size_bytes)
+    jobs = JobService(db, blobs, clock, ids, settings.lease_s, settings.max_job_attempts)
+    metrics = RpcMetrics.create("server")
+    registrations = [
+        (
+            task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
+            TaskManagementServicer(tasks),
+            task_management_pb2.DESCRIPTOR.services_by_name["TaskManagementService"].full_name,
+        ),
+        (
+            task_assignment_pb2_grpc.add_TaskAssignmentServiceServicer_to_server,
+            TaskAssignmentServicer(assignments, pace, settings.max_upload_bytes, settings.chunk_size_bytes),
+            task_assignment_pb2.DESCRIPTOR.services_by_name["TaskAssignmentService"].full_name,
+        ),
+        (
+            upload_pb2_grpc.add_UploadServiceServicer_to_server,
+            UploadServicer(uploads),
+            upload_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
+        ),
+        (
+            resource_pb2_grpc.add_ResourceServiceServicer_to_server,
+            ResourceServicer(resources),
+            resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name,
+        ),
+        (
+            aggregation_pb2_grpc.add_AggregationServiceServicer_to_server,
+            AggregationServicer(jobs, internal_token),
+            aggregation_pb2.DESCRIPTOR.services_by_name["AggregationService"].full_name,
+        ),
+    ]
+    server = build_grpc_server(
+        f"{settings.host}:{settings.server_port}",
+        registrations,
+        metrics,
+        settings.worker_threads,
+        settings.max_message_bytes,
+    )
+    if settings.metrics_port:
+        metrics.serve_http(settings.host, settings.metrics_port)
+    return ServerApp(server, db, blobs, metrics)

@@ -1,0 +1,149 @@
+"""Device check-in and result reports (ODP's TaskAssignment core)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import structlog
+
+from fedcompute.core.clock import Clock, IdGenerator
+from fedcompute.core.errors import InvalidArgument, NotFound, PermissionDenied
+from fedcompute.core.records import IterationRecord, TaskRecord
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus
+from fedcompute.core.versions import in_range
+from fedcompute.rpc.auth import TokenSigner
+from fedcompute.server.keyring import KeyRing
+from fedcompute.store.assignments import AssignmentRepository
+from fedcompute.store.database import Database
+from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.model_versions import ModelVersionRepository
+from fedcompute.store.tasks import TaskRepository
+from fedcompute.v1 import common_pb2
+
+log = structlog.get_logger("fedcompute.assignment")
+SESSION = "session"
+UPLOAD = "upload"
+
+
+class Rejection(StrEnum):
+    NO_TASK_AVAILABLE = "NO_TASK_AVAILABLE"
+    NO_ACTIVE_TASK = "NO_ACTIVE_TASK"
+    CLIENT_VERSION_MISMATCH = "CLIENT_VERSION_MISMATCH"
+    RESULT_NOT_NEEDED = "RESULT_NOT_NEEDED"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: Rejection
+    message: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    assignment_id: str
+    session_token: str
+    task: TaskRecord
+    iteration: IterationRecord
+    checkpoint_sha256: str
+    checkpoint_size: int
+    encryption_key: common_pb2.PublicKey
+
+
+@dataclass(frozen=True)
+class UploadGrant:
+    resource_name: str
+    upload_token: str
+
+
+def upload_resource_name(assignment_id: str) -> str:
+    return f"uploads/{assignment_id}"
+
+
+class AssignmentService:
+    def __init__(
+        self, db: Database, clock: Clock, ids: IdGenerator, signer: TokenSigner, keyring: KeyRing
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._ids = ids
+        self._signer = signer
+        self._keyring = keyring
+
+    def check_in(self, population: str, client_version: str, done: set[tuple[str, int]]) -> Assignment | Refusal:
+        if not population.strip():
+            raise InvalidArgument("population_name", "must not be empty")
+        with self._db.transaction() as s:
+            tasks = TaskRepository(s).open_for_population(population)
+        if not tasks:
+            return Refusal(Rejection.NO_ACTIVE_TASK, f"no open task for population {population!r}")
+        eligible = [
+            t for t in tasks if in_range(client_version, t.spec.min_client_version, t.spec.max_client_version)
+        ]
+        if not eligible:
+            return Refusal(
+                Rejection.CLIENT_VERSION_MISMATCH,
+                f"client version {client_version!r} is outside every open task's supported range",
+            )
+        key = self._keyring.active_key(population)
+        for task in eligible:
+            assignment = self._admit(task, done, key)
+            if assignment:
+                return assignment
+        return Refusal(Rejection.NO_TASK_AVAILABLE, "every open round is full or already done by this device")
+
+    def _admit(self, task: TaskRecord, done: set[tuple[str, int]], key: common_pb2.PublicKey) -> Assignment | None:
+        now = self._clock.now()
+        with self._db.transaction() as s:
+            iterations = IterationRepository(s)
+            current = iterations.current(task.task_id)
+            if current is None or current.status != IterationStatus.OPEN or (task.task_id, current.round) in done:
+                return None
+            if not iterations.admit(current.iteration_id, now):
+                return None
+            assignment_id = self._ids.new_id("asg")
+            AssignmentRepository(s).add(assignment_id, current.iteration_id, task.task_id, now)
+            version = ModelVersionRepository(s).get(task.task_id, current.base_model_version)
+        assert version is not None
+        log.info("assignment_created", task_id=task.task_id, round=current.round)
+        return Assignment(
+            assignment_id,
+            self._signer.token(SESSION, assignment_id),
+            task,
+            current,
+            version.checkpoint_sha256,
+            version.size_bytes,
+            key,
+        )
+
+    def report(
+        self, assignment_id: str, session_token: str, task_id: str, aggregation_id: str, result: str
+    ) -> UploadGrant | Refusal | None:
+        """Record a device's local result; COMPLETED returns where to upload. Repeats give the same answer."""
+        if not result or result == "UNSPECIFIED":
+            raise InvalidArgument("result", "must be one of COMPLETED, FAILED, NOT_ELIGIBLE, FAILED_*")
+        now = self._clock.now()
+        with self._db.transaction() as s:
+            assignments = AssignmentRepository(s)
+            record = assignments.get(assignment_id)
+            if record is None:
+                raise NotFound(f"assignment {assignment_id!r} does not exist")
+            if not self._signer.verify(SESSION, assignment_id, session_token):
+                raise PermissionDenied("session_token is not valid for this assignment")
+            iteration = IterationRepository(s).get(record.iteration_id)
+            assert iteration is not None
+            if task_id and task_id != record.task_id:
+                raise InvalidArgument("task_id", "does not match the assignment")
+            if aggregation_id and aggregation_id != iteration.aggregation_id:
+                raise InvalidArgument("aggregation_id", "does not match the assignment")
+            status = record.status
+            if status == AssignmentStatus.ASSIGNED:
+                target = AssignmentStatus.LOCAL_COMPLETED if result == "COMPLETED" else AssignmentStatus.LOCAL_FAILED
+                assignments.change_status(assignment_id, status, target, now, result, result_code=result)
+                status = target
+        if status in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
+            name = upload_resource_name(assignment_id)
+            return UploadGrant(name, self._signer.token(UPLOAD, name))
+        if status in (AssignmentStatus.LATE, AssignmentStatus.CANCELED):
+            return Refusal(Rejection.RESULT_NOT_NEEDED, "the round this assignment belongs to has closed")
+        return None

@@ -1,0 +1,124 @@
+"""Domain records <-> protocol messages for the orchestration servers."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fedcompute.core.records import IterationRecord, ModelVersionRecord, TaskRecord
+from fedcompute.core.tasks import CHECKPOINT_MEDIA_TYPE, PLAN_MEDIA_TYPE, Hyperparameters, TaskSpec
+from fedcompute.server.resources import model_resource_name, plan_resource_name
+from fedcompute.v1 import common_pb2, task_management_pb2
+
+
+def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
+    hp = msg.hyperparameters
+    defaults = Hyperparameters()
+    return TaskSpec(
+        population_name=msg.population_name,
+        model_architecture=msg.model_architecture,
+        rounds=msg.rounds,
+        report_goal=msg.report_goal,
+        max_cohort=msg.max_cohort,
+        initial_weights=msg.initial_weights,
+        initial_seed=msg.initial_seed,
+        min_client_version=msg.min_client_version,
+        max_client_version=msg.max_client_version,
+        hyperparameters=Hyperparameters(
+            local_epochs=hp.local_epochs or defaults.local_epochs,
+            batch_size=hp.batch_size or defaults.batch_size,
+            learning_rate=hp.learning_rate or defaults.learning_rate,
+            momentum=hp.momentum,
+        ),
+        server_learning_rate=msg.server_learning_rate or 1.0,
+    )
+
+
+def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
+    hp = spec.hyperparameters
+    return task_management_pb2.TaskSpec(
+        population_name=spec.population_name,
+        model_architecture=spec.model_architecture,
+        initial_seed=spec.initial_seed,
+        rounds=spec.rounds,
+        report_goal=spec.report_goal,
+        max_cohort=spec.max_cohort,
+        min_client_version=spec.min_client_version,
+        max_client_version=spec.max_client_version,
+        hyperparameters=task_management_pb2.TrainingHyperparameters(
+            local_epochs=hp.local_epochs, batch_size=hp.batch_size, learning_rate=hp.learning_rate, momentum=hp.momentum
+        ),
+        server_learning_rate=spec.server_learning_rate,
+    )
+
+
+def timestamp(moment: object) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(moment)  # type: ignore[arg-type]
+    return ts
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def plan_resource(task: TaskRecord) -> common_pb2.Resource:
+    return common_pb2.Resource(
+        resource_name=plan_resource_name(task.task_id),
+        sha256_hex=task.plan_sha256,
+        size_bytes=task.plan_size,
+        media_type=PLAN_MEDIA_TYPE,
+        compression_format=common_pb2.COMPRESSION_FORMAT_NONE,
+    )
+
+
+def checkpoint_resource(task_id: str, version: int, sha256_hex: str, size: int) -> common_pb2.Resource:
+    return common_pb2.Resource(
+        resource_name=model_resource_name(task_id, version),
+        sha256_hex=sha256_hex,
+        size_bytes=size,
+        media_type=CHECKPOINT_MEDIA_TYPE,
+        compression_format=common_pb2.COMPRESSION_FORMAT_NONE,
+    )
+
+
+def encode_task(task: TaskRecord) -> task_management_pb2.Task:
+    return task_management_pb2.Task(
+        task_id=task.task_id,
+        spec=encode_spec(task.spec),
+        status=task_management_pb2.TaskStatus.Value(f"TASK_STATUS_{task.status}"),
+        current_round=task.current_round,
+        latest_model_version=task.latest_model_version,
+        plan=plan_resource(task),
+        created_time=timestamp(task.created_at),
+        status_reason=task.status_reason,
+    )
+
+
+def encode_iteration(it: IterationRecord) -> task_management_pb2.Iteration:
+    return task_management_pb2.Iteration(
+        task_id=it.task_id,
+        round=it.round,
+        aggregation_id=it.aggregation_id,
+        status=task_management_pb2.IterationStatus.Value(f"ITERATION_STATUS_{it.status}"),
+        base_model_version=it.base_model_version,
+        assigned=it.assigned,
+        completed_uploads=it.completed_uploads,
+        accepted_contributions=it.accepted,
+        rejected_contributions=it.rejected,
+    )
+
+
+def encode_model_version(v: ModelVersionRecord) -> task_management_pb2.ModelVersion:
+    return task_management_pb2.ModelVersion(
+        task_id=v.task_id,
+        version=v.version,
+        parent_version=v.parent_version or 0,
+        checkpoint=checkpoint_resource(v.task_id, v.version, v.checkpoint_sha256, v.size_bytes),
+        parent_sha256_hex=v.parent_sha256,
+        round=v.round,
+        contributions=v.contributions,
+        created_time=timestamp(v.created_at),
+    )

@@ -1,0 +1,135 @@
+"""The aggregation job front: leases, the contribution stream, results (workers reach it over gRPC only)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+
+from fedcompute.core import checkpoints
+from fedcompute.core.blobs import BlobStore
+from fedcompute.core.clock import Clock, IdGenerator
+from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from fedcompute.core.records import IterationRecord, JobRecord, TaskRecord
+from fedcompute.core.transitions import JobStatus
+from fedcompute.store.rounds import retry_or_fail_round
+from fedcompute.store.assignments import UploadRepository
+from fedcompute.store.database import Database
+from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.jobs import JobRepository
+from fedcompute.store.tasks import TaskRepository
+
+log = structlog.get_logger("fedcompute.jobs")
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job: JobRecord
+    iteration: IterationRecord
+    task: TaskRecord
+
+
+@dataclass(frozen=True)
+class JobResult:
+    update: bytes
+    accepted: int
+    rejected: int
+    rejections: dict[str, int]
+
+
+class JobService:
+    def __init__(
+        self, db: Database, blobs: BlobStore, clock: Clock, ids: IdGenerator, lease_s: float, max_attempts: int
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._clock = clock
+        self._ids = ids
+        self._lease = timedelta(seconds=lease_s)
+        self._max_attempts = max_attempts
+
+    def claim(self, worker_id: str) -> ClaimedJob | None:
+        if not worker_id:
+            raise InvalidArgument("worker_id", "must name the worker")
+        now = self._clock.now()
+        with self._db.transaction() as s:
+            jobs = JobRepository(s)
+            for candidate in jobs.claimable(now):
+                if jobs.take_lease(candidate, worker_id, self._ids.new_id("lease"), now + self._lease, now):
+                    job = jobs.get(candidate.job_id)
+                    iteration = IterationRepository(s).get(candidate.iteration_id)
+                    task = TaskRepository(s).get(candidate.task_id)
+                    assert job is not None and iteration is not None and task is not None
+                    log.info("job_claimed", job_id=job.job_id, worker=worker_id, attempt=job.attempts)
+                    return ClaimedJob(job, iteration, task)
+        return None
+
+    def extend(self, job_id: str, lease_id: str) -> int:
+        now = self._clock.now()
+        expiry = now + self._lease
+        with self._db.transaction() as s:
+            if not JobRepository(s).extend_lease(job_id, lease_id, expiry, now):
+                raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
+        return int(expiry.timestamp() * 1000)
+
+    def _leased(self, job_id: str, lease_id: str) -> JobRecord:
+        with self._db.transaction() as s:
+            job = JobRepository(s).get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} does not exist")
+        if job.status != JobStatus.RUNNING or job.lease_id != lease_id:
+            raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
+        return job
+
+    def contributions(self, job_id: str, lease_id: str) -> Iterator[tuple[str, bytes]]:
+        """The job's fixed input set, one encrypted envelope at a time."""
+        job = self._leased(job_id, lease_id)
+        with self._db.transaction() as s:
+            uploads = UploadRepository(s).completed_in_iteration(job.iteration_id)
+        return ((u.assignment_id, self._blobs.get(u.blob_sha256 or "")) for u in uploads)
+
+    def complete(self, job_id: str, lease_id: str, result: JobResult) -> str:
+        job = self._leased(job_id, lease_id)
+        try:
+            checkpoints.decode(result.update)
+        except ValueError as exc:
+            raise InvalidArgument("update", str(exc)) from None
+        if result.accepted <= 0:
+            raise InvalidArgument("accepted_contributions", "a job with no accepted contribution must be failed")
+        update_sha = self._blobs.put(result.update)
+        now = self._clock.now()
+        with self._db.transaction() as s:
+            done = JobRepository(s).change_status(
+                job_id,
+                JobStatus.RUNNING,
+                JobStatus.SUCCEEDED,
+                now,
+                accepted=result.accepted,
+                rejected=result.rejected,
+                rejections_json=json.dumps(result.rejections, sort_keys=True),
+                update_sha256=update_sha,
+            )
+            if not done:
+                raise FailedPrecondition(f"job {job_id!r} changed while completing; it was not recorded")
+            IterationRepository(s).set_outcome(job.iteration_id, result.accepted, result.rejected)
+        log.info("job_succeeded", job_id=job_id, accepted=result.accepted, rejected=result.rejected)
+        return JobStatus.SUCCEEDED
+
+    def fail(self, job_id: str, lease_id: str, reason: str, retryable: bool) -> str:
+        job = self._leased(job_id, lease_id)
+        now = self._clock.now()
+        with self._db.transaction() as s:
+            jobs = JobRepository(s)
+            if retryable and job.attempts < self._max_attempts:
+                jobs.change_status(job_id, JobStatus.RUNNING, JobStatus.PENDING, now, reason, lease_id=None, error=reason)
+                log.warning("job_requeued", job_id=job_id, reason=reason)
+                return JobStatus.PENDING
+            jobs.change_status(job_id, JobStatus.RUNNING, JobStatus.FAILED, now, reason, error=reason)
+            iteration = IterationRepository(s).get(job.iteration_id)
+            assert iteration is not None
+            retry_or_fail_round(s, self._ids, iteration, self._max_attempts, reason, now)
+        log.warning("job_failed", job_id=job_id, reason=reason)
+        return JobStatus.FAILED

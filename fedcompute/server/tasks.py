@@ -1,0 +1,114 @@
+"""Task management: create, inspect and cancel tasks; list their rounds and model versions."""
+
+from __future__ import annotations
+
+import hashlib
+
+import structlog
+import torch
+
+from fedcompute.core import checkpoints
+from fedcompute.core.architectures import ARCHITECTURES
+from fedcompute.core.blobs import BlobStore
+from fedcompute.core.clock import Clock, IdGenerator
+from fedcompute.core.errors import InvalidArgument, NotFound
+from fedcompute.core.records import IterationRecord, ModelVersionRecord, TaskRecord
+from fedcompute.core.tasks import TaskSpec
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskStatus
+from fedcompute.store.assignments import AssignmentRepository
+from fedcompute.store.database import Database
+from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.model_versions import ModelVersionRepository
+from fedcompute.store.tasks import TaskRepository
+
+log = structlog.get_logger("fedcompute.tasks")
+MAX_PAGE = 100
+
+
+class TaskService:
+    def __init__(self, db: Database, blobs: BlobStore, clock: Clock, ids: IdGenerator) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._clock = clock
+        self._ids = ids
+
+    def create(self, spec: TaskSpec) -> TaskRecord:
+        spec.validate(set(ARCHITECTURES))
+        weights = self._initial_weights(spec)
+        checkpoint = checkpoints.encode(weights)
+        checkpoint_sha = self._blobs.put(checkpoint)
+        plan = spec.plan_bytes()
+        now = self._clock.now()
+        task_id = self._ids.new_id("task")
+        with self._db.transaction() as s:
+            tasks = TaskRepository(s)
+            tasks.add(task_id, spec, plan, hashlib.sha256(plan).hexdigest(), TaskStatus.OPEN, now)
+            s.flush()
+            ModelVersionRepository(s).add(
+                ModelVersionRecord(task_id, 1, None, checkpoint_sha, len(checkpoint), "", 0, 0, now)
+            )
+            IterationRepository(s).open(self._ids, task_id, 1, 1, 1, spec, now)
+            tasks.set_progress(task_id, 1, 1, now)
+            record = tasks.get(task_id)
+        assert record is not None
+        log.info("task_created", task_id=task_id, population=spec.population_name, rounds=spec.rounds)
+        return record
+
+    def _initial_weights(self, spec: TaskSpec) -> dict[str, torch.Tensor]:
+        if not spec.initial_weights:
+            return checkpoints.initial_weights(spec.model_architecture, spec.initial_seed)
+        try:
+            tensors = checkpoints.decode(spec.initial_weights)
+            checkpoints.check_schema(spec.model_architecture, tensors)
+        except ValueError as exc:
+            raise InvalidArgument("spec.initial_weights", str(exc)) from None
+        return tensors
+
+    def get(self, task_id: str) -> TaskRecord:
+        with self._db.transaction() as s:
+            record = TaskRepository(s).get(task_id)
+        if record is None:
+            raise NotFound(f"task {task_id!r} does not exist")
+        return record
+
+    def list(self, population: str, page_size: int, page_token: str) -> tuple[list[TaskRecord], str]:
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must be >= 0")
+        limit = min(page_size or MAX_PAGE, MAX_PAGE)
+        with self._db.transaction() as s:
+            records = TaskRepository(s).list(population, page_token, limit)
+        next_token = records[-1].task_id if len(records) == limit else ""
+        return records, next_token
+
+    def cancel(self, task_id: str, reason: str) -> TaskRecord:
+        now = self._clock.now()
+        why = reason or "canceled by operator"
+        with self._db.transaction() as s:
+            tasks = TaskRepository(s)
+            record = tasks.get(task_id)
+            if record is None:
+                raise NotFound(f"task {task_id!r} does not exist")
+            if record.status != TaskStatus.OPEN:
+                return record  # canceling a finished task changes nothing (idempotent)
+            tasks.change_status(task_id, TaskStatus.OPEN, TaskStatus.CANCELED, now, why)
+            iterations = IterationRepository(s)
+            current = iterations.current(task_id)
+            if current and current.status in (IterationStatus.OPEN, IterationStatus.AGGREGATING):
+                iterations.change_status(current.iteration_id, current.status, IterationStatus.CANCELED, now, why)
+                assignments = AssignmentRepository(s)
+                for a in assignments.open_in_iteration(current.iteration_id):
+                    assignments.change_status(a.assignment_id, a.status, AssignmentStatus.CANCELED, now, why)
+            updated = tasks.get(task_id)
+        assert updated is not None
+        log.info("task_canceled", task_id=task_id)
+        return updated
+
+    def iterations(self, task_id: str) -> list[IterationRecord]:
+        self.get(task_id)
+        with self._db.transaction() as s:
+            return IterationRepository(s).for_task(task_id)
+
+    def model_versions(self, task_id: str) -> list[ModelVersionRecord]:
+        self.get(task_id)
+        with self._db.transaction() as s:
+            return ModelVersionRepository(s).for_task(task_id)

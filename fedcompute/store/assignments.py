@@ -1,0 +1,119 @@
+"""Assignment and upload repositories."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from fedcompute.core.records import AssignmentRecord, UploadRecord
+from fedcompute.core.transitions import AssignmentStatus, UploadStatus
+from fedcompute.store.history import change_status, record_created
+from fedcompute.store.models import AssignmentRow, UploadRow
+
+
+def assignment_record(row: AssignmentRow) -> AssignmentRecord:
+    return AssignmentRecord(row.id, row.iteration_id, row.task_id, row.status, row.result_code)
+
+
+def upload_record(row: UploadRow) -> UploadRecord:
+    return UploadRecord(
+        row.id, row.assignment_id, row.total_size, row.sha256_hex, row.committed_size, row.status, row.blob_sha256
+    )
+
+
+class AssignmentRepository:
+    def __init__(self, session: Session) -> None:
+        self._s = session
+
+    def add(self, assignment_id: str, iteration_id: str, task_id: str, now: datetime) -> None:
+        status = AssignmentStatus.ASSIGNED
+        self._s.add(
+            AssignmentRow(
+                id=assignment_id, iteration_id=iteration_id, task_id=task_id, status=status, created_at=now, updated_at=now
+            )
+        )
+        record_created(self._s, "assignment", assignment_id, status, now)
+
+    def get(self, assignment_id: str) -> AssignmentRecord | None:
+        row = self._s.get(AssignmentRow, assignment_id)
+        return assignment_record(row) if row else None
+
+    def change_status(
+        self, assignment_id: str, from_status: str, to_status: str, now: datetime, reason: str = "", **values: Any
+    ) -> bool:
+        return change_status(
+            self._s, AssignmentRow, "assignment", assignment_id, from_status, to_status, now, reason, **values
+        )
+
+    def open_in_iteration(self, iteration_id: str) -> list[AssignmentRecord]:
+        query = select(AssignmentRow).where(
+            AssignmentRow.iteration_id == iteration_id,
+            AssignmentRow.status.in_([AssignmentStatus.ASSIGNED, AssignmentStatus.LOCAL_COMPLETED]),
+        )
+        return [assignment_record(r) for r in self._s.scalars(query)]
+
+
+class UploadRepository:
+    def __init__(self, session: Session) -> None:
+        self._s = session
+
+    def get(self, upload_id: str) -> UploadRecord | None:
+        row = self._s.get(UploadRow, upload_id)
+        return upload_record(row) if row else None
+
+    def start(
+        self, upload_id: str, assignment_id: str, iteration_id: str, total: int, sha256_hex: str, now: datetime
+    ) -> None:
+        self._s.add(
+            UploadRow(
+                id=upload_id,
+                assignment_id=assignment_id,
+                iteration_id=iteration_id,
+                total_size=total,
+                sha256_hex=sha256_hex,
+                committed_size=0,
+                status=UploadStatus.IN_PROGRESS,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        record_created(self._s, "upload", upload_id, UploadStatus.IN_PROGRESS, now)
+
+    def restart(self, upload_id: str, total: int, sha256_hex: str, now: datetime) -> None:
+        """Forget a discarded attempt: new declared size and hash, nothing committed."""
+        self._s.execute(
+            update(UploadRow)
+            .where(UploadRow.id == upload_id, UploadRow.status == UploadStatus.IN_PROGRESS)
+            .values(total_size=total, sha256_hex=sha256_hex, committed_size=0, updated_at=now)
+        )
+
+    def advance(self, upload_id: str, from_size: int, to_size: int, now: datetime) -> bool:
+        result = self._s.execute(
+            update(UploadRow)
+            .where(UploadRow.id == upload_id, UploadRow.committed_size == from_size)
+            .values(committed_size=to_size, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return getattr(result, "rowcount", 0) == 1
+
+    def complete(self, upload_id: str, blob_sha256: str, now: datetime) -> bool:
+        return change_status(
+            self._s, UploadRow, "upload", upload_id, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETE, now,
+            blob_sha256=blob_sha256,
+        )
+
+    def completed_in_iteration(self, iteration_id: str) -> list[UploadRecord]:
+        query = (
+            select(UploadRow)
+            .join(AssignmentRow, AssignmentRow.id == UploadRow.assignment_id)
+            .where(
+                UploadRow.iteration_id == iteration_id,
+                UploadRow.status == UploadStatus.COMPLETE,
+                AssignmentRow.status == AssignmentStatus.UPLOADED,
+            )
+            .order_by(UploadRow.assignment_id)
+        )
+        return [upload_record(r) for r in self._s.scalars(query)]

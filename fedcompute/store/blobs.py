@@ -1,0 +1,101 @@
+"""Local content-addressed blob directory: ``sha256/ab/cdef...``, written temp -> fsync -> rename."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedcompute.core.blobs import BlobCorrupted, BlobMissing
+
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+_READ = 1024 * 1024
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        (root / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def staging_dir(self) -> Path:
+        """A directory on the same filesystem, for files later moved in with ``put_file``."""
+        return self._root / "tmp"
+
+    def _path(self, sha256_hex: str) -> Path:
+        if not _HEX.match(sha256_hex):
+            raise BlobMissing(f"{sha256_hex!r} is not a sha256 address")
+        return self._root / "sha256" / sha256_hex[:2] / sha256_hex[2:]
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        target = self._path(digest)
+        if target.exists():
+            return digest
+        fd, tmp = tempfile.mkstemp(dir=self.staging_dir())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._install(Path(tmp), target)
+        return digest
+
+    def put_file(self, path: Path) -> str:
+        digest = _hash_file(path)
+        target = self._path(digest)
+        if target.exists():
+            path.unlink()
+            return digest
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+        self._install(path, target)
+        return digest
+
+    def _install(self, tmp: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+
+    def get(self, sha256_hex: str) -> bytes:
+        path = self._path(sha256_hex)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BlobMissing(f"no blob {sha256_hex}") from None
+        if hashlib.sha256(data).hexdigest() != sha256_hex:
+            raise BlobCorrupted(f"blob {sha256_hex} is corrupted on disk")
+        return data
+
+    def read_chunks(self, sha256_hex: str, offset: int, chunk_size: int) -> Iterator[bytes]:
+        path = self._path(sha256_hex)
+        if not path.exists():
+            raise BlobMissing(f"no blob {sha256_hex}")
+        if _hash_file(path) != sha256_hex:
+            raise BlobCorrupted(f"blob {sha256_hex} is corrupted on disk")
+        return _chunks(path, offset, chunk_size)
+
+    def size(self, sha256_hex: str) -> int:
+        try:
+            return self._path(sha256_hex).stat().st_size
+        except FileNotFoundError:
+            raise BlobMissing(f"no blob {sha256_hex}") from None
+
+    def exists(self, sha256_hex: str) -> bool:
+        return self._path(sha256_hex).exists()
+
+
+def _chunks(path: Path, offset: int, chunk_size: int) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(chunk_size):
+            yield chunk
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_READ):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,110 @@
+"""Iteration repository: rounds, the admission cap and upload counting."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from fedcompute.core.clock import IdGenerator
+from fedcompute.core.records import IterationRecord
+from fedcompute.core.tasks import TaskSpec
+from fedcompute.core.transitions import IterationStatus
+from fedcompute.store.history import change_status, record_created
+from fedcompute.store.models import IterationRow
+
+
+def to_record(row: IterationRow) -> IterationRecord:
+    return IterationRecord(
+        iteration_id=row.id,
+        task_id=row.task_id,
+        round=row.round,
+        attempt=row.attempt,
+        aggregation_id=row.aggregation_id,
+        status=row.status,
+        base_model_version=row.base_model_version,
+        report_goal=row.report_goal,
+        max_cohort=row.max_cohort,
+        assigned=row.assigned,
+        completed_uploads=row.completed_uploads,
+        accepted=row.accepted,
+        rejected=row.rejected,
+    )
+
+
+class IterationRepository:
+    def __init__(self, session: Session) -> None:
+        self._s = session
+
+    def open(
+        self, ids: IdGenerator, task_id: str, round_: int, attempt: int, base_version: int, spec: TaskSpec, now: datetime
+    ) -> str:
+        """Open a round (or a new attempt at one) for devices to check in to; return its id."""
+        row = IterationRow(
+            id=ids.new_id("it"),
+            task_id=task_id,
+            round=round_,
+            attempt=attempt,
+            aggregation_id=ids.new_id("agg"),
+            status=IterationStatus.OPEN,
+            base_model_version=base_version,
+            report_goal=spec.report_goal,
+            max_cohort=spec.max_cohort,
+            assigned=0,
+            completed_uploads=0,
+            accepted=0,
+            rejected=0,
+            created_at=now,
+            updated_at=now,
+        )
+        self._s.add(row)
+        record_created(self._s, "iteration", row.id, row.status, now)
+        return row.id
+
+    def get(self, iteration_id: str) -> IterationRecord | None:
+        row = self._s.get(IterationRow, iteration_id)
+        return to_record(row) if row else None
+
+    def for_task(self, task_id: str) -> list[IterationRecord]:
+        query = select(IterationRow).where(IterationRow.task_id == task_id).order_by(IterationRow.round, IterationRow.attempt)
+        return [to_record(r) for r in self._s.scalars(query)]
+
+    def current(self, task_id: str) -> IterationRecord | None:
+        query = select(IterationRow).where(IterationRow.task_id == task_id).order_by(IterationRow.round.desc(), IterationRow.attempt.desc()).limit(1)
+        row = self._s.scalar(query)
+        return to_record(row) if row else None
+
+    def admit(self, iteration_id: str, now: datetime) -> bool:
+        """Take one cohort slot: atomic ``assigned + 1 WHERE assigned < max_cohort AND status = OPEN``."""
+        result = self._s.execute(
+            update(IterationRow)
+            .where(
+                IterationRow.id == iteration_id,
+                IterationRow.status == IterationStatus.OPEN,
+                IterationRow.assigned < IterationRow.max_cohort,
+            )
+            .values(assigned=IterationRow.assigned + 1, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return getattr(result, "rowcount", 0) == 1
+
+    def count_upload(self, iteration_id: str, now: datetime) -> int | None:
+        """Count one finished upload while the round is OPEN; the new count, or None if the round closed."""
+        result = self._s.execute(
+            update(IterationRow)
+            .where(IterationRow.id == iteration_id, IterationRow.status == IterationStatus.OPEN)
+            .values(completed_uploads=IterationRow.completed_uploads + 1, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0) != 1:
+            return None
+        return self._s.scalar(select(IterationRow.completed_uploads).where(IterationRow.id == iteration_id))
+
+    def set_outcome(self, iteration_id: str, accepted: int, rejected: int) -> None:
+        self._s.execute(
+            update(IterationRow).where(IterationRow.id == iteration_id).values(accepted=accepted, rejected=rejected)
+        )
+
+    def change_status(self, iteration_id: str, from_status: str, to_status: str, now: datetime, reason: str = "") -> bool:
+        return change_status(self._s, IterationRow, "iteration", iteration_id, from_status, to_status, now, reason)

@@ -1,0 +1,73 @@
+"""Round lifecycle across repositories: the collector closing a round at its report goal, and round retries.
+
+Runs inside the transaction that finishes an upload, so the input set is fixed the moment the round leaves
+OPEN (no later upload can be counted: ``count_upload`` only counts while the round is OPEN).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+import structlog
+from sqlalchemy.orm import Session
+
+from fedcompute.core.clock import IdGenerator
+from fedcompute.core.records import IterationRecord
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskStatus
+from fedcompute.store.assignments import AssignmentRepository, UploadRepository
+from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.jobs import JobRepository
+from fedcompute.store.tasks import TaskRepository
+
+log = structlog.get_logger("fedcompute.collector")
+
+
+def input_set_digest(pairs: list[tuple[str, str]]) -> str:
+    """sha256 over the sorted (assignment id, ciphertext sha256) pairs of a round's contributions."""
+    digest = hashlib.sha256(b"fedcompute/input-set/v1\x00")
+    for assignment_id, blob_sha in sorted(pairs):
+        digest.update(f"{assignment_id}\x00{blob_sha}\n".encode())
+    return digest.hexdigest()
+
+
+def close_round(session: Session, ids: IdGenerator, iteration: IterationRecord, now: datetime) -> str | None:
+    """OPEN -> AGGREGATING, stragglers marked LATE, one aggregation job queued. Returns the job id."""
+    iterations = IterationRepository(session)
+    if not iterations.change_status(iteration.iteration_id, IterationStatus.OPEN, IterationStatus.AGGREGATING, now):
+        return None
+    assignments = AssignmentRepository(session)
+    for straggler in assignments.open_in_iteration(iteration.iteration_id):
+        assignments.change_status(
+            straggler.assignment_id, straggler.status, AssignmentStatus.LATE, now, "report goal reached"
+        )
+    uploads = UploadRepository(session).completed_in_iteration(iteration.iteration_id)
+    pairs = [(u.assignment_id, u.blob_sha256 or "") for u in uploads]
+    job_id = ids.new_id("job")
+    JobRepository(session).add(job_id, iteration.iteration_id, iteration.task_id, input_set_digest(pairs), len(pairs), now)
+    log.info("round_closed", task_id=iteration.task_id, round=iteration.round, contributions=len(pairs), job_id=job_id)
+    return job_id
+
+
+def retry_or_fail_round(
+    session: Session, ids: IdGenerator, iteration: IterationRecord, max_attempts: int, reason: str, now: datetime
+) -> None:
+    """After a round's aggregation failed for good: open a fresh attempt, or fail the task after too many."""
+    iterations = IterationRepository(session)
+    if not iterations.change_status(
+        iteration.iteration_id, IterationStatus.AGGREGATING, IterationStatus.FAILED, now, reason
+    ):
+        return
+    tasks = TaskRepository(session)
+    task = tasks.get(iteration.task_id)
+    if task is None or task.status != TaskStatus.OPEN:
+        return
+    if iteration.attempt >= max_attempts:
+        why = f"round {iteration.round} failed {iteration.attempt} times; last: {reason}"
+        tasks.change_status(task.task_id, TaskStatus.OPEN, TaskStatus.FAILED, now, why)
+        log.warning("task_failed", task_id=task.task_id, reason=why)
+        return
+    iterations.open(
+        ids, task.task_id, iteration.round, iteration.attempt + 1, iteration.base_model_version, task.spec, now
+    )
+    log.warning("round_reopened", task_id=task.task_id, round=iteration.round, attempt=iteration.attempt + 1)

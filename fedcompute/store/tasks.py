@@ -1,0 +1,98 @@
+"""Task repository."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from fedcompute.core.clock import as_utc
+from fedcompute.core.records import TaskRecord
+from fedcompute.core.tasks import Hyperparameters, TaskSpec
+from fedcompute.store.history import change_status, record_created
+from fedcompute.store.models import TaskRow
+
+
+def _spec_to_json(spec: TaskSpec) -> str:
+    data = asdict(spec)
+    data.pop("initial_weights")
+    return json.dumps(data, sort_keys=True)
+
+
+def _spec_from_json(text: str) -> TaskSpec:
+    data = json.loads(text)
+    data["hyperparameters"] = Hyperparameters(**data["hyperparameters"])
+    return TaskSpec(**data)
+
+
+def to_record(row: TaskRow) -> TaskRecord:
+    return TaskRecord(
+        task_id=row.id,
+        spec=_spec_from_json(row.spec_json),
+        status=row.status,
+        current_round=row.current_round,
+        latest_model_version=row.latest_model_version,
+        plan_sha256=row.plan_sha256,
+        plan_size=len(row.plan),
+        created_at=as_utc(row.created_at),
+        status_reason=row.status_reason,
+    )
+
+
+class TaskRepository:
+    def __init__(self, session: Session) -> None:
+        self._s = session
+
+    def add(self, task_id: str, spec: TaskSpec, plan: bytes, plan_sha256: str, status: str, now: datetime) -> None:
+        self._s.add(
+            TaskRow(
+                id=task_id,
+                population_name=spec.population_name,
+                status=status,
+                spec_json=_spec_to_json(spec),
+                plan=plan,
+                plan_sha256=plan_sha256,
+                current_round=0,
+                latest_model_version=0,
+                status_reason="",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        record_created(self._s, "task", task_id, status, now)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        row = self._s.get(TaskRow, task_id)
+        return to_record(row) if row else None
+
+    def plan(self, task_id: str) -> bytes | None:
+        return self._s.scalar(select(TaskRow.plan).where(TaskRow.id == task_id))
+
+    def list(self, population: str, after: str, limit: int) -> list[TaskRecord]:
+        query = select(TaskRow).where(TaskRow.id > after).order_by(TaskRow.id).limit(limit)
+        if population:
+            query = query.where(TaskRow.population_name == population)
+        return [to_record(r) for r in self._s.scalars(query)]
+
+    def open_for_population(self, population: str) -> list[TaskRecord]:
+        query = (
+            select(TaskRow)
+            .where(TaskRow.population_name == population, TaskRow.status == "OPEN")
+            .order_by(TaskRow.created_at, TaskRow.id)
+        )
+        return [to_record(r) for r in self._s.scalars(query)]
+
+    def set_progress(self, task_id: str, current_round: int, latest_model_version: int, now: datetime) -> None:
+        self._s.execute(
+            update(TaskRow)
+            .where(TaskRow.id == task_id)
+            .values(current_round=current_round, latest_model_version=latest_model_version, updated_at=now)
+        )
+
+    def change_status(self, task_id: str, from_status: str, to_status: str, now: datetime, reason: str) -> bool:
+        return change_status(
+            self._s, TaskRow, "task", task_id, from_status, to_status, now, reason, status_reason=reason
+        )
