@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -242,8 +241,14 @@ def devices_simulate(
     configure_logging(json_lines=False, level=logging.WARNING)
     torch.set_num_threads(1)
     train, _ = train_test_split(seed)
-    fleet = Fleet(server, population, non_iid_shards(train, count, seed), seed, max_sleep_s=max_sleep,
-                  client_version=client_version).start(stop_when_no_task=True)
+    fleet = Fleet(
+        server,
+        population,
+        non_iid_shards(train, count, seed),
+        seed,
+        max_sleep_s=max_sleep,
+        client_version=client_version,
+    ).start(stop_when_no_task=True)
     fleet.wait(lambda: False)
     fleet.stop()
     s = fleet.stats
@@ -255,4 +260,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -59,12 +59,14 @@ class AggregatorWorker:
                 seen.add(item.assignment_id)
                 try:
                     opened = open_contribution(item.envelope, item.assignment_id, context, keys)
-                except Rejected as rejected:
-                    rejections[rejected.reason] += 1
+                except Rejected as refusal:
+                    rejections[refusal.reason] += 1
                     continue
                 mean.add(opened.update, float(opened.num_examples))
                 if time.monotonic() > next_extension:
-                    self._jobs.extend_lease(aggregation_pb2.ExtendLeaseRequest(job_id=job.job_id, lease_id=job.lease_id))
+                    self._jobs.extend_lease(
+                        aggregation_pb2.ExtendLeaseRequest(job_id=job.job_id, lease_id=job.lease_id)
+                    )
                     next_extension = time.monotonic() + max(lease_left, 1.0)
         except KeyUnavailable as exc:
             self._fail(job, str(exc), retryable=True)

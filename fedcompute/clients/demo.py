@@ -92,7 +92,7 @@ def run_demo(settings: Settings, devices: int, rounds: int, seed: int, timeout_s
         if fleet:
             fleet.stop()
         suite.stop()
-    central = train_central(ARCHITECTURE, train, TrainingConfig.from_plan(DEFAULT_PLAN_HYPERPARAMETERS), 60, seed)
+    central = train_central(ARCHITECTURE, train, TrainingConfig.from_plan(DEFAULT_PLAN_HYPERPARAMETERS), 30, seed)
     return DemoResult(
         rounds=rows,
         final_accuracy=rows[-1].accuracy if rows else initial,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -150,8 +150,10 @@ def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes)
 
 
 def _offset_hint(exc: grpc.RpcError) -> bool:
-    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
-    return any(k == COMMITTED_SIZE_KEY for k, _ in trailing or ())
+    trailing: Sequence[tuple[str, str | bytes]] = (
+        exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    ) or ()
+    return any(key == COMMITTED_SIZE_KEY for key, _ in trailing)
 
 
 def _requests(

@@ -19,7 +19,7 @@ from fedcompute.clients.dataset import Split
 from fedcompute.core.architectures import build_model, state_dict_of
 
 DEFAULT_PLAN_HYPERPARAMETERS: dict[str, float | int] = {
-    "local_epochs": 5,
+    "local_epochs": 10,
     "batch_size": 16,
     "learning_rate": 0.1,
     "momentum": 0.9,

@@ -68,7 +68,9 @@ class TaskAssignmentClient:
         return self._stub.CreateTaskAssignment(request, timeout=self._timeout)
 
     @idempotent()
-    def report_result(self, request: task_assignment_pb2.ReportResultRequest) -> task_assignment_pb2.ReportResultResponse:
+    def report_result(
+        self, request: task_assignment_pb2.ReportResultRequest
+    ) -> task_assignment_pb2.ReportResultResponse:
         return self._stub.ReportResult(request, timeout=self._timeout)
 
 
@@ -91,8 +93,7 @@ class ResourceClient:
         self._timeout = timeout_s
 
     def read(self, request: resource_pb2.ReadRequest) -> Iterator[resource_pb2.ReadResponse]:
-        responses: Iterator[resource_pb2.ReadResponse] = self._stub.Read(request, timeout=self._timeout)
-        return responses
+        return iter(self._stub.Read(request, timeout=self._timeout))
 
 
 class AggregationClient:
@@ -114,10 +115,7 @@ class AggregationClient:
     def stream_contributions(
         self, request: aggregation_pb2.StreamContributionsRequest
     ) -> Iterator[aggregation_pb2.StreamContributionsResponse]:
-        responses: Iterator[aggregation_pb2.StreamContributionsResponse] = self._stub.StreamContributions(
-            request, timeout=self._timeout, metadata=self._md
-        )
-        return responses
+        return iter(self._stub.StreamContributions(request, timeout=self._timeout, metadata=self._md))
 
     @idempotent()
     def complete_job(self, request: aggregation_pb2.CompleteJobRequest) -> aggregation_pb2.CompleteJobResponse:

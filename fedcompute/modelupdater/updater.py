@@ -33,7 +33,9 @@ def apply_update(
     out = {}
     for name, tensor in base.items():
         if update[name].shape != tensor.shape:
-            raise ValueError(f"update tensor {name!r} has shape {tuple(update[name].shape)}, model has {tuple(tensor.shape)}")
+            raise ValueError(
+                f"update tensor {name!r} has shape {tuple(update[name].shape)}, model has {tuple(tensor.shape)}"
+            )
         out[name] = (tensor.to(torch.float64) + server_lr * update[name].to(torch.float64)).to(tensor.dtype)
     return out
 
@@ -56,7 +58,8 @@ class ModelUpdater:
         with self._db.transaction() as s:
             iteration = IterationRepository(s).get(job.iteration_id)
             task = TaskRepository(s).get(job.task_id)
-            assert iteration is not None and task is not None
+            assert iteration is not None
+            assert task is not None
             base = ModelVersionRepository(s).get(job.task_id, iteration.base_model_version)
         assert base is not None
         if iteration.status != IterationStatus.AGGREGATING or task.status != TaskStatus.OPEN:
@@ -72,8 +75,13 @@ class ModelUpdater:
         version = base.version + 1
         data = checkpoints.encode(
             new_weights,
-            {"task_id": task.task_id, "version": version, "parent_version": base.version,
-             "parent_sha256": base.checkpoint_sha256, "round": iteration.round},
+            {
+                "task_id": task.task_id,
+                "version": version,
+                "parent_version": base.version,
+                "parent_sha256": base.checkpoint_sha256,
+                "round": iteration.round,
+            },
         )
         sha = self._blobs.put(data)
         now = self._clock.now()
@@ -87,8 +95,15 @@ class ModelUpdater:
                 raise RuntimeError("round changed state while its update was applied")
             ModelVersionRepository(s).add(
                 ModelVersionRecord(
-                    task.task_id, version, base.version, sha, len(data), base.checkpoint_sha256,
-                    iteration.round, job.accepted, now,
+                    task.task_id,
+                    version,
+                    base.version,
+                    sha,
+                    len(data),
+                    base.checkpoint_sha256,
+                    iteration.round,
+                    job.accepted,
+                    now,
                 )
             )
             tasks = TaskRepository(s)

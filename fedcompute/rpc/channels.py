@@ -10,7 +10,9 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 
 T = TypeVar("T")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 
 
 def open_channel(address: str, max_message_bytes: int = 128 * 1024 * 1024) -> grpc.Channel:

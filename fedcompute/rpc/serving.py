@@ -22,10 +22,10 @@ log = structlog.get_logger("fedcompute.rpc")
 _ids = RandomIds()
 REQUEST_ID = "x-request-id"
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
+Behavior = Callable[..., Any]
 
 
-class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps domain errors to status codes, logs one line per RPC and counts it in the metrics."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
@@ -33,9 +33,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -60,6 +60,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 handler.request_deserializer,
                 handler.response_serializer,
             )
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             self._wrap(handler.stream_stream, service, method, True),
             handler.request_deserializer,

@@ -100,7 +100,9 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
     def __init__(self, service: UploadService) -> None:
         self._service = service
 
-    def Write(self, request_iterator: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext) -> upload_pb2.WriteResponse:
+    def Write(
+        self, request_iterator: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext
+    ) -> upload_pb2.WriteResponse:
         status = self._service.write(
             WriteChunk(
                 r.resource_name,
@@ -126,7 +128,9 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     def __init__(self, service: ResourceService) -> None:
         self._service = service
 
-    def Read(self, request: resource_pb2.ReadRequest, context: grpc.ServicerContext) -> Iterator[resource_pb2.ReadResponse]:
+    def Read(
+        self, request: resource_pb2.ReadRequest, context: grpc.ServicerContext
+    ) -> Iterator[resource_pb2.ReadResponse]:
         download = self._service.read(request.resource_name, request.read_offset)
         first = True
         for chunk in download.chunks:

@@ -21,7 +21,7 @@ class TaskManagementServicer(task_management_pb2_grpc.TaskManagementServiceServi
         return pb.GetTaskResponse(task=encode_task(self._tasks.get(request.task_id)))
 
     def ListTasks(self, request: pb.ListTasksRequest, context: grpc.ServicerContext) -> pb.ListTasksResponse:
-        tasks, token = self._tasks.list(request.population_name, request.page_size, request.page_token)
+        tasks, token = self._tasks.page(request.population_name, request.page_size, request.page_token)
         return pb.ListTasksResponse(tasks=[encode_task(t) for t in tasks], next_page_token=token)
 
     def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.ServicerContext) -> pb.CancelTaskResponse:
@@ -30,7 +30,9 @@ class TaskManagementServicer(task_management_pb2_grpc.TaskManagementServiceServi
     def ListIterations(
         self, request: pb.ListIterationsRequest, context: grpc.ServicerContext
     ) -> pb.ListIterationsResponse:
-        return pb.ListIterationsResponse(iterations=[encode_iteration(i) for i in self._tasks.iterations(request.task_id)])
+        return pb.ListIterationsResponse(
+            iterations=[encode_iteration(i) for i in self._tasks.iterations(request.task_id)]
+        )
 
     def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: grpc.ServicerContext

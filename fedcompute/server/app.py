@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import grpc
 
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.clock import Clock, IdGenerator
@@ -72,7 +76,7 @@ def build_server(
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
     jobs = JobService(db, blobs, clock, ids, settings.lease_s, settings.max_job_attempts)
     metrics = RpcMetrics.create("server")
-    registrations = [
+    registrations: list[tuple[Callable[[Any, grpc.Server], None], Any, str]] = [
         (
             task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
             TaskManagementServicer(tasks),

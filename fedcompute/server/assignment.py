@@ -61,9 +61,7 @@ def upload_resource_name(assignment_id: str) -> str:
 
 
 class AssignmentService:
-    def __init__(
-        self, db: Database, clock: Clock, ids: IdGenerator, signer: TokenSigner, keyring: KeyRing
-    ) -> None:
+    def __init__(self, db: Database, clock: Clock, ids: IdGenerator, signer: TokenSigner, keyring: KeyRing) -> None:
         self._db = db
         self._clock = clock
         self._ids = ids
@@ -77,9 +75,7 @@ class AssignmentService:
             tasks = TaskRepository(s).open_for_population(population)
         if not tasks:
             return Refusal(Rejection.NO_ACTIVE_TASK, f"no open task for population {population!r}")
-        eligible = [
-            t for t in tasks if in_range(client_version, t.spec.min_client_version, t.spec.max_client_version)
-        ]
+        eligible = [t for t in tasks if in_range(client_version, t.spec.min_client_version, t.spec.max_client_version)]
         if not eligible:
             return Refusal(
                 Rejection.CLIENT_VERSION_MISMATCH,

@@ -15,11 +15,11 @@ from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from fedcompute.core.records import IterationRecord, JobRecord, TaskRecord
 from fedcompute.core.transitions import JobStatus
-from fedcompute.store.rounds import retry_or_fail_round
 from fedcompute.store.assignments import UploadRepository
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
+from fedcompute.store.rounds import retry_or_fail_round
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.jobs")
@@ -62,7 +62,9 @@ class JobService:
                     job = jobs.get(candidate.job_id)
                     iteration = IterationRepository(s).get(candidate.iteration_id)
                     task = TaskRepository(s).get(candidate.task_id)
-                    assert job is not None and iteration is not None and task is not None
+                    assert job is not None
+                    assert iteration is not None
+                    assert task is not None
                     log.info("job_claimed", job_id=job.job_id, worker=worker_id, attempt=job.attempts)
                     return ClaimedJob(job, iteration, task)
         return None
@@ -124,7 +126,9 @@ class JobService:
         with self._db.transaction() as s:
             jobs = JobRepository(s)
             if retryable and job.attempts < self._max_attempts:
-                jobs.change_status(job_id, JobStatus.RUNNING, JobStatus.PENDING, now, reason, lease_id=None, error=reason)
+                jobs.change_status(
+                    job_id, JobStatus.RUNNING, JobStatus.PENDING, now, reason, lease_id=None, error=reason
+                )
                 log.warning("job_requeued", job_id=job_id, reason=reason)
                 return JobStatus.PENDING
             jobs.change_status(job_id, JobStatus.RUNNING, JobStatus.FAILED, now, reason, error=reason)

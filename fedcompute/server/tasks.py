@@ -71,12 +71,12 @@ class TaskService:
             raise NotFound(f"task {task_id!r} does not exist")
         return record
 
-    def list(self, population: str, page_size: int, page_token: str) -> tuple[list[TaskRecord], str]:
+    def page(self, population: str, page_size: int, page_token: str) -> tuple[list[TaskRecord], str]:
         if page_size < 0:
             raise InvalidArgument("page_size", "must be >= 0")
         limit = min(page_size or MAX_PAGE, MAX_PAGE)
         with self._db.transaction() as s:
-            records = TaskRepository(s).list(population, page_token, limit)
+            records = TaskRepository(s).page(population, page_token, limit)
         next_token = records[-1].task_id if len(records) == limit else ""
         return records, next_token
 

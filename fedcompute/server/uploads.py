@@ -30,14 +30,14 @@ from fedcompute.core.errors import (
 )
 from fedcompute.core.records import UploadRecord
 from fedcompute.core.transitions import AssignmentStatus, UploadStatus
+from fedcompute.keys.envelope import check_envelope
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.server.assignment import UPLOAD
-from fedcompute.store.rounds import close_round
-from fedcompute.keys.envelope import check_envelope
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.blobs import LocalBlobStore
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.rounds import close_round
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.upload")
@@ -139,7 +139,9 @@ class UploadService:
                     raise OffsetMismatch(0, first.write_offset)
                 self._check_metadata(first)
                 if upload is None:
-                    uploads.start(upload_id, upload_id, assignment.iteration_id, first.total_size, first.sha256_hex, now)
+                    uploads.start(
+                        upload_id, upload_id, assignment.iteration_id, first.total_size, first.sha256_hex, now
+                    )
                 else:
                     uploads.restart(upload_id, first.total_size, first.sha256_hex, now)
                 s.flush()
@@ -177,7 +179,9 @@ class UploadService:
                     handle.flush()
                     os.fsync(handle.fileno())
                     with self._db.transaction() as s:
-                        UploadRepository(s).advance(upload.upload_id, offset, offset + len(chunk.data), self._clock.now())
+                        UploadRepository(s).advance(
+                            upload.upload_id, offset, offset + len(chunk.data), self._clock.now()
+                        )
                     offset += len(chunk.data)
                 if chunk.finish_write:
                     break
@@ -237,7 +241,8 @@ class UploadService:
             assert assignment is not None
             iteration = IterationRepository(s).get(assignment.iteration_id)
             task = TaskRepository(s).get(assignment.task_id)
-        assert iteration is not None and task is not None
+        assert iteration is not None
+        assert task is not None
         return ContributionContext(
             task.spec.population_name,
             task.task_id,
@@ -254,4 +259,3 @@ class UploadService:
         with self._db.transaction() as s:
             UploadRepository(s).restart(upload.upload_id, upload.total_size, upload.sha256_hex, self._clock.now())
         log.warning("upload_discarded", upload_id=upload.upload_id)
-

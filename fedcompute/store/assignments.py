@@ -32,7 +32,12 @@ class AssignmentRepository:
         status = AssignmentStatus.ASSIGNED
         self._s.add(
             AssignmentRow(
-                id=assignment_id, iteration_id=iteration_id, task_id=task_id, status=status, created_at=now, updated_at=now
+                id=assignment_id,
+                iteration_id=iteration_id,
+                task_id=task_id,
+                status=status,
+                created_at=now,
+                updated_at=now,
             )
         )
         record_created(self._s, "assignment", assignment_id, status, now)
@@ -101,7 +106,13 @@ class UploadRepository:
 
     def complete(self, upload_id: str, blob_sha256: str, now: datetime) -> bool:
         return change_status(
-            self._s, UploadRow, "upload", upload_id, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETE, now,
+            self._s,
+            UploadRow,
+            "upload",
+            upload_id,
+            UploadStatus.IN_PROGRESS,
+            UploadStatus.COMPLETE,
+            now,
             blob_sha256=blob_sha256,
         )
 

@@ -13,7 +13,9 @@ from fedcompute.store.models import StatusHistoryRow
 
 
 def record_created(session: Session, entity: str, entity_id: str, status: str, at: datetime, reason: str = "") -> None:
-    session.add(StatusHistoryRow(entity=entity, entity_id=entity_id, from_status=None, to_status=status, reason=reason, at=at))
+    session.add(
+        StatusHistoryRow(entity=entity, entity_id=entity_id, from_status=None, to_status=status, reason=reason, at=at)
+    )
 
 
 def change_status(

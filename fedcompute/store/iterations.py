@@ -38,7 +38,14 @@ class IterationRepository:
         self._s = session
 
     def open(
-        self, ids: IdGenerator, task_id: str, round_: int, attempt: int, base_version: int, spec: TaskSpec, now: datetime
+        self,
+        ids: IdGenerator,
+        task_id: str,
+        round_: int,
+        attempt: int,
+        base_version: int,
+        spec: TaskSpec,
+        now: datetime,
     ) -> str:
         """Open a round (or a new attempt at one) for devices to check in to; return its id."""
         row = IterationRow(
@@ -67,11 +74,20 @@ class IterationRepository:
         return to_record(row) if row else None
 
     def for_task(self, task_id: str) -> list[IterationRecord]:
-        query = select(IterationRow).where(IterationRow.task_id == task_id).order_by(IterationRow.round, IterationRow.attempt)
+        query = (
+            select(IterationRow)
+            .where(IterationRow.task_id == task_id)
+            .order_by(IterationRow.round, IterationRow.attempt)
+        )
         return [to_record(r) for r in self._s.scalars(query)]
 
     def current(self, task_id: str) -> IterationRecord | None:
-        query = select(IterationRow).where(IterationRow.task_id == task_id).order_by(IterationRow.round.desc(), IterationRow.attempt.desc()).limit(1)
+        query = (
+            select(IterationRow)
+            .where(IterationRow.task_id == task_id)
+            .order_by(IterationRow.round.desc(), IterationRow.attempt.desc())
+            .limit(1)
+        )
         row = self._s.scalar(query)
         return to_record(row) if row else None
 
@@ -106,5 +122,7 @@ class IterationRepository:
             update(IterationRow).where(IterationRow.id == iteration_id).values(accepted=accepted, rejected=rejected)
         )
 
-    def change_status(self, iteration_id: str, from_status: str, to_status: str, now: datetime, reason: str = "") -> bool:
+    def change_status(
+        self, iteration_id: str, from_status: str, to_status: str, now: datetime, reason: str = ""
+    ) -> bool:
         return change_status(self._s, IterationRow, "iteration", iteration_id, from_status, to_status, now, reason)

@@ -38,7 +38,9 @@ class JobRepository:
     def __init__(self, session: Session) -> None:
         self._s = session
 
-    def add(self, job_id: str, iteration_id: str, task_id: str, input_set: str, contributions: int, now: datetime) -> None:
+    def add(
+        self, job_id: str, iteration_id: str, task_id: str, input_set: str, contributions: int, now: datetime
+    ) -> None:
         self._s.add(
             JobRow(
                 id=job_id,

@@ -44,7 +44,9 @@ def close_round(session: Session, ids: IdGenerator, iteration: IterationRecord, 
     uploads = UploadRepository(session).completed_in_iteration(iteration.iteration_id)
     pairs = [(u.assignment_id, u.blob_sha256 or "") for u in uploads]
     job_id = ids.new_id("job")
-    JobRepository(session).add(job_id, iteration.iteration_id, iteration.task_id, input_set_digest(pairs), len(pairs), now)
+    JobRepository(session).add(
+        job_id, iteration.iteration_id, iteration.task_id, input_set_digest(pairs), len(pairs), now
+    )
     log.info("round_closed", task_id=iteration.task_id, round=iteration.round, contributions=len(pairs), job_id=job_id)
     return job_id
 

@@ -71,7 +71,7 @@ class TaskRepository:
     def plan(self, task_id: str) -> bytes | None:
         return self._s.scalar(select(TaskRow.plan).where(TaskRow.id == task_id))
 
-    def list(self, population: str, after: str, limit: int) -> list[TaskRecord]:
+    def page(self, population: str, after: str, limit: int) -> list[TaskRecord]:
         query = select(TaskRow).where(TaskRow.id > after).order_by(TaskRow.id).limit(limit)
         if population:
             query = query.where(TaskRow.population_name == population)

@@ -1,0 +1,92 @@
+"""The aggregation front and worker: bad contributions are left out and counted; internal auth; failures."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedcompute.clients.device import upload
+from fedcompute.keys import hpke
+from fedcompute.rpc.channels import open_channel
+from fedcompute.v1 import aggregation_pb2, aggregation_pb2_grpc
+from fedcompute.v1 import task_assignment_pb2 as ta
+from fedcompute.v1 import task_management_pb2 as tm
+from tests.harness import Harness, sealed, wait_for, zero_update
+
+
+def _contribute(harness: Harness, data_for: list[object]) -> str:
+    task = harness.create_task(report_goal=len(data_for), max_cohort=len(data_for))
+    for make in data_for:
+        a = harness.check_in().task_assignment
+        instruction = harness.report(a).upload_instruction
+        upload(harness.uploads, instruction, make(a))  # type: ignore[operator]
+    return task.task_id
+
+
+def _wrong_key(a: ta.TaskAssignment) -> bytes:
+    stranger = ta.TaskAssignment()
+    stranger.CopyFrom(a)
+    stranger.encryption_key.public_key = hpke.public_bytes(hpke.generate_private_key().public_key())
+    return sealed(stranger)
+
+
+def test_bad_contributions_are_left_out_and_counted(harness: Harness) -> None:
+    task_id = _contribute(
+        harness,
+        [
+            lambda a: sealed(a, zero_update(value=0.5)),
+            lambda a: sealed(a, zero_update(value=0.5, examples=3)),
+            lambda a: sealed(a, key_id="k_not_a_real_key"),  # context names another key
+            _wrong_key,  # claims the population key but was sealed to another one
+            lambda a: sealed(a, b"not safetensors"),  # decrypts, but is no update
+        ],
+    )
+    wait_for(lambda: harness.task(task_id).status == tm.TASK_STATUS_COMPLETED, what="round to complete")
+    [iteration] = harness.iterations(task_id)
+    assert (iteration.accepted_contributions, iteration.rejected_contributions) == (2, 3)
+    versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task_id)).versions
+    assert [(v.version, v.parent_version, v.contributions) for v in versions] == [(1, 0, 0), (2, 1, 2)]
+    assert versions[1].parent_sha256_hex == versions[0].checkpoint.sha256_hex
+
+
+def test_round_with_no_valid_contribution_is_retried(harness: Harness) -> None:
+    task_id = _contribute(harness, [_wrong_key, _wrong_key])
+    wait_for(lambda: len(harness.iterations(task_id)) == 2, what="a second attempt at round 1")
+    first, second = harness.iterations(task_id)
+    assert first.status == tm.ITERATION_STATUS_FAILED
+    assert first.rejected_contributions == 0
+    assert second.status == tm.ITERATION_STATUS_OPEN
+    assert second.round == 1
+    assert harness.task(task_id).status == tm.TASK_STATUS_OPEN
+
+
+def test_worker_api_needs_the_internal_token(harness: Harness) -> None:
+    stub = aggregation_pb2_grpc.AggregationServiceStub(open_channel(harness.suite.server_address))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ClaimJob(aggregation_pb2.ClaimJobRequest(worker_id="intruder"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ClaimJob(
+            aggregation_pb2.ClaimJobRequest(worker_id="intruder"),
+            timeout=5,
+            metadata=(("authorization", "Bearer wrong"),),
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_stale_lease_is_refused(harness: Harness) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        harness.jobs.complete_job(aggregation_pb2.CompleteJobRequest(job_id="job_x", lease_id="lease_x"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_and_reflection_are_served(harness: Harness) -> None:
+    for address in (harness.suite.server_address, harness.suite.key_address):
+        health = health_pb2_grpc.HealthStub(open_channel(address))
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reply = health_pb2_grpc.HealthStub(open_channel(harness.suite.server_address)).Check(
+        health_pb2.HealthCheckRequest(service="fedcompute.v1.UploadService"), timeout=5
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,115 @@
+"""Check-in and result reports: rejections with retry windows, the cohort cap, idempotent reports."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from fedcompute.v1 import common_pb2
+from fedcompute.v1 import task_assignment_pb2 as ta
+from fedcompute.v1 import task_management_pb2 as tm
+from tests.harness import Harness
+
+
+def _reason(response: ta.CreateTaskAssignmentResponse) -> str:
+    assert response.HasField("rejection_info")
+    info = response.rejection_info
+    assert info.retry_window.delay_max.ToNanoseconds() >= info.retry_window.delay_min.ToNanoseconds() > 0
+    return common_pb2.RejectionReason.Name(info.reason)
+
+
+def test_assignment_carries_resources_and_key(harness: Harness) -> None:
+    task = harness.create_task()
+    a = harness.check_in().task_assignment
+    assert (a.task_id, a.round, a.model_version) == (task.task_id, 1, 1)
+    assert a.plan.sha256_hex == task.plan.sha256_hex
+    assert a.checkpoint.resource_name == f"models/{task.task_id}/1"
+    assert len(a.encryption_key.public_key) == 32
+    assert a.encryption_key.key_id.startswith("k_")
+    assert a.assignment_id
+    assert a.aggregation_id
+    assert a.session_token
+
+
+def test_unknown_population_and_version_mismatch_are_rejections(harness: Harness) -> None:
+    harness.create_task(min_client_version="2.0", max_client_version="3.0")
+    assert _reason(harness.check_in("nobody-here")) == "REJECTION_REASON_NO_ACTIVE_TASK"
+    assert _reason(harness.check_in(version="1.9")) == "REJECTION_REASON_CLIENT_VERSION_MISMATCH"
+    assert _reason(harness.check_in(version="not-a-version")) == "REJECTION_REASON_CLIENT_VERSION_MISMATCH"
+    assert harness.check_in(version="2.5").HasField("task_assignment")
+
+
+def test_cohort_cap_holds_under_concurrent_check_ins(harness: Harness) -> None:
+    task = harness.create_task(report_goal=3, max_cohort=4)
+    responses: list[ta.CreateTaskAssignmentResponse] = []
+    lock = threading.Lock()
+
+    def check_in() -> None:
+        response = harness.check_in()
+        with lock:
+            responses.append(response)
+
+    threads = [threading.Thread(target=check_in) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    accepted = [r for r in responses if r.HasField("task_assignment")]
+    assert len(accepted) == 4
+    assert {_reason(r) for r in responses if not r.HasField("task_assignment")} == {
+        "REJECTION_REASON_NO_TASK_AVAILABLE"
+    }
+    assert harness.iterations(task.task_id)[0].assigned == 4
+
+
+def test_device_is_not_assigned_the_same_round_twice(harness: Harness) -> None:
+    task = harness.create_task()
+    harness.check_in()
+    again = harness.assignments.create_task_assignment(
+        ta.CreateTaskAssignmentRequest(
+            population_name="pop",
+            client_version=common_pb2.ClientVersion(version_code="1.0"),
+            recent_participations=[ta.Participation(task_id=task.task_id, round=1)],
+        )
+    )
+    assert _reason(again) == "REJECTION_REASON_NO_TASK_AVAILABLE"
+
+
+def test_report_result_is_idempotent_and_checked(harness: Harness) -> None:
+    task = harness.create_task()
+    a = harness.check_in().task_assignment
+    first = harness.report(a)
+    assert first.upload_instruction.resource_name == f"uploads/{a.assignment_id}"
+    assert harness.report(a) == first
+    b = harness.check_in().task_assignment
+    assert harness.report(b, ta.REPORT_RESULT_NOT_ELIGIBLE) == ta.ReportResultResponse()
+    assert harness.report(b, ta.REPORT_RESULT_NOT_ELIGIBLE) == ta.ReportResultResponse()
+    iteration = harness.iterations(task.task_id)[0]
+    assert (iteration.assigned, iteration.completed_uploads) == (2, 0)
+
+    unknown = ta.TaskAssignment()
+    unknown.CopyFrom(a)
+    unknown.assignment_id = "asg_unknown"
+    with pytest.raises(grpc.RpcError) as info:
+        harness.report(unknown)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    forged = ta.TaskAssignment()
+    forged.CopyFrom(a)
+    forged.session_token = "0" * 64
+    with pytest.raises(grpc.RpcError) as info:
+        harness.report(forged)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as info:
+        harness.report(a, ta.REPORT_RESULT_UNSPECIFIED)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_canceled_task_gets_no_more_devices(harness: Harness) -> None:
+    task = harness.create_task()
+    a = harness.check_in().task_assignment
+    harness.operators.cancel_task(tm.CancelTaskRequest(task_id=task.task_id))
+    assert _reason(harness.check_in()) == "REJECTION_REASON_NO_ACTIVE_TASK"
+    late = harness.report(a)
+    assert late.rejection_info.reason == common_pb2.REJECTION_REASON_RESULT_NOT_NEEDED

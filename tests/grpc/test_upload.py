@@ -1,0 +1,161 @@
+"""Uploads over real gRPC: resumable, hashed, token-bound, size-limited, encrypted-only."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from fedcompute.clients.device import upload
+from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
+from fedcompute.v1 import task_assignment_pb2 as ta
+from fedcompute.v1 import upload_pb2
+from tests.harness import Harness, sealed
+
+
+def _ready(harness: Harness, report_goal: int = 2) -> tuple[str, ta.TaskAssignment, ta.UploadInstruction]:
+    task = harness.create_task(report_goal=report_goal, max_cohort=3)
+    a = harness.check_in().task_assignment
+    return task.task_id, a, harness.report(a).upload_instruction
+
+
+def _write(
+    harness: Harness,
+    instruction: ta.UploadInstruction,
+    data: bytes,
+    offset: int = 0,
+    declared: bytes | None = None,
+    finish: bool = True,
+    token: str | None = None,
+    size: int | None = None,
+) -> upload_pb2.WriteResponse:
+    def requests() -> Iterator[upload_pb2.WriteRequest]:
+        yield upload_pb2.WriteRequest(
+            resource_name=instruction.resource_name,
+            upload_token=instruction.upload_token if token is None else token,
+            write_offset=offset,
+            data=data,
+            finish_write=finish,
+            metadata=upload_pb2.UploadMetadata(
+                total_size_bytes=size if size is not None else len(declared if declared is not None else data),
+                sha256_hex=hashlib.sha256(declared if declared is not None else data).hexdigest(),
+            ),
+        )
+
+    return harness.uploads.write(requests())
+
+
+def _status(harness: Harness, instruction: ta.UploadInstruction) -> upload_pb2.QueryWriteStatusResponse:
+    return harness.uploads.query_write_status(
+        upload_pb2.QueryWriteStatusRequest(
+            resource_name=instruction.resource_name, upload_token=instruction.upload_token
+        )
+    )
+
+
+def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return exc.value.code()
+
+
+def test_resumable_upload_and_idempotent_finish(harness: Harness) -> None:
+    task_id, a, instruction = _ready(harness)
+    data = sealed(a)
+    half = len(data) // 2
+    first = _write(harness, instruction, data[:half], declared=data, finish=False)
+    assert (first.committed_size, first.complete) == (half, False)
+    assert _status(harness, instruction).committed_size == half
+    with pytest.raises(grpc.RpcError) as info:  # resuming from the wrong offset
+        _write(harness, instruction, data[half + 1 :], offset=half + 1, declared=data)
+    assert _code(info) == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(half) in (info.value.details() or "")
+    trailing: dict[str, object] = {m.key: m.value for m in info.value.trailing_metadata() or ()}
+    assert trailing[COMMITTED_SIZE_KEY] == str(half)
+    done = _write(harness, instruction, data[half:], offset=half, declared=data)
+    assert (done.committed_size, done.complete) == (len(data), True)
+    again = _write(harness, instruction, b"", offset=len(data), declared=data)
+    assert again.complete
+    assert harness.iterations(task_id)[0].completed_uploads == 1
+
+
+def test_device_upload_helper_resumes_after_partial_write(harness: Harness) -> None:
+    _, a, instruction = _ready(harness)
+    data = sealed(a)
+    _write(harness, instruction, data[:100], declared=data, finish=False)
+    assert upload(harness.uploads, instruction, data).complete
+
+
+def test_token_problems_are_permission_denied(harness: Harness) -> None:
+    _, a, instruction = _ready(harness)
+    b = harness.check_in().task_assignment
+    other = harness.report(b).upload_instruction
+    data = sealed(a)
+    for token in ("", "f" * 64, other.upload_token):
+        with pytest.raises(grpc.RpcError) as info:
+            _write(harness, instruction, data, token=token)
+        assert _code(info) == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as info:
+        harness.uploads.query_write_status(
+            upload_pb2.QueryWriteStatusRequest(resource_name=instruction.resource_name, upload_token=other.upload_token)
+        )
+    assert _code(info) == grpc.StatusCode.PERMISSION_DENIED
+    assert _status(harness, instruction).committed_size == 0
+
+
+def test_another_devices_assignment_is_permission_denied(harness: Harness) -> None:
+    harness.create_task()
+    a = harness.check_in().task_assignment
+    instruction = harness.report(a).upload_instruction
+    b = harness.check_in().task_assignment
+    forged = ta.UploadInstruction()
+    forged.CopyFrom(instruction)
+    forged.resource_name = f"uploads/{b.assignment_id}"
+    with pytest.raises(grpc.RpcError) as info:
+        _write(harness, forged, sealed(b))
+    assert _code(info) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_size_limits(harness: Harness) -> None:
+    _, a, instruction = _ready(harness)
+    data = sealed(a)
+    with pytest.raises(grpc.RpcError) as info:  # more than declared
+        _write(harness, instruction, data + b"extra", declared=data)
+    assert _code(info) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more bytes than the declared" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as info:  # declared over the limit (64 KiB in these tests)
+        _write(harness, instruction, data[:10], declared=data, size=10**9, finish=False)
+    assert _code(info) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert upload(harness.uploads, instruction, data).complete
+
+
+def test_sha256_mismatch_is_data_loss_and_the_device_may_retry(harness: Harness) -> None:
+    task_id, a, instruction = _ready(harness)
+    data = sealed(a)
+    corrupted = bytes([data[0] ^ 1]) + data[1:]
+    with pytest.raises(grpc.RpcError) as info:
+        _write(harness, instruction, corrupted, declared=data)
+    assert _code(info) == grpc.StatusCode.DATA_LOSS
+    assert _status(harness, instruction).committed_size == 0
+    assert harness.iterations(task_id)[0].completed_uploads == 0
+    assert _write(harness, instruction, data).complete
+
+
+@pytest.mark.parametrize("kind", ["plaintext", "garbage-proto", "other-task", "other-round"])
+def test_plaintext_or_misbound_envelopes_are_invalid_argument(harness: Harness, kind: str) -> None:
+    task_id, a, instruction = _ready(harness)
+    if kind == "plaintext":
+        from tests.harness import zero_update
+
+        data = zero_update()
+    elif kind == "garbage-proto":
+        data = b"\x0a\x05hello\xff\xff"
+    elif kind == "other-task":
+        data = sealed(a, task_id="task_someone_else")
+    else:
+        data = sealed(a, round=a.round + 1)
+    with pytest.raises(grpc.RpcError) as info:
+        _write(harness, instruction, data)
+    assert _code(info) == grpc.StatusCode.INVALID_ARGUMENT
+    assert harness.iterations(task_id)[0].completed_uploads == 0
+    assert _write(harness, instruction, sealed(a)).complete  # nothing lost: the real upload still works

@@ -1,0 +1,138 @@
+"""A running suite for tests: real gRPC servers on loopback ports, typed clients, and device helpers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedcompute.clients.typed import (
+    AggregationClient,
+    KeyClient,
+    ResourceClient,
+    TaskAssignmentClient,
+    TaskManagementClient,
+    UploadClient,
+)
+from fedcompute.core.settings import Settings
+from fedcompute.rpc.channels import open_channel
+from fedcompute.suite import Suite, load_secrets, start_suite
+from fedcompute.v1 import common_pb2
+from fedcompute.v1 import task_assignment_pb2 as ta
+from fedcompute.v1 import task_management_pb2 as tm
+
+
+def suite_settings(workdir: Path, database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "workdir": workdir,
+        "database_url": database_url,
+        "server_port": 0,
+        "key_service_port": 0,
+        "retry_delay_min_s": 0.05,
+        "retry_delay_max_s": 0.2,
+        "poll_interval_s": 0.05,
+        "rpc_timeout_s": 20.0,
+        "lease_s": 30.0,
+        "log_json": False,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Harness:
+    suite: Suite
+    operators: TaskManagementClient
+    assignments: TaskAssignmentClient
+    uploads: UploadClient
+    resources: ResourceClient
+    jobs: AggregationClient
+    keys: KeyClient
+
+    @classmethod
+    def start(cls, settings: Settings) -> Harness:
+        suite = start_suite(settings)
+        channel = open_channel(suite.server_address)
+        token = load_secrets(suite.settings).internal_token
+        return cls(
+            suite,
+            TaskManagementClient(channel, 20.0),
+            TaskAssignmentClient(channel, 20.0),
+            UploadClient(channel, 20.0),
+            ResourceClient(channel, 20.0),
+            AggregationClient(channel, 20.0, token),
+            KeyClient(open_channel(suite.key_address), 20.0, token),
+        )
+
+    def create_task(self, population: str = "pop", **fields: Any) -> tm.Task:
+        spec = tm.TaskSpec(
+            population_name=population,
+            model_architecture="digits-linear-v1",
+            rounds=1,
+            report_goal=2,
+            max_cohort=3,
+            hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
+        )
+        for name, value in fields.items():
+            setattr(spec, name, value)
+        return self.operators.create_task(tm.CreateTaskRequest(spec=spec)).task
+
+    def check_in(self, population: str = "pop", version: str = "1.0.0") -> ta.CreateTaskAssignmentResponse:
+        return self.assignments.create_task_assignment(
+            ta.CreateTaskAssignmentRequest(
+                population_name=population, client_version=common_pb2.ClientVersion(version_code=version)
+            )
+        )
+
+    def report(self, a: ta.TaskAssignment, result: int = ta.REPORT_RESULT_COMPLETED) -> ta.ReportResultResponse:
+        return self.assignments.report_result(
+            ta.ReportResultRequest(
+                population_name=a.population_name,
+                task_id=a.task_id,
+                aggregation_id=a.aggregation_id,
+                assignment_id=a.assignment_id,
+                session_token=a.session_token,
+                result=result,  # type: ignore[arg-type]
+            )
+        )
+
+    def task(self, task_id: str) -> tm.Task:
+        return self.operators.get_task(tm.GetTaskRequest(task_id=task_id)).task
+
+    def iterations(self, task_id: str) -> list[tm.Iteration]:
+        return list(self.operators.list_iterations(tm.ListIterationsRequest(task_id=task_id)).iterations)
+
+    def stop(self) -> None:
+        self.suite.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def zero_update(arch_id: str = "digits-linear-v1", examples: int = 10, value: float = 0.0) -> bytes:
+    """A plaintext update (safetensors delta) of the right schema."""
+    import torch
+
+    from fedcompute.core import checkpoints
+
+    weights = checkpoints.initial_weights(arch_id, seed=0)
+    return checkpoints.encode({k: torch.full_like(v, value) for k, v in weights.items()}, {"num_examples": examples})
+
+
+def sealed(a: ta.TaskAssignment, plaintext: bytes | None = None, **context_changes: object) -> bytes:
+    """The envelope a well-behaved device would upload for assignment ``a`` (context optionally altered)."""
+    import dataclasses
+
+    from fedcompute.clients.device import context_of
+    from fedcompute.keys.envelope import seal_contribution
+
+    context = dataclasses.replace(context_of(a), **context_changes)  # type: ignore[arg-type]
+    payload = zero_update() if plaintext is None else plaintext
+    return seal_contribution(payload, context, a.encryption_key.public_key).SerializeToString()

@@ -1,0 +1,111 @@
+"""One contract suite for the store, run against SQLite and Postgres alike."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select
+
+from fedcompute.core.clock import RandomIds
+from fedcompute.core.tasks import TaskSpec
+from fedcompute.core.transitions import IterationStatus, JobStatus, TaskStatus
+from fedcompute.store.database import Database
+from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.jobs import JobRepository
+from fedcompute.store.models import Base, StatusHistoryRow
+from fedcompute.store.tasks import TaskRepository
+
+NOW = datetime(2026, 5, 1, tzinfo=UTC)
+SPEC = TaskSpec("pop", "digits-linear-v1", rounds=2, report_goal=3, max_cohort=5)
+ids = RandomIds()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+def _task_with_round(db: Database) -> tuple[str, str]:
+    with db.transaction() as s:
+        TaskRepository(s).add("task_a", SPEC, b"{}", "0" * 64, TaskStatus.OPEN, NOW)
+        s.flush()
+        iteration_id = IterationRepository(s).open(ids, "task_a", 1, 1, 1, SPEC, NOW)
+    return "task_a", iteration_id
+
+
+def test_migrations_match_the_models(db: Database) -> None:
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_migrate_twice_is_a_no_op(db: Database) -> None:
+    db.migrate()
+
+
+def test_admission_cap_holds_under_concurrency(db: Database) -> None:
+    _, iteration_id = _task_with_round(db)
+    admitted: list[bool] = []
+    lock = threading.Lock()
+
+    def admit() -> None:
+        with db.transaction() as s:
+            ok = IterationRepository(s).admit(iteration_id, NOW)
+        with lock:
+            admitted.append(ok)
+
+    threads = [threading.Thread(target=admit) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert admitted.count(True) == SPEC.max_cohort
+    with db.transaction() as s:
+        record = IterationRepository(s).get(iteration_id)
+    assert record is not None
+    assert record.assigned == SPEC.max_cohort
+
+
+def test_status_change_is_compare_and_set_with_history(db: Database) -> None:
+    task_id, iteration_id = _task_with_round(db)
+    with db.transaction() as s:
+        repo = IterationRepository(s)
+        assert repo.change_status(iteration_id, IterationStatus.OPEN, IterationStatus.AGGREGATING, NOW)
+        assert not repo.change_status(iteration_id, IterationStatus.OPEN, IterationStatus.AGGREGATING, NOW)
+        assert repo.count_upload(iteration_id, NOW) is None  # closed rounds count nothing
+    with db.transaction() as s:
+        rows = s.scalars(select(StatusHistoryRow).where(StatusHistoryRow.entity_id == iteration_id)).all()
+        assert [(r.from_status, r.to_status) for r in rows] == [(None, "OPEN"), ("OPEN", "AGGREGATING")]
+        with pytest.raises(ValueError, match="not allowed"):
+            IterationRepository(s).change_status(iteration_id, IterationStatus.COMPLETED, IterationStatus.OPEN, NOW)
+    with db.transaction() as s:
+        assert TaskRepository(s).get(task_id) is not None
+
+
+def test_one_worker_wins_a_lease_and_expired_leases_are_taken_over(db: Database) -> None:
+    _, iteration_id = _task_with_round(db)
+    with db.transaction() as s:
+        JobRepository(s).add("job_1", iteration_id, "task_a", "f" * 64, 3, NOW)
+    with db.transaction() as s:
+        jobs = JobRepository(s)
+        [job] = jobs.claimable(NOW)
+        assert jobs.take_lease(job, "w1", "lease_1", NOW + timedelta(seconds=30), NOW)
+        assert not jobs.take_lease(job, "w2", "lease_2", NOW + timedelta(seconds=30), NOW)
+    with db.transaction() as s:
+        jobs = JobRepository(s)
+        assert jobs.claimable(NOW + timedelta(seconds=10)) == []
+        [expired] = jobs.claimable(NOW + timedelta(seconds=31))
+        later = NOW + timedelta(seconds=31)
+        assert jobs.take_lease(expired, "w2", "lease_2", later + timedelta(seconds=30), later)
+        assert not jobs.extend_lease("job_1", "lease_1", later, later)
+        record = jobs.get("job_1")
+    assert record is not None
+    assert (record.status, record.lease_owner, record.attempts) == (JobStatus.RUNNING, "w2", 2)

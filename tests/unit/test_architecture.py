@@ -1,0 +1,92 @@
+"""The code's shape: import direction between packages, and every RPC has a servicer and a typed client method."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from fedcompute.clients import typed
+from fedcompute.keys.servicer import KeyServicer
+from fedcompute.server.api_devices import ResourceServicer, TaskAssignmentServicer, UploadServicer
+from fedcompute.server.api_operators import TaskManagementServicer
+from fedcompute.server.api_workers import AggregationServicer
+
+ROOT = Path(__file__).resolve().parents[2] / "fedcompute"
+
+# package -> packages it must never import
+FORBIDDEN = {
+    "core": {"store", "server", "keys", "aggregator", "modelupdater", "clients", "rpc", "v1", "grpc", "sqlalchemy"},
+    "store": {"server", "keys", "aggregator", "modelupdater", "clients", "rpc", "grpc"},
+    "keys": {"store", "server", "aggregator", "modelupdater", "clients", "sqlalchemy"},
+    "aggregator": {"store", "server", "modelupdater", "sqlalchemy"},
+    "modelupdater": {"server", "keys", "aggregator", "clients", "rpc", "grpc"},
+    "rpc": {"store", "server", "keys", "aggregator", "modelupdater", "clients", "sqlalchemy"},
+}
+SERVICE_MODULES = ["tasks", "assignment", "uploads", "resources", "jobs"]
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        found.add(parts[1] if parts[0] == "fedcompute" and len(parts) > 1 else parts[0])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_direction(package: str) -> None:
+    for path in (ROOT / package).rglob("*.py"):
+        bad = _imports(path) & FORBIDDEN[package]
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_services_never_import_grpc_or_stubs() -> None:
+    for name in SERVICE_MODULES:
+        imports = _imports(ROOT / "server" / f"{name}.py")
+        assert not imports & {"grpc"}, name
+        assert "v1" not in imports or name == "assignment", name  # assignment relays the key message as-is
+
+
+def _rpcs(service: str) -> list[str]:
+    protos = (ROOT.parent / "protos" / "fedcompute" / "v1").glob("*.proto")
+    text = "\n".join(p.read_text() for p in protos)
+    body = re.search(rf"service {service} \{{(.*?)\n\}}", text, re.S)
+    assert body, service
+    return re.findall(r"rpc (\w+)\(", body.group(1))
+
+
+@pytest.mark.parametrize(
+    ("service", "servicer", "client"),
+    [
+        ("TaskManagementService", TaskManagementServicer, typed.TaskManagementClient),
+        ("TaskAssignmentService", TaskAssignmentServicer, typed.TaskAssignmentClient),
+        ("UploadService", UploadServicer, typed.UploadClient),
+        ("ResourceService", ResourceServicer, typed.ResourceClient),
+        ("AggregationService", AggregationServicer, typed.AggregationClient),
+        ("KeyService", KeyServicer, typed.KeyClient),
+    ],
+)
+def test_every_rpc_has_a_servicer_and_a_client_method(service: str, servicer: type, client: type) -> None:
+    rpcs = _rpcs(service)
+    assert rpcs
+    for rpc in rpcs:
+        assert rpc in servicer.__dict__, f"{servicer.__name__} lacks {rpc}"
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", rpc).lower()
+        assert snake in client.__dict__, f"{client.__name__} lacks {snake}"
+
+
+def test_modules_are_small() -> None:
+    sizes = {p: len(p.read_text().splitlines()) for p in ROOT.rglob("*.py") if "v1" not in p.parts}
+    too_big = {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 400}
+    assert not too_big
+    importlib.import_module("fedcompute.cli")
