@@ -76,7 +76,7 @@ class Fleet:
                 outcome = device.participate()
             except grpc.RpcError as exc:
                 self.stats.count("errors")
-                log.warning("device_call_failed", device=device.device_id, code=exc.code().name)
+                log.warning("device_call_failed", device=device.device_id, code=exc.code().name, detail=exc.details())
                 self._stop.wait(0.5)
                 continue
             if isinstance(outcome, Participated):
