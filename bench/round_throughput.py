@@ -1,6 +1,6 @@
 """Benchmark: wall time of full federated rounds on the embedded default (prints numbers; asserts nothing).
 
-    .venv/bin/python bench/round_throughput.py [--devices 50] [--rounds 3] [--database-url URL]
+.venv/bin/python bench/round_throughput.py [--devices 50] [--rounds 3] [--database-url URL]
 """
 
 from __future__ import annotations

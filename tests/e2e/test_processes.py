@@ -1,0 +1,102 @@
+"""The parts operators run on their own, as separate processes: `serve` per component, `up`, `devices simulate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedcompute.rpc.channels import open_channel
+from tests.harness import wait_for
+
+CLI = [sys.executable, "-m", "fedcompute.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serving(address: str) -> bool:
+    try:
+        reply = health_pb2_grpc.HealthStub(open_channel(address)).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    except Exception:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        proc.send_signal(signal.SIGTERM)
+    for proc in started:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_components_as_separate_processes(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    server_port, key_port, metrics_port = _free_port(), _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
+        "FEDCOMPUTE_SERVER_PORT": str(server_port),
+        "FEDCOMPUTE_KEY_SERVICE_PORT": str(key_port),
+        "FEDCOMPUTE_METRICS_PORT": str(metrics_port),
+        "FEDCOMPUTE_SERVER_ADDRESS": f"127.0.0.1:{server_port}",
+        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps([f"127.0.0.1:{key_port}"]),
+        "FEDCOMPUTE_RETRY_DELAY_MIN_S": "0.05",
+        "FEDCOMPUTE_RETRY_DELAY_MAX_S": "0.2",
+        "FEDCOMPUTE_POLL_INTERVAL_S": "0.1",
+    }
+    for component in ("keys", "server"):
+        processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
+    wait_for(lambda: _serving(f"127.0.0.1:{key_port}") and _serving(f"127.0.0.1:{server_port}"), 60, "servers")
+    for component in ("aggregator", "modelupdater"):
+        processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
+    server = f"127.0.0.1:{server_port}"
+    created = subprocess.run(
+        [*CLI, "task", "create", "--server", server, "--population", "procs", "--rounds", "2",
+         "--report-goal", "3", "--max-cohort", "3", "--local-epochs", "2"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    task_id = json.loads(created.stdout)["task_id"]
+    fleet = subprocess.run(
+        [*CLI, "devices", "simulate", "--server", server, "--population", "procs", "--count", "4",
+         "--max-sleep", "0.2"],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert fleet.returncode == 0, fleet.stderr
+    assert "uploads 6," in fleet.stdout  # 2 rounds x a cohort of 3
+    got = subprocess.run(
+        [*CLI, "task", "get", task_id, "--server", server], env=env, capture_output=True, text=True, check=True
+    )
+    task = json.loads(got.stdout)
+    assert task["status"] == "TASK_STATUS_COMPLETED"
+    assert task["latest_model_version"] == "3"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'fedcompute_server_rpcs_handled_total{code="OK",method="CreateTaskAssignment"' in metrics
+
+
+def test_up_serves_until_terminated(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    port, key_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [*CLI, "up", "--workdir", str(tmp_path / "w"), "--port", str(port), "--key-port", str(key_port)]
+    )
+    processes.append(proc)
+    wait_for(lambda: _serving(f"127.0.0.1:{port}") and _serving(f"127.0.0.1:{key_port}"), 60, "fedcompute up")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
