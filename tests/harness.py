@@ -86,17 +86,12 @@ class Harness:
             )
         )
 
-    def report(self, a: ta.TaskAssignment, result: int = ta.REPORT_RESULT_COMPLETED) -> ta.ReportResultResponse:
-        return self.assignments.report_result(
-            ta.ReportResultRequest(
-                population_name=a.population_name,
-                task_id=a.task_id,
-                aggregation_id=a.aggregation_id,
-                assignment_id=a.assignment_id,
-                session_token=a.session_token,
-                result=result,  # type: ignore[arg-type]
-            )
-        )
+    def report(
+        self, a: ta.TaskAssignment, result: ta.ReportResult.ValueType = ta.REPORT_RESULT_COMPLETED
+    ) -> ta.ReportResultResponse:
+        from fedcompute.clients.device import report_request
+
+        return self.assignments.report_result(report_request(a, result))
 
     def task(self, task_id: str) -> tm.Task:
         return self.operators.get_task(tm.GetTaskRequest(task_id=task_id)).task

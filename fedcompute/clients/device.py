@@ -74,16 +74,7 @@ class Device:
             TrainingConfig.from_plan(plan),
             seed=self.rng.randrange(2**31),
         )
-        report = self.assignments.report_result(
-            ta.ReportResultRequest(
-                population_name=assignment.population_name,
-                task_id=assignment.task_id,
-                aggregation_id=assignment.aggregation_id,
-                assignment_id=assignment.assignment_id,
-                session_token=assignment.session_token,
-                result=ta.REPORT_RESULT_COMPLETED,
-            )
-        )
+        report = self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_COMPLETED))
         if not report.HasField("upload_instruction"):
             return Participated(assignment.task_id, assignment.round, False)
         payload = checkpoints.encode(delta, {"num_examples": examples})
@@ -101,6 +92,17 @@ class Device:
         high = info.retry_window.delay_max.ToNanoseconds() / 1e9
         reason = common_pb2.RejectionReason.Name(info.reason).removeprefix("REJECTION_REASON_")
         return Rejected(reason, self.rng.uniform(low, max(low, high)))
+
+
+def report_request(a: task_assignment_pb2.TaskAssignment, result: ta.ReportResult.ValueType) -> ta.ReportResultRequest:
+    return ta.ReportResultRequest(
+        population_name=a.population_name,
+        task_id=a.task_id,
+        aggregation_id=a.aggregation_id,
+        assignment_id=a.assignment_id,
+        session_token=a.session_token,
+        result=result,
+    )
 
 
 def context_of(a: task_assignment_pb2.TaskAssignment) -> ContributionContext:
