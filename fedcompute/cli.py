@@ -22,6 +22,8 @@ task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True
 devices_app = typer.Typer(help="Simulated device fleets.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 app.add_typer(devices_app, name="devices")
+keys_app = typer.Typer(help="Key provider set-up.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
 
@@ -35,11 +37,12 @@ def _settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """Install SIGINT/SIGTERM handlers first thing, so a signal during start-up still stops cleanly."""
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    return stop
 
 
 @app.command()
@@ -52,6 +55,8 @@ def demo(
     plot: Annotated[Path | None, typer.Option(help="PNG plot path (default: WORKDIR/accuracy.png).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data split, shards and initial model.")] = 0,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
+    key_services: Annotated[int, typer.Option(min=1, max=16, help="Independent key services (n).")] = 3,
+    threshold: Annotated[int, typer.Option(min=1, max=16, help="Shares needed to rebuild a key (t).")] = 2,
 ) -> None:
     """Run a whole federated training job on this machine and report accuracy per round."""
     import tempfile
@@ -70,6 +75,9 @@ def demo(
         poll_interval_s=0.05,
         lease_s=30.0,
         log_json=False,
+        key_services=key_services,
+        threshold=threshold,
+        job_backoff_max_s=2.0,
     )
     result = run_demo(settings, devices, rounds, seed, timeout)
     typer.echo(format_table(result))
@@ -86,26 +94,29 @@ def up(
     workdir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in workdir).")] = None,
     port: Annotated[int | None, typer.Option(help="Server port.")] = None,
-    key_port: Annotated[int | None, typer.Option(help="Key service port.")] = None,
 ) -> None:
     """Run the whole suite (key service, server, aggregator, model updater) until interrupted."""
     from fedcompute.suite import start_suite
 
-    settings = _settings(workdir=workdir, database_url=database_url, server_port=port, key_service_port=key_port)
+    stop = _stop_on_signal()
+    settings = _settings(workdir=workdir, database_url=database_url, server_port=port)
     configure_logging(settings.log_json)
     suite = start_suite(settings)
-    typer.echo(f"fedcompute up: server {suite.server_address}, key service {suite.key_address}", err=True)
-    _wait_for_signal()
+    keys = ", ".join(suite.key_addresses)
+    typer.echo(f"fedcompute up: server {suite.server_address}, key services {keys}", err=True)
+    stop.wait()
     suite.stop()
 
 
 @app.command()
-def serve(component: Annotated[str, typer.Argument(help="server | keys | aggregator | modelupdater")]) -> None:
+def serve(
+    component: Annotated[str, typer.Argument(help="server | keys | verifier | dealer | aggregator | modelupdater")],
+) -> None:
     """Run one component (settings from FEDCOMPUTE_* environment variables)."""
-    from fedcompute.aggregator.worker import AggregatorWorker  # noqa: F401  (import check for the component)
+    stop = _stop_on_signal()
     from fedcompute.core.clock import RandomIds, SystemClock
     from fedcompute.core.loops import PollingLoop
-    from fedcompute.suite import build_worker, load_secrets
+    from fedcompute.suite import load_secrets
 
     settings = _settings()
     configure_logging(settings.log_json)
@@ -120,22 +131,47 @@ def serve(component: Annotated[str, typer.Argument(help="server | keys | aggrega
         from fedcompute.keys.app import build_key_server
 
         stoppers.append(build_key_server(settings, clock, secrets.internal_token))
+    elif component == "verifier":
+        from fedcompute.attestation.app import build_verifier, build_verifier_server
+        from fedcompute.keys.trust import load_trusted
+
+        audience = sorted(load_trusted(settings.trusted_providers_path()))
+        stoppers.append(build_verifier_server(settings, build_verifier(settings, clock, ids, audience)))
+    elif component == "dealer":
+        from fedcompute.suite import build_dealer
+
+        dealer = build_dealer(settings, clock, secrets.internal_token)
+        stoppers.append(PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start())
     elif component == "aggregator":
-        worker = build_worker(settings, secrets.internal_token, ids.new_id("worker"))
-        stoppers.append(PollingLoop("aggregator", worker.run_once, settings.poll_interval_s).start())
+        from fedcompute.suite import start_launcher
+
+        stoppers.append(start_launcher(settings, clock, secrets.internal_token))
     elif component == "modelupdater":
         from fedcompute.modelupdater.updater import ModelUpdater
         from fedcompute.server.app import open_storage
 
         db, blobs = open_storage(settings)
-        updater = ModelUpdater(db, blobs, clock, ids, settings.max_job_attempts)
+        updater = ModelUpdater(db, blobs, clock, ids, settings.max_round_attempts)
         stoppers.append(PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start())
     else:
-        typer.echo(f"unknown component {component!r}: use server, keys, aggregator or modelupdater", err=True)
+        typer.echo(f"unknown component {component!r}: see `fedcompute serve --help`", err=True)
         raise typer.Exit(2)
-    _wait_for_signal()
+    stop.wait()
     for item in stoppers:
         item.stop()
+
+
+@keys_app.command("trust")
+def keys_trust(
+    key_service: Annotated[list[str], typer.Option(help="A key service address (repeat for each provider).")],
+    out: Annotated[Path, typer.Option(help="Where to write the trusted-providers file.")],
+) -> None:
+    """Pin the key providers' signing keys (trust on first use; check them out of band in production)."""
+    from fedcompute.suite import pin_providers
+
+    settings = _settings(trusted_providers_file=out)
+    _call(lambda: pin_providers(settings, key_service))
+    typer.echo(f"trusted providers written to {out}")
 
 
 def _operators(server: str) -> Any:
@@ -231,6 +267,10 @@ def devices_simulate(
     seed: Annotated[int, typer.Option()] = 0,
     client_version: Annotated[str, typer.Option()] = "1.0.0",
     max_sleep: Annotated[float, typer.Option(help="Cap on retry-window sleeps (s).")] = 5.0,
+    trusted_providers: Annotated[
+        Path, typer.Option(help="Pinned key providers (from `fedcompute keys trust`).")
+    ] = Path("fedcompute-data/trusted-providers.json"),
+    threshold: Annotated[int, typer.Option(min=1, help="Valid provider signatures a key needs.")] = 2,
 ) -> None:
     """Run a simulated fleet against a running suite until the population has no open task."""
     import torch
@@ -241,18 +281,20 @@ def devices_simulate(
     configure_logging(json_lines=False, level=logging.WARNING)
     torch.set_num_threads(1)
     train, _ = train_test_split(seed)
-    fleet = Fleet(
-        server,
-        population,
-        non_iid_shards(train, count, seed),
-        seed,
-        max_sleep_s=max_sleep,
-        client_version=client_version,
-    ).start(stop_when_no_task=True)
+    from fedcompute.clients.device import Trust
+    from fedcompute.keys.trust import load_trusted
+
+    trust = Trust(load_trusted(trusted_providers), threshold)
+    shards = non_iid_shards(train, count, seed)
+    fleet = Fleet(server, population, shards, seed, trust, max_sleep_s=max_sleep, client_version=client_version)
+    fleet.start(stop_when_no_task=True)
     fleet.wait(lambda: False)
     fleet.stop()
     s = fleet.stats
-    typer.echo(f"participations {s.participations}, uploads {s.uploads}, rejections {s.rejections}, errors {s.errors}")
+    typer.echo(
+        f"participations {s.participations}, uploads {s.uploads}, rejections {s.rejections}, "
+        f"refused keys {s.refused_keys}, errors {s.errors}"
+    )
 
 
 def main() -> None:

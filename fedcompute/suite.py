@@ -1,20 +1,38 @@
-"""`fedcompute up`: the whole suite in one process — key service, server, aggregator worker, model updater."""
+"""`fedcompute up` and the demo: every component on one machine.
+
+Key services (one per provider, each its own process by default, with its own directory and identity), the
+attestation verifier, the orchestration server, the key dealer, the model updater, and the launcher, which
+measures and starts the aggregator worker as a separate, isolated process.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 
-from fedcompute.aggregator.worker import AggregatorWorker
-from fedcompute.clients.typed import AggregationClient, KeyClient
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedcompute.attestation.app import build_verifier, build_verifier_server, platform_ca
+from fedcompute.attestation.launcher import Launcher
+from fedcompute.clients.dealer import KeyDealer, open_populations
+from fedcompute.clients.typed import KeyClient, TaskManagementClient
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import Settings
 from fedcompute.keys.app import build_key_server
+from fedcompute.keys.statement import load_signing_public
+from fedcompute.keys.trust import write_trusted
 from fedcompute.modelupdater.updater import ModelUpdater
 from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.serving import GrpcServer
 from fedcompute.server.app import ServerApp, build_server
+from fedcompute.v1 import key_pb2
 
 
 @dataclass(frozen=True)
@@ -31,11 +49,69 @@ def load_secrets(settings: Settings) -> Secrets:
     )
 
 
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    stub = health_pb2_grpc.HealthStub(open_channel(address))
+    while True:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing serving at {address} after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+class KeyServiceHandle:
+    """One key provider that can be stopped and started again (same directory, same port)."""
+
+    def __init__(self, settings: Settings, clock: Clock, admin_token: str, as_process: bool) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._token = admin_token
+        self._as_process = as_process
+        self._process: subprocess.Popen[bytes] | None = None
+        self._server: GrpcServer | None = None
+
+    @property
+    def provider_id(self) -> str:
+        return self.settings.provider_id
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.settings.key_service_port}"
+
+    def start(self) -> KeyServiceHandle:
+        if self._as_process:
+            env = {**os.environ, **self.settings.to_env(), "FEDCOMPUTE_INTERNAL_TOKEN": self._token}
+            self._process = subprocess.Popen([sys.executable, "-m", "fedcompute.cli", "serve", "keys"], env=env)
+        else:
+            self._server = build_key_server(self.settings, self._clock, self._token)
+        return self
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            self._process.wait(timeout=20)
+        if self._server:
+            self._server.stop(grace=0)
+            self._server = None
+
+
 @dataclass
 class Suite:
     settings: Settings
-    key_server: GrpcServer
+    key_services: list[KeyServiceHandle]
+    verifier: GrpcServer
     server: ServerApp
+    launcher: Launcher | None = None
     loops: list[PollingLoop] = field(default_factory=list)
 
     @property
@@ -43,38 +119,108 @@ class Suite:
         return f"{self.settings.host}:{self.server.grpc.port}"
 
     @property
-    def key_address(self) -> str:
-        return f"{self.settings.host}:{self.key_server.port}"
+    def key_addresses(self) -> list[str]:
+        return [k.address for k in self.key_services]
 
     def stop(self) -> None:
+        if self.launcher:
+            self.launcher.stop()
         for loop in self.loops:
             loop.stop()
         self.server.stop()
-        self.key_server.stop()
+        self.verifier.stop(grace=0)
+        for key_service in self.key_services:
+            key_service.stop()
 
 
-def start_suite(settings: Settings, clock: Clock | None = None, ids: IdGenerator | None = None) -> Suite:
+def start_key_services(settings: Settings, clock: Clock, token: str) -> list[KeyServiceHandle]:
+    handles = []
+    for i in range(settings.key_services):
+        port = free_port(settings.host)
+        handles.append(
+            KeyServiceHandle(
+                settings.model_copy(update={"provider_id": f"kp-{i}", "key_service_port": port}),
+                clock,
+                token,
+                settings.key_service_processes,
+            ).start()
+        )
+    for handle in handles:
+        wait_serving(handle.address)
+    return handles
+
+
+def pin_providers(settings: Settings, addresses: list[str]) -> None:
+    """Trust on first use, done once by the operator at set-up: record each provider's signing key."""
+    trusted = {}
+    for address in addresses:
+        info = KeyClient(open_channel(address), settings.rpc_timeout_s).get_provider_info(
+            key_pb2.GetProviderInfoRequest()
+        )
+        trusted[info.provider_id] = load_signing_public(info.signing_public_key)
+    write_trusted(settings.trusted_providers_path(), trusted)
+
+
+def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
+    from fedcompute.keys.trust import load_trusted
+
+    providers = [KeyClient(open_channel(a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
+    operators = TaskManagementClient(open_channel(settings.server_address), settings.rpc_timeout_s)
+    return KeyDealer(
+        providers,
+        load_trusted(settings.trusted_providers_path()),
+        settings.threshold,
+        clock,
+        settings.key_lifetime_s,
+        settings.key_destroy_after_s,
+        settings.key_rotate_before_s,
+        lambda: open_populations(operators),
+    )
+
+
+def start_launcher(settings: Settings, clock: Clock, token: str) -> Launcher:
+    launcher = Launcher(
+        settings.workdir / "attest" / "launcher.sock",
+        platform_ca(settings),
+        _measure(),  # the launcher measures the code it is about to start, whatever the policy says
+        clock,
+        debug=settings.aggregator_debug,
+    ).serve()
+    launcher.start_worker({**os.environ, **settings.to_env(), "FEDCOMPUTE_INTERNAL_TOKEN": token})
+    return launcher
+
+
+def _measure() -> str:
+    from fedcompute.attestation.measure import measure
+
+    return measure()
+
+
+def start_suite(
+    settings: Settings, clock: Clock | None = None, ids: IdGenerator | None = None, aggregator: bool = True
+) -> Suite:
     clock = clock or SystemClock()
     ids = ids or RandomIds()
     settings.workdir.mkdir(parents=True, exist_ok=True)
     secrets = load_secrets(settings)
-    key_server = build_key_server(settings, clock, secrets.internal_token)
-    settings = settings.model_copy(update={"key_service_addresses": [f"{settings.host}:{key_server.port}"]})
+    if not settings.allowed_measurements:  # development: this installation is the reference value
+        settings = settings.model_copy(update={"allowed_measurements": [_measure()]})
+    provider_ids = [f"kp-{i}" for i in range(settings.key_services)]
+    verifier = build_verifier(settings, clock, ids, provider_ids)
+    keys = start_key_services(settings, clock, secrets.internal_token)
+    settings = settings.model_copy(update={"key_service_addresses": [k.address for k in keys]})
+    pin_providers(settings, settings.key_service_addresses)
+    verifier_server = build_verifier_server(settings, verifier)
+    settings = settings.model_copy(update={"verifier_address": f"{settings.host}:{verifier_server.port}"})
     server = build_server(settings, clock, ids, secrets.internal_token, secrets.token_secret)
     settings = settings.model_copy(update={"server_address": f"{settings.host}:{server.grpc.port}"})
-    suite = Suite(settings, key_server, server)
-    updater = ModelUpdater(server.db, server.blobs, clock, ids, settings.max_job_attempts)
-    worker = build_worker(settings, secrets.internal_token, ids.new_id("worker"))
+    suite = Suite(settings, keys, verifier_server, server)
+    updater = ModelUpdater(server.db, server.blobs, clock, ids, settings.max_round_attempts)
+    dealer = build_dealer(settings, clock, secrets.internal_token)
     suite.loops = [
         PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start(),
-        PollingLoop("aggregator", worker.run_once, settings.poll_interval_s).start(),
+        PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start(),
     ]
+    if aggregator:
+        suite.launcher = start_launcher(settings, clock, secrets.internal_token)
     return suite
-
-
-def build_worker(settings: Settings, internal_token: str, worker_id: str) -> AggregatorWorker:
-    jobs = AggregationClient(
-        open_channel(settings.server_address, settings.max_message_bytes), settings.rpc_timeout_s, internal_token
-    )
-    keys = [KeyClient(open_channel(a), settings.rpc_timeout_s, internal_token) for a in settings.key_service_addresses]
-    return AggregatorWorker(jobs, keys, worker_id)

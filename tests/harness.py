@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcompute.clients.device import Trust
 from fedcompute.clients.typed import (
     AggregationClient,
     KeyClient,
@@ -36,6 +37,8 @@ def suite_settings(workdir: Path, database_url: str, **overrides: object) -> Set
         "rpc_timeout_s": 20.0,
         "lease_s": 30.0,
         "log_json": False,
+        "key_service_processes": False,
+        "job_backoff_max_s": 0.5,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -52,8 +55,8 @@ class Harness:
     keys: KeyClient
 
     @classmethod
-    def start(cls, settings: Settings) -> Harness:
-        suite = start_suite(settings)
+    def start(cls, settings: Settings, aggregator: bool = True) -> Harness:
+        suite = start_suite(settings, aggregator=aggregator)
         channel = open_channel(suite.server_address)
         token = load_secrets(suite.settings).internal_token
         return cls(
@@ -63,7 +66,7 @@ class Harness:
             UploadClient(channel, 20.0),
             ResourceClient(channel, 20.0),
             AggregationClient(channel, 20.0, token),
-            KeyClient(open_channel(suite.key_address), 20.0, token),
+            KeyClient(open_channel(suite.key_addresses[0]), 20.0, token),
         )
 
     def create_task(self, population: str = "pop", **fields: Any) -> tm.Task:
@@ -77,7 +80,22 @@ class Harness:
         )
         for name, value in fields.items():
             setattr(spec, name, value)
-        return self.operators.create_task(tm.CreateTaskRequest(spec=spec)).task
+        task = self.operators.create_task(tm.CreateTaskRequest(spec=spec)).task
+        if spec.population_name.strip():
+            self.wait_for_key(spec.population_name)
+        return task
+
+    def wait_for_key(self, population: str) -> None:
+        """The dealer runs a key ceremony for a new population within a poll interval or two."""
+        from fedcompute.v1 import key_pb2
+
+        request = key_pb2.GetPublicKeysRequest(population_name=population)
+        wait_for(lambda: bool(self.keys.get_public_keys(request).keys), 30, f"a key for {population}")
+
+    def trust(self) -> Trust:
+        from fedcompute.keys.trust import load_trusted
+
+        return Trust(load_trusted(self.suite.settings.trusted_providers_path()), self.suite.settings.threshold)
 
     def check_in(self, population: str = "pop", version: str = "1.0.0") -> ta.CreateTaskAssignmentResponse:
         return self.assignments.create_task_assignment(

@@ -1,77 +1,190 @@
-"""Obtaining a population key inside the worker: sealed to a fresh ephemeral key, checked, kept in memory only.
+"""Obtaining a population key inside the attested worker.
 
-Walking-skeleton scheme: one key service releases the whole key to an authenticated internal caller. The
-confidential-aggregation issue replaces this with attested t-of-n Shamir share release.
+For each key id a job needs: a fresh ephemeral X25519 key; a verifier challenge; evidence from the launcher
+carrying (challenge, binding of this exact release request); an attestation result; then every key service's
+share, each HPKE-sealed to the ephemeral key and signed. Any t shares rebuild the key, which must derive the
+published (t-signed) public key; other t-subsets are tried when more than t arrived, and providers whose
+shares never fit are reported. The key lives in this object only; nothing is written anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import combinations
+
 import grpc
+import jwt
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcompute.aggregator.contributions import Rejected
-from fedcompute.clients.typed import KeyClient
-from fedcompute.keys import hpke
+from fedcompute.attestation.evidence import LOCAL_FORMAT
+from fedcompute.attestation.results import ReleaseBinding
+from fedcompute.clients.typed import KeyClient, VerifierClient
+from fedcompute.keys import hpke, statement
 from fedcompute.keys.service import release_context
-from fedcompute.v1 import key_pb2
+from fedcompute.keys.shamir import combine_key
+from fedcompute.v1 import aggregation_pb2, common_pb2, key_pb2, verifier_pb2
+
+log = structlog.get_logger("fedcompute.aggregator")
 
 
 class KeyUnavailable(Exception):
-    """No key service could release the key right now (retry the job later)."""
+    """Not enough key services released a valid share right now (retry the job later)."""
 
 
+@dataclass
+class KeyAccess:
+    """Everything a worker needs to obtain keys: key services, whom to trust, the verifier and its attester."""
+
+    providers: list[KeyClient]
+    trusted: Mapping[str, ec.EllipticCurvePublicKey]
+    threshold: int
+    verifier: VerifierClient
+    evidence: Callable[[list[str]], str]
+    evidence_format: str = LOCAL_FORMAT
+
+
+@dataclass
 class JobKeys:
-    """Resolves key ids for one job; keys never leave this object or touch disk."""
-
-    def __init__(self, clients: list[KeyClient], task_id: str, round_: int, job_id: str) -> None:
-        self._clients = clients
-        self._task_id = task_id
-        self._round = round_
-        self._job_id = job_id
-        self._keys: dict[str, X25519PrivateKey] = {}
-        self._unknown: set[str] = set()
+    access: KeyAccess
+    job: aggregation_pb2.AggregationJob
+    faulty_providers: set[str] = field(default_factory=set)
+    _keys: dict[str, X25519PrivateKey] = field(default_factory=dict)
 
     def __call__(self, key_id: str) -> X25519PrivateKey:
-        if key_id in self._unknown:
-            raise Rejected("unknown_key")
         if key_id not in self._keys:
-            self._keys[key_id] = self._fetch(key_id)
+            self._keys[key_id] = self._obtain(key_id)
         return self._keys[key_id]
 
-    def _fetch(self, key_id: str) -> X25519PrivateKey:
+    def _published(self, key_id: str) -> common_pb2.PublicKey:
+        for client in self.access.providers:
+            try:
+                keys = client.get_public_keys(key_pb2.GetPublicKeysRequest(population_name=self.job.population_name))
+            except grpc.RpcError:
+                continue
+            for key in keys.keys:
+                if key.key_id == key_id:
+                    try:
+                        statement.check_trusted(key, self.access.trusted, self.access.threshold)
+                    except statement.UntrustedKey:
+                        raise Rejected("untrusted_key") from None
+                    return key
+            raise Rejected("unknown_key")
+        raise KeyUnavailable("no key service answered GetPublicKeys")
+
+    def _obtain(self, key_id: str) -> X25519PrivateKey:
+        published = self._published(key_id)
         ephemeral = hpke.generate_private_key()
-        recipient = hpke.public_bytes(ephemeral.public_key())
-        request = key_pb2.ReleaseKeyShareRequest(
-            key_id=key_id,
-            task_id=self._task_id,
-            round=self._round,
-            aggregation_job_id=self._job_id,
-            recipient_public_key=recipient,
+        binding = ReleaseBinding(
+            hpke.public_bytes(ephemeral.public_key()),
+            key_id,
+            self.job.task_id,
+            self.job.round,
+            self.job.aggregation_id,
+            self.job.job_id,
+            self.job.input_set_sha256_hex,
         )
-        last_error = "no key service configured"
-        for client in self._clients:
-            try:
-                response = client.release_key_share(request)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    self._unknown.add(key_id)
-                    raise Rejected("unknown_key") from None
-                last_error = f"{exc.code().name}: {exc.details()}"
-                continue
-            expected = release_context(
-                key_id, response.provider_id, self._task_id, self._round, self._job_id, recipient
+        result = self._attest(binding)
+        result_id = str(jwt.decode(result, options={"verify_signature": False})["jti"])
+        shares, errors = self._collect(binding, result, result_id, ephemeral)
+        needed = self.access.threshold
+        if len(shares) < needed:
+            raise KeyUnavailable(
+                f"only {len(shares)} of {len(self.access.providers)} key services released a share, "
+                f"{needed} needed ({'; '.join(errors)})"
             )
-            if response.release_context != expected:
-                last_error = f"provider {response.provider_id} sealed the key under another context"
-                continue
+        return self._rebuild(shares, published)
+
+    def _attest(self, binding: ReleaseBinding) -> str:
+        try:
+            challenge = self.access.verifier.get_challenge(verifier_pb2.GetChallengeRequest())
+            evidence = self.access.evidence([challenge.nonce, binding.digest()])
+            return self.access.verifier.attest(
+                verifier_pb2.AttestRequest(
+                    evidence_format=self.access.evidence_format,
+                    evidence=evidence,
+                    recipient_public_key=binding.recipient_public_key,
+                    key_id=binding.key_id,
+                    task_id=binding.task_id,
+                    round=binding.round,
+                    aggregation_id=binding.aggregation_id,
+                    aggregation_job_id=binding.job_id,
+                    input_set_sha256_hex=binding.input_set_sha256_hex,
+                )
+            ).attestation_result
+        except grpc.RpcError as exc:
+            raise KeyUnavailable(f"attestation failed: {exc.code().name}: {exc.details()}") from None
+
+    def _collect(
+        self, binding: ReleaseBinding, result: str, result_id: str, ephemeral: X25519PrivateKey
+    ) -> tuple[dict[str, tuple[int, bytes]], list[str]]:
+        request = key_pb2.ReleaseKeyShareRequest(
+            key_id=binding.key_id,
+            task_id=binding.task_id,
+            round=binding.round,
+            aggregation_id=binding.aggregation_id,
+            aggregation_job_id=binding.job_id,
+            input_set_sha256_hex=binding.input_set_sha256_hex,
+            recipient_public_key=binding.recipient_public_key,
+            attestation_result=result,
+        )
+        shares: dict[str, tuple[int, bytes]] = {}
+        errors: list[str] = []
+        for client in self.access.providers:
             try:
-                raw = hpke.open_sealed(response.encrypted_share, ephemeral, expected)
-                key = hpke.load_private(raw)
-            except (hpke.DecryptionError, ValueError):
-                last_error = f"provider {response.provider_id} returned key material that does not open"
+                reply = client.release_key_share(request)
+            except grpc.RpcError as exc:
+                errors.append(f"{exc.code().name}: {exc.details()}")
                 continue
-            if hpke.key_id_for(hpke.public_bytes(key.public_key())) != key_id:
-                last_error = f"provider {response.provider_id} returned a key that does not match {key_id}"
-                continue
-            return key
-        raise KeyUnavailable(f"key {key_id} could not be obtained: {last_error}")
+            share = self._open(reply, binding, result_id, ephemeral)
+            if share is None:
+                errors.append(f"{reply.provider_id}: release did not verify")
+                self.faulty_providers.add(reply.provider_id)
+            else:
+                shares[reply.provider_id] = share
+        return shares, errors
+
+    def _open(
+        self,
+        reply: key_pb2.ReleaseKeyShareResponse,
+        binding: ReleaseBinding,
+        result_id: str,
+        ephemeral: X25519PrivateKey,
+    ) -> tuple[int, bytes] | None:
+        pinned = self.access.trusted.get(reply.provider_id)
+        context = release_context(binding, reply.provider_id, reply.share_index, result_id)
+        signed = context + hashlib.sha256(reply.encrypted_share).digest()
+        if pinned is None or reply.release_context != context:
+            return None
+        if not statement.verify_signature(signed, reply.signature, pinned):
+            return None
+        try:
+            share = hpke.open_sealed(reply.encrypted_share, ephemeral, context)
+        except hpke.DecryptionError:
+            return None
+        return (reply.share_index, share) if len(share) == 32 else None
+
+    def _rebuild(self, shares: dict[str, tuple[int, bytes]], published: common_pb2.PublicKey) -> X25519PrivateKey:
+        needed = self.access.threshold
+        good: set[str] = set()
+        key: X25519PrivateKey | None = None
+        for subset in combinations(sorted(shares), needed):
+            candidate = hpke.load_private(combine_key([shares[p] for p in subset], needed))
+            if hpke.public_bytes(candidate.public_key()) == published.public_key:
+                key = key or candidate
+                good.update(subset)
+        if key is None:
+            raise KeyUnavailable(
+                f"the shares from {sorted(shares)} do not rebuild the published key {published.key_id}; "
+                "at least one of these providers returned a wrong share"
+            )
+        wrong = set(shares) - good
+        if wrong:
+            self.faulty_providers.update(wrong)
+            log.warning("wrong_key_share_detected", providers=sorted(wrong), key_id=published.key_id)
+        shares.clear()
+        return key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 
@@ -10,18 +11,19 @@ import structlog
 
 from fedcompute.aggregator.contributions import JobContext, Rejected, open_contribution
 from fedcompute.aggregator.fedavg import StreamingMean
-from fedcompute.aggregator.keys import JobKeys, KeyUnavailable
-from fedcompute.clients.typed import AggregationClient, KeyClient
+from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyUnavailable
+from fedcompute.clients.typed import AggregationClient
 from fedcompute.core import checkpoints
+from fedcompute.core.context import input_set_digest
 from fedcompute.v1 import aggregation_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
 
 
 class AggregatorWorker:
-    def __init__(self, jobs: AggregationClient, key_clients: list[KeyClient], worker_id: str) -> None:
+    def __init__(self, jobs: AggregationClient, keys: KeyAccess, worker_id: str) -> None:
         self._jobs = jobs
-        self._key_clients = key_clients
+        self._keys = keys
         self._worker_id = worker_id
 
     def run_once(self) -> bool:
@@ -42,7 +44,8 @@ class AggregatorWorker:
             job.plan_sha256_hex,
             job.model_architecture,
         )
-        keys = JobKeys(self._key_clients, job.task_id, job.round, job.job_id)
+        keys = JobKeys(self._keys, job)
+        inputs: list[tuple[str, str]] = []
         mean = StreamingMean()
         rejections: Counter[str] = Counter()
         seen: set[str] = set()
@@ -53,6 +56,7 @@ class AggregatorWorker:
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
             )
             for item in stream:
+                inputs.append((item.assignment_id, hashlib.sha256(item.envelope).hexdigest()))
                 if item.assignment_id in seen:
                     rejections["duplicate_assignment"] += 1
                     continue
@@ -74,6 +78,9 @@ class AggregatorWorker:
         except grpc.RpcError as exc:
             self._fail(job, f"contribution stream broke: {exc.code().name}", retryable=True)
             return
+        if input_set_digest(inputs) != job.input_set_sha256_hex:
+            self._fail(job, "the streamed contributions do not match the job's input set; refused", retryable=False)
+            return
         rejected = sum(rejections.values())
         if mean.count == 0:
             self._fail(job, f"no valid contribution among {rejected} ({dict(rejections)})", retryable=False)
@@ -86,6 +93,7 @@ class AggregatorWorker:
                 accepted_contributions=mean.count,
                 rejected_contributions=rejected,
                 rejections=[aggregation_pb2.RejectionCount(reason=r, count=c) for r, c in sorted(rejections.items())],
+                note=_faulty_note(keys.faulty_providers),
             )
         )
         log.info("job_aggregated", job_id=job.job_id, accepted=mean.count, rejected=rejected)
@@ -95,3 +103,9 @@ class AggregatorWorker:
         self._jobs.fail_job(
             aggregation_pb2.FailJobRequest(job_id=job.job_id, lease_id=job.lease_id, reason=reason, retryable=retryable)
         )
+
+
+def _faulty_note(providers: set[str]) -> str:
+    if not providers:
+        return ""
+    return f"key services {sorted(providers)} returned shares that did not verify or rebuild the key"

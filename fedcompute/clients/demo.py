@@ -13,12 +13,13 @@ import torch
 from tqdm import tqdm
 
 from fedcompute.clients.dataset import Split, non_iid_shards, train_test_split
-from fedcompute.clients.device import download
+from fedcompute.clients.device import Trust, download
 from fedcompute.clients.fleet import Fleet
 from fedcompute.clients.training import DEFAULT_PLAN_HYPERPARAMETERS, TrainingConfig, evaluate, train_central
 from fedcompute.clients.typed import ResourceClient, TaskManagementClient
 from fedcompute.core import checkpoints
 from fedcompute.core.settings import Settings
+from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
 from fedcompute.suite import start_suite
 from fedcompute.v1 import task_management_pb2 as tm
@@ -35,6 +36,8 @@ class RoundRow:
     model_version: int
     contributions: int
     accuracy: float
+    accepted_contributions: int
+    rejected_contributions: int
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class DemoResult:
     initial_accuracy: float
     central_accuracy: float
     devices: int
+    key_services: int
+    threshold: int
     report_goal: int
     task_id: str
     database: str
@@ -86,7 +91,8 @@ def run_demo(settings: Settings, devices: int, rounds: int, seed: int, timeout_s
         operators = TaskManagementClient(channel, settings.rpc_timeout_s)
         resources = ResourceClient(channel, settings.rpc_timeout_s)
         task = operators.create_task(tm.CreateTaskRequest(spec=task_spec(devices, rounds, seed))).task
-        fleet = Fleet(suite.server_address, POPULATION, shards, seed, max_sleep_s=0.5).start()
+        trust = Trust(load_trusted(suite.settings.trusted_providers_path()), settings.threshold)
+        fleet = Fleet(suite.server_address, POPULATION, shards, seed, trust, max_sleep_s=0.5).start()
         rows, initial = _follow(operators, resources, task.task_id, rounds, test, timeout_s)
     finally:
         if fleet:
@@ -99,6 +105,8 @@ def run_demo(settings: Settings, devices: int, rounds: int, seed: int, timeout_s
         initial_accuracy=initial,
         central_accuracy=evaluate(ARCHITECTURE, central, test),
         devices=devices,
+        key_services=settings.key_services,
+        threshold=settings.threshold,
         report_goal=task.spec.report_goal,
         task_id=task.task_id,
         database="postgres" if settings.resolved_database_url().startswith("postgresql") else "sqlite",
@@ -131,7 +139,10 @@ def _follow(
                 if version.version == 1:
                     initial = accuracy
                     continue
-                rows.append(RoundRow(version.round, version.version, version.contributions, round(accuracy, 4)))
+                counts = _round_counts(operators, task_id, version.round)
+                rows.append(
+                    RoundRow(version.round, version.version, version.contributions, round(accuracy, 4), *counts)
+                )
                 bar.set_postfix(accuracy=f"{accuracy:.3f}")
                 bar.update(1)
             status = operators.get_task(tm.GetTaskRequest(task_id=task_id)).task
@@ -144,15 +155,27 @@ def _follow(
             time.sleep(0.2)
 
 
+def _round_counts(operators: TaskManagementClient, task_id: str, round_: int) -> tuple[int, int]:
+    """Accepted and rejected contributions of the round attempt that completed."""
+    for it in operators.list_iterations(tm.ListIterationsRequest(task_id=task_id)).iterations:
+        if it.round == round_ and it.status == tm.ITERATION_STATUS_COMPLETED:
+            return it.accepted_contributions, it.rejected_contributions
+    return 0, 0
+
+
 def format_table(result: DemoResult) -> str:
     lines = [
-        f"{'round':>5}  {'model version':>13}  {'contributions':>13}  {'accuracy':>8}",
-        f"{0:>5}  {1:>13}  {'-':>13}  {result.initial_accuracy:>8.4f}",
+        f"{'round':>5}  {'model version':>13}  {'contributions':>13}  {'rejected':>8}  {'accuracy':>8}",
+        f"{0:>5}  {1:>13}  {'-':>13}  {'-':>8}  {result.initial_accuracy:>8.4f}",
     ]
-    lines += [f"{r.round:>5}  {r.model_version:>13}  {r.contributions:>13}  {r.accuracy:>8.4f}" for r in result.rounds]
+    lines += [
+        f"{r.round:>5}  {r.model_version:>13}  {r.contributions:>13}  {r.rejected_contributions:>8}  {r.accuracy:>8.4f}"
+        for r in result.rounds
+    ]
     lines.append(
         f"final held-out accuracy {result.final_accuracy:.4f} with {result.devices} devices "
         f"(report goal {result.report_goal}); centrally trained baseline {result.central_accuracy:.4f}; "
+        f"{result.key_services} key services, threshold {result.threshold}; "
         f"{result.elapsed_s:.0f} s on {result.database}"
     )
     return "\n".join(lines)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcompute.clients.dataset import Split
 from fedcompute.clients.training import TrainingConfig, train_local
@@ -17,6 +18,7 @@ from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.tasks import parse_plan
 from fedcompute.keys.envelope import seal_contribution
+from fedcompute.keys.statement import UntrustedKey, check_trusted
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import common_pb2, resource_pb2, task_assignment_pb2, upload_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -33,6 +35,15 @@ class Participated:
     task_id: str
     round: int
     uploaded: bool
+    refused_key: bool = False
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The key providers a device was configured with (pinned signing keys) and how many must sign a key."""
+
+    providers: Mapping[str, ec.EllipticCurvePublicKey]
+    threshold: int
 
 
 @dataclass(frozen=True)
@@ -49,9 +60,11 @@ class Device:
     assignments: TaskAssignmentClient
     resources: ResourceClient
     uploads: UploadClient
+    trust: Trust
     client_version: str = "1.0.0"
     rng: random.Random = field(default_factory=random.Random)
     done: set[tuple[str, int]] = field(default_factory=set)
+    on_payload: Callable[[bytes], None] | None = None  # tests: see the plaintext this device sealed
 
     def participate(self) -> Participated | Rejected:
         response = self.assignments.create_task_assignment(
@@ -65,6 +78,11 @@ class Device:
             return self._rejected(response.rejection_info)
         assignment = response.task_assignment
         self.done.add((assignment.task_id, assignment.round))
+        try:
+            check_trusted(assignment.encryption_key, self.trust.providers, self.trust.threshold)
+        except UntrustedKey:
+            self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_FAILED_OPS_ERROR))
+            return Participated(assignment.task_id, assignment.round, False, refused_key=True)
         plan = parse_plan(download(self.resources, assignment.plan))
         weights = checkpoints.decode(download(self.resources, assignment.checkpoint))
         delta, examples = train_local(
@@ -78,6 +96,8 @@ class Device:
         if not report.HasField("upload_instruction"):
             return Participated(assignment.task_id, assignment.round, False)
         payload = checkpoints.encode(delta, {"num_examples": examples})
+        if self.on_payload:
+            self.on_payload(payload)
         envelope = seal_contribution(payload, context_of(assignment), assignment.encryption_key.public_key)
         try:
             upload(self.uploads, report.upload_instruction, envelope.SerializeToString())

@@ -11,7 +11,7 @@ import grpc
 import structlog
 
 from fedcompute.clients.dataset import Split
-from fedcompute.clients.device import Device, Participated, Rejected
+from fedcompute.clients.device import Device, Participated, Rejected, Trust
 from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient
 from fedcompute.rpc.channels import open_channel
 
@@ -24,6 +24,7 @@ class FleetStats:
     uploads: int = 0
     rejections: int = 0
     errors: int = 0
+    refused_keys: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, name: str) -> None:
@@ -38,9 +39,11 @@ class Fleet:
         population: str,
         shards: list[Split],
         seed: int,
+        trust: Trust,
         timeout_s: float = 30.0,
         max_sleep_s: float | None = None,
         client_version: str = "1.0.0",
+        on_payload: Callable[[bytes], None] | None = None,
     ) -> None:
         channel = open_channel(server_address)
         self._devices = [
@@ -51,8 +54,10 @@ class Fleet:
                 assignments=TaskAssignmentClient(channel, timeout_s),
                 resources=ResourceClient(channel, timeout_s),
                 uploads=UploadClient(channel, timeout_s),
+                trust=trust,
                 client_version=client_version,
                 rng=random.Random(seed * 100_003 + i),
+                on_payload=on_payload,
             )
             for i, shard in enumerate(shards)
         ]
@@ -83,6 +88,8 @@ class Fleet:
                 self.stats.count("participations")
                 if outcome.uploaded:
                     self.stats.count("uploads")
+                if outcome.refused_key:
+                    self.stats.count("refused_keys")
                 continue
             self.stats.count("rejections")
             if stop_when_no_task and outcome.reason == "NO_ACTIVE_TASK":

@@ -21,6 +21,8 @@ from fedcompute.v1 import (
     task_management_pb2_grpc,
     upload_pb2,
     upload_pb2_grpc,
+    verifier_pb2,
+    verifier_pb2_grpc,
 )
 
 
@@ -137,5 +139,29 @@ class KeyClient:
         return self._stub.GetPublicKeys(request, timeout=self._timeout)
 
     @idempotent()
+    def get_provider_info(self, request: key_pb2.GetProviderInfoRequest) -> key_pb2.GetProviderInfoResponse:
+        return self._stub.GetProviderInfo(request, timeout=self._timeout)
+
     def release_key_share(self, request: key_pb2.ReleaseKeyShareRequest) -> key_pb2.ReleaseKeyShareResponse:
-        return self._stub.ReleaseKeyShare(request, timeout=self._timeout, metadata=self._md)
+        return self._stub.ReleaseKeyShare(request, timeout=self._timeout)
+
+    @idempotent()
+    def import_key_share(self, request: key_pb2.ImportKeyShareRequest) -> key_pb2.ImportKeyShareResponse:
+        return self._stub.ImportKeyShare(request, timeout=self._timeout, metadata=self._md)
+
+    @idempotent()
+    def activate_key(self, request: key_pb2.ActivateKeyRequest) -> key_pb2.ActivateKeyResponse:
+        return self._stub.ActivateKey(request, timeout=self._timeout, metadata=self._md)
+
+
+class VerifierClient:
+    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+        self._stub = verifier_pb2_grpc.VerifierServiceStub(channel)
+        self._timeout = timeout_s
+
+    @idempotent()
+    def get_challenge(self, request: verifier_pb2.GetChallengeRequest) -> verifier_pb2.GetChallengeResponse:
+        return self._stub.GetChallenge(request, timeout=self._timeout)
+
+    def attest(self, request: verifier_pb2.AttestRequest) -> verifier_pb2.AttestResponse:
+        return self._stub.Attest(request, timeout=self._timeout)

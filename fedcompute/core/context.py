@@ -7,6 +7,7 @@ against its job, and decrypts with exactly these bytes, so any tampering fails t
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -83,3 +84,11 @@ class _Reader:
     def u64(self) -> int:
         value: int = struct.unpack(">Q", self._take(8))[0]
         return value
+
+
+def input_set_digest(pairs: list[tuple[str, str]]) -> str:
+    """sha256 over the sorted (assignment id, envelope sha256) pairs of a round's contributions."""
+    digest = hashlib.sha256(b"fedcompute/input-set/v1\x00")
+    for assignment_id, blob_sha in sorted(pairs):
+        digest.update(f"{assignment_id}\x00{blob_sha}\n".encode())
+    return digest.hexdigest()

@@ -36,6 +36,7 @@ class IterationRecord:
     completed_uploads: int
     accepted: int
     rejected: int
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,8 +35,34 @@ class Settings(BaseSettings):
     token_secret: str = Field(
         "", description="HMAC secret for session and upload tokens; empty: generated into workdir."
     )
-    provider_id: str = Field("kp-0", description="This key service's provider id.")
+    provider_id: str = Field("kp-0", description="This key service's provider id (`serve keys`).")
+    key_services: int = Field(3, ge=1, le=16, description="Key services `up`/`demo` start (one share each).")
+    threshold: int = Field(2, ge=1, le=16, description="Shares needed to rebuild a population key (t of n).")
+    key_service_processes: bool = Field(
+        True, description="`up`/`demo`: run each key service as its own process (False: threads, for tests)."
+    )
+    trusted_providers_file: Path | None = Field(
+        None, description="JSON {provider_id: signing key DER hex} devices/workers trust; default workdir/."
+    )
+    verifier_port: int = Field(8720, ge=0, le=65535, description="Port of the attestation verifier (0: any free).")
+    verifier_address: str = Field("127.0.0.1:8720", description="Where workers reach the verifier.")
+    attestation_policy: Literal["development", "production"] = Field(
+        "development", description="production refuses LOCAL_SOFTWARE evidence (no hardware TEE)."
+    )
+    allowed_measurements: list[str] = Field(
+        default_factory=list, description="Allowed aggregator code measurements; empty: measure this install."
+    )
+    confidential_space_jwks_file: Path | None = Field(
+        None, description="JWKS (JSON) for Confidential Space tokens; enables that evidence format."
+    )
+    confidential_space_audience: str = Field(
+        "fedcompute-verifier", description="Audience Confidential Space tokens must carry."
+    )
+    attester_socket: Path | None = Field(None, description="The launcher's evidence socket (set for the worker).")
+    aggregator_debug: bool = Field(False, description="Start the worker in debug mode (its evidence says so).")
     key_lifetime_s: int = Field(30 * 86400, gt=0, description="How long a population key is used for encrypting.")
+    key_destroy_after_s: int = Field(7 * 86400, ge=0, description="After expiry, when key shares are destroyed.")
+    key_rotate_before_s: int = Field(86400, gt=0, description="Publish the next key this long before expiry.")
     public_key_max_age_s: int = Field(300, gt=0, description="Cache lifetime of published public keys.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest encrypted update accepted.")
     chunk_size_bytes: int = Field(1024 * 1024, gt=0, le=3 * 1024 * 1024, description="Upload/download chunk size.")
@@ -42,7 +70,9 @@ class Settings(BaseSettings):
     retry_delay_min_s: float = Field(60.0, ge=0, description="Pace steering: shortest suggested retry delay.")
     retry_delay_max_s: float = Field(300.0, ge=0, description="Pace steering: longest suggested retry delay.")
     lease_s: float = Field(60.0, gt=0, description="Aggregation job lease duration.")
-    max_job_attempts: int = Field(5, gt=0, description="Attempts before an aggregation job fails its round.")
+    max_job_attempts: int = Field(50, gt=0, description="Retryable attempts before an aggregation job fails.")
+    max_round_attempts: int = Field(3, gt=0, description="Attempts at one round before its task fails.")
+    job_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait before a failed job is retried.")
     poll_interval_s: float = Field(1.0, gt=0, description="How often background loops look for work.")
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of client calls.")
     worker_threads: int = Field(16, gt=0, description="gRPC server thread pool size.")
@@ -56,6 +86,33 @@ class Settings(BaseSettings):
         if value < low:
             raise ValueError(f"must be >= retry_delay_min_s ({low})")
         return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_fits(cls, value: int, info: object) -> int:
+        data = getattr(info, "data", {})
+        count = data.get("key_services", value)
+        if value > count:
+            raise ValueError(f"must be <= key_services ({count})")
+        return value
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as FEDCOMPUTE_* variables, for a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            key = f"FEDCOMPUTE_{name.upper()}"
+            if isinstance(value, list | dict):
+                env[key] = json.dumps(value, default=str)
+            elif isinstance(value, bool):
+                env[key] = "true" if value else "false"
+            else:
+                env[key] = str(value)
+        return env
+
+    def trusted_providers_path(self) -> Path:
+        return self.trusted_providers_file or self.workdir / "trusted-providers.json"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.workdir / 'fedcompute.sqlite'}"

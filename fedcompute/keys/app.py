@@ -1,24 +1,45 @@
-"""Composition root of one key service (one key provider), with its own store and port."""
+"""Composition root of one key service (one key provider), with its own directory, store and identity."""
 
 from __future__ import annotations
 
+from fedcompute.attestation.policy import (
+    allowed_hwmodels,
+    allowed_measurements,
+    read_public_key,
+    verifier_public_key_path,
+)
 from fedcompute.core.clock import Clock
 from fedcompute.core.settings import Settings
+from fedcompute.keys.identity import load_or_create_identity
 from fedcompute.keys.keystore import KeyStore
-from fedcompute.keys.service import KeyService
+from fedcompute.keys.service import KeyService, ReleasePolicy
 from fedcompute.keys.servicer import KeyServicer
 from fedcompute.rpc.metrics import RpcMetrics
 from fedcompute.rpc.serving import GrpcServer, build_grpc_server
 from fedcompute.v1 import key_pb2, key_pb2_grpc
 
 
-def build_key_server(settings: Settings, clock: Clock, internal_token: str) -> GrpcServer:
-    store = KeyStore(settings.workdir / "keys" / settings.provider_id / "keyset.json")
-    service = KeyService(store, clock, settings.provider_id, settings.key_lifetime_s, settings.public_key_max_age_s)
+def build_key_service(settings: Settings, clock: Clock) -> KeyService:
+    folder = settings.workdir / "keys" / settings.provider_id
+    identity = load_or_create_identity(folder, settings.provider_id)
+
+    def policy() -> ReleasePolicy:
+        return ReleasePolicy(
+            verifier_key=read_public_key(verifier_public_key_path(settings)),
+            allowed_measurements=allowed_measurements(settings),
+            allowed_hwmodels=allowed_hwmodels(settings),
+        )
+
+    return KeyService(
+        KeyStore(folder / "keyset.json", identity.kek), identity, clock, policy, settings.public_key_max_age_s
+    )
+
+
+def build_key_server(settings: Settings, clock: Clock, admin_token: str) -> GrpcServer:
     registrations = [
         (
             key_pb2_grpc.add_KeyServiceServicer_to_server,
-            KeyServicer(service, internal_token),
+            KeyServicer(build_key_service(settings, clock), admin_token),
             key_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
         )
     ]

@@ -1,7 +1,7 @@
-"""A key provider's own persistent keyset: one JSON file per provider, written atomically, mode 0600.
+"""A key provider's own persistent state: its shares (sealed under its KEK), release ledger and used result ids.
 
-Walking-skeleton note: each provider holds whole private keys at rest in this file. The confidential
-aggregation issue replaces this with one Shamir share per provider and attested release.
+One JSON file per provider, written atomically (temp -> fsync -> rename), mode 0600. Shares are stored
+ChaCha20-Poly1305-sealed under the provider's KEK, bound to their key id; a destroyed key keeps no share.
 """
 
 from __future__ import annotations
@@ -10,53 +10,84 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-@dataclass(frozen=True)
+
+@dataclass
 class StoredKey:
     key_id: str
     population_name: str
-    public_key_hex: str
-    private_key_hex: str
+    statement_hex: str  # serialized PublicKey (with signatures once activated)
+    share_index: int
+    sealed_share_hex: str  # nonce || ChaCha20-Poly1305(KEK, share, aad=key_id); "" once destroyed
+    activated: bool
+    destroyed: bool
     activation_unix: int
     expiration_unix: int
+    destruction_unix: int
+
+
+@dataclass
+class LedgerEntry:
+    input_set_sha256_hex: str
+    releases: int
+
+
+@dataclass
+class KeysetState:
+    keys: dict[str, StoredKey] = field(default_factory=dict)
+    ledger: dict[str, LedgerEntry] = field(default_factory=dict)
+    used_result_ids: dict[str, int] = field(default_factory=dict)  # jti -> exp (pruned after exp)
 
 
 class KeyStore:
-    """Thread-safe file-backed map of population -> keys."""
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kek: bytes) -> None:
         self._path = path
+        self._aead = ChaCha20Poly1305(kek)
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def keys(self, population: str) -> list[StoredKey]:
-        with self._lock:
-            return [k for k in self._load() if k.population_name == population]
+    def seal_share(self, key_id: str, share: bytes) -> str:
+        nonce = os.urandom(12)
+        return (nonce + self._aead.encrypt(nonce, share, key_id.encode())).hex()
 
-    def find(self, key_id: str) -> StoredKey | None:
-        with self._lock:
-            return next((k for k in self._load() if k.key_id == key_id), None)
+    def open_share(self, key: StoredKey) -> bytes:
+        raw = bytes.fromhex(key.sealed_share_hex)
+        return self._aead.decrypt(raw[:12], raw[12:], key.key_id.encode())
 
-    def add(self, key: StoredKey) -> None:
+    def read(self) -> KeysetState:
         with self._lock:
-            keys = self._load()
-            keys.append(key)
-            self._save(keys)
+            return self._load()
 
-    def _load(self) -> list[StoredKey]:
+    @contextmanager
+    def mutate(self) -> Iterator[KeysetState]:
+        """Load, let the caller change, save atomically (serialized within this process)."""
+        with self._lock:
+            state = self._load()
+            yield state
+            self._save(state)
+
+    def _load(self) -> KeysetState:
         if not self._path.exists():
-            return []
-        return [StoredKey(**item) for item in json.loads(self._path.read_text())["keys"]]
+            return KeysetState()
+        data = json.loads(self._path.read_text())
+        return KeysetState(
+            keys={k: StoredKey(**v) for k, v in data["keys"].items()},
+            ledger={k: LedgerEntry(**v) for k, v in data["ledger"].items()},
+            used_result_ids=data["used_result_ids"],
+        )
 
-    def _save(self, keys: list[StoredKey]) -> None:
+    def _save(self, state: KeysetState) -> None:
         fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".keyset-")
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as handle:
-                json.dump({"keys": [asdict(k) for k in keys]}, handle)
+                json.dump(asdict(state), handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self._path)

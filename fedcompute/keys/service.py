@@ -1,31 +1,57 @@
-"""One key provider: keeps an active HPKE key per population, publishes it, releases it sealed to a worker."""
+"""One key provider: imports its share of each population key, publishes signed keys, releases its share
+only to an attested aggregator under its release ledger, and destroys shares after their destruction time."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import structlog
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcompute.attestation.results import ReleaseBinding, ResultRejected, b64url, verify_result
 from fedcompute.core.clock import Clock
-from fedcompute.core.errors import InvalidArgument, NotFound
-from fedcompute.keys import hpke
-from fedcompute.keys.keystore import KeyStore, StoredKey
+from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from fedcompute.keys import hpke, statement
+from fedcompute.keys.identity import ProviderIdentity
+from fedcompute.keys.keystore import KeyStore, LedgerEntry, StoredKey
+from fedcompute.v1 import common_pb2
 
 log = structlog.get_logger("fedcompute.keys")
-RELEASE_MAGIC = b"fedcompute/key-release/v1\x00"
+RELEASE_MAGIC = b"fedcompute/keyshare-release/v1\x00"
+IMPORT_MAGIC = b"fedcompute/keyshare-import/v1\x00"
+
+
+def _lp(raw: bytes) -> bytes:
+    return struct.pack(">H", len(raw)) + raw
+
+
+def import_context(key_id: str, provider_id: str, share_index: int) -> bytes:
+    return IMPORT_MAGIC + _lp(key_id.encode()) + _lp(provider_id.encode()) + struct.pack(">I", share_index)
+
+
+def release_context(binding: ReleaseBinding, provider_id: str, share_index: int, result_id: str) -> bytes:
+    """What a release is sealed under (HPKE info) and signed over: one share, one request, one result."""
+    return (
+        RELEASE_MAGIC
+        + _lp(provider_id.encode())
+        + struct.pack(">I", share_index)
+        + _lp(binding.digest().encode())
+        + _lp(result_id.encode())
+    )
 
 
 @dataclass(frozen=True)
-class PublishedKey:
-    key_id: str
-    population_name: str
-    public_key: bytes
-    activation_unix: int
-    expiration_unix: int
-    provider_id: str
+class ReleasePolicy:
+    """A relying party's own policy: the verifier it trusts and what it accepts from it."""
+
+    verifier_key: ec.EllipticCurvePublicKey
+    allowed_measurements: frozenset[str]
+    allowed_hwmodels: frozenset[str]
+    max_releases_per_aggregation: int = 5
 
 
 @dataclass(frozen=True)
@@ -34,81 +60,200 @@ class Release:
     share_index: int
     encrypted_share: bytes
     release_context: bytes
-
-
-def release_context(key_id: str, provider_id: str, task_id: str, round_: int, job_id: str, recipient: bytes) -> bytes:
-    """Canonical bytes a release is sealed under (HPKE info): binds it to one key, provider, job and recipient."""
-    parts = [RELEASE_MAGIC]
-    for text in (key_id, provider_id, task_id):
-        raw = text.encode()
-        parts.append(struct.pack(">H", len(raw)) + raw)
-    parts.append(struct.pack(">Q", round_))
-    raw_job = job_id.encode()
-    parts.append(struct.pack(">H", len(raw_job)) + raw_job)
-    parts.append(recipient)
-    return b"".join(parts)
+    signature: bytes
 
 
 class KeyService:
-    """Generates a population's key on first request and rotates it before it expires."""
-
-    def __init__(self, store: KeyStore, clock: Clock, provider_id: str, lifetime_s: int, max_age_s: int) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        identity: ProviderIdentity,
+        clock: Clock,
+        policy: Callable[[], ReleasePolicy],
+        max_age_s: int,
+    ) -> None:
         self._store = store
+        self._id = identity
         self._clock = clock
-        self._provider_id = provider_id
-        self._lifetime_s = lifetime_s
-        self._max_age_s = max_age_s
-        self._lock = threading.Lock()
+        self._policy_source = policy
+        self._policy_cache: ReleasePolicy | None = None
+        self.max_age_s = max_age_s
 
     @property
-    def max_age_s(self) -> int:
-        return self._max_age_s
+    def _policy(self) -> ReleasePolicy:
+        """Loaded on first release, so a key service can start before the verifier has published its key."""
+        if self._policy_cache is None:
+            try:
+                self._policy_cache = self._policy_source()
+            except (OSError, ValueError) as exc:
+                raise Unavailable(f"this key service has no verifier key to rely on yet: {exc}") from None
+        return self._policy_cache
 
-    def public_keys(self, population: str) -> list[PublishedKey]:
+    @property
+    def identity(self) -> ProviderIdentity:
+        return self._id
+
+    def public_keys(self, population: str) -> list[common_pb2.PublicKey]:
+        """Activated keys not yet expired (the next key is published before the current one expires)."""
         if not population.strip():
             raise InvalidArgument("population_name", "must not be empty")
+        self.destroy_due()
         now = int(self._clock.now().timestamp())
-        with self._lock:
-            keys = [k for k in self._store.keys(population) if k.activation_unix <= now < k.expiration_unix]
-            # Rotate: publish the next key while the current one still has more than one max-age to live.
-            if not any(k.expiration_unix - now > self._max_age_s for k in keys):
-                keys.append(self._generate(population, now))
-        return [self._published(k) for k in keys]
+        keys = [
+            k
+            for k in self._store.read().keys.values()
+            if k.population_name == population and k.activated and not k.destroyed and now < k.expiration_unix
+        ]
+        return [common_pb2.PublicKey.FromString(bytes.fromhex(k.statement_hex)) for k in keys]
 
-    def release(self, key_id: str, task_id: str, round_: int, job_id: str, recipient: bytes) -> Release:
-        key = self._store.find(key_id)
-        if key is None:
-            raise NotFound(f"key {key_id!r} is not held by provider {self._provider_id}")
+    def import_share(self, key: common_pb2.PublicKey, share_index: int, wrapped: bytes) -> bytes:
+        """Store this provider's share of a new key; return the provider's signature over the statement."""
+        self._check_statement(key, share_index)
         try:
-            recipient_key = hpke.load_public(recipient)
-        except ValueError as exc:
-            raise InvalidArgument("recipient_public_key", str(exc)) from None
-        context = release_context(key_id, self._provider_id, task_id, round_, job_id, recipient)
-        sealed = hpke.seal(bytes.fromhex(key.private_key_hex), recipient_key, context)
-        log.info("key_released", key_id=key_id, job_id=job_id)
-        return Release(self._provider_id, 0, sealed, context)
+            share = hpke.open_sealed(
+                wrapped, self._id.wrapping_key, import_context(key.key_id, self._id.provider_id, share_index)
+            )
+        except hpke.DecryptionError:
+            raise InvalidArgument("wrapped_share", "does not open under this provider's wrapping key") from None
+        if len(share) != 32:
+            raise InvalidArgument("wrapped_share", "a share is 32 bytes")
+        bare = common_pb2.PublicKey()
+        bare.CopyFrom(key)
+        del bare.signatures[:]
+        with self._store.mutate() as state:
+            existing = state.keys.get(key.key_id)
+            if existing and existing.statement_hex != bare.SerializeToString().hex():
+                raise FailedPrecondition(f"key {key.key_id} was already imported with another statement")
+            if existing is None:
+                state.keys[key.key_id] = StoredKey(
+                    key_id=key.key_id,
+                    population_name=key.population_name,
+                    statement_hex=bare.SerializeToString().hex(),
+                    share_index=share_index,
+                    sealed_share_hex=self._store.seal_share(key.key_id, share),
+                    activated=False,
+                    destroyed=False,
+                    activation_unix=key.activation_time_unix,
+                    expiration_unix=key.expiration_time_unix,
+                    destruction_unix=key.destruction_time_unix,
+                )
+        log.info("key_share_imported", key_id=key.key_id, share_index=share_index)
+        return statement.sign(bare, self._id.signing_key)
 
-    def _generate(self, population: str, now: int) -> StoredKey:
-        private = hpke.generate_private_key()
-        public = hpke.public_bytes(private.public_key())
-        key = StoredKey(
-            key_id=hpke.key_id_for(public),
-            population_name=population,
-            public_key_hex=public.hex(),
-            private_key_hex=hpke.private_bytes(private).hex(),
-            activation_unix=now,
-            expiration_unix=now + int(timedelta(seconds=self._lifetime_s).total_seconds()),
-        )
-        self._store.add(key)
-        log.info("key_generated", key_id=key.key_id, population=population)
-        return key
+    def _check_statement(self, key: common_pb2.PublicKey, share_index: int) -> None:
+        if hpke.key_id_for(key.public_key) != key.key_id:
+            raise InvalidArgument("key.key_id", "does not match the public key")
+        ids = list(key.provider_ids)
+        if not 1 <= key.threshold <= len(ids) or len(set(ids)) != len(ids):
+            raise InvalidArgument("key.threshold", f"must be in [1, {len(ids)}] over distinct providers")
+        if not 1 <= share_index <= len(ids) or ids[share_index - 1] != self._id.provider_id:
+            raise InvalidArgument("share_index", f"provider {self._id.provider_id} does not hold share {share_index}")
+        if not key.activation_time_unix < key.expiration_time_unix <= key.destruction_time_unix:
+            raise InvalidArgument("key", "needs activation < expiration <= destruction")
 
-    def _published(self, key: StoredKey) -> PublishedKey:
-        return PublishedKey(
-            key.key_id,
-            key.population_name,
-            bytes.fromhex(key.public_key_hex),
-            key.activation_unix,
-            key.expiration_unix,
-            self._provider_id,
-        )
+    def activate(self, key: common_pb2.PublicKey) -> None:
+        """Publish the key with all providers' signatures; the statement must be the one imported."""
+        bare = common_pb2.PublicKey()
+        bare.CopyFrom(key)
+        del bare.signatures[:]
+        mine = [s for s in key.signatures if s.provider_id == self._id.provider_id]
+        if not mine or not statement.verify_signature(
+            statement.statement_bytes(bare), mine[0].signature, self._id.signing_key.public_key()
+        ):
+            raise InvalidArgument("key.signatures", "must carry this provider's own valid signature")
+        with self._store.mutate() as state:
+            stored = state.keys.get(key.key_id)
+            if stored is None:
+                raise NotFound(f"key {key.key_id} was never imported here")
+            if stored.statement_hex != bare.SerializeToString().hex() and not stored.activated:
+                raise FailedPrecondition("the statement differs from the imported one")
+            stored.statement_hex = key.SerializeToString().hex()
+            stored.activated = True
+        log.info("key_activated", key_id=key.key_id, population=key.population_name)
+
+    def destroy_due(self) -> int:
+        """Erase shares whose destruction time has passed (crypto-erasure of anything sealed to their key)."""
+        now = int(self._clock.now().timestamp())
+        due = [k for k in self._store.read().keys.values() if not k.destroyed and k.destruction_unix <= now]
+        if not due:
+            return 0
+        with self._store.mutate() as state:
+            for key in due:
+                stored = state.keys[key.key_id]
+                stored.sealed_share_hex = ""
+                stored.destroyed = True
+                log.info("key_share_destroyed", key_id=key.key_id)
+        return len(due)
+
+    def release(self, binding: ReleaseBinding, attestation_result: str) -> Release:
+        self.destroy_due()
+        now = self._clock.now()
+        claims = self._appraise(binding, attestation_result)
+        with self._store.mutate() as state:
+            key = state.keys.get(binding.key_id)
+            if key is None or not key.activated:
+                raise NotFound(f"key {binding.key_id!r} is not held by provider {self._id.provider_id}")
+            if key.destroyed:
+                raise FailedPrecondition(f"key {binding.key_id} was destroyed; its share no longer exists")
+            jti = str(claims["jti"])
+            if jti in state.used_result_ids:
+                raise PermissionDenied("this attestation result was already used (replay)")
+            self._charge_ledger(state.ledger, binding)
+            state.used_result_ids = {j: e for j, e in state.used_result_ids.items() if e > now.timestamp()}
+            state.used_result_ids[jti] = int(str(claims["exp"]))
+            share = self._store.open_share(key)
+        context = release_context(binding, self._id.provider_id, key.share_index, jti)
+        sealed = hpke.seal(share, hpke.load_public(binding.recipient_public_key), context)
+        signed = context + hashlib.sha256(sealed).digest()
+        signature = self._id.signing_key.sign(signed, ec.ECDSA(hashes.SHA256()))
+        log.info("key_share_released", key_id=binding.key_id, job_id=binding.job_id, round=binding.round)
+        return Release(self._id.provider_id, key.share_index, sealed, context, signature)
+
+    def _appraise(self, binding: ReleaseBinding, token: str) -> dict[str, object]:
+        if not token:
+            raise PermissionDenied("an attestation result is required to release a key share")
+        if len(binding.recipient_public_key) != 32:
+            raise InvalidArgument("recipient_public_key", "must be a raw 32-byte X25519 key")
+        try:
+            claims = verify_result(token, self._policy.verifier_key, self._id.provider_id, self._clock.now())
+        except ResultRejected as exc:
+            raise PermissionDenied(str(exc)) from None
+        checks = [
+            (claims.get("fedcompute.hwmodel") in self._policy.allowed_hwmodels, "hardware model is not allowed"),
+            (claims.get("fedcompute.dbgstat") != "enabled", "the aggregator runs with debugging enabled"),
+            (
+                claims.get("fedcompute.measurement") in self._policy.allowed_measurements,
+                "the aggregator's code measurement is not an allowed one",
+            ),
+            (claims.get("fedcompute.binding") == binding.digest(), "attestation result is bound to another request"),
+            (
+                _confirmed_key(claims) == b64url(binding.recipient_public_key),
+                "attestation result confirms another recipient key",
+            ),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                log.warning("key_release_refused", reason=problem, key_id=binding.key_id, job_id=binding.job_id)
+                raise PermissionDenied(problem)
+        return claims
+
+    def _charge_ledger(self, ledger: dict[str, LedgerEntry], binding: ReleaseBinding) -> None:
+        slot = f"{binding.key_id}|{binding.task_id}|{binding.round}|{binding.aggregation_id}"
+        entry = ledger.get(slot)
+        if entry is None:
+            ledger[slot] = LedgerEntry(binding.input_set_sha256_hex, 1)
+            return
+        if entry.input_set_sha256_hex != binding.input_set_sha256_hex:
+            log.warning("key_release_refused", reason="input set changed", key_id=binding.key_id, slot=slot)
+            raise PermissionDenied(
+                "a share for this aggregation was already released for a different input set; refused"
+            )
+        if entry.releases >= self._policy.max_releases_per_aggregation:
+            raise PermissionDenied(f"this aggregation already had {entry.releases} releases; no more are allowed")
+        entry.releases += 1
+
+
+def _confirmed_key(claims: dict[str, object]) -> object:
+    cnf = claims.get("cnf")
+    jwk = cnf.get("jwk") if isinstance(cnf, dict) else None
+    return jwk.get("x") if isinstance(jwk, dict) else None

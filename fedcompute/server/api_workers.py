@@ -64,6 +64,7 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
             accepted=request.accepted_contributions,
             rejected=request.rejected_contributions,
             rejections={r.reason: r.count for r in request.rejections},
+            note=request.note,
         )
         return pb.CompleteJobResponse(status=_status(self._jobs.complete(request.job_id, request.lease_id, result)))
 

@@ -20,7 +20,7 @@ from fedcompute.server.api_devices import PaceSteering, ResourceServicer, TaskAs
 from fedcompute.server.api_operators import TaskManagementServicer
 from fedcompute.server.api_workers import AggregationServicer
 from fedcompute.server.assignment import AssignmentService
-from fedcompute.server.jobs import JobService
+from fedcompute.server.jobs import JobService, RetryLimits
 from fedcompute.server.keyring import KeyRing
 from fedcompute.server.resources import ResourceService
 from fedcompute.server.tasks import TaskService
@@ -64,17 +64,18 @@ def build_server(
 ) -> ServerApp:
     db, blobs = open_storage(settings)
     signer = TokenSigner(token_secret.encode())
-    key_client = KeyClient(open_channel(settings.key_service_addresses[0]), settings.rpc_timeout_s)
+    key_clients = [KeyClient(open_channel(a), settings.rpc_timeout_s) for a in settings.key_service_addresses]
     pace = PaceSteering(
         (settings.retry_delay_min_s, settings.retry_delay_max_s),
         (settings.retry_delay_min_s * 10, settings.retry_delay_max_s * 10),
         random.Random(),
     )
     tasks = TaskService(db, blobs, clock, ids)
-    assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_client, clock))
+    assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_clients, clock))
     uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
-    jobs = JobService(db, blobs, clock, ids, settings.lease_s, settings.max_job_attempts)
+    limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
+    jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits)
     metrics = RpcMetrics.create("server")
     registrations: list[tuple[Callable[[Any, grpc.Server], None], Any, str]] = [
         (

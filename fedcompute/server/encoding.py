@@ -108,6 +108,8 @@ def encode_iteration(it: IterationRecord) -> task_management_pb2.Iteration:
         completed_uploads=it.completed_uploads,
         accepted_contributions=it.accepted,
         rejected_contributions=it.rejected,
+        attempt=it.attempt,
+        aggregation_note=it.note,
     )
 
 

@@ -26,6 +26,14 @@ log = structlog.get_logger("fedcompute.jobs")
 
 
 @dataclass(frozen=True)
+class RetryLimits:
+    job_attempts: int
+    round_attempts: int
+    backoff_base_s: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     job: JobRecord
     iteration: IterationRecord
@@ -38,18 +46,25 @@ class JobResult:
     accepted: int
     rejected: int
     rejections: dict[str, int]
+    note: str = ""
 
 
 class JobService:
     def __init__(
-        self, db: Database, blobs: BlobStore, clock: Clock, ids: IdGenerator, lease_s: float, max_attempts: int
+        self,
+        db: Database,
+        blobs: BlobStore,
+        clock: Clock,
+        ids: IdGenerator,
+        lease_s: float,
+        limits: RetryLimits,
     ) -> None:
         self._db = db
         self._blobs = blobs
         self._clock = clock
         self._ids = ids
         self._lease = timedelta(seconds=lease_s)
-        self._max_attempts = max_attempts
+        self._limits = limits
 
     def claim(self, worker_id: str) -> ClaimedJob | None:
         if not worker_id:
@@ -116,7 +131,7 @@ class JobService:
             )
             if not done:
                 raise FailedPrecondition(f"job {job_id!r} changed while completing; it was not recorded")
-            IterationRepository(s).set_outcome(job.iteration_id, result.accepted, result.rejected)
+            IterationRepository(s).set_outcome(job.iteration_id, result.accepted, result.rejected, result.note)
         log.info("job_succeeded", job_id=job_id, accepted=result.accepted, rejected=result.rejected)
         return JobStatus.SUCCEEDED
 
@@ -125,15 +140,20 @@ class JobService:
         now = self._clock.now()
         with self._db.transaction() as s:
             jobs = JobRepository(s)
-            if retryable and job.attempts < self._max_attempts:
+            iterations = IterationRepository(s)
+            if retryable and job.attempts < self._limits.job_attempts:
+                backoff = min(self._limits.backoff_base_s * 2 ** (job.attempts - 1), self._limits.backoff_max_s)
                 jobs.change_status(
-                    job_id, JobStatus.RUNNING, JobStatus.PENDING, now, reason, lease_id=None, error=reason
-                )
-                log.warning("job_requeued", job_id=job_id, reason=reason)
+                    job_id, JobStatus.RUNNING, JobStatus.PENDING, now, reason,
+                    lease_id=None, error=reason, not_before=now + timedelta(seconds=backoff),
+                )  # fmt: skip
+                iterations.set_note(job.iteration_id, f"waiting to retry aggregation: {reason}")
+                log.warning("job_requeued", job_id=job_id, reason=reason, backoff_s=backoff)
                 return JobStatus.PENDING
             jobs.change_status(job_id, JobStatus.RUNNING, JobStatus.FAILED, now, reason, error=reason)
-            iteration = IterationRepository(s).get(job.iteration_id)
+            iterations.set_note(job.iteration_id, f"aggregation failed: {reason}")
+            iteration = iterations.get(job.iteration_id)
             assert iteration is not None
-            retry_or_fail_round(s, self._ids, iteration, self._max_attempts, reason, now)
+            retry_or_fail_round(s, self._ids, iteration, self._limits.round_attempts, reason, now)
         log.warning("job_failed", job_id=job_id, reason=reason)
         return JobStatus.FAILED

@@ -30,6 +30,7 @@ def to_record(row: IterationRow) -> IterationRecord:
         completed_uploads=row.completed_uploads,
         accepted=row.accepted,
         rejected=row.rejected,
+        note=row.note,
     )
 
 
@@ -62,6 +63,7 @@ class IterationRepository:
             completed_uploads=0,
             accepted=0,
             rejected=0,
+            note="",
             created_at=now,
             updated_at=now,
         )
@@ -117,10 +119,15 @@ class IterationRepository:
             return None
         return self._s.scalar(select(IterationRow.completed_uploads).where(IterationRow.id == iteration_id))
 
-    def set_outcome(self, iteration_id: str, accepted: int, rejected: int) -> None:
+    def set_outcome(self, iteration_id: str, accepted: int, rejected: int, note: str) -> None:
         self._s.execute(
-            update(IterationRow).where(IterationRow.id == iteration_id).values(accepted=accepted, rejected=rejected)
+            update(IterationRow)
+            .where(IterationRow.id == iteration_id)
+            .values(accepted=accepted, rejected=rejected, note=note)
         )
+
+    def set_note(self, iteration_id: str, note: str) -> None:
+        self._s.execute(update(IterationRow).where(IterationRow.id == iteration_id).values(note=note))
 
     def change_status(
         self, iteration_id: str, from_status: str, to_status: str, now: datetime, reason: str = ""

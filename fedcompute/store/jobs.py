@@ -71,7 +71,8 @@ class JobRepository:
                 or_(
                     JobRow.status == JobStatus.PENDING,
                     (JobRow.status == JobStatus.RUNNING) & (JobRow.lease_expiry < now),
-                )
+                ),
+                or_(JobRow.not_before.is_(None), JobRow.not_before <= now),
             )
             .order_by(JobRow.created_at)
             .limit(limit)

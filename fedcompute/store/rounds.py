@@ -6,13 +6,13 @@ OPEN (no later upload can be counted: ``count_upload`` only counts while the rou
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
 
 import structlog
 from sqlalchemy.orm import Session
 
 from fedcompute.core.clock import IdGenerator
+from fedcompute.core.context import input_set_digest
 from fedcompute.core.records import IterationRecord
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskStatus
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
@@ -21,14 +21,6 @@ from fedcompute.store.jobs import JobRepository
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.collector")
-
-
-def input_set_digest(pairs: list[tuple[str, str]]) -> str:
-    """sha256 over the sorted (assignment id, ciphertext sha256) pairs of a round's contributions."""
-    digest = hashlib.sha256(b"fedcompute/input-set/v1\x00")
-    for assignment_id, blob_sha in sorted(pairs):
-        digest.update(f"{assignment_id}\x00{blob_sha}\n".encode())
-    return digest.hexdigest()
 
 
 def close_round(session: Session, ids: IdGenerator, iteration: IterationRecord, now: datetime) -> str | None:

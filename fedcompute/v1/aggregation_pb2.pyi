@@ -261,12 +261,15 @@ class CompleteJobRequest(_message.Message):
     ACCEPTED_CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
     REJECTED_CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     lease_id: _builtins.str
     update: _builtins.bytes
     """The averaged update (safetensors, float32), weighted FedAvg."""
     accepted_contributions: _builtins.int
     rejected_contributions: _builtins.int
+    note: _builtins.str
+    """Anything operators should know (e.g. a key service that returned a wrong share)."""
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectionCount]: ...
     def __init__(
@@ -278,10 +281,11 @@ class CompleteJobRequest(_message.Message):
         accepted_contributions: _builtins.int = ...,
         rejected_contributions: _builtins.int = ...,
         rejections: _abc.Iterable[Global___RejectionCount] | None = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "job_id", b"job_id", "lease_id", b"lease_id", "rejected_contributions", b"rejected_contributions", "rejections", b"rejections", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "job_id", b"job_id", "lease_id", b"lease_id", "note", b"note", "rejected_contributions", b"rejected_contributions", "rejections", b"rejections", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x63ompute/v1/common.proto\x12\rfedcompute.v1\x1a\x1egoogle/protobuf/duration.proto\"%\n\rClientVersion\x12\x14\n\x0cversion_code\x18\x01 \x01(\t\"\x7f\n\x14ResourceCapabilities\x12G\n\x1dsupported_compression_formats\x18\x01 \x03(\x0e\x32 .fedcompute.v1.CompressionFormat\x12\x1e\n\x16supported_plan_formats\x18\x02 \x03(\t\"\x9b\x01\n\x08Resource\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\nsha256_hex\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12<\n\x12\x63ompression_format\x18\x05 \x01(\x0e\x32 .fedcompute.v1.CompressionFormat\"i\n\x0bRetryWindow\x12,\n\tdelay_min\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tdelay_max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\rRejectionInfo\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.fedcompute.v1.RejectionReason\x12\x30\n\x0cretry_window\x18\x02 \x01(\x0b\x32\x1a.fedcompute.v1.RetryWindow\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xca\x01\n\tPublicKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06kem_id\x18\x03 \x01(\r\x12\x0e\n\x06kdf_id\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x05 \x01(\r\x12\x1c\n\x14\x61\x63tivation_time_unix\x18\x06 \x01(\x03\x12\x1c\n\x14\x65xpiration_time_unix\x18\x07 \x01(\x03\x12\x17\n\x0fpopulation_name\x18\x08 \x01(\t\x12\x13\n\x0bprovider_id\x18\t \x01(\t*q\n\x11\x43ompressionFormat\x12\"\n\x1e\x43OMPRESSION_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPRESSION_FORMAT_NONE\x10\x01\x12\x1b\n\x17\x43OMPRESSION_FORMAT_GZIP\x10\x02*\x9f\x02\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12&\n\"REJECTION_REASON_NO_TASK_AVAILABLE\x10\x01\x12!\n\x1dREJECTION_REASON_UNAUTHORIZED\x10\x02\x12$\n REJECTION_REASON_UNAUTHENTICATED\x10\x03\x12,\n(REJECTION_REASON_CLIENT_VERSION_MISMATCH\x10\x04\x12#\n\x1fREJECTION_REASON_NO_ACTIVE_TASK\x10\x05\x12&\n\"REJECTION_REASON_RESULT_NOT_NEEDED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x63ompute/v1/common.proto\x12\rfedcompute.v1\x1a\x1egoogle/protobuf/duration.proto\"%\n\rClientVersion\x12\x14\n\x0cversion_code\x18\x01 \x01(\t\"\x7f\n\x14ResourceCapabilities\x12G\n\x1dsupported_compression_formats\x18\x01 \x03(\x0e\x32 .fedcompute.v1.CompressionFormat\x12\x1e\n\x16supported_plan_formats\x18\x02 \x03(\t\"\x9b\x01\n\x08Resource\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\nsha256_hex\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12<\n\x12\x63ompression_format\x18\x05 \x01(\x0e\x32 .fedcompute.v1.CompressionFormat\"i\n\x0bRetryWindow\x12,\n\tdelay_min\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tdelay_max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\rRejectionInfo\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.fedcompute.v1.RejectionReason\x12\x30\n\x0cretry_window\x18\x02 \x01(\x0b\x32\x1a.fedcompute.v1.RetryWindow\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xae\x02\n\tPublicKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06kem_id\x18\x03 \x01(\r\x12\x0e\n\x06kdf_id\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x05 \x01(\r\x12\x1c\n\x14\x61\x63tivation_time_unix\x18\x06 \x01(\x03\x12\x1c\n\x14\x65xpiration_time_unix\x18\x07 \x01(\x03\x12\x17\n\x0fpopulation_name\x18\x08 \x01(\t\x12\x1d\n\x15\x64\x65struction_time_unix\x18\t \x01(\x03\x12\x11\n\tthreshold\x18\n \x01(\r\x12\x14\n\x0cprovider_ids\x18\x0b \x03(\t\x12/\n\nsignatures\x18\x0c \x03(\x0b\x32\x1b.fedcompute.v1.KeySignature\"6\n\x0cKeySignature\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c*q\n\x11\x43ompressionFormat\x12\"\n\x1e\x43OMPRESSION_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPRESSION_FORMAT_NONE\x10\x01\x12\x1b\n\x17\x43OMPRESSION_FORMAT_GZIP\x10\x02*\x9f\x02\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12&\n\"REJECTION_REASON_NO_TASK_AVAILABLE\x10\x01\x12!\n\x1dREJECTION_REASON_UNAUTHORIZED\x10\x02\x12$\n REJECTION_REASON_UNAUTHENTICATED\x10\x03\x12,\n(REJECTION_REASON_CLIENT_VERSION_MISMATCH\x10\x04\x12#\n\x1fREJECTION_REASON_NO_ACTIVE_TASK\x10\x05\x12&\n\"REJECTION_REASON_RESULT_NOT_NEEDED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcompute.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSIONFORMAT']._serialized_start=848
-  _globals['_COMPRESSIONFORMAT']._serialized_end=961
-  _globals['_REJECTIONREASON']._serialized_start=964
-  _globals['_REJECTIONREASON']._serialized_end=1251
+  _globals['_COMPRESSIONFORMAT']._serialized_start=1004
+  _globals['_COMPRESSIONFORMAT']._serialized_end=1117
+  _globals['_REJECTIONREASON']._serialized_start=1120
+  _globals['_REJECTIONREASON']._serialized_end=1407
   _globals['_CLIENTVERSION']._serialized_start=77
   _globals['_CLIENTVERSION']._serialized_end=114
   _globals['_RESOURCECAPABILITIES']._serialized_start=116
@@ -47,5 +47,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REJECTIONINFO']._serialized_start=511
   _globals['_REJECTIONINFO']._serialized_end=641
   _globals['_PUBLICKEY']._serialized_start=644
-  _globals['_PUBLICKEY']._serialized_end=846
+  _globals['_PUBLICKEY']._serialized_end=946
+  _globals['_KEYSIGNATURE']._serialized_start=948
+  _globals['_KEYSIGNATURE']._serialized_end=1002
 # @@protoc_insertion_point(module_scope)

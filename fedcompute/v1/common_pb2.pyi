@@ -202,7 +202,10 @@ Global___RejectionInfo: _TypeAlias = RejectionInfo  # noqa: Y015
 
 @_typing.final
 class PublicKey(_message.Message):
-    """An HPKE public key of a population's keyset, as published by a key service."""
+    """An HPKE public key of a population's keyset, with every key provider's signature over its statement.
+    Devices accept it only with >= t valid signatures from the providers they were configured with, so an
+    untrusted server can relay it but not substitute it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -214,7 +217,10 @@ class PublicKey(_message.Message):
     ACTIVATION_TIME_UNIX_FIELD_NUMBER: _builtins.int
     EXPIRATION_TIME_UNIX_FIELD_NUMBER: _builtins.int
     POPULATION_NAME_FIELD_NUMBER: _builtins.int
-    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    DESTRUCTION_TIME_UNIX_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PROVIDER_IDS_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     public_key: _builtins.bytes
     """Raw 32-byte X25519 public key."""
@@ -222,10 +228,16 @@ class PublicKey(_message.Message):
     kdf_id: _builtins.int
     aead_id: _builtins.int
     activation_time_unix: _builtins.int
-    """Seconds since the Unix epoch."""
+    """Seconds since the Unix epoch: start encrypting, stop encrypting new updates, shares destroyed."""
     expiration_time_unix: _builtins.int
     population_name: _builtins.str
-    provider_id: _builtins.str
+    destruction_time_unix: _builtins.int
+    threshold: _builtins.int
+    """Shares needed to rebuild the private key, and the providers holding one share each (index = position + 1)."""
+    @_builtins.property
+    def provider_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeySignature]: ...
     def __init__(
         self,
         *,
@@ -237,12 +249,39 @@ class PublicKey(_message.Message):
         activation_time_unix: _builtins.int = ...,
         expiration_time_unix: _builtins.int = ...,
         population_name: _builtins.str = ...,
-        provider_id: _builtins.str = ...,
+        destruction_time_unix: _builtins.int = ...,
+        threshold: _builtins.int = ...,
+        provider_ids: _abc.Iterable[_builtins.str] | None = ...,
+        signatures: _abc.Iterable[Global___KeySignature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_time_unix", b"activation_time_unix", "aead_id", b"aead_id", "expiration_time_unix", b"expiration_time_unix", "kdf_id", b"kdf_id", "kem_id", b"kem_id", "key_id", b"key_id", "population_name", b"population_name", "provider_id", b"provider_id", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_time_unix", b"activation_time_unix", "aead_id", b"aead_id", "destruction_time_unix", b"destruction_time_unix", "expiration_time_unix", b"expiration_time_unix", "kdf_id", b"kdf_id", "kem_id", b"kem_id", "key_id", b"key_id", "population_name", b"population_name", "provider_ids", b"provider_ids", "public_key", b"public_key", "signatures", b"signatures", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublicKey: _TypeAlias = PublicKey  # noqa: Y015
+
+@_typing.final
+class KeySignature(_message.Message):
+    """One provider's ES256 signature (DER) over the canonical key statement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    provider_id: _builtins.str
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        provider_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_id", b"provider_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeySignature: _TypeAlias = KeySignature  # noqa: Y015

@@ -66,32 +66,85 @@ class GetPublicKeysResponse(_message.Message):
 Global___GetPublicKeysResponse: _TypeAlias = GetPublicKeysResponse  # noqa: Y015
 
 @_typing.final
+class GetProviderInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProviderInfoRequest: _TypeAlias = GetProviderInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetProviderInfoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    WRAPPING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    provider_id: _builtins.str
+    signing_public_key: _builtins.bytes
+    """ES256 public key, SubjectPublicKeyInfo DER."""
+    wrapping_public_key: _builtins.bytes
+    """X25519 public key (raw) that key ceremonies wrap shares to."""
+    def __init__(
+        self,
+        *,
+        provider_id: _builtins.str = ...,
+        signing_public_key: _builtins.bytes = ...,
+        wrapping_public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_id", b"provider_id", "signing_public_key", b"signing_public_key", "wrapping_public_key", b"wrapping_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProviderInfoResponse: _TypeAlias = GetProviderInfoResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseKeyShareRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
+    AGGREGATION_ID_FIELD_NUMBER: _builtins.int
     AGGREGATION_JOB_ID_FIELD_NUMBER: _builtins.int
+    INPUT_SET_SHA256_HEX_FIELD_NUMBER: _builtins.int
     RECIPIENT_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ATTESTATION_RESULT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     task_id: _builtins.str
     round: _builtins.int
+    aggregation_id: _builtins.str
     aggregation_job_id: _builtins.str
+    input_set_sha256_hex: _builtins.str
+    """The job's input set digest (sha256 hex); the release ledger pins the first one per aggregation."""
     recipient_public_key: _builtins.bytes
-    """The aggregator's ephemeral X25519 public key (raw 32 bytes)."""
+    """The aggregator's ephemeral X25519 public key (raw 32 bytes); must equal the attestation result's cnf key."""
+    attestation_result: _builtins.str
+    """Attestation result (ES256 JWT) from a verifier this provider trusts, bound to this request."""
     def __init__(
         self,
         *,
         key_id: _builtins.str = ...,
         task_id: _builtins.str = ...,
         round: _builtins.int = ...,
+        aggregation_id: _builtins.str = ...,
         aggregation_job_id: _builtins.str = ...,
+        input_set_sha256_hex: _builtins.str = ...,
         recipient_public_key: _builtins.bytes = ...,
+        attestation_result: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_job_id", b"aggregation_job_id", "key_id", b"key_id", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "attestation_result", b"attestation_result", "input_set_sha256_hex", b"input_set_sha256_hex", "key_id", b"key_id", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -105,13 +158,16 @@ class ReleaseKeyShareResponse(_message.Message):
     SHARE_INDEX_FIELD_NUMBER: _builtins.int
     ENCRYPTED_SHARE_FIELD_NUMBER: _builtins.int
     RELEASE_CONTEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     share_index: _builtins.int
-    """0: the whole private key (single provider); later: the Shamir share index."""
+    """Shamir share index (1..n)."""
     encrypted_share: _builtins.bytes
-    """HPKE(recipient_public_key, info = release context) of the key material."""
+    """HPKE(recipient_public_key, info = release_context) of the 32-byte share."""
     release_context: _builtins.bytes
     """Canonical release context bytes, used as HPKE info."""
+    signature: _builtins.bytes
+    """ES256 (DER) over release_context || sha256(encrypted_share), by the provider's signing key."""
     def __init__(
         self,
         *,
@@ -119,11 +175,96 @@ class ReleaseKeyShareResponse(_message.Message):
         share_index: _builtins.int = ...,
         encrypted_share: _builtins.bytes = ...,
         release_context: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted_share", b"encrypted_share", "provider_id", b"provider_id", "release_context", b"release_context", "share_index", b"share_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted_share", b"encrypted_share", "provider_id", b"provider_id", "release_context", b"release_context", "share_index", b"share_index", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseKeyShareResponse: _TypeAlias = ReleaseKeyShareResponse  # noqa: Y015
+
+@_typing.final
+class ImportKeyShareRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SHARE_INDEX_FIELD_NUMBER: _builtins.int
+    WRAPPED_SHARE_FIELD_NUMBER: _builtins.int
+    share_index: _builtins.int
+    wrapped_share: _builtins.bytes
+    """HPKE(provider wrapping key, info = import context) of the 32-byte share."""
+    @_builtins.property
+    def key(self) -> _common_pb2.PublicKey:
+        """The key statement (signatures empty)."""
+
+    def __init__(
+        self,
+        *,
+        key: _common_pb2.PublicKey | None = ...,
+        share_index: _builtins.int = ...,
+        wrapped_share: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "share_index", b"share_index", "wrapped_share", b"wrapped_share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeyShareRequest: _TypeAlias = ImportKeyShareRequest  # noqa: Y015
+
+@_typing.final
+class ImportKeyShareResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def signature(self) -> _common_pb2.KeySignature: ...
+    def __init__(
+        self,
+        *,
+        signature: _common_pb2.KeySignature | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeyShareResponse: _TypeAlias = ImportKeyShareResponse  # noqa: Y015
+
+@_typing.final
+class ActivateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> _common_pb2.PublicKey: ...
+    def __init__(
+        self,
+        *,
+        key: _common_pb2.PublicKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateKeyRequest: _TypeAlias = ActivateKeyRequest  # noqa: Y015
+
+@_typing.final
+class ActivateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateKeyResponse: _TypeAlias = ActivateKeyResponse  # noqa: Y015

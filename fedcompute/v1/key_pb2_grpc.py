@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class KeyServiceStub:
-    """One key provider: publishes a population's HPKE public keys and releases key material to aggregators.
+    """One key provider (an independent party): holds one Shamir share of each population private key, signs the
+    public keys, and releases its share only to an attested aggregator.
     """
 
     def __init__(self, channel):
@@ -40,25 +41,63 @@ class KeyServiceStub:
                 request_serializer=fedcompute_dot_v1_dot_key__pb2.GetPublicKeysRequest.SerializeToString,
                 response_deserializer=fedcompute_dot_v1_dot_key__pb2.GetPublicKeysResponse.FromString,
                 _registered_method=True)
+        self.GetProviderInfo = channel.unary_unary(
+                '/fedcompute.v1.KeyService/GetProviderInfo',
+                request_serializer=fedcompute_dot_v1_dot_key__pb2.GetProviderInfoRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_key__pb2.GetProviderInfoResponse.FromString,
+                _registered_method=True)
         self.ReleaseKeyShare = channel.unary_unary(
                 '/fedcompute.v1.KeyService/ReleaseKeyShare',
                 request_serializer=fedcompute_dot_v1_dot_key__pb2.ReleaseKeyShareRequest.SerializeToString,
                 response_deserializer=fedcompute_dot_v1_dot_key__pb2.ReleaseKeyShareResponse.FromString,
                 _registered_method=True)
+        self.ImportKeyShare = channel.unary_unary(
+                '/fedcompute.v1.KeyService/ImportKeyShare',
+                request_serializer=fedcompute_dot_v1_dot_key__pb2.ImportKeyShareRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_key__pb2.ImportKeyShareResponse.FromString,
+                _registered_method=True)
+        self.ActivateKey = channel.unary_unary(
+                '/fedcompute.v1.KeyService/ActivateKey',
+                request_serializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
-    """One key provider: publishes a population's HPKE public keys and releases key material to aggregators.
+    """One key provider (an independent party): holds one Shamir share of each population private key, signs the
+    public keys, and releases its share only to an attested aggregator.
     """
 
     def GetPublicKeys(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Public: the population's active keys, each with every provider's signature.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProviderInfo(self, request, context):
+        """Public: this provider's id and long-term public keys (signing, share wrapping).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseKeyShare(self, request, context):
-        """Internal, authenticated: the key material for one key, HPKE-sealed to the caller's ephemeral key.
+        """Attested callers: this provider's share, HPKE-sealed to the caller's ephemeral key, signed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKeyShare(self, request, context):
+        """Admin (key ceremony): store a share wrapped to this provider; returns its signature over the statement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateKey(self, request, context):
+        """Admin (key ceremony): publish the key with every provider's signature.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,10 +111,25 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     request_deserializer=fedcompute_dot_v1_dot_key__pb2.GetPublicKeysRequest.FromString,
                     response_serializer=fedcompute_dot_v1_dot_key__pb2.GetPublicKeysResponse.SerializeToString,
             ),
+            'GetProviderInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProviderInfo,
+                    request_deserializer=fedcompute_dot_v1_dot_key__pb2.GetProviderInfoRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_key__pb2.GetProviderInfoResponse.SerializeToString,
+            ),
             'ReleaseKeyShare': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseKeyShare,
                     request_deserializer=fedcompute_dot_v1_dot_key__pb2.ReleaseKeyShareRequest.FromString,
                     response_serializer=fedcompute_dot_v1_dot_key__pb2.ReleaseKeyShareResponse.SerializeToString,
+            ),
+            'ImportKeyShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportKeyShare,
+                    request_deserializer=fedcompute_dot_v1_dot_key__pb2.ImportKeyShareRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_key__pb2.ImportKeyShareResponse.SerializeToString,
+            ),
+            'ActivateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateKey,
+                    request_deserializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,7 +140,8 @@ def add_KeyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KeyService:
-    """One key provider: publishes a population's HPKE public keys and releases key material to aggregators.
+    """One key provider (an independent party): holds one Shamir share of each population private key, signs the
+    public keys, and releases its share only to an attested aggregator.
     """
 
     @staticmethod
@@ -117,6 +172,33 @@ class KeyService:
             _registered_method=True)
 
     @staticmethod
+    def GetProviderInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.KeyService/GetProviderInfo',
+            fedcompute_dot_v1_dot_key__pb2.GetProviderInfoRequest.SerializeToString,
+            fedcompute_dot_v1_dot_key__pb2.GetProviderInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ReleaseKeyShare(request,
             target,
             options=(),
@@ -133,6 +215,60 @@ class KeyService:
             '/fedcompute.v1.KeyService/ReleaseKeyShare',
             fedcompute_dot_v1_dot_key__pb2.ReleaseKeyShareRequest.SerializeToString,
             fedcompute_dot_v1_dot_key__pb2.ReleaseKeyShareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKeyShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.KeyService/ImportKeyShare',
+            fedcompute_dot_v1_dot_key__pb2.ImportKeyShareRequest.SerializeToString,
+            fedcompute_dot_v1_dot_key__pb2.ImportKeyShareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.KeyService/ActivateKey',
+            fedcompute_dot_v1_dot_key__pb2.ActivateKeyRequest.SerializeToString,
+            fedcompute_dot_v1_dot_key__pb2.ActivateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

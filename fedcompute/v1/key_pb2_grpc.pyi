@@ -27,34 +27,63 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class KeyServiceStub:
-    """One key provider: publishes a population's HPKE public keys and releases key material to aggregators."""
+    """One key provider (an independent party): holds one Shamir share of each population private key, signs the
+    public keys, and releases its share only to an attested aggregator.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyServiceAsyncStub: ...
     GetPublicKeys: _grpc.UnaryUnaryMultiCallable[_key_pb2.GetPublicKeysRequest, _key_pb2.GetPublicKeysResponse]
+    """Public: the population's active keys, each with every provider's signature."""
+    GetProviderInfo: _grpc.UnaryUnaryMultiCallable[_key_pb2.GetProviderInfoRequest, _key_pb2.GetProviderInfoResponse]
+    """Public: this provider's id and long-term public keys (signing, share wrapping)."""
     ReleaseKeyShare: _grpc.UnaryUnaryMultiCallable[_key_pb2.ReleaseKeyShareRequest, _key_pb2.ReleaseKeyShareResponse]
-    """Internal, authenticated: the key material for one key, HPKE-sealed to the caller's ephemeral key."""
+    """Attested callers: this provider's share, HPKE-sealed to the caller's ephemeral key, signed."""
+    ImportKeyShare: _grpc.UnaryUnaryMultiCallable[_key_pb2.ImportKeyShareRequest, _key_pb2.ImportKeyShareResponse]
+    """Admin (key ceremony): store a share wrapped to this provider; returns its signature over the statement."""
+    ActivateKey: _grpc.UnaryUnaryMultiCallable[_key_pb2.ActivateKeyRequest, _key_pb2.ActivateKeyResponse]
+    """Admin (key ceremony): publish the key with every provider's signature."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
-    """One key provider: publishes a population's HPKE public keys and releases key material to aggregators."""
+    """One key provider (an independent party): holds one Shamir share of each population private key, signs the
+    public keys, and releases its share only to an attested aggregator.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetPublicKeys: _aio.UnaryUnaryMultiCallable[_key_pb2.GetPublicKeysRequest, _key_pb2.GetPublicKeysResponse]  # type: ignore[assignment]
+    """Public: the population's active keys, each with every provider's signature."""
+    GetProviderInfo: _aio.UnaryUnaryMultiCallable[_key_pb2.GetProviderInfoRequest, _key_pb2.GetProviderInfoResponse]  # type: ignore[assignment]
+    """Public: this provider's id and long-term public keys (signing, share wrapping)."""
     ReleaseKeyShare: _aio.UnaryUnaryMultiCallable[_key_pb2.ReleaseKeyShareRequest, _key_pb2.ReleaseKeyShareResponse]  # type: ignore[assignment]
-    """Internal, authenticated: the key material for one key, HPKE-sealed to the caller's ephemeral key."""
+    """Attested callers: this provider's share, HPKE-sealed to the caller's ephemeral key, signed."""
+    ImportKeyShare: _aio.UnaryUnaryMultiCallable[_key_pb2.ImportKeyShareRequest, _key_pb2.ImportKeyShareResponse]  # type: ignore[assignment]
+    """Admin (key ceremony): store a share wrapped to this provider; returns its signature over the statement."""
+    ActivateKey: _aio.UnaryUnaryMultiCallable[_key_pb2.ActivateKeyRequest, _key_pb2.ActivateKeyResponse]  # type: ignore[assignment]
+    """Admin (key ceremony): publish the key with every provider's signature."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
-    """One key provider: publishes a population's HPKE public keys and releases key material to aggregators."""
+    """One key provider (an independent party): holds one Shamir share of each population private key, signs the
+    public keys, and releases its share only to an attested aggregator.
+    """
 
     @_abc_1.abstractmethod
     def GetPublicKeys(
         self,
         request: _key_pb2.GetPublicKeysRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_key_pb2.GetPublicKeysResponse, _abc.Awaitable[_key_pb2.GetPublicKeysResponse]]: ...
+    ) -> _typing.Union[_key_pb2.GetPublicKeysResponse, _abc.Awaitable[_key_pb2.GetPublicKeysResponse]]:
+        """Public: the population's active keys, each with every provider's signature."""
+
+    @_abc_1.abstractmethod
+    def GetProviderInfo(
+        self,
+        request: _key_pb2.GetProviderInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_pb2.GetProviderInfoResponse, _abc.Awaitable[_key_pb2.GetProviderInfoResponse]]:
+        """Public: this provider's id and long-term public keys (signing, share wrapping)."""
 
     @_abc_1.abstractmethod
     def ReleaseKeyShare(
@@ -62,6 +91,22 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _key_pb2.ReleaseKeyShareRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_pb2.ReleaseKeyShareResponse, _abc.Awaitable[_key_pb2.ReleaseKeyShareResponse]]:
-        """Internal, authenticated: the key material for one key, HPKE-sealed to the caller's ephemeral key."""
+        """Attested callers: this provider's share, HPKE-sealed to the caller's ephemeral key, signed."""
+
+    @_abc_1.abstractmethod
+    def ImportKeyShare(
+        self,
+        request: _key_pb2.ImportKeyShareRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_pb2.ImportKeyShareResponse, _abc.Awaitable[_key_pb2.ImportKeyShareResponse]]:
+        """Admin (key ceremony): store a share wrapped to this provider; returns its signature over the statement."""
+
+    @_abc_1.abstractmethod
+    def ActivateKey(
+        self,
+        request: _key_pb2.ActivateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_pb2.ActivateKeyResponse, _abc.Awaitable[_key_pb2.ActivateKeyResponse]]:
+        """Admin (key ceremony): publish the key with every provider's signature."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -215,6 +215,8 @@ class Iteration(_message.Message):
     COMPLETED_UPLOADS_FIELD_NUMBER: _builtins.int
     ACCEPTED_CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
     REJECTED_CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    AGGREGATION_NOTE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     aggregation_id: _builtins.str
@@ -224,6 +226,9 @@ class Iteration(_message.Message):
     completed_uploads: _builtins.int
     accepted_contributions: _builtins.int
     rejected_contributions: _builtins.int
+    attempt: _builtins.int
+    aggregation_note: _builtins.str
+    """The last word from aggregation: why a job is waiting or failed, or a key service that misbehaved."""
     def __init__(
         self,
         *,
@@ -236,10 +241,12 @@ class Iteration(_message.Message):
         completed_uploads: _builtins.int = ...,
         accepted_contributions: _builtins.int = ...,
         rejected_contributions: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        aggregation_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "aggregation_id", b"aggregation_id", "assigned", b"assigned", "base_model_version", b"base_model_version", "completed_uploads", b"completed_uploads", "rejected_contributions", b"rejected_contributions", "round", b"round", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "aggregation_id", b"aggregation_id", "aggregation_note", b"aggregation_note", "assigned", b"assigned", "attempt", b"attempt", "base_model_version", b"base_model_version", "completed_uploads", b"completed_uploads", "rejected_contributions", b"rejected_contributions", "round", b"round", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

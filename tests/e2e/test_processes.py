@@ -49,23 +49,36 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def test_components_as_separate_processes(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
-    server_port, key_port, metrics_port = _free_port(), _free_port(), _free_port()
+    """The multi-machine deployment, on one machine: every component its own process, three key providers."""
+    server_port, verifier_port, metrics_port = _free_port(), _free_port(), _free_port()
+    key_ports = [_free_port() for _ in range(3)]
+    key_addresses = [f"127.0.0.1:{p}" for p in key_ports]
+    trusted = tmp_path / "work" / "trusted-providers.json"
     env = {
         **os.environ,
         "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
         "FEDCOMPUTE_SERVER_PORT": str(server_port),
-        "FEDCOMPUTE_KEY_SERVICE_PORT": str(key_port),
+        "FEDCOMPUTE_VERIFIER_PORT": str(verifier_port),
         "FEDCOMPUTE_METRICS_PORT": str(metrics_port),
         "FEDCOMPUTE_SERVER_ADDRESS": f"127.0.0.1:{server_port}",
-        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps([f"127.0.0.1:{key_port}"]),
+        "FEDCOMPUTE_VERIFIER_ADDRESS": f"127.0.0.1:{verifier_port}",
+        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(key_addresses),
         "FEDCOMPUTE_RETRY_DELAY_MIN_S": "0.05",
         "FEDCOMPUTE_RETRY_DELAY_MAX_S": "0.2",
         "FEDCOMPUTE_POLL_INTERVAL_S": "0.1",
     }
-    for component in ("keys", "server"):
+    for i, port in enumerate(key_ports):
+        key_env = {**env, "FEDCOMPUTE_PROVIDER_ID": f"kp-{i}", "FEDCOMPUTE_KEY_SERVICE_PORT": str(port)}
+        processes.append(subprocess.Popen([*CLI, "serve", "keys"], env=key_env))
+    wait_for(lambda: all(_serving(a) for a in key_addresses), 60, "key services")
+    trust = [*CLI, "keys", "trust", "--out", str(trusted)]
+    for address in key_addresses:
+        trust += ["--key-service", address]
+    subprocess.run(trust, env=env, check=True, timeout=60)
+    for component in ("verifier", "server"):
         processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
-    wait_for(lambda: _serving(f"127.0.0.1:{key_port}") and _serving(f"127.0.0.1:{server_port}"), 60, "servers")
-    for component in ("aggregator", "modelupdater"):
+    wait_for(lambda: _serving(f"127.0.0.1:{server_port}") and _serving(f"127.0.0.1:{verifier_port}"), 60, "servers")
+    for component in ("dealer", "aggregator", "modelupdater"):
         processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
     server = f"127.0.0.1:{server_port}"
     created = subprocess.run(
@@ -76,11 +89,12 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
     task_id = json.loads(created.stdout)["task_id"]
     fleet = subprocess.run(
         [*CLI, "devices", "simulate", "--server", server, "--population", "procs", "--count", "4",
-         "--max-sleep", "0.2"],
+         "--max-sleep", "0.2", "--trusted-providers", str(trusted), "--threshold", "2"],
         env=env, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert fleet.returncode == 0, fleet.stderr
     assert "uploads 6," in fleet.stdout  # 2 rounds x a cohort of 3
+    assert "refused keys 0," in fleet.stdout
     got = subprocess.run(
         [*CLI, "task", "get", task_id, "--server", server], env=env, capture_output=True, text=True, check=True
     )
@@ -92,11 +106,9 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
 
 
 def test_up_serves_until_terminated(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
-    port, key_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [*CLI, "up", "--workdir", str(tmp_path / "w"), "--port", str(port), "--key-port", str(key_port)]
-    )
+    port = _free_port()
+    proc = subprocess.Popen([*CLI, "up", "--workdir", str(tmp_path / "w"), "--port", str(port)])
     processes.append(proc)
-    wait_for(lambda: _serving(f"127.0.0.1:{port}") and _serving(f"127.0.0.1:{key_port}"), 60, "fedcompute up")
+    wait_for(lambda: _serving(f"127.0.0.1:{port}"), 90, "fedcompute up")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0

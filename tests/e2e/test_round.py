@@ -32,7 +32,8 @@ def test_fleet_trains_a_task_to_completion(database_url: str, tmp_path: Path) ->
         spec = task_spec(DEVICES, ROUNDS, seed=1)
         spec.population_name = "e2e"
         task = harness.operators.create_task(tm.CreateTaskRequest(spec=spec)).task
-        fleet = Fleet(harness.suite.server_address, "e2e", non_iid_shards(train, DEVICES, 1), 1, max_sleep_s=0.2)
+        shards = non_iid_shards(train, DEVICES, 1)
+        fleet = Fleet(harness.suite.server_address, "e2e", shards, 1, harness.trust(), max_sleep_s=0.2)
         fleet.start(stop_when_no_task=True)
         assert fleet.wait(lambda: harness.task(task.task_id).status != tm.TASK_STATUS_OPEN, timeout_s=240)
         final = harness.task(task.task_id)

@@ -31,6 +31,7 @@ def _wrong_key(a: ta.TaskAssignment) -> bytes:
     return sealed(stranger)
 
 
+@pytest.mark.aggregator
 def test_bad_contributions_are_left_out_and_counted(harness: Harness) -> None:
     task_id = _contribute(
         harness,
@@ -50,6 +51,7 @@ def test_bad_contributions_are_left_out_and_counted(harness: Harness) -> None:
     assert versions[1].parent_sha256_hex == versions[0].checkpoint.sha256_hex
 
 
+@pytest.mark.aggregator
 def test_round_with_no_valid_contribution_is_retried(harness: Harness) -> None:
     task_id = _contribute(harness, [_wrong_key, _wrong_key])
     wait_for(lambda: len(harness.iterations(task_id)) == 2, what="a second attempt at round 1")
@@ -82,7 +84,7 @@ def test_stale_lease_is_refused(harness: Harness) -> None:
 
 
 def test_health_and_reflection_are_served(harness: Harness) -> None:
-    for address in (harness.suite.server_address, harness.suite.key_address):
+    for address in (harness.suite.server_address, *harness.suite.key_addresses):
         health = health_pb2_grpc.HealthStub(open_channel(address))
         reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fedcompute.attestation.verifier import VerifierServicer
 from fedcompute.clients import typed
 from fedcompute.keys.servicer import KeyServicer
 from fedcompute.server.api_devices import ResourceServicer, TaskAssignmentServicer, UploadServicer
@@ -25,6 +26,7 @@ FORBIDDEN = {
     "aggregator": {"store", "server", "modelupdater", "sqlalchemy"},
     "modelupdater": {"server", "keys", "aggregator", "clients", "rpc", "grpc"},
     "rpc": {"store", "server", "keys", "aggregator", "modelupdater", "clients", "sqlalchemy"},
+    "attestation": {"store", "server", "keys", "aggregator", "modelupdater", "clients", "sqlalchemy"},
 }
 SERVICE_MODULES = ["tasks", "assignment", "uploads", "resources", "jobs"]
 
@@ -74,6 +76,7 @@ def _rpcs(service: str) -> list[str]:
         ("ResourceService", ResourceServicer, typed.ResourceClient),
         ("AggregationService", AggregationServicer, typed.AggregationClient),
         ("KeyService", KeyServicer, typed.KeyClient),
+        ("VerifierService", VerifierServicer, typed.VerifierClient),
     ],
 )
 def test_every_rpc_has_a_servicer_and_a_client_method(service: str, servicer: type, client: type) -> None:

@@ -1,0 +1,60 @@
+"""A key provider's long-term identity: ES256 signing key, X25519 share-wrapping key, and an at-rest KEK.
+
+Kept in the provider's own directory (mode 0600), created on first start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedcompute.keys import hpke
+
+
+@dataclass(frozen=True)
+class ProviderIdentity:
+    provider_id: str
+    signing_key: ec.EllipticCurvePrivateKey
+    wrapping_key: X25519PrivateKey
+    kek: bytes
+
+    @property
+    def wrapping_public(self) -> bytes:
+        return hpke.public_bytes(self.wrapping_key.public_key())
+
+
+def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
+    path = folder / "identity.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data["provider_id"] != provider_id:
+            raise ValueError(f"{path} belongs to provider {data['provider_id']!r}, not {provider_id!r}")
+        signing = serialization.load_pem_private_key(data["signing_key_pem"].encode(), password=None)
+        assert isinstance(signing, ec.EllipticCurvePrivateKey)
+        return ProviderIdentity(
+            provider_id, signing, hpke.load_private(bytes.fromhex(data["wrapping_key"])), bytes.fromhex(data["kek"])
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = ProviderIdentity(
+        provider_id, ec.generate_private_key(ec.SECP256R1()), hpke.generate_private_key(), secrets.token_bytes(32)
+    )
+    pem = identity.signing_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    body = {
+        "provider_id": provider_id,
+        "signing_key_pem": pem,
+        "wrapping_key": hpke.private_bytes(identity.wrapping_key).hex(),
+        "kek": identity.kek.hex(),
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(body, handle)
+    return identity
