@@ -56,7 +56,10 @@ class Harness:
 
     @classmethod
     def start(cls, settings: Settings, aggregator: bool = True) -> Harness:
-        suite = start_suite(settings, aggregator=aggregator)
+        return cls.attach(start_suite(settings, aggregator=aggregator))
+
+    @classmethod
+    def attach(cls, suite: Suite) -> Harness:
         channel = open_channel(suite.server_address)
         token = load_secrets(suite.settings).internal_token
         return cls(
@@ -149,3 +152,17 @@ def sealed(a: ta.TaskAssignment, plaintext: bytes | None = None, **context_chang
     context = dataclasses.replace(context_of(a), **context_changes)  # type: ignore[arg-type]
     payload = zero_update() if plaintext is None else plaintext
     return seal_contribution(payload, context, a.encryption_key.public_key).SerializeToString()
+
+
+def contribute(harness: Harness, population: str, plaintext: bytes | None = None) -> bytes:
+    """One well-behaved device's whole turn, by hand; returns the plaintext update it sealed."""
+    from fedcompute.clients.device import upload
+    from fedcompute.keys.statement import check_trusted
+
+    a = harness.check_in(population).task_assignment
+    assert a.assignment_id, "no assignment"
+    trust = harness.trust()
+    check_trusted(a.encryption_key, trust.providers, trust.threshold)
+    payload = zero_update(value=0.01) if plaintext is None else plaintext
+    upload(harness.uploads, harness.report(a).upload_instruction, sealed(a, payload))
+    return payload

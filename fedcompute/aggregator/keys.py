@@ -78,6 +78,13 @@ class JobKeys:
 
     def _obtain(self, key_id: str) -> X25519PrivateKey:
         published = self._published(key_id)
+        providers = [c for c in self.access.providers if c.reachable()]
+        if len(providers) < self.access.threshold:
+            # Asking for releases now would only spend the live providers' release budgets.
+            raise KeyUnavailable(
+                f"only {len(providers)} of {len(self.access.providers)} key services are reachable, "
+                f"{self.access.threshold} needed; waiting for them to come back"
+            )
         ephemeral = hpke.generate_private_key()
         binding = ReleaseBinding(
             hpke.public_bytes(ephemeral.public_key()),
@@ -90,7 +97,7 @@ class JobKeys:
         )
         result = self._attest(binding)
         result_id = str(jwt.decode(result, options={"verify_signature": False})["jti"])
-        shares, errors = self._collect(binding, result, result_id, ephemeral)
+        shares, errors = self._collect(providers, binding, result, result_id, ephemeral)
         needed = self.access.threshold
         if len(shares) < needed:
             raise KeyUnavailable(
@@ -120,7 +127,12 @@ class JobKeys:
             raise KeyUnavailable(f"attestation failed: {exc.code().name}: {exc.details()}") from None
 
     def _collect(
-        self, binding: ReleaseBinding, result: str, result_id: str, ephemeral: X25519PrivateKey
+        self,
+        providers: list[KeyClient],
+        binding: ReleaseBinding,
+        result: str,
+        result_id: str,
+        ephemeral: X25519PrivateKey,
     ) -> tuple[dict[str, tuple[int, bytes]], list[str]]:
         request = key_pb2.ReleaseKeyShareRequest(
             key_id=binding.key_id,
@@ -134,7 +146,7 @@ class JobKeys:
         )
         shares: dict[str, tuple[int, bytes]] = {}
         errors: list[str] = []
-        for client in self.access.providers:
+        for client in providers:
             try:
                 reply = client.release_key_share(request)
             except grpc.RpcError as exc:

@@ -142,6 +142,14 @@ class KeyClient:
     def get_provider_info(self, request: key_pb2.GetProviderInfoRequest) -> key_pb2.GetProviderInfoResponse:
         return self._stub.GetProviderInfo(request, timeout=self._timeout)
 
+    def reachable(self, timeout_s: float = 2.0) -> bool:
+        """One quick GetProviderInfo, no retries: is this key service up right now?"""
+        try:
+            self._stub.GetProviderInfo(key_pb2.GetProviderInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return True
+
     def release_key_share(self, request: key_pb2.ReleaseKeyShareRequest) -> key_pb2.ReleaseKeyShareResponse:
         return self._stub.ReleaseKeyShare(request, timeout=self._timeout)
 

@@ -51,7 +51,7 @@ class ReleasePolicy:
     verifier_key: ec.EllipticCurvePublicKey
     allowed_measurements: frozenset[str]
     allowed_hwmodels: frozenset[str]
-    max_releases_per_aggregation: int = 5
+    max_releases_per_aggregation: int = 10
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,162 @@
+"""Confidential aggregation end to end: key services failing and coming back, a lying key service, a device
+refusing an unsigned key, a worker with other code, and a scan for secrets in everything the servers stored."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from sqlalchemy import MetaData, create_engine, select
+
+from fedcompute.clients.device import Device, Participated, Trust
+from fedcompute.keys.shamir import combine_key
+from fedcompute.v1 import task_management_pb2 as tm
+from tests.harness import Harness, contribute, suite_settings, wait_for, zero_update
+
+POPULATION = "secret-pop"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path / "work"
+
+
+def _task(harness: Harness, rounds: int = 1, goal: int = 2) -> str:
+    return harness.create_task(POPULATION, rounds=rounds, report_goal=goal, max_cohort=goal).task_id
+
+
+def _round(harness: Harness, task_id: str) -> tm.Iteration:
+    return harness.iterations(task_id)[-1]
+
+
+def test_one_key_service_down_completes_two_down_waits(workdir: Path) -> None:
+    settings = suite_settings(workdir, f"sqlite:///{workdir.parent / 'db.sqlite'}", key_service_processes=True)
+    harness = Harness.start(settings)
+    try:
+        task_id = _task(harness, rounds=2)
+        kp0, kp1, _ = harness.suite.key_services
+        kp0.stop()
+        contribute(harness, POPULATION)
+        contribute(harness, POPULATION)
+        wait_for(lambda: harness.task(task_id).current_round == 2, 60, "round 1 with one key service down")
+        kp1.stop()
+        contribute(harness, POPULATION)
+        contribute(harness, POPULATION)
+        wait_for(lambda: "only 1 of 3 key services" in _round(harness, task_id).aggregation_note, 60, "a clear wait")
+        assert _round(harness, task_id).status == tm.ITERATION_STATUS_AGGREGATING
+        kp1.start()
+        wait_for(lambda: harness.task(task_id).status == tm.TASK_STATUS_COMPLETED, 90, "round 2 after kp-1 is back")
+        assert [i.accepted_contributions for i in harness.iterations(task_id)] == [2, 2]
+    finally:
+        harness.stop()
+
+
+def _tamper_share(workdir: Path, provider: str) -> None:
+    folder = workdir / "keys" / provider
+    kek = ChaCha20Poly1305(bytes.fromhex(json.loads((folder / "identity.json").read_text())["kek"]))
+    state = json.loads((folder / "keyset.json").read_text())
+    for key_id, key in state["keys"].items():
+        raw = bytes.fromhex(key["sealed_share_hex"])
+        share = kek.decrypt(raw[:12], raw[12:], key_id.encode())
+        wrong = bytes([share[0] ^ 0x55]) + share[1:]
+        key["sealed_share_hex"] = (raw[:12] + kek.encrypt(raw[:12], wrong, key_id.encode())).hex()
+    (folder / "keyset.json").write_text(json.dumps(state))
+
+
+def test_a_wrong_share_is_detected_and_its_provider_reported(workdir: Path, database_url: str) -> None:
+    harness = Harness.start(suite_settings(workdir, database_url))
+    try:
+        task_id = _task(harness)
+        _tamper_share(workdir, "kp-2")
+        contribute(harness, POPULATION)
+        contribute(harness, POPULATION)
+        wait_for(lambda: harness.task(task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the round")
+        note = _round(harness, task_id).aggregation_note
+        assert "kp-2" in note
+        assert "kp-0" not in note
+        assert "kp-1" not in note
+    finally:
+        harness.stop()
+
+
+def test_device_refuses_a_key_not_signed_by_its_providers(workdir: Path, database_url: str) -> None:
+    harness = Harness.start(suite_settings(workdir, database_url), aggregator=False)
+    try:
+        task_id = _task(harness)
+        impostors = Trust({f"kp-{i}": ec.generate_private_key(ec.SECP256R1()).public_key() for i in range(3)}, 2)
+        from fedcompute.clients.dataset import non_iid_shards, train_test_split
+
+        train, _ = train_test_split(0)
+        device = Device("d0", non_iid_shards(train, 1, 0)[0], POPULATION, harness.assignments, harness.resources,
+                        harness.uploads, impostors)  # fmt: skip
+        outcome = device.participate()
+        assert isinstance(outcome, Participated)
+        assert outcome.refused_key
+        assert not outcome.uploaded
+        assert _round(harness, task_id).completed_uploads == 0
+    finally:
+        harness.stop()
+
+
+def test_worker_with_other_code_gets_no_key(workdir: Path, database_url: str) -> None:
+    settings = suite_settings(workdir, database_url, allowed_measurements=["sha256:" + "00" * 32])
+    harness = Harness.start(settings)
+    try:
+        task_id = _task(harness)
+        contribute(harness, POPULATION)
+        contribute(harness, POPULATION)
+        wait_for(lambda: "attestation failed" in _round(harness, task_id).aggregation_note, 60, "a refusal")
+        assert "measurement" in _round(harness, task_id).aggregation_note
+        for i in range(3):
+            state = json.loads((workdir / "keys" / f"kp-{i}" / "keyset.json").read_text())
+            assert state["ledger"] == {}  # nothing was released by any key service
+        assert harness.task(task_id).latest_model_version == 1
+    finally:
+        harness.stop()
+
+
+def _stored_values(url: str) -> Iterator[bytes]:
+    engine = create_engine(url)
+    meta = MetaData()
+    meta.reflect(engine)
+    with engine.connect() as conn:
+        for table in meta.sorted_tables:
+            for row in conn.execute(select(table)):
+                for value in row:
+                    yield value if isinstance(value, bytes) else str(value).encode()
+    engine.dispose()
+
+
+def _files(root: Path) -> Iterator[bytes]:
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.endswith(".sock"):
+            yield path.read_bytes()
+
+
+def test_no_plaintext_update_or_key_material_is_stored(workdir: Path, database_url: str) -> None:
+    harness = Harness.start(suite_settings(workdir, database_url))
+    try:
+        task_id = _task(harness)
+        payloads = [contribute(harness, POPULATION, zero_update(value=v)) for v in (0.123, 0.456)]
+        wait_for(lambda: harness.task(task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the round")
+    finally:
+        harness.stop()
+    shares, public = [], None
+    for i in range(3):
+        folder = workdir / "keys" / f"kp-{i}"
+        kek = ChaCha20Poly1305(bytes.fromhex(json.loads((folder / "identity.json").read_text())["kek"]))
+        for key_id, key in json.loads((folder / "keyset.json").read_text())["keys"].items():
+            raw = bytes.fromhex(key["sealed_share_hex"])
+            shares.append((key["share_index"], kek.decrypt(raw[:12], raw[12:], key_id.encode())))
+            public = key_id
+    assert public is not None
+    private = combine_key(shares[:2], 2)
+    needles = [private, private.hex().encode(), *(s for _, s in shares), *(s.hex().encode() for _, s in shares)]
+    needles += [*payloads, b"num_examples"]
+    haystacks = list(_stored_values(database_url)) + list(_files(workdir))
+    for needle in needles:
+        assert not any(needle in hay for hay in haystacks), "a secret or a plaintext update was stored"

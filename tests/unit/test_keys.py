@@ -1,0 +1,88 @@
+"""Shamir sharing of a key, the signed key statement devices check, and the code measurement."""
+
+from __future__ import annotations
+
+import shutil
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcompute.attestation.measure import manifest, measure, package_root
+from fedcompute.keys import hpke, statement
+from fedcompute.keys.shamir import combine_key, split_key
+from fedcompute.v1 import common_pb2
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.integers(2, 5), st.integers(0, 3))
+def test_any_t_shares_rebuild_the_key(secret: bytes, threshold: int, extra: int) -> None:
+    shares = split_key(secret, threshold, threshold + extra)
+    assert len({i for i, _ in shares}) == threshold + extra
+    for subset in combinations(shares, threshold):
+        assert combine_key(list(subset), threshold) == secret
+
+
+def test_fewer_or_wrong_shares_do_not_rebuild() -> None:
+    secret = hpke.private_bytes(hpke.generate_private_key())
+    shares = split_key(secret, 2, 3)
+    with pytest.raises(ValueError, match="exactly 2"):
+        combine_key(shares[:1], 2)
+    index, share = shares[0]
+    wrong = (index, bytes([share[0] ^ 1]) + share[1:])
+    assert combine_key([wrong, shares[1]], 2) != secret
+    assert split_key(secret, 1, 3)[2] == (3, secret)
+
+
+def _key(providers: list[str], threshold: int) -> common_pb2.PublicKey:
+    public = hpke.public_bytes(hpke.generate_private_key().public_key())
+    return common_pb2.PublicKey(
+        key_id=hpke.key_id_for(public),
+        public_key=public,
+        kem_id=hpke.KEM_ID,
+        kdf_id=hpke.KDF_ID,
+        aead_id=hpke.AEAD_ID,
+        activation_time_unix=1,
+        expiration_time_unix=2,
+        destruction_time_unix=3,
+        population_name="pop",
+        threshold=threshold,
+        provider_ids=providers,
+    )
+
+
+def test_devices_need_t_valid_signatures_from_trusted_providers() -> None:
+    signers = {p: ec.generate_private_key(ec.SECP256R1()) for p in ("kp-0", "kp-1", "kp-2")}
+    trusted = {p: k.public_key() for p, k in signers.items()}
+    key = _key(list(signers), 2)
+    one = common_pb2.KeySignature(provider_id="kp-0", signature=statement.sign(key, signers["kp-0"]))
+    key.signatures.append(one)
+    with pytest.raises(statement.UntrustedKey, match="1 valid signature"):
+        statement.check_trusted(key, trusted, 2)
+    key.signatures.append(one)  # the same provider twice counts once
+    with pytest.raises(statement.UntrustedKey):
+        statement.check_trusted(key, trusted, 2)
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    key.signatures.append(common_pb2.KeySignature(provider_id="kp-evil", signature=statement.sign(key, stranger)))
+    with pytest.raises(statement.UntrustedKey, match="unknown providers"):
+        statement.check_trusted(key, trusted, 2)
+    key.signatures.append(common_pb2.KeySignature(provider_id="kp-1", signature=statement.sign(key, signers["kp-1"])))
+    statement.check_trusted(key, trusted, 2)
+    key.public_key = hpke.public_bytes(hpke.generate_private_key().public_key())  # substituted by a relay
+    with pytest.raises(statement.UntrustedKey):
+        statement.check_trusted(key, trusted, 2)
+
+
+def test_measurement_covers_the_code(tmp_path: Path) -> None:
+    copy = tmp_path / "fedcompute"
+    shutil.copytree(package_root(), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert measure(copy) == measure(package_root())
+    assert any(line.startswith("python ") for line in manifest(copy))
+    assert any(line.startswith("dist torch==") for line in manifest(copy))
+    with (copy / "aggregator" / "fedavg.py").open("a") as handle:
+        handle.write("\n# a change\n")
+    assert measure(copy) != measure(package_root())
+    assert measure(package_root()).startswith("sha256:")
