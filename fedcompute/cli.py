@@ -75,6 +75,7 @@ def demo(
         poll_interval_s=0.05,
         lease_s=30.0,
         log_json=False,
+        log_level="WARNING",
         key_services=key_services,
         threshold=threshold,
         job_backoff_max_s=2.0,
@@ -100,7 +101,7 @@ def up(
 
     stop = _stop_on_signal()
     settings = _settings(workdir=workdir, database_url=database_url, server_port=port)
-    configure_logging(settings.log_json)
+    configure_logging(settings.log_json, settings.log_level)
     suite = start_suite(settings)
     keys = ", ".join(suite.key_addresses)
     typer.echo(f"fedcompute up: server {suite.server_address}, key services {keys}", err=True)
@@ -119,7 +120,7 @@ def serve(
     from fedcompute.suite import load_secrets
 
     settings = _settings()
-    configure_logging(settings.log_json)
+    configure_logging(settings.log_json, settings.log_level)
     secrets = load_secrets(settings)
     clock, ids = SystemClock(), RandomIds()
     stoppers: list[Any] = []

@@ -38,7 +38,7 @@ def build_worker(settings: Settings, worker_id: str) -> AggregatorWorker:
 
 def main() -> None:
     settings = Settings()
-    configure_logging(settings.log_json)
+    configure_logging(settings.log_json, settings.log_level)
     worker = build_worker(settings, RandomIds().new_id("worker"))
     loop = PollingLoop("aggregator", worker.run_once, settings.poll_interval_s).start()
     stop = threading.Event()

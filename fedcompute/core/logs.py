@@ -7,7 +7,9 @@ import logging
 import structlog
 
 
-def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
+def configure_logging(json_lines: bool, level: int | str = logging.INFO) -> None:
+    if isinstance(level, str):
+        level = logging.getLevelNamesMapping()[level]
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of client calls.")
     worker_threads: int = Field(16, gt=0, description="gRPC server thread pool size.")
     log_json: bool = Field(True, description="JSON log lines (services) instead of console output.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
 
     @field_validator("retry_delay_max_s")
     @classmethod
