@@ -24,6 +24,78 @@ app.add_typer(task_app, name="task")
 app.add_typer(devices_app, name="devices")
 keys_app = typer.Typer(help="Key provider set-up.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+privacy_app = typer.Typer(help="Differential-privacy accounting (Opacus accountants).", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
+
+Accountant = Annotated[str, typer.Option(help="prv (reported) or rdp (cross-check).")]
+SampleRate = Annotated[float, typer.Option(min=0.0, max=1.0, help="q = clients per round / population.")]
+Rounds = Annotated[int, typer.Option(min=1, help="Rounds (one Gaussian step each).")]
+Delta = Annotated[float, typer.Option(min=0.0, max=1.0, help="Target delta.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise typer.BadParameter(f"must be > 0, got {value}", param_hint=f"--{name.replace('_', '-')}")
+
+
+def _open_unit(**values: float) -> None:
+    for name, value in values.items():
+        if not 0 < value < 1:
+            raise typer.BadParameter(f"must be in (0, 1), got {value}", param_hint=f"--{name.replace('_', '-')}")
+
+
+def _accountant(name: str) -> str:
+    if name not in ("prv", "rdp"):
+        typer.echo(f"--accountant must be prv or rdp, not {name!r}", err=True)
+        raise typer.Exit(2)
+    return name
+
+
+@privacy_app.command("epsilon")
+def privacy_epsilon(
+    noise_multiplier: Annotated[float, typer.Option(min=0.0, help="Noise multiplier z.")],
+    sample_rate: SampleRate,
+    rounds: Rounds,
+    delta: Delta,
+    accountant: Accountant = "prv",
+    as_json: JsonFlag = False,
+) -> None:
+    """The ε that T rounds of the Gaussian mechanism with multiplier z and sampling rate q spend at δ."""
+    from fedcompute.core.privacy import epsilon
+
+    _positive(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    _open_unit(delta=delta)
+    value = epsilon(noise_multiplier, sample_rate, rounds, delta, _accountant(accountant))
+    if as_json:
+        typer.echo(json.dumps({"epsilon": value, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+                               "rounds": rounds, "delta": delta, "accountant": accountant}))  # fmt: skip
+    else:
+        typer.echo(f"{value:.6g}")
+
+
+@privacy_app.command("calibrate")
+def privacy_calibrate(
+    epsilon: Annotated[float, typer.Option("--epsilon", min=0.0, help="Target epsilon.")],
+    delta: Delta,
+    sample_rate: SampleRate,
+    rounds: Rounds,
+    accountant: Accountant = "prv",
+    as_json: JsonFlag = False,
+) -> None:
+    """The noise multiplier z that keeps T rounds within (ε, δ)."""
+    from fedcompute.core.privacy import calibrate
+
+    _positive(epsilon=epsilon, sample_rate=sample_rate)
+    _open_unit(delta=delta)
+    value = calibrate(epsilon, delta, sample_rate, rounds, _accountant(accountant))
+    if as_json:
+        typer.echo(json.dumps({"noise_multiplier": value, "epsilon": epsilon, "sample_rate": sample_rate,
+                               "rounds": rounds, "delta": delta, "accountant": accountant}))  # fmt: skip
+    else:
+        typer.echo(f"{value:.6g}")
+
 
 ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
 
@@ -57,11 +129,18 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
     key_services: Annotated[int, typer.Option(min=1, max=16, help="Independent key services (n).")] = 3,
     threshold: Annotated[int, typer.Option(min=1, max=16, help="Shares needed to rebuild a key (t).")] = 2,
+    dp: Annotated[bool, typer.Option("--dp", help="Train with user-level differential privacy.")] = False,
+    epsilon: Annotated[float, typer.Option(min=0.0, help="DP: privacy budget ε.")] = 10.0,
+    delta: Annotated[
+        float | None, typer.Option(help="DP: δ (default 1e-3, or 1/devices^1.1 from 100 devices).")
+    ] = None,
+    clip: Annotated[float, typer.Option(min=0.0, help="DP: L2 clip norm (initial, if adaptive).")] = 2.0,
+    adaptive_clip: Annotated[bool, typer.Option("--adaptive-clip", help="DP: adapt the clip norm.")] = False,
 ) -> None:
     """Run a whole federated training job on this machine and report accuracy per round."""
     import tempfile
 
-    from fedcompute.clients.demo import format_table, run_demo, write_json, write_plot
+    from fedcompute.clients.demo import DemoPrivacy, default_delta, format_table, run_demo, write_json, write_plot
 
     configure_logging(json_lines=False, level=logging.WARNING)
     work = workdir or Path(tempfile.mkdtemp(prefix="fedcompute-demo-"))
@@ -80,7 +159,8 @@ def demo(
         threshold=threshold,
         job_backoff_max_s=2.0,
     )
-    result = run_demo(settings, devices, rounds, seed, timeout)
+    privacy = DemoPrivacy(epsilon, delta or default_delta(devices), clip, adaptive_clip) if dp else None
+    result = run_demo(settings, devices, rounds, seed, timeout, privacy)
     typer.echo(format_table(result))
     plot_path = plot or work / "accuracy.png"
     write_plot(result, plot_path)

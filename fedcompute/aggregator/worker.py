@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 import structlog
 
 from fedcompute.aggregator.contributions import JobContext, Rejected, open_contribution
+from fedcompute.aggregator.dp import BelowMinimum, DpParams, DpSum
 from fedcompute.aggregator.fedavg import StreamingMean
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyUnavailable
+from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource
 from fedcompute.clients.typed import AggregationClient
 from fedcompute.core import checkpoints
 from fedcompute.core.context import input_set_digest
@@ -21,9 +24,16 @@ log = structlog.get_logger("fedcompute.aggregator")
 
 
 class AggregatorWorker:
-    def __init__(self, jobs: AggregationClient, keys: KeyAccess, worker_id: str) -> None:
+    def __init__(
+        self,
+        jobs: AggregationClient,
+        keys: KeyAccess,
+        worker_id: str,
+        noise: Callable[[], NoiseSource] = ChaChaGaussian.secure,
+    ) -> None:
         self._jobs = jobs
         self._keys = keys
+        self._noise = noise
         self._worker_id = worker_id
 
     def run_once(self) -> bool:
@@ -46,7 +56,8 @@ class AggregatorWorker:
         )
         keys = JobKeys(self._keys, job)
         inputs: list[tuple[str, str]] = []
-        mean = StreamingMean()
+        dp = _dp_params(job.dp)
+        mean: StreamingMean | DpSum = DpSum(dp, self._noise()) if dp else StreamingMean()
         rejections: Counter[str] = Counter()
         seen: set[str] = set()
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
@@ -66,7 +77,10 @@ class AggregatorWorker:
                 except Rejected as refusal:
                     rejections[refusal.reason] += 1
                     continue
-                mean.add(opened.update, float(opened.num_examples))
+                if isinstance(mean, DpSum):
+                    mean.add(opened.update)  # uniform weights under DP: example counts would leak
+                else:
+                    mean.add(opened.update, float(opened.num_examples))
                 if time.monotonic() > next_extension:
                     self._jobs.extend_lease(
                         aggregation_pb2.ExtendLeaseRequest(job_id=job.job_id, lease_id=job.lease_id)
@@ -85,11 +99,23 @@ class AggregatorWorker:
         if mean.count == 0:
             self._fail(job, f"no valid contribution among {rejected} ({dict(rejections)})", retryable=False)
             return
+        clip_used = next_clip = 0.0
+        if isinstance(mean, DpSum):
+            try:
+                update, next_clip = mean.release()
+            except BelowMinimum as exc:
+                self._fail(job, str(exc), retryable=False)
+                return
+            clip_used = job.dp.clip_norm
+        else:
+            update = mean.mean()
         self._jobs.complete_job(
             aggregation_pb2.CompleteJobRequest(
                 job_id=job.job_id,
                 lease_id=job.lease_id,
-                update=checkpoints.encode(mean.mean()),
+                update=checkpoints.encode(update),
+                clip_norm=clip_used,
+                next_clip_norm=next_clip,
                 accepted_contributions=mean.count,
                 rejected_contributions=rejected,
                 rejections=[aggregation_pb2.RejectionCount(reason=r, count=c) for r, c in sorted(rejections.items())],
@@ -109,3 +135,18 @@ def _faulty_note(providers: set[str]) -> str:
     if not providers:
         return ""
     return f"key services {sorted(providers)} returned shares that did not verify or rebuild the key"
+
+
+def _dp_params(msg: aggregation_pb2.DpParams) -> DpParams | None:
+    if not msg.enabled:
+        return None
+    return DpParams(
+        clip_norm=msg.clip_norm,
+        noise_multiplier=msg.noise_multiplier,
+        expected_clients=msg.expected_clients,
+        min_clients=msg.min_clients,
+        adaptive_clip=msg.adaptive_clip,
+        target_unclipped_quantile=msg.target_unclipped_quantile,
+        clip_learning_rate=msg.clip_learning_rate,
+        clipped_count_stddev=msg.clipped_count_stddev,
+    )

@@ -16,18 +16,39 @@ from fedcompute.clients.dataset import Split, non_iid_shards, train_test_split
 from fedcompute.clients.device import Trust, download
 from fedcompute.clients.fleet import Fleet
 from fedcompute.clients.training import DEFAULT_PLAN_HYPERPARAMETERS, TrainingConfig, evaluate, train_central
-from fedcompute.clients.typed import ResourceClient, TaskManagementClient
+from fedcompute.clients.typed import KeyClient, ResourceClient, TaskManagementClient
 from fedcompute.core import checkpoints
 from fedcompute.core.settings import Settings
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
 from fedcompute.suite import start_suite
+from fedcompute.v1 import key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
 
 log = structlog.get_logger("fedcompute.demo")
 ARCHITECTURE = "digits-mlp-v1"
 POPULATION = "demo-digits"
-FINISHED = {tm.TASK_STATUS_COMPLETED, tm.TASK_STATUS_CANCELED, tm.TASK_STATUS_FAILED}
+FINISHED = {
+    tm.TASK_STATUS_COMPLETED,
+    tm.TASK_STATUS_CANCELED,
+    tm.TASK_STATUS_FAILED,
+    tm.TASK_STATUS_BUDGET_EXHAUSTED,
+}
+
+
+@dataclass(frozen=True)
+class DemoPrivacy:
+    """The demo's DP settings; the assumed population is the fleet itself (q = report goal / devices)."""
+
+    epsilon: float
+    delta: float
+    clip: float
+    adaptive_clip: bool
+
+
+def default_delta(devices: int) -> float:
+    """Below 1/N for any fleet size N, and no looser than 1e-3."""
+    return float(min(1e-3, 1 / devices**1.1))
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,8 @@ class RoundRow:
     accuracy: float
     accepted_contributions: int
     rejected_contributions: int
+    epsilon: float = 0.0
+    clip_norm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,7 @@ class DemoResult:
     task_id: str
     database: str
     elapsed_s: float
+    dp: dict[str, float | bool | str] | None = None
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -60,10 +84,21 @@ class DemoResult:
         return data
 
 
-def task_spec(devices: int, rounds: int, seed: int) -> tm.TaskSpec:
+def task_spec(devices: int, rounds: int, seed: int, privacy: DemoPrivacy | None = None) -> tm.TaskSpec:
     hp = DEFAULT_PLAN_HYPERPARAMETERS
     report_goal = max(1, math.ceil(0.8 * devices))
+    dp = tm.DpConfig()
+    if privacy:
+        dp = tm.DpConfig(
+            enabled=True,
+            target_epsilon=privacy.epsilon,
+            target_delta=privacy.delta,
+            assumed_population_size=devices,
+            l2_clip_norm=privacy.clip,
+            adaptive_clip=privacy.adaptive_clip,
+        )
     return tm.TaskSpec(
+        dp=dp,
         population_name=POPULATION,
         model_architecture=ARCHITECTURE,
         initial_seed=seed,
@@ -79,7 +114,9 @@ def task_spec(devices: int, rounds: int, seed: int) -> tm.TaskSpec:
     )
 
 
-def run_demo(settings: Settings, devices: int, rounds: int, seed: int, timeout_s: float) -> DemoResult:
+def run_demo(
+    settings: Settings, devices: int, rounds: int, seed: int, timeout_s: float, privacy: DemoPrivacy | None = None
+) -> DemoResult:
     started = time.monotonic()
     torch.set_num_threads(1)  # many small models on few cores: avoid thread oversubscription
     train, test = train_test_split(seed)
@@ -90,7 +127,8 @@ def run_demo(settings: Settings, devices: int, rounds: int, seed: int, timeout_s
         channel = open_channel(suite.server_address)
         operators = TaskManagementClient(channel, settings.rpc_timeout_s)
         resources = ResourceClient(channel, settings.rpc_timeout_s)
-        task = operators.create_task(tm.CreateTaskRequest(spec=task_spec(devices, rounds, seed))).task
+        task = operators.create_task(tm.CreateTaskRequest(spec=task_spec(devices, rounds, seed, privacy))).task
+        _wait_for_key(suite.key_addresses[0], settings.rpc_timeout_s)
         trust = Trust(load_trusted(suite.settings.trusted_providers_path()), settings.threshold)
         fleet = Fleet(suite.server_address, POPULATION, shards, seed, trust, max_sleep_s=0.5).start()
         rows, initial = _follow(operators, resources, task.task_id, rounds, test, timeout_s)
@@ -111,7 +149,32 @@ def run_demo(settings: Settings, devices: int, rounds: int, seed: int, timeout_s
         task_id=task.task_id,
         database="postgres" if settings.resolved_database_url().startswith("postgresql") else "sqlite",
         elapsed_s=round(time.monotonic() - started, 1),
+        dp=_dp_summary(task) if privacy else None,
     )
+
+
+def _wait_for_key(key_address: str, timeout_s: float) -> None:
+    """The dealer runs the population's key ceremony within a poll interval; start the fleet after it."""
+    keys = KeyClient(open_channel(key_address), timeout_s)
+    deadline = time.monotonic() + timeout_s
+    request = key_pb2.GetPublicKeysRequest(population_name=POPULATION)
+    while not keys.get_public_keys(request).keys:
+        if time.monotonic() > deadline:
+            raise TimeoutError("no key ceremony completed for the demo population")
+        time.sleep(0.05)
+
+
+def _dp_summary(task: tm.Task) -> dict[str, float | bool | str]:
+    dp = task.spec.dp
+    return {
+        "target_epsilon": dp.target_epsilon,
+        "delta": dp.target_delta,
+        "noise_multiplier": dp.noise_multiplier,
+        "clip": dp.l2_clip_norm,
+        "adaptive_clip": dp.adaptive_clip,
+        "assumed_population": dp.assumed_population_size,
+        "accountant": dp.accountant,
+    }
 
 
 def _follow(
@@ -141,13 +204,21 @@ def _follow(
                     continue
                 counts = _round_counts(operators, task_id, version.round)
                 rows.append(
-                    RoundRow(version.round, version.version, version.contributions, round(accuracy, 4), *counts)
+                    RoundRow(
+                        version.round,
+                        version.version,
+                        version.contributions,
+                        round(accuracy, 4),
+                        *counts,
+                        epsilon=round(version.epsilon_spent, 4),
+                        clip_norm=round(version.clip_norm, 4),
+                    )
                 )
                 bar.set_postfix(accuracy=f"{accuracy:.3f}")
                 bar.update(1)
             status = operators.get_task(tm.GetTaskRequest(task_id=task_id)).task
             if status.status in FINISHED and len(seen) == len(versions):
-                if status.status != tm.TASK_STATUS_COMPLETED:
+                if status.status not in (tm.TASK_STATUS_COMPLETED, tm.TASK_STATUS_BUDGET_EXHAUSTED):
                     raise RuntimeError(f"task ended {tm.TaskStatus.Name(status.status)}: {status.status_reason}")
                 return rows, initial
             if time.monotonic() > deadline:
@@ -164,14 +235,25 @@ def _round_counts(operators: TaskManagementClient, task_id: str, round_: int) ->
 
 
 def format_table(result: DemoResult) -> str:
+    dp = result.dp is not None
+    extra = f"  {'epsilon':>8}  {'clip':>7}" if dp else ""
     lines = [
-        f"{'round':>5}  {'model version':>13}  {'contributions':>13}  {'rejected':>8}  {'accuracy':>8}",
-        f"{0:>5}  {1:>13}  {'-':>13}  {'-':>8}  {result.initial_accuracy:>8.4f}",
+        f"{'round':>5}  {'model version':>13}  {'contributions':>13}  {'rejected':>8}  {'accuracy':>8}{extra}",
+        f"{0:>5}  {1:>13}  {'-':>13}  {'-':>8}  {result.initial_accuracy:>8.4f}"
+        + (f"  {0:>8.3f}  {'-':>7}" if dp else ""),
     ]
-    lines += [
-        f"{r.round:>5}  {r.model_version:>13}  {r.contributions:>13}  {r.rejected_contributions:>8}  {r.accuracy:>8.4f}"
-        for r in result.rounds
-    ]
+    for r in result.rounds:
+        tail = f"  {r.epsilon:>8.3f}  {r.clip_norm:>7.3f}" if dp else ""
+        lines.append(
+            f"{r.round:>5}  {r.model_version:>13}  {r.contributions:>13}  {r.rejected_contributions:>8}  "
+            f"{r.accuracy:>8.4f}{tail}"
+        )
+    if result.dp:
+        lines.append(
+            f"DP: ε spent {result.rounds[-1].epsilon if result.rounds else 0:.3f} of {result.dp['target_epsilon']:g} "
+            f"(δ={result.dp['delta']:.2g}, z={result.dp['noise_multiplier']:.3f}, "
+            f"q={result.report_goal}/{result.dp['assumed_population']}, {result.dp['accountant']})"
+        )
     lines.append(
         f"final held-out accuracy {result.final_accuracy:.4f} with {result.devices} devices "
         f"(report goal {result.report_goal}); centrally trained baseline {result.central_accuracy:.4f}; "
@@ -196,6 +278,11 @@ def write_plot(result: DemoResult, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(f"fedcompute demo: {result.devices} devices, digits")
+    if result.dp:
+        eps_ax = ax.twinx()
+        eps_ax.plot(xs, [0.0] + [r.epsilon for r in result.rounds], color="tab:red", marker="s", label="ε spent")
+        eps_ax.set_ylabel("ε spent", color="tab:red")
+        eps_ax.legend(loc="center right")
     ax.legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

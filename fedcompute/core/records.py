@@ -19,6 +19,7 @@ class TaskRecord:
     plan_size: int
     created_at: datetime
     status_reason: str
+    epsilon_spent: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class IterationRecord:
     accepted: int
     rejected: int
     note: str = ""
+    clip_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class JobRecord:
     rejected: int
     update_sha256: str | None
     error: str
+    clip_norm: float | None = None
+    next_clip_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,3 +92,5 @@ class ModelVersionRecord:
     round: int
     contributions: int
     created_at: datetime
+    epsilon_spent: float = 0.0
+    clip_norm: float | None = None

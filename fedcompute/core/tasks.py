@@ -6,9 +6,10 @@ The plan is JSON: an architecture id from the registry plus local-training hyper
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from fedcompute.core.errors import InvalidArgument
+from fedcompute.core.privacy import DpSpec
 from fedcompute.core.versions import parse_version
 
 PLAN_FORMAT = "fedcompute.plan.v1"
@@ -37,6 +38,7 @@ class TaskSpec:
     max_client_version: str = ""
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     server_learning_rate: float = 1.0
+    dp: DpSpec | None = None
 
     def validate(self, known_architectures: set[str]) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -79,6 +81,12 @@ class TaskSpec:
             raise InvalidArgument("spec.hyperparameters.momentum", "must be in [0, 1)")
         if not self.server_learning_rate > 0:
             raise InvalidArgument("spec.server_learning_rate", "must be > 0")
+
+    def resolved(self) -> TaskSpec:
+        """The spec as stored: DP settings validated and the noise multiplier calibrated."""
+        if self.dp is None:
+            return self
+        return replace(self, dp=self.dp.resolve(self.rounds, self.report_goal, self.max_cohort))
 
     def plan_bytes(self) -> bytes:
         """The canonical plan JSON devices download."""

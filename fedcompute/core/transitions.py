@@ -14,6 +14,7 @@ class TaskStatus(StrEnum):
     COMPLETED = "COMPLETED"
     CANCELED = "CANCELED"
     FAILED = "FAILED"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
 
 
 class IterationStatus(StrEnum):
@@ -51,6 +52,7 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
         (TaskStatus.OPEN, TaskStatus.COMPLETED),
         (TaskStatus.OPEN, TaskStatus.CANCELED),
         (TaskStatus.OPEN, TaskStatus.FAILED),
+        (TaskStatus.OPEN, TaskStatus.BUDGET_EXHAUSTED),
     },
     "iteration": {
         (IterationStatus.OPEN, IterationStatus.AGGREGATING),

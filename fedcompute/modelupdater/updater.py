@@ -12,11 +12,13 @@ import torch
 from fedcompute.core import checkpoints
 from fedcompute.core.blobs import BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
-from fedcompute.core.records import JobRecord, ModelVersionRecord
+from fedcompute.core.privacy import DpSpec, epsilon
+from fedcompute.core.records import IterationRecord, JobRecord, ModelVersionRecord, TaskRecord
 from fedcompute.core.transitions import IterationStatus, JobStatus, TaskStatus
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
+from fedcompute.store.ledger import Charge, LedgerRepository
 from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.rounds import retry_or_fail_round
 from fedcompute.store.tasks import TaskRepository
@@ -61,6 +63,7 @@ class ModelUpdater:
             assert iteration is not None
             assert task is not None
             base = ModelVersionRepository(s).get(job.task_id, iteration.base_model_version)
+            releases = LedgerRepository(s).releases(job.task_id)
         assert base is not None
         if iteration.status != IterationStatus.AGGREGATING or task.status != TaskStatus.OPEN:
             self._discard(job, f"round is {iteration.status}, task is {task.status}")
@@ -73,6 +76,10 @@ class ModelUpdater:
             self._discard(job, f"update could not be applied: {exc}")
             return False
         version = base.version + 1
+        charge = self._privacy_charge(task, iteration, job, version, releases)
+        if charge and task.spec.dp and charge.epsilon > task.spec.dp.target_epsilon:
+            self._exhausted(job, iteration, task, charge)
+            return False
         data = checkpoints.encode(
             new_weights,
             {
@@ -106,15 +113,48 @@ class ModelUpdater:
                     now,
                 )
             )
+            if charge:
+                LedgerRepository(s).charge(charge, now)  # charged before the version is visible
             tasks = TaskRepository(s)
             if iteration.round >= task.spec.rounds:
                 tasks.set_progress(task.task_id, iteration.round, version, now)
                 tasks.change_status(task.task_id, TaskStatus.OPEN, TaskStatus.COMPLETED, now, "all rounds done")
             else:
-                iterations.open(self._ids, task.task_id, iteration.round + 1, 1, version, task.spec, now)
+                clip = _next_clip(task.spec.dp, job)
+                iterations.open(self._ids, task.task_id, iteration.round + 1, 1, version, task.spec, now, clip)
                 tasks.set_progress(task.task_id, iteration.round + 1, version, now)
         log.info("model_published", task_id=task.task_id, version=version, round=iteration.round)
         return True
+
+    def _privacy_charge(
+        self, task: TaskRecord, iteration: IterationRecord, job: JobRecord, version: int, releases: int
+    ) -> Charge | None:
+        """What publishing this version costs: ε after one more release, by the task's accountant."""
+        dp = task.spec.dp
+        if dp is None:
+            return None
+        q = dp.sample_rate(task.spec.report_goal)
+        spent = epsilon(dp.noise_multiplier, q, releases + 1, dp.target_delta, dp.accountant)
+        clip = job.clip_norm or iteration.clip_norm or dp.l2_clip_norm
+        return Charge(
+            task.task_id, version, iteration.round, spent, dp.target_delta, dp.noise_multiplier, q, dp.accountant, clip
+        )
+
+    def _exhausted(self, job: JobRecord, iteration: IterationRecord, task: TaskRecord, charge: Charge) -> None:
+        """Refuse the release: the round fails and the task ends as BUDGET_EXHAUSTED."""
+        assert task.spec.dp is not None
+        reason = (
+            f"publishing round {iteration.round} would bring ε to {charge.epsilon:.4g}, "
+            f"over the budget {task.spec.dp.target_epsilon:g}; nothing was released"
+        )
+        now = self._clock.now()
+        with self._db.transaction() as s:
+            JobRepository(s).change_status(job.job_id, JobStatus.SUCCEEDED, JobStatus.FAILED, now, reason, error=reason)
+            IterationRepository(s).change_status(
+                iteration.iteration_id, IterationStatus.AGGREGATING, IterationStatus.FAILED, now, reason
+            )
+            TaskRepository(s).change_status(task.task_id, TaskStatus.OPEN, TaskStatus.BUDGET_EXHAUSTED, now, reason)
+        log.warning("privacy_budget_exhausted", task_id=task.task_id, epsilon=charge.epsilon)
 
     def _discard(self, job: JobRecord, reason: str) -> None:
         """Fail the job; a round still aggregating is retried (or its task failed after too many attempts)."""
@@ -126,3 +166,11 @@ class ModelUpdater:
             if iteration is not None and iteration.status == IterationStatus.AGGREGATING:
                 retry_or_fail_round(s, self._ids, iteration, self._max_attempts, reason, now)
         log.warning("update_discarded", job_id=job.job_id, reason=reason)
+
+
+def _next_clip(dp: DpSpec | None, job: JobRecord) -> float | None:
+    if dp is None:
+        return None
+    if dp.adaptive_clip and job.next_clip_norm:
+        return job.next_clip_norm
+    return dp.l2_clip_norm

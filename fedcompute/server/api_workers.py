@@ -33,6 +33,24 @@ def _encode_job(claimed: ClaimedJob) -> pb.AggregationJob:
         attempt=job.attempts,
         input_set_sha256_hex=job.input_set_sha256,
         model_architecture=task.spec.model_architecture,
+        dp=_encode_dp(claimed),
+    )
+
+
+def _encode_dp(claimed: ClaimedJob) -> pb.DpParams:
+    dp, goal = claimed.task.spec.dp, claimed.task.spec.report_goal
+    if dp is None:
+        return pb.DpParams()
+    return pb.DpParams(
+        enabled=True,
+        clip_norm=claimed.iteration.clip_norm or dp.l2_clip_norm,
+        noise_multiplier=dp.update_noise(goal),
+        expected_clients=goal,
+        min_clients=dp.min_clients or goal,
+        adaptive_clip=dp.adaptive_clip,
+        target_unclipped_quantile=dp.target_unclipped_quantile,
+        clip_learning_rate=dp.clip_learning_rate,
+        clipped_count_stddev=dp.count_stddev(goal),
     )
 
 
@@ -65,6 +83,8 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
             rejected=request.rejected_contributions,
             rejections={r.reason: r.count for r in request.rejections},
             note=request.note,
+            clip_norm=request.clip_norm or None,
+            next_clip_norm=request.next_clip_norm or None,
         )
         return pb.CompleteJobResponse(status=_status(self._jobs.complete(request.job_id, request.lease_id, result)))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fedcompute.core.privacy import DpSpec
 from fedcompute.core.records import IterationRecord, ModelVersionRecord, TaskRecord
 from fedcompute.core.tasks import CHECKPOINT_MEDIA_TYPE, PLAN_MEDIA_TYPE, Hyperparameters, TaskSpec
 from fedcompute.server.resources import model_resource_name, plan_resource_name
@@ -31,7 +34,30 @@ def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
             momentum=hp.momentum,
         ),
         server_learning_rate=msg.server_learning_rate or 1.0,
+        dp=decode_dp(msg.dp) if msg.dp.enabled else None,
     )
+
+
+def decode_dp(msg: task_management_pb2.DpConfig) -> DpSpec:
+    return DpSpec(
+        target_epsilon=msg.target_epsilon,
+        target_delta=msg.target_delta,
+        assumed_population_size=msg.assumed_population_size,
+        accountant=msg.accountant or "prv",
+        noise_multiplier=msg.noise_multiplier,
+        l2_clip_norm=msg.l2_clip_norm,
+        adaptive_clip=msg.adaptive_clip,
+        target_unclipped_quantile=msg.target_unclipped_quantile or 0.5,
+        clip_learning_rate=msg.clip_learning_rate or 0.2,
+        clipped_count_stddev=msg.clipped_count_stddev,
+        min_clients=msg.min_clients,
+    )
+
+
+def encode_dp(dp: DpSpec | None) -> task_management_pb2.DpConfig:
+    if dp is None:
+        return task_management_pb2.DpConfig()
+    return task_management_pb2.DpConfig(enabled=True, **asdict(dp))
 
 
 def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
@@ -49,6 +75,7 @@ def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
             local_epochs=hp.local_epochs, batch_size=hp.batch_size, learning_rate=hp.learning_rate, momentum=hp.momentum
         ),
         server_learning_rate=spec.server_learning_rate,
+        dp=encode_dp(spec.dp),
     )
 
 
@@ -94,6 +121,7 @@ def encode_task(task: TaskRecord) -> task_management_pb2.Task:
         plan=plan_resource(task),
         created_time=timestamp(task.created_at),
         status_reason=task.status_reason,
+        epsilon_spent=task.epsilon_spent,
     )
 
 
@@ -110,6 +138,7 @@ def encode_iteration(it: IterationRecord) -> task_management_pb2.Iteration:
         rejected_contributions=it.rejected,
         attempt=it.attempt,
         aggregation_note=it.note,
+        clip_norm=it.clip_norm or 0.0,
     )
 
 
@@ -123,4 +152,6 @@ def encode_model_version(v: ModelVersionRecord) -> task_management_pb2.ModelVers
         round=v.round,
         contributions=v.contributions,
         created_time=timestamp(v.created_at),
+        epsilon_spent=v.epsilon_spent,
+        clip_norm=v.clip_norm or 0.0,
     )

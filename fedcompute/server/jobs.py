@@ -47,6 +47,8 @@ class JobResult:
     rejected: int
     rejections: dict[str, int]
     note: str = ""
+    clip_norm: float | None = None
+    next_clip_norm: float | None = None
 
 
 class JobService:
@@ -128,6 +130,8 @@ class JobService:
                 rejected=result.rejected,
                 rejections_json=json.dumps(result.rejections, sort_keys=True),
                 update_sha256=update_sha,
+                clip_norm=result.clip_norm,
+                next_clip_norm=result.next_clip_norm,
             )
             if not done:
                 raise FailedPrecondition(f"job {job_id!r} changed while completing; it was not recorded")

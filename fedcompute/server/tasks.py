@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import structlog
 import torch
@@ -18,6 +19,7 @@ from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskS
 from fedcompute.store.assignments import AssignmentRepository
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.ledger import LedgerRepository
 from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.tasks import TaskRepository
 
@@ -34,6 +36,7 @@ class TaskService:
 
     def create(self, spec: TaskSpec) -> TaskRecord:
         spec.validate(set(ARCHITECTURES))
+        spec = spec.resolved()  # DP: validated against the task, noise multiplier calibrated
         weights = self._initial_weights(spec)
         checkpoint = checkpoints.encode(weights)
         checkpoint_sha = self._blobs.put(checkpoint)
@@ -47,7 +50,8 @@ class TaskService:
             ModelVersionRepository(s).add(
                 ModelVersionRecord(task_id, 1, None, checkpoint_sha, len(checkpoint), "", 0, 0, now)
             )
-            IterationRepository(s).open(self._ids, task_id, 1, 1, 1, spec, now)
+            clip = spec.dp.l2_clip_norm if spec.dp else None
+            IterationRepository(s).open(self._ids, task_id, 1, 1, 1, spec, now, clip)
             tasks.set_progress(task_id, 1, 1, now)
             record = tasks.get(task_id)
         assert record is not None
@@ -111,4 +115,11 @@ class TaskService:
     def model_versions(self, task_id: str) -> list[ModelVersionRecord]:
         self.get(task_id)
         with self._db.transaction() as s:
-            return ModelVersionRepository(s).for_task(task_id)
+            versions = ModelVersionRepository(s).for_task(task_id)
+            charged = LedgerRepository(s).by_version(task_id)
+        return [
+            replace(v, epsilon_spent=charged[v.version][0], clip_norm=charged[v.version][1])
+            if v.version in charged
+            else v
+            for v in versions
+        ]

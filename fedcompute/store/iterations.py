@@ -31,6 +31,7 @@ def to_record(row: IterationRow) -> IterationRecord:
         accepted=row.accepted,
         rejected=row.rejected,
         note=row.note,
+        clip_norm=row.clip_norm,
     )
 
 
@@ -47,6 +48,7 @@ class IterationRepository:
         base_version: int,
         spec: TaskSpec,
         now: datetime,
+        clip_norm: float | None = None,
     ) -> str:
         """Open a round (or a new attempt at one) for devices to check in to; return its id."""
         row = IterationRow(
@@ -64,6 +66,7 @@ class IterationRepository:
             accepted=0,
             rejected=0,
             note="",
+            clip_norm=clip_norm,
             created_at=now,
             updated_at=now,
         )

@@ -31,6 +31,8 @@ def to_record(row: JobRow) -> JobRecord:
         rejected=row.rejected,
         update_sha256=row.update_sha256,
         error=row.error,
+        clip_norm=row.clip_norm,
+        next_clip_norm=row.next_clip_norm,
     )
 
 

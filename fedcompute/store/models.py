@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -46,6 +46,7 @@ class IterationRow(Base):
     accepted: Mapped[int] = mapped_column(Integer, default=0)
     rejected: Mapped[int] = mapped_column(Integer, default=0)
     note: Mapped[str] = mapped_column(Text, default="")
+    clip_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -95,6 +96,8 @@ class JobRow(Base):
     rejected: Mapped[int] = mapped_column(Integer, default=0)
     rejections_json: Mapped[str] = mapped_column(Text, default="{}")
     update_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    clip_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    next_clip_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -113,6 +116,24 @@ class ModelVersionRow(Base):
     parent_sha256: Mapped[str] = mapped_column(String(64), default="")
     round: Mapped[int] = mapped_column(Integer, default=0)
     contributions: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PrivacyLedgerRow(Base):
+    """One row per DP release (model version), charged in the transaction that publishes it."""
+
+    __tablename__ = "privacy_ledger"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    release: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    accountant: Mapped[str] = mapped_column(String(16))
+    clip_norm: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -61,7 +61,7 @@ def retry_or_fail_round(
         tasks.change_status(task.task_id, TaskStatus.OPEN, TaskStatus.FAILED, now, why)
         log.warning("task_failed", task_id=task.task_id, reason=why)
         return
-    iterations.open(
-        ids, task.task_id, iteration.round, iteration.attempt + 1, iteration.base_model_version, task.spec, now
-    )
+    attempt = iteration.attempt + 1
+    base = iteration.base_model_version
+    iterations.open(ids, task.task_id, iteration.round, attempt, base, task.spec, now, iteration.clip_norm)
     log.warning("round_reopened", task_id=task.task_id, round=iteration.round, attempt=iteration.attempt + 1)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from fedcompute.core.clock import as_utc
+from fedcompute.core.privacy import DpSpec
 from fedcompute.core.records import TaskRecord
 from fedcompute.core.tasks import Hyperparameters, TaskSpec
 from fedcompute.store.history import change_status, record_created
+from fedcompute.store.ledger import LedgerRepository
 from fedcompute.store.models import TaskRow
 
 
@@ -25,6 +28,7 @@ def _spec_to_json(spec: TaskSpec) -> str:
 def _spec_from_json(text: str) -> TaskSpec:
     data = json.loads(text)
     data["hyperparameters"] = Hyperparameters(**data["hyperparameters"])
+    data["dp"] = DpSpec(**data["dp"]) if data.get("dp") else None
     return TaskSpec(**data)
 
 
@@ -66,7 +70,11 @@ class TaskRepository:
 
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._s.get(TaskRow, task_id)
-        return to_record(row) if row else None
+        return self._with_epsilon([row])[0] if row else None
+
+    def _with_epsilon(self, rows: Sequence[TaskRow]) -> list[TaskRecord]:
+        spent = LedgerRepository(self._s).epsilon_by_task([r.id for r in rows])
+        return [replace(to_record(r), epsilon_spent=spent.get(r.id, 0.0)) for r in rows]
 
     def plan(self, task_id: str) -> bytes | None:
         return self._s.scalar(select(TaskRow.plan).where(TaskRow.id == task_id))
@@ -75,7 +83,7 @@ class TaskRepository:
         query = select(TaskRow).where(TaskRow.id > after).order_by(TaskRow.id).limit(limit)
         if population:
             query = query.where(TaskRow.population_name == population)
-        return [to_record(r) for r in self._s.scalars(query)]
+        return self._with_epsilon(list(self._s.scalars(query)))
 
     def open_for_population(self, population: str) -> list[TaskRecord]:
         query = (

@@ -62,6 +62,7 @@ class AggregationJob(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     INPUT_SET_SHA256_HEX_FIELD_NUMBER: _builtins.int
     MODEL_ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    DP_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     task_id: _builtins.str
     population_name: _builtins.str
@@ -75,6 +76,8 @@ class AggregationJob(_message.Message):
     attempt: _builtins.int
     input_set_sha256_hex: _builtins.str
     model_architecture: _builtins.str
+    @_builtins.property
+    def dp(self) -> Global___DpParams: ...
     def __init__(
         self,
         *,
@@ -91,14 +94,62 @@ class AggregationJob(_message.Message):
         attempt: _builtins.int = ...,
         input_set_sha256_hex: _builtins.str = ...,
         model_architecture: _builtins.str = ...,
+        dp: Global___DpParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "attempt", b"attempt", "contributions", b"contributions", "input_set_sha256_hex", b"input_set_sha256_hex", "job_id", b"job_id", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "lease_id", b"lease_id", "model_architecture", b"model_architecture", "model_version", b"model_version", "plan_sha256_hex", b"plan_sha256_hex", "population_name", b"population_name", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "attempt", b"attempt", "contributions", b"contributions", "dp", b"dp", "input_set_sha256_hex", b"input_set_sha256_hex", "job_id", b"job_id", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "lease_id", b"lease_id", "model_architecture", b"model_architecture", "model_version", b"model_version", "plan_sha256_hex", b"plan_sha256_hex", "population_name", b"population_name", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AggregationJob: _TypeAlias = AggregationJob  # noqa: Y015
+
+@_typing.final
+class DpParams(_message.Message):
+    """How the worker must aggregate a DP task's round (DP-FedAvg with user-level clipping)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    EXPECTED_CLIENTS_FIELD_NUMBER: _builtins.int
+    MIN_CLIENTS_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_CLIP_FIELD_NUMBER: _builtins.int
+    TARGET_UNCLIPPED_QUANTILE_FIELD_NUMBER: _builtins.int
+    CLIP_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    CLIPPED_COUNT_STDDEV_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    clip_norm: _builtins.float
+    noise_multiplier: _builtins.float
+    """Noise multiplier applied to the clipped sum (for adaptive clipping, z with the count's share removed)."""
+    expected_clients: _builtins.int
+    """Fixed denominator m (the report goal)."""
+    min_clients: _builtins.int
+    adaptive_clip: _builtins.bool
+    target_unclipped_quantile: _builtins.float
+    clip_learning_rate: _builtins.float
+    clipped_count_stddev: _builtins.float
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        clip_norm: _builtins.float = ...,
+        noise_multiplier: _builtins.float = ...,
+        expected_clients: _builtins.int = ...,
+        min_clients: _builtins.int = ...,
+        adaptive_clip: _builtins.bool = ...,
+        target_unclipped_quantile: _builtins.float = ...,
+        clip_learning_rate: _builtins.float = ...,
+        clipped_count_stddev: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_clip", b"adaptive_clip", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "clipped_count_stddev", b"clipped_count_stddev", "enabled", b"enabled", "expected_clients", b"expected_clients", "min_clients", b"min_clients", "noise_multiplier", b"noise_multiplier", "target_unclipped_quantile", b"target_unclipped_quantile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DpParams: _TypeAlias = DpParams  # noqa: Y015
 
 @_typing.final
 class ClaimJobRequest(_message.Message):
@@ -262,6 +313,8 @@ class CompleteJobRequest(_message.Message):
     REJECTED_CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    NEXT_CLIP_NORM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     lease_id: _builtins.str
     update: _builtins.bytes
@@ -270,6 +323,9 @@ class CompleteJobRequest(_message.Message):
     rejected_contributions: _builtins.int
     note: _builtins.str
     """Anything operators should know (e.g. a key service that returned a wrong share)."""
+    clip_norm: _builtins.float
+    """DP tasks: the clip norm used, and the (noised, adaptive) clip norm for the next round."""
+    next_clip_norm: _builtins.float
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectionCount]: ...
     def __init__(
@@ -282,10 +338,12 @@ class CompleteJobRequest(_message.Message):
         rejected_contributions: _builtins.int = ...,
         rejections: _abc.Iterable[Global___RejectionCount] | None = ...,
         note: _builtins.str = ...,
+        clip_norm: _builtins.float = ...,
+        next_clip_norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "job_id", b"job_id", "lease_id", b"lease_id", "note", b"note", "rejected_contributions", b"rejected_contributions", "rejections", b"rejections", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "clip_norm", b"clip_norm", "job_id", b"job_id", "lease_id", b"lease_id", "next_clip_norm", b"next_clip_norm", "note", b"note", "rejected_contributions", b"rejected_contributions", "rejections", b"rejections", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

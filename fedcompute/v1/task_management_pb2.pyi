@@ -32,6 +32,8 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
     TASK_STATUS_COMPLETED: _TaskStatus.ValueType  # 2
     TASK_STATUS_CANCELED: _TaskStatus.ValueType  # 3
     TASK_STATUS_FAILED: _TaskStatus.ValueType  # 4
+    TASK_STATUS_BUDGET_EXHAUSTED: _TaskStatus.ValueType  # 5
+    """Publishing another round would have exceeded the task's privacy budget."""
 
 class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
     """Lifecycle of a task."""
@@ -41,6 +43,8 @@ TASK_STATUS_OPEN: TaskStatus.ValueType  # 1
 TASK_STATUS_COMPLETED: TaskStatus.ValueType  # 2
 TASK_STATUS_CANCELED: TaskStatus.ValueType  # 3
 TASK_STATUS_FAILED: TaskStatus.ValueType  # 4
+TASK_STATUS_BUDGET_EXHAUSTED: TaskStatus.ValueType  # 5
+"""Publishing another round would have exceeded the task's privacy budget."""
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
 class _IterationStatus:
@@ -98,6 +102,66 @@ class TrainingHyperparameters(_message.Message):
 Global___TrainingHyperparameters: _TypeAlias = TrainingHyperparameters  # noqa: Y015
 
 @_typing.final
+class DpConfig(_message.Message):
+    """User-level differential privacy (DP-FedAvg), applied inside the attested aggregator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    TARGET_EPSILON_FIELD_NUMBER: _builtins.int
+    TARGET_DELTA_FIELD_NUMBER: _builtins.int
+    ASSUMED_POPULATION_SIZE_FIELD_NUMBER: _builtins.int
+    ACCOUNTANT_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    L2_CLIP_NORM_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_CLIP_FIELD_NUMBER: _builtins.int
+    TARGET_UNCLIPPED_QUANTILE_FIELD_NUMBER: _builtins.int
+    CLIP_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    CLIPPED_COUNT_STDDEV_FIELD_NUMBER: _builtins.int
+    MIN_CLIENTS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    target_epsilon: _builtins.float
+    """The task's privacy budget, accounted over its rounds with q = report_goal / assumed_population_size."""
+    target_delta: _builtins.float
+    assumed_population_size: _builtins.int
+    accountant: _builtins.str
+    """"prv" (default, reported) or "rdp"."""
+    noise_multiplier: _builtins.float
+    """Noise multiplier z; 0: calibrated from the budget for the task's rounds."""
+    l2_clip_norm: _builtins.float
+    """L2 clip norm C over all tensors of an update (the initial C when adaptive)."""
+    adaptive_clip: _builtins.bool
+    target_unclipped_quantile: _builtins.float
+    """Adaptive clipping (Andrew et al. 2021): target quantile (0.5), learning rate (0.2), count noise (m/20)."""
+    clip_learning_rate: _builtins.float
+    clipped_count_stddev: _builtins.float
+    min_clients: _builtins.int
+    """Fewest valid contributions that may be released; 0: the report goal."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        target_epsilon: _builtins.float = ...,
+        target_delta: _builtins.float = ...,
+        assumed_population_size: _builtins.int = ...,
+        accountant: _builtins.str = ...,
+        noise_multiplier: _builtins.float = ...,
+        l2_clip_norm: _builtins.float = ...,
+        adaptive_clip: _builtins.bool = ...,
+        target_unclipped_quantile: _builtins.float = ...,
+        clip_learning_rate: _builtins.float = ...,
+        clipped_count_stddev: _builtins.float = ...,
+        min_clients: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clip", b"adaptive_clip", "assumed_population_size", b"assumed_population_size", "clip_learning_rate", b"clip_learning_rate", "clipped_count_stddev", b"clipped_count_stddev", "enabled", b"enabled", "l2_clip_norm", b"l2_clip_norm", "min_clients", b"min_clients", "noise_multiplier", b"noise_multiplier", "target_delta", b"target_delta", "target_epsilon", b"target_epsilon", "target_unclipped_quantile", b"target_unclipped_quantile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DpConfig: _TypeAlias = DpConfig  # noqa: Y015
+
+@_typing.final
 class TaskSpec(_message.Message):
     """What an operator asks for."""
 
@@ -114,6 +178,7 @@ class TaskSpec(_message.Message):
     MAX_CLIENT_VERSION_FIELD_NUMBER: _builtins.int
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     SERVER_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    DP_FIELD_NUMBER: _builtins.int
     population_name: _builtins.str
     model_architecture: _builtins.str
     """An id from the model architecture registry (e.g. "digits-mlp-v1")."""
@@ -132,6 +197,8 @@ class TaskSpec(_message.Message):
     """Server learning rate applied to the averaged update (FedAvg: 1.0). 0 means 1.0."""
     @_builtins.property
     def hyperparameters(self) -> Global___TrainingHyperparameters: ...
+    @_builtins.property
+    def dp(self) -> Global___DpConfig: ...
     def __init__(
         self,
         *,
@@ -146,10 +213,11 @@ class TaskSpec(_message.Message):
         max_client_version: _builtins.str = ...,
         hyperparameters: Global___TrainingHyperparameters | None = ...,
         server_learning_rate: _builtins.float = ...,
+        dp: Global___DpConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "min_client_version", b"min_client_version", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "min_client_version", b"min_client_version", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,11 +237,14 @@ class Task(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     CREATED_TIME_FIELD_NUMBER: _builtins.int
     STATUS_REASON_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     status: Global___TaskStatus.ValueType
     current_round: _builtins.int
     latest_model_version: _builtins.int
     status_reason: _builtins.str
+    epsilon_spent: _builtins.float
+    """Privacy spent by the versions published so far (from the privacy ledger)."""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -191,10 +262,11 @@ class Task(_message.Message):
         plan: _common_pb2.Resource | None = ...,
         created_time: _timestamp_pb2.Timestamp | None = ...,
         status_reason: _builtins.str = ...,
+        epsilon_spent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "plan", b"plan", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "current_round", b"current_round", "latest_model_version", b"latest_model_version", "plan", b"plan", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "current_round", b"current_round", "epsilon_spent", b"epsilon_spent", "latest_model_version", b"latest_model_version", "plan", b"plan", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,6 +289,7 @@ class Iteration(_message.Message):
     REJECTED_CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     AGGREGATION_NOTE_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     aggregation_id: _builtins.str
@@ -229,6 +302,8 @@ class Iteration(_message.Message):
     attempt: _builtins.int
     aggregation_note: _builtins.str
     """The last word from aggregation: why a job is waiting or failed, or a key service that misbehaved."""
+    clip_norm: _builtins.float
+    """The clip norm this round's aggregation uses (DP tasks)."""
     def __init__(
         self,
         *,
@@ -243,10 +318,11 @@ class Iteration(_message.Message):
         rejected_contributions: _builtins.int = ...,
         attempt: _builtins.int = ...,
         aggregation_note: _builtins.str = ...,
+        clip_norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "aggregation_id", b"aggregation_id", "aggregation_note", b"aggregation_note", "assigned", b"assigned", "attempt", b"attempt", "base_model_version", b"base_model_version", "completed_uploads", b"completed_uploads", "rejected_contributions", b"rejected_contributions", "round", b"round", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "aggregation_id", b"aggregation_id", "aggregation_note", b"aggregation_note", "assigned", b"assigned", "attempt", b"attempt", "base_model_version", b"base_model_version", "clip_norm", b"clip_norm", "completed_uploads", b"completed_uploads", "rejected_contributions", b"rejected_contributions", "round", b"round", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,12 +342,17 @@ class ModelVersion(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
     CREATED_TIME_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     version: _builtins.int
     parent_version: _builtins.int
     parent_sha256_hex: _builtins.str
     round: _builtins.int
     contributions: _builtins.int
+    epsilon_spent: _builtins.float
+    """Privacy spent once this version was published, and the clip norm its round used (DP tasks)."""
+    clip_norm: _builtins.float
     @_builtins.property
     def checkpoint(self) -> _common_pb2.Resource: ...
     @_builtins.property
@@ -287,10 +368,12 @@ class ModelVersion(_message.Message):
         round: _builtins.int = ...,
         contributions: _builtins.int = ...,
         created_time: _timestamp_pb2.Timestamp | None = ...,
+        epsilon_spent: _builtins.float = ...,
+        clip_norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "created_time", b"created_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "contributions", b"contributions", "created_time", b"created_time", "parent_sha256_hex", b"parent_sha256_hex", "parent_version", b"parent_version", "round", b"round", "task_id", b"task_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "clip_norm", b"clip_norm", "contributions", b"contributions", "created_time", b"created_time", "epsilon_spent", b"epsilon_spent", "parent_sha256_hex", b"parent_sha256_hex", "parent_version", b"parent_version", "round", b"round", "task_id", b"task_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,93 @@
+"""DP-FedAvg at the user level, inside the aggregator: re-clip, sum in float64, noise once, fixed denominator.
+
+Each decrypted update is clipped to L2 norm C over all its tensors; the clipped updates are summed in float64
+(uniform weights: example counts would leak); N(0, (z·C)²) is added once per coordinate to the sum; the sum is
+divided by the fixed expected count m. Nothing is released below ``min_clients``. With adaptive clipping
+(Andrew et al. 2021) the noised fraction of unclipped updates moves C geometrically toward the target quantile.
+Only the noised mean and the noised next clip norm ever leave this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedcompute.aggregator.noise import NoiseSource
+
+
+class BelowMinimum(Exception):
+    """Too few valid contributions to release anything."""
+
+
+@dataclass(frozen=True)
+class DpParams:
+    clip_norm: float
+    noise_multiplier: float
+    expected_clients: int
+    min_clients: int
+    adaptive_clip: bool = False
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float = 0.0
+
+
+def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm over every tensor, in float64 (inf/nan if any value is not finite)."""
+    total = sum(float(torch.sum(t.to(torch.float64) ** 2)) for t in update.values())
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+def clip(update: Mapping[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
+    """The update scaled to norm <= bound (float64), and its original norm."""
+    norm = l2_norm(update)
+    factor = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {k: t.to(torch.float64) * factor for k, t in update.items()}, norm
+
+
+class DpSum:
+    def __init__(self, params: DpParams, noise: NoiseSource) -> None:
+        if params.expected_clients <= 0 or params.clip_norm <= 0:
+            raise ValueError("expected_clients and clip_norm must be positive")
+        self._p = params
+        self._noise = noise
+        self._sum: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self._unclipped = 0
+
+    def add(self, update: Mapping[str, torch.Tensor]) -> None:
+        """Add one update (the caller has already refused non-finite ones)."""
+        clipped, norm = clip(update, self._p.clip_norm)
+        if self._sum and set(clipped) != set(self._sum):
+            raise ValueError("update tensors differ from the first contribution's")
+        for name, tensor in clipped.items():
+            if name in self._sum:
+                self._sum[name].add_(tensor)
+            else:
+                self._sum[name] = tensor.clone()
+        self.count += 1
+        self._unclipped += int(norm <= self._p.clip_norm)
+
+    def release(self) -> tuple[dict[str, torch.Tensor], float]:
+        """The noised mean (float32) and the clip norm for the next round."""
+        if self.count < self._p.min_clients:
+            raise BelowMinimum(
+                f"{self.count} valid contributions, fewer than min_clients ({self._p.min_clients}); nothing released"
+            )
+        std = self._p.noise_multiplier * self._p.clip_norm
+        mean: dict[str, torch.Tensor] = {}
+        for name, total in sorted(self._sum.items()):
+            noise = torch.from_numpy(self._noise.gaussian(total.numel(), std).reshape(tuple(total.shape)))
+            mean[name] = ((total + noise) / self._p.expected_clients).to(torch.float32).contiguous()
+        self._sum.clear()  # the un-noised sum is not kept past this point
+        return mean, self._next_clip()
+
+    def _next_clip(self) -> float:
+        p = self._p
+        if not p.adaptive_clip:
+            return p.clip_norm
+        noised = (self._unclipped + float(self._noise.gaussian(1, p.clipped_count_stddev)[0])) / p.expected_clients
+        return float(p.clip_norm * np.exp(-p.clip_learning_rate * (noised - p.target_unclipped_quantile)))

@@ -1,0 +1,135 @@
+"""Differential-privacy settings of a task and their accounting (Opacus accountants).
+
+DP-FedAvg at the user level: each round samples (by assumption) m = report_goal of N = assumed population
+devices, q = m / N, one Gaussian-mechanism step per released round. ε is reported with the PRV accountant
+(RDP as a cross-check). The privacy cost of adaptive clipping's noised count is folded into the noise multiplier
+as TFF does: the update gets z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), so the accounting still uses z.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+
+from fedcompute.core.errors import InvalidArgument
+
+ACCOUNTANTS = ("prv", "rdp")
+MAX_NOISE_MULTIPLIER = 50.0
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "prv") -> float:
+    """ε after ``rounds`` Gaussian steps with multiplier z and sampling rate q, at δ (Opacus)."""
+    from opacus.accountants import create_accountant
+
+    if rounds <= 0:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, rounds)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "prv") -> float:
+    """The smallest noise multiplier (to Opacus' tolerance) whose ε over ``rounds`` stays below the target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=rounds,
+                accountant=accountant,
+                epsilon_tolerance=0.01,
+            )
+        )
+
+
+def update_noise_multiplier(z: float, count_stddev: float) -> float:
+    """Adaptive clipping: the multiplier left for the update once the count's noise took its share."""
+    if z <= 0:
+        return 0.0
+    if z >= 2 * count_stddev:
+        raise ValueError(f"noise multiplier {z:.4g} must be below 2 x clipped_count_stddev ({2 * count_stddev:.4g})")
+    return float((z**-2 - (2 * count_stddev) ** -2) ** -0.5)
+
+
+@dataclass(frozen=True)
+class DpSpec:
+    """A task's DP settings as stored (``noise_multiplier`` resolved at creation)."""
+
+    target_epsilon: float
+    target_delta: float
+    assumed_population_size: int
+    accountant: str = "prv"
+    noise_multiplier: float = 0.0
+    l2_clip_norm: float = 1.0
+    adaptive_clip: bool = False
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float = 0.0
+    min_clients: int = 0
+
+    def sample_rate(self, report_goal: int) -> float:
+        return report_goal / self.assumed_population_size
+
+    def count_stddev(self, report_goal: int) -> float:
+        return self.clipped_count_stddev or report_goal / 20
+
+    def update_noise(self, report_goal: int) -> float:
+        if not self.adaptive_clip:
+            return self.noise_multiplier
+        return update_noise_multiplier(self.noise_multiplier, self.count_stddev(report_goal))
+
+    def resolve(self, rounds: int, report_goal: int, max_cohort: int) -> DpSpec:
+        """Validate against the task and calibrate z if not given; raise ``InvalidArgument`` naming the field."""
+        field = "spec.dp."
+        if not self.target_epsilon > 0 or not math.isfinite(self.target_epsilon):
+            raise InvalidArgument(field + "target_epsilon", f"must be > 0, got {self.target_epsilon}")
+        if not 0 < self.target_delta < 1:
+            raise InvalidArgument(field + "target_delta", f"must be in (0, 1), got {self.target_delta}")
+        if not self.l2_clip_norm > 0:
+            raise InvalidArgument(field + "l2_clip_norm", f"must be > 0, got {self.l2_clip_norm}")
+        if self.assumed_population_size < max_cohort:
+            raise InvalidArgument(
+                field + "assumed_population_size",
+                f"must be >= max_cohort ({max_cohort}), got {self.assumed_population_size}",
+            )
+        if self.accountant not in ACCOUNTANTS:
+            raise InvalidArgument(field + "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        if self.noise_multiplier < 0:
+            raise InvalidArgument(field + "noise_multiplier", "must be >= 0 (0: calibrate from the budget)")
+        if not 0 <= self.min_clients <= report_goal:
+            raise InvalidArgument(field + "min_clients", f"must be in [0, report_goal ({report_goal})]")
+        if not 0 < self.target_unclipped_quantile < 1 or self.clip_learning_rate < 0:
+            raise InvalidArgument(field + "target_unclipped_quantile", "must be in (0, 1) with clip_learning_rate >= 0")
+        q = self.sample_rate(report_goal)
+        resolved = replace(self, min_clients=self.min_clients or report_goal)
+        if self.noise_multiplier > 0:
+            cost = epsilon(self.noise_multiplier, q, rounds, self.target_delta, self.accountant)
+            if cost > self.target_epsilon:
+                raise InvalidArgument(
+                    field + "noise_multiplier",
+                    f"contradicts the budget: {rounds} rounds at z={self.noise_multiplier:g} cost "
+                    f"ε={cost:.4g} > target_epsilon {self.target_epsilon:g}",
+                )
+        else:
+            most = epsilon(MAX_NOISE_MULTIPLIER, q, rounds, self.target_delta, self.accountant)
+            if most > self.target_epsilon:
+                raise InvalidArgument(
+                    field + "target_epsilon",
+                    f"cannot be met for {rounds} rounds: even z={MAX_NOISE_MULTIPLIER:g} costs ε={most:.4g}",
+                )
+            resolved = replace(resolved, noise_multiplier=calibrate(
+                self.target_epsilon, self.target_delta, q, rounds, self.accountant
+            ))  # fmt: skip
+        if resolved.adaptive_clip:
+            try:
+                resolved.update_noise(report_goal)
+            except ValueError as exc:
+                raise InvalidArgument(field + "clipped_count_stddev", str(exc)) from None
+        return resolved
