@@ -28,6 +28,7 @@ def main() -> None:
         database_url=args.database_url,
         server_port=0,
         key_service_port=0,
+        verifier_port=0,
         retry_delay_min_s=0.05,
         retry_delay_max_s=0.3,
         poll_interval_s=0.05,

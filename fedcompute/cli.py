@@ -149,6 +149,7 @@ def demo(
         database_url=database_url,
         server_port=0,
         key_service_port=0,
+        verifier_port=0,
         retry_delay_min_s=0.05,
         retry_delay_max_s=0.3,
         poll_interval_s=0.05,

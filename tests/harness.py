@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message
+
 from fedcompute.clients.device import Trust
 from fedcompute.clients.typed import (
     AggregationClient,
@@ -31,6 +33,7 @@ def suite_settings(workdir: Path, database_url: str, **overrides: object) -> Set
         "database_url": database_url,
         "server_port": 0,
         "key_service_port": 0,
+        "verifier_port": 0,
         "retry_delay_min_s": 0.05,
         "retry_delay_max_s": 0.2,
         "poll_interval_s": 0.05,
@@ -82,7 +85,10 @@ class Harness:
             hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
         )
         for name, value in fields.items():
-            setattr(spec, name, value)
+            if isinstance(value, Message):
+                getattr(spec, name).CopyFrom(value)
+            else:
+                setattr(spec, name, value)
         task = self.operators.create_task(tm.CreateTaskRequest(spec=spec)).task
         if spec.population_name.strip():
             self.wait_for_key(spec.population_name)
@@ -166,3 +172,11 @@ def contribute(harness: Harness, population: str, plaintext: bytes | None = None
     payload = zero_update(value=0.01) if plaintext is None else plaintext
     upload(harness.uploads, harness.report(a).upload_instruction, sealed(a, payload))
     return payload
+
+
+def upload_for(harness: Harness, population: str, make: Callable[[ta.TaskAssignment], bytes]) -> None:
+    """A device's turn whose upload bytes come from ``make`` (for contributions the aggregator must reject)."""
+    from fedcompute.clients.device import upload
+
+    a = harness.check_in(population).task_assignment
+    upload(harness.uploads, harness.report(a).upload_instruction, make(a))
