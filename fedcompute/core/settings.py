@@ -97,6 +97,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be <= key_services ({count})")
         return value
 
+    @field_validator("key_rotate_before_s")
+    @classmethod
+    def _rotation_inside_lifetime(cls, value: int, info: object) -> int:
+        data = getattr(info, "data", {})
+        lifetime = data.get("key_lifetime_s", value + 1)
+        if value >= lifetime:
+            raise ValueError(f"must be < key_lifetime_s ({lifetime}), or every poll would mint a new key")
+        return value
+
     def to_env(self) -> dict[str, str]:
         """These settings as FEDCOMPUTE_* variables, for a child process."""
         env: dict[str, str] = {}

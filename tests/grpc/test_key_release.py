@@ -19,7 +19,7 @@ from fedcompute.core.secrets import load_or_create_ec_key
 from fedcompute.keys import hpke
 from fedcompute.rpc.channels import open_channel
 from fedcompute.v1 import key_pb2
-from tests.harness import Harness, suite_settings
+from tests.harness import Harness, suite_settings, wait_for
 
 ids = RandomIds()
 
@@ -144,14 +144,22 @@ def test_admin_calls_need_the_token_and_unknown_keys_are_not_found(harness: Harn
 
 def test_shares_are_destroyed_after_their_destruction_time(tmp_path: Path, database_url: str) -> None:
     clock = FakeClock(datetime.now(UTC))
-    settings = suite_settings(tmp_path / "w", database_url, key_lifetime_s=3600, key_destroy_after_s=60)
+    settings = suite_settings(
+        tmp_path / "w", database_url, key_lifetime_s=3600, key_destroy_after_s=60, key_rotate_before_s=600
+    )
     from fedcompute.suite import start_suite
 
     suite = start_suite(settings, clock=clock, aggregator=False)
     harness = Harness.attach(suite)
     try:
         binding = _binding(_key_id(harness))
-        clock.advance(timedelta(seconds=3600 + 61))
+        request = key_pb2.GetPublicKeysRequest(population_name="relying")
+        clock.advance(timedelta(seconds=3600 - 600 + 1))  # inside the rotation window: the next key is published
+        wait_for(lambda: len(harness.keys.get_public_keys(request).keys) == 2, 30, "the rotated key")
+        first, second = sorted(harness.keys.get_public_keys(request).keys, key=lambda k: k.expiration_time_unix)
+        assert first.key_id == binding.key_id
+        assert second.expiration_time_unix > first.expiration_time_unix
+        clock.advance(timedelta(seconds=600 + 61))  # past the first key's destruction time
         for address in suite.key_addresses:
             with pytest.raises(grpc.RpcError) as info:
                 _release(KeyClient(open_channel(address), 10.0), binding, _result(harness, binding, when=clock.now()))
