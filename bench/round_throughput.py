@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedcompute.clients.demo import run_demo
+from fedcompute.clients.demo import DEMO_SETTINGS, run_demo
 from fedcompute.core.logs import configure_logging
 from fedcompute.core.settings import Settings
 
@@ -23,16 +23,8 @@ def main() -> None:
     parser.add_argument("--database-url", default="")
     args = parser.parse_args()
     configure_logging(json_lines=False, level=logging.ERROR)
-    settings = Settings(
-        workdir=Path(tempfile.mkdtemp(prefix="fedcompute-bench-")),
-        database_url=args.database_url,
-        server_port=0,
-        key_service_port=0,
-        verifier_port=0,
-        retry_delay_min_s=0.05,
-        retry_delay_max_s=0.3,
-        poll_interval_s=0.05,
-    )
+    workdir = Path(tempfile.mkdtemp(prefix="fedcompute-bench-"))
+    settings = Settings(**DEMO_SETTINGS, workdir=workdir, database_url=args.database_url)  # type: ignore[arg-type]
     started = time.perf_counter()
     result = run_demo(settings, args.devices, args.rounds, seed=0, timeout_s=1800)
     elapsed = time.perf_counter() - started

@@ -140,25 +140,20 @@ def demo(
     """Run a whole federated training job on this machine and report accuracy per round."""
     import tempfile
 
-    from fedcompute.clients.demo import DemoPrivacy, default_delta, format_table, run_demo, write_json, write_plot
+    from fedcompute.clients.demo import (
+        DEMO_SETTINGS,
+        DemoPrivacy,
+        default_delta,
+        format_table,
+        run_demo,
+        write_json,
+        write_plot,
+    )
 
     configure_logging(json_lines=False, level=logging.WARNING)
     work = workdir or Path(tempfile.mkdtemp(prefix="fedcompute-demo-"))
     settings = _settings(
-        workdir=work,
-        database_url=database_url,
-        server_port=0,
-        key_service_port=0,
-        verifier_port=0,
-        retry_delay_min_s=0.05,
-        retry_delay_max_s=0.3,
-        poll_interval_s=0.05,
-        lease_s=30.0,
-        log_json=False,
-        log_level="WARNING",
-        key_services=key_services,
-        threshold=threshold,
-        job_backoff_max_s=2.0,
+        **DEMO_SETTINGS, workdir=work, database_url=database_url, key_services=key_services, threshold=threshold
     )
     privacy = DemoPrivacy(epsilon, delta or default_delta(devices), clip, adaptive_clip) if dp else None
     result = run_demo(settings, devices, rounds, seed, timeout, privacy)

@@ -112,15 +112,7 @@ class JobKeys:
             evidence = self.access.evidence([challenge.nonce, binding.digest()])
             return self.access.verifier.attest(
                 verifier_pb2.AttestRequest(
-                    evidence_format=self.access.evidence_format,
-                    evidence=evidence,
-                    recipient_public_key=binding.recipient_public_key,
-                    key_id=binding.key_id,
-                    task_id=binding.task_id,
-                    round=binding.round,
-                    aggregation_id=binding.aggregation_id,
-                    aggregation_job_id=binding.job_id,
-                    input_set_sha256_hex=binding.input_set_sha256_hex,
+                    evidence_format=self.access.evidence_format, evidence=evidence, **binding.fields()
                 )
             ).attestation_result
         except grpc.RpcError as exc:
@@ -134,16 +126,7 @@ class JobKeys:
         result_id: str,
         ephemeral: X25519PrivateKey,
     ) -> tuple[dict[str, tuple[int, bytes]], list[str]]:
-        request = key_pb2.ReleaseKeyShareRequest(
-            key_id=binding.key_id,
-            task_id=binding.task_id,
-            round=binding.round,
-            aggregation_id=binding.aggregation_id,
-            aggregation_job_id=binding.job_id,
-            input_set_sha256_hex=binding.input_set_sha256_hex,
-            recipient_public_key=binding.recipient_public_key,
-            attestation_result=result,
-        )
+        request = key_pb2.ReleaseKeyShareRequest(attestation_result=result, **binding.fields())
         shares: dict[str, tuple[int, bytes]] = {}
         errors: list[str] = []
         for client in providers:

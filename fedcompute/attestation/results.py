@@ -12,7 +12,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,6 +30,18 @@ def unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+class BindingFields(Protocol):
+    """The request fields a binding covers (AttestRequest and ReleaseKeyShareRequest both carry them)."""
+
+    recipient_public_key: bytes
+    key_id: str
+    task_id: str
+    round: int
+    aggregation_id: str
+    aggregation_job_id: str
+    input_set_sha256_hex: str
+
+
 @dataclass(frozen=True)
 class ReleaseBinding:
     recipient_public_key: bytes
@@ -39,6 +51,30 @@ class ReleaseBinding:
     aggregation_id: str
     job_id: str
     input_set_sha256_hex: str
+
+    @classmethod
+    def of(cls, msg: BindingFields) -> ReleaseBinding:
+        return cls(
+            msg.recipient_public_key,
+            msg.key_id,
+            msg.task_id,
+            msg.round,
+            msg.aggregation_id,
+            msg.aggregation_job_id,
+            msg.input_set_sha256_hex,
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """Keyword arguments for the request messages that carry a binding."""
+        return {
+            "recipient_public_key": self.recipient_public_key,
+            "key_id": self.key_id,
+            "task_id": self.task_id,
+            "round": self.round,
+            "aggregation_id": self.aggregation_id,
+            "aggregation_job_id": self.job_id,
+            "input_set_sha256_hex": self.input_set_sha256_hex,
+        }
 
     def digest(self) -> str:
         parts = [b"fedcompute/release-binding/v1\x00"]

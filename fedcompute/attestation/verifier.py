@@ -110,14 +110,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         return verifier_pb2.GetChallengeResponse(nonce=nonce, expires_unix=int(expires.timestamp()))
 
     def Attest(self, request: verifier_pb2.AttestRequest, context: grpc.ServicerContext) -> verifier_pb2.AttestResponse:
-        binding = ReleaseBinding(
-            request.recipient_public_key,
-            request.key_id,
-            request.task_id,
-            request.round,
-            request.aggregation_id,
-            request.aggregation_job_id,
-            request.input_set_sha256_hex,
-        )
+        binding = ReleaseBinding.of(request)
         token = self._verifier.attest(request.evidence_format, request.evidence, binding)
         return verifier_pb2.AttestResponse(attestation_result=token)

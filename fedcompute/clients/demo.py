@@ -36,6 +36,21 @@ FINISHED = {
 }
 
 
+DEMO_SETTINGS: dict[str, object] = {
+    "server_port": 0,
+    "key_service_port": 0,
+    "verifier_port": 0,
+    "retry_delay_min_s": 0.05,
+    "retry_delay_max_s": 0.3,
+    "poll_interval_s": 0.05,
+    "lease_s": 30.0,
+    "log_json": False,
+    "log_level": "WARNING",
+    "job_backoff_max_s": 2.0,
+}
+"""Everything on free loopback ports, short retry windows and polls: a fleet on one machine, not a real one."""
+
+
 @dataclass(frozen=True)
 class DemoPrivacy:
     """The demo's DP settings; the assumed population is the fleet itself (q = report goal / devices)."""

@@ -36,15 +36,7 @@ class KeyServicer(key_pb2_grpc.KeyServiceServicer):
     def ReleaseKeyShare(
         self, request: key_pb2.ReleaseKeyShareRequest, context: grpc.ServicerContext
     ) -> key_pb2.ReleaseKeyShareResponse:
-        binding = ReleaseBinding(
-            request.recipient_public_key,
-            request.key_id,
-            request.task_id,
-            request.round,
-            request.aggregation_id,
-            request.aggregation_job_id,
-            request.input_set_sha256_hex,
-        )
+        binding = ReleaseBinding.of(request)
         release = self._service.release(binding, request.attestation_result)
         return key_pb2.ReleaseKeyShareResponse(
             provider_id=release.provider_id,

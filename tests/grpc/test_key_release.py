@@ -56,18 +56,7 @@ def _result(harness: Harness, binding: ReleaseBinding, when: datetime | None = N
 
 
 def _release(client: KeyClient, binding: ReleaseBinding, result: str) -> key_pb2.ReleaseKeyShareResponse:
-    return client.release_key_share(
-        key_pb2.ReleaseKeyShareRequest(
-            key_id=binding.key_id,
-            task_id=binding.task_id,
-            round=binding.round,
-            aggregation_id=binding.aggregation_id,
-            aggregation_job_id=binding.job_id,
-            input_set_sha256_hex=binding.input_set_sha256_hex,
-            recipient_public_key=binding.recipient_public_key,
-            attestation_result=result,
-        )
-    )
+    return client.release_key_share(key_pb2.ReleaseKeyShareRequest(attestation_result=result, **binding.fields()))
 
 
 def _denied_everywhere(harness: Harness, binding: ReleaseBinding, result: str, problem: str) -> None:
