@@ -24,6 +24,7 @@ from fedcompute.v1 import common_pb2, resource_pb2, task_assignment_pb2, upload_
 from fedcompute.v1 import task_assignment_pb2 as ta
 
 UPLOAD_ATTEMPTS = 4
+RECENT_PARTICIPATIONS = 100
 
 
 class IntegrityError(Exception):
@@ -71,7 +72,10 @@ class Device:
             ta.CreateTaskAssignmentRequest(
                 population_name=self.population,
                 client_version=common_pb2.ClientVersion(version_code=self.client_version),
-                recent_participations=[ta.Participation(task_id=t, round=r) for t, r in sorted(self.done)],
+                recent_participations=[
+                    ta.Participation(task_id=t, round=r)
+                    for t, r in sorted(self.done, key=lambda p: p[1], reverse=True)[:RECENT_PARTICIPATIONS]
+                ],
             )
         )
         if response.HasField("rejection_info"):
