@@ -49,6 +49,10 @@ def test_migrations_match_the_models(db: Database) -> None:
 
 def test_migrate_twice_is_a_no_op(db: Database) -> None:
     db.migrate()
+    with db.engine.connect() as conn:
+        context = MigrationContext.configure(conn)
+        assert context.get_current_revision() == "0003"
+        assert compare_metadata(context, Base.metadata) == []
 
 
 def test_admission_cap_holds_under_concurrency(db: Database) -> None:
