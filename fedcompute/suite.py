@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedcompute.attestation.app import build_verifier, build_verifier_server, platform_ca
 from fedcompute.attestation.launcher import Launcher
+from fedcompute.attestation.measure import measure
 from fedcompute.clients.dealer import KeyDealer, open_populations
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
@@ -27,7 +28,7 @@ from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import Settings
 from fedcompute.keys.app import build_key_server
 from fedcompute.keys.statement import load_signing_public
-from fedcompute.keys.trust import write_trusted
+from fedcompute.keys.trust import load_trusted, write_trusted
 from fedcompute.modelupdater.updater import ModelUpdater
 from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.serving import GrpcServer
@@ -162,8 +163,6 @@ def pin_providers(settings: Settings, addresses: list[str]) -> None:
 
 
 def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
-    from fedcompute.keys.trust import load_trusted
-
     providers = [KeyClient(open_channel(a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
     operators = TaskManagementClient(open_channel(settings.server_address), settings.rpc_timeout_s)
     return KeyDealer(
@@ -182,18 +181,12 @@ def start_launcher(settings: Settings, clock: Clock, token: str) -> Launcher:
     launcher = Launcher(
         settings.workdir / "attest" / "launcher.sock",
         platform_ca(settings),
-        _measure(),  # the launcher measures the code it is about to start, whatever the policy says
+        measure(),  # the launcher measures the code it is about to start, whatever the policy says
         clock,
         debug=settings.aggregator_debug,
     ).serve()
     launcher.start_worker({**os.environ, **settings.to_env(), "FEDCOMPUTE_INTERNAL_TOKEN": token})
     return launcher
-
-
-def _measure() -> str:
-    from fedcompute.attestation.measure import measure
-
-    return measure()
 
 
 def start_suite(
@@ -204,7 +197,7 @@ def start_suite(
     settings.workdir.mkdir(parents=True, exist_ok=True)
     secrets = load_secrets(settings)
     if not settings.allowed_measurements:  # development: this installation is the reference value
-        settings = settings.model_copy(update={"allowed_measurements": [_measure()]})
+        settings = settings.model_copy(update={"allowed_measurements": [measure()]})
     provider_ids = [f"kp-{i}" for i in range(settings.key_services)]
     verifier = build_verifier(settings, clock, ids, provider_ids)
     keys = start_key_services(settings, clock, secrets.internal_token)

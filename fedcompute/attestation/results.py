@@ -26,10 +26,6 @@ def b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 class BindingFields(Protocol):
     """The request fields a binding covers (AttestRequest and ReleaseKeyShareRequest both carry them)."""
 

@@ -41,14 +41,6 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
-    def ping(self) -> bool:
-        try:
-            with self.engine.connect() as connection:
-                connection.exec_driver_sql("SELECT 1")
-            return True
-        except Exception:
-            return False
-
     def dispose(self) -> None:
         self.engine.dispose()
 

@@ -61,10 +61,6 @@ class JobRepository:
         row = self._s.get(JobRow, job_id)
         return to_record(row) if row else None
 
-    def for_iteration(self, iteration_id: str) -> JobRecord | None:
-        row = self._s.scalar(select(JobRow).where(JobRow.iteration_id == iteration_id))
-        return to_record(row) if row else None
-
     def claimable(self, now: datetime, limit: int = 5) -> list[JobRecord]:
         """Jobs waiting, or running under an expired lease (a crashed worker's)."""
         query = (
