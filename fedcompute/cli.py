@@ -1,4 +1,4 @@
-"""The `fedcompute` command: demo, up, serve, task, devices."""
+"""The `fedcompute` command: demo, up, serve, task, devices, keys, privacy, audit."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from fedcompute.core.logs import configure_logging
 from fedcompute.core.settings import Settings
+from fedcompute.privacy_cli import privacy_app
 
+ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
 app = typer.Typer(help="fedcompute: federated-compute server suite.", no_args_is_help=True)
 task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True)
 devices_app = typer.Typer(help="Simulated device fleets.", no_args_is_help=True)
@@ -24,80 +26,7 @@ app.add_typer(task_app, name="task")
 app.add_typer(devices_app, name="devices")
 keys_app = typer.Typer(help="Key provider set-up.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-privacy_app = typer.Typer(help="Differential-privacy accounting (Opacus accountants).", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
-
-Accountant = Annotated[str, typer.Option(help="prv (reported) or rdp (cross-check).")]
-SampleRate = Annotated[float, typer.Option(min=0.0, max=1.0, help="q = clients per round / population.")]
-Rounds = Annotated[int, typer.Option(min=1, help="Rounds (one Gaussian step each).")]
-Delta = Annotated[float, typer.Option(min=0.0, max=1.0, help="Target delta.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _positive(**values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise typer.BadParameter(f"must be > 0, got {value}", param_hint=f"--{name.replace('_', '-')}")
-
-
-def _open_unit(**values: float) -> None:
-    for name, value in values.items():
-        if not 0 < value < 1:
-            raise typer.BadParameter(f"must be in (0, 1), got {value}", param_hint=f"--{name.replace('_', '-')}")
-
-
-def _accountant(name: str) -> str:
-    if name not in ("prv", "rdp"):
-        typer.echo(f"--accountant must be prv or rdp, not {name!r}", err=True)
-        raise typer.Exit(2)
-    return name
-
-
-@privacy_app.command("epsilon")
-def privacy_epsilon(
-    noise_multiplier: Annotated[float, typer.Option(min=0.0, help="Noise multiplier z.")],
-    sample_rate: SampleRate,
-    rounds: Rounds,
-    delta: Delta,
-    accountant: Accountant = "prv",
-    as_json: JsonFlag = False,
-) -> None:
-    """The ε that T rounds of the Gaussian mechanism with multiplier z and sampling rate q spend at δ."""
-    from fedcompute.core.privacy import epsilon
-
-    _positive(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-    _open_unit(delta=delta)
-    value = epsilon(noise_multiplier, sample_rate, rounds, delta, _accountant(accountant))
-    if as_json:
-        typer.echo(json.dumps({"epsilon": value, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
-                               "rounds": rounds, "delta": delta, "accountant": accountant}))  # fmt: skip
-    else:
-        typer.echo(f"{value:.6g}")
-
-
-@privacy_app.command("calibrate")
-def privacy_calibrate(
-    epsilon: Annotated[float, typer.Option("--epsilon", min=0.0, help="Target epsilon.")],
-    delta: Delta,
-    sample_rate: SampleRate,
-    rounds: Rounds,
-    accountant: Accountant = "prv",
-    as_json: JsonFlag = False,
-) -> None:
-    """The noise multiplier z that keeps T rounds within (ε, δ)."""
-    from fedcompute.core.privacy import calibrate
-
-    _positive(epsilon=epsilon, sample_rate=sample_rate)
-    _open_unit(delta=delta)
-    value = calibrate(epsilon, delta, sample_rate, rounds, _accountant(accountant))
-    if as_json:
-        typer.echo(json.dumps({"noise_multiplier": value, "epsilon": epsilon, "sample_rate": sample_rate,
-                               "rounds": rounds, "delta": delta, "accountant": accountant}))  # fmt: skip
-    else:
-        typer.echo(f"{value:.6g}")
-
-
-ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -173,7 +102,7 @@ def up(
     port: Annotated[int | None, typer.Option(help="Server port.")] = None,
 ) -> None:
     """Run the whole suite (key service, server, aggregator, model updater) until interrupted."""
-    from fedcompute.suite import start_suite
+    from fedcompute.suite import DEMO_DISK_WARNING, start_suite
 
     stop = _stop_on_signal()
     settings = _settings(workdir=workdir, database_url=database_url, server_port=port)
@@ -181,6 +110,7 @@ def up(
     suite = start_suite(settings)
     keys = ", ".join(suite.key_addresses)
     typer.echo(f"fedcompute up: server {suite.server_address}, key services {keys}", err=True)
+    typer.echo(f"fedcompute up: {DEMO_DISK_WARNING}", err=True)
     stop.wait()
     suite.stop()
 
@@ -193,21 +123,20 @@ def serve(
     stop = _stop_on_signal()
     from fedcompute.core.clock import RandomIds, SystemClock
     from fedcompute.core.loops import PollingLoop
-    from fedcompute.suite import load_secrets
+    from fedcompute.suite import key_admin_token, token_secret, worker_token
 
     settings = _settings()
     configure_logging(settings.log_json, settings.log_level)
-    secrets = load_secrets(settings)
     clock, ids = SystemClock(), RandomIds()
     stoppers: list[Any] = []
     if component == "server":
         from fedcompute.server.app import build_server
 
-        stoppers.append(build_server(settings, clock, ids, secrets.internal_token, secrets.token_secret))
+        stoppers.append(build_server(settings, clock, ids, worker_token(settings), token_secret(settings)))
     elif component == "keys":
         from fedcompute.keys.app import build_key_server
 
-        stoppers.append(build_key_server(settings, clock, secrets.internal_token))
+        stoppers.append(build_key_server(settings, clock, key_admin_token(settings)))
     elif component == "verifier":
         from fedcompute.attestation.app import build_verifier, build_verifier_server
         from fedcompute.keys.trust import load_trusted
@@ -217,18 +146,20 @@ def serve(
     elif component == "dealer":
         from fedcompute.suite import build_dealer
 
-        dealer = build_dealer(settings, clock, secrets.internal_token)
+        dealer = build_dealer(settings, clock, key_admin_token(settings))
         stoppers.append(PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start())
     elif component == "aggregator":
+        from fedcompute.attestation.app import platform_ca
         from fedcompute.suite import start_launcher
 
-        stoppers.append(start_launcher(settings, clock, secrets.internal_token))
+        platform_ca(settings)
+        stoppers.append(start_launcher(settings, clock, worker_token(settings)))
     elif component == "modelupdater":
         from fedcompute.modelupdater.updater import ModelUpdater
         from fedcompute.server.app import open_storage
 
         db, blobs = open_storage(settings)
-        updater = ModelUpdater(db, blobs, clock, ids, settings.max_round_attempts)
+        updater = ModelUpdater(db, blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s)
         stoppers.append(PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start())
     else:
         typer.echo(f"unknown component {component!r}: see `fedcompute serve --help`", err=True)
@@ -262,6 +193,35 @@ def _print(message: Any) -> None:
     typer.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
 
 
+@app.command("audit")
+def audit_cmd(
+    task: Annotated[str, typer.Option(help="The task whose published versions to check.")],
+    key_service: Annotated[list[str], typer.Option(help="A key service address (repeat for each provider).")],
+    server: ServerOpt = "127.0.0.1:8700",
+    trusted_providers: Annotated[
+        Path | None, typer.Option(help="Pinned key providers (default: workdir/public/trusted-providers.json).")
+    ] = None,
+    threshold: Annotated[int | None, typer.Option(min=1, help="Providers a release needs (default: settings).")] = None,
+) -> None:
+    """Check every published version of a task against the key services' signed release logs; exit 1 on findings."""
+    from fedcompute.clients.audit import fetch_and_audit, render
+    from fedcompute.clients.typed import KeyClient
+    from fedcompute.keys.trust import load_trusted
+    from fedcompute.rpc.channels import open_channel
+
+    settings = _settings()
+    trusted = load_trusted(trusted_providers or settings.trusted_providers_path())
+
+    def run() -> None:
+        clients = [KeyClient(open_channel(a), 30.0) for a in key_service]
+        report = fetch_and_audit(_operators(server), clients, task, trusted, threshold or settings.threshold)
+        typer.echo(render(report))
+        if not report.ok:
+            raise typer.Exit(1)
+
+    _call(run)
+
+
 @task_app.command("create")
 def task_create(
     population: Annotated[str, typer.Option(help="Population name.")],
@@ -279,7 +239,13 @@ def task_create(
     learning_rate: Annotated[float, typer.Option()] = 0.1,
     momentum: Annotated[float, typer.Option()] = 0.9,
 ) -> None:
-    """Create a training task."""
+    """Create a training task: register its access policy with every key service (FEDCOMPUTE_KEY_SERVICE_ADDRESSES,
+    the operator's FEDCOMPUTE_KEY_ADMIN_TOKEN), then create it at the server."""
+    from fedcompute.attestation.measure import measure
+    from fedcompute.clients.operator import RegistrationFailed, create_task
+    from fedcompute.core.errors import FedcomputeError, InvalidArgument
+    from fedcompute.keys.trust import load_trusted
+    from fedcompute.suite import key_admin_token, operator_key_clients
     from fedcompute.v1 import task_management_pb2 as tm
 
     spec = tm.TaskSpec(
@@ -296,7 +262,19 @@ def task_create(
             local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum
         ),
     )
-    _call(lambda: _print(_operators(server).create_task(tm.CreateTaskRequest(spec=spec)).task))
+    settings = _settings()
+    configure_logging(json_lines=False, level=logging.WARNING)
+    measurements = settings.allowed_measurements or [measure()]
+    try:
+        keys = operator_key_clients(settings, key_admin_token(settings))
+        trusted = load_trusted(settings.trusted_providers_path())
+        _call(lambda: _print(create_task(_operators(server), keys, trusted, settings.threshold, spec, measurements)))
+    except InvalidArgument as exc:
+        typer.echo(f"INVALID_ARGUMENT: {exc.public_message}", err=True)
+        raise typer.Exit(1) from None
+    except (FedcomputeError, RegistrationFailed, OSError) as exc:
+        typer.echo(f"task not created: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @task_app.command("get")

@@ -20,7 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedcompute.attestation.app import build_verifier, build_verifier_server, platform_ca
 from fedcompute.attestation.launcher import Launcher
 from fedcompute.attestation.measure import measure
+from fedcompute.clients.audit import AuditReport, fetch_and_audit
 from fedcompute.clients.dealer import KeyDealer, open_populations
+from fedcompute.clients.operator import create_task
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
 from fedcompute.core.loops import PollingLoop
@@ -34,20 +36,37 @@ from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.serving import GrpcServer
 from fedcompute.server.app import ServerApp, build_server
 from fedcompute.v1 import key_pb2
+from fedcompute.v1 import task_management_pb2 as tm
+
+SECRET_SETTINGS = ("internal_token", "token_secret", "key_admin_token", "key_encryption_key")
+DEMO_DISK_WARNING = (
+    "every component's data, including each key service's KEK, lies on this one disk: a demo set-up. "
+    "In production give each key service its own machine and KEK secret (docs/architecture.md)."
+)
 
 
-@dataclass(frozen=True)
-class Secrets:
-    internal_token: str
-    token_secret: str
+def worker_token(settings: Settings) -> str:
+    """What aggregator workers present to the server (server and workers hold it; key services never accept it)."""
+    return settings.internal_token or load_or_create(settings.server_dir() / "secrets" / "worker-token")
 
 
-def load_secrets(settings: Settings) -> Secrets:
-    folder = settings.workdir / "secrets"
-    return Secrets(
-        settings.internal_token or load_or_create(folder / "internal-token"),
-        settings.token_secret or load_or_create(folder / "token-secret"),
-    )
+def token_secret(settings: Settings) -> str:
+    """The server's HMAC secret for session and upload tokens (the server only)."""
+    return settings.token_secret or load_or_create(settings.server_dir() / "secrets" / "token-secret")
+
+
+def key_admin_token(settings: Settings) -> str:
+    """The operator's credential for key-service administration (dealer, task creation; never the server)."""
+    return settings.key_admin_token or load_or_create(settings.operator_dir() / "key-admin-token")
+
+
+def child_env(settings: Settings, **secrets: str) -> dict[str, str]:
+    """Environment of a child process: these settings without any secret, plus exactly the secrets it needs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCOMPUTE_")}
+    public = settings.to_env().items()
+    env.update({k: v for k, v in public if k.removeprefix("FEDCOMPUTE_").lower() not in SECRET_SETTINGS})
+    env.update({f"FEDCOMPUTE_{name.upper()}": value for name, value in secrets.items()})
+    return env
 
 
 def free_port(host: str) -> int:
@@ -91,7 +110,7 @@ class KeyServiceHandle:
 
     def start(self) -> KeyServiceHandle:
         if self._as_process:
-            env = {**os.environ, **self.settings.to_env(), "FEDCOMPUTE_INTERNAL_TOKEN": self._token}
+            env = child_env(self.settings, key_admin_token=self._token)
             self._process = subprocess.Popen([sys.executable, "-m", "fedcompute.cli", "serve", "keys"], env=env)
         else:
             self._server = build_key_server(self.settings, self._clock, self._token)
@@ -122,6 +141,29 @@ class Suite:
     @property
     def key_addresses(self) -> list[str]:
         return [k.address for k in self.key_services]
+
+    def create_task(self, spec: tm.TaskSpec) -> tm.Task:
+        """As the operator: register the task's access policy with every key service, then create the task."""
+        settings = self.settings
+        return create_task(
+            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s),
+            operator_key_clients(settings, key_admin_token(settings)),
+            load_trusted(settings.trusted_providers_path()),
+            settings.threshold,
+            spec,
+            settings.allowed_measurements,
+        )
+
+    def audit(self, task_id: str) -> AuditReport:
+        """What `fedcompute audit` says about a task, against this suite's key services."""
+        settings = self.settings
+        return fetch_and_audit(
+            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s),
+            [KeyClient(open_channel(a), settings.rpc_timeout_s) for a in self.key_addresses],
+            task_id,
+            load_trusted(settings.trusted_providers_path()),
+            settings.threshold,
+        )
 
     def stop(self) -> None:
         if self.launcher:
@@ -162,8 +204,12 @@ def pin_providers(settings: Settings, addresses: list[str]) -> None:
     write_trusted(settings.trusted_providers_path(), trusted)
 
 
+def operator_key_clients(settings: Settings, token: str) -> list[KeyClient]:
+    return [KeyClient(open_channel(a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
+
+
 def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
-    providers = [KeyClient(open_channel(a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
+    providers = operator_key_clients(settings, token)
     operators = TaskManagementClient(open_channel(settings.server_address), settings.rpc_timeout_s)
     return KeyDealer(
         providers,
@@ -185,7 +231,7 @@ def start_launcher(settings: Settings, clock: Clock, token: str) -> Launcher:
         clock,
         debug=settings.aggregator_debug,
     ).serve()
-    launcher.start_worker({**os.environ, **settings.to_env(), "FEDCOMPUTE_INTERNAL_TOKEN": token})
+    launcher.start_worker(child_env(settings, internal_token=token))
     return launcher
 
 
@@ -195,25 +241,28 @@ def start_suite(
     clock = clock or SystemClock()
     ids = ids or RandomIds()
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    secrets = load_secrets(settings)
+    admin_token = key_admin_token(settings)
     if not settings.allowed_measurements:  # development: this installation is the reference value
         settings = settings.model_copy(update={"allowed_measurements": [measure()]})
     provider_ids = [f"kp-{i}" for i in range(settings.key_services)]
+    platform_ca(settings)  # the launcher's CA: its public key is all the verifier reads
     verifier = build_verifier(settings, clock, ids, provider_ids)
-    keys = start_key_services(settings, clock, secrets.internal_token)
+    keys = start_key_services(settings, clock, admin_token)
     settings = settings.model_copy(update={"key_service_addresses": [k.address for k in keys]})
     pin_providers(settings, settings.key_service_addresses)
     verifier_server = build_verifier_server(settings, verifier)
     settings = settings.model_copy(update={"verifier_address": f"{settings.host}:{verifier_server.port}"})
-    server = build_server(settings, clock, ids, secrets.internal_token, secrets.token_secret)
+    server = build_server(settings, clock, ids, worker_token(settings), token_secret(settings))
     settings = settings.model_copy(update={"server_address": f"{settings.host}:{server.grpc.port}"})
     suite = Suite(settings, keys, verifier_server, server)
-    updater = ModelUpdater(server.db, server.blobs, clock, ids, settings.max_round_attempts)
-    dealer = build_dealer(settings, clock, secrets.internal_token)
+    updater = ModelUpdater(
+        server.db, server.blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s
+    )
+    dealer = build_dealer(settings, clock, admin_token)
     suite.loops = [
         PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start(),
         PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start(),
     ]
     if aggregator:
-        suite.launcher = start_launcher(settings, clock, secrets.internal_token)
+        suite.launcher = start_launcher(settings, clock, worker_token(settings))
     return suite

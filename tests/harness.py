@@ -21,7 +21,7 @@ from fedcompute.clients.typed import (
 )
 from fedcompute.core.settings import Settings
 from fedcompute.rpc.channels import open_channel
-from fedcompute.suite import Suite, load_secrets, start_suite
+from fedcompute.suite import Suite, start_suite, worker_token
 from fedcompute.v1 import common_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
@@ -64,7 +64,7 @@ class Harness:
     @classmethod
     def attach(cls, suite: Suite) -> Harness:
         channel = open_channel(suite.server_address)
-        token = load_secrets(suite.settings).internal_token
+        token = worker_token(suite.settings)
         return cls(
             suite,
             TaskManagementClient(channel, 20.0),
@@ -76,23 +76,15 @@ class Harness:
         )
 
     def create_task(self, population: str = "pop", **fields: Any) -> tm.Task:
-        spec = tm.TaskSpec(
-            population_name=population,
-            model_architecture="digits-linear-v1",
-            rounds=1,
-            report_goal=2,
-            max_cohort=3,
-            hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
-        )
-        for name, value in fields.items():
-            if isinstance(value, Message):
-                getattr(spec, name).CopyFrom(value)
-            else:
-                setattr(spec, name, value)
-        task = self.operators.create_task(tm.CreateTaskRequest(spec=spec)).task
-        if spec.population_name.strip():
-            self.wait_for_key(spec.population_name)
+        """As the operator does: register the access policy with the key services, then create the task."""
+        task = self.suite.create_task(task_spec(population, **fields))
+        if population.strip():
+            self.wait_for_key(population)
         return task
+
+    def create_task_raw(self, population: str = "pop", **fields: Any) -> tm.Task:
+        """CreateTask straight at the server with no access policy (bad-input tests of the server itself)."""
+        return self.operators.create_task(tm.CreateTaskRequest(spec=task_spec(population, **fields))).task
 
     def wait_for_key(self, population: str) -> None:
         """The dealer runs a key ceremony for a new population within a poll interval or two."""
@@ -128,6 +120,23 @@ class Harness:
 
     def stop(self) -> None:
         self.suite.stop()
+
+
+def task_spec(population: str = "pop", **fields: Any) -> tm.TaskSpec:
+    spec = tm.TaskSpec(
+        population_name=population,
+        model_architecture="digits-linear-v1",
+        rounds=1,
+        report_goal=2,
+        max_cohort=3,
+        hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
+    )
+    for name, value in fields.items():
+        if isinstance(value, Message):
+            getattr(spec, name).CopyFrom(value)
+        else:
+            setattr(spec, name, value)
+    return spec
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:

@@ -29,6 +29,7 @@ class JobContext:
     model_version: int
     plan_sha256_hex: str
     model_architecture: str
+    policy_sha256_hex: str
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ def open_contribution(
         envelope.key_id,
         job.model_version,
         job.plan_sha256_hex,
+        job.policy_sha256_hex,
     )
+    if context.policy_sha256_hex != job.policy_sha256_hex:
+        raise Rejected("policy_mismatch")  # sealed under another access policy: never opened here
     if context != expected:
         raise Rejected("context_mismatch")
     key = keys(envelope.key_id)

@@ -49,11 +49,10 @@ def clip(update: Mapping[str, torch.Tensor], bound: float) -> tuple[dict[str, to
 
 
 class DpSum:
-    def __init__(self, params: DpParams, noise: NoiseSource) -> None:
+    def __init__(self, params: DpParams) -> None:
         if params.expected_clients <= 0 or params.clip_norm <= 0:
             raise ValueError("expected_clients and clip_norm must be positive")
         self._p = params
-        self._noise = noise
         self._sum: dict[str, torch.Tensor] = {}
         self.count = 0
         self._unclipped = 0
@@ -71,8 +70,8 @@ class DpSum:
         self.count += 1
         self._unclipped += int(norm <= self._p.clip_norm)
 
-    def release(self) -> tuple[dict[str, torch.Tensor], float]:
-        """The noised mean (float32) and the clip norm for the next round."""
+    def release(self, noise: NoiseSource) -> tuple[dict[str, torch.Tensor], float]:
+        """The noised mean (float32) and the clip norm for the next round, with noise from ``noise``."""
         if self.count < self._p.min_clients:
             raise BelowMinimum(
                 f"{self.count} valid contributions, fewer than min_clients ({self._p.min_clients}); nothing released"
@@ -80,14 +79,14 @@ class DpSum:
         std = self._p.noise_multiplier * self._p.clip_norm
         mean: dict[str, torch.Tensor] = {}
         for name, total in sorted(self._sum.items()):
-            noise = torch.from_numpy(self._noise.gaussian(total.numel(), std).reshape(tuple(total.shape)))
-            mean[name] = ((total + noise) / self._p.expected_clients).to(torch.float32).contiguous()
+            sample = torch.from_numpy(noise.gaussian(total.numel(), std).reshape(tuple(total.shape)))
+            mean[name] = ((total + sample) / self._p.expected_clients).to(torch.float32).contiguous()
         self._sum.clear()  # the un-noised sum is not kept past this point
-        return mean, self._next_clip()
+        return mean, self._next_clip(noise)
 
-    def _next_clip(self) -> float:
+    def _next_clip(self, noise: NoiseSource) -> float:
         p = self._p
         if not p.adaptive_clip:
             return p.clip_norm
-        noised = (self._unclipped + float(self._noise.gaussian(1, p.clipped_count_stddev)[0])) / p.expected_clients
+        noised = (self._unclipped + float(noise.gaussian(1, p.clipped_count_stddev)[0])) / p.expected_clients
         return float(p.clip_norm * np.exp(-p.clip_learning_rate * (noised - p.target_unclipped_quantile)))

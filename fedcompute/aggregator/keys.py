@@ -36,6 +36,13 @@ class KeyUnavailable(Exception):
     """Not enough key services released a valid share right now (retry the job later)."""
 
 
+class KeyRefused(Exception):
+    """Key services refused the release under their ledger (policy, input set, budget): retrying cannot help."""
+
+
+REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+
+
 @dataclass
 class KeyAccess:
     """Everything a worker needs to obtain keys: key services, whom to trust, the verifier and its attester."""
@@ -52,6 +59,8 @@ class KeyAccess:
 class JobKeys:
     access: KeyAccess
     job: aggregation_pb2.AggregationJob
+    policy_sha256_hex: str
+    inputs: list[tuple[str, str]]
     faulty_providers: set[str] = field(default_factory=set)
     _keys: dict[str, X25519PrivateKey] = field(default_factory=dict)
 
@@ -59,6 +68,10 @@ class JobKeys:
         if key_id not in self._keys:
             self._keys[key_id] = self._obtain(key_id)
         return self._keys[key_id]
+
+    def material(self) -> bytes:
+        """The private keys obtained so far, in key-id order (noise-key derivation input; never leaves)."""
+        return b"".join(hpke.private_bytes(self._keys[k]) for k in sorted(self._keys))
 
     def _published(self, key_id: str) -> common_pb2.PublicKey:
         for client in self.access.providers:
@@ -94,11 +107,14 @@ class JobKeys:
             self.job.aggregation_id,
             self.job.job_id,
             self.job.input_set_sha256_hex,
+            self.policy_sha256_hex,
         )
         result = self._attest(binding)
         result_id = str(jwt.decode(result, options={"verify_signature": False})["jti"])
-        shares, errors = self._collect(providers, binding, result, result_id, ephemeral)
+        shares, errors, refused = self._collect(providers, binding, result, result_id, ephemeral)
         needed = self.access.threshold
+        if len(shares) < needed and refused:
+            raise KeyRefused(f"key services refused to release a share: {'; '.join(errors)}")
         if len(shares) < needed:
             raise KeyUnavailable(
                 f"only {len(shares)} of {len(self.access.providers)} key services released a share, "
@@ -125,15 +141,21 @@ class JobKeys:
         result: str,
         result_id: str,
         ephemeral: X25519PrivateKey,
-    ) -> tuple[dict[str, tuple[int, bytes]], list[str]]:
-        request = key_pb2.ReleaseKeyShareRequest(attestation_result=result, **binding.fields())
+    ) -> tuple[dict[str, tuple[int, bytes]], list[str], bool]:
+        request = key_pb2.ReleaseKeyShareRequest(
+            attestation_result=result,
+            inputs=[common_pb2.InputRef(assignment_id=a, envelope_sha256_hex=e) for a, e in self.inputs],
+            **binding.fields(),
+        )
         shares: dict[str, tuple[int, bytes]] = {}
         errors: list[str] = []
+        refused = False
         for client in providers:
             try:
                 reply = client.release_key_share(request)
             except grpc.RpcError as exc:
                 errors.append(f"{exc.code().name}: {exc.details()}")
+                refused = refused or exc.code() in REFUSALS
                 continue
             share = self._open(reply, binding, result_id, ephemeral)
             if share is None:
@@ -141,7 +163,7 @@ class JobKeys:
                 self.faulty_providers.add(reply.provider_id)
             else:
                 shares[reply.provider_id] = share
-        return shares, errors
+        return shares, errors, refused
 
     def _open(
         self,

@@ -11,10 +11,13 @@ default generator are never used for noise. Tests pass a fixed key for reproduci
 from __future__ import annotations
 
 import os
+import struct
 from typing import Protocol
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _TWO_PI = 2.0 * np.pi
 _SCALE = 2.0**-53
@@ -22,6 +25,14 @@ _SCALE = 2.0**-53
 
 class NoiseSource(Protocol):
     def gaussian(self, count: int, std: float) -> np.ndarray: ...
+
+
+def derive_noise_key(key_material: bytes, policy_sha256_hex: str, round_: int, input_set_sha256_hex: str) -> bytes:
+    """The noise key of one release: HKDF-SHA256 over the population private key(s) the worker rebuilt, bound to
+    (policy, round, input set). Only attested code holding the key can compute it, and a repeated release of the
+    same input set (a retried job) reproduces the same noise, so the two outputs cannot be averaged."""
+    info = b"fedcompute/dp-noise/v1\x00" + policy_sha256_hex.encode() + struct.pack(">Q", round_)
+    return HKDF(hashes.SHA256(), 32, salt=None, info=info + input_set_sha256_hex.encode()).derive(key_material)
 
 
 class ChaChaGaussian:

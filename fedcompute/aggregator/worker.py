@@ -1,4 +1,6 @@
-"""The aggregator worker loop: claim a job, stream, open and sum its contributions, complete or fail it."""
+"""The aggregator worker loop: claim a job, verify its task's signed access policy and obey it, stream, open and
+sum its contributions, complete or fail it. Noise is derived from the rebuilt key and (policy, round, input set),
+so a retried job releases a bit-identical output."""
 
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import grpc
 import structlog
 
 from fedcompute.aggregator.contributions import JobContext, Rejected, open_contribution
-from fedcompute.aggregator.dp import BelowMinimum, DpParams, DpSum
+from fedcompute.aggregator.dp import BelowMinimum, DpSum
 from fedcompute.aggregator.fedavg import StreamingMean
-from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyUnavailable
-from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource
+from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
+from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, derive_noise_key
+from fedcompute.aggregator.obey import PolicyConflict, dp_params
 from fedcompute.clients.typed import AggregationClient
 from fedcompute.core import checkpoints
 from fedcompute.core.context import input_set_digest
+from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.v1 import aggregation_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
@@ -29,7 +33,7 @@ class AggregatorWorker:
         jobs: AggregationClient,
         keys: KeyAccess,
         worker_id: str,
-        noise: Callable[[], NoiseSource] = ChaChaGaussian.secure,
+        noise: Callable[[bytes], NoiseSource] = ChaChaGaussian,
     ) -> None:
         self._jobs = jobs
         self._keys = keys
@@ -45,6 +49,18 @@ class AggregatorWorker:
         return True
 
     def process(self, job: aggregation_pb2.AggregationJob) -> None:
+        try:
+            policy = check_signed(job.access_policy, self._keys.trusted, self._keys.threshold)
+            dp = dp_params(policy, job)
+        except (UntrustedPolicy, PolicyConflict) as exc:
+            self._fail(job, str(exc), retryable=False)
+            return
+        inputs = [(i.assignment_id, i.envelope_sha256_hex) for i in job.inputs]
+        problem = _input_set_problem(inputs, job.input_set_sha256_hex, policy.min_clients)
+        if problem:
+            self._fail(job, problem, retryable=False)
+            return
+        policy_hash = policy.sha256_hex()
         context = JobContext(
             job.population_name,
             job.task_id,
@@ -53,13 +69,12 @@ class AggregatorWorker:
             job.model_version,
             job.plan_sha256_hex,
             job.model_architecture,
+            policy_hash,
         )
-        keys = JobKeys(self._keys, job)
-        inputs: list[tuple[str, str]] = []
-        dp = _dp_params(job.dp)
-        mean: StreamingMean | DpSum = DpSum(dp, self._noise()) if dp else StreamingMean()
+        keys = JobKeys(self._keys, job, policy_hash, inputs)
+        mean: StreamingMean | DpSum = DpSum(dp) if dp else StreamingMean()
         rejections: Counter[str] = Counter()
-        seen: set[str] = set()
+        streamed = 0
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
         next_extension = time.monotonic() + max(lease_left, 1.0)
         try:
@@ -67,11 +82,11 @@ class AggregatorWorker:
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
             )
             for item in stream:
-                inputs.append((item.assignment_id, hashlib.sha256(item.envelope).hexdigest()))
-                if item.assignment_id in seen:
-                    rejections["duplicate_assignment"] += 1
-                    continue
-                seen.add(item.assignment_id)
+                got = (item.assignment_id, hashlib.sha256(item.envelope).hexdigest())
+                if streamed >= len(inputs) or got != inputs[streamed]:
+                    self._fail(job, f"contribution {streamed} of the stream is not the job's input set's", False)
+                    return
+                streamed += 1
                 try:
                     opened = open_contribution(item.envelope, item.assignment_id, context, keys)
                 except Rejected as refusal:
@@ -86,23 +101,32 @@ class AggregatorWorker:
                         aggregation_pb2.ExtendLeaseRequest(job_id=job.job_id, lease_id=job.lease_id)
                     )
                     next_extension = time.monotonic() + max(lease_left, 1.0)
+        except KeyRefused as exc:
+            self._fail(job, str(exc), retryable=False)
+            return
         except KeyUnavailable as exc:
             self._fail(job, str(exc), retryable=True)
             return
         except grpc.RpcError as exc:
             self._fail(job, f"contribution stream broke: {exc.code().name}", retryable=True)
             return
-        if input_set_digest(inputs) != job.input_set_sha256_hex:
-            self._fail(job, "the streamed contributions do not match the job's input set; refused", retryable=False)
+        if streamed != len(inputs):
+            self._fail(job, f"the stream ended after {streamed} of {len(inputs)} contributions", retryable=True)
             return
         rejected = sum(rejections.values())
-        if mean.count == 0:
-            self._fail(job, f"no valid contribution among {rejected} ({dict(rejections)})", retryable=False)
+        if mean.count < policy.min_clients:
+            self._fail(
+                job,
+                f"{mean.count} valid contributions ({rejected} rejected: {dict(rejections)}), fewer than the access "
+                f"policy's min_clients ({policy.min_clients}); nothing released",
+                retryable=False,
+            )
             return
         clip_used = next_clip = 0.0
         if isinstance(mean, DpSum):
+            noise = self._noise(derive_noise_key(keys.material(), policy_hash, job.round, job.input_set_sha256_hex))
             try:
-                update, next_clip = mean.release()
+                update, next_clip = mean.release(noise)
             except BelowMinimum as exc:
                 self._fail(job, str(exc), retryable=False)
                 return
@@ -137,16 +161,15 @@ def _faulty_note(providers: set[str]) -> str:
     return f"key services {sorted(providers)} returned shares that did not verify or rebuild the key"
 
 
-def _dp_params(msg: aggregation_pb2.DpParams) -> DpParams | None:
-    if not msg.enabled:
-        return None
-    return DpParams(
-        clip_norm=msg.clip_norm,
-        noise_multiplier=msg.noise_multiplier,
-        expected_clients=msg.expected_clients,
-        min_clients=msg.min_clients,
-        adaptive_clip=msg.adaptive_clip,
-        target_unclipped_quantile=msg.target_unclipped_quantile,
-        clip_learning_rate=msg.clip_learning_rate,
-        clipped_count_stddev=msg.clipped_count_stddev,
-    )
+def _input_set_problem(inputs: list[tuple[str, str]], digest: str, min_clients: int) -> str:
+    """Why the job's input set must be refused before anything is asked of the key services ('' if none)."""
+    if input_set_digest(inputs) != digest:
+        return "the job's input list does not hash to its input set digest; refused"
+    if [a for a, _ in inputs] != sorted({a for a, _ in inputs}):
+        return "the job's input list is not in ascending, distinct assignment order; refused"
+    if len(inputs) < min_clients:
+        return (
+            f"the job's input set holds {len(inputs)} contributions; the access policy needs at least {min_clients}; "
+            "nothing released"
+        )
+    return ""

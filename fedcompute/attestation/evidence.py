@@ -66,7 +66,10 @@ def _nonces(claims: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 class LocalEvidenceHandler:
-    """Local launcher evidence: endorsement (platform CA -> attestation key), then the evidence itself."""
+    """Local launcher evidence: endorsement (platform CA -> attestation key), then the evidence itself.
+
+    The hardware model is always ``LOCAL_HWMODEL``: the evidence's own ``hwmodel`` claim is ignored.
+    """
 
     def __init__(self, platform_ca: ec.EllipticCurvePublicKey) -> None:
         self._ca = platform_ca
@@ -85,7 +88,9 @@ class LocalEvidenceHandler:
         return VerifiedClaims(
             nonces=_nonces(claims),
             measurement=str(claims.get("submods", {}).get("container", {}).get("image_digest", "")),
-            hwmodel=str(claims.get("hwmodel", "")),
+            # A software launcher's key proves nothing about hardware, whatever its evidence claims: a forged
+            # "GCP_INTEL_TDX" must never satisfy a policy that only accepts hardware TEEs.
+            hwmodel=LOCAL_HWMODEL,
             dbgstat=str(claims.get("dbgstat", "")),
             swname=str(claims.get("swname", "")),
         )

@@ -3,6 +3,8 @@
 The launcher holds the attestation key (AK, ES256) and its endorsement from the local platform CA; the worker
 it starts never sees either. The worker asks for evidence over a UNIX socket with one JSON line
 ``{"nonces": [...]}`` and gets ``{"evidence": "<JWT>"}`` back (like Confidential Space's teeserver socket).
+The socket is 0600, and the launcher answers only the process it started (the peer's pid from SO_PEERCRED):
+another process of the same account gets ``{"error": ...}``.
 
 What this does NOT protect against: anyone with root on the host (or the launcher's account) can read the AK
 and forge evidence, and can read the worker's memory. That is why the evidence says
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,6 +34,10 @@ from fedcompute.core.clock import Clock
 
 log = structlog.get_logger("fedcompute.launcher")
 EVIDENCE_LIFETIME = timedelta(minutes=5)
+WORKER_COMMAND = (sys.executable, "-I", "-B", "-m", "fedcompute.aggregator.main")
+PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid (SO_PEERCRED, Linux)
+REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST_CHARS = 64 * 1024
 
 
 def endorse(
@@ -67,6 +75,7 @@ class Launcher:
         self._stop = threading.Event()
         self._server: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._extra_pids: set[int] = set()
         self.child: subprocess.Popen[bytes] | None = None
 
     def evidence(self, nonces: list[str]) -> str:
@@ -98,6 +107,19 @@ class Launcher:
         self._thread.start()
         return self
 
+    @property
+    def allowed_pids(self) -> frozenset[int]:
+        """Who gets evidence: the running worker this launcher started, plus pids allowed with ``allow_pid``."""
+        pids = set(self._extra_pids)
+        # While the child runs (unreaped) its pid cannot be reused by another process.
+        if self.child is not None and self.child.poll() is None:
+            pids.add(self.child.pid)
+        return frozenset(pids)
+
+    def allow_pid(self, pid: int) -> None:
+        """Also answer ``pid`` (e.g. a test calling ``request_evidence`` itself). By default only the child is."""
+        self._extra_pids.add(pid)
+
     def _accept(self) -> None:
         assert self._server is not None
         while not self._stop.is_set():
@@ -108,21 +130,41 @@ class Launcher:
             except OSError:
                 return
             with conn:
-                self._answer(conn)
+                try:
+                    self._answer(conn)
+                except OSError as exc:  # a client that hangs up or stalls must not stop the launcher
+                    log.warning("evidence_request_failed", error=str(exc))
 
     def _answer(self, conn: socket.socket) -> None:
-        try:
-            request = json.loads(conn.makefile("r").readline())
-            nonces = [str(n) for n in request["nonces"]]
-            reply = {"evidence": self.evidence(nonces)}
-        except (ValueError, KeyError, TypeError) as exc:
-            reply = {"error": f"bad evidence request: {exc}"}
+        conn.settimeout(REQUEST_TIMEOUT_S)
+        pid, uid, _ = PEER_CREDENTIALS.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
+        )
+        line = conn.makefile("r").readline(MAX_REQUEST_CHARS)  # read first: replying to unread data may reset
+        reply: dict[str, str]
+        if pid not in self.allowed_pids:
+            log.warning("evidence_request_refused", peer_pid=pid, peer_uid=uid, worker_pid=self._child_pid())
+            reply = {"error": f"this launcher gives evidence only to the worker it started; process {pid} is not it"}
+        else:
+            try:
+                request = json.loads(line)
+                nonces = [str(n) for n in request["nonces"]]
+                reply = {"evidence": self.evidence(nonces)}
+            except (ValueError, KeyError, TypeError) as exc:
+                reply = {"error": f"bad evidence request: {exc}"}
         conn.sendall((json.dumps(reply) + "\n").encode())
 
-    def start_worker(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """Start the measured worker isolated (-I: no PYTHON* variables, no user site; -B: no bytecode writes)."""
+    def _child_pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    def start_worker(self, env: dict[str, str], command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+        """Start the measured worker isolated (-I: no PYTHON* variables, no user site; -B: no bytecode writes).
+
+        ``command`` replaces the worker's command line (tests start a small stand-in); only this process is
+        answered on the socket.
+        """
         self.child = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-m", "fedcompute.aggregator.main"],
+            list(command or WORKER_COMMAND),
             env={**env, "FEDCOMPUTE_ATTESTER_SOCKET": str(self._socket_path)},
         )
         log.info("worker_started", pid=self.child.pid, measurement=self._measurement)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -26,13 +27,24 @@ def allowed_measurements(settings: Settings) -> frozenset[str]:
     return frozenset(settings.allowed_measurements or [measure()])
 
 
+def public_dir(settings: Settings) -> Path:
+    """Public keys only (verifier, platform CA): safe to copy to, or mount in, any other component."""
+    return settings.workdir / "public"
+
+
 def verifier_public_key_path(settings: Settings) -> Path:
-    return settings.workdir / "verifier-public.pem"
+    return public_dir(settings) / "verifier-public.pem"
 
 
 def write_public_key(path: Path, key: ec.EllipticCurvePublicKey) -> None:
+    """Write (temp file, then rename) so a reader in another process never sees half a key."""
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if path.exists() and path.read_bytes() == pem:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_bytes(pem)
+    os.replace(temp, path)
 
 
 def read_public_key(path: Path) -> ec.EllipticCurvePublicKey:

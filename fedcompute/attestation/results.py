@@ -1,8 +1,9 @@
 """Attestation results (ES256 JWT, EAT/EAR claim names) and the binding nonce that ties them to one release.
 
-binding = sha256(lp(recipient public key) || lp(key id) || lp(task id) || u64(round) || lp(aggregation id)
-|| lp(job id) || lp(input set sha256)): the worker puts it in its evidence as eat_nonce[1], the verifier copies
-it into the result, and each key service recomputes it from the release request.
+binding = sha256("fedcompute/release-binding/v2\0" || lp(recipient public key) || lp(key id) || lp(task id)
+|| u64(round) || lp(aggregation id) || lp(job id) || lp(input set sha256) || lp(policy sha256)), base64url: the
+worker puts it in its evidence as eat_nonce[1], the verifier copies it into the result, and each key service
+recomputes it from the release request.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class BindingFields(Protocol):
     aggregation_id: str
     aggregation_job_id: str
     input_set_sha256_hex: str
+    policy_sha256_hex: str
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class ReleaseBinding:
     aggregation_id: str
     job_id: str
     input_set_sha256_hex: str
+    policy_sha256_hex: str
 
     @classmethod
     def of(cls, msg: BindingFields) -> ReleaseBinding:
@@ -58,6 +61,7 @@ class ReleaseBinding:
             msg.aggregation_id,
             msg.aggregation_job_id,
             msg.input_set_sha256_hex,
+            msg.policy_sha256_hex,
         )
 
     def fields(self) -> dict[str, Any]:
@@ -70,14 +74,15 @@ class ReleaseBinding:
             "aggregation_id": self.aggregation_id,
             "aggregation_job_id": self.job_id,
             "input_set_sha256_hex": self.input_set_sha256_hex,
+            "policy_sha256_hex": self.policy_sha256_hex,
         }
 
     def digest(self) -> str:
-        parts = [b"fedcompute/release-binding/v1\x00"]
+        parts = [b"fedcompute/release-binding/v2\x00"]
         for raw in (self.recipient_public_key, self.key_id.encode(), self.task_id.encode()):
             parts.append(struct.pack(">H", len(raw)) + raw)
         parts.append(struct.pack(">Q", self.round))
-        for text in (self.aggregation_id, self.job_id, self.input_set_sha256_hex):
+        for text in (self.aggregation_id, self.job_id, self.input_set_sha256_hex, self.policy_sha256_hex):
             raw = text.encode()
             parts.append(struct.pack(">H", len(raw)) + raw)
         return b64url(hashlib.sha256(b"".join(parts)).digest())

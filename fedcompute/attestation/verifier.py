@@ -42,8 +42,11 @@ class Verifier:
         clock: Clock,
         ids: IdGenerator,
         verifier_id: str = "fedcompute-verifier",
+        refused_formats: Mapping[str, str] | None = None,
     ) -> None:
+        """``refused_formats``: formats this policy refuses outright, each with the message the caller is told."""
         self._handlers = dict(handlers)
+        self._refused = dict(refused_formats or {})
         self._policy = policy
         self._key = signing_key
         self._audience = audience
@@ -64,7 +67,7 @@ class Verifier:
     def attest(self, evidence_format: str, evidence: str, binding: ReleaseBinding) -> str:
         handler = self._handlers.get(evidence_format)
         if handler is None:
-            raise InvalidArgument("evidence_format", f"unsupported; known: {', '.join(sorted(self._handlers))}")
+            raise self._unaccepted(evidence_format)
         if len(binding.recipient_public_key) != 32:
             raise InvalidArgument("recipient_public_key", "must be a raw 32-byte X25519 key")
         now = self._clock.now()
@@ -93,6 +96,13 @@ class Verifier:
         )  # fmt: skip
         log.info("attestation_affirmed", job_id=binding.job_id, hwmodel=claims.hwmodel)
         return token
+
+    def _unaccepted(self, evidence_format: str) -> PermissionDenied | InvalidArgument:
+        reason = self._refused.get(evidence_format)
+        if reason is not None:
+            return self._refuse(reason)
+        known = ", ".join(sorted(self._handlers)) or "none"
+        return InvalidArgument("evidence_format", f"{evidence_format!r} is not supported; this verifier takes: {known}")
 
     def _refuse(self, reason: str) -> PermissionDenied:
         log.warning("attestation_refused", reason=reason)

@@ -92,6 +92,7 @@ class DemoResult:
     database: str
     elapsed_s: float
     dp: dict[str, float | bool | str] | None = None
+    audit_findings: list[str] | None = None  # `fedcompute audit` of the task at the end: [] means clean
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -142,11 +143,12 @@ def run_demo(
         channel = open_channel(suite.server_address)
         operators = TaskManagementClient(channel, settings.rpc_timeout_s)
         resources = ResourceClient(channel, settings.rpc_timeout_s)
-        task = operators.create_task(tm.CreateTaskRequest(spec=task_spec(devices, rounds, seed, privacy))).task
+        task = suite.create_task(task_spec(devices, rounds, seed, privacy))
         _wait_for_key(suite.key_addresses[0], settings.rpc_timeout_s)
         trust = Trust(load_trusted(suite.settings.trusted_providers_path()), settings.threshold)
         fleet = Fleet(suite.server_address, POPULATION, shards, seed, trust, max_sleep_s=0.5).start()
         rows, initial = _follow(operators, resources, task.task_id, rounds, test, timeout_s)
+        findings = suite.audit(task.task_id).findings
     finally:
         if fleet:
             fleet.stop()
@@ -165,6 +167,7 @@ def run_demo(
         database="postgres" if settings.resolved_database_url().startswith("postgresql") else "sqlite",
         elapsed_s=round(time.monotonic() - started, 1),
         dp=_dp_summary(task) if privacy else None,
+        audit_findings=findings,
     )
 
 
@@ -269,6 +272,8 @@ def format_table(result: DemoResult) -> str:
             f"(δ={result.dp['delta']:.2g}, z={result.dp['noise_multiplier']:.3f}, "
             f"q={result.report_goal}/{result.dp['assumed_population']}, {result.dp['accountant']})"
         )
+    findings = result.audit_findings or []
+    lines.append(f"audit of the key services' release logs: {'clean' if not findings else '; '.join(findings)}")
     lines.append(
         f"final held-out accuracy {result.final_accuracy:.4f} with {result.devices} devices "
         f"(report goal {result.report_goal}); centrally trained baseline {result.central_accuracy:.4f}; "

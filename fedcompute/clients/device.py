@@ -16,8 +16,12 @@ from fedcompute.clients.training import TrainingConfig, train_local
 from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
+from fedcompute.core.policy import DeviceFloor
 from fedcompute.core.tasks import parse_plan
+from fedcompute.keys import hpke
 from fedcompute.keys.envelope import seal_contribution
+from fedcompute.keys.policy import UntrustedPolicy, check_signed
+from fedcompute.keys.policy import from_message as policy_from_message
 from fedcompute.keys.statement import UntrustedKey, check_trusted
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import common_pb2, resource_pb2, task_assignment_pb2, upload_pb2
@@ -36,15 +40,30 @@ class Participated:
     task_id: str
     round: int
     uploaded: bool
-    refused_key: bool = False
+    refused_key: bool = False  # the key or the access policy: not signed by enough pinned providers, or too weak
 
 
 @dataclass(frozen=True)
 class Trust:
-    """The key providers a device was configured with (pinned signing keys) and how many must sign a key."""
+    """What a device was configured with: its pinned key providers, how many must sign a key or a policy, and
+    the weakest access policy and key it accepts (its floor), whatever the server relays."""
 
     providers: Mapping[str, ec.EllipticCurvePublicKey]
     threshold: int
+    floor: DeviceFloor = field(default_factory=DeviceFloor)
+
+    def check(self, assignment: task_assignment_pb2.TaskAssignment) -> None:
+        """Raise ``UntrustedKey``/``UntrustedPolicy`` unless this device may upload under the assignment."""
+        key = assignment.encryption_key
+        check_trusted(key, self.providers, self.threshold)
+        if hpke.key_id_for(key.public_key) != key.key_id:
+            raise UntrustedKey(f"key id {key.key_id!r} does not belong to the relayed public key")
+        policy = check_signed(assignment.access_policy, self.providers, self.threshold)
+        if policy.population_name != assignment.population_name or key.population_name != policy.population_name:
+            raise UntrustedPolicy("the access policy or key belongs to another population")
+        problems = self.floor.violations(policy, key.threshold, key.expiration_time_unix - key.activation_time_unix)
+        if problems:
+            raise UntrustedPolicy("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -83,8 +102,10 @@ class Device:
         assignment = response.task_assignment
         self.done.add((assignment.task_id, assignment.round))
         try:
-            check_trusted(assignment.encryption_key, self.trust.providers, self.trust.threshold)
-        except UntrustedKey:
+            if assignment.population_name != self.population:
+                raise UntrustedPolicy(f"assigned to population {assignment.population_name!r}, not this device's")
+            self.trust.check(assignment)
+        except (UntrustedKey, UntrustedPolicy):
             self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_FAILED_OPS_ERROR))
             return Participated(assignment.task_id, assignment.round, False, refused_key=True)
         plan = parse_plan(download(self.resources, assignment.plan))
@@ -139,6 +160,7 @@ def context_of(a: task_assignment_pb2.TaskAssignment) -> ContributionContext:
         a.encryption_key.key_id,
         a.model_version,
         a.plan.sha256_hex,
+        policy_from_message(a.access_policy.policy).sha256_hex(),
     )
 
 

@@ -161,6 +161,14 @@ class KeyClient:
     def activate_key(self, request: key_pb2.ActivateKeyRequest) -> key_pb2.ActivateKeyResponse:
         return self._stub.ActivateKey(request, timeout=self._timeout, metadata=self._md)
 
+    @idempotent()
+    def register_policy(self, request: key_pb2.RegisterPolicyRequest) -> key_pb2.RegisterPolicyResponse:
+        return self._stub.RegisterPolicy(request, timeout=self._timeout, metadata=self._md)
+
+    @idempotent()
+    def get_release_log(self, request: key_pb2.GetReleaseLogRequest) -> key_pb2.GetReleaseLogResponse:
+        return self._stub.GetReleaseLog(request, timeout=self._timeout)
+
 
 class VerifierClient:
     def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:

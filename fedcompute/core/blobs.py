@@ -28,6 +28,10 @@ class BlobStore(Protocol):
 
     def exists(self, sha256_hex: str) -> bool: ...
 
+    def delete(self, sha256_hex: str) -> None:
+        """Remove the blob (no error if it is already gone)."""
+        ...
+
 
 class BlobCorrupted(Exception):
     """Stored bytes no longer match their sha256 address."""

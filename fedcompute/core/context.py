@@ -1,8 +1,8 @@
 """The canonical, length-prefixed encoding of a contribution's context (used verbatim as HPKE ``info``).
 
 A device binds its encrypted update to (population, task, round, aggregation id, assignment id, key id, model
-version, plan hash). The aggregator never trusts the copy in the envelope: it parses it, checks every field
-against its job, and decrypts with exactly these bytes, so any tampering fails the AEAD.
+version, plan hash, access-policy hash). The aggregator never trusts the copy in the envelope: it parses it,
+checks every field against its job, and decrypts with exactly these bytes, so any tampering fails the AEAD.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-MAGIC = b"fedcompute/contribution/v1\x00"
+MAGIC = b"fedcompute/contribution/v2\x00"
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class ContributionContext:
     key_id: str
     model_version: int
     plan_sha256_hex: str
+    policy_sha256_hex: str
 
     def encode(self) -> bytes:
         parts = [MAGIC]
@@ -34,6 +35,7 @@ class ContributionContext:
             parts.append(_lp(text))
         parts.append(struct.pack(">Q", self.model_version))
         parts.append(_lp(self.plan_sha256_hex))
+        parts.append(_lp(self.policy_sha256_hex))
         return b"".join(parts)
 
     @classmethod
@@ -46,20 +48,24 @@ class ContributionContext:
         rnd = reader.u64()
         aggregation, assignment, key = reader.text(), reader.text(), reader.text()
         version = reader.u64()
-        plan = reader.text()
+        plan, policy = reader.text(), reader.text()
         if reader.pos != len(data):
             raise ValueError("context has trailing bytes")
-        ctx = cls(population, task, rnd, aggregation, assignment, key, version, plan)
+        ctx = cls(population, task, rnd, aggregation, assignment, key, version, plan, policy)
         if ctx.encode() != data:
             raise ValueError("context is not canonical")
         return ctx
 
 
-def _lp(text: str) -> bytes:
+def length_prefixed(text: str) -> bytes:
+    """u16 big-endian length || UTF-8 bytes: the string encoding of every canonical structure here."""
     raw = text.encode("utf-8")
     if len(raw) > 0xFFFF:
-        raise ValueError("context field longer than 65535 bytes")
+        raise ValueError("field longer than 65535 bytes")
     return struct.pack(">H", len(raw)) + raw
+
+
+_lp = length_prefixed
 
 
 class _Reader:

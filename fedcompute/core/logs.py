@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import structlog
 
@@ -21,5 +22,6 @@ def configure_logging(json_lines: bool, level: int | str = logging.INFO) -> None
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),  # stdout is for a command's own output
         cache_logger_on_first_use=True,
     )

@@ -20,6 +20,8 @@ class TaskRecord:
     created_at: datetime
     status_reason: str
     epsilon_spent: float = 0.0
+    access_policy: bytes = b""  # serialized SignedAccessPolicy
+    policy_sha256: str = ""
 
 
 @dataclass(frozen=True)

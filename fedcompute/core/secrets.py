@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -11,13 +12,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 
 def load_or_create(path: Path) -> str:
+    """Read the secret, or create it; processes racing to create it all end up with the one written first."""
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+    with os.fdopen(fd, "w") as handle:  # mkstemp files are 0600
         handle.write(value)
+    try:
+        os.link(tmp, path)  # atomic: fails if another process got there first
+    except FileExistsError:
+        value = path.read_text().strip()
+    finally:
+        os.unlink(tmp)
     return value
 
 

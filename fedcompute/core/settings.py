@@ -15,7 +15,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDCOMPUTE_", extra="forbid")
 
-    workdir: Path = Field(Path("./fedcompute-data"), description="Directory for the SQLite file, blobs and keys.")
+    workdir: Path = Field(
+        Path("./fedcompute-data"),
+        description="Root directory; each component keeps its data in its own subdirectory (server/, keys/ID/, "
+        "verifier/, attest/, operator/; public/ holds public keys only).",
+    )
     database_url: str = Field(
         "",
         description="SQLAlchemy URL; empty means a SQLite file in workdir. "
@@ -30,7 +34,22 @@ class Settings(BaseSettings):
         default_factory=lambda: ["127.0.0.1:8710"], description="Where the server and workers reach key services."
     )
     internal_token: str = Field(
-        "", description="Bearer token of internal callers (aggregator workers); empty: generated into workdir."
+        "", description="Bearer token aggregator workers present to the server; empty: generated into server/."
+    )
+    key_admin_token: str = Field(
+        "",
+        description="Bearer token of the operator (dealer, task creation) for key-service administration: "
+        "ImportKeyShare, ActivateKey, RegisterPolicy. Never give it to the orchestration server. "
+        "Empty: generated into operator/.",
+    )
+    key_encryption_key: str = Field(
+        "", description="This key service's KEK (64 hex digits) sealing its shares at rest; or use the file setting."
+    )
+    key_encryption_key_file: Path | None = Field(
+        None, description="File holding this key service's KEK (64 hex digits); must lie outside its data directory."
+    )
+    upload_retention_s: float = Field(
+        0.0, ge=0, description="How long encrypted uploads are kept after their round was released or abandoned."
     )
     token_secret: str = Field(
         "", description="HMAC secret for session and upload tokens; empty: generated into workdir."
@@ -122,7 +141,23 @@ class Settings(BaseSettings):
         return env
 
     def trusted_providers_path(self) -> Path:
-        return self.trusted_providers_file or self.workdir / "trusted-providers.json"
+        return self.trusted_providers_file or self.public_dir() / "trusted-providers.json"
 
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.workdir / 'fedcompute.sqlite'}"
+        return self.database_url or f"sqlite:///{self.server_dir() / 'fedcompute.sqlite'}"
+
+    def server_dir(self) -> Path:
+        """The orchestration server's own data: SQLite file, blobs, upload staging, its secrets."""
+        return self.workdir / "server"
+
+    def key_dir(self) -> Path:
+        """This key service's data: identity, sealed shares, ledger, release log (never its KEK)."""
+        return self.workdir / "keys" / self.provider_id
+
+    def operator_dir(self) -> Path:
+        """The operator's credentials (key-admin token)."""
+        return self.workdir / "operator"
+
+    def public_dir(self) -> Path:
+        """Public material every component may read: pinned provider keys, verifier and platform CA public keys."""
+        return self.workdir / "public"

@@ -39,6 +39,7 @@ class TaskSpec:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     server_learning_rate: float = 1.0
     dp: DpSpec | None = None
+    min_clients: int = 0  # without DP; 0: the report goal (with DP, dp.min_clients rules)
 
     def validate(self, known_architectures: set[str]) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -81,6 +82,14 @@ class TaskSpec:
             raise InvalidArgument("spec.hyperparameters.momentum", "must be in [0, 1)")
         if not self.server_learning_rate > 0:
             raise InvalidArgument("spec.server_learning_rate", "must be > 0")
+        if not 0 <= self.min_clients <= self.report_goal:
+            raise InvalidArgument("spec.min_clients", f"must be in [0, report_goal ({self.report_goal})]")
+
+    def min_clients_or_default(self) -> int:
+        """Fewest contributions any release may cover (the access policy's min_clients)."""
+        if self.dp is not None:
+            return self.dp.min_clients or self.report_goal
+        return self.min_clients or self.report_goal
 
     def resolved(self) -> TaskSpec:
         """The spec as stored: DP settings validated and the noise multiplier calibrated."""

@@ -11,7 +11,9 @@ from fedcompute.attestation.policy import (
 from fedcompute.core.clock import Clock
 from fedcompute.core.settings import Settings
 from fedcompute.keys.identity import load_or_create_identity
+from fedcompute.keys.kek import load_kek
 from fedcompute.keys.keystore import KeyStore
+from fedcompute.keys.release_log import ReleaseLog
 from fedcompute.keys.service import KeyService, ReleasePolicy
 from fedcompute.keys.servicer import KeyServicer
 from fedcompute.rpc.metrics import RpcMetrics
@@ -20,8 +22,9 @@ from fedcompute.v1 import key_pb2, key_pb2_grpc
 
 
 def build_key_service(settings: Settings, clock: Clock) -> KeyService:
-    folder = settings.workdir / "keys" / settings.provider_id
+    folder = settings.key_dir()
     identity = load_or_create_identity(folder, settings.provider_id)
+    kek = load_kek(settings)
 
     def policy() -> ReleasePolicy:
         return ReleasePolicy(
@@ -31,7 +34,12 @@ def build_key_service(settings: Settings, clock: Clock) -> KeyService:
         )
 
     return KeyService(
-        KeyStore(folder / "keyset.json", identity.kek), identity, clock, policy, settings.public_key_max_age_s
+        KeyStore(folder / "keyset.json", kek),
+        identity,
+        clock,
+        policy,
+        settings.public_key_max_age_s,
+        ReleaseLog(folder / "release-log.jsonl", identity.signing_key),
     )
 
 

@@ -47,6 +47,7 @@ def check_envelope(data: bytes, expected: ContributionContext) -> None:
         context.key_id,
         expected.model_version,
         expected.plan_sha256_hex,
+        expected.policy_sha256_hex,
     )
     if context != mine:
         raise InvalidArgument(FIELD, "envelope context is bound to another task, round or assignment")

@@ -1,13 +1,13 @@
-"""A key provider's long-term identity: ES256 signing key, X25519 share-wrapping key, and an at-rest KEK.
+"""A key provider's long-term identity: ES256 signing key and X25519 share-wrapping key.
 
-Kept in the provider's own directory (mode 0600), created on first start.
+Kept in the provider's own directory (mode 0600), created on first start. The KEK that seals its shares is not
+part of it: it comes from a separate secret (``keys/kek.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,6 @@ class ProviderIdentity:
     provider_id: str
     signing_key: ec.EllipticCurvePrivateKey
     wrapping_key: X25519PrivateKey
-    kek: bytes
 
     @property
     def wrapping_public(self) -> bytes:
@@ -38,13 +37,9 @@ def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
             raise ValueError(f"{path} belongs to provider {data['provider_id']!r}, not {provider_id!r}")
         signing = serialization.load_pem_private_key(data["signing_key_pem"].encode(), password=None)
         assert isinstance(signing, ec.EllipticCurvePrivateKey)
-        return ProviderIdentity(
-            provider_id, signing, hpke.load_private(bytes.fromhex(data["wrapping_key"])), bytes.fromhex(data["kek"])
-        )
+        return ProviderIdentity(provider_id, signing, hpke.load_private(bytes.fromhex(data["wrapping_key"])))
     folder.mkdir(parents=True, exist_ok=True)
-    identity = ProviderIdentity(
-        provider_id, ec.generate_private_key(ec.SECP256R1()), hpke.generate_private_key(), secrets.token_bytes(32)
-    )
+    identity = ProviderIdentity(provider_id, ec.generate_private_key(ec.SECP256R1()), hpke.generate_private_key())
     pem = identity.signing_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
@@ -52,7 +47,6 @@ def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
         "provider_id": provider_id,
         "signing_key_pem": pem,
         "wrapping_key": hpke.private_bytes(identity.wrapping_key).hex(),
-        "kek": identity.kek.hex(),
     }
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:

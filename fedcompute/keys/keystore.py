@@ -1,7 +1,9 @@
-"""A key provider's own persistent state: its shares (sealed under its KEK), release ledger and used result ids.
+"""A key provider's own persistent state: its shares (sealed under its KEK), the access policies it registered,
+its release ledger per (policy, round), the privacy budget each policy has spent, and used result ids.
 
 One JSON file per provider, written atomically (temp -> fsync -> rename), mode 0600. Shares are stored
-ChaCha20-Poly1305-sealed under the provider's KEK, bound to their key id; a destroyed key keeps no share.
+ChaCha20-Poly1305-sealed under the provider's KEK, bound to their key id; a destroyed key keeps no share. The KEK
+itself never sits in this directory (see ``keys/kek.py``).
 """
 
 from __future__ import annotations
@@ -33,15 +35,20 @@ class StoredKey:
 
 
 @dataclass
-class LedgerEntry:
+class RoundRelease:
+    """One input set released for a (policy, round); later input sets for that round must be disjoint from it."""
+
     input_set_sha256_hex: str
-    releases: int
+    assignment_ids: list[str]
+    envelope_sha256s: list[str]
 
 
 @dataclass
 class KeysetState:
     keys: dict[str, StoredKey] = field(default_factory=dict)
-    ledger: dict[str, LedgerEntry] = field(default_factory=dict)
+    policies: dict[str, str] = field(default_factory=dict)  # policy sha256 -> serialized AccessPolicy (hex)
+    releases: dict[str, list[RoundRelease]] = field(default_factory=dict)  # "policy|round" -> input sets
+    charged: dict[str, int] = field(default_factory=dict)  # policy sha256 -> DP releases charged
     used_result_ids: dict[str, int] = field(default_factory=dict)  # jti -> exp (pruned after exp)
 
 
@@ -78,7 +85,9 @@ class KeyStore:
         data = json.loads(self._path.read_text())
         return KeysetState(
             keys={k: StoredKey(**v) for k, v in data["keys"].items()},
-            ledger={k: LedgerEntry(**v) for k, v in data["ledger"].items()},
+            policies=data.get("policies", {}),
+            releases={k: [RoundRelease(**r) for r in v] for k, v in data.get("releases", {}).items()},
+            charged=data.get("charged", {}),
             used_result_ids=data["used_result_ids"],
         )
 

@@ -1,5 +1,6 @@
-"""One key provider: imports its share of each population key, publishes signed keys, releases its share
-only to an attested aggregator under its release ledger, and destroys shares after their destruction time."""
+"""One key provider: imports its share of each population key, publishes signed keys, registers and signs tasks'
+access policies, releases its share only to an attested aggregator under a registered policy and its release
+ledger (``keys/ledger.py``), logs every release, and destroys shares after their destruction time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import NoReturn
 
 import structlog
 from cryptography.hazmat.primitives import hashes
@@ -15,9 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedcompute.attestation.results import ReleaseBinding, ResultRejected, b64url, verify_result
 from fedcompute.core.clock import Clock
 from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
-from fedcompute.keys import hpke, statement
+from fedcompute.core.policy import AccessPolicy
+from fedcompute.core.privacy import epsilon
+from fedcompute.keys import hpke, ledger, statement
+from fedcompute.keys import policy as access_policy
 from fedcompute.keys.identity import ProviderIdentity
-from fedcompute.keys.keystore import KeyStore, LedgerEntry, StoredKey
+from fedcompute.keys.keystore import KeyStore, StoredKey
+from fedcompute.keys.release_log import ReleaseLog, SignedEntry
 from fedcompute.v1 import common_pb2
 
 log = structlog.get_logger("fedcompute.keys")
@@ -46,12 +54,12 @@ def release_context(binding: ReleaseBinding, provider_id: str, share_index: int,
 
 @dataclass(frozen=True)
 class ReleasePolicy:
-    """A relying party's own policy: the verifier it trusts and what it accepts from it."""
+    """A relying party's own policy: the verifier it trusts and what it accepts from it (its floor; a task's
+    access policy can only narrow it)."""
 
     verifier_key: ec.EllipticCurvePublicKey
     allowed_measurements: frozenset[str]
     allowed_hwmodels: frozenset[str]
-    max_releases_per_aggregation: int = 10
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,10 @@ class KeyService:
         clock: Clock,
         policy: Callable[[], ReleasePolicy],
         max_age_s: int,
+        release_log: ReleaseLog,
     ) -> None:
         self._store = store
+        self._log = release_log
         self._id = identity
         self._clock = clock
         self._policy_source = policy
@@ -185,29 +195,69 @@ class KeyService:
                 log.info("key_share_destroyed", key_id=key.key_id)
         return len(due)
 
-    def release(self, binding: ReleaseBinding, attestation_result: str) -> Release:
+    def register_policy(self, msg: common_pb2.AccessPolicy) -> bytes:
+        """Record a task's access policy in this provider's ledger; return the provider's signature over it."""
+        policy = access_policy.from_message(msg)
+        policy.check()
+        digest = policy.sha256_hex()
+        with self._store.mutate() as state:
+            state.policies.setdefault(digest, access_policy.to_message(policy).SerializeToString().hex())
+        log.info("access_policy_registered", policy=digest, population=policy.population_name, dp=policy.dp is not None)
+        return access_policy.sign(policy, self._id.signing_key)
+
+    def _registered(self, digest: str) -> AccessPolicy:
+        stored = self._store.read().policies.get(digest)
+        if stored is None:
+            raise FailedPrecondition(
+                f"access policy {digest[:16]}… is not registered with key service {self._id.provider_id}; "
+                "the operator registers a task's policy when creating it"
+            )
+        return access_policy.from_message(common_pb2.AccessPolicy.FromString(bytes.fromhex(stored)))
+
+    def release_log(self, start_seq: int) -> list[SignedEntry]:
+        return self._log.entries(start_seq)
+
+    def release(self, binding: ReleaseBinding, attestation_result: str, inputs: list[tuple[str, str]]) -> Release:
         self.destroy_due()
         now = self._clock.now()
         claims = self._appraise(binding, attestation_result)
+        policy = self._registered(binding.policy_sha256_hex)
+        measurement = str(claims.get("fedcompute.measurement"))
+        if measurement not in policy.allowed_measurements:
+            self._refuse(binding, "the aggregator's code measurement is not one the task's access policy allows")
+        ledger.check_inputs(policy, binding.input_set_sha256_hex, inputs)
         with self._store.mutate() as state:
             key = state.keys.get(binding.key_id)
             if key is None or not key.activated:
                 raise NotFound(f"key {binding.key_id!r} is not held by provider {self._id.provider_id}")
             if key.destroyed:
                 raise FailedPrecondition(f"key {binding.key_id} was destroyed; its share no longer exists")
+            if key.population_name != policy.population_name:
+                self._refuse(binding, "the key belongs to another population than the access policy")
             jti = str(claims["jti"])
             if jti in state.used_result_ids:
                 raise PermissionDenied("this attestation result was already used (replay)")
-            self._charge_ledger(state.ledger, binding)
+            decision = ledger.decide(
+                state, binding.policy_sha256_hex, policy, binding.round, binding.input_set_sha256_hex, inputs,
+                lambda k: _epsilon(policy, k),
+            )  # fmt: skip
             state.used_result_ids = {j: e for j, e in state.used_result_ids.items() if e > now.timestamp()}
             state.used_result_ids[jti] = int(str(claims["exp"]))
             share = self._store.open_share(key)
+            self._log.append(_log_fields(self._id.provider_id, policy, binding, inputs, measurement, decision, now))
         context = release_context(binding, self._id.provider_id, key.share_index, jti)
         sealed = hpke.seal(share, hpke.load_public(binding.recipient_public_key), context)
         signed = context + hashlib.sha256(sealed).digest()
         signature = self._id.signing_key.sign(signed, ec.ECDSA(hashes.SHA256()))
-        log.info("key_share_released", key_id=binding.key_id, job_id=binding.job_id, round=binding.round)
+        log.info(
+            "key_share_released", key_id=binding.key_id, job_id=binding.job_id, round=binding.round,
+            repeat=decision.repeat, epsilon_after=decision.epsilon_after,
+        )  # fmt: skip
         return Release(self._id.provider_id, key.share_index, sealed, context, signature)
+
+    def _refuse(self, binding: ReleaseBinding, problem: str) -> NoReturn:
+        log.warning("key_release_refused", reason=problem, key_id=binding.key_id, job_id=binding.job_id)
+        raise PermissionDenied(problem)
 
     def _appraise(self, binding: ReleaseBinding, token: str) -> dict[str, object]:
         if not token:
@@ -233,24 +283,47 @@ class KeyService:
         ]
         for ok, problem in checks:
             if not ok:
-                log.warning("key_release_refused", reason=problem, key_id=binding.key_id, job_id=binding.job_id)
-                raise PermissionDenied(problem)
+                self._refuse(binding, problem)
         return claims
 
-    def _charge_ledger(self, ledger: dict[str, LedgerEntry], binding: ReleaseBinding) -> None:
-        slot = f"{binding.key_id}|{binding.task_id}|{binding.round}|{binding.aggregation_id}"
-        entry = ledger.get(slot)
-        if entry is None:
-            ledger[slot] = LedgerEntry(binding.input_set_sha256_hex, 1)
-            return
-        if entry.input_set_sha256_hex != binding.input_set_sha256_hex:
-            log.warning("key_release_refused", reason="input set changed", key_id=binding.key_id, slot=slot)
-            raise PermissionDenied(
-                "a share for this aggregation was already released for a different input set; refused"
-            )
-        if entry.releases >= self._policy.max_releases_per_aggregation:
-            raise PermissionDenied(f"this aggregation already had {entry.releases} releases; no more are allowed")
-        entry.releases += 1
+
+@lru_cache(maxsize=256)
+def _epsilon_cached(z: float, q: float, releases: int, delta: float, accountant: str) -> float:
+    return epsilon(z, q, releases, delta, accountant)
+
+
+def _epsilon(policy: AccessPolicy, releases: int) -> float:
+    assert policy.dp is not None
+    dp = policy.dp
+    return _epsilon_cached(dp.noise_multiplier, dp.sample_rate, releases, dp.delta, dp.accountant)
+
+
+def _log_fields(
+    provider_id: str,
+    policy: AccessPolicy,
+    binding: ReleaseBinding,
+    inputs: list[tuple[str, str]],
+    measurement: str,
+    decision: ledger.Decision,
+    now: datetime,
+) -> dict[str, object]:
+    return {
+        "v": 1,
+        "provider_id": provider_id,
+        "time_unix": int(now.timestamp()),
+        "policy_sha256": binding.policy_sha256_hex,
+        "population": policy.population_name,
+        "task_id": binding.task_id,
+        "round": binding.round,
+        "aggregation_id": binding.aggregation_id,
+        "key_id": binding.key_id,
+        "input_set_sha256": binding.input_set_sha256_hex,
+        "inputs": [[a, e] for a, e in sorted(inputs)],
+        "measurement": measurement,
+        "repeat": decision.repeat,
+        "releases_charged": decision.releases_charged,
+        "epsilon_after": decision.epsilon_after,
+    }
 
 
 def _confirmed_key(claims: dict[str, object]) -> object:

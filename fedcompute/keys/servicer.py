@@ -1,4 +1,5 @@
-"""KeyService over gRPC: decode, call the service, encode. Admin RPCs need the internal token."""
+"""KeyService over gRPC: decode, call the service, encode. Admin RPCs need the operator's key-admin token, which
+the orchestration server never holds."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class KeyServicer(key_pb2_grpc.KeyServiceServicer):
         self, request: key_pb2.ReleaseKeyShareRequest, context: grpc.ServicerContext
     ) -> key_pb2.ReleaseKeyShareResponse:
         binding = ReleaseBinding.of(request)
-        release = self._service.release(binding, request.attestation_result)
+        inputs = [(i.assignment_id, i.envelope_sha256_hex) for i in request.inputs]
+        release = self._service.release(binding, request.attestation_result, inputs)
         return key_pb2.ReleaseKeyShareResponse(
             provider_id=release.provider_id,
             share_index=release.share_index,
@@ -61,3 +63,21 @@ class KeyServicer(key_pb2_grpc.KeyServiceServicer):
         require_bearer(context, self._token)
         self._service.activate(request.key)
         return key_pb2.ActivateKeyResponse()
+
+    def RegisterPolicy(
+        self, request: key_pb2.RegisterPolicyRequest, context: grpc.ServicerContext
+    ) -> key_pb2.RegisterPolicyResponse:
+        require_bearer(context, self._token)
+        signature = self._service.register_policy(request.policy)
+        return key_pb2.RegisterPolicyResponse(
+            signature=common_pb2.KeySignature(provider_id=self._service.identity.provider_id, signature=signature)
+        )
+
+    def GetReleaseLog(
+        self, request: key_pb2.GetReleaseLogRequest, context: grpc.ServicerContext
+    ) -> key_pb2.GetReleaseLogResponse:
+        entries = self._service.release_log(request.start_seq)
+        return key_pb2.GetReleaseLogResponse(
+            provider_id=self._service.identity.provider_id,
+            entries=[key_pb2.ReleaseLogEntry(body=e.body, signature=e.signature) for e in entries],
+        )

@@ -38,7 +38,12 @@ def statement_bytes(key: common_pb2.PublicKey) -> bytes:
 
 
 def sign(key: common_pb2.PublicKey, signing_key: ec.EllipticCurvePrivateKey) -> bytes:
-    return signing_key.sign(statement_bytes(key), ec.ECDSA(hashes.SHA256()))
+    return sign_bytes(statement_bytes(key), signing_key)
+
+
+def sign_bytes(data: bytes, signing_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """ES256 (DER) over canonical bytes that carry their own domain-separating magic."""
+    return signing_key.sign(data, ec.ECDSA(hashes.SHA256()))
 
 
 def verify_signature(data: bytes, signature: bytes, public_key: ec.EllipticCurvePublicKey) -> bool:
@@ -62,7 +67,10 @@ def public_der(key: ec.EllipticCurvePublicKey) -> bytes:
 
 def check_trusted(key: common_pb2.PublicKey, trusted: Mapping[str, ec.EllipticCurvePublicKey], threshold: int) -> None:
     """Raise ``UntrustedKey`` unless ``threshold`` distinct trusted providers validly signed this statement."""
-    data = statement_bytes(key)
+    try:
+        data = statement_bytes(key)
+    except (struct.error, ValueError):
+        raise UntrustedKey(f"key {key.key_id!r} has fields out of range; it cannot have been signed") from None
     valid = {
         s.provider_id
         for s in key.signatures

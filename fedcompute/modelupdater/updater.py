@@ -6,6 +6,8 @@ versions form a hash chain back to the initial model.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import structlog
 import torch
 
@@ -15,6 +17,7 @@ from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.privacy import DpSpec, epsilon
 from fedcompute.core.records import IterationRecord, JobRecord, ModelVersionRecord, TaskRecord
 from fedcompute.core.transitions import IterationStatus, JobStatus, TaskStatus
+from fedcompute.store.assignments import UploadRepository
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
@@ -43,18 +46,43 @@ def apply_update(
 
 
 class ModelUpdater:
-    def __init__(self, db: Database, blobs: BlobStore, clock: Clock, ids: IdGenerator, max_attempts: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        clock: Clock,
+        ids: IdGenerator,
+        max_attempts: int,
+        upload_retention_s: float = 0.0,
+    ) -> None:
         self._max_attempts = max_attempts
+        self._retention = timedelta(seconds=upload_retention_s)
         self._db = db
         self._blobs = blobs
         self._clock = clock
         self._ids = ids
 
     def run_once(self) -> int:
-        """Apply every succeeded job; return how many versions were published."""
+        """Apply every succeeded job, then purge released envelopes; return how many versions were published."""
         with self._db.transaction() as s:
             jobs = JobRepository(s).with_status(JobStatus.SUCCEEDED)
-        return sum(1 for job in jobs if self.apply(job))
+        published = sum(1 for job in jobs if self.apply(job))
+        self.purge_uploads()
+        return published
+
+    def purge_uploads(self) -> int:
+        """Delete the encrypted uploads of rounds that were released or abandoned longer ago than the retention:
+        once a round is over nothing needs them, and a copy of the disk then holds nothing to decrypt later."""
+        now = self._clock.now()
+        with self._db.transaction() as s:
+            due = UploadRepository(s).purgeable(now - self._retention)
+        for upload_id, blob in due:
+            self._blobs.delete(blob)
+            with self._db.transaction() as s:
+                UploadRepository(s).mark_purged(upload_id, now)
+        if due:
+            log.info("uploads_purged", count=len(due))
+        return len(due)
 
     def apply(self, job: JobRecord) -> bool:
         with self._db.transaction() as s:

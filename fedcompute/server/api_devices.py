@@ -93,6 +93,7 @@ def _encode_assignment(a: Assignment) -> task_assignment_pb2.TaskAssignment:
         ),
         model_version=a.iteration.base_model_version,
         encryption_key=a.encryption_key,
+        access_policy=common_pb2.SignedAccessPolicy.FromString(a.task.access_policy),
     )
 
 

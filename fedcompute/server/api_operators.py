@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from fedcompute.keys.policy import from_message
 from fedcompute.server.encoding import decode_spec, encode_iteration, encode_model_version, encode_task
 from fedcompute.server.tasks import TaskService
 from fedcompute.v1 import task_management_pb2 as pb
@@ -15,7 +16,9 @@ class TaskManagementServicer(task_management_pb2_grpc.TaskManagementServiceServi
         self._tasks = tasks
 
     def CreateTask(self, request: pb.CreateTaskRequest, context: grpc.ServicerContext) -> pb.CreateTaskResponse:
-        return pb.CreateTaskResponse(task=encode_task(self._tasks.create(decode_spec(request.spec))))
+        policy = from_message(request.access_policy.policy) if request.HasField("access_policy") else None
+        signed = request.access_policy.SerializeToString()
+        return pb.CreateTaskResponse(task=encode_task(self._tasks.create(decode_spec(request.spec), policy, signed)))
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
         return pb.GetTaskResponse(task=encode_task(self._tasks.get(request.task_id)))

@@ -10,7 +10,7 @@ from fedcompute.core.clock import to_unix_ms
 from fedcompute.rpc.auth import require_bearer
 from fedcompute.server.jobs import ClaimedJob, JobResult, JobService
 from fedcompute.v1 import aggregation_pb2 as pb
-from fedcompute.v1 import aggregation_pb2_grpc
+from fedcompute.v1 import aggregation_pb2_grpc, common_pb2
 
 
 def _status(name: str) -> pb.JobStatus.ValueType:
@@ -34,6 +34,8 @@ def _encode_job(claimed: ClaimedJob) -> pb.AggregationJob:
         input_set_sha256_hex=job.input_set_sha256,
         model_architecture=task.spec.model_architecture,
         dp=_encode_dp(claimed),
+        access_policy=common_pb2.SignedAccessPolicy.FromString(task.access_policy),
+        inputs=[common_pb2.InputRef(assignment_id=a, envelope_sha256_hex=e) for a, e in claimed.inputs],
     )
 
 
@@ -48,9 +50,9 @@ def _encode_dp(claimed: ClaimedJob) -> pb.DpParams:
         expected_clients=goal,
         min_clients=dp.min_clients or goal,
         adaptive_clip=dp.adaptive_clip,
-        target_unclipped_quantile=dp.target_unclipped_quantile,
-        clip_learning_rate=dp.clip_learning_rate,
-        clipped_count_stddev=dp.count_stddev(goal),
+        target_unclipped_quantile=dp.target_unclipped_quantile if dp.adaptive_clip else 0.0,
+        clip_learning_rate=dp.clip_learning_rate if dp.adaptive_clip else 0.0,
+        clipped_count_stddev=dp.count_stddev(goal) if dp.adaptive_clip else 0.0,
     )
 
 

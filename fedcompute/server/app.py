@@ -56,7 +56,7 @@ class ServerApp:
 def open_storage(settings: Settings) -> tuple[Database, LocalBlobStore]:
     db = Database(settings.resolved_database_url())
     db.migrate()
-    return db, LocalBlobStore(settings.workdir / "blobs")
+    return db, LocalBlobStore(settings.server_dir() / "blobs")
 
 
 def build_server(

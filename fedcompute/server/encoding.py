@@ -35,6 +35,7 @@ def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
         ),
         server_learning_rate=msg.server_learning_rate or 1.0,
         dp=decode_dp(msg.dp) if msg.dp.enabled else None,
+        min_clients=msg.min_clients,
     )
 
 
@@ -76,6 +77,7 @@ def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
         ),
         server_learning_rate=spec.server_learning_rate,
         dp=encode_dp(spec.dp),
+        min_clients=spec.min_clients,
     )
 
 
@@ -121,6 +123,7 @@ def encode_task(task: TaskRecord) -> task_management_pb2.Task:
         plan=plan_resource(task),
         created_time=timestamp(task.created_at),
         status_reason=task.status_reason,
+        access_policy=common_pb2.SignedAccessPolicy.FromString(task.access_policy),
         epsilon_spent=task.epsilon_spent,
     )
 

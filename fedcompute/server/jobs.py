@@ -38,6 +38,7 @@ class ClaimedJob:
     job: JobRecord
     iteration: IterationRecord
     task: TaskRecord
+    inputs: list[tuple[str, str]]  # (assignment id, envelope sha256), ascending, as streamed
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ class JobService:
                     assert job is not None
                     assert iteration is not None
                     assert task is not None
+                    uploads = UploadRepository(s).completed_in_iteration(candidate.iteration_id)
+                    inputs = [(u.assignment_id, u.blob_sha256 or "") for u in uploads]
                     log.info("job_claimed", job_id=job.job_id, worker=worker_id, attempt=job.attempts)
-                    return ClaimedJob(job, iteration, task)
+                    return ClaimedJob(job, iteration, task, inputs)
         return None
 
     def extend(self, job_id: str, lease_id: str) -> int:

@@ -13,6 +13,7 @@ from fedcompute.core.architectures import ARCHITECTURES
 from fedcompute.core.blobs import BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.errors import InvalidArgument, NotFound
+from fedcompute.core.policy import AccessPolicy, for_task
 from fedcompute.core.records import IterationRecord, ModelVersionRecord, TaskRecord
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskStatus
@@ -27,6 +28,24 @@ log = structlog.get_logger("fedcompute.tasks")
 MAX_PAGE = 100
 
 
+def _check_policy(spec: TaskSpec, policy: AccessPolicy | None) -> None:
+    if policy is None:
+        raise InvalidArgument(
+            "access_policy",
+            "is missing: register the task's access policy with the key services first "
+            "(`fedcompute task create` and the TaskBuilder do both)",
+        )
+    policy.check()
+    expected = for_task(spec, policy.policy_id, policy.allowed_measurements)
+    for name in ("population_name", "min_clients", "dp", "aggregation", "version"):
+        if getattr(expected, name) != getattr(policy, name):
+            raise InvalidArgument(
+                f"access_policy.policy.{name}",
+                f"does not match the spec: the spec implies {getattr(expected, name)!r}, "
+                f"the policy says {getattr(policy, name)!r}",
+            )
+
+
 class TaskService:
     def __init__(self, db: Database, blobs: BlobStore, clock: Clock, ids: IdGenerator) -> None:
         self._db = db
@@ -34,9 +53,15 @@ class TaskService:
         self._clock = clock
         self._ids = ids
 
-    def create(self, spec: TaskSpec) -> TaskRecord:
+    def create(self, spec: TaskSpec, policy: AccessPolicy | None, signed_policy: bytes) -> TaskRecord:
+        """Create a task under its access policy, which the operator registered with the key services first.
+
+        The server only checks that the policy matches the spec (so devices and workers get a coherent task);
+        devices and workers check the key services' signatures themselves and trust nothing else."""
         spec.validate(set(ARCHITECTURES))
         spec = spec.resolved()  # DP: validated against the task, noise multiplier calibrated
+        _check_policy(spec, policy)
+        assert policy is not None
         weights = self._initial_weights(spec)
         checkpoint = checkpoints.encode(weights)
         checkpoint_sha = self._blobs.put(checkpoint)
@@ -45,7 +70,10 @@ class TaskService:
         task_id = self._ids.new_id("task")
         with self._db.transaction() as s:
             tasks = TaskRepository(s)
-            tasks.add(task_id, spec, plan, hashlib.sha256(plan).hexdigest(), TaskStatus.OPEN, now)
+            tasks.add(
+                task_id, spec, plan, hashlib.sha256(plan).hexdigest(), TaskStatus.OPEN, now,
+                signed_policy, policy.sha256_hex(),
+            )  # fmt: skip
             s.flush()
             ModelVersionRepository(s).add(
                 ModelVersionRecord(task_id, 1, None, checkpoint_sha, len(checkpoint), "", 0, 0, now)

@@ -252,6 +252,7 @@ class UploadService:
             "",
             iteration.base_model_version,
             task.plan_sha256,
+            task.policy_sha256,
         )
 
     def _discard(self, upload: UploadRecord, path: Path) -> None:

@@ -9,9 +9,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from fedcompute.core.records import AssignmentRecord, UploadRecord
-from fedcompute.core.transitions import AssignmentStatus, UploadStatus
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus, UploadStatus
 from fedcompute.store.history import change_status, record_created
-from fedcompute.store.models import AssignmentRow, UploadRow
+from fedcompute.store.models import AssignmentRow, IterationRow, UploadRow
 
 
 def assignment_record(row: AssignmentRow) -> AssignmentRecord:
@@ -128,3 +128,22 @@ class UploadRepository:
             .order_by(UploadRow.assignment_id)
         )
         return [upload_record(r) for r in self._s.scalars(query)]
+
+    def purgeable(self, released_before: datetime, limit: int = 500) -> list[tuple[str, str]]:
+        """(upload id, blob sha256) of stored envelopes whose round ended (released or abandoned) before then."""
+        query = (
+            select(UploadRow.id, UploadRow.blob_sha256)
+            .join(IterationRow, IterationRow.id == UploadRow.iteration_id)
+            .where(
+                UploadRow.blob_sha256.is_not(None),
+                UploadRow.purged_at.is_(None),
+                IterationRow.status.in_([IterationStatus.COMPLETED, IterationStatus.FAILED, IterationStatus.CANCELED]),
+                IterationRow.updated_at <= released_before,
+            )
+            .order_by(UploadRow.id)
+            .limit(limit)
+        )
+        return [(row.id, row.blob_sha256 or "") for row in self._s.execute(query)]
+
+    def mark_purged(self, upload_id: str, now: datetime) -> None:
+        self._s.execute(update(UploadRow).where(UploadRow.id == upload_id).values(purged_at=now, updated_at=now))

@@ -85,6 +85,9 @@ class LocalBlobStore:
     def exists(self, sha256_hex: str) -> bool:
         return self._path(sha256_hex).exists()
 
+    def delete(self, sha256_hex: str) -> None:
+        self._path(sha256_hex).unlink(missing_ok=True)
+
 
 def _chunks(path: Path, offset: int, chunk_size: int) -> Iterator[bytes]:
     with path.open("rb") as handle:

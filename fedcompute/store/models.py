@@ -26,6 +26,9 @@ class TaskRow(Base):
     status_reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The serialized SignedAccessPolicy registered with the key services, and its policy's sha256.
+    access_policy: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    policy_sha256: Mapped[str] = mapped_column(String(64), default="")
 
 
 class IterationRow(Base):
@@ -74,6 +77,7 @@ class UploadRow(Base):
     committed_size: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(32))
     blob_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

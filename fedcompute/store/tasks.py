@@ -43,6 +43,8 @@ def to_record(row: TaskRow) -> TaskRecord:
         plan_size=len(row.plan),
         created_at=as_utc(row.created_at),
         status_reason=row.status_reason,
+        access_policy=row.access_policy,
+        policy_sha256=row.policy_sha256,
     )
 
 
@@ -50,7 +52,17 @@ class TaskRepository:
     def __init__(self, session: Session) -> None:
         self._s = session
 
-    def add(self, task_id: str, spec: TaskSpec, plan: bytes, plan_sha256: str, status: str, now: datetime) -> None:
+    def add(
+        self,
+        task_id: str,
+        spec: TaskSpec,
+        plan: bytes,
+        plan_sha256: str,
+        status: str,
+        now: datetime,
+        access_policy: bytes = b"",
+        policy_sha256: str = "",
+    ) -> None:
         self._s.add(
             TaskRow(
                 id=task_id,
@@ -64,6 +76,8 @@ class TaskRepository:
                 status_reason="",
                 created_at=now,
                 updated_at=now,
+                access_policy=access_policy,
+                policy_sha256=policy_sha256,
             )
         )
         record_created(self._s, "task", task_id, status, now)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from fedcompute.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -63,6 +64,8 @@ class AggregationJob(_message.Message):
     INPUT_SET_SHA256_HEX_FIELD_NUMBER: _builtins.int
     MODEL_ARCHITECTURE_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
+    ACCESS_POLICY_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     task_id: _builtins.str
     population_name: _builtins.str
@@ -78,6 +81,14 @@ class AggregationJob(_message.Message):
     model_architecture: _builtins.str
     @_builtins.property
     def dp(self) -> Global___DpParams: ...
+    @_builtins.property
+    def access_policy(self) -> _common_pb2.SignedAccessPolicy:
+        """The task's signed access policy; the worker verifies it and obeys it, never the fields above."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.InputRef]:
+        """The input set, in the order it will be streamed (ascending assignment_id); hashes to input_set_sha256_hex."""
+
     def __init__(
         self,
         *,
@@ -95,10 +106,12 @@ class AggregationJob(_message.Message):
         input_set_sha256_hex: _builtins.str = ...,
         model_architecture: _builtins.str = ...,
         dp: Global___DpParams | None = ...,
+        access_policy: _common_pb2.SignedAccessPolicy | None = ...,
+        inputs: _abc.Iterable[_common_pb2.InputRef] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "dp", b"dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "attempt", b"attempt", "contributions", b"contributions", "dp", b"dp", "input_set_sha256_hex", b"input_set_sha256_hex", "job_id", b"job_id", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "lease_id", b"lease_id", "model_architecture", b"model_architecture", "model_version", b"model_version", "plan_sha256_hex", b"plan_sha256_hex", "population_name", b"population_name", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "aggregation_id", b"aggregation_id", "attempt", b"attempt", "contributions", b"contributions", "dp", b"dp", "input_set_sha256_hex", b"input_set_sha256_hex", "inputs", b"inputs", "job_id", b"job_id", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "lease_id", b"lease_id", "model_architecture", b"model_architecture", "model_version", b"model_version", "plan_sha256_hex", b"plan_sha256_hex", "population_name", b"population_name", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,7 +276,7 @@ class StreamContributionsResponse(_message.Message):
     ENVELOPE_FIELD_NUMBER: _builtins.int
     assignment_id: _builtins.str
     envelope: _builtins.bytes
-    """A serialized EncryptedContribution."""
+    """A serialized EncryptedContribution. Sent in ascending assignment_id order."""
     def __init__(
         self,
         *,

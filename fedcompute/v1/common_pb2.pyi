@@ -264,7 +264,9 @@ Global___PublicKey: _TypeAlias = PublicKey  # noqa: Y015
 
 @_typing.final
 class KeySignature(_message.Message):
-    """One provider's ES256 signature (DER) over the canonical key statement."""
+    """One provider's ES256 signature (DER) over a canonical statement (a key statement or an access policy;
+    docs/protocol.md gives the bytes of each).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -285,3 +287,163 @@ class KeySignature(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeySignature: _TypeAlias = KeySignature  # noqa: Y015
+
+@_typing.final
+class AccessPolicy(_message.Message):
+    """A task's data-access policy, fixed when the task is created and registered by the operator with every key
+    service, each of which signs it. Devices check >= t signatures and their own floor before uploading and bind the
+    policy's hash into every upload; the attested aggregator applies it; key services release shares only under it
+    and keep its privacy budget. Canonical bytes and hash: docs/protocol.md.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    POPULATION_NAME_FIELD_NUMBER: _builtins.int
+    ALLOWED_MEASUREMENTS_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    MIN_CLIENTS_FIELD_NUMBER: _builtins.int
+    DP_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Encoding version (1)."""
+    policy_id: _builtins.str
+    """Random id chosen by the operator, so that two tasks with the same settings have distinct policies."""
+    population_name: _builtins.str
+    aggregation: _builtins.str
+    """The only aggregation today: "fedavg"."""
+    min_clients: _builtins.int
+    """Fewest distinct contributions any release may cover."""
+    @_builtins.property
+    def allowed_measurements(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Code measurements (reference values) of the aggregators allowed to see the data; sorted, distinct."""
+
+    @_builtins.property
+    def dp(self) -> Global___PolicyDp: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        policy_id: _builtins.str = ...,
+        population_name: _builtins.str = ...,
+        allowed_measurements: _abc.Iterable[_builtins.str] | None = ...,
+        aggregation: _builtins.str = ...,
+        min_clients: _builtins.int = ...,
+        dp: Global___PolicyDp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "allowed_measurements", b"allowed_measurements", "dp", b"dp", "min_clients", b"min_clients", "policy_id", b"policy_id", "population_name", b"population_name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessPolicy: _TypeAlias = AccessPolicy  # noqa: Y015
+
+@_typing.final
+class PolicyDp(_message.Message):
+    """DP-FedAvg settings and privacy budget of an access policy (all zero when DP is off)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    EXPECTED_CLIENTS_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_CLIP_FIELD_NUMBER: _builtins.int
+    TARGET_UNCLIPPED_QUANTILE_FIELD_NUMBER: _builtins.int
+    CLIP_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    CLIPPED_COUNT_STDDEV_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    ACCOUNTANT_FIELD_NUMBER: _builtins.int
+    ASSUMED_POPULATION_SIZE_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    clip_norm: _builtins.float
+    """Clip norm C (the initial C with adaptive clipping)."""
+    noise_multiplier: _builtins.float
+    """Noise multiplier z the budget is accounted with."""
+    expected_clients: _builtins.int
+    """Fixed denominator m of the noised mean."""
+    adaptive_clip: _builtins.bool
+    target_unclipped_quantile: _builtins.float
+    clip_learning_rate: _builtins.float
+    clipped_count_stddev: _builtins.float
+    epsilon: _builtins.float
+    """Budget: epsilon at delta, by the accountant ("prv" or "rdp"), with q = expected_clients / population."""
+    delta: _builtins.float
+    accountant: _builtins.str
+    assumed_population_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        clip_norm: _builtins.float = ...,
+        noise_multiplier: _builtins.float = ...,
+        expected_clients: _builtins.int = ...,
+        adaptive_clip: _builtins.bool = ...,
+        target_unclipped_quantile: _builtins.float = ...,
+        clip_learning_rate: _builtins.float = ...,
+        clipped_count_stddev: _builtins.float = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        accountant: _builtins.str = ...,
+        assumed_population_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clip", b"adaptive_clip", "assumed_population_size", b"assumed_population_size", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "clipped_count_stddev", b"clipped_count_stddev", "delta", b"delta", "enabled", b"enabled", "epsilon", b"epsilon", "expected_clients", b"expected_clients", "noise_multiplier", b"noise_multiplier", "target_unclipped_quantile", b"target_unclipped_quantile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyDp: _TypeAlias = PolicyDp  # noqa: Y015
+
+@_typing.final
+class InputRef(_message.Message):
+    """One contribution of an aggregation's input set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    ENVELOPE_SHA256_HEX_FIELD_NUMBER: _builtins.int
+    assignment_id: _builtins.str
+    envelope_sha256_hex: _builtins.str
+    """sha256 (hex) of the serialized EncryptedContribution."""
+    def __init__(
+        self,
+        *,
+        assignment_id: _builtins.str = ...,
+        envelope_sha256_hex: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_id", b"assignment_id", "envelope_sha256_hex", b"envelope_sha256_hex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputRef: _TypeAlias = InputRef  # noqa: Y015
+
+@_typing.final
+class SignedAccessPolicy(_message.Message):
+    """An access policy with the signatures of the key services that registered it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___AccessPolicy: ...
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeySignature]: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___AccessPolicy | None = ...,
+        signatures: _abc.Iterable[Global___KeySignature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "signatures", b"signatures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedAccessPolicy: _TypeAlias = SignedAccessPolicy  # noqa: Y015

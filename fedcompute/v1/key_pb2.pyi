@@ -119,6 +119,8 @@ class ReleaseKeyShareRequest(_message.Message):
     INPUT_SET_SHA256_HEX_FIELD_NUMBER: _builtins.int
     RECIPIENT_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     ATTESTATION_RESULT_FIELD_NUMBER: _builtins.int
+    POLICY_SHA256_HEX_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     task_id: _builtins.str
     round: _builtins.int
@@ -130,6 +132,12 @@ class ReleaseKeyShareRequest(_message.Message):
     """The aggregator's ephemeral X25519 public key (raw 32 bytes); must equal the attestation result's cnf key."""
     attestation_result: _builtins.str
     """Attestation result (ES256 JWT) from a verifier this provider trusts, bound to this request."""
+    policy_sha256_hex: _builtins.str
+    """sha256 (hex) of the canonical access policy the release is for; the provider must have registered it."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.InputRef]:
+        """The input set itself: its digest must equal input_set_sha256_hex and it must hold >= min_clients entries."""
+
     def __init__(
         self,
         *,
@@ -141,10 +149,12 @@ class ReleaseKeyShareRequest(_message.Message):
         input_set_sha256_hex: _builtins.str = ...,
         recipient_public_key: _builtins.bytes = ...,
         attestation_result: _builtins.str = ...,
+        policy_sha256_hex: _builtins.str = ...,
+        inputs: _abc.Iterable[_common_pb2.InputRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "attestation_result", b"attestation_result", "input_set_sha256_hex", b"input_set_sha256_hex", "key_id", b"key_id", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "attestation_result", b"attestation_result", "input_set_sha256_hex", b"input_set_sha256_hex", "inputs", b"inputs", "key_id", b"key_id", "policy_sha256_hex", b"policy_sha256_hex", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,3 +278,110 @@ class ActivateKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivateKeyResponse: _TypeAlias = ActivateKeyResponse  # noqa: Y015
+
+@_typing.final
+class RegisterPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _common_pb2.AccessPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: _common_pb2.AccessPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPolicyRequest: _TypeAlias = RegisterPolicyRequest  # noqa: Y015
+
+@_typing.final
+class RegisterPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def signature(self) -> _common_pb2.KeySignature: ...
+    def __init__(
+        self,
+        *,
+        signature: _common_pb2.KeySignature | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPolicyResponse: _TypeAlias = RegisterPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetReleaseLogRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_SEQ_FIELD_NUMBER: _builtins.int
+    start_seq: _builtins.int
+    """First sequence number wanted (0: from the start)."""
+    def __init__(
+        self,
+        *,
+        start_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_seq", b"start_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReleaseLogRequest: _TypeAlias = GetReleaseLogRequest  # noqa: Y015
+
+@_typing.final
+class GetReleaseLogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    provider_id: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseLogEntry]: ...
+    def __init__(
+        self,
+        *,
+        provider_id: _builtins.str = ...,
+        entries: _abc.Iterable[Global___ReleaseLogEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "provider_id", b"provider_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReleaseLogResponse: _TypeAlias = GetReleaseLogResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseLogEntry(_message.Message):
+    """One release: `body` is canonical JSON (docs/protocol.md), `signature` the provider's ES256 (DER) over it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        body: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLogEntry: _TypeAlias = ReleaseLogEntry  # noqa: Y015

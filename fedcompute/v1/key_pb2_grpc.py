@@ -61,6 +61,16 @@ class KeyServiceStub:
                 request_serializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyRequest.SerializeToString,
                 response_deserializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyResponse.FromString,
                 _registered_method=True)
+        self.RegisterPolicy = channel.unary_unary(
+                '/fedcompute.v1.KeyService/RegisterPolicy',
+                request_serializer=fedcompute_dot_v1_dot_key__pb2.RegisterPolicyRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_key__pb2.RegisterPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetReleaseLog = channel.unary_unary(
+                '/fedcompute.v1.KeyService/GetReleaseLog',
+                request_serializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -103,6 +113,20 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterPolicy(self, request, context):
+        """Admin (operator): register a task's access policy with this provider's ledger; returns its signature.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReleaseLog(self, request, context):
+        """Public: this provider's append-only, hash-chained, signed release log (for `fedcompute audit`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +154,16 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.ActivateKey,
                     request_deserializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyRequest.FromString,
                     response_serializer=fedcompute_dot_v1_dot_key__pb2.ActivateKeyResponse.SerializeToString,
+            ),
+            'RegisterPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPolicy,
+                    request_deserializer=fedcompute_dot_v1_dot_key__pb2.RegisterPolicyRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_key__pb2.RegisterPolicyResponse.SerializeToString,
+            ),
+            'GetReleaseLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReleaseLog,
+                    request_deserializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +303,60 @@ class KeyService:
             '/fedcompute.v1.KeyService/ActivateKey',
             fedcompute_dot_v1_dot_key__pb2.ActivateKeyRequest.SerializeToString,
             fedcompute_dot_v1_dot_key__pb2.ActivateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.KeyService/RegisterPolicy',
+            fedcompute_dot_v1_dot_key__pb2.RegisterPolicyRequest.SerializeToString,
+            fedcompute_dot_v1_dot_key__pb2.RegisterPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReleaseLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.KeyService/GetReleaseLog',
+            fedcompute_dot_v1_dot_key__pb2.GetReleaseLogRequest.SerializeToString,
+            fedcompute_dot_v1_dot_key__pb2.GetReleaseLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

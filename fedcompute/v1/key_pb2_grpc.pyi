@@ -45,6 +45,10 @@ class KeyServiceStub:
     """Admin (key ceremony): store a share wrapped to this provider; returns its signature over the statement."""
     ActivateKey: _grpc.UnaryUnaryMultiCallable[_key_pb2.ActivateKeyRequest, _key_pb2.ActivateKeyResponse]
     """Admin (key ceremony): publish the key with every provider's signature."""
+    RegisterPolicy: _grpc.UnaryUnaryMultiCallable[_key_pb2.RegisterPolicyRequest, _key_pb2.RegisterPolicyResponse]
+    """Admin (operator): register a task's access policy with this provider's ledger; returns its signature."""
+    GetReleaseLog: _grpc.UnaryUnaryMultiCallable[_key_pb2.GetReleaseLogRequest, _key_pb2.GetReleaseLogResponse]
+    """Public: this provider's append-only, hash-chained, signed release log (for `fedcompute audit`)."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -63,6 +67,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """Admin (key ceremony): store a share wrapped to this provider; returns its signature over the statement."""
     ActivateKey: _aio.UnaryUnaryMultiCallable[_key_pb2.ActivateKeyRequest, _key_pb2.ActivateKeyResponse]  # type: ignore[assignment]
     """Admin (key ceremony): publish the key with every provider's signature."""
+    RegisterPolicy: _aio.UnaryUnaryMultiCallable[_key_pb2.RegisterPolicyRequest, _key_pb2.RegisterPolicyResponse]  # type: ignore[assignment]
+    """Admin (operator): register a task's access policy with this provider's ledger; returns its signature."""
+    GetReleaseLog: _aio.UnaryUnaryMultiCallable[_key_pb2.GetReleaseLogRequest, _key_pb2.GetReleaseLogResponse]  # type: ignore[assignment]
+    """Public: this provider's append-only, hash-chained, signed release log (for `fedcompute audit`)."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """One key provider (an independent party): holds one Shamir share of each population private key, signs the
@@ -108,5 +116,21 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_pb2.ActivateKeyResponse, _abc.Awaitable[_key_pb2.ActivateKeyResponse]]:
         """Admin (key ceremony): publish the key with every provider's signature."""
+
+    @_abc_1.abstractmethod
+    def RegisterPolicy(
+        self,
+        request: _key_pb2.RegisterPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_pb2.RegisterPolicyResponse, _abc.Awaitable[_key_pb2.RegisterPolicyResponse]]:
+        """Admin (operator): register a task's access policy with this provider's ledger; returns its signature."""
+
+    @_abc_1.abstractmethod
+    def GetReleaseLog(
+        self,
+        request: _key_pb2.GetReleaseLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_pb2.GetReleaseLogResponse, _abc.Awaitable[_key_pb2.GetReleaseLogResponse]]:
+        """Public: this provider's append-only, hash-chained, signed release log (for `fedcompute audit`)."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

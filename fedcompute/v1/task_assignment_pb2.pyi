@@ -144,6 +144,7 @@ class TaskAssignment(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
+    ACCESS_POLICY_FIELD_NUMBER: _builtins.int
     population_name: _builtins.str
     task_id: _builtins.str
     round: _builtins.int
@@ -161,6 +162,10 @@ class TaskAssignment(_message.Message):
     def encryption_key(self) -> _common_pb2.PublicKey:
         """The population's HPKE key to encrypt the update to."""
 
+    @_builtins.property
+    def access_policy(self) -> _common_pb2.SignedAccessPolicy:
+        """The task's access policy, signed by the key services; its hash is bound into the upload."""
+
     def __init__(
         self,
         *,
@@ -174,10 +179,11 @@ class TaskAssignment(_message.Message):
         checkpoint: _common_pb2.Resource | None = ...,
         model_version: _builtins.int = ...,
         encryption_key: _common_pb2.PublicKey | None = ...,
+        access_policy: _common_pb2.SignedAccessPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "encryption_key", b"encryption_key", "plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "checkpoint", b"checkpoint", "encryption_key", b"encryption_key", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "assignment_id", b"assignment_id", "checkpoint", b"checkpoint", "encryption_key", b"encryption_key", "model_version", b"model_version", "plan", b"plan", "population_name", b"population_name", "round", b"round", "session_token", b"session_token", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "aggregation_id", b"aggregation_id", "assignment_id", b"assignment_id", "checkpoint", b"checkpoint", "encryption_key", b"encryption_key", "model_version", b"model_version", "plan", b"plan", "population_name", b"population_name", "round", b"round", "session_token", b"session_token", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -179,6 +179,7 @@ class TaskSpec(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     SERVER_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
+    MIN_CLIENTS_FIELD_NUMBER: _builtins.int
     population_name: _builtins.str
     model_architecture: _builtins.str
     """An id from the model architecture registry (e.g. "digits-mlp-v1")."""
@@ -195,6 +196,8 @@ class TaskSpec(_message.Message):
     max_client_version: _builtins.str
     server_learning_rate: _builtins.float
     """Server learning rate applied to the averaged update (FedAvg: 1.0). 0 means 1.0."""
+    min_clients: _builtins.int
+    """Without DP: fewest contributions a release may cover; 0: the report goal. (With DP: dp.min_clients.)"""
     @_builtins.property
     def hyperparameters(self) -> Global___TrainingHyperparameters: ...
     @_builtins.property
@@ -214,10 +217,11 @@ class TaskSpec(_message.Message):
         hyperparameters: Global___TrainingHyperparameters | None = ...,
         server_learning_rate: _builtins.float = ...,
         dp: Global___DpConfig | None = ...,
+        min_clients: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "min_client_version", b"min_client_version", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "min_client_version", b"min_client_version", "min_clients", b"min_clients", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -238,6 +242,7 @@ class Task(_message.Message):
     CREATED_TIME_FIELD_NUMBER: _builtins.int
     STATUS_REASON_FIELD_NUMBER: _builtins.int
     EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    ACCESS_POLICY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     status: Global___TaskStatus.ValueType
     current_round: _builtins.int
@@ -251,6 +256,10 @@ class Task(_message.Message):
     def plan(self) -> _common_pb2.Resource: ...
     @_builtins.property
     def created_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def access_policy(self) -> _common_pb2.SignedAccessPolicy:
+        """The access policy registered with the key services, with their signatures."""
+
     def __init__(
         self,
         *,
@@ -263,10 +272,11 @@ class Task(_message.Message):
         created_time: _timestamp_pb2.Timestamp | None = ...,
         status_reason: _builtins.str = ...,
         epsilon_spent: _builtins.float = ...,
+        access_policy: _common_pb2.SignedAccessPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "plan", b"plan", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "plan", b"plan", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "current_round", b"current_round", "epsilon_spent", b"epsilon_spent", "latest_model_version", b"latest_model_version", "plan", b"plan", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "current_round", b"current_round", "epsilon_spent", b"epsilon_spent", "latest_model_version", b"latest_model_version", "plan", b"plan", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,16 +394,24 @@ class CreateTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    ACCESS_POLICY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
+    @_builtins.property
+    def access_policy(self) -> _common_pb2.SignedAccessPolicy:
+        """The task's access policy, signed by the key services (`fedcompute task create` registers it first). It must
+        match the spec (population, min_clients, DP settings and budget).
+        """
+
     def __init__(
         self,
         *,
         spec: Global___TaskSpec | None = ...,
+        access_policy: _common_pb2.SignedAccessPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

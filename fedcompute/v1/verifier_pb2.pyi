@@ -67,6 +67,7 @@ class AttestRequest(_message.Message):
     AGGREGATION_ID_FIELD_NUMBER: _builtins.int
     AGGREGATION_JOB_ID_FIELD_NUMBER: _builtins.int
     INPUT_SET_SHA256_HEX_FIELD_NUMBER: _builtins.int
+    POLICY_SHA256_HEX_FIELD_NUMBER: _builtins.int
     evidence_format: _builtins.str
     """"fedcompute.local-eat.v1" or "gcp.confidential-space.oidc"."""
     evidence: _builtins.str
@@ -79,6 +80,7 @@ class AttestRequest(_message.Message):
     aggregation_id: _builtins.str
     aggregation_job_id: _builtins.str
     input_set_sha256_hex: _builtins.str
+    policy_sha256_hex: _builtins.str
     def __init__(
         self,
         *,
@@ -91,10 +93,11 @@ class AttestRequest(_message.Message):
         aggregation_id: _builtins.str = ...,
         aggregation_job_id: _builtins.str = ...,
         input_set_sha256_hex: _builtins.str = ...,
+        policy_sha256_hex: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "evidence", b"evidence", "evidence_format", b"evidence_format", "input_set_sha256_hex", b"input_set_sha256_hex", "key_id", b"key_id", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "evidence", b"evidence", "evidence_format", b"evidence_format", "input_set_sha256_hex", b"input_set_sha256_hex", "key_id", b"key_id", "policy_sha256_hex", b"policy_sha256_hex", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,11 @@ from tests.harness import Harness, suite_settings
 
 def test_task_commands(tmp_path: Path) -> None:
     harness = Harness.start(suite_settings(tmp_path / "work", f"sqlite:///{tmp_path / 'db.sqlite'}"))
-    runner = CliRunner()
+    env = {
+        "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
+        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(harness.suite.key_addresses),
+    }
+    runner = CliRunner(env=env)
     server = harness.suite.server_address
     try:
         created = runner.invoke(

@@ -55,9 +55,14 @@ def test_one_key_service_down_completes_two_down_waits(workdir: Path) -> None:
         harness.stop()
 
 
+def _kek(workdir: Path, provider: str) -> ChaCha20Poly1305:
+    """The demo set-up's KEK file: outside the provider's data directory (workdir/keys/ID)."""
+    return ChaCha20Poly1305(bytes.fromhex((workdir / "kek" / f"{provider}.key").read_text()))
+
+
 def _tamper_share(workdir: Path, provider: str) -> None:
     folder = workdir / "keys" / provider
-    kek = ChaCha20Poly1305(bytes.fromhex(json.loads((folder / "identity.json").read_text())["kek"]))
+    kek = _kek(workdir, provider)
     state = json.loads((folder / "keyset.json").read_text())
     for key_id, key in state["keys"].items():
         raw = bytes.fromhex(key["sealed_share_hex"])
@@ -113,7 +118,7 @@ def test_worker_with_other_code_gets_no_key(workdir: Path, database_url: str) ->
         assert "measurement" in _round(harness, task_id).aggregation_note
         for i in range(3):
             state = json.loads((workdir / "keys" / f"kp-{i}" / "keyset.json").read_text())
-            assert state["ledger"] == {}  # nothing was released by any key service
+            assert state["releases"] == {}  # nothing was released by any key service
         assert harness.task(task_id).latest_model_version == 1
     finally:
         harness.stop()
@@ -148,7 +153,7 @@ def test_no_plaintext_update_or_key_material_is_stored(workdir: Path, database_u
     shares, public = [], None
     for i in range(3):
         folder = workdir / "keys" / f"kp-{i}"
-        kek = ChaCha20Poly1305(bytes.fromhex(json.loads((folder / "identity.json").read_text())["kek"]))
+        kek = _kek(workdir, f"kp-{i}")
         for key_id, key in json.loads((folder / "keyset.json").read_text())["keys"].items():
             raw = bytes.fromhex(key["sealed_share_hex"])
             shares.append((key["share_index"], kek.decrypt(raw[:12], raw[12:], key_id.encode())))
@@ -160,3 +165,52 @@ def test_no_plaintext_update_or_key_material_is_stored(workdir: Path, database_u
     haystacks = list(_stored_values(database_url)) + list(_files(workdir))
     for needle in needles:
         assert not any(needle in hay for hay in haystacks), "a secret or a plaintext update was stored"
+
+
+def test_a_copy_of_the_servers_disk_and_database_yields_nothing_to_decrypt(workdir: Path, database_url: str) -> None:
+    """The attacker copies the orchestration server's data directory and database after a round: no population key,
+    share, KEK, operator credential or plaintext update is there, and the uploaded envelopes are already gone."""
+    harness = Harness.start(suite_settings(workdir, database_url))
+    try:
+        task_id = _task(harness)
+        payloads = [contribute(harness, POPULATION, zero_update(value=v)) for v in (0.321, 0.654)]
+        wait_for(lambda: harness.task(task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the round")
+        server_dir = harness.suite.settings.server_dir()
+        wait_for(lambda: not _envelopes(server_dir), 30, "the released uploads to be purged")
+    finally:
+        harness.stop()
+    secrets: list[bytes] = [*payloads, b"num_examples"]
+    for i in range(3):
+        provider = f"kp-{i}"
+        kek_hex = (workdir / "kek" / f"{provider}.key").read_text().strip()
+        secrets += [kek_hex.encode(), bytes.fromhex(kek_hex)]
+        state = json.loads((workdir / "keys" / provider / "keyset.json").read_text())
+        for key_id, key in state["keys"].items():
+            raw = bytes.fromhex(key["sealed_share_hex"])
+            share = _kek(workdir, provider).decrypt(raw[:12], raw[12:], key_id.encode())
+            secrets += [share, share.hex().encode(), raw, key["sealed_share_hex"].encode()]
+        identity = json.loads((workdir / "keys" / provider / "identity.json").read_text())
+        secrets += [identity["wrapping_key"].encode(), identity["signing_key_pem"].encode()]
+    secrets.append((workdir / "operator" / "key-admin-token").read_text().encode())
+    secrets.append((workdir / "attest" / "platform-ca.pem").read_bytes())
+    haystacks = list(_stored_values(database_url)) + list(_files(server_dir))
+    for needle in secrets:
+        assert not any(needle in hay for hay in haystacks), "the server's disk or database holds a secret"
+    assert not _envelopes(server_dir)
+    # Nothing of another component lives in the server's directory at all.
+    assert not any(p.name in ("identity.json", "keyset.json", "platform-ca.pem") for p in server_dir.rglob("*"))
+
+
+def _envelopes(server_dir: Path) -> list[Path]:
+    """Blob files that parse as encrypted contributions."""
+    from fedcompute.keys.envelope import parse_envelope
+
+    found = []
+    for path in (server_dir / "blobs" / "sha256").rglob("*"):
+        if path.is_file():
+            try:
+                parse_envelope(path.read_bytes())
+            except Exception:
+                continue
+            found.append(path)
+    return found

@@ -48,7 +48,7 @@ def test_only_the_noised_mean_leaves_the_aggregator(tmp_path: Path, database_url
         diff = torch.cat([(released[k].to(torch.float64) - exact[k]).flatten() for k in released])
         assert abs(float(diff.std()) / (Z * C / 3) - 1) < 0.15  # the noise is there, at the right scale
         exact_bytes = checkpoints.encode({k: v.to(torch.float32) for k, v in exact.items()})
-        for blob in (tmp_path / "w" / "blobs").rglob("*"):
+        for blob in (tmp_path / "w" / "server" / "blobs").rglob("*"):
             if blob.is_file():
                 assert blob.read_bytes() != exact_bytes
         versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions

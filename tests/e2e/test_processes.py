@@ -53,7 +53,7 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
     server_port, verifier_port, metrics_port = _free_port(), _free_port(), _free_port()
     key_ports = [_free_port() for _ in range(3)]
     key_addresses = [f"127.0.0.1:{p}" for p in key_ports]
-    trusted = tmp_path / "work" / "trusted-providers.json"
+    trusted = tmp_path / "work" / "public" / "trusted-providers.json"
     env = {
         **os.environ,
         "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
@@ -75,10 +75,14 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
     for address in key_addresses:
         trust += ["--key-service", address]
     subprocess.run(trust, env=env, check=True, timeout=60)
+    # The launcher first: it holds the platform CA and publishes its public key, which the verifier reads.
+    processes.append(subprocess.Popen([*CLI, "serve", "aggregator"], env=env))
+    ca_public = tmp_path / "work" / "public" / "platform-ca-public.pem"
+    wait_for(ca_public.exists, 60, "the platform CA's public key")
     for component in ("verifier", "server"):
         processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
     wait_for(lambda: _serving(f"127.0.0.1:{server_port}") and _serving(f"127.0.0.1:{verifier_port}"), 60, "servers")
-    for component in ("dealer", "aggregator", "modelupdater"):
+    for component in ("dealer", "modelupdater"):
         processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
     server = f"127.0.0.1:{server_port}"
     created = subprocess.run(

@@ -31,7 +31,7 @@ def test_fleet_trains_a_task_to_completion(database_url: str, tmp_path: Path) ->
     try:
         spec = task_spec(DEVICES, ROUNDS, seed=1)
         spec.population_name = "e2e"
-        task = harness.operators.create_task(tm.CreateTaskRequest(spec=spec)).task
+        task = harness.suite.create_task(spec)
         shards = non_iid_shards(train, DEVICES, 1)
         fleet = Fleet(harness.suite.server_address, "e2e", shards, 1, harness.trust(), max_sleep_s=0.2)
         fleet.start(stop_when_no_task=True)
@@ -89,5 +89,6 @@ def test_demo_command_writes_json_and_plot(tmp_path: Path) -> None:
     assert all(r["contributions"] == 4 for r in result["rounds"])  # report goal: ceil(0.8 * 4)
     assert 0.0 <= result["final_accuracy"] <= 1.0
     assert result["final_accuracy"] == result["rounds"][-1]["accuracy"]
+    assert result["audit_findings"] == []  # `fedcompute audit` of the demo's task: >= t releases per version
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert "final held-out accuracy" in done.stdout

@@ -16,7 +16,7 @@ from tests.harness import Harness, sealed, wait_for, zero_update
 
 
 def _contribute(harness: Harness, data_for: list[object]) -> str:
-    task = harness.create_task(report_goal=len(data_for), max_cohort=len(data_for))
+    task = harness.create_task(report_goal=len(data_for), max_cohort=len(data_for), min_clients=1)
     for make in data_for:
         a = harness.check_in().task_assignment
         instruction = harness.report(a).upload_instruction

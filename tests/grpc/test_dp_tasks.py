@@ -39,7 +39,7 @@ def dp(**fields: Any) -> tm.DpConfig:
 )
 def test_bad_budgets_are_invalid_argument(harness: Harness, config: tm.DpConfig, named: str) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        harness.create_task(dp=config)
+        harness.create_task_raw(dp=config)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = info.value.details() or ""
     assert named in details

@@ -1,4 +1,9 @@
-"""Key services as relying parties: each checks the attestation result, its policy and its release ledger."""
+"""Key services as relying parties and as the ledger: each checks the attestation result, its own policy, the
+task's registered access policy, the input set and its release ledger.
+
+The server controls jobs, so it can make the honest attested worker ask for any binding it likes: these tests
+mint attestation results for arbitrary bindings (as the verifier would for such jobs) and try every release the
+ledger must refuse."""
 
 from __future__ import annotations
 
@@ -11,14 +16,21 @@ from typing import Any
 import grpc
 import pytest
 
+from fedcompute.attestation.app import verifier_key
 from fedcompute.attestation.measure import measure
 from fedcompute.attestation.results import Appraisal, ReleaseBinding, mint_result
+from fedcompute.clients.operator import register_policy
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.clock import FakeClock, RandomIds
-from fedcompute.core.secrets import load_or_create_ec_key
+from fedcompute.core.context import input_set_digest
+from fedcompute.core.policy import AccessPolicy, PolicyDp
 from fedcompute.keys import hpke
+from fedcompute.keys.policy import from_message, to_message
+from fedcompute.keys.release_log import SignedEntry, verify_entries
+from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
-from fedcompute.v1 import key_pb2
+from fedcompute.suite import key_admin_token, operator_key_clients, token_secret, worker_token
+from fedcompute.v1 import common_pb2, key_pb2
 from tests.harness import Harness, suite_settings, wait_for
 
 ids = RandomIds()
@@ -28,20 +40,36 @@ def _clients(harness: Harness) -> list[KeyClient]:
     return [KeyClient(open_channel(a), 10.0) for a in harness.suite.key_addresses]
 
 
+POLICY = ""  # set per test by _key_id: the registered policy of the "relying" task
+
+
 def _key_id(harness: Harness) -> str:
-    harness.create_task("relying")
+    global POLICY
+    task = harness.create_task("relying")  # report goal 2: min_clients 2
+    POLICY = from_message(task.access_policy.policy).sha256_hex()
     keys = harness.keys.get_public_keys(key_pb2.GetPublicKeysRequest(population_name="relying")).keys
     return keys[0].key_id
 
 
-def _binding(key_id: str, input_set: str = "ab" * 32) -> ReleaseBinding:
+def _inputs(*names: str) -> list[tuple[str, str]]:
+    return [(f"asg_{n}", f"{ord(n[0]):02x}" * 32) for n in names]
+
+
+Inputs = list[tuple[str, str]]
+
+
+def _binding(
+    key_id: str, inputs: Inputs | None = None, round_: int = 1, aggregation: str = "agg_x", policy: str = ""
+) -> tuple[ReleaseBinding, Inputs]:
+    inputs = _inputs("a", "b") if inputs is None else inputs
     recipient = hpke.public_bytes(hpke.generate_private_key().public_key())
-    return ReleaseBinding(recipient, key_id, "task_x", 1, "agg_x", "job_x", input_set)
+    digest = input_set_digest(inputs)
+    return ReleaseBinding(recipient, key_id, "task_x", round_, aggregation, "job_x", digest, policy or POLICY), inputs
 
 
 def _result(harness: Harness, binding: ReleaseBinding, when: datetime | None = None, **appraisal: Any) -> str:
     """An attestation result signed with the verifier's key, as a (possibly fooled) verifier would issue."""
-    key = load_or_create_ec_key(harness.suite.settings.workdir / "secrets" / "verifier.pem")
+    key = verifier_key(harness.suite.settings)
     values = Appraisal(measure(), "LOCAL_SOFTWARE", "disabled-since-boot", "fedcompute/aggregator/v1")
     return mint_result(
         key,
@@ -55,22 +83,37 @@ def _result(harness: Harness, binding: ReleaseBinding, when: datetime | None = N
     )
 
 
-def _release(client: KeyClient, binding: ReleaseBinding, result: str) -> key_pb2.ReleaseKeyShareResponse:
-    return client.release_key_share(key_pb2.ReleaseKeyShareRequest(attestation_result=result, **binding.fields()))
+def _release(client: KeyClient, bound: tuple[ReleaseBinding, Inputs], result: str) -> key_pb2.ReleaseKeyShareResponse:
+    binding, inputs = bound
+    refs = [common_pb2.InputRef(assignment_id=a, envelope_sha256_hex=e) for a, e in inputs]
+    return client.release_key_share(
+        key_pb2.ReleaseKeyShareRequest(attestation_result=result, inputs=refs, **binding.fields())
+    )
 
 
-def _denied_everywhere(harness: Harness, binding: ReleaseBinding, result: str, problem: str) -> None:
+def _attempt(harness: Harness, client: KeyClient, bound: tuple[ReleaseBinding, Inputs]) -> grpc.StatusCode:
+    try:
+        _release(client, bound, _result(harness, bound[0]))
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _denied_everywhere(
+    harness: Harness, bound: tuple[ReleaseBinding, Inputs], result: str, problem: str,
+    code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED,
+) -> None:  # fmt: skip
     for client in _clients(harness):
         with pytest.raises(grpc.RpcError) as info:
-            _release(client, binding, result)
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            _release(client, bound, result)
+        assert info.value.code() == code
         assert problem in (info.value.details() or "")
 
 
 def test_valid_result_releases_one_sealed_share_per_provider(harness: Harness) -> None:
-    binding = _binding(_key_id(harness))
-    result = _result(harness, binding)
-    replies = [_release(c, binding, result) for c in _clients(harness)]
+    bound = _binding(_key_id(harness))
+    result = _result(harness, bound[0])
+    replies = [_release(c, bound, result) for c in _clients(harness)]
     assert sorted(r.share_index for r in replies) == [1, 2, 3]
     assert all(len(r.encrypted_share) == 32 + 32 + 16 for r in replies)
 
@@ -86,49 +129,124 @@ def test_valid_result_releases_one_sealed_share_per_provider(harness: Harness) -
 def test_results_outside_policy_are_refused_by_every_key_service(
     harness: Harness, appraisal: dict[str, Any], problem: str
 ) -> None:
-    binding = _binding(_key_id(harness))
-    _denied_everywhere(harness, binding, _result(harness, binding, **appraisal), problem)
+    bound = _binding(_key_id(harness))
+    _denied_everywhere(harness, bound, _result(harness, bound[0], **appraisal), problem)
 
 
 def test_expired_replayed_missing_and_misbound_results_are_refused(harness: Harness) -> None:
-    binding = _binding(_key_id(harness))
-    old = _result(harness, binding, when=datetime.now(UTC) - timedelta(minutes=10))
-    _denied_everywhere(harness, binding, old, "expired")
-    _denied_everywhere(harness, binding, "", "required")
-    result = _result(harness, binding)
-    other = _binding(binding.key_id)  # another recipient key, same result
+    bound = _binding(_key_id(harness))
+    old = _result(harness, bound[0], when=datetime.now(UTC) - timedelta(minutes=10))
+    _denied_everywhere(harness, bound, old, "expired")
+    _denied_everywhere(harness, bound, "", "required")
+    result = _result(harness, bound[0])
+    other = _binding(bound[0].key_id)  # another recipient key, same result
     _denied_everywhere(harness, other, result, "bound to another request")
     client = _clients(harness)[0]
-    _release(client, binding, result)
+    _release(client, bound, result)
     with pytest.raises(grpc.RpcError) as info:
-        _release(client, binding, result)
+        _release(client, bound, result)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "replay" in (info.value.details() or "")
 
 
-def test_release_ledger_pins_the_first_input_set(harness: Harness) -> None:
+def test_ledger_pins_each_round_to_one_input_set_or_disjoint_ones(harness: Harness) -> None:
     key_id = _key_id(harness)
-    first = _binding(key_id, "aa" * 32)
     client = _clients(harness)[1]
-    _release(client, first, _result(harness, first))
-    retry = replace(_binding(key_id, "aa" * 32))
-    _release(client, retry, _result(harness, retry))  # a crashed job's retry, same input set: allowed
-    changed = _binding(key_id, "bb" * 32)
+    first = _inputs("a", "b", "c")
+    assert _attempt(harness, client, _binding(key_id, first)) == grpc.StatusCode.OK
+    # A worker that died and retried: the same input set under a fresh aggregation id is allowed again.
+    assert _attempt(harness, client, _binding(key_id, first, aggregation="agg_fresh")) == grpc.StatusCode.OK
+    # The server's differencing attack: a second input set sharing contributions, under a fresh aggregation id.
+    overlapping = _binding(key_id, _inputs("a", "b"), aggregation="agg_other")
     with pytest.raises(grpc.RpcError) as info:
-        _release(client, changed, _result(harness, changed))
+        _release(client, overlapping, _result(harness, overlapping[0]))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "different input set" in (info.value.details() or "")
+    assert "disjoint" in (info.value.details() or "")
+    same_envelope = [("asg_z", _inputs("a")[0][1]), *_inputs("y")]  # the same envelope under another assignment
+    assert _attempt(harness, client, _binding(key_id, same_envelope, aggregation="agg_3")) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    # A retried attempt with other devices only: allowed; another round is its own slot.
+    assert _attempt(harness, client, _binding(key_id, _inputs("d", "e"), aggregation="agg_4")) == grpc.StatusCode.OK
+    assert _attempt(harness, client, _binding(key_id, first, round_=2)) == grpc.StatusCode.OK
 
 
-def test_admin_calls_need_the_token_and_unknown_keys_are_not_found(harness: Harness) -> None:
+def test_input_sets_below_min_clients_or_not_matching_their_digest_are_refused(harness: Harness) -> None:
+    key_id = _key_id(harness)
+    lone = _binding(key_id, _inputs("a"))  # the server's "input set of one upload"
+    _denied_everywhere(harness, lone, _result(harness, lone[0]), "needs at least 2")
+    binding, _ = _binding(key_id, _inputs("a", "b"))
+    lying = (binding, _inputs("c", "d"))  # the list does not hash to the bound digest
+    _denied_everywhere(harness, lying, _result(harness, binding), "do not hash", grpc.StatusCode.INVALID_ARGUMENT)
+    twice = [("asg_a", "aa" * 32), ("asg_a", "bb" * 32)]
+    bound = _binding(key_id, twice)
+    _denied_everywhere(harness, bound, _result(harness, bound[0]), "twice", grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_unregistered_policies_and_measurements_outside_the_policy_are_refused(harness: Harness) -> None:
+    key_id = _key_id(harness)
+    made_up = _binding(key_id, policy="ee" * 32)
+    _denied_everywhere(
+        harness, made_up, _result(harness, made_up[0]), "not registered", grpc.StatusCode.FAILED_PRECONDITION
+    )
+    settings = harness.suite.settings
+    narrow = AccessPolicy("narrow", "relying", ("sha256:" + "11" * 32,), 2, None)
+    signed = register_policy(
+        narrow, operator_key_clients(settings, key_admin_token(settings)),
+        load_trusted(settings.trusted_providers_path()), settings.threshold,
+    )  # fmt: skip
+    assert len(signed.signatures) == 3
+    bound = _binding(key_id, policy=narrow.sha256_hex())  # the worker's real measurement, not the policy's
+    _denied_everywhere(harness, bound, _result(harness, bound[0]), "access policy allows")
+
+
+def test_dp_budget_is_enforced_by_each_key_service(harness: Harness) -> None:
+    key_id = _key_id(harness)
+    settings = harness.suite.settings
+    dp = PolicyDp(1.0, 2.0, 2, epsilon=1.1, delta=1e-5, accountant="rdp", assumed_population_size=10)
+    policy = AccessPolicy("tight", "relying", tuple(settings.allowed_measurements), 2, dp)
+    admins = operator_key_clients(settings, key_admin_token(settings))
+    register_policy(policy, admins, load_trusted(settings.trusted_providers_path()), settings.threshold)
+    client = _clients(harness)[0]
+    codes = [
+        _attempt(harness, client, _binding(key_id, _inputs(a, b), round_=r, policy=policy.sha256_hex()))
+        for r, (a, b) in enumerate([("a", "b"), ("c", "d"), ("e", "f"), ("g", "h"), ("i", "j"), ("k", "l")], start=1)
+    ]
+    assert codes[0] == grpc.StatusCode.OK
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert codes.index(grpc.StatusCode.RESOURCE_EXHAUSTED) == codes.count(grpc.StatusCode.OK)  # none after
+    log = client.get_release_log(key_pb2.GetReleaseLogRequest())
+    pinned = load_trusted(settings.trusted_providers_path())[log.provider_id]
+    bodies = verify_entries([SignedEntry(e.body, e.signature) for e in log.entries], log.provider_id, pinned)
+    charged = [b for b in bodies if b["policy_sha256"] == policy.sha256_hex()]
+    assert len(charged) == codes.count(grpc.StatusCode.OK)
+    assert all(b["epsilon_after"] <= 1.1 for b in charged)
+    assert [b["releases_charged"] for b in charged] == list(range(1, len(charged) + 1))
+
+
+def test_no_credential_of_the_server_administers_a_key_service(harness: Harness) -> None:
+    """The server's worker token and HMAC secret, and no token at all: import, activate and register all fail."""
+    settings = harness.suite.settings
+    address = harness.suite.key_addresses[0]
+    key = harness.keys.get_public_keys(key_pb2.GetPublicKeysRequest(population_name="relying")).keys
+    statement = key[0] if key else common_pb2.PublicKey(key_id="k", population_name="relying")
+    policy = AccessPolicy("evil", "relying", ("sha256:" + "22" * 32,), 1, None)
+    for token in (worker_token(settings), token_secret(settings), ""):
+        client = KeyClient(open_channel(address), 10.0, token)
+        with pytest.raises(grpc.RpcError) as info:
+            client.import_key_share(key_pb2.ImportKeyShareRequest(key=statement, share_index=1))
+        assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        with pytest.raises(grpc.RpcError) as info:
+            client.activate_key(key_pb2.ActivateKeyRequest(key=statement))
+        assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        with pytest.raises(grpc.RpcError) as info:
+            client.register_policy(key_pb2.RegisterPolicyRequest(policy=to_message(policy)))
+        assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    bound = _binding("k_missing")
     client = _clients(harness)[0]
     with pytest.raises(grpc.RpcError) as info:
-        client.activate_key(key_pb2.ActivateKeyRequest())
-    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    binding = _binding("k_missing")
-    with pytest.raises(grpc.RpcError) as info:
-        _release(client, binding, _result(harness, binding))
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        _release(client, bound, _result(harness, bound[0]))
+    assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def test_shares_are_destroyed_after_their_destruction_time(tmp_path: Path, database_url: str) -> None:
@@ -141,7 +259,8 @@ def test_shares_are_destroyed_after_their_destruction_time(tmp_path: Path, datab
     suite = start_suite(settings, clock=clock, aggregator=False)
     harness = Harness.attach(suite)
     try:
-        binding = _binding(_key_id(harness))
+        bound = _binding(_key_id(harness))
+        binding = bound[0]
         request = key_pb2.GetPublicKeysRequest(population_name="relying")
         clock.advance(timedelta(seconds=3600 - 600 + 1))  # inside the rotation window: the next key is published
         wait_for(lambda: len(harness.keys.get_public_keys(request).keys) == 2, 30, "the rotated key")
@@ -151,7 +270,7 @@ def test_shares_are_destroyed_after_their_destruction_time(tmp_path: Path, datab
         clock.advance(timedelta(seconds=600 + 61))  # past the first key's destruction time
         for address in suite.key_addresses:
             with pytest.raises(grpc.RpcError) as info:
-                _release(KeyClient(open_channel(address), 10.0), binding, _result(harness, binding, when=clock.now()))
+                _release(KeyClient(open_channel(address), 10.0), bound, _result(harness, binding, when=clock.now()))
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "destroyed" in (info.value.details() or "")
         for i in range(3):

@@ -9,7 +9,7 @@ import pytest
 
 from fedcompute.core import checkpoints
 from fedcompute.v1 import task_management_pb2 as tm
-from tests.harness import Harness
+from tests.harness import Harness, task_spec
 
 
 def test_create_get_list_cancel(harness: Harness) -> None:
@@ -57,10 +57,28 @@ def test_initial_weights_are_used_and_checked(harness: Harness) -> None:
 )
 def test_create_task_bad_input_names_the_field(harness: Harness, fields: dict[str, Any], named: str) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        harness.create_task(**fields)
+        harness.create_task_raw(**fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert named in (info.value.details() or "")
     assert harness.operators.list_tasks(tm.ListTasksRequest()).tasks == []
+
+
+def test_create_task_needs_a_policy_that_matches_the_spec(harness: Harness) -> None:
+    """A task without an access policy, or whose policy says something the spec does not, is never created."""
+    with pytest.raises(grpc.RpcError) as info:
+        harness.create_task_raw()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "access_policy" in (info.value.details() or "")
+    signed = harness.create_task("pop", report_goal=2).access_policy
+    for change in ({"min_clients": 1}, {"population_name": "other"}):
+        weaker = tm.CreateTaskRequest(spec=task_spec("pop", report_goal=2), access_policy=signed)
+        for name, value in change.items():
+            setattr(weaker.access_policy.policy, name, value)
+        with pytest.raises(grpc.RpcError) as info:
+            harness.operators.create_task(weaker)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not match the spec" in (info.value.details() or "")
+    assert len(harness.operators.list_tasks(tm.ListTasksRequest()).tasks) == 1
 
 
 def test_unknown_task_is_not_found(harness: Harness) -> None:

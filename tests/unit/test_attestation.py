@@ -26,7 +26,7 @@ from fedcompute.core.errors import InvalidArgument, PermissionDenied
 
 MEASUREMENT = "sha256:" + "ab" * 32
 IMAGE = "sha256:" + "cd" * 32
-BINDING = ReleaseBinding(b"\x01" * 32, "k_1", "task_1", 2, "agg_1", "job_1", "ef" * 32)
+BINDING = ReleaseBinding(b"\x01" * 32, "k_1", "task_1", 2, "agg_1", "job_1", "ef" * 32, "12" * 32)
 AUDIENCE = "fedcompute-verifier"
 
 
@@ -116,7 +116,7 @@ def test_stale_reused_or_unbound_nonces_are_refused(tmp_path: Path) -> None:
     f.clock.advance(timedelta(minutes=3))
     with pytest.raises(PermissionDenied, match="expired"):
         f.verifier.attest(LOCAL_FORMAT, f.launcher.evidence([stale, BINDING.digest()]), BINDING)
-    other = ReleaseBinding(b"\x02" * 32, "k_1", "task_1", 2, "agg_1", "job_1", "ef" * 32)
+    other = ReleaseBinding(b"\x02" * 32, "k_1", "task_1", 2, "agg_1", "job_1", "ef" * 32, "12" * 32)
     with pytest.raises(PermissionDenied, match="another key-release request"):
         f.local(other)
     with pytest.raises(InvalidArgument, match="evidence_format"):

@@ -10,14 +10,14 @@ from fedcompute.keys import hpke
 from fedcompute.keys.envelope import check_envelope, seal_contribution
 from fedcompute.v1 import upload_pb2
 
-CTX = ContributionContext("pop", "task_1", 3, "agg_1", "asg_1", "k_1", 3, "ab" * 32)
+CTX = ContributionContext("pop", "task_1", 3, "agg_1", "asg_1", "k_1", 3, "ab" * 32, "cd" * 32)
 
 
 def test_seal_open_bound_to_context() -> None:
     key = hpke.generate_private_key()
     sealed = hpke.seal(b"update", key.public_key(), CTX.encode())
     assert hpke.open_sealed(sealed, key, CTX.encode()) == b"update"
-    other = ContributionContext("pop", "task_1", 4, "agg_1", "asg_1", "k_1", 3, "ab" * 32)
+    other = ContributionContext("pop", "task_1", 4, "agg_1", "asg_1", "k_1", 3, "ab" * 32, "cd" * 32)
     with pytest.raises(hpke.DecryptionError):
         hpke.open_sealed(sealed, key, other.encode())
     with pytest.raises(hpke.DecryptionError):
@@ -35,7 +35,7 @@ def test_envelope_accepted_only_when_bound_to_the_assignment() -> None:
     key = hpke.generate_private_key()
     envelope = seal_contribution(b"payload", CTX, hpke.public_bytes(key.public_key())).SerializeToString()
     check_envelope(envelope, CTX)
-    elsewhere = ContributionContext("pop", "task_2", 3, "agg_1", "asg_1", "", 3, "ab" * 32)
+    elsewhere = ContributionContext("pop", "task_2", 3, "agg_1", "asg_1", "", 3, "ab" * 32, "cd" * 32)
     with pytest.raises(InvalidArgument, match="another task"):
         check_envelope(envelope, elsewhere)
 

@@ -36,11 +36,11 @@ def test_clipped_norm_never_exceeds_c(values: list[float], bound: float) -> None
 
 def test_without_noise_the_aggregate_is_exactly_the_clipped_mean() -> None:
     params = DpParams(clip_norm=1.0, noise_multiplier=0.0, expected_clients=4, min_clients=3)
-    dp = DpSum(params, ChaChaGaussian(KEY))
+    dp = DpSum(params)
     updates = [_update([3.0, 4.0, 0.0]), _update([0.1, 0.2, 0.2]), _update([-6.0, 0.0, 8.0])]
     for u in updates:
         dp.add(u)
-    mean, next_clip = dp.release()
+    mean, next_clip = dp.release(ChaChaGaussian(KEY))
     expected = {k: torch.stack([clip(u, 1.0)[0][k] for u in updates]).sum(0) / 4 for k in ("a", "b")}  # m = 4
     for k in ("a", "b"):
         assert torch.equal(mean[k], expected[k].to(torch.float32))
@@ -49,20 +49,20 @@ def test_without_noise_the_aggregate_is_exactly_the_clipped_mean() -> None:
 
 def test_noise_std_on_the_mean_is_z_c_over_m() -> None:
     z, c, m = 1.3, 2.0, 10
-    dp = DpSum(DpParams(clip_norm=c, noise_multiplier=z, expected_clients=m, min_clients=1), ChaChaGaussian(KEY))
+    dp = DpSum(DpParams(clip_norm=c, noise_multiplier=z, expected_clients=m, min_clients=1))
     dp.add({"w": torch.zeros(200_000)})
-    mean, _ = dp.release()
+    mean, _ = dp.release(ChaChaGaussian(KEY))
     observed = float(mean["w"].to(torch.float64).std())
     assert abs(observed / (z * c / m) - 1) < 0.01
     assert abs(float(mean["w"].to(torch.float64).mean())) < 5 * z * c / m / math.sqrt(200_000)
 
 
 def test_below_min_clients_nothing_is_released() -> None:
-    dp = DpSum(DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=5, min_clients=3), ChaChaGaussian(KEY))
+    dp = DpSum(DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=5, min_clients=3))
     dp.add(_update([1.0, 0.0, 0.0]))
     dp.add(_update([0.0, 1.0, 0.0]))
     with pytest.raises(BelowMinimum, match="fewer than min_clients"):
-        dp.release()
+        dp.release(ChaChaGaussian(KEY))
 
 
 def test_adaptive_clip_converges_toward_the_target_quantile() -> None:
@@ -73,10 +73,10 @@ def test_adaptive_clip_converges_toward_the_target_quantile() -> None:
     target = float(np.quantile(norms, 0.5))
     for _ in range(80):
         params = DpParams(c, 0.0, m, 1, adaptive_clip=True, clipped_count_stddev=m / 20)
-        dp = DpSum(params, noise)
+        dp = DpSum(params)
         for n in rng.choice(norms, size=m):
             dp.add({"w": torch.tensor([n, 0.0], dtype=torch.float64)})
-        _, c = dp.release()
+        _, c = dp.release(noise)
     assert abs(c / target - 1) < 0.25
 
 

@@ -1,0 +1,150 @@
+"""`fedcompute audit`: check a task's published model versions against the key services' release logs.
+
+Anyone can run it: the logs and the task are public, and it trusts only the pinned provider keys. For the task's
+signed access policy it verifies every provider's log (signatures, hash chain, sequence), then checks that every
+published version (round r >= 1) had >= t providers release for round r under that policy, that no round was
+released for two overlapping input sets, and that the ε each provider charged stays within the budget
+(recomputed with the policy's accountant, not taken from the log).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedcompute.clients.typed import KeyClient, TaskManagementClient
+from fedcompute.core.policy import AccessPolicy
+from fedcompute.core.privacy import epsilon
+from fedcompute.keys.policy import UntrustedPolicy, check_signed
+from fedcompute.keys.release_log import LogInvalid, SignedEntry, verify_entries
+from fedcompute.v1 import key_pb2
+from fedcompute.v1 import task_management_pb2 as tm
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    version: int
+    providers: tuple[str, ...]
+    input_sets: int
+    epsilon: float | None
+
+
+@dataclass
+class AuditReport:
+    policy_sha256: str = ""
+    rows: list[RoundRow] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+def audit(
+    task: tm.Task,
+    versions: list[tm.ModelVersion],
+    logs: Mapping[str, list[SignedEntry]],
+    trusted: Mapping[str, ec.EllipticCurvePublicKey],
+    threshold: int,
+) -> AuditReport:
+    report = AuditReport()
+    try:
+        policy = check_signed(task.access_policy, trusted, threshold)
+    except UntrustedPolicy as exc:
+        report.findings.append(f"task {task.task_id}: {exc}")
+        return report
+    report.policy_sha256 = digest = policy.sha256_hex()
+    entries: list[dict[str, Any]] = []
+    for provider, signed in sorted(logs.items()):
+        if provider not in trusted:
+            report.findings.append(f"{provider}: not a pinned key service; its log is ignored")
+            continue
+        try:
+            entries += [b for b in verify_entries(signed, provider, trusted[provider]) if b["policy_sha256"] == digest]
+        except LogInvalid as exc:
+            report.findings.append(str(exc))
+    by_round: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for body in entries:
+        by_round[int(body["round"])].append(body)
+    _overlaps(by_round, report)
+    spent = _budget(policy, entries, report)
+    for version in versions:
+        if version.version <= 1:
+            continue  # the initial model was released by nobody
+        released = by_round.get(version.round, [])
+        providers = tuple(sorted({b["provider_id"] for b in released}))
+        if len(providers) < threshold:
+            report.findings.append(
+                f"version {version.version} (round {version.round}): {len(providers)} key service(s) logged a "
+                f"release under the task's policy, {threshold} needed"
+            )
+        sets = len({b["input_set_sha256"] for b in released})
+        eps = max((b["epsilon_after"] for b in released), default=0.0) if policy.dp else None
+        report.rows.append(RoundRow(version.round, version.version, providers, sets, eps))
+    if policy.dp and spent > policy.dp.epsilon:
+        report.findings.append(f"epsilon spent {spent:.4g} exceeds the policy's budget {policy.dp.epsilon:g}")
+    return report
+
+
+def fetch_and_audit(
+    operators: TaskManagementClient,
+    key_services: Sequence[KeyClient],
+    task_id: str,
+    trusted: Mapping[str, ec.EllipticCurvePublicKey],
+    threshold: int,
+) -> AuditReport:
+    """Fetch the task, its versions and every key service's whole release log, then ``audit`` them."""
+    task = operators.get_task(tm.GetTaskRequest(task_id=task_id)).task
+    versions = list(operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task_id)).versions)
+    logs = {}
+    for client in key_services:
+        reply = client.get_release_log(key_pb2.GetReleaseLogRequest())
+        logs[reply.provider_id] = [SignedEntry(e.body, e.signature) for e in reply.entries]
+    return audit(task, versions, logs, trusted, threshold)
+
+
+def _overlaps(by_round: Mapping[int, list[dict[str, Any]]], report: AuditReport) -> None:
+    for round_, released in sorted(by_round.items()):
+        sets: dict[str, set[str]] = {}
+        for body in released:
+            sets[body["input_set_sha256"]] = {x for pair in body["inputs"] for x in pair}
+        for (a, one), (b, two) in combinations(sorted(sets.items()), 2):
+            if one & two:
+                report.findings.append(
+                    f"round {round_} was released for two overlapping input sets ({a[:12]}…, {b[:12]}…)"
+                )
+
+
+def _budget(policy: AccessPolicy, entries: list[dict[str, Any]], report: AuditReport) -> float:
+    """The largest ε any provider charged, recomputed from its distinct releases."""
+    if policy.dp is None:
+        return 0.0
+    dp = policy.dp
+    worst = 0.0
+    charged: dict[str, set[tuple[int, str]]] = defaultdict(set)
+    for body in entries:
+        charged[body["provider_id"]].add((int(body["round"]), body["input_set_sha256"]))
+    for provider, releases in sorted(charged.items()):
+        eps = epsilon(dp.noise_multiplier, dp.sample_rate, len(releases), dp.delta, dp.accountant)
+        worst = max(worst, eps)
+        if eps > dp.epsilon:
+            report.findings.append(
+                f"{provider}: {len(releases)} releases cost epsilon {eps:.4g}, over the budget {dp.epsilon:g}"
+            )
+    return worst
+
+
+def render(report: AuditReport) -> str:
+    lines = [f"access policy {report.policy_sha256 or '(unverified)'}"]
+    lines.append(f"{'round':>5} {'version':>7} {'released by':<24} {'input sets':>10} {'epsilon':>8}")
+    for row in report.rows:
+        eps = "-" if row.epsilon is None else f"{row.epsilon:.3f}"
+        lines.append(f"{row.round:>5} {row.version:>7} {','.join(row.providers):<24} {row.input_sets:>10} {eps:>8}")
+    lines += [f"FINDING: {f}" for f in report.findings] or ["no findings"]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""A key provider's release ledger: what each (access policy, round) has released, and the budget it spent.
+
+The rules, applied independently by every provider before its share leaves:
+- the input set is the one the attested worker bound (its digest), names each contribution once, and holds at
+  least the policy's ``min_clients`` contributions;
+- releases are pinned per (policy, round), whatever aggregation or job id a request names: the same input set
+  again (a worker that died and retried) is allowed and charged nothing, since the worker derives its DP noise
+  from the key and this input set and so produces a bit-identical output; another input set for the round is
+  allowed only if it shares no contribution with any earlier one (a retried attempt with other devices), so no
+  two releases can be differenced;
+- under DP each new input set is one more Gaussian release, and the policy's accountant must keep ε after it
+  within the policy's budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedcompute.core.context import input_set_digest
+from fedcompute.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from fedcompute.core.policy import AccessPolicy
+from fedcompute.keys.keystore import KeysetState, RoundRelease
+
+
+@dataclass(frozen=True)
+class Decision:
+    repeat: bool  # the same input set as an earlier release of this round: nothing more is charged
+    releases_charged: int  # DP releases charged to the policy so far, this one included
+    epsilon_after: float  # 0 without DP
+
+
+def check_inputs(policy: AccessPolicy, input_set_sha256_hex: str, inputs: list[tuple[str, str]]) -> None:
+    if input_set_digest(inputs) != input_set_sha256_hex:
+        raise InvalidArgument("inputs", "do not hash to input_set_sha256_hex (send the job's whole input set)")
+    if len({a for a, _ in inputs}) != len(inputs) or len({e for _, e in inputs}) != len(inputs):
+        raise InvalidArgument("inputs", "name one contribution twice")
+    if len(inputs) < policy.min_clients:
+        raise PermissionDenied(
+            f"the input set holds {len(inputs)} contributions; the task's access policy needs at least "
+            f"{policy.min_clients} before anything is released"
+        )
+
+
+def decide(
+    state: KeysetState,
+    policy_sha256_hex: str,
+    policy: AccessPolicy,
+    round_: int,
+    input_set_sha256_hex: str,
+    inputs: list[tuple[str, str]],
+    epsilon_after: Callable[[int], float],
+) -> Decision:
+    """Decide one release and record it in ``state`` (the caller saves it), or raise why it is refused."""
+    slot = f"{policy_sha256_hex}|{round_}"
+    earlier = state.releases.get(slot, [])
+    charged = state.charged.get(policy_sha256_hex, 0)
+    if any(r.input_set_sha256_hex == input_set_sha256_hex for r in earlier):
+        return Decision(True, charged, epsilon_after(charged) if policy.dp else 0.0)
+    ids, envelopes = {a for a, _ in inputs}, {e for _, e in inputs}
+    for previous in earlier:
+        shared = len(ids & set(previous.assignment_ids)) + len(envelopes & set(previous.envelope_sha256s))
+        if shared:
+            raise PermissionDenied(
+                f"round {round_} of this access policy was already released for an input set that shares "
+                f"contributions with this one; a further input set for the round must be disjoint"
+            )
+    eps = 0.0
+    if policy.dp is not None:
+        charged += 1
+        eps = epsilon_after(charged)
+        if eps > policy.dp.epsilon:
+            raise ResourceExhausted(
+                f"the task's privacy budget is spent: release {charged} would bring epsilon to {eps:.4g}, "
+                f"over the access policy's {policy.dp.epsilon:g}"
+            )
+        state.charged[policy_sha256_hex] = charged
+    state.releases[slot] = [*earlier, RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))]
+    return Decision(False, charged, eps)

@@ -1,0 +1,108 @@
+"""A key provider's append-only release log: hash-chained, every entry signed, served to anyone who asks.
+
+Each entry's body is canonical JSON (keys sorted, no spaces, ASCII) of one release decision, carrying ``seq``
+(0, 1, ...) and ``prev`` (sha256 hex of the previous body; 64 zeros for the first). The provider signs the
+body with its ES256 key. ``verify_entries`` checks signatures, the chain and sequence numbers, so an entry
+cannot be removed, reordered or altered without the provider's key; `fedcompute audit` runs it on every
+provider's log. Stored as JSON lines, appended with fsync before the share leaves the provider.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedcompute.keys import statement
+
+GENESIS = "0" * 64
+
+
+class LogInvalid(Exception):
+    """A release log that fails verification; the message names the entry and the problem."""
+
+
+@dataclass(frozen=True)
+class SignedEntry:
+    body: bytes
+    signature: bytes
+
+
+def canonical(fields: Mapping[str, Any]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+class ReleaseLog:
+    def __init__(self, path: Path, signing_key: ec.EllipticCurvePrivateKey) -> None:
+        self._path = path
+        self._key = signing_key
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Add one entry (``seq`` and ``prev`` are filled in), durable before this returns."""
+        with self._lock:
+            entries = self._read()
+            prev = hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS
+            body = {**fields, "seq": len(entries), "prev": prev}
+            raw = canonical(body)
+            line = {"body": _b64(raw), "signature": _b64(statement.sign_bytes(raw, self._key))}
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as handle:
+                handle.write(json.dumps(line) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        return body
+
+    def entries(self, start_seq: int = 0) -> list[SignedEntry]:
+        with self._lock:
+            return self._read()[start_seq:]
+
+    def _read(self) -> list[SignedEntry]:
+        if not self._path.exists():
+            return []
+        out = []
+        for line in self._path.read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                out.append(SignedEntry(base64.b64decode(item["body"]), base64.b64decode(item["signature"])))
+        return out
+
+
+def verify_entries(
+    entries: list[SignedEntry], provider_id: str, public_key: ec.EllipticCurvePublicKey
+) -> list[dict[str, Any]]:
+    """The decoded bodies of a whole log (from seq 0), or ``LogInvalid`` at the first entry that does not verify."""
+    bodies: list[dict[str, Any]] = []
+    prev = GENESIS
+    for position, entry in enumerate(entries):
+        where = f"{provider_id} release log entry {position}"
+        if not statement.verify_signature(entry.body, entry.signature, public_key):
+            raise LogInvalid(f"{where}: signature does not verify under the pinned key")
+        try:
+            body = json.loads(entry.body)
+        except ValueError:
+            raise LogInvalid(f"{where}: body is not JSON") from None
+        if not isinstance(body, dict) or canonical(body) != entry.body:
+            raise LogInvalid(f"{where}: body is not canonical JSON")
+        if body.get("seq") != position:
+            raise LogInvalid(f"{where}: sequence number {body.get('seq')!r}, expected {position} (entries missing?)")
+        if body.get("prev") != prev:
+            raise LogInvalid(f"{where}: does not chain to the previous entry (log rewritten?)")
+        if body.get("provider_id") != provider_id:
+            raise LogInvalid(f"{where}: written by {body.get('provider_id')!r}")
+        prev = hashlib.sha256(entry.body).hexdigest()
+        bodies.append(body)
+    return bodies
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()

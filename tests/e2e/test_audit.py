@@ -1,0 +1,85 @@
+"""`fedcompute audit` against a real suite: a released round passes; a tampered or truncated release log, and
+releases that break the policy (logged by misbehaving providers), are findings and exit 1."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from fedcompute.cli import app
+from fedcompute.clients.audit import audit
+from fedcompute.core.policy import AccessPolicy, PolicyDp
+from fedcompute.keys.policy import sign, to_message
+from fedcompute.keys.release_log import ReleaseLog
+from fedcompute.v1 import common_pb2
+from fedcompute.v1 import task_management_pb2 as tm
+from tests.harness import Harness, contribute, suite_settings, wait_for
+
+POP = "audited"
+
+
+def test_audit_passes_on_the_demo_round_and_fails_on_a_tampered_log(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    harness = Harness.start(suite_settings(work, f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    try:
+        task = harness.create_task(POP, report_goal=2, max_cohort=2)
+        for _ in range(2):
+            contribute(harness, POP)
+        wait_for(lambda: harness.task(task.task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the round")
+        runner = CliRunner(env={"FEDCOMPUTE_WORKDIR": str(work)})
+        args = ["audit", "--task", task.task_id, "--server", harness.suite.server_address]
+        for address in harness.suite.key_addresses:
+            args += ["--key-service", address]
+        clean = runner.invoke(app, args)
+        assert clean.exit_code == 0, clean.output
+        assert "no findings" in clean.output
+        # A key service's disk is edited: the input set of its logged release is rewritten.
+        log = work / "keys" / "kp-1" / "release-log.jsonl"
+        lines = log.read_text().splitlines()
+        entry = json.loads(lines[0])
+        body = json.loads(base64.b64decode(entry["body"]))
+        body["inputs"] = body["inputs"][:1]
+        entry["body"] = base64.b64encode(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).decode()
+        log.write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
+        tampered = runner.invoke(app, args)
+        assert tampered.exit_code == 1
+        assert "kp-1 release log entry 0: signature does not verify" in tampered.output
+        # Another provider's log is truncated: only one valid release is left for the round, two are needed.
+        (work / "keys" / "kp-0" / "release-log.jsonl").write_text("")
+        truncated = runner.invoke(app, args)
+        assert truncated.exit_code == 1
+        assert "1 key service(s) logged a release under the task's policy, 2 needed" in truncated.output
+    finally:
+        harness.stop()
+
+
+def test_audit_finds_overlapping_input_sets_and_overspent_budgets(tmp_path: Path) -> None:
+    """Providers that break their own ledger rules (compromised, or a bug) are caught from their signed logs."""
+    keys = {f"kp-{i}": ec.generate_private_key(ec.SECP256R1()) for i in range(2)}
+    dp = PolicyDp(1.0, 2.0, 2, epsilon=0.9, delta=1e-5, accountant="rdp", assumed_population_size=10)
+    policy = AccessPolicy("p", POP, ("sha256:" + "aa" * 32,), 2, dp)
+    signed = common_pb2.SignedAccessPolicy(policy=to_message(policy))
+    for provider, key in keys.items():
+        signed.signatures.add(provider_id=provider, signature=sign(policy, key))
+    task = tm.Task(task_id="task_a", access_policy=signed)
+    logs = {}
+    for provider, key in keys.items():
+        log = ReleaseLog(tmp_path / provider / "log.jsonl", key)
+        for round_, inputs in [(1, [["a", "1"], ["b", "2"]]), (1, [["b", "2"], ["c", "3"]]), (2, [["d", "4"]])]:
+            log.append(
+                {
+                    "provider_id": provider, "policy_sha256": policy.sha256_hex(), "round": round_,
+                    "input_set_sha256": json.dumps(inputs), "inputs": inputs, "epsilon_after": 0.5,
+                }
+            )  # fmt: skip
+        logs[provider] = log.entries()
+    versions = [tm.ModelVersion(version=2, round=1), tm.ModelVersion(version=3, round=2)]
+    report = audit(task, versions, logs, {p: k.public_key() for p, k in keys.items()}, 2)
+    assert not report.ok
+    assert any("round 1 was released for two overlapping input sets" in f for f in report.findings)
+    assert any("over the budget 0.9" in f for f in report.findings)
+    assert [r.providers for r in report.rows] == [("kp-0", "kp-1"), ("kp-0", "kp-1")]

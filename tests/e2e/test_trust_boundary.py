@@ -1,0 +1,161 @@
+"""The orchestration server as the attacker, with its database: it rewrites what it hands to the worker and to
+devices, and the attested worker, the key services and the devices refuse. Real suite, real worker process.
+
+Each test edits the server's own tables (the server's powers) and checks that nothing is released: no new model
+version, the round's note naming the refusal, and (where the key services decide) no release logged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, create_engine, select, update
+
+from fedcompute.clients.device import Device, Participated, Trust
+from fedcompute.clients.typed import KeyClient
+from fedcompute.core.policy import DeviceFloor
+from fedcompute.rpc.channels import open_channel
+from fedcompute.store.models import IterationRow, TaskRow
+from fedcompute.v1 import common_pb2, key_pb2
+from fedcompute.v1 import task_management_pb2 as tm
+from tests.harness import Harness, contribute, suite_settings, wait_for
+
+POP = "boundary"
+
+
+def _dp_task(harness: Harness, goal: int = 2) -> tm.Task:
+    config = tm.DpConfig(
+        enabled=True, target_epsilon=50.0, target_delta=1e-5, assumed_population_size=1000,
+        noise_multiplier=1.5, l2_clip_norm=0.5,
+    )  # fmt: skip
+    return harness.create_task(POP, report_goal=goal, max_cohort=goal + 1, dp=config)
+
+
+def _as_server(database_url: str, change: Callable[[Connection], object]) -> None:
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        change(conn)
+    engine.dispose()
+
+
+def _note(harness: Harness, task_id: str) -> str:
+    return harness.iterations(task_id)[-1].aggregation_note
+
+
+def _releases_logged(harness: Harness) -> int:
+    total = 0
+    for address in harness.suite.key_addresses:
+        total += len(KeyClient(open_channel(address), 10.0).get_release_log(key_pb2.GetReleaseLogRequest()).entries)
+    return total
+
+
+def _rewrite_spec(database_url: str, task_id: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    def change(conn: Connection) -> None:
+        spec = json.loads(conn.execute(select(TaskRow.spec_json).where(TaskRow.id == task_id)).scalar_one())
+        edit(spec)
+        conn.execute(update(TaskRow).where(TaskRow.id == task_id).values(spec_json=json.dumps(spec)))
+
+    _as_server(database_url, change)
+
+
+def test_worker_refuses_a_job_with_dp_switched_off_or_weakened(tmp_path: Path, database_url: str) -> None:
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url, max_round_attempts=1))
+    try:
+        off = _dp_task(harness)
+        _rewrite_spec(database_url, off.task_id, lambda spec: spec.update(dp=None))
+        for _ in range(2):
+            contribute(harness, POP)
+        wait_for(lambda: "switches differential privacy off" in _note(harness, off.task_id), 60, "the refusal")
+        assert harness.task(off.task_id).latest_model_version == 1
+        assert _releases_logged(harness) == 0  # refused before any key service was asked
+    finally:
+        harness.stop()
+
+
+def test_worker_refuses_weaker_noise(tmp_path: Path, database_url: str) -> None:
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url, max_round_attempts=1))
+    try:
+        weak = _dp_task(harness)
+        _rewrite_spec(database_url, weak.task_id, lambda spec: spec["dp"].update(noise_multiplier=0.01))
+        for _ in range(2):
+            contribute(harness, POP)
+        wait_for(lambda: "dp.noise_multiplier" in _note(harness, weak.task_id), 60, "the refusal")
+        assert harness.task(weak.task_id).latest_model_version == 1
+        assert _releases_logged(harness) == 0
+    finally:
+        harness.stop()
+
+
+def test_an_input_set_below_min_clients_releases_nothing(tmp_path: Path, database_url: str) -> None:
+    """The server closes the round after one upload (its report goal rewritten to 1): one device's exact update
+    would be the mean. The worker refuses before asking, and the key services would refuse too (grpc tests)."""
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url, max_round_attempts=1))
+    try:
+        task = harness.create_task(POP, report_goal=3, max_cohort=3)
+        _as_server(
+            database_url,
+            lambda conn: conn.execute(
+                update(IterationRow).where(IterationRow.task_id == task.task_id).values(report_goal=1)
+            ),
+        )
+        contribute(harness, POP)
+        wait_for(lambda: "needs at least 3" in _note(harness, task.task_id), 60, "the refusal")
+        assert harness.task(task.task_id).latest_model_version == 1
+        assert _releases_logged(harness) == 0
+    finally:
+        harness.stop()
+
+
+def _device(harness: Harness, floor: DeviceFloor | None = None) -> Device:
+    from fedcompute.clients.dataset import non_iid_shards, train_test_split
+
+    train, _ = train_test_split(seed=0)
+    trust = harness.trust()
+    return Device(
+        "d0", non_iid_shards(train, 1, 0)[0], POP, harness.assignments, harness.resources, harness.uploads,
+        Trust(trust.providers, trust.threshold, floor or DeviceFloor()),
+    )  # fmt: skip
+
+
+def _refused(harness: Harness, floor: DeviceFloor | None = None) -> None:
+    outcome = _device(harness, floor).participate()
+    assert isinstance(outcome, Participated)
+    assert outcome.refused_key
+    assert not outcome.uploaded
+
+
+def _relay_policy(database_url: str, task_id: str, signed: common_pb2.SignedAccessPolicy) -> None:
+    """The server replaces the policy it relays with the assignment."""
+    _as_server(
+        database_url,
+        lambda conn: conn.execute(
+            update(TaskRow).where(TaskRow.id == task_id).values(access_policy=signed.SerializeToString())
+        ),
+    )
+
+
+def test_devices_refuse_policies_signed_by_too_few_providers_or_below_their_floor(
+    tmp_path: Path, database_url: str
+) -> None:
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url), aggregator=False)
+    try:
+        task = harness.create_task(POP, report_goal=2, max_cohort=5)
+        original = harness.task(task.task_id).access_policy
+        _refused(harness, DeviceFloor(require_dp=True))  # below the floor: this device requires DP
+        _refused(harness, DeviceFloor(min_clients=3))  # below the floor: releases of 2 are too small for it
+        few = common_pb2.SignedAccessPolicy()
+        few.CopyFrom(original)
+        del few.signatures[1:]  # one provider's signature, two needed
+        _relay_policy(database_url, task.task_id, few)
+        _refused(harness)
+        weakened = common_pb2.SignedAccessPolicy()
+        weakened.CopyFrom(original)
+        assert len(weakened.signatures) == 3
+        weakened.policy.min_clients = 1  # all signatures kept, none of them verifies any more
+        _relay_policy(database_url, task.task_id, weakened)
+        _refused(harness)
+    finally:
+        harness.stop()
