@@ -135,8 +135,13 @@ def serve(
         stoppers.append(build_server(settings, clock, ids, worker_token(settings), token_secret(settings)))
     elif component == "keys":
         from fedcompute.keys.app import build_key_server
+        from fedcompute.keys.kek import KekUnavailable
 
-        stoppers.append(build_key_server(settings, clock, key_admin_token(settings)))
+        try:
+            stoppers.append(build_key_server(settings, clock, key_admin_token(settings)))
+        except KekUnavailable as exc:
+            typer.echo(f"key service not started: {exc}", err=True)
+            raise typer.Exit(2) from None
     elif component == "verifier":
         from fedcompute.attestation.app import build_verifier, build_verifier_server
         from fedcompute.keys.trust import load_trusted

@@ -108,9 +108,11 @@ class AccessPolicy:
 
 def _check_dp(dp: PolicyDp, min_clients: int) -> None:
     numbers = ("clip_norm", "noise_multiplier", "epsilon", "delta", "target_unclipped_quantile", "clip_learning_rate")
-    for name in numbers:
+    for name in (*numbers, "clipped_count_stddev"):
         if not math.isfinite(getattr(dp, name)):
             raise InvalidArgument(f"policy.dp.{name}", "must be finite")
+    if dp.clipped_count_stddev < 0 or dp.clip_learning_rate < 0:
+        raise InvalidArgument("policy.dp.clipped_count_stddev", "and clip_learning_rate must be >= 0")
     if dp.clip_norm <= 0:
         raise InvalidArgument("policy.dp.clip_norm", "must be > 0")
     if dp.noise_multiplier <= 0:

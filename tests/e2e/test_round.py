@@ -32,6 +32,7 @@ def test_fleet_trains_a_task_to_completion(database_url: str, tmp_path: Path) ->
         spec = task_spec(DEVICES, ROUNDS, seed=1)
         spec.population_name = "e2e"
         task = harness.suite.create_task(spec)
+        harness.wait_for_key("e2e")  # devices that find no key yet would stop (stop_when_no_task)
         shards = non_iid_shards(train, DEVICES, 1)
         fleet = Fleet(harness.suite.server_address, "e2e", shards, 1, harness.trust(), max_sleep_s=0.2)
         fleet.start(stop_when_no_task=True)

@@ -18,7 +18,7 @@ from fedcompute.clients.device import Device, Participated, Trust
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.policy import DeviceFloor
 from fedcompute.rpc.channels import open_channel
-from fedcompute.store.models import IterationRow, TaskRow
+from fedcompute.store.models import IterationRow, JobRow, TaskRow
 from fedcompute.v1 import common_pb2, key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.harness import Harness, contribute, suite_settings, wait_for
@@ -157,5 +157,45 @@ def test_devices_refuse_policies_signed_by_too_few_providers_or_below_their_floo
         weakened.policy.min_clients = 1  # all signatures kept, none of them verifies any more
         _relay_policy(database_url, task.task_id, weakened)
         _refused(harness)
+    finally:
+        harness.stop()
+
+
+def test_a_repeated_release_of_the_same_input_set_is_bit_identical_and_free(tmp_path: Path, database_url: str) -> None:
+    """The server replays a finished DP job (as if its worker had died): the key services allow the same input set
+    again without charging it, and the worker's noise, derived from the key and the input set, is the same, so
+    the two outputs are the same bytes and cannot be averaged to strip the noise."""
+    settings = suite_settings(tmp_path / "w", database_url, upload_retention_s=3600)
+    harness = Harness.start(settings)
+    try:
+        task = _dp_task(harness)
+        for _ in range(2):
+            contribute(harness, POP)
+        wait_for(lambda: harness.task(task.task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the DP round")
+        engine = create_engine(database_url)
+        with engine.connect() as conn:
+            job_id, first = conn.execute(select(JobRow.id, JobRow.update_sha256)).one()
+        logged = _releases_logged(harness)
+        with engine.begin() as conn:
+            conn.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(status="PENDING", lease_id=None, lease_expiry=None, not_before=None, update_sha256=None)
+            )
+
+        def replayed() -> str | None:
+            with engine.connect() as conn:
+                return conn.execute(select(JobRow.update_sha256).where(JobRow.id == job_id)).scalar_one()
+
+        wait_for(lambda: replayed() is not None, 60, "the replayed job")
+        assert replayed() == first  # bit-identical output
+        engine.dispose()
+        assert _releases_logged(harness) > logged
+        log = KeyClient(open_channel(harness.suite.key_addresses[0]), 10.0).get_release_log(
+            key_pb2.GetReleaseLogRequest()
+        )
+        bodies = [json.loads(e.body) for e in log.entries]
+        assert bodies[-1]["repeat"] is True
+        assert bodies[-1]["releases_charged"] == bodies[0]["releases_charged"] == 1  # charged once
     finally:
         harness.stop()
