@@ -331,6 +331,8 @@ def devices_simulate(
         Path, typer.Option(help="Pinned key providers (from `fedcompute keys trust`).")
     ] = Path("fedcompute-data/trusted-providers.json"),
     threshold: Annotated[int, typer.Option(min=1, help="Valid provider signatures a key needs.")] = 2,
+    require_dp: Annotated[bool, typer.Option(help="Floor: refuse tasks whose access policy has no DP.")] = False,
+    min_clients: Annotated[int, typer.Option(min=1, help="Floor: refuse policies releasing fewer updates.")] = 1,
 ) -> None:
     """Run a simulated fleet against a running suite until the population has no open task."""
     import torch
@@ -342,9 +344,11 @@ def devices_simulate(
     torch.set_num_threads(1)
     train, _ = train_test_split(seed)
     from fedcompute.clients.device import Trust
+    from fedcompute.core.policy import DeviceFloor
     from fedcompute.keys.trust import load_trusted
 
-    trust = Trust(load_trusted(trusted_providers), threshold)
+    floor = DeviceFloor(require_dp=require_dp, min_clients=min_clients, min_threshold=threshold)
+    trust = Trust(load_trusted(trusted_providers), threshold, floor)
     shards = non_iid_shards(train, count, seed)
     fleet = Fleet(server, population, shards, seed, trust, max_sleep_s=max_sleep, client_version=client_version)
     fleet.start(stop_when_no_task=True)
@@ -353,7 +357,7 @@ def devices_simulate(
     s = fleet.stats
     typer.echo(
         f"participations {s.participations}, uploads {s.uploads}, rejections {s.rejections}, "
-        f"refused keys {s.refused_keys}, errors {s.errors}"
+        f"refused keys or policies {s.refused_keys}, errors {s.errors}"
     )
 
 

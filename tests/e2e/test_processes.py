@@ -98,7 +98,7 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
     )  # fmt: skip
     assert fleet.returncode == 0, fleet.stderr
     assert "uploads 6," in fleet.stdout  # 2 rounds x a cohort of 3
-    assert "refused keys 0," in fleet.stdout
+    assert "refused keys or policies 0," in fleet.stdout
     got = subprocess.run(
         [*CLI, "task", "get", task_id, "--server", server], env=env, capture_output=True, text=True, check=True
     )

@@ -12,11 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 from sqlalchemy import Connection, create_engine, select, update
 
 from fedcompute.clients.device import Device, Participated, Trust
 from fedcompute.clients.typed import KeyClient
-from fedcompute.core.policy import DeviceFloor
+from fedcompute.core.policy import AccessPolicy, DeviceFloor
+from fedcompute.keys import hpke
+from fedcompute.keys.policy import to_message
 from fedcompute.rpc.channels import open_channel
 from fedcompute.store.models import IterationRow, JobRow, TaskRow
 from fedcompute.v1 import common_pb2, key_pb2
@@ -197,5 +201,54 @@ def test_a_repeated_release_of_the_same_input_set_is_bit_identical_and_free(tmp_
         bodies = [json.loads(e.body) for e in log.entries]
         assert bodies[-1]["repeat"] is True
         assert bodies[-1]["releases_charged"] == bodies[0]["releases_charged"] == 1  # charged once
+    finally:
+        harness.stop()
+
+
+def _server_credentials(server_dir: Path) -> list[str]:
+    """Everything in the server's directory that could be a token: every small text file, whole and stripped."""
+    found = {""}
+    for path in server_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 4096:
+            try:
+                found.add(path.read_text().strip())
+            except UnicodeDecodeError:
+                continue
+    return sorted(found)
+
+
+def test_no_credential_of_the_server_administers_a_key_service(tmp_path: Path) -> None:
+    """Key services as their own processes; the attacker presents every secret in the server's directory (its
+    worker token, its HMAC secret, ...) and none: importing a key of its choosing, activating it and registering
+    a policy all fail, and the key services still publish only the operator's key."""
+    settings = suite_settings(tmp_path / "w", f"sqlite:///{tmp_path / 'db.sqlite'}", key_service_processes=True)
+    harness = Harness.start(settings, aggregator=False)
+    try:
+        harness.create_task(POP, report_goal=2, max_cohort=2)
+        request = key_pb2.GetPublicKeysRequest(population_name=POP)
+        published = harness.keys.get_public_keys(request).keys
+        evil = hpke.generate_private_key()
+        public = hpke.public_bytes(evil.public_key())
+        statement = common_pb2.PublicKey(
+            key_id=hpke.key_id_for(public), public_key=public, kem_id=hpke.KEM_ID, kdf_id=hpke.KDF_ID,
+            aead_id=hpke.AEAD_ID, activation_time_unix=1, expiration_time_unix=2**40, destruction_time_unix=2**40,
+            population_name=POP, threshold=1, provider_ids=["kp-0", "kp-1", "kp-2"],
+        )  # fmt: skip
+        policy = to_message(AccessPolicy("evil", POP, ("sha256:" + "22" * 32,), 1, None))
+        tokens = _server_credentials(harness.suite.settings.server_dir())
+        assert len(tokens) >= 3  # no token, the worker token, the HMAC secret
+        for address in harness.suite.key_addresses:
+            for token in tokens:
+                client = KeyClient(open_channel(address), 10.0, token)
+                calls: list[Callable[[], object]] = [
+                    lambda c=client: c.import_key_share(key_pb2.ImportKeyShareRequest(key=statement, share_index=1)),  # type: ignore[misc]
+                    lambda c=client: c.activate_key(key_pb2.ActivateKeyRequest(key=statement)),  # type: ignore[misc]
+                    lambda c=client: c.register_policy(key_pb2.RegisterPolicyRequest(policy=policy)),  # type: ignore[misc]
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.RpcError) as info:
+                        call()
+                    assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        assert harness.keys.get_public_keys(request).keys == published
     finally:
         harness.stop()
