@@ -102,12 +102,16 @@ def up(
     port: Annotated[int | None, typer.Option(help="Server port.")] = None,
 ) -> None:
     """Run the whole suite (key service, server, aggregator, model updater) until interrupted."""
-    from fedcompute.suite import DEMO_DISK_WARNING, start_suite
+    from fedcompute.suite import DEMO_DISK_WARNING, StartupFailed, start_suite
 
     stop = _stop_on_signal()
     settings = _settings(workdir=workdir, database_url=database_url, server_port=port)
     configure_logging(settings.log_json, settings.log_level)
-    suite = start_suite(settings)
+    try:
+        suite = start_suite(settings)
+    except (StartupFailed, OSError, RuntimeError) as exc:  # one line, no traceback; children die with us
+        typer.echo(f"fedcompute up: not started: {exc}", err=True)
+        raise typer.Exit(1) from None
     keys = ", ".join(suite.key_addresses)
     typer.echo(f"fedcompute up: server {suite.server_address}, key services {keys}", err=True)
     typer.echo(f"fedcompute up: {DEMO_DISK_WARNING}", err=True)
@@ -243,6 +247,10 @@ def task_create(
     batch_size: Annotated[int, typer.Option()] = 16,
     learning_rate: Annotated[float, typer.Option()] = 0.1,
     momentum: Annotated[float, typer.Option()] = 0.9,
+    min_clients: Annotated[int, typer.Option(help="Fewest contributions a release may cover (0: report goal).")] = 0,
+    round_deadline_s: Annotated[int, typer.Option(help="Round deadline in seconds (0: default 3600).")] = 0,
+    upload_deadline_s: Annotated[int, typer.Option(help="Upload deadline after reporting (0: 600).")] = 0,
+    local_compute_deadline_s: Annotated[int, typer.Option(help="Report deadline after check-in (0: 600).")] = 0,
 ) -> None:
     """Create a training task: register its access policy with every key service (FEDCOMPUTE_KEY_SERVICE_ADDRESSES,
     the operator's FEDCOMPUTE_KEY_ADMIN_TOKEN), then create it at the server."""
@@ -266,6 +274,10 @@ def task_create(
         hyperparameters=tm.TrainingHyperparameters(
             local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum
         ),
+        min_clients=min_clients,
+        round_deadline_s=round_deadline_s,
+        upload_deadline_s=upload_deadline_s,
+        local_compute_deadline_s=local_compute_deadline_s,
     )
     settings = _settings()
     configure_logging(json_lines=False, level=logging.WARNING)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedcompute.attestation.app import build_verifier, build_verifier_server, platform_ca
@@ -26,6 +27,7 @@ from fedcompute.clients.operator import create_task
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
 from fedcompute.core.loops import PollingLoop
+from fedcompute.core.processes import parent_death_signal
 from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import Settings
 from fedcompute.keys.app import build_key_server
@@ -38,6 +40,7 @@ from fedcompute.server.app import ServerApp, build_server
 from fedcompute.v1 import key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
 
+log = structlog.get_logger("fedcompute.suite")
 SECRET_SETTINGS = ("internal_token", "token_secret", "key_admin_token", "key_encryption_key")
 DEMO_DISK_WARNING = (
     "every component's data, including each key service's KEK, lies on this one disk: a demo set-up. "
@@ -75,7 +78,11 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(address: str, timeout_s: float = 60.0) -> None:
+class StartupFailed(Exception):
+    """A component did not start serving in time; the message names it and the setting to change."""
+
+
+def wait_serving(address: str, timeout_s: float = 60.0, what: str = "a component") -> None:
     deadline = time.monotonic() + timeout_s
     stub = health_pb2_grpc.HealthStub(open_channel(address))
     while True:
@@ -85,7 +92,10 @@ def wait_serving(address: str, timeout_s: float = 60.0) -> None:
         except grpc.RpcError:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing serving at {address} after {timeout_s:.0f} s")
+            raise StartupFailed(
+                f"{what} at {address} was not serving after {timeout_s:.0f} s (FEDCOMPUTE_STARTUP_TIMEOUT_S); "
+                "its log above says why"
+            )
         time.sleep(0.1)
 
 
@@ -105,16 +115,30 @@ class KeyServiceHandle:
         return self.settings.provider_id
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.settings.key_service_port}"
 
     def start(self) -> KeyServiceHandle:
         if self._as_process:
             env = child_env(self.settings, key_admin_token=self._token)
-            self._process = subprocess.Popen([sys.executable, "-m", "fedcompute.cli", "serve", "keys"], env=env)
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "fedcompute.cli", "serve", "keys"], env=env, preexec_fn=parent_death_signal()
+            )  # dies with `up`: never an orphan
         else:
             self._server = build_key_server(self.settings, self._clock, self._token)
         return self
+
+    def restart_if_dead(self) -> bool:
+        """`up` supervises its key-service processes: a dead one is started again (same directory, same port)."""
+        if self._process is None or self._process.poll() is None:
+            return False
+        log.warning("key_service_restarting", provider=self.provider_id, code=self._process.returncode)
+        self.start()
+        return True
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
@@ -179,7 +203,8 @@ class Suite:
 def start_key_services(settings: Settings, clock: Clock, token: str) -> list[KeyServiceHandle]:
     handles = []
     for i in range(settings.key_services):
-        port = free_port(settings.host)
+        # Ports from settings: key_service_port, +1, +2 ... (0: any free port, for tests and the demo).
+        port = settings.key_service_port + i if settings.key_service_port else free_port(settings.host)
         handles.append(
             KeyServiceHandle(
                 settings.model_copy(update={"provider_id": f"kp-{i}", "key_service_port": port}),
@@ -189,7 +214,12 @@ def start_key_services(settings: Settings, clock: Clock, token: str) -> list[Key
             ).start()
         )
     for handle in handles:
-        wait_serving(handle.address)
+        try:
+            wait_serving(handle.address, settings.startup_timeout_s, f"key service {handle.provider_id}")
+        except StartupFailed:
+            for started in handles:
+                started.stop()
+            raise
     return handles
 
 
@@ -262,6 +292,7 @@ def start_suite(
     suite.loops = [
         PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start(),
         PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start(),
+        PollingLoop("supervisor", lambda: any([k.restart_if_dead() for k in keys]), 1.0).start(),
     ]
     if aggregator:
         suite.launcher = start_launcher(settings, clock, worker_token(settings))

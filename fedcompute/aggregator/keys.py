@@ -125,7 +125,10 @@ class JobKeys:
     def _attest(self, binding: ReleaseBinding) -> str:
         try:
             challenge = self.access.verifier.get_challenge(verifier_pb2.GetChallengeRequest())
-            evidence = self.access.evidence([challenge.nonce, binding.digest()])
+            try:
+                evidence = self.access.evidence([challenge.nonce, binding.digest()])
+            except (OSError, RuntimeError, ValueError) as exc:  # the launcher's socket is gone or refused us
+                raise KeyUnavailable(f"no evidence from the attester: {exc}") from None
             return self.access.verifier.attest(
                 verifier_pb2.AttestRequest(
                     evidence_format=self.access.evidence_format, evidence=evidence, **binding.fields()

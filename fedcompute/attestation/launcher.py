@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedcompute import __version__
 from fedcompute.attestation.evidence import LOCAL_HWMODEL
 from fedcompute.core.clock import Clock
+from fedcompute.core.processes import RestartBackoff, parent_death_signal
 
 log = structlog.get_logger("fedcompute.launcher")
 EVIDENCE_LIFETIME = timedelta(minutes=5)
@@ -77,6 +79,10 @@ class Launcher:
         self._thread: threading.Thread | None = None
         self._extra_pids: set[int] = set()
         self.child: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._command: list[str] = list(WORKER_COMMAND)
+        self._env: dict[str, str] = {}
+        self._supervisor: threading.Thread | None = None
 
     def evidence(self, nonces: list[str]) -> str:
         now = self._clock.now()
@@ -163,14 +169,38 @@ class Launcher:
         ``command`` replaces the worker's command line (tests start a small stand-in); only this process is
         answered on the socket.
         """
-        self.child = subprocess.Popen(
-            list(command or WORKER_COMMAND),
-            env={**env, "FEDCOMPUTE_ATTESTER_SOCKET": str(self._socket_path)},
-        )
-        log.info("worker_started", pid=self.child.pid, measurement=self._measurement)
+        self._command = list(command or WORKER_COMMAND)
+        self._env = {**env, "FEDCOMPUTE_ATTESTER_SOCKET": str(self._socket_path)}
+        child = self._spawn()
+        self._supervisor = threading.Thread(target=self._supervise, name="launcher-supervisor", daemon=True)
+        self._supervisor.start()
+        return child
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # The worker dies with the launcher (SIGTERM on parent death): no orphan keeps taking jobs.
+        self.child = subprocess.Popen(self._command, env=self._env, preexec_fn=parent_death_signal())
+        log.info("worker_started", pid=self.child.pid, measurement=self._measurement, restarts=self.restarts)
         return self.child
 
+    def _supervise(self) -> None:
+        """Restart the worker whenever it exits (with backoff), until the launcher stops."""
+        backoff = RestartBackoff()
+        started = time.monotonic()
+        while not self._stop.is_set():
+            child = self.child
+            if child is None or child.poll() is None:
+                self._stop.wait(0.2)
+                continue
+            delay = backoff.next_delay(time.monotonic() - started)
+            log.warning("worker_exited", pid=child.pid, code=child.returncode, restart_in_s=delay)
+            if self._stop.wait(delay):
+                return
+            self.restarts += 1
+            self._spawn()
+            started = time.monotonic()
+
     def stop(self) -> None:
+        self._stop.set()  # first: the supervisor must not restart the worker we are stopping
         if self.child and self.child.poll() is None:
             self.child.terminate()
             try:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO, cast
 
 import structlog
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written (a captured or replaced stream may be closed later)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure_logging(json_lines: bool, level: int | str = logging.INFO) -> None:
@@ -22,6 +33,8 @@ def configure_logging(json_lines: bool, level: int | str = logging.INFO) -> None
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),  # stdout is for a command's own output
+        logger_factory=structlog.PrintLoggerFactory(
+            file=cast(TextIO, _CurrentStderr())
+        ),  # stdout: a command's own output
         cache_logger_on_first_use=True,
     )

@@ -40,6 +40,9 @@ class TaskSpec:
     server_learning_rate: float = 1.0
     dp: DpSpec | None = None
     min_clients: int = 0  # without DP; 0: the report goal (with DP, dp.min_clients rules)
+    local_compute_deadline_s: int = 600
+    upload_deadline_s: int = 600
+    round_deadline_s: int = 3600
 
     def validate(self, known_architectures: set[str]) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -82,6 +85,9 @@ class TaskSpec:
             raise InvalidArgument("spec.hyperparameters.momentum", "must be in [0, 1)")
         if not self.server_learning_rate > 0:
             raise InvalidArgument("spec.server_learning_rate", "must be > 0")
+        for name in ("local_compute_deadline_s", "upload_deadline_s", "round_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"spec.{name}", f"must be > 0 seconds, got {getattr(self, name)}")
         if not 0 <= self.min_clients <= self.report_goal:
             raise InvalidArgument("spec.min_clients", f"must be in [0, report_goal ({self.report_goal})]")
 

@@ -32,11 +32,13 @@ class AssignmentStatus(StrEnum):
     UPLOADED = "UPLOADED"
     LATE = "LATE"
     CANCELED = "CANCELED"
+    TIMED_OUT = "TIMED_OUT"  # missed its local-compute or upload deadline; its slot was freed
 
 
 class UploadStatus(StrEnum):
     IN_PROGRESS = "IN_PROGRESS"
     COMPLETE = "COMPLETE"
+    ABANDONED = "ABANDONED"  # its round closed (or was canceled) first: never counted
 
 
 class JobStatus(StrEnum):
@@ -57,6 +59,7 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
     "iteration": {
         (IterationStatus.OPEN, IterationStatus.AGGREGATING),
         (IterationStatus.OPEN, IterationStatus.CANCELED),
+        (IterationStatus.OPEN, IterationStatus.FAILED),  # round deadline passed below min_clients
         (IterationStatus.AGGREGATING, IterationStatus.COMPLETED),
         (IterationStatus.AGGREGATING, IterationStatus.FAILED),
         (IterationStatus.AGGREGATING, IterationStatus.CANCELED),
@@ -69,8 +72,10 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
         (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED),
         (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.LATE),
         (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.CANCELED),
+        (AssignmentStatus.ASSIGNED, AssignmentStatus.TIMED_OUT),
+        (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.TIMED_OUT),
     },
-    "upload": {(UploadStatus.IN_PROGRESS, UploadStatus.COMPLETE)},
+    "upload": {(UploadStatus.IN_PROGRESS, UploadStatus.COMPLETE), (UploadStatus.IN_PROGRESS, UploadStatus.ABANDONED)},
     "job": {
         (JobStatus.PENDING, JobStatus.RUNNING),
         (JobStatus.RUNNING, JobStatus.RUNNING),  # lease taken over after expiry

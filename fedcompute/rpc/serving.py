@@ -76,6 +76,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                     yield from behavior(request, context)
                 except FedcomputeError as exc:
                     self._abort(context, exc, bound)
+                except Exception as exc:
+                    self._internal(context, exc, bound)
                 finally:
                     self._finish(context, service, method, started, bound)
 
@@ -87,6 +89,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 return behavior(request, context)
             except FedcomputeError as exc:
                 self._abort(context, exc, bound)
+            except Exception as exc:
+                self._internal(context, exc, bound)
             finally:
                 self._finish(context, service, method, started, bound)
 
@@ -105,6 +109,21 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             context.set_trailing_metadata(trailing)
         context.abort(code, exc.public_message)
 
+    def _internal(self, context: grpc.ServicerContext, exc: Exception, bound: Any) -> None:
+        """An exception no handler mapped: the caller gets a generic message and an error id, never the
+        exception's text (SQL, host names); the traceback goes to the log under that id."""
+        if _aborted(context):
+            raise exc  # context.abort() already set the status; this is its own exception unwinding
+        error_id = _ids.new_id("err")
+        code = grpc.StatusCode.UNAVAILABLE if _unreachable(exc) else grpc.StatusCode.INTERNAL
+        bound.error("rpc_failed", code=code.name, error_id=error_id, exc_info=exc)
+        what = (
+            "a dependency of this service is unavailable; retry later"
+            if code == grpc.StatusCode.UNAVAILABLE
+            else ("internal error")
+        )
+        context.abort(code, f"{what} (error id {error_id}; operators find the details in the service log)")
+
     def _finish(self, context: grpc.ServicerContext, service: str, method: str, started: float, bound: Any) -> None:
         elapsed = time.perf_counter() - started
         code_obj = context.code() if hasattr(context, "code") else None
@@ -112,6 +131,17 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._metrics.handled.labels(service, method, code).inc()
         self._metrics.latency.labels(service, method).observe(elapsed)
         bound.info("rpc_handled", code=code, ms=round(elapsed * 1000, 2))
+
+
+def _aborted(context: grpc.ServicerContext) -> bool:
+    code = context.code() if hasattr(context, "code") else None
+    return isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A database or network dependency that cannot be reached (duck-typed: rpc does not import sqlalchemy)."""
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return bool(names & {"OperationalError", "InterfaceError", "ConnectionError", "ConnectionRefusedError"})
 
 
 @dataclass

@@ -11,6 +11,7 @@ import grpc
 
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.clock import Clock, IdGenerator
+from fedcompute.core.loops import PollingLoop
 from fedcompute.core.settings import Settings
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.rpc.channels import open_channel
@@ -20,6 +21,7 @@ from fedcompute.server.api_devices import PaceSteering, ResourceServicer, TaskAs
 from fedcompute.server.api_operators import TaskManagementServicer
 from fedcompute.server.api_workers import AggregationServicer
 from fedcompute.server.assignment import AssignmentService
+from fedcompute.server.deadlines import DeadlineSweeper
 from fedcompute.server.jobs import JobService, RetryLimits
 from fedcompute.server.keyring import KeyRing
 from fedcompute.server.resources import ResourceService
@@ -47,8 +49,10 @@ class ServerApp:
     db: Database
     blobs: LocalBlobStore
     metrics: RpcMetrics
+    sweeper: PollingLoop
 
     def stop(self) -> None:
+        self.sweeper.stop()
         self.grpc.stop()
         self.db.dispose()
 
@@ -113,4 +117,6 @@ def build_server(
     )
     if settings.metrics_port:
         metrics.serve_http(settings.host, settings.metrics_port)
-    return ServerApp(server, db, blobs, metrics)
+    sweeper = DeadlineSweeper(db, clock, ids, settings.max_round_attempts)
+    loop = PollingLoop("deadlines", sweeper.run_once, settings.poll_interval_s).start()
+    return ServerApp(server, db, blobs, metrics, loop)

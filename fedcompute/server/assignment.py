@@ -142,4 +142,8 @@ class AssignmentService:
             return UploadGrant(name, self._signer.token(UPLOAD, name))
         if status in (AssignmentStatus.LATE, AssignmentStatus.CANCELED):
             return Refusal(Rejection.RESULT_NOT_NEEDED, "the round this assignment belongs to has closed")
+        if status == AssignmentStatus.TIMED_OUT:
+            return Refusal(
+                Rejection.RESULT_NOT_NEEDED, "this assignment missed its deadline; its slot went to another device"
+            )
         return None

@@ -17,6 +17,7 @@ from fedcompute.v1 import common_pb2, task_management_pb2
 def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
     hp = msg.hyperparameters
     defaults = Hyperparameters()
+    defaults_spec = TaskSpec("", "", 0, 0, 0)
     return TaskSpec(
         population_name=msg.population_name,
         model_architecture=msg.model_architecture,
@@ -36,6 +37,9 @@ def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
         server_learning_rate=msg.server_learning_rate or 1.0,
         dp=decode_dp(msg.dp) if msg.dp.enabled else None,
         min_clients=msg.min_clients,
+        local_compute_deadline_s=msg.local_compute_deadline_s or defaults_spec.local_compute_deadline_s,
+        upload_deadline_s=msg.upload_deadline_s or defaults_spec.upload_deadline_s,
+        round_deadline_s=msg.round_deadline_s or defaults_spec.round_deadline_s,
     )
 
 
@@ -78,6 +82,9 @@ def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
         server_learning_rate=spec.server_learning_rate,
         dp=encode_dp(spec.dp),
         min_clients=spec.min_clients,
+        local_compute_deadline_s=spec.local_compute_deadline_s,
+        upload_deadline_s=spec.upload_deadline_s,
+        round_deadline_s=spec.round_deadline_s,
     )
 
 

@@ -17,7 +17,7 @@ from fedcompute.core.policy import AccessPolicy, for_task
 from fedcompute.core.records import IterationRecord, ModelVersionRecord, TaskRecord
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskStatus
-from fedcompute.store.assignments import AssignmentRepository
+from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.ledger import LedgerRepository
@@ -130,6 +130,7 @@ class TaskService:
                 assignments = AssignmentRepository(s)
                 for a in assignments.open_in_iteration(current.iteration_id):
                     assignments.change_status(a.assignment_id, a.status, AssignmentStatus.CANCELED, now, why)
+                UploadRepository(s).abandon_in_iteration(current.iteration_id, now, why)
             updated = tasks.get(task_id)
         assert updated is not None
         log.info("task_canceled", task_id=task_id)

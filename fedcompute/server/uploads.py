@@ -35,7 +35,7 @@ from fedcompute.rpc.auth import TokenSigner
 from fedcompute.server.assignment import UPLOAD
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.blobs import LocalBlobStore
-from fedcompute.store.database import Database
+from fedcompute.store.database import Database, Session
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.rounds import close_round
 from fedcompute.store.tasks import TaskRepository
@@ -205,6 +205,8 @@ class UploadService:
         try:
             self._commit(upload, blob)
         except _RoundClosed:
+            self._blobs.delete(blob)  # never counted: no blob outlives the commit that would have counted it
+            path.unlink(missing_ok=True)
             now = self._clock.now()
             with self._db.transaction() as s:
                 AssignmentRepository(s).change_status(
@@ -214,26 +216,35 @@ class UploadService:
         return WriteStatus(upload.total_size, True)
 
     def _commit(self, upload: UploadRecord, blob: str) -> None:
-        now = self._clock.now()
         with self._db.transaction() as s:
-            if not UploadRepository(s).complete(upload.upload_id, blob, now):
-                return  # a concurrent finish won; same bytes, same answer
-            assignments = AssignmentRepository(s)
-            if not assignments.change_status(
-                upload.assignment_id, AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED, now
-            ):
-                raise _RoundClosed()
-            iterations = IterationRepository(s)
-            assignment = assignments.get(upload.assignment_id)
-            assert assignment is not None
-            count = iterations.count_upload(assignment.iteration_id, now)
-            if count is None:
-                raise _RoundClosed()
-            iteration = iterations.get(assignment.iteration_id)
-            assert iteration is not None
-            if count >= iteration.report_goal:
-                close_round(s, self._ids, iteration, now)
+            found = AssignmentRepository(s).get(upload.assignment_id)
+        assert found is not None
+        self._db.run(lambda s: self._count(s, upload, blob, found.iteration_id))
         log.info("upload_finished", bytes=upload.total_size)
+
+    def _count(self, s: Session, upload: UploadRecord, blob: str, iteration_id: str) -> None:
+        """Lock order: round, then upload, then assignment (as in check-in, cancel and the collector)."""
+        now = self._clock.now()
+        iterations = IterationRepository(s)
+        iterations.lock(iteration_id)
+        uploads = UploadRepository(s)
+        if not uploads.complete(upload.upload_id, blob, now):
+            current = uploads.get(upload.upload_id)
+            if current is not None and current.status == UploadStatus.COMPLETE:
+                return  # a concurrent finish won; same bytes, same answer
+            raise _RoundClosed()  # abandoned when the round closed
+        assignments = AssignmentRepository(s)
+        if not assignments.change_status(
+            upload.assignment_id, AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED, now
+        ):
+            raise _RoundClosed()
+        count = iterations.count_upload(iteration_id, now)
+        if count is None:
+            raise _RoundClosed()
+        iteration = iterations.get(iteration_id)
+        assert iteration is not None
+        if count >= iteration.report_goal:
+            close_round(s, self._ids, iteration, now)
 
     def _expected_context(self, upload: UploadRecord) -> ContributionContext:
         with self._db.transaction() as s:

@@ -60,6 +60,14 @@ class AssignmentRepository:
         )
         return [assignment_record(r) for r in self._s.scalars(query)]
 
+    def overdue(self, iteration_id: str, status: str, since_before: datetime) -> list[str]:
+        """Assignments of the round in ``status`` since before the given time (created, or last changed)."""
+        stamp = AssignmentRow.created_at if status == AssignmentStatus.ASSIGNED else AssignmentRow.updated_at
+        query = select(AssignmentRow.id).where(
+            AssignmentRow.iteration_id == iteration_id, AssignmentRow.status == status, stamp <= since_before
+        )
+        return list(self._s.scalars(query.order_by(AssignmentRow.id)))
+
 
 class UploadRepository:
     def __init__(self, session: Session) -> None:
@@ -115,6 +123,18 @@ class UploadRepository:
             now,
             blob_sha256=blob_sha256,
         )
+
+    def abandon_in_iteration(self, iteration_id: str, now: datetime, reason: str, upload_id: str = "") -> int:
+        """Uploads of the round still in progress (or just ``upload_id``) are abandoned: never counted."""
+        query = select(UploadRow.id).where(
+            UploadRow.iteration_id == iteration_id, UploadRow.status == UploadStatus.IN_PROGRESS
+        )
+        ids = list(self._s.scalars(query.where(UploadRow.id == upload_id) if upload_id else query))
+        for upload_id in ids:
+            change_status(
+                self._s, UploadRow, "upload", upload_id, UploadStatus.IN_PROGRESS, UploadStatus.ABANDONED, now, reason
+            )
+        return len(ids)
 
     def completed_in_iteration(self, iteration_id: str) -> list[UploadRecord]:
         query = (

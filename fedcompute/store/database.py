@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
+__all__ = ["Database", "Session"]
 
 
 class Database:
@@ -41,8 +45,26 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    def run(self, work: Callable[[Session], T]) -> T:
+        """``work`` in one transaction, re-run from the start when Postgres aborts it for a deadlock or a
+        serialization failure (a few times, with jitter): such a conflict is this service's to resolve, never
+        the caller's. ``work`` must only touch the database (its effects are rolled back with each attempt)."""
+        for attempt in Retrying(
+            retry=retry_if_exception(_conflict), stop=stop_after_attempt(5), wait=wait_random(0.005, 0.05),
+            reraise=True,
+        ):  # fmt: skip
+            with attempt, self.transaction() as session:
+                return work(session)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _conflict(exc: BaseException) -> bool:
+    """A deadlock (40P01) or serialization failure (40001): retrying the whole transaction resolves it."""
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(exc, DBAPIError) and code in ("40P01", "40001")
 
 
 def _sqlite_serializable_writes(engine: Engine) -> None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from fedcompute.core.clock import IdGenerator
+from fedcompute.core.clock import IdGenerator, as_utc
 from fedcompute.core.records import IterationRecord
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import IterationStatus
@@ -109,6 +109,28 @@ class IterationRepository:
             .execution_options(synchronize_session=False)
         )
         return getattr(result, "rowcount", 0) == 1
+
+    def open_ones(self) -> list[tuple[IterationRecord, datetime]]:
+        """Every open round (attempt) with the time it opened (the sweeper's work list)."""
+        rows = self._s.scalars(select(IterationRow).where(IterationRow.status == IterationStatus.OPEN))
+        return [(to_record(r), as_utc(r.created_at)) for r in rows]
+
+    def release_slot(self, iteration_id: str, now: datetime) -> None:
+        """Give back one cohort slot (a timed-out device): new check-ins can take it at once."""
+        self._s.execute(
+            update(IterationRow)
+            .where(
+                IterationRow.id == iteration_id, IterationRow.status == IterationStatus.OPEN, IterationRow.assigned > 0
+            )
+            .values(assigned=IterationRow.assigned - 1, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+    def lock(self, iteration_id: str) -> None:
+        """Take the round's row lock first (Postgres ``FOR UPDATE``; SQLite's writers are serialized anyway):
+        every transaction that touches a round and its assignments or uploads locks in this order, so the
+        collector closing a round and uploads finishing beside it cannot deadlock."""
+        self._s.execute(select(IterationRow.id).where(IterationRow.id == iteration_id).with_for_update())
 
     def count_upload(self, iteration_id: str, now: datetime) -> int | None:
         """Count one finished upload while the round is OPEN; the new count, or None if the round closed."""

@@ -33,7 +33,9 @@ def close_round(session: Session, ids: IdGenerator, iteration: IterationRecord, 
         assignments.change_status(
             straggler.assignment_id, straggler.status, AssignmentStatus.LATE, now, "report goal reached"
         )
-    uploads = UploadRepository(session).completed_in_iteration(iteration.iteration_id)
+    upload_rows = UploadRepository(session)
+    upload_rows.abandon_in_iteration(iteration.iteration_id, now, "report goal reached")
+    uploads = upload_rows.completed_in_iteration(iteration.iteration_id)
     pairs = [(u.assignment_id, u.blob_sha256 or "") for u in uploads]
     job_id = ids.new_id("job")
     JobRepository(session).add(
@@ -44,13 +46,18 @@ def close_round(session: Session, ids: IdGenerator, iteration: IterationRecord, 
 
 
 def retry_or_fail_round(
-    session: Session, ids: IdGenerator, iteration: IterationRecord, max_attempts: int, reason: str, now: datetime
+    session: Session,
+    ids: IdGenerator,
+    iteration: IterationRecord,
+    max_attempts: int,
+    reason: str,
+    now: datetime,
+    from_status: str = IterationStatus.AGGREGATING,
 ) -> None:
-    """After a round's aggregation failed for good: open a fresh attempt, or fail the task after too many."""
+    """A round attempt failed for good (its aggregation, or its deadline below quorum): open a fresh attempt, or
+    fail the task with the reason after too many."""
     iterations = IterationRepository(session)
-    if not iterations.change_status(
-        iteration.iteration_id, IterationStatus.AGGREGATING, IterationStatus.FAILED, now, reason
-    ):
+    if not iterations.change_status(iteration.iteration_id, from_status, IterationStatus.FAILED, now, reason):
         return
     tasks = TaskRepository(session)
     task = tasks.get(iteration.task_id)

@@ -180,6 +180,9 @@ class TaskSpec(_message.Message):
     SERVER_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
     MIN_CLIENTS_FIELD_NUMBER: _builtins.int
+    LOCAL_COMPUTE_DEADLINE_S_FIELD_NUMBER: _builtins.int
+    UPLOAD_DEADLINE_S_FIELD_NUMBER: _builtins.int
+    ROUND_DEADLINE_S_FIELD_NUMBER: _builtins.int
     population_name: _builtins.str
     model_architecture: _builtins.str
     """An id from the model architecture registry (e.g. "digits-mlp-v1")."""
@@ -198,6 +201,14 @@ class TaskSpec(_message.Message):
     """Server learning rate applied to the averaged update (FedAvg: 1.0). 0 means 1.0."""
     min_clients: _builtins.int
     """Without DP: fewest contributions a release may cover; 0: the report goal. (With DP: dp.min_clients.)"""
+    local_compute_deadline_s: _builtins.int
+    """Deadlines in seconds (0: the default). A device that does not report within local_compute_deadline_s of
+    its check-in, or does not finish its upload within upload_deadline_s of reporting, is timed out and its
+    slot freed. At round_deadline_s after a round (attempt) opened, what arrived is aggregated if it reaches
+    min_clients; otherwise the round is retried as a new attempt.
+    """
+    upload_deadline_s: _builtins.int
+    round_deadline_s: _builtins.int
     @_builtins.property
     def hyperparameters(self) -> Global___TrainingHyperparameters: ...
     @_builtins.property
@@ -218,10 +229,13 @@ class TaskSpec(_message.Message):
         server_learning_rate: _builtins.float = ...,
         dp: Global___DpConfig | None = ...,
         min_clients: _builtins.int = ...,
+        local_compute_deadline_s: _builtins.int = ...,
+        upload_deadline_s: _builtins.int = ...,
+        round_deadline_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "min_client_version", b"min_client_version", "min_clients", b"min_clients", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "local_compute_deadline_s", b"local_compute_deadline_s", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "min_client_version", b"min_client_version", "min_clients", b"min_clients", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "round_deadline_s", b"round_deadline_s", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate", "upload_deadline_s", b"upload_deadline_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -111,7 +111,8 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
 
 def test_up_serves_until_terminated(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
     port = _free_port()
-    proc = subprocess.Popen([*CLI, "up", "--workdir", str(tmp_path / "w"), "--port", str(port)])
+    env = {**os.environ, "FEDCOMPUTE_KEY_SERVICE_PORT": "0", "FEDCOMPUTE_VERIFIER_PORT": "0"}
+    proc = subprocess.Popen([*CLI, "up", "--workdir", str(tmp_path / "w"), "--port", str(port)], env=env)
     processes.append(proc)
     wait_for(lambda: _serving(f"127.0.0.1:{port}"), 90, "fedcompute up")
     proc.send_signal(signal.SIGTERM)

@@ -159,3 +159,49 @@ def test_plaintext_or_misbound_envelopes_are_invalid_argument(harness: Harness, 
     assert _code(info) == grpc.StatusCode.INVALID_ARGUMENT
     assert harness.iterations(task_id)[0].completed_uploads == 0
     assert _write(harness, instruction, sealed(a)).complete  # nothing lost: the real upload still works
+
+
+def test_stragglers_racing_the_round_close_get_clear_answers_and_leave_nothing_behind(
+    harness: Harness, database_url: str
+) -> None:
+    """Twelve devices finish their uploads at once against a report goal of four (Postgres: uploads and the
+    collector lock the round first, so no deadlock): each gets OK or FAILED_PRECONDITION, never UNKNOWN or
+    INTERNAL; exactly four are counted; no upload is left IN_PROGRESS and no uncounted envelope is stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import create_engine, select
+
+    from fedcompute.store.models import UploadRow
+
+    task = harness.create_task(report_goal=4, max_cohort=12)
+    ready = []
+    for _ in range(12):
+        a = harness.check_in().task_assignment
+        ready.append((harness.report(a).upload_instruction, sealed(a)))
+
+    def finish(item: tuple[ta.UploadInstruction, bytes]) -> str:
+        try:
+            upload(harness.uploads, *item)
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(finish, ready))
+    assert set(codes) <= {"OK", "FAILED_PRECONDITION"}, codes
+    assert harness.iterations(task.task_id)[0].completed_uploads == 4
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(UploadRow.status, UploadRow.blob_sha256)).all()
+    engine.dispose()
+    assert [r.status for r in rows].count("COMPLETE") == 4
+    assert "IN_PROGRESS" not in [r.status for r in rows]
+    counted = {r.blob_sha256 for r in rows if r.blob_sha256}
+    stored = {p.parent.name + p.name for p in (harness.suite.settings.server_dir() / "blobs" / "sha256").rglob("*")}
+    envelopes = {sha for sha in stored if sha not in counted}
+    from fedcompute.keys.envelope import parse_envelope
+
+    for sha in envelopes:  # what remains besides counted envelopes must be model checkpoints, not uploads
+        path = harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:]
+        with pytest.raises(Exception):  # noqa: B017, PT011
+            parse_envelope(path.read_bytes())

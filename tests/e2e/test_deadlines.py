@@ -1,0 +1,112 @@
+"""Rounds always finish: devices that vanish are timed out and their slots freed, late reports and uploads get a
+clear answer and count nothing, a round at its deadline aggregates what it has if that reaches min_clients, and
+a population that never reaches quorum is retried and then failed with the reason. A fake clock drives the
+deadlines of a real suite (real gRPC, SQLite and Postgres)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, select
+
+from fedcompute.clients.device import upload
+from fedcompute.core.clock import FakeClock
+from fedcompute.store.models import UploadRow
+from fedcompute.suite import start_suite
+from fedcompute.v1 import common_pb2, upload_pb2
+from fedcompute.v1 import task_assignment_pb2 as ta
+from fedcompute.v1 import task_management_pb2 as tm
+from tests.harness import Harness, contribute, sealed, suite_settings, wait_for
+
+POP = "deadlines"
+DEADLINES = {"local_compute_deadline_s": 30, "upload_deadline_s": 30, "round_deadline_s": 300}
+
+
+@pytest.fixture
+def clocked(tmp_path: Path, database_url: str) -> Iterator[tuple[Harness, FakeClock]]:
+    clock = FakeClock(datetime.now(UTC))
+    settings = suite_settings(tmp_path / "w", database_url, max_round_attempts=2)
+    harness = Harness.attach(start_suite(settings, clock=clock, aggregator=False))
+    yield harness, clock
+    harness.stop()
+
+
+def _reason(response: ta.CreateTaskAssignmentResponse | ta.ReportResultResponse) -> str:
+    return common_pb2.RejectionReason.Name(response.rejection_info.reason)
+
+
+def test_vanished_devices_are_timed_out_and_their_slots_freed(clocked: tuple[Harness, FakeClock]) -> None:
+    harness, clock = clocked
+    task = harness.create_task(POP, report_goal=2, max_cohort=2, **DEADLINES)
+    first = harness.check_in(POP).task_assignment
+    reported = harness.check_in(POP).task_assignment
+    instruction = harness.report(reported).upload_instruction  # reports COMPLETED, then never uploads
+    assert _reason(harness.check_in(POP)) == "REJECTION_REASON_NO_TASK_AVAILABLE"  # the cohort is full
+    clock.advance(timedelta(seconds=31))
+    wait_for(lambda: harness.iterations(task.task_id)[0].assigned == 0, 30, "both slots freed")
+    assert harness.check_in(POP).task_assignment.assignment_id  # a new device gets a slot at once
+    assert _reason(harness.report(first)) == "REJECTION_REASON_RESULT_NOT_NEEDED"
+    with pytest.raises(grpc.RpcError) as info:
+        upload(harness.uploads, instruction, sealed(reported))  # comes back after its upload deadline
+    assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
+    assert harness.iterations(task.task_id)[0].completed_uploads == 0
+
+
+def test_an_interrupted_upload_past_its_deadline_is_abandoned(
+    clocked: tuple[Harness, FakeClock], database_url: str
+) -> None:
+    harness, clock = clocked
+    task = harness.create_task(POP, report_goal=2, max_cohort=3, **DEADLINES)
+    a = harness.check_in(POP).task_assignment
+    instruction = harness.report(a).upload_instruction
+    data = sealed(a)
+    half = upload_pb2.WriteRequest(
+        resource_name=instruction.resource_name, upload_token=instruction.upload_token, write_offset=0,
+        data=data[: len(data) // 2], finish_write=False,
+        metadata=upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest()),
+    )  # fmt: skip
+    harness.uploads.write(iter([half]))
+    clock.advance(timedelta(seconds=31))
+    wait_for(lambda: harness.iterations(task.task_id)[0].assigned == 0, 30, "the upload to time out")
+    with pytest.raises(grpc.RpcError) as info:
+        upload(harness.uploads, instruction, data)  # the device resumes too late
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(UploadRow.status)).scalar_one() == "ABANDONED"
+    engine.dispose()
+
+
+def test_at_the_round_deadline_what_reached_quorum_is_aggregated(clocked: tuple[Harness, FakeClock]) -> None:
+    harness, clock = clocked
+    task = harness.create_task(POP, report_goal=4, max_cohort=6, min_clients=2, **DEADLINES)
+    contribute(harness, POP)
+    contribute(harness, POP)
+    straggler = harness.check_in(POP).task_assignment
+    clock.advance(timedelta(seconds=301))
+    wait_for(lambda: harness.iterations(task.task_id)[0].status == tm.ITERATION_STATUS_AGGREGATING, 30, "aggregation")
+    assert harness.iterations(task.task_id)[0].completed_uploads == 2
+    assert _reason(harness.report(straggler)) == "REJECTION_REASON_RESULT_NOT_NEEDED"
+
+
+def test_a_population_below_quorum_is_retried_then_failed_with_the_reason(
+    clocked: tuple[Harness, FakeClock],
+) -> None:
+    harness, clock = clocked
+    task = harness.create_task(POP, report_goal=3, max_cohort=3, **DEADLINES)
+    contribute(harness, POP)  # one of the three needed
+    clock.advance(timedelta(seconds=301))
+    wait_for(lambda: len(harness.iterations(task.task_id)) == 2, 30, "a second attempt")
+    first, second = harness.iterations(task.task_id)
+    assert first.status == tm.ITERATION_STATUS_FAILED
+    assert second.status == tm.ITERATION_STATUS_OPEN
+    clock.advance(timedelta(seconds=301))
+    wait_for(lambda: harness.task(task.task_id).status == tm.TASK_STATUS_FAILED, 30, "the task to fail")
+    reason = harness.task(task.task_id).status_reason
+    assert "reached its deadline" in reason
+    assert "fewer than min_clients (3)" in reason
