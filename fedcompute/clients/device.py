@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+from tenacity.stop import stop_base
 
 from fedcompute.clients.dataset import Split
 from fedcompute.clients.training import TrainingConfig, train_local
@@ -27,7 +29,8 @@ from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import common_pb2, resource_pb2, task_assignment_pb2, upload_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 
-UPLOAD_ATTEMPTS = 4
+UPLOAD_ATTEMPTS = 4  # without a deadline in the instruction
+MAX_UPLOAD_ATTEMPTS = 50
 RECENT_PARTICIPATIONS = 100
 
 
@@ -174,27 +177,37 @@ def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
 
 
 def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes) -> upload_pb2.WriteResponse:
-    """Upload with resume: ask for the committed size, send the rest, and resume again if interrupted."""
+    """Upload with resume: ask for the committed size, send the rest; when interrupted (unavailable, corrupted in
+    transit, or told to resume elsewhere) back off exponentially with jitter and resume, until the upload
+    deadline of the instruction (or ``UPLOAD_ATTEMPTS`` tries when it names none)."""
     metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
     chunk = instruction.chunk_size_bytes or 1024 * 1024
-    last: grpc.RpcError | None = None
-    for _ in range(UPLOAD_ATTEMPTS):
-        status = client.query_write_status(
-            upload_pb2.QueryWriteStatusRequest(
-                resource_name=instruction.resource_name, upload_token=instruction.upload_token
+    left_s = instruction.upload_deadline_unix - time.time()
+    stop: stop_base = stop_after_attempt(UPLOAD_ATTEMPTS)
+    if instruction.upload_deadline_unix:
+        stop = stop_after_delay(max(left_s, 0.0)) | stop_after_attempt(MAX_UPLOAD_ATTEMPTS)
+    for attempt in Retrying(
+        retry=retry_if_exception(_resumable),
+        stop=stop,
+        wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.05),
+        reraise=True,
+    ):
+        with attempt:
+            status = client.query_write_status(
+                upload_pb2.QueryWriteStatusRequest(
+                    resource_name=instruction.resource_name, upload_token=instruction.upload_token
+                )
             )
-        )
-        if status.complete:
-            return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=True)
-        try:
+            if status.complete:
+                return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=True)
             return client.write(_requests(instruction, metadata, data, status.committed_size, chunk))
-        except grpc.RpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS) and not _offset_hint(exc):
-                raise
-            last = exc
-            time.sleep(0.05)
-    assert last is not None
-    raise last
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _resumable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and (
+        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS) or _offset_hint(exc)
+    )
 
 
 def _offset_hint(exc: grpc.RpcError) -> bool:

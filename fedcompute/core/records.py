@@ -50,6 +50,7 @@ class AssignmentRecord:
     task_id: str
     status: str
     result_code: str
+    changed_at: datetime | None = None  # when the status last changed (a report: the upload deadline's start)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
 import grpc
 
-from fedcompute.server.assignment import Assignment, AssignmentService, Refusal, Rejection
+from fedcompute.server.assignment import Assignment, AssignmentService, Refusal
 from fedcompute.server.encoding import checkpoint_resource, duration, plan_resource
+from fedcompute.server.pace import PaceSteering
 from fedcompute.server.resources import ResourceService
 from fedcompute.server.uploads import UploadService, WriteChunk
 from fedcompute.v1 import (
@@ -23,25 +23,13 @@ from fedcompute.v1 import (
 from fedcompute.v1 import task_assignment_pb2 as ta
 
 
-class PaceSteering:
-    """Retry windows: short ones for a full round, long ones when there is nothing for this device at all."""
-
-    def __init__(self, short: tuple[float, float], long: tuple[float, float], rng: random.Random) -> None:
-        self._short = short
-        self._long = long
-        self._rng = rng
-
-    def window(self, reason: Rejection) -> common_pb2.RetryWindow:
-        low, high = self._short if reason in (Rejection.NO_TASK_AVAILABLE, Rejection.RESULT_NOT_NEEDED) else self._long
-        start = self._rng.uniform(low, (low + high) / 2)  # jitter so a fleet does not come back at once
-        return common_pb2.RetryWindow(delay_min=duration(start), delay_max=duration(high))
-
-    def rejection(self, refusal: Refusal) -> common_pb2.RejectionInfo:
-        return common_pb2.RejectionInfo(
-            reason=common_pb2.RejectionReason.Value(f"REJECTION_REASON_{refusal.reason}"),
-            retry_window=self.window(refusal.reason),
-            message=refusal.message,
-        )
+def rejection(pace: PaceSteering, refusal: Refusal, population: str) -> common_pb2.RejectionInfo:
+    start, end = pace.window(refusal, population)
+    return common_pb2.RejectionInfo(
+        reason=common_pb2.RejectionReason.Value(f"REJECTION_REASON_{refusal.reason}"),
+        retry_window=common_pb2.RetryWindow(delay_min=duration(start), delay_max=duration(end)),
+        message=refusal.message,
+    )
 
 
 class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServicer):
@@ -55,9 +43,11 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
         self, request: ta.CreateTaskAssignmentRequest, context: grpc.ServicerContext
     ) -> ta.CreateTaskAssignmentResponse:
         done = {(p.task_id, p.round) for p in request.recent_participations}
+        self._pace.observe(request.population_name)
         outcome = self._service.check_in(request.population_name, request.client_version.version_code, done)
         if isinstance(outcome, Refusal):
-            return ta.CreateTaskAssignmentResponse(rejection_info=self._pace.rejection(outcome))
+            info = rejection(self._pace, outcome, request.population_name)
+            return ta.CreateTaskAssignmentResponse(rejection_info=info)
         return ta.CreateTaskAssignmentResponse(task_assignment=_encode_assignment(outcome))
 
     def ReportResult(self, request: ta.ReportResultRequest, context: grpc.ServicerContext) -> ta.ReportResultResponse:
@@ -68,13 +58,14 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
         if outcome is None:
             return ta.ReportResultResponse()
         if isinstance(outcome, Refusal):
-            return ta.ReportResultResponse(rejection_info=self._pace.rejection(outcome))
+            return ta.ReportResultResponse(rejection_info=rejection(self._pace, outcome, request.population_name))
         return ta.ReportResultResponse(
             upload_instruction=ta.UploadInstruction(
                 resource_name=outcome.resource_name,
                 upload_token=outcome.upload_token,
                 max_size_bytes=self._max_upload_bytes,
                 chunk_size_bytes=self._chunk_size,
+                upload_deadline_unix=int(outcome.deadline.timestamp()),
             )
         )
 

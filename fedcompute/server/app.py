@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from prometheus_client import Histogram
 
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.clock import Clock, IdGenerator
@@ -17,13 +19,14 @@ from fedcompute.rpc.auth import TokenSigner
 from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.metrics import RpcMetrics
 from fedcompute.rpc.serving import GrpcServer, build_grpc_server
-from fedcompute.server.api_devices import PaceSteering, ResourceServicer, TaskAssignmentServicer, UploadServicer
+from fedcompute.server.api_devices import ResourceServicer, TaskAssignmentServicer, UploadServicer
 from fedcompute.server.api_operators import TaskManagementServicer
 from fedcompute.server.api_workers import AggregationServicer
 from fedcompute.server.assignment import AssignmentService
 from fedcompute.server.deadlines import DeadlineSweeper
 from fedcompute.server.jobs import JobService, RetryLimits
 from fedcompute.server.keyring import KeyRing
+from fedcompute.server.pace import PaceSteering
 from fedcompute.server.resources import ResourceService
 from fedcompute.server.tasks import TaskService
 from fedcompute.server.uploads import UploadService
@@ -69,10 +72,20 @@ def build_server(
     db, blobs = open_storage(settings)
     signer = TokenSigner(token_secret.encode())
     key_clients = [KeyClient(open_channel(a), settings.rpc_timeout_s) for a in settings.key_service_addresses]
+    metrics = RpcMetrics.create("server")
+    windows = Histogram(
+        "fedcompute_server_retry_window_seconds",
+        "Longest retry delay suggested to a turned-away device, by rejection reason.",
+        ["reason"],
+        buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 7200),
+        registry=metrics.registry,
+    )
     pace = PaceSteering(
         (settings.retry_delay_min_s, settings.retry_delay_max_s),
         (settings.retry_delay_min_s * 10, settings.retry_delay_max_s * 10),
         random.Random(),
+        time.monotonic,
+        windows,
     )
     tasks = TaskService(db, blobs, clock, ids)
     assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_clients, clock))
@@ -80,7 +93,6 @@ def build_server(
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
     jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits)
-    metrics = RpcMetrics.create("server")
     registrations: list[tuple[Callable[[Any, grpc.Server], None], Any, str]] = [
         (
             task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,

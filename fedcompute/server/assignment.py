@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 import structlog
@@ -37,6 +38,7 @@ class Rejection(StrEnum):
 class Refusal:
     reason: Rejection
     message: str
+    cohort: int = 0  # devices the population's open rounds take (pace steering sizes retry windows by it)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Assignment:
 class UploadGrant:
     resource_name: str
     upload_token: str
+    deadline: datetime  # the task's upload deadline after the report
 
 
 def upload_resource_name(assignment_id: str) -> str:
@@ -86,7 +89,8 @@ class AssignmentService:
             assignment = self._admit(task, done, key)
             if assignment:
                 return assignment
-        return Refusal(Rejection.NO_TASK_AVAILABLE, "every open round is full or already done by this device")
+        cohort = sum(t.spec.max_cohort for t in eligible)
+        return Refusal(Rejection.NO_TASK_AVAILABLE, "every open round is full or already done by this device", cohort)
 
     def _admit(self, task: TaskRecord, done: set[tuple[str, int]], key: common_pb2.PublicKey) -> Assignment | None:
         now = self._clock.now()
@@ -133,13 +137,16 @@ class AssignmentService:
             if aggregation_id and aggregation_id != iteration.aggregation_id:
                 raise InvalidArgument("aggregation_id", "does not match the assignment")
             status = record.status
+            reported_at = record.changed_at or now
             if status == AssignmentStatus.ASSIGNED:
                 target = AssignmentStatus.LOCAL_COMPLETED if result == "COMPLETED" else AssignmentStatus.LOCAL_FAILED
                 assignments.change_status(assignment_id, status, target, now, result, result_code=result)
-                status = target
+                status, reported_at = target, now
+            task = TaskRepository(s).get(record.task_id)
         if status in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
             name = upload_resource_name(assignment_id)
-            return UploadGrant(name, self._signer.token(UPLOAD, name))
+            window = timedelta(seconds=task.spec.upload_deadline_s if task else 0)
+            return UploadGrant(name, self._signer.token(UPLOAD, name), reported_at + window)
         if status in (AssignmentStatus.LATE, AssignmentStatus.CANCELED):
             return Refusal(Rejection.RESULT_NOT_NEEDED, "the round this assignment belongs to has closed")
         if status == AssignmentStatus.TIMED_OUT:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from fedcompute.core.clock import as_utc
 from fedcompute.core.records import AssignmentRecord, UploadRecord
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, UploadStatus
 from fedcompute.store.history import change_status, record_created
@@ -15,7 +16,7 @@ from fedcompute.store.models import AssignmentRow, IterationRow, UploadRow
 
 
 def assignment_record(row: AssignmentRow) -> AssignmentRecord:
-    return AssignmentRecord(row.id, row.iteration_id, row.task_id, row.status, row.result_code)
+    return AssignmentRecord(row.id, row.iteration_id, row.task_id, row.status, row.result_code, as_utc(row.updated_at))
 
 
 def upload_record(row: UploadRow) -> UploadRecord:

@@ -263,10 +263,15 @@ class UploadInstruction(_message.Message):
     UPLOAD_TOKEN_FIELD_NUMBER: _builtins.int
     MAX_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    UPLOAD_DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
     resource_name: _builtins.str
     upload_token: _builtins.str
     max_size_bytes: _builtins.int
     chunk_size_bytes: _builtins.int
+    upload_deadline_unix: _builtins.int
+    """Seconds since the Unix epoch: the upload must be finished by then (the task's upload deadline after the
+    report); later it is not counted. Devices retry an interrupted upload with backoff until then.
+    """
     def __init__(
         self,
         *,
@@ -274,10 +279,11 @@ class UploadInstruction(_message.Message):
         upload_token: _builtins.str = ...,
         max_size_bytes: _builtins.int = ...,
         chunk_size_bytes: _builtins.int = ...,
+        upload_deadline_unix: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size_bytes", b"chunk_size_bytes", "max_size_bytes", b"max_size_bytes", "resource_name", b"resource_name", "upload_token", b"upload_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size_bytes", b"chunk_size_bytes", "max_size_bytes", b"max_size_bytes", "resource_name", b"resource_name", "upload_deadline_unix", b"upload_deadline_unix", "upload_token", b"upload_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

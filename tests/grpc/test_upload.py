@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -205,3 +207,52 @@ def test_stragglers_racing_the_round_close_get_clear_answers_and_leave_nothing_b
         path = harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:]
         with pytest.raises(Exception):  # noqa: B017, PT011
             parse_envelope(path.read_bytes())
+
+
+class _DroppedConnection(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+
+class _FlakyUploads:
+    """The real upload client, but the network drops the first ``drops`` Write streams half-way through."""
+
+    def __init__(self, real: Any, drops: int) -> None:
+        self._real = real
+        self.drops = drops
+        self.writes = 0
+
+    def query_write_status(self, request: upload_pb2.QueryWriteStatusRequest) -> upload_pb2.QueryWriteStatusResponse:
+        return self._real.query_write_status(request)  # type: ignore[no-any-return]
+
+    def write(self, requests: Iterator[upload_pb2.WriteRequest]) -> upload_pb2.WriteResponse:
+        self.writes += 1
+        if self.writes > self.drops:
+            return self._real.write(requests)  # type: ignore[no-any-return]
+        first = next(iter(requests))
+        half = upload_pb2.WriteRequest()
+        half.CopyFrom(first)
+        half.data = first.data[: len(first.data) // 2]
+        half.finish_write = False
+        self._real.write(iter([half]))  # half the bytes arrive, then the connection drops
+        raise _DroppedConnection()
+
+
+def test_an_interrupted_upload_is_resumed_with_backoff_before_its_deadline(harness: Harness) -> None:
+    task_id, a, instruction = _ready(harness, report_goal=1)
+    assert instruction.upload_deadline_unix > time.time()
+    flaky = _FlakyUploads(harness.uploads, drops=2)
+    done = upload(flaky, instruction, sealed(a))  # type: ignore[arg-type]
+    assert done.complete
+    assert flaky.writes == 3
+    assert harness.iterations(task_id)[0].completed_uploads == 1
+
+
+def test_an_upload_stops_retrying_at_its_deadline(harness: Harness) -> None:
+    _, a, instruction = _ready(harness)
+    instruction.upload_deadline_unix = int(time.time()) - 1  # already past: one try, then the error
+    flaky = _FlakyUploads(harness.uploads, drops=100)
+    with pytest.raises(grpc.RpcError) as info:
+        upload(flaky, instruction, sealed(a))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert flaky.writes == 1
