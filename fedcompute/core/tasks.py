@@ -43,6 +43,8 @@ class TaskSpec:
     local_compute_deadline_s: int = 600
     upload_deadline_s: int = 600
     round_deadline_s: int = 3600
+    traffic_weight: float = 1.0
+    min_separation_rounds: int = 1
 
     def validate(self, known_architectures: set[str]) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -88,6 +90,10 @@ class TaskSpec:
         for name in ("local_compute_deadline_s", "upload_deadline_s", "round_deadline_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"spec.{name}", f"must be > 0 seconds, got {getattr(self, name)}")
+        if not self.traffic_weight > 0 or self.traffic_weight != self.traffic_weight:
+            raise InvalidArgument("spec.traffic_weight", f"must be > 0, got {self.traffic_weight}")
+        if self.min_separation_rounds < 1:
+            raise InvalidArgument("spec.min_separation_rounds", f"must be >= 1, got {self.min_separation_rounds}")
         if not 0 <= self.min_clients <= self.report_goal:
             raise InvalidArgument("spec.min_clients", f"must be in [0, report_goal ({self.report_goal})]")
 

@@ -23,7 +23,7 @@ from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
 from fedcompute.store.ledger import Charge, LedgerRepository
 from fedcompute.store.model_versions import ModelVersionRepository
-from fedcompute.store.rounds import retry_or_fail_round
+from fedcompute.store.rounds import next_cohort, retry_or_fail_round
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.modelupdater")
@@ -149,7 +149,8 @@ class ModelUpdater:
                 tasks.change_status(task.task_id, TaskStatus.OPEN, TaskStatus.COMPLETED, now, "all rounds done")
             else:
                 clip = _next_clip(task.spec.dp, job)
-                iterations.open(self._ids, task.task_id, iteration.round + 1, 1, version, task.spec, now, clip)
+                cohort = next_cohort(s, task.spec, iteration.iteration_id)
+                iterations.open(self._ids, task.task_id, iteration.round + 1, 1, version, task.spec, now, clip, cohort)
                 tasks.set_progress(task.task_id, iteration.round + 1, version, now)
         log.info("model_published", task_id=task.task_id, version=version, round=iteration.round)
         return True

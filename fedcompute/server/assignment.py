@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -63,8 +64,29 @@ def upload_resource_name(assignment_id: str) -> str:
     return f"uploads/{assignment_id}"
 
 
+def weighted_order(tasks: list[TaskRecord], rng: random.Random) -> list[TaskRecord]:
+    """Tasks in a random order weighted by traffic_weight (Efraimidis-Spirakis keys u^(1/w), largest first)."""
+    keyed = [(rng.random() ** (1.0 / t.spec.traffic_weight), t.task_id, t) for t in tasks]
+    return [t for _, _, t in sorted(keyed, key=lambda k: (-k[0], k[1]))]
+
+
+def too_soon(task: TaskRecord, round_: int, done: set[tuple[str, int]]) -> bool:
+    """The device took part in this task less than min_separation_rounds rounds ago (or in this round)."""
+    gap = task.spec.min_separation_rounds
+    return any(t == task.task_id and round_ - gap < r <= round_ for t, r in done)
+
+
 class AssignmentService:
-    def __init__(self, db: Database, clock: Clock, ids: IdGenerator, signer: TokenSigner, keyring: KeyRing) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        ids: IdGenerator,
+        signer: TokenSigner,
+        keyring: KeyRing,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._rng = rng or random.Random()  # selection order only; nothing secret depends on it
         self._db = db
         self._clock = clock
         self._ids = ids
@@ -85,7 +107,7 @@ class AssignmentService:
                 f"client version {client_version!r} is outside every open task's supported range",
             )
         key = self._keyring.active_key(population)
-        for task in eligible:
+        for task in weighted_order(eligible, self._rng):
             assignment = self._admit(task, done, key)
             if assignment:
                 return assignment
@@ -97,7 +119,7 @@ class AssignmentService:
         with self._db.transaction() as s:
             iterations = IterationRepository(s)
             current = iterations.current(task.task_id)
-            if current is None or current.status != IterationStatus.OPEN or (task.task_id, current.round) in done:
+            if current is None or current.status != IterationStatus.OPEN or too_soon(task, current.round, done):
                 return None
             if not iterations.admit(current.iteration_id, now):
                 return None

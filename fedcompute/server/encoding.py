@@ -40,6 +40,8 @@ def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
         local_compute_deadline_s=msg.local_compute_deadline_s or defaults_spec.local_compute_deadline_s,
         upload_deadline_s=msg.upload_deadline_s or defaults_spec.upload_deadline_s,
         round_deadline_s=msg.round_deadline_s or defaults_spec.round_deadline_s,
+        traffic_weight=msg.traffic_weight or defaults_spec.traffic_weight,
+        min_separation_rounds=msg.min_separation_rounds or defaults_spec.min_separation_rounds,
     )
 
 
@@ -85,6 +87,8 @@ def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
         local_compute_deadline_s=spec.local_compute_deadline_s,
         upload_deadline_s=spec.upload_deadline_s,
         round_deadline_s=spec.round_deadline_s,
+        traffic_weight=spec.traffic_weight,
+        min_separation_rounds=spec.min_separation_rounds,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from fedcompute.core.clock import as_utc
@@ -60,6 +60,14 @@ class AssignmentRepository:
             AssignmentRow.status.in_([AssignmentStatus.ASSIGNED, AssignmentStatus.LOCAL_COMPLETED]),
         )
         return [assignment_record(r) for r in self._s.scalars(query)]
+
+    def count_by_status(self, iteration_id: str) -> dict[str, int]:
+        query = (
+            select(AssignmentRow.status, func.count())
+            .where(AssignmentRow.iteration_id == iteration_id)
+            .group_by(AssignmentRow.status)
+        )
+        return {status: int(n) for status, n in self._s.execute(query)}
 
     def overdue(self, iteration_id: str, status: str, since_before: datetime) -> list[str]:
         """Assignments of the round in ``status`` since before the given time (created, or last changed)."""

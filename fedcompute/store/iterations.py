@@ -49,6 +49,7 @@ class IterationRepository:
         spec: TaskSpec,
         now: datetime,
         clip_norm: float | None = None,
+        max_cohort: int | None = None,
     ) -> str:
         """Open a round (or a new attempt at one) for devices to check in to; return its id."""
         row = IterationRow(
@@ -60,7 +61,7 @@ class IterationRepository:
             status=IterationStatus.OPEN,
             base_model_version=base_version,
             report_goal=spec.report_goal,
-            max_cohort=spec.max_cohort,
+            max_cohort=max_cohort or spec.max_cohort,
             assigned=0,
             completed_uploads=0,
             accepted=0,

@@ -6,6 +6,7 @@ OPEN (no later upload can be counted: ``count_upload`` only counts while the rou
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 import structlog
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 from fedcompute.core.clock import IdGenerator
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.records import IterationRecord
+from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskStatus
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.iterations import IterationRepository
@@ -45,6 +47,20 @@ def close_round(session: Session, ids: IdGenerator, iteration: IterationRecord, 
     return job_id
 
 
+def next_cohort(session: Session, spec: TaskSpec, previous_iteration_id: str) -> int:
+    """Adaptive over-selection: admit enough devices that, at the success rate the previous attempt saw
+    (uploads against uploads + devices that failed or timed out), the report goal is met with 10 % to spare;
+    within [report_goal, max_cohort]. Devices turned away as LATE at the close were not dropouts."""
+    counts = AssignmentRepository(session).count_by_status(previous_iteration_id)
+    uploaded = counts.get(AssignmentStatus.UPLOADED, 0)
+    dropped = counts.get(AssignmentStatus.TIMED_OUT, 0) + counts.get(AssignmentStatus.LOCAL_FAILED, 0)
+    if uploaded + dropped == 0:
+        return spec.max_cohort
+    success = max(uploaded / (uploaded + dropped), 0.05)
+    wanted = math.ceil(spec.report_goal / success * 1.1)
+    return min(max(wanted, spec.report_goal), spec.max_cohort)
+
+
 def retry_or_fail_round(
     session: Session,
     ids: IdGenerator,
@@ -70,5 +86,6 @@ def retry_or_fail_round(
         return
     attempt = iteration.attempt + 1
     base = iteration.base_model_version
-    iterations.open(ids, task.task_id, iteration.round, attempt, base, task.spec, now, iteration.clip_norm)
+    cohort = next_cohort(session, task.spec, iteration.iteration_id)
+    iterations.open(ids, task.task_id, iteration.round, attempt, base, task.spec, now, iteration.clip_norm, cohort)
     log.warning("round_reopened", task_id=task.task_id, round=iteration.round, attempt=iteration.attempt + 1)

@@ -115,3 +115,27 @@ def test_one_worker_wins_a_lease_and_expired_leases_are_taken_over(db: Database)
         record = jobs.get("job_1")
     assert record is not None
     assert (record.status, record.lease_owner, record.attempts) == (JobStatus.RUNNING, "w2", 2)
+
+
+def test_over_selection_adapts_to_the_dropout_of_the_previous_attempt(db: Database) -> None:
+    from fedcompute.core.transitions import AssignmentStatus
+    from fedcompute.store.assignments import AssignmentRepository
+    from fedcompute.store.rounds import next_cohort
+
+    spec = TaskSpec("pop", "digits-linear-v1", rounds=2, report_goal=4, max_cohort=20)
+    _, iteration_id = _task_with_round(db)
+    with db.transaction() as s:
+        assert next_cohort(s, spec, iteration_id) == 20  # nothing observed yet: the task's bound
+        assignments = AssignmentRepository(s)
+        outcomes = [AssignmentStatus.UPLOADED] * 4 + [AssignmentStatus.TIMED_OUT] * 4 + [AssignmentStatus.LATE] * 3
+        for n, status in enumerate(outcomes):
+            assignments.add(f"asg_{n}", iteration_id, "task_a", NOW)
+            s.flush()
+            first = AssignmentStatus.LOCAL_COMPLETED if status == AssignmentStatus.UPLOADED else None
+            if first:
+                assignments.change_status(f"asg_{n}", AssignmentStatus.ASSIGNED, first, NOW)
+            assignments.change_status(f"asg_{n}", first or AssignmentStatus.ASSIGNED, status, NOW)
+        # half of those who did not finish in time dropped out (LATE ones are not dropouts): 4 / 0.5 * 1.1
+        assert next_cohort(s, spec, iteration_id) == 9
+        tight = TaskSpec("pop", "digits-linear-v1", rounds=2, report_goal=4, max_cohort=6)
+        assert next_cohort(s, tight, iteration_id) == 6  # never above the task's bound
