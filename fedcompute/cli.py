@@ -100,12 +100,17 @@ def up(
     workdir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in workdir).")] = None,
     port: Annotated[int | None, typer.Option(help="Server port.")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Server processes sharing the port (SO_REUSEPORT).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Attested aggregator workers.")] = None,
 ) -> None:
     """Run the whole suite (key service, server, aggregator, model updater) until interrupted."""
     from fedcompute.suite import DEMO_DISK_WARNING, StartupFailed, start_suite
 
     stop = _stop_on_signal()
-    settings = _settings(workdir=workdir, database_url=database_url, server_port=port)
+    settings = _settings(
+        workdir=workdir, database_url=database_url, server_port=port, server_replicas=replicas,
+        aggregator_workers=workers,
+    )  # fmt: skip
     configure_logging(settings.log_json, settings.log_level)
     try:
         suite = start_suite(settings)

@@ -109,6 +109,7 @@ class KeyServiceHandle:
         self._as_process = as_process
         self._process: subprocess.Popen[bytes] | None = None
         self._server: GrpcServer | None = None
+        self._stopped = False
 
     @property
     def provider_id(self) -> str:
@@ -123,6 +124,7 @@ class KeyServiceHandle:
         return f"{self.settings.host}:{self.settings.key_service_port}"
 
     def start(self) -> KeyServiceHandle:
+        self._stopped = False
         if self._as_process:
             env = child_env(self.settings, key_admin_token=self._token)
             self._process = subprocess.Popen(
@@ -133,14 +135,16 @@ class KeyServiceHandle:
         return self
 
     def restart_if_dead(self) -> bool:
-        """`up` supervises its key-service processes: a dead one is started again (same directory, same port)."""
-        if self._process is None or self._process.poll() is None:
+        """`up` supervises its key-service processes: a dead one is started again (same directory, same port);
+        one stopped on purpose (``stop()``) stays stopped."""
+        if self._process is None or self._process.poll() is None or self._stopped:
             return False
         log.warning("key_service_restarting", provider=self.provider_id, code=self._process.returncode)
         self.start()
         return True
 
     def stop(self) -> None:
+        self._stopped = True
         if self._process and self._process.poll() is None:
             self._process.terminate()
             self._process.wait(timeout=20)
@@ -149,13 +153,44 @@ class KeyServiceHandle:
             self._server = None
 
 
+class ChildProcess:
+    """A `fedcompute serve ...` child of `up`: dies with it, and is restarted if it dies first."""
+
+    def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
+        self._args = args
+        self._env = env
+        self.name = name
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChildProcess:
+        command = [sys.executable, "-m", "fedcompute.cli", *self._args]
+        self._process = subprocess.Popen(command, env=self._env, preexec_fn=parent_death_signal())
+        return self
+
+    def restart_if_dead(self) -> bool:
+        if self._process is None or self._process.poll() is None:
+            return False
+        log.warning("child_restarting", child=self.name, code=self._process.returncode)
+        self.start()
+        return True
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+
 @dataclass
 class Suite:
     settings: Settings
     key_services: list[KeyServiceHandle]
     verifier: GrpcServer
     server: ServerApp
-    launcher: Launcher | None = None
+    launchers: list[Launcher] = field(default_factory=list)
+    replicas: list[ChildProcess] = field(default_factory=list)
     loops: list[PollingLoop] = field(default_factory=list)
 
     @property
@@ -189,9 +224,16 @@ class Suite:
             settings.threshold,
         )
 
+    def restart_dead_children(self) -> bool:
+        """`up` supervises its child processes (key services, server replicas); workers have their launchers."""
+        restarted = [k.restart_if_dead() for k in self.key_services] + [r.restart_if_dead() for r in self.replicas]
+        return any(restarted)
+
     def stop(self) -> None:
-        if self.launcher:
-            self.launcher.stop()
+        for launcher in self.launchers:
+            launcher.stop()
+        for replica in self.replicas:
+            replica.stop()
         for loop in self.loops:
             loop.stop()
         self.server.stop()
@@ -253,9 +295,10 @@ def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
     )
 
 
-def start_launcher(settings: Settings, clock: Clock, token: str) -> Launcher:
+def start_launcher(settings: Settings, clock: Clock, token: str, index: int = 0) -> Launcher:
+    name = "launcher.sock" if index == 0 else f"launcher-{index}.sock"
     launcher = Launcher(
-        settings.workdir / "attest" / "launcher.sock",
+        settings.workdir / "attest" / name,
         platform_ca(settings),
         measure(),  # the launcher measures the code it is about to start, whatever the policy says
         clock,
@@ -282,9 +325,17 @@ def start_suite(
     pin_providers(settings, settings.key_service_addresses)
     verifier_server = build_verifier_server(settings, verifier)
     settings = settings.model_copy(update={"verifier_address": f"{settings.host}:{verifier_server.port}"})
+    if settings.server_replicas > 1:  # every replica binds the same port with SO_REUSEPORT
+        port = settings.server_port or free_port(settings.host)
+        settings = settings.model_copy(update={"server_port": port, "reuse_port": True})
     server = build_server(settings, clock, ids, worker_token(settings), token_secret(settings))
     settings = settings.model_copy(update={"server_address": f"{settings.host}:{server.grpc.port}"})
     suite = Suite(settings, keys, verifier_server, server)
+    secrets = {"internal_token": worker_token(settings), "token_secret": token_secret(settings)}
+    suite.replicas = [
+        ChildProcess(["serve", "server"], child_env(settings, **secrets), f"server replica {i}").start()
+        for i in range(1, settings.server_replicas)
+    ]
     updater = ModelUpdater(
         server.db, server.blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s
     )
@@ -292,8 +343,10 @@ def start_suite(
     suite.loops = [
         PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start(),
         PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start(),
-        PollingLoop("supervisor", lambda: any([k.restart_if_dead() for k in keys]), 1.0).start(),
+        PollingLoop("supervisor", suite.restart_dead_children, 1.0).start(),
     ]
     if aggregator:
-        suite.launcher = start_launcher(settings, clock, worker_token(settings))
+        suite.launchers = [
+            start_launcher(settings, clock, worker_token(settings), i) for i in range(settings.aggregator_workers)
+        ]
     return suite

@@ -210,6 +210,8 @@ def _follow(
     deadline = time.monotonic() + timeout_s
     with tqdm(total=rounds, desc="rounds", unit="round") as bar:
         while True:
+            # The status first: a task that is finished now has published every version listed after it.
+            status = operators.get_task(tm.GetTaskRequest(task_id=task_id)).task
             versions = operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task_id)).versions
             for version in versions:
                 if version.version in seen:
@@ -234,7 +236,6 @@ def _follow(
                 )
                 bar.set_postfix(accuracy=f"{accuracy:.3f}")
                 bar.update(1)
-            status = operators.get_task(tm.GetTaskRequest(task_id=task_id)).task
             if status.status in FINISHED and len(seen) == len(versions):
                 if status.status not in (tm.TASK_STATUS_COMPLETED, tm.TASK_STATUS_BUDGET_EXHAUSTED):
                     raise RuntimeError(f"task ended {tm.TaskStatus.Name(status.status)}: {status.status_reason}")

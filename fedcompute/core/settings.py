@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     )
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of client calls.")
     worker_threads: int = Field(16, gt=0, description="gRPC server thread pool size.")
+    reuse_port: bool = Field(
+        False, description="Bind the server port with SO_REUSEPORT, so several server processes share it."
+    )
+    server_replicas: int = Field(1, ge=1, le=16, description="`up`: server processes sharing the server port.")
+    aggregator_workers: int = Field(1, ge=1, le=16, description="`up`: attested aggregator workers (launchers).")
     log_json: bool = Field(True, description="JSON log lines (services) instead of console output.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
 

@@ -169,6 +169,7 @@ def build_grpc_server(
     metrics: RpcMetrics,
     threads: int,
     max_message_bytes: int,
+    reuse_port: bool = False,
 ) -> GrpcServer:
     """Create, register and start a server: (add_XServicer_to_server, servicer, full service name) triples."""
     server = grpc.server(
@@ -177,7 +178,7 @@ def build_grpc_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     names = []

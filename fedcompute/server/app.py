@@ -126,6 +126,7 @@ def build_server(
         metrics,
         settings.worker_threads,
         settings.max_message_bytes,
+        settings.reuse_port,
     )
     if settings.metrics_port:
         metrics.serve_http(settings.host, settings.metrics_port)

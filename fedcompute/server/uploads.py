@@ -127,6 +127,9 @@ class UploadService:
             assignment = AssignmentRepository(s).get(upload_id)
             if assignment is None:
                 raise PermissionDenied("no assignment matches this upload")
+            IterationRepository(s).lock(assignment.iteration_id)  # the round's lock first: no upload row
+            assignment = AssignmentRepository(s).get(upload_id)  # can appear after the collector closed it
+            assert assignment is not None
             if assignment.status == AssignmentStatus.ASSIGNED:
                 raise FailedPrecondition("report the result COMPLETED before uploading")
             if assignment.status not in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
@@ -212,6 +215,8 @@ class UploadService:
                 AssignmentRepository(s).change_status(
                     upload.assignment_id, AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.LATE, now, "round closed"
                 )
+                # started after the collector abandoned the round's uploads: abandon it here
+                UploadRepository(s).abandon(upload.upload_id, now, "round closed")
             raise FailedPrecondition("the round closed before this upload finished; it was not counted") from None
         return WriteStatus(upload.total_size, True)
 

@@ -145,6 +145,11 @@ class UploadRepository:
             )
         return len(ids)
 
+    def abandon(self, upload_id: str, now: datetime, reason: str) -> bool:
+        return change_status(
+            self._s, UploadRow, "upload", upload_id, UploadStatus.IN_PROGRESS, UploadStatus.ABANDONED, now, reason
+        )
+
     def completed_in_iteration(self, iteration_id: str) -> list[UploadRecord]:
         query = (
             select(UploadRow)

@@ -1,0 +1,158 @@
+"""Check-in load against 1 and 2 server replicas on one Postgres (issue 8's load run).
+
+For each configuration, interleaved (1, 2, 1, 2, ...): `fedcompute up --replicas N` on a fresh database, one open
+task with a large cohort, then DEVICES threads (each its own gRPC channel, so connections spread over the
+replicas' shared port) call CreateTaskAssignment in a loop for SECONDS. Prints check-ins/s, p50/p99 latency
+and the status codes seen (UNKNOWN must be 0), per run and as medians with the 2/1 ratio.
+
+    .venv/bin/python bench/checkin_load.py [--devices 64] [--seconds 60] [--pairs 2] [--admin-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+from sqlalchemy import create_engine, text
+
+from fedcompute.rpc.channels import open_channel
+from fedcompute.v1 import common_pb2, task_assignment_pb2_grpc
+from fedcompute.v1 import task_assignment_pb2 as ta
+
+CLI = [sys.executable, "-m", "fedcompute.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _database(admin_url: str, name: str) -> str:
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _drop(admin_url: str, name: str) -> None:
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def run(replicas: int, devices: int, seconds: float, admin_url: str) -> dict[str, object]:
+    name = f"fedcompute_bench_{os.getpid()}_{replicas}"
+    url = _database(admin_url, name)
+    work = Path(tempfile.mkdtemp(prefix="fedcompute-load-"))
+    port = _free_port()
+    env = {**os.environ, "FEDCOMPUTE_KEY_SERVICE_PORT": "0", "FEDCOMPUTE_VERIFIER_PORT": "0",
+           "FEDCOMPUTE_LOG_LEVEL": "ERROR", "FEDCOMPUTE_WORKER_THREADS": "32"}  # fmt: skip
+    up = subprocess.Popen(
+        [*CLI, "up", "--workdir", str(work), "--database-url", url, "--port", str(port), "--replicas", str(replicas)],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert up.stderr is not None
+        line = ""
+        while "key services" not in line:
+            line = up.stderr.readline()
+            if not line and up.poll() is not None:
+                raise RuntimeError("fedcompute up exited")
+        threading.Thread(target=up.stderr.read, daemon=True).start()
+        keys = line.strip().split("key services ", 1)[1].split(", ")
+        task_env = {**env, "FEDCOMPUTE_WORKDIR": str(work), "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(keys)}
+        subprocess.run(
+            [*CLI, "task", "create", "--server", f"127.0.0.1:{port}", "--population", "load", "--report-goal",
+             "1000", "--max-cohort", "1000000", "--rounds", "1"],
+            env=task_env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        time.sleep(2)  # the dealer's key ceremony
+        return _load(f"127.0.0.1:{port}", devices, seconds)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+        _drop(admin_url, name)
+
+
+def _load(address: str, devices: int, seconds: float) -> dict[str, object]:
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def device() -> None:
+        stub = task_assignment_pb2_grpc.TaskAssignmentServiceStub(open_channel(address))
+        request = ta.CreateTaskAssignmentRequest(
+            population_name="load", client_version=common_pb2.ClientVersion(version_code="1.0.0")
+        )
+        mine: list[float] = []
+        seen: Counter[str] = Counter()
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            try:
+                stub.CreateTaskAssignment(request, timeout=30)
+                seen["OK"] += 1
+            except grpc.RpcError as exc:
+                seen[exc.code().name] += 1
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+            codes.update(seen)
+
+    threads = [threading.Thread(target=device) for _ in range(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ordered = sorted(latencies)
+    return {
+        "checkins_per_s": round(len(ordered) / seconds, 1),
+        "p50_ms": round(ordered[len(ordered) // 2] * 1000, 1),
+        "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1),
+        "codes": dict(codes),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("FEDCOMPUTE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+    )
+    args = parser.parse_args()
+    results: dict[int, list[dict[str, object]]] = {1: [], 2: []}
+    for pair in range(args.pairs):
+        for replicas in (1, 2):
+            result = run(replicas, args.devices, args.seconds, args.admin_url)
+            results[replicas].append(result)
+            print(f"pair {pair + 1}, {replicas} replica(s): {json.dumps(result)}", flush=True)
+    medians = {
+        n: {k: statistics.median(float(r[k]) for r in runs) for k in ("checkins_per_s", "p50_ms", "p99_ms")}  # type: ignore[arg-type]
+        for n, runs in results.items()
+    }
+    spread = {n: [r["checkins_per_s"] for r in runs] for n, runs in results.items()}
+    ratio = round(medians[2]["checkins_per_s"] / medians[1]["checkins_per_s"], 2)
+    print(json.dumps({"medians": medians, "checkins_per_s_runs": spread, "ratio_2_over_1": ratio}))
+
+
+if __name__ == "__main__":
+    main()

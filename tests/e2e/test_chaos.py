@@ -1,0 +1,202 @@
+"""Crash safety, as a test: every component its own process on Postgres, a fleet training a DP task, and kill -9
+of the server during uploads, the worker holding a lease, its launcher, the model updater, a key service and
+the verifier, each restarted as a supervisor would. Afterwards: the task completed, every round's counted
+uploads are exactly its job's input set, the versions form one hash chain, ε was charged once per version, no
+round is left OPEN, and no process outlives the deployment. Bounded: about two minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from fedcompute.store.models import IterationRow, JobRow, UploadRow
+from tests.conftest import fresh_postgres
+from tests.e2e.test_processes import CLI, _free_port, _serving
+from tests.e2e.test_supervision import _gone
+from tests.harness import wait_for
+
+
+class Deployment:
+    """Named `fedcompute serve` processes that can be killed with SIGKILL and started again."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.envs: dict[str, dict[str, str]] = {}
+
+    def start(self, name: str, component: str, **extra: str) -> None:
+        self.envs[name] = {**self.env, **extra}
+        self.procs[name] = subprocess.Popen([*CLI, "serve", component], env=self.envs[name], stderr=subprocess.DEVNULL)
+
+    def restart(self, name: str, component: str) -> None:
+        self.procs[name] = subprocess.Popen([*CLI, "serve", component], env=self.envs[name], stderr=subprocess.DEVNULL)
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Deployment, dict[str, str]]]:
+    url = fresh_postgres(postgres_database)
+    server_port, verifier_port = _free_port(), _free_port()
+    key_ports = [_free_port() for _ in range(3)]
+    addresses = {
+        "server": f"127.0.0.1:{server_port}",
+        "verifier": f"127.0.0.1:{verifier_port}",
+        **{f"kp-{i}": f"127.0.0.1:{p}" for i, p in enumerate(key_ports)},
+    }
+    env = {
+        **os.environ,
+        "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
+        "FEDCOMPUTE_DATABASE_URL": url,
+        "FEDCOMPUTE_SERVER_PORT": str(server_port),
+        "FEDCOMPUTE_VERIFIER_PORT": str(verifier_port),
+        "FEDCOMPUTE_SERVER_ADDRESS": addresses["server"],
+        "FEDCOMPUTE_VERIFIER_ADDRESS": addresses["verifier"],
+        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps([addresses[f"kp-{i}"] for i in range(3)]),
+        "FEDCOMPUTE_RETRY_DELAY_MIN_S": "0.05",
+        "FEDCOMPUTE_RETRY_DELAY_MAX_S": "0.2",
+        "FEDCOMPUTE_POLL_INTERVAL_S": "0.1",
+        "FEDCOMPUTE_LEASE_S": "4",
+        "FEDCOMPUTE_JOB_BACKOFF_MAX_S": "1",
+        "FEDCOMPUTE_RPC_TIMEOUT_S": "5",
+        "FEDCOMPUTE_LOG_LEVEL": "WARNING",
+    }
+    d = Deployment(env)
+    try:
+        for i in range(3):
+            d.start(f"kp-{i}", "keys", FEDCOMPUTE_PROVIDER_ID=f"kp-{i}", FEDCOMPUTE_KEY_SERVICE_PORT=str(key_ports[i]))
+        wait_for(lambda: all(_serving(addresses[f"kp-{i}"]) for i in range(3)), 60, "key services")
+        trust = [*CLI, "keys", "trust", "--out", str(tmp_path / "work" / "public" / "trusted-providers.json")]
+        for i in range(3):
+            trust += ["--key-service", addresses[f"kp-{i}"]]
+        subprocess.run(trust, env=env, check=True, timeout=60, capture_output=True)
+        d.start("aggregator", "aggregator")
+        wait_for((tmp_path / "work" / "public" / "platform-ca-public.pem").exists, 60, "the platform CA")
+        d.start("verifier", "verifier")
+        d.start("server", "server")
+        wait_for(lambda: _serving(addresses["server"]) and _serving(addresses["verifier"]), 60, "servers")
+        d.start("dealer", "dealer")
+        d.start("modelupdater", "modelupdater")
+        yield d, addresses
+    finally:
+        d.stop()
+
+
+def _restart_after_kill(d: Deployment, name: str, component: str, address: str | None) -> float:
+    """kill -9, start again at once (a supervisor's job), return seconds until it serves (or runs) again."""
+    d.kill(name)
+    started = time.monotonic()
+    d.restart(name, component)
+    if address:
+        wait_for(lambda: _serving(address), 60, f"{name} to serve again")
+    return time.monotonic() - started
+
+
+def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
+    deployment: tuple[Deployment, dict[str, str]], postgres_database: str, tmp_path: Path
+) -> None:
+    d, addresses = deployment
+    env = d.env
+    created = subprocess.run(
+        [*CLI, "task", "create", "--server", addresses["server"], "--population", "chaos", "--rounds", "3",
+         "--report-goal", "3", "--max-cohort", "4", "--local-epochs", "1", "--round-deadline-s", "60",
+         "--upload-deadline-s", "20", "--local-compute-deadline-s", "20"],
+        env=env, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    task_id = json.loads(created.stdout)["task_id"]
+    fleet = subprocess.Popen(
+        [*CLI, "devices", "simulate", "--server", addresses["server"], "--population", "chaos", "--count", "6",
+         "--max-sleep", "0.3", "--trusted-providers", str(tmp_path / "work" / "public" / "trusted-providers.json")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    recovery: dict[str, float] = {}
+    seed = int(os.environ.get("FEDCOMPUTE_CHAOS_SEED", time.time_ns() % 2**32))
+    rng = random.Random(seed)  # when to strike; rerun a failure with FEDCOMPUTE_CHAOS_SEED=<seed>
+    print(f"\nchaos seed {seed}")
+    try:
+        time.sleep(rng.uniform(1.0, 4.0))
+        recovery["server (during uploads)"] = _restart_after_kill(d, "server", "server", addresses["server"])
+        workers = [int(p) for p in _worker_pids(d.procs["aggregator"].pid)]
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)  # the worker, maybe holding a lease: its launcher restarts it
+        time.sleep(rng.uniform(0.5, 3.0))
+        recovery["key service kp-1"] = _restart_after_kill(d, "kp-1", "keys", addresses["kp-1"])
+        recovery["verifier"] = _restart_after_kill(d, "verifier", "verifier", addresses["verifier"])
+        time.sleep(rng.uniform(0.5, 3.0))
+        recovery["model updater (restart only: no health probe yet)"] = _restart_after_kill(
+            d, "modelupdater", "modelupdater", None
+        )
+        orphans = [int(p) for p in _worker_pids(d.procs["aggregator"].pid)]
+        started = time.monotonic()
+        _restart_after_kill(d, "aggregator", "aggregator", None)
+        wait_for(lambda: bool(_worker_pids(d.procs["aggregator"].pid)), 60, "a worker under the new launcher")
+        recovery["launcher (to a new worker)"] = time.monotonic() - started
+        wait_for(lambda: all(_gone(p) for p in orphans), 10, "the old launcher's worker to die with it")
+        _, err = fleet.communicate(timeout=240)
+        assert fleet.returncode == 0, err
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
+    got = subprocess.run(
+        [*CLI, "task", "get", task_id, "--server", addresses["server"]], env=env, capture_output=True, text=True
+    )
+    task = json.loads(got.stdout)
+    assert task["status"] == "TASK_STATUS_COMPLETED", task
+    assert task["latest_model_version"] == "4"
+    engine = create_engine(env["FEDCOMPUTE_DATABASE_URL"])
+    with engine.connect() as conn:
+        for iteration_id, status, counted in conn.execute(
+            select(IterationRow.id, IterationRow.status, IterationRow.completed_uploads)
+        ):
+            assert status != "OPEN"
+            complete = conn.execute(
+                select(func.count()).where(UploadRow.iteration_id == iteration_id, UploadRow.status == "COMPLETE")
+            ).scalar_one()
+            assert complete == counted  # every finalized upload counted exactly once
+            job = conn.execute(select(JobRow.contributions).where(JobRow.iteration_id == iteration_id)).scalar()
+            if job is not None:
+                assert job == counted
+        in_progress = conn.execute(select(func.count()).where(UploadRow.status == "IN_PROGRESS")).scalar_one()
+    engine.dispose()
+    assert in_progress == 0
+    # The key services' signed logs: >= t releases per version, no round released for two overlapping sets.
+    audit = [*CLI, "audit", "--task", task_id, "--server", addresses["server"]]
+    for i in range(3):
+        audit += ["--key-service", addresses[f"kp-{i}"]]
+    audited = subprocess.run(audit, env=env, capture_output=True, text=True, timeout=60)
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    print("\nfault, recovery seconds:", json.dumps({k: round(v, 2) for k, v in recovery.items()}))
+
+
+def _worker_pids(pid: int) -> list[str]:
+    """Live children of a launcher process: its worker."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.append(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
