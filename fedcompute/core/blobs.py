@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +31,10 @@ class BlobStore(Protocol):
 
     def delete(self, sha256_hex: str) -> None:
         """Remove the blob (no error if it is already gone)."""
+        ...
+
+    def stored_before(self, cutoff: datetime) -> list[str]:
+        """Addresses of blobs written before ``cutoff`` (for the orphan sweep)."""
         ...
 
 

@@ -45,6 +45,7 @@ class TaskSpec:
     round_deadline_s: int = 3600
     traffic_weight: float = 1.0
     min_separation_rounds: int = 1
+    max_round_attempts: int = 0  # 0: the server's setting
 
     def validate(self, known_architectures: set[str]) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -92,6 +93,8 @@ class TaskSpec:
                 raise InvalidArgument(f"spec.{name}", f"must be > 0 seconds, got {getattr(self, name)}")
         if not self.traffic_weight > 0 or self.traffic_weight != self.traffic_weight:
             raise InvalidArgument("spec.traffic_weight", f"must be > 0, got {self.traffic_weight}")
+        if self.max_round_attempts < 0:
+            raise InvalidArgument("spec.max_round_attempts", "must be >= 0 (0: the server's setting)")
         if self.min_separation_rounds < 1:
             raise InvalidArgument("spec.min_separation_rounds", f"must be >= 1, got {self.min_separation_rounds}")
         if not 0 <= self.min_clients <= self.report_goal:

@@ -6,7 +6,7 @@ versions form a hash chain back to the initial model.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 import torch
@@ -23,10 +23,12 @@ from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
 from fedcompute.store.ledger import Charge, LedgerRepository
 from fedcompute.store.model_versions import ModelVersionRepository
+from fedcompute.store.references import referenced_blobs
 from fedcompute.store.rounds import next_cohort, retry_or_fail_round
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.modelupdater")
+ORPHAN_SWEEP_EVERY = timedelta(minutes=10)
 
 
 def apply_update(
@@ -54,9 +56,12 @@ class ModelUpdater:
         ids: IdGenerator,
         max_attempts: int,
         upload_retention_s: float = 0.0,
+        orphan_grace_s: float = 3600.0,
     ) -> None:
         self._max_attempts = max_attempts
         self._retention = timedelta(seconds=upload_retention_s)
+        self._orphan_grace = timedelta(seconds=orphan_grace_s)
+        self._next_orphan_sweep: datetime | None = None
         self._db = db
         self._blobs = blobs
         self._clock = clock
@@ -68,7 +73,27 @@ class ModelUpdater:
             jobs = JobRepository(s).with_status(JobStatus.SUCCEEDED)
         published = sum(1 for job in jobs if self.apply(job))
         self.purge_uploads()
+        now = self._clock.now()
+        if self._next_orphan_sweep is None or now >= self._next_orphan_sweep:
+            self.sweep_orphans()
+            self._next_orphan_sweep = now + ORPHAN_SWEEP_EVERY
         return published
+
+    def sweep_orphans(self) -> int:
+        """Delete blobs no row refers to that are older than the grace period: what a process killed between
+        storing an upload and the commit that would have counted it left behind."""
+        cutoff = self._clock.now() - self._orphan_grace
+        stored = self._blobs.stored_before(cutoff)
+        if not stored:
+            return 0
+        with self._db.transaction() as s:
+            referenced = referenced_blobs(s)
+        orphans = [sha for sha in stored if sha not in referenced]
+        for sha in orphans:
+            self._blobs.delete(sha)
+        if orphans:
+            log.warning("orphan_blobs_deleted", count=len(orphans))
+        return len(orphans)
 
     def purge_uploads(self) -> int:
         """Delete the encrypted uploads of rounds that were released or abandoned longer ago than the retention:

@@ -42,6 +42,7 @@ def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
         round_deadline_s=msg.round_deadline_s or defaults_spec.round_deadline_s,
         traffic_weight=msg.traffic_weight or defaults_spec.traffic_weight,
         min_separation_rounds=msg.min_separation_rounds or defaults_spec.min_separation_rounds,
+        max_round_attempts=msg.max_round_attempts,
     )
 
 
@@ -89,6 +90,7 @@ def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
         round_deadline_s=spec.round_deadline_s,
         traffic_weight=spec.traffic_weight,
         min_separation_rounds=spec.min_separation_rounds,
+        max_round_attempts=spec.max_round_attempts,
     )
 
 

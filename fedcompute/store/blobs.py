@@ -7,6 +7,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from fedcompute.core.blobs import BlobCorrupted, BlobMissing
@@ -87,6 +88,17 @@ class LocalBlobStore:
 
     def delete(self, sha256_hex: str) -> None:
         self._path(sha256_hex).unlink(missing_ok=True)
+
+    def stored_before(self, cutoff: datetime) -> list[str]:
+        found = []
+        limit = cutoff.timestamp()
+        for path in (self._root / "sha256").glob("??/*"):
+            try:
+                if path.stat().st_mtime < limit:
+                    found.append(path.parent.name + path.name)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+        return found
 
 
 def _chunks(path: Path, offset: int, chunk_size: int) -> Iterator[bytes]:

@@ -79,7 +79,7 @@ def retry_or_fail_round(
     task = tasks.get(iteration.task_id)
     if task is None or task.status != TaskStatus.OPEN:
         return
-    if iteration.attempt >= max_attempts:
+    if iteration.attempt >= (task.spec.max_round_attempts or max_attempts):
         why = f"round {iteration.round} failed {iteration.attempt} times; last: {reason}"
         tasks.change_status(task.task_id, TaskStatus.OPEN, TaskStatus.FAILED, now, why)
         log.warning("task_failed", task_id=task.task_id, reason=why)

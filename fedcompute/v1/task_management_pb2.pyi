@@ -185,6 +185,7 @@ class TaskSpec(_message.Message):
     ROUND_DEADLINE_S_FIELD_NUMBER: _builtins.int
     TRAFFIC_WEIGHT_FIELD_NUMBER: _builtins.int
     MIN_SEPARATION_ROUNDS_FIELD_NUMBER: _builtins.int
+    MAX_ROUND_ATTEMPTS_FIELD_NUMBER: _builtins.int
     population_name: _builtins.str
     model_architecture: _builtins.str
     """An id from the model architecture registry (e.g. "digits-mlp-v1")."""
@@ -217,6 +218,10 @@ class TaskSpec(_message.Message):
     """
     min_separation_rounds: _builtins.int
     """A device that took part in round r of this task is not assigned it again before round r + this (0: 1)."""
+    max_round_attempts: _builtins.int
+    """Failed attempts at one round (aggregation failures, deadlines below quorum) before the task fails with the
+    reason; 0: the server's max_round_attempts setting.
+    """
     @_builtins.property
     def hyperparameters(self) -> Global___TrainingHyperparameters: ...
     @_builtins.property
@@ -242,10 +247,11 @@ class TaskSpec(_message.Message):
         round_deadline_s: _builtins.int = ...,
         traffic_weight: _builtins.float = ...,
         min_separation_rounds: _builtins.int = ...,
+        max_round_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "local_compute_deadline_s", b"local_compute_deadline_s", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "min_client_version", b"min_client_version", "min_clients", b"min_clients", "min_separation_rounds", b"min_separation_rounds", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "round_deadline_s", b"round_deadline_s", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate", "traffic_weight", b"traffic_weight", "upload_deadline_s", b"upload_deadline_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "local_compute_deadline_s", b"local_compute_deadline_s", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "max_round_attempts", b"max_round_attempts", "min_client_version", b"min_client_version", "min_clients", b"min_clients", "min_separation_rounds", b"min_separation_rounds", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "round_deadline_s", b"round_deadline_s", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate", "traffic_weight", b"traffic_weight", "upload_deadline_s", b"upload_deadline_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

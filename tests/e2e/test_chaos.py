@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from fedcompute.store.models import IterationRow, JobRow, UploadRow
+from fedcompute.attestation.measure import measure
+from fedcompute.clients.operator import create_task
+from fedcompute.clients.typed import KeyClient, TaskManagementClient
+from fedcompute.keys.trust import load_trusted
+from fedcompute.rpc.channels import open_channel
+from fedcompute.store.models import IterationRow, JobRow, PrivacyLedgerRow, UploadRow
+from fedcompute.v1 import key_pb2
+from fedcompute.v1 import task_management_pb2 as tm
 from tests.conftest import fresh_postgres
 from tests.e2e.test_processes import CLI, _free_port, _serving
 from tests.e2e.test_supervision import _gone
@@ -118,13 +125,7 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
 ) -> None:
     d, addresses = deployment
     env = d.env
-    created = subprocess.run(
-        [*CLI, "task", "create", "--server", addresses["server"], "--population", "chaos", "--rounds", "3",
-         "--report-goal", "3", "--max-cohort", "4", "--local-epochs", "1", "--round-deadline-s", "60",
-         "--upload-deadline-s", "20", "--local-compute-deadline-s", "20"],
-        env=env, capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
-    task_id = json.loads(created.stdout)["task_id"]
+    task_id = _dp_task(addresses, tmp_path / "work")
     fleet = subprocess.Popen(
         [*CLI, "devices", "simulate", "--server", addresses["server"], "--population", "chaos", "--count", "6",
          "--max-sleep", "0.3", "--trusted-providers", str(tmp_path / "work" / "public" / "trusted-providers.json")],
@@ -186,7 +187,40 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
         audit += ["--key-service", addresses[f"kp-{i}"]]
     audited = subprocess.run(audit, env=env, capture_output=True, text=True, timeout=60)
     assert audited.returncode == 0, audited.stdout + audited.stderr
+    # Nothing charged twice: one ledger row per published version, and each key service charged each round once.
+    with engine.connect() as conn:
+        charged = conn.execute(select(func.count()).select_from(PrivacyLedgerRow)).scalar_one()
+    engine.dispose()
+    assert charged == 3
+    for i in range(3):
+        log = KeyClient(open_channel(addresses[f"kp-{i}"]), 10.0).get_release_log(key_pb2.GetReleaseLogRequest())
+        bodies = [json.loads(e.body) for e in log.entries]
+        sets_per_round: dict[int, set[str]] = {}
+        for body in bodies:
+            sets_per_round.setdefault(body["round"], set()).add(body["input_set_sha256"])
+        assert max((b["releases_charged"] for b in bodies), default=0) == sum(map(len, sets_per_round.values()))
+    # No orphan process: every component and every worker is gone once the deployment stops.
+    pids = [p.pid for p in d.procs.values()]
+    workers = [int(p) for p in _worker_pids(d.procs["aggregator"].pid)]
+    d.stop()
+    wait_for(lambda: all(_gone(p) for p in [*pids, *workers]), 30, "every process to exit")
     print("\nfault, recovery seconds:", json.dumps({k: round(v, 2) for k, v in recovery.items()}))
+
+
+def _dp_task(addresses: dict[str, str], work: Path) -> str:
+    """As the operator, with the Python API: a DP task (the CLI takes no DP budget yet)."""
+    spec = tm.TaskSpec(
+        population_name="chaos", model_architecture="digits-mlp-v1", rounds=3, report_goal=3, max_cohort=4,
+        hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
+        dp=tm.DpConfig(enabled=True, target_epsilon=50.0, target_delta=1e-5, assumed_population_size=1000,
+                       noise_multiplier=1.0, l2_clip_norm=2.0),
+        round_deadline_s=60, upload_deadline_s=20, local_compute_deadline_s=20,
+    )  # fmt: skip
+    admin = (work / "operator" / "key-admin-token").read_text().strip()
+    keys = [KeyClient(open_channel(addresses[f"kp-{i}"]), 10.0, admin) for i in range(3)]
+    operators = TaskManagementClient(open_channel(addresses["server"]), 30.0)
+    trusted = load_trusted(work / "public" / "trusted-providers.json")
+    return create_task(operators, keys, trusted, 2, spec, [measure()]).task_id
 
 
 def _worker_pids(pid: int) -> list[str]:

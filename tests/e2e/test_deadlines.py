@@ -6,6 +6,7 @@ deadlines of a real suite (real gRPC, SQLite and Postgres)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from fedcompute.clients.device import upload
-from fedcompute.core.clock import FakeClock
+from fedcompute.core.clock import FakeClock, RandomIds
+from fedcompute.modelupdater.updater import ModelUpdater
 from fedcompute.store.models import UploadRow
 from fedcompute.suite import start_suite
 from fedcompute.v1 import common_pb2, upload_pb2
@@ -110,3 +112,30 @@ def test_a_population_below_quorum_is_retried_then_failed_with_the_reason(
     reason = harness.task(task.task_id).status_reason
     assert "reached its deadline" in reason
     assert "fewer than min_clients (3)" in reason
+
+
+def test_a_task_sets_its_own_failure_threshold(clocked: tuple[Harness, FakeClock]) -> None:
+    harness, clock = clocked  # the server allows 2 attempts; this task only 1
+    task = harness.create_task(POP, report_goal=3, max_cohort=3, max_round_attempts=1, **DEADLINES)
+    clock.advance(timedelta(seconds=301))
+    wait_for(lambda: harness.task(task.task_id).status == tm.TASK_STATUS_FAILED, 30, "the task to fail")
+    assert len(harness.iterations(task.task_id)) == 1
+    assert "failed 1 times" in harness.task(task.task_id).status_reason
+
+
+def test_orphan_blobs_are_swept_after_their_grace_period(clocked: tuple[Harness, FakeClock]) -> None:
+    """A server killed between storing an upload and counting it leaves a blob no row refers to."""
+    harness, clock = clocked
+    task = harness.create_task(POP, report_goal=2, max_cohort=3, **DEADLINES)  # its checkpoint is referenced
+    server = harness.suite.server
+    orphan = server.blobs.put(b"an envelope whose upload was never counted")
+    fresh = server.blobs.put(b"an upload being counted right now")
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).timestamp()
+    path = harness.suite.settings.server_dir() / "blobs" / "sha256" / orphan[:2] / orphan[2:]
+    os.utime(path, (two_hours_ago, two_hours_ago))
+    updater = ModelUpdater(server.db, server.blobs, clock, RandomIds(), 2)
+    assert updater.sweep_orphans() == 1
+    assert not server.blobs.exists(orphan)
+    assert server.blobs.exists(fresh)  # inside the grace period: maybe an upload about to be counted
+    versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions
+    assert server.blobs.exists(versions[0].checkpoint.sha256_hex)

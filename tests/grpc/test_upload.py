@@ -256,3 +256,41 @@ def test_an_upload_stops_retrying_at_its_deadline(harness: Harness) -> None:
         upload(flaky, instruction, sealed(a))  # type: ignore[arg-type]
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert flaky.writes == 1
+
+
+def test_an_upload_begun_on_one_replica_resumes_on_another(harness: Harness) -> None:
+    """Two server replicas on one database and one data directory: resumption does not depend on which
+    replica a device reaches."""
+    from fedcompute.clients.typed import UploadClient
+    from fedcompute.core.clock import RandomIds, SystemClock
+    from fedcompute.rpc.channels import open_channel
+    from fedcompute.server.app import build_server
+    from fedcompute.suite import token_secret, worker_token
+
+    settings = harness.suite.settings.model_copy(update={"server_port": 0})
+    other = build_server(settings, SystemClock(), RandomIds(), worker_token(settings), token_secret(settings))
+    try:
+        task_id, a, instruction = _ready(harness, report_goal=1)
+        data = sealed(a)
+        half = _FlakyUploads(harness.uploads, drops=1)  # replica A gets half, then the connection drops
+        with pytest.raises(grpc.RpcError):
+            half.write(
+                iter([upload_pb2.WriteRequest(
+                    resource_name=instruction.resource_name, upload_token=instruction.upload_token,
+                    write_offset=0, data=data, finish_write=True,
+                    metadata=upload_pb2.UploadMetadata(
+                        total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest()
+                    ),
+                )])
+            )  # fmt: skip
+        replica_b = UploadClient(open_channel(f"127.0.0.1:{other.grpc.port}"), 20.0)
+        status = replica_b.query_write_status(
+            upload_pb2.QueryWriteStatusRequest(
+                resource_name=instruction.resource_name, upload_token=instruction.upload_token
+            )
+        )
+        assert 0 < status.committed_size < len(data)
+        assert upload(replica_b, instruction, data).complete
+        assert harness.iterations(task_id)[0].completed_uploads == 1
+    finally:
+        other.stop()
