@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
-from google.protobuf.json_format import MessageToDict
-from pydantic import ValidationError
 
 from fedcompute.core.logs import configure_logging
-from fedcompute.core.settings import Settings
 from fedcompute.privacy_cli import privacy_app
+from fedcompute.task_cli import ServerOpt, task_app
+from fedcompute.task_cli import call as _call
+from fedcompute.task_cli import operators as _operators
+from fedcompute.task_cli import settings_or_exit as _settings
 
-ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
 app = typer.Typer(help="fedcompute: federated-compute server suite.", no_args_is_help=True)
-task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True)
 devices_app = typer.Typer(help="Simulated device fleets.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 app.add_typer(devices_app, name="devices")
 keys_app = typer.Typer(help="Key provider set-up.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(privacy_app, name="privacy")
-
-
-def _settings(**overrides: Any) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        typer.echo(f"invalid settings: {problems}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _stop_on_signal() -> threading.Event:
@@ -65,10 +53,14 @@ def demo(
     ] = None,
     clip: Annotated[float, typer.Option(min=0.0, help="DP: L2 clip norm (initial, if adaptive).")] = 2.0,
     adaptive_clip: Annotated[bool, typer.Option("--adaptive-clip", help="DP: adapt the clip norm.")] = False,
+    model: Annotated[
+        str | None, typer.Option(help="Your model: PATH.py:FUNCTION (64 inputs, 10 classes) instead of the built-in.")
+    ] = None,
 ) -> None:
     """Run a whole federated training job on this machine and report accuracy per round."""
     import tempfile
 
+    from fedcompute.clients.builder import BuildError
     from fedcompute.clients.demo import (
         DEMO_SETTINGS,
         DemoPrivacy,
@@ -85,7 +77,11 @@ def demo(
         **DEMO_SETTINGS, workdir=work, database_url=database_url, key_services=key_services, threshold=threshold
     )
     privacy = DemoPrivacy(epsilon, delta or default_delta(devices), clip, adaptive_clip) if dp else None
-    result = run_demo(settings, devices, rounds, seed, timeout, privacy)
+    try:
+        result = run_demo(settings, devices, rounds, seed, timeout, privacy, model)
+    except BuildError as exc:
+        typer.echo(f"the model cannot be a plan: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(format_table(result))
     plot_path = plot or work / "accuracy.png"
     write_plot(result, plot_path)
@@ -196,17 +192,6 @@ def keys_trust(
     typer.echo(f"trusted providers written to {out}")
 
 
-def _operators(server: str) -> Any:
-    from fedcompute.clients.typed import TaskManagementClient
-    from fedcompute.rpc.channels import open_channel
-
-    return TaskManagementClient(open_channel(server), 30.0)
-
-
-def _print(message: Any) -> None:
-    typer.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
-
-
 @app.command("audit")
 def audit_cmd(
     task: Annotated[str, typer.Option(help="The task whose published versions to check.")],
@@ -234,106 +219,6 @@ def audit_cmd(
             raise typer.Exit(1)
 
     _call(run)
-
-
-@task_app.command("create")
-def task_create(
-    population: Annotated[str, typer.Option(help="Population name.")],
-    server: ServerOpt = "127.0.0.1:8700",
-    architecture: Annotated[str, typer.Option(help="Model architecture id.")] = "digits-mlp-v1",
-    rounds: Annotated[int, typer.Option()] = 5,
-    report_goal: Annotated[int, typer.Option()] = 16,
-    max_cohort: Annotated[int, typer.Option()] = 20,
-    seed: Annotated[int, typer.Option(help="Initial weights seed.")] = 0,
-    weights: Annotated[Path | None, typer.Option(help="Initial weights (safetensors).")] = None,
-    min_client_version: Annotated[str, typer.Option()] = "",
-    max_client_version: Annotated[str, typer.Option()] = "",
-    local_epochs: Annotated[int, typer.Option()] = 5,
-    batch_size: Annotated[int, typer.Option()] = 16,
-    learning_rate: Annotated[float, typer.Option()] = 0.1,
-    momentum: Annotated[float, typer.Option()] = 0.9,
-    min_clients: Annotated[int, typer.Option(help="Fewest contributions a release may cover (0: report goal).")] = 0,
-    round_deadline_s: Annotated[int, typer.Option(help="Round deadline in seconds (0: default 3600).")] = 0,
-    upload_deadline_s: Annotated[int, typer.Option(help="Upload deadline after reporting (0: 600).")] = 0,
-    local_compute_deadline_s: Annotated[int, typer.Option(help="Report deadline after check-in (0: 600).")] = 0,
-) -> None:
-    """Create a training task: register its access policy with every key service (FEDCOMPUTE_KEY_SERVICE_ADDRESSES,
-    the operator's FEDCOMPUTE_KEY_ADMIN_TOKEN), then create it at the server."""
-    from fedcompute.attestation.measure import measure
-    from fedcompute.clients.operator import RegistrationFailed, create_task
-    from fedcompute.core.errors import FedcomputeError, InvalidArgument
-    from fedcompute.keys.trust import load_trusted
-    from fedcompute.suite import key_admin_token, operator_key_clients
-    from fedcompute.v1 import task_management_pb2 as tm
-
-    spec = tm.TaskSpec(
-        population_name=population,
-        model_architecture=architecture,
-        initial_weights=weights.read_bytes() if weights else b"",
-        initial_seed=seed,
-        rounds=rounds,
-        report_goal=report_goal,
-        max_cohort=max_cohort,
-        min_client_version=min_client_version,
-        max_client_version=max_client_version,
-        hyperparameters=tm.TrainingHyperparameters(
-            local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum
-        ),
-        min_clients=min_clients,
-        round_deadline_s=round_deadline_s,
-        upload_deadline_s=upload_deadline_s,
-        local_compute_deadline_s=local_compute_deadline_s,
-    )
-    settings = _settings()
-    configure_logging(json_lines=False, level=logging.WARNING)
-    measurements = settings.allowed_measurements or [measure()]
-    try:
-        keys = operator_key_clients(settings, key_admin_token(settings))
-        trusted = load_trusted(settings.trusted_providers_path())
-        _call(lambda: _print(create_task(_operators(server), keys, trusted, settings.threshold, spec, measurements)))
-    except InvalidArgument as exc:
-        typer.echo(f"INVALID_ARGUMENT: {exc.public_message}", err=True)
-        raise typer.Exit(1) from None
-    except (FedcomputeError, RegistrationFailed, OSError) as exc:
-        typer.echo(f"task not created: {exc}", err=True)
-        raise typer.Exit(1) from None
-
-
-@task_app.command("get")
-def task_get(task_id: str, server: ServerOpt = "127.0.0.1:8700") -> None:
-    """Show a task."""
-    from fedcompute.v1 import task_management_pb2 as tm
-
-    _call(lambda: _print(_operators(server).get_task(tm.GetTaskRequest(task_id=task_id)).task))
-
-
-@task_app.command("list")
-def task_list(
-    server: ServerOpt = "127.0.0.1:8700",
-    population: Annotated[str, typer.Option(help="Only this population.")] = "",
-) -> None:
-    """List tasks."""
-    from fedcompute.v1 import task_management_pb2 as tm
-
-    _call(lambda: _print(_operators(server).list_tasks(tm.ListTasksRequest(population_name=population))))
-
-
-@task_app.command("cancel")
-def task_cancel(
-    task_id: str, server: ServerOpt = "127.0.0.1:8700", reason: Annotated[str, typer.Option()] = ""
-) -> None:
-    """Cancel a task (its open round stops admitting devices)."""
-    from fedcompute.v1 import task_management_pb2 as tm
-
-    _call(lambda: _print(_operators(server).cancel_task(tm.CancelTaskRequest(task_id=task_id, reason=reason)).task))
-
-
-def _call(action: Any) -> None:
-    try:
-        action()
-    except grpc.RpcError as exc:
-        typer.echo(f"{exc.code().name}: {exc.details()}", err=True)
-        raise typer.Exit(1) from None
 
 
 @devices_app.command("simulate")

@@ -148,6 +148,9 @@ def population_key() -> common_pb2.PublicKey:
     return key
 
 
+PAYLOAD_METADATA = {"metrics": {"accuracy": 0.75, "loss": 0.5}, "num_examples": NUM_EXAMPLES}
+
+
 def plan_bytes() -> bytes:
     spec = TaskSpec(
         population_name=POPULATION, model_architecture=ARCHITECTURE, rounds=5, report_goal=16, max_cohort=20
@@ -546,8 +549,10 @@ def payload_vector() -> dict[str, Any]:
     bias = (torch.arange(10, dtype=torch.float32) - 5) / 8
     tensors = {"0.weight": weight, "0.bias": bias}
     assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
-    checkpoints.check_schema(ARCHITECTURE, tensors)
-    data = checkpoints.encode(tensors, {"num_examples": NUM_EXAMPLES})
+    from fedcompute.core import plans
+
+    plans.check_tensors(plans.parse(plan_bytes()).schema(), tensors)
+    data = checkpoints.encode(tensors, PAYLOAD_METADATA)
     header_len = int.from_bytes(data[:8], "little")
     header = data[8 : 8 + header_len].decode()
     weight_data = data[8 + header_len + 40 :]
@@ -557,7 +562,7 @@ def payload_vector() -> dict[str, Any]:
             {"name": "0.bias", "dtype": "F32", "shape": [10], "values": "bias[i] = (i - 5) / 8"},
             {"name": "0.weight", "dtype": "F32", "shape": [10, 64], "values": "weight[i][j] = (64*i + j - 320) / 256"},
         ],
-        "metadata": {"num_examples": NUM_EXAMPLES},
+        "metadata": PAYLOAD_METADATA,
         "header_length": header_len,
         "header_json": header.rstrip(" "),
         "header_padding_spaces": len(header) - len(header.rstrip(" ")),
@@ -764,7 +769,12 @@ def markdown(v: dict[str, Any]) -> str:
     out += _signatures("the statement", ks["signatures"])
     pl = v["plan"]
     out.append("### V6. Plan resource\n")
-    out.append(f"```\n{pl['plan_json']}\n```\n")
+    shown = json.loads(pl["plan_json"])
+    program = shown["program"]["exported_program"]
+    shown["program"]["exported_program"] = f"... ({len(program)} characters of torch.export JSON; in the file)"
+    body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(shown.items()))
+    out.append(f"```\n{{\n{body}\n}}\n```\n")
+    out.append("As sent, the plan is that object without whitespace (`docs/test-vectors.json` has it whole).\n")
     out.append(f"{pl['size_bytes']} bytes, sha256 `{pl['sha256_hex']}`.\n")
     c = v["contribution_context"]
     out.append("### V7. Contribution context (HPKE info)\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import InvalidArgument
+from fedcompute.core.plans import check_tensors
 from fedcompute.keys import hpke
 from fedcompute.keys.envelope import parse_envelope
 
@@ -28,14 +29,16 @@ class JobContext:
     aggregation_id: str
     model_version: int
     plan_sha256_hex: str
-    model_architecture: str
     policy_sha256_hex: str
+    schema: Mapping[str, tuple[tuple[int, ...], torch.dtype]]  # from the plan, once per job
+    metrics: tuple[str, ...] = ()  # the plan's metrics, which contributions may report
 
 
 @dataclass(frozen=True)
 class Opened:
     update: dict[str, torch.Tensor]
     num_examples: int
+    metrics: dict[str, float]
 
 
 class Rejected(Exception):
@@ -75,19 +78,33 @@ def open_contribution(
         plaintext = hpke.open_sealed(envelope.ciphertext, key, expected.encode())
     except hpke.DecryptionError:
         raise Rejected("decrypt_failed") from None
-    return _parse_payload(plaintext, job.model_architecture)
+    return _parse_payload(plaintext, job)
 
 
-def _parse_payload(plaintext: bytes, arch_id: str) -> Opened:
+def _parse_payload(plaintext: bytes, job: JobContext) -> Opened:
     try:
         update = checkpoints.decode(plaintext)
-        checkpoints.check_schema(arch_id, update)
+        check_tensors(job.schema, update)
         meta = checkpoints.decode_metadata(plaintext)
     except ValueError:
         raise Rejected("bad_payload") from None
     examples = meta.get("num_examples")
-    if not isinstance(examples, int) or not 0 < examples <= MAX_EXAMPLES:
+    if not isinstance(examples, int) or isinstance(examples, bool) or not 0 < examples <= MAX_EXAMPLES:
         raise Rejected("bad_payload")
     if not all(math.isfinite(float(t.abs().max())) for t in update.values() if t.numel()):
         raise Rejected("non_finite")
-    return Opened(update, examples)
+    return Opened(update, examples, _metrics(meta.get("metrics", {}), job.metrics))
+
+
+def _metrics(reported: object, allowed: tuple[str, ...]) -> dict[str, float]:
+    """A contribution's metrics: only the plan's, each a finite number in its range (else ``bad_metrics``)."""
+    if not isinstance(reported, dict) or not set(reported) <= set(allowed):
+        raise Rejected("bad_metrics")
+    out: dict[str, float] = {}
+    for name, value in reported.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Rejected("bad_metrics")
+        if value < 0 or (name != "loss" and value > 1):
+            raise Rejected("bad_metrics")
+        out[name] = float(value)
+    return out

@@ -31,3 +31,21 @@ class StreamingMean:
         if self.count == 0:
             raise ValueError("no contribution was added")
         return {k: (v / self._weight).to(torch.float32).contiguous() for k, v in self._sum.items()}
+
+
+class MetricMean:
+    """Example-weighted means of the metrics contributions report (each metric over those that reported it)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+        self.examples = 0
+
+    def add(self, metrics: Mapping[str, float], examples: int) -> None:
+        for name, value in metrics.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value * examples
+            self._weights[name] = self._weights.get(name, 0.0) + examples
+        self.examples += examples
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self._weights[name] for name, total in sorted(self._sums.items())}

@@ -14,15 +14,16 @@ import structlog
 
 from fedcompute.aggregator.contributions import JobContext, Rejected, open_contribution
 from fedcompute.aggregator.dp import BelowMinimum, DpSum
-from fedcompute.aggregator.fedavg import StreamingMean
+from fedcompute.aggregator.fedavg import MetricMean, StreamingMean
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
 from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, derive_noise_key
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
 from fedcompute.clients.typed import AggregationClient
-from fedcompute.core import checkpoints
+from fedcompute.core import checkpoints, plans
 from fedcompute.core.context import input_set_digest
+from fedcompute.core.errors import InvalidArgument
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
-from fedcompute.v1 import aggregation_pb2
+from fedcompute.v1 import aggregation_pb2, common_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
 
@@ -60,6 +61,14 @@ class AggregatorWorker:
         if problem:
             self._fail(job, problem, retryable=False)
             return
+        if hashlib.sha256(job.plan).hexdigest() != job.plan_sha256_hex:
+            self._fail(job, "the job's plan does not hash to the plan_sha256_hex its contributions are bound to", False)
+            return
+        try:
+            plan = plans.parse(job.plan, max_bytes=len(job.plan))
+        except InvalidArgument as exc:
+            self._fail(job, f"the task's plan is refused: {exc}", retryable=False)
+            return
         policy_hash = policy.sha256_hex()
         context = JobContext(
             job.population_name,
@@ -68,9 +77,11 @@ class AggregatorWorker:
             job.aggregation_id,
             job.model_version,
             job.plan_sha256_hex,
-            job.model_architecture,
             policy_hash,
+            {} if plan.kind == "evaluation" else plan.schema(),
+            plan.metrics,
         )
+        metrics = MetricMean()
         keys = JobKeys(self._keys, job, policy_hash, inputs)
         mean: StreamingMean | DpSum = DpSum(dp) if dp else StreamingMean()
         rejections: Counter[str] = Counter()
@@ -96,6 +107,7 @@ class AggregatorWorker:
                     mean.add(opened.update)  # uniform weights under DP: example counts would leak
                 else:
                     mean.add(opened.update, float(opened.num_examples))
+                    metrics.add(opened.metrics, opened.num_examples)  # under DP metrics are left out
                 if time.monotonic() > next_extension:
                     self._jobs.extend_lease(
                         aggregation_pb2.ExtendLeaseRequest(job_id=job.job_id, lease_id=job.lease_id)
@@ -144,6 +156,8 @@ class AggregatorWorker:
                 rejected_contributions=rejected,
                 rejections=[aggregation_pb2.RejectionCount(reason=r, count=c) for r, c in sorted(rejections.items())],
                 note=_faulty_note(keys.faulty_providers),
+                metrics=[common_pb2.MetricValue(name=k, value=v) for k, v in metrics.means().items()],
+                metric_examples=metrics.examples,
             )
         )
         log.info("job_aggregated", job_id=job.job_id, accepted=mean.count, rejected=rejected)

@@ -1,8 +1,9 @@
-"""Handwritten-digits data for simulated devices: a held-out split and non-IID device shards.
+"""Data for simulated devices: a held-out split and non-IID device shards of a bundled scikit-learn data set.
 
-The data is scikit-learn's bundled 8x8 handwritten digits (1797 images, no download). Features are scaled to
-``[0, 1]`` as float32 and labels are int64. Every function here is deterministic for its ``seed``: randomness comes
-only from a :class:`numpy.random.Generator` built from that seed, never from global state.
+``digits``: the 8x8 handwritten digits (1797 images, 10 classes), features scaled to ``[0, 1]`` as float32, int64
+labels. ``breast_cancer``: the Wisconsin diagnostic data (569 examples, 30 features, binary), features standardised
+as float32, float32 0/1 labels (for BCE). No download. Every function here is deterministic for its ``seed``:
+randomness comes only from a :class:`numpy.random.Generator` built from that seed, never from global state.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits
 
 FloatArray = npt.NDArray[np.float32]
-LabelArray = npt.NDArray[np.int64]
+LabelArray = npt.NDArray[np.int64] | npt.NDArray[np.float32]
 IndexArray = npt.NDArray[np.intp]
 
 NUM_FEATURES = 64
@@ -26,16 +27,16 @@ MIN_EXAMPLES_PER_DEVICE = 10
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """A set of examples: ``features`` (float32, N x 64, values in [0, 1]) and ``labels`` (int64, N)."""
+    """A set of examples: ``features`` (float32, N x F) and ``labels`` (N: int64 classes or float32 targets)."""
 
     features: FloatArray
     labels: LabelArray
 
     def __post_init__(self) -> None:
-        if self.features.ndim != 2 or self.features.shape[1] != NUM_FEATURES:
-            raise ValueError(f"features must have shape (N, {NUM_FEATURES}), got {self.features.shape}")
-        if self.labels.shape != (self.features.shape[0],):
-            raise ValueError(f"labels must have shape ({self.features.shape[0]},), got {self.labels.shape}")
+        if self.features.ndim < 2:
+            raise ValueError(f"features must have shape (N, ...), got {self.features.shape}")
+        if self.labels.ndim < 1 or self.labels.shape[0] != self.features.shape[0]:
+            raise ValueError(f"labels must have shape ({self.features.shape[0]}, ...), got {self.labels.shape}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -56,18 +57,33 @@ def _all_digits() -> Split:
     return Split(features=features, labels=labels)
 
 
-def train_test_split(seed: int, test_fraction: float = 0.25) -> tuple[Split, Split]:
-    """Split the digits into (train, test), stratified by label and deterministic for ``seed``.
+@lru_cache(maxsize=1)
+def _all_breast_cancer() -> Split:
+    """The breast-cancer data set, each feature standardised over the whole set (a public, fixed transform)."""
+    bunch = load_breast_cancer()
+    raw = np.asarray(bunch.data, dtype=np.float64)
+    features: FloatArray = ((raw - raw.mean(axis=0)) / raw.std(axis=0)).astype(np.float32)
+    labels: LabelArray = np.asarray(bunch.target, dtype=np.float32)
+    features.setflags(write=False)
+    labels.setflags(write=False)
+    return Split(features=features, labels=labels)
+
+
+COLLECTIONS = {"digits": _all_digits, "breast_cancer": _all_breast_cancer}
+
+
+def train_test_split(seed: int, test_fraction: float = 0.25, collection: str = "digits") -> tuple[Split, Split]:
+    """Split a collection into (train, test), stratified by label and deterministic for ``seed``.
 
     Each class contributes ``round(test_fraction * class_size)`` examples to the test split. Both splits are
     returned sorted by original example index.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    data = _all_digits()
+    data = COLLECTIONS[collection]()
     rng = np.random.default_rng(seed)
     test_parts: list[IndexArray] = []
-    for label in range(NUM_CLASSES):
+    for label in np.unique(data.labels):
         members = rng.permutation(np.flatnonzero(data.labels == label))
         test_parts.append(members[: round(test_fraction * members.size)])
     is_test = np.zeros(len(data), dtype=bool)

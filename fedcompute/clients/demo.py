@@ -12,12 +12,14 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from fedcompute.clients.builder import TaskBuilder
 from fedcompute.clients.dataset import Split, non_iid_shards, train_test_split
 from fedcompute.clients.device import Trust, download
 from fedcompute.clients.fleet import Fleet
-from fedcompute.clients.training import DEFAULT_PLAN_HYPERPARAMETERS, TrainingConfig, evaluate, train_central
+from fedcompute.clients.training import evaluate, train_central
 from fedcompute.clients.typed import KeyClient, ResourceClient, TaskManagementClient
-from fedcompute.core import checkpoints
+from fedcompute.core import checkpoints, plans
+from fedcompute.core.plans import Optimizer, Training
 from fedcompute.core.settings import Settings
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
@@ -27,6 +29,8 @@ from fedcompute.v1 import task_management_pb2 as tm
 
 log = structlog.get_logger("fedcompute.demo")
 ARCHITECTURE = "digits-mlp-v1"
+LOCAL_TRAINING = {"local_epochs": 10, "batch_size": 16, "learning_rate": 0.1, "momentum": 0.9}
+"""Local training the demo's plans use (tuned for 20 non-IID devices, 16 reporting per round, 5 rounds)."""
 POPULATION = "demo-digits"
 FINISHED = {
     tm.TASK_STATUS_COMPLETED,
@@ -76,6 +80,7 @@ class RoundRow:
     rejected_contributions: int
     epsilon: float = 0.0
     clip_norm: float = 0.0
+    device_metrics: dict[str, float] | None = None  # the devices' own training metrics, aggregated (non-DP)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ class DemoResult:
     elapsed_s: float
     dp: dict[str, float | bool | str] | None = None
     audit_findings: list[str] | None = None  # `fedcompute audit` of the task at the end: [] means clean
+    model: str = ARCHITECTURE
+    parameters: int = 0
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -100,8 +107,11 @@ class DemoResult:
         return data
 
 
-def task_spec(devices: int, rounds: int, seed: int, privacy: DemoPrivacy | None = None) -> tm.TaskSpec:
-    hp = DEFAULT_PLAN_HYPERPARAMETERS
+def task_spec(
+    devices: int, rounds: int, seed: int, privacy: DemoPrivacy | None = None, model: str | None = None
+) -> tm.TaskSpec:
+    """The demo task: the built-in MLP, or (``model``) a user's model function built by the TaskBuilder."""
+    hp = LOCAL_TRAINING
     report_goal = max(1, math.ceil(0.8 * devices))
     dp = tm.DpConfig()
     if privacy:
@@ -113,13 +123,19 @@ def task_spec(devices: int, rounds: int, seed: int, privacy: DemoPrivacy | None 
             l2_clip_norm=privacy.clip,
             adaptive_clip=privacy.adaptive_clip,
         )
+    common = {"dp": dp, "population_name": POPULATION, "rounds": rounds, "report_goal": report_goal}
+    if model:
+        builder = TaskBuilder.from_function(
+            model,
+            optimizer=Optimizer("sgd", float(hp["learning_rate"]), momentum=float(hp["momentum"])),
+            training=Training(int(hp["local_epochs"]), int(hp["batch_size"])),
+        )
+        built = builder.build()
+        log.warning("model_built", summary=built.summary())
+        return builder.spec(built, max_cohort=devices, **common)
     return tm.TaskSpec(
-        dp=dp,
-        population_name=POPULATION,
         model_architecture=ARCHITECTURE,
         initial_seed=seed,
-        rounds=rounds,
-        report_goal=report_goal,
         max_cohort=devices,
         hyperparameters=tm.TrainingHyperparameters(
             local_epochs=int(hp["local_epochs"]),
@@ -127,11 +143,18 @@ def task_spec(devices: int, rounds: int, seed: int, privacy: DemoPrivacy | None 
             learning_rate=float(hp["learning_rate"]),
             momentum=float(hp["momentum"]),
         ),
+        **common,  # type: ignore[arg-type]
     )
 
 
 def run_demo(
-    settings: Settings, devices: int, rounds: int, seed: int, timeout_s: float, privacy: DemoPrivacy | None = None
+    settings: Settings,
+    devices: int,
+    rounds: int,
+    seed: int,
+    timeout_s: float,
+    privacy: DemoPrivacy | None = None,
+    model: str | None = None,
 ) -> DemoResult:
     started = time.monotonic()
     torch.set_num_threads(1)  # many small models on few cores: avoid thread oversubscription
@@ -143,22 +166,29 @@ def run_demo(
         channel = open_channel(suite.server_address)
         operators = TaskManagementClient(channel, settings.rpc_timeout_s)
         resources = ResourceClient(channel, settings.rpc_timeout_s)
-        task = suite.create_task(task_spec(devices, rounds, seed, privacy))
+        task = suite.create_task(task_spec(devices, rounds, seed, privacy, model))
+        plan = plans.parse(download(resources, task.plan))
+        start = checkpoints.decode(
+            download(
+                resources,
+                operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions[0].checkpoint,
+            )
+        )
         _wait_for_key(suite.key_addresses[0], settings.rpc_timeout_s)
         trust = Trust(load_trusted(suite.settings.trusted_providers_path()), settings.threshold)
         fleet = Fleet(suite.server_address, POPULATION, shards, seed, trust, max_sleep_s=0.5).start()
-        rows, initial = _follow(operators, resources, task.task_id, rounds, test, timeout_s)
+        rows, initial = _follow(operators, resources, task.task_id, rounds, test, timeout_s, plan)
         findings = suite.audit(task.task_id).findings
     finally:
         if fleet:
             fleet.stop()
         suite.stop()
-    central = train_central(ARCHITECTURE, train, TrainingConfig.from_plan(DEFAULT_PLAN_HYPERPARAMETERS), 30, seed)
+    central = train_central(plan, start, train, 30, seed)
     return DemoResult(
         rounds=rows,
         final_accuracy=rows[-1].accuracy if rows else initial,
         initial_accuracy=initial,
-        central_accuracy=evaluate(ARCHITECTURE, central, test),
+        central_accuracy=evaluate(plan, central, test)["accuracy"],
         devices=devices,
         key_services=settings.key_services,
         threshold=settings.threshold,
@@ -168,6 +198,8 @@ def run_demo(
         elapsed_s=round(time.monotonic() - started, 1),
         dp=_dp_summary(task) if privacy else None,
         audit_findings=findings,
+        model=task.model_name,
+        parameters=task.parameter_count,
     )
 
 
@@ -202,6 +234,7 @@ def _follow(
     rounds: int,
     test: Split,
     timeout_s: float,
+    plan: plans.Plan,
 ) -> tuple[list[RoundRow], float]:
     """Watch model versions appear; evaluate each on the held-out split; stop when the task finishes."""
     rows: list[RoundRow] = []
@@ -218,20 +251,22 @@ def _follow(
                     continue
                 seen.add(version.version)
                 weights = checkpoints.decode(download(resources, version.checkpoint))
-                accuracy = evaluate(ARCHITECTURE, weights, test)
+                accuracy = evaluate(plan, weights, test)["accuracy"]
                 if version.version == 1:
                     initial = accuracy
                     continue
-                counts = _round_counts(operators, task_id, version.round)
+                it = _completed_round(operators, task_id, version.round)
                 rows.append(
                     RoundRow(
                         version.round,
                         version.version,
                         version.contributions,
                         round(accuracy, 4),
-                        *counts,
+                        it.accepted_contributions if it else 0,
+                        it.rejected_contributions if it else 0,
                         epsilon=round(version.epsilon_spent, 4),
                         clip_norm=round(version.clip_norm, 4),
+                        device_metrics={m.name: round(m.value, 4) for m in it.metrics} if it else None,
                     )
                 )
                 bar.set_postfix(accuracy=f"{accuracy:.3f}")
@@ -245,24 +280,30 @@ def _follow(
             time.sleep(0.2)
 
 
-def _round_counts(operators: TaskManagementClient, task_id: str, round_: int) -> tuple[int, int]:
-    """Accepted and rejected contributions of the round attempt that completed."""
+def _completed_round(operators: TaskManagementClient, task_id: str, round_: int) -> tm.Iteration | None:
+    """The round attempt that completed (its counts and aggregated device metrics)."""
     for it in operators.list_iterations(tm.ListIterationsRequest(task_id=task_id)).iterations:
         if it.round == round_ and it.status == tm.ITERATION_STATUS_COMPLETED:
-            return it.accepted_contributions, it.rejected_contributions
-    return 0, 0
+            return it
+    return None
 
 
 def format_table(result: DemoResult) -> str:
     dp = result.dp is not None
-    extra = f"  {'epsilon':>8}  {'clip':>7}" if dp else ""
+    extra = f"  {'epsilon':>8}  {'clip':>7}" if dp else f"  {'device loss':>11}  {'device acc':>10}"
     lines = [
+        f"model {result.model}: {result.parameters:,} parameters",
         f"{'round':>5}  {'model version':>13}  {'contributions':>13}  {'rejected':>8}  {'accuracy':>8}{extra}",
         f"{0:>5}  {1:>13}  {'-':>13}  {'-':>8}  {result.initial_accuracy:>8.4f}"
-        + (f"  {0:>8.3f}  {'-':>7}" if dp else ""),
+        + (f"  {0:>8.3f}  {'-':>7}" if dp else f"  {'-':>11}  {'-':>10}"),
     ]
     for r in result.rounds:
-        tail = f"  {r.epsilon:>8.3f}  {r.clip_norm:>7.3f}" if dp else ""
+        m = r.device_metrics or {}
+        tail = (
+            f"  {r.epsilon:>8.3f}  {r.clip_norm:>7.3f}"
+            if dp
+            else f"  {_fmt(m.get('loss')):>11}  {_fmt(m.get('accuracy')):>10}"
+        )
         lines.append(
             f"{r.round:>5}  {r.model_version:>13}  {r.contributions:>13}  {r.rejected_contributions:>8}  "
             f"{r.accuracy:>8.4f}{tail}"
@@ -284,6 +325,10 @@ def format_table(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def write_plot(result: DemoResult, path: Path) -> None:
     import matplotlib
 
@@ -295,10 +340,15 @@ def write_plot(result: DemoResult, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, ys, marker="o", label="federated (held-out)")
     ax.axhline(result.central_accuracy, color="grey", linestyle="--", label="central baseline")
+    device = [
+        (r.round, (r.device_metrics or {})["accuracy"]) for r in result.rounds if "accuracy" in (r.device_metrics or {})
+    ]
+    if device:
+        ax.plot(*zip(*device, strict=True), marker="^", linestyle=":", label="devices' own (aggregated)")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"fedcompute demo: {result.devices} devices, digits")
+    ax.set_title(f"fedcompute demo: {result.devices} devices, digits, {result.model}")
     if result.dp:
         eps_ax = ax.twinx()
         eps_ax.plot(xs, [0.0] + [r.epsilon for r in result.rounds], color="tab:red", marker="s", label="ε spent")

@@ -14,12 +14,13 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_afte
 from tenacity.stop import stop_base
 
 from fedcompute.clients.dataset import Split
-from fedcompute.clients.training import TrainingConfig, train_local
+from fedcompute.clients.examples import ExampleStore, ShardStore
+from fedcompute.clients.training import train_local
 from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient
-from fedcompute.core import checkpoints
+from fedcompute.core import checkpoints, plans, programs
 from fedcompute.core.context import ContributionContext
+from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.policy import DeviceFloor
-from fedcompute.core.tasks import parse_plan
 from fedcompute.keys import hpke
 from fedcompute.keys.envelope import seal_contribution
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
@@ -88,6 +89,7 @@ class Device:
     rng: random.Random = field(default_factory=random.Random)
     done: set[tuple[str, int]] = field(default_factory=set)
     on_payload: Callable[[bytes], None] | None = None  # tests: see the plaintext this device sealed
+    examples: ExampleStore | None = None  # default: ``data`` as the "digits" collection
 
     def participate(self) -> Participated | Rejected:
         response = self.assignments.create_task_assignment(
@@ -111,19 +113,22 @@ class Device:
         except (UntrustedKey, UntrustedPolicy):
             self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_FAILED_OPS_ERROR))
             return Participated(assignment.task_id, assignment.round, False, refused_key=True)
-        plan = parse_plan(download(self.resources, assignment.plan))
+        try:
+            plan = plans.parse(download(self.resources, assignment.plan))
+            programs.check_program(plan.program)
+        except InvalidArgument:  # a plan this device cannot run: never loaded, reported as an error
+            self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_FAILED_OPS_ERROR))
+            return Participated(assignment.task_id, assignment.round, False)
+        data = (self.examples or ShardStore({"digits": self.data})).select(plan.example_selector)
+        if data is None or len(data) == 0:
+            self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_NOT_ELIGIBLE))
+            return Participated(assignment.task_id, assignment.round, False)
         weights = checkpoints.decode(download(self.resources, assignment.checkpoint))
-        delta, examples = train_local(
-            str(plan["model_architecture"]),
-            weights,
-            self.data,
-            TrainingConfig.from_plan(plan),
-            seed=self.rng.randrange(2**31),
-        )
+        result = train_local(plan, weights, data, seed=self.rng.randrange(2**31))
         report = self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_COMPLETED))
         if not report.HasField("upload_instruction"):
             return Participated(assignment.task_id, assignment.round, False)
-        payload = checkpoints.encode(delta, {"num_examples": examples})
+        payload = checkpoints.encode(result.delta, {"num_examples": result.examples, "metrics": result.metrics})
         if self.on_payload:
             self.on_payload(payload)
         envelope = seal_contribution(payload, context_of(assignment), assignment.encryption_key.public_key)

@@ -15,7 +15,6 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
-from fedcompute.core.architectures import ARCHITECTURES
 from fedcompute.core.policy import AccessPolicy, for_task
 from fedcompute.keys.policy import check_signed, to_message
 from fedcompute.server.encoding import decode_spec
@@ -32,7 +31,7 @@ class RegistrationFailed(Exception):
 def resolve_policy(spec: tm.TaskSpec, measurements: Sequence[str]) -> tuple[tm.TaskSpec, AccessPolicy]:
     """Validate the spec here (raising ``InvalidArgument``), calibrate DP, and build its access policy."""
     domain = decode_spec(spec)
-    domain.validate(set(ARCHITECTURES))
+    domain.validate()
     resolved = domain.resolved()
     sent = tm.TaskSpec()
     sent.CopyFrom(spec)

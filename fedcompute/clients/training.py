@@ -1,9 +1,9 @@
-"""Local training on a simulated device, evaluation, and the centrally trained baseline.
+"""Local training and evaluation as a plan says: its program, loss, optimizer, epochs, batch size and metrics.
 
-A device receives the global weights and a plan's local hyperparameters, runs mini-batch SGD with cross-entropy on
-its own shard and reports the weight delta (new minus old) together with its example count, which is what the
-server's federated averaging consumes. Shuffling uses a :class:`torch.Generator` seeded per call; global torch RNG
-state and thread settings are left untouched.
+A device loads the plan's program with the global weights (``programs.load_module``: no pickle, no code from the
+server), trains on its examples and returns the weight delta (new minus old, per parameter), its example count
+and its metrics on its own data, which go inside the encrypted envelope. Shuffling uses a
+:class:`torch.Generator` seeded per call; global torch RNG state and thread settings are left untouched.
 """
 
 from __future__ import annotations
@@ -11,132 +11,110 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional
 
 from fedcompute.clients.dataset import Split
-from fedcompute.core.architectures import build_model, state_dict_of
-
-DEFAULT_PLAN_HYPERPARAMETERS: dict[str, float | int] = {
-    "local_epochs": 10,
-    "batch_size": 16,
-    "learning_rate": 0.1,
-    "momentum": 0.9,
-}
-"""Local hyperparameters the demo plan uses (tuned for 20 non-IID devices, 16 reporting per round, 5 rounds)."""
-
-
-def _plan_int(plan: Mapping[str, object], key: str) -> int:
-    value = plan.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"plan key {key!r} must be a positive integer, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"plan key {key!r} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _plan_float(plan: Mapping[str, object], key: str, default: float | None = None) -> float:
-    value = plan.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"plan key {key!r} must be a number, got {value!r}")
-    return float(value)
+from fedcompute.core.plans import Plan
+from fedcompute.core.programs import load_module
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    """Local SGD hyperparameters; every value is checked on construction (``ValueError`` naming the key)."""
-
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
-    momentum: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.local_epochs < 1:
-            raise ValueError(f"local_epochs must be positive, got {self.local_epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if not self.learning_rate > 0.0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-
-    @classmethod
-    def from_plan(cls, plan: Mapping[str, object]) -> TrainingConfig:
-        """Read ``local_epochs``, ``batch_size``, ``learning_rate`` and optional ``momentum`` from a plan."""
-        return cls(
-            local_epochs=_plan_int(plan, "local_epochs"),
-            batch_size=_plan_int(plan, "batch_size"),
-            learning_rate=_plan_float(plan, "learning_rate"),
-            momentum=_plan_float(plan, "momentum", 0.0),
-        )
+class LocalResult:
+    delta: dict[str, torch.Tensor]  # new - old per parameter, float32, contiguous (empty when evaluating)
+    examples: int
+    metrics: dict[str, float]
 
 
-def _tensors(data: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of a split as torch tensors (float32 features, int64 labels)."""
-    return torch.tensor(data.features, dtype=torch.float32), torch.tensor(data.labels, dtype=torch.int64)
+def tensors(plan: Plan, data: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split as the plan's input and label tensors (dtypes from the plan)."""
+    features = torch.as_tensor(np.asarray(data.features), dtype=torch.float32)
+    dtype = torch.int64 if plan.labels.dtype == "int64" else torch.float32
+    return features, torch.as_tensor(np.asarray(data.labels)).to(dtype)
 
 
-def _model_with(arch_id: str, weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A model of ``arch_id`` holding ``weights`` (a seed is passed so global RNG state stays untouched)."""
-    model = build_model(arch_id, seed=0)
-    model.load_state_dict(dict(weights), strict=True)
-    return model
+def loss_of(plan: Plan, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if plan.loss == "cross_entropy":
+        return functional.cross_entropy(out, labels)
+    if plan.loss == "mse":
+        return functional.mse_loss(out, labels.view_as(out))
+    return functional.binary_cross_entropy_with_logits(out, labels.view_as(out))
 
 
-def _run_sgd(model: nn.Module, data: Split, config: TrainingConfig, epochs: int, seed: int) -> None:
-    """Mini-batch SGD with cross-entropy for ``epochs`` passes over ``data``, reshuffled each pass."""
-    features, labels = _tensors(data)
+def optimizer_for(plan: Plan, model: nn.Module) -> torch.optim.Optimizer:
+    o = plan.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps)
+    return torch.optim.SGD(model.parameters(), lr=o.learning_rate, momentum=o.momentum)
+
+
+def run_training(plan: Plan, model: nn.Module, data: Split, seed: int, epochs: int | None = None) -> int:
+    """Mini-batch training as the plan says (``epochs`` overrides its epochs); returns the steps taken."""
+    features, labels = tensors(plan, data)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
-    model.train()
-    for _ in range(epochs):
+    optimizer = optimizer_for(plan, model)
+    limit = plan.training.max_steps or None
+    steps = 0  # an exported graph's train/eval behaviour (dropout) is fixed at export: no .train() here
+    for _ in range(epochs or plan.training.epochs):
         order = torch.randperm(len(data), generator=generator)
-        for batch in torch.split(order, config.batch_size):
+        for batch in torch.split(order, plan.training.batch_size):
+            if limit is not None and steps >= limit:
+                return steps
             optimizer.zero_grad(set_to_none=True)
-            logits: torch.Tensor = model(features[batch])
-            torch.autograd.backward(functional.cross_entropy(logits, labels[batch]))
+            torch.autograd.backward(loss_of(plan, model(features[batch]), labels[batch]))
             optimizer.step()
+            steps += 1
+    return steps
 
 
-def train_local(
-    arch_id: str, weights: Mapping[str, torch.Tensor], data: Split, config: TrainingConfig, seed: int
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Train from ``weights`` on a device's ``data``; return (new - old per state-dict entry, example count).
-
-    The deltas are contiguous float32 tensors keyed like the model's state dict. With no data the delta is zero.
-    """
-    model = _model_with(arch_id, weights)
-    before = state_dict_of(model)
-    if len(data) > 0:
-        _run_sgd(model, data, config, config.local_epochs, seed)
-    after = state_dict_of(model)
+def metrics_of(plan: Plan, model: nn.Module, data: Split) -> dict[str, float]:
+    """The plan's metrics of ``model`` on ``data`` (AUC only where both classes occur); empty data: none."""
+    if len(data) == 0:
+        return {}
+    features, labels = tensors(plan, data)
     with torch.no_grad():
-        delta = {name: (after[name] - before[name]).contiguous() for name in before}
-    return delta, len(data)
+        out: torch.Tensor = model(features)
+        results: dict[str, float] = {}
+        if "loss" in plan.metrics:
+            results["loss"] = float(loss_of(plan, out, labels))
+        if "accuracy" in plan.metrics:
+            predicted = out.argmax(dim=1) if plan.loss == "cross_entropy" else (out.view(-1) > 0).to(labels.dtype)
+            results["accuracy"] = float((predicted == labels.view(-1)).float().mean())
+        if "auc" in plan.metrics and len(set(labels.view(-1).tolist())) == 2:
+            results["auc"] = float(roc_auc_score(labels.view(-1).numpy(), out.view(-1).numpy()))
+    return results
 
 
-def evaluate(arch_id: str, weights: Mapping[str, torch.Tensor], data: Split) -> float:
-    """Accuracy in [0, 1] of ``weights`` on ``data``; ``ValueError`` if ``data`` is empty."""
+def train_local(plan: Plan, weights: Mapping[str, torch.Tensor], data: Split, seed: int) -> LocalResult:
+    """Train from ``weights`` on a device's ``data`` (or only evaluate, for an evaluation plan)."""
+    model = load_module(plan.program, weights)
+    if plan.kind == "evaluation":
+        return LocalResult({}, len(data), metrics_of(plan, model, data))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if len(data) > 0:
+        run_training(plan, model, data, seed)
+    after = model.state_dict()
+    with torch.no_grad():
+        delta = {name: (after[name] - before[name]).to(torch.float32).contiguous() for name in before}
+    return LocalResult(delta, len(data), metrics_of(plan, model, data))
+
+
+def evaluate(plan: Plan, weights: Mapping[str, torch.Tensor], data: Split) -> dict[str, float]:
+    """The plan's metrics of ``weights`` on ``data``; ``ValueError`` if ``data`` is empty."""
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty split")
-    model = _model_with(arch_id, weights)
-    features, labels = _tensors(data)
-    model.eval()
-    with torch.no_grad():
-        logits: torch.Tensor = model(features)
-        correct = int((logits.argmax(dim=1) == labels).sum().item())
-    return correct / len(data)
+    return metrics_of(plan, load_module(plan.program, weights), data)
 
 
-def train_central(arch_id: str, data: Split, config: TrainingConfig, epochs: int, seed: int) -> dict[str, torch.Tensor]:
-    """The centrally trained baseline: a model initialised from ``seed`` trained on all of ``data`` for ``epochs``.
-
-    ``config.local_epochs`` is ignored in favour of ``epochs``.
-    """
+def train_central(
+    plan: Plan, weights: Mapping[str, torch.Tensor], data: Split, epochs: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """The centrally trained baseline: the plan's model from ``weights`` trained on all of ``data`` for ``epochs``."""
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
-    model = build_model(arch_id, seed=seed)
-    _run_sgd(model, data, config, epochs, seed)
-    return state_dict_of(model)
+    model = load_module(plan.program, weights)
+    run_training(plan, model, data, seed, epochs=epochs)
+    return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}

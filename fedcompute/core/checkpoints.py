@@ -1,4 +1,4 @@
-"""Model weights and updates as safetensors (never pickle): encode, decode, validate against an architecture.
+"""Model weights and updates as safetensors (never pickle): encode and decode; plans check them (``plans``).
 
 All metadata goes in one key so that the same tensors always give the same bytes (a stable content id).
 """
@@ -50,16 +50,3 @@ def decode_metadata(data: bytes) -> dict[str, object]:
 
 def initial_weights(arch_id: str, seed: int) -> dict[str, torch.Tensor]:
     return state_dict_of(build_model(arch_id, seed=seed))
-
-
-def check_schema(arch_id: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Raise ``ValueError`` unless names, shapes and dtypes match the architecture exactly."""
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in build_model(arch_id).state_dict().items()}
-    got = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
-    if set(expected) != set(got):
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(set(got) - set(expected))
-        raise ValueError(f"tensor names do not match {arch_id}: missing {missing}, unexpected {extra}")
-    for name, (shape, dtype) in expected.items():
-        if got[name] != (shape, dtype):
-            raise ValueError(f"tensor {name!r} is {got[name]}, {arch_id} needs {(shape, dtype)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,6 +23,8 @@ class TaskRecord:
     epsilon_spent: float = 0.0
     access_policy: bytes = b""  # serialized SignedAccessPolicy
     policy_sha256: str = ""
+    model_name: str = ""
+    parameter_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,25 @@ class IterationRecord:
     rejected: int
     note: str = ""
     clip_norm: float | None = None
+    metrics: RoundMetrics | None = None
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """A round's aggregated metrics (name -> value) and the examples behind them (0 when not disclosed)."""
+
+    values: dict[str, float]
+    examples: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"values": self.values, "examples": self.examples}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundMetrics | None:
+        if not text:
+            return None
+        doc = json.loads(text)
+        return cls({str(k): float(v) for k, v in doc["values"].items()}, int(doc["examples"]))
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,20 @@
-"""A task's specification, its validation, and the declarative plan devices download.
+"""A task's specification and its validation.
 
-The plan is JSON: an architecture id from the registry plus local-training hyperparameters. Never code.
+A task's plan (``core/plans.py``) is either sent with the spec (the TaskBuilder exports the user's model) or built
+from a built-in model the spec names (``core/architectures.py``), the same way.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
+from fedcompute.core import plans
+from fedcompute.core.architectures import ARCHITECTURES, builtin_plan
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.privacy import DpSpec
 from fedcompute.core.versions import parse_version
 
-PLAN_FORMAT = "fedcompute.plan.v1"
-PLAN_MEDIA_TYPE = "application/vnd.fedcompute.plan.v1+json"
+PLAN_MEDIA_TYPE = plans.MEDIA_TYPE
 CHECKPOINT_MEDIA_TYPE = "application/vnd.safetensors"
 
 
@@ -46,15 +47,25 @@ class TaskSpec:
     traffic_weight: float = 1.0
     min_separation_rounds: int = 1
     max_round_attempts: int = 0  # 0: the server's setting
+    plan: bytes = b""  # a plan v2 (the TaskBuilder's); empty: built from the built-in model_architecture
+    kind: str = "training"  # or "evaluation": devices evaluate the initial model and report metrics only
 
-    def validate(self, known_architectures: set[str]) -> None:
+    def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
         if not self.population_name.strip():
             raise InvalidArgument("spec.population_name", "must not be empty")
-        if self.model_architecture not in known_architectures:
-            known = ", ".join(sorted(known_architectures))
+        if self.kind not in plans.KINDS:
+            raise InvalidArgument("spec.kind", f"unknown kind {self.kind!r}; known: {', '.join(plans.KINDS)}")
+        if self.kind == "evaluation" and self.dp is not None:
             raise InvalidArgument(
-                "spec.model_architecture", f"unknown architecture {self.model_architecture!r}; known: {known}"
+                "spec.dp",
+                "evaluation tasks release metrics only, which this release does not noise: run them without DP",
+            )
+        if not self.plan and self.model_architecture not in ARCHITECTURES:
+            known = ", ".join(sorted(ARCHITECTURES))
+            raise InvalidArgument(
+                "spec.model_architecture",
+                f"unknown built-in model {self.model_architecture!r}; known: {known} (or send a plan)",
             )
         if self.rounds <= 0:
             raise InvalidArgument("spec.rounds", f"must be > 0, got {self.rounds}")
@@ -113,18 +124,11 @@ class TaskSpec:
         return replace(self, dp=self.dp.resolve(self.rounds, self.report_goal, self.max_cohort))
 
     def plan_bytes(self) -> bytes:
-        """The canonical plan JSON devices download."""
-        plan = {
-            "format": PLAN_FORMAT,
-            "model_architecture": self.model_architecture,
-            **asdict(self.hyperparameters),
-        }
-        return json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
-
-
-def parse_plan(data: bytes) -> dict[str, object]:
-    """Parse plan JSON, refusing anything not in our format."""
-    plan = json.loads(data)
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
-        raise ValueError(f"not a {PLAN_FORMAT} plan")
-    return plan
+        """The plan devices download: the one sent, or the built-in model's."""
+        if self.plan:
+            return self.plan
+        hp = self.hyperparameters
+        plan = builtin_plan(self.model_architecture, hp.local_epochs, hp.batch_size, hp.learning_rate, hp.momentum)
+        if self.kind == "training":
+            return plan
+        return replace(plans.parse(plan), kind=self.kind).encode()

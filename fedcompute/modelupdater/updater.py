@@ -6,6 +6,7 @@ versions form a hash chain back to the initial model.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import structlog
@@ -121,6 +122,8 @@ class ModelUpdater:
         if iteration.status != IterationStatus.AGGREGATING or task.status != TaskStatus.OPEN:
             self._discard(job, f"round is {iteration.status}, task is {task.status}")
             return False
+        if task.spec.kind == "evaluation":
+            return self._finish_round(job, iteration, task, base.version, None)  # metrics only, no new version
         try:
             weights = checkpoints.decode(self._blobs.get(base.checkpoint_sha256))
             update = checkpoints.decode(self._blobs.get(job.update_sha256 or ""))
@@ -144,6 +147,23 @@ class ModelUpdater:
             },
         )
         sha = self._blobs.put(data)
+        published = ModelVersionRecord(
+            task.task_id, version, base.version, sha, len(data), base.checkpoint_sha256, iteration.round, job.accepted,
+            self._clock.now(),
+        )  # fmt: skip
+        return self._finish_round(job, iteration, task, version, published, charge)
+
+    def _finish_round(
+        self,
+        job: JobRecord,
+        iteration: IterationRecord,
+        task: TaskRecord,
+        version: int,
+        published: ModelVersionRecord | None,
+        charge: Charge | None = None,
+    ) -> bool:
+        """One transaction: the job applied, the round completed, the version (if any) published and charged,
+        and the next round opened on ``version`` (or the task completed)."""
         now = self._clock.now()
         with self._db.transaction() as s:
             if not JobRepository(s).change_status(job.job_id, JobStatus.SUCCEEDED, JobStatus.APPLIED, now):
@@ -153,19 +173,8 @@ class ModelUpdater:
                 iteration.iteration_id, IterationStatus.AGGREGATING, IterationStatus.COMPLETED, now
             ):
                 raise RuntimeError("round changed state while its update was applied")
-            ModelVersionRepository(s).add(
-                ModelVersionRecord(
-                    task.task_id,
-                    version,
-                    base.version,
-                    sha,
-                    len(data),
-                    base.checkpoint_sha256,
-                    iteration.round,
-                    job.accepted,
-                    now,
-                )
-            )
+            if published:
+                ModelVersionRepository(s).add(replace(published, created_at=now))
             if charge:
                 LedgerRepository(s).charge(charge, now)  # charged before the version is visible
             tasks = TaskRepository(s)
@@ -177,7 +186,7 @@ class ModelUpdater:
                 cohort = next_cohort(s, task.spec, iteration.iteration_id)
                 iterations.open(self._ids, task.task_id, iteration.round + 1, 1, version, task.spec, now, clip, cohort)
                 tasks.set_progress(task.task_id, iteration.round + 1, version, now)
-        log.info("model_published", task_id=task.task_id, version=version, round=iteration.round)
+        log.info("round_released", task_id=task.task_id, version=version, round=iteration.round, new=bool(published))
         return True
 
     def _privacy_charge(

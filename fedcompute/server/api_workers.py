@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedcompute.core.clock import to_unix_ms
+from fedcompute.core.records import RoundMetrics
 from fedcompute.rpc.auth import require_bearer
 from fedcompute.server.jobs import ClaimedJob, JobResult, JobService
 from fedcompute.v1 import aggregation_pb2 as pb
@@ -32,10 +33,10 @@ def _encode_job(claimed: ClaimedJob) -> pb.AggregationJob:
         lease_expiry_unix_ms=to_unix_ms(job.lease_expiry) if job.lease_expiry else 0,
         attempt=job.attempts,
         input_set_sha256_hex=job.input_set_sha256,
-        model_architecture=task.spec.model_architecture,
         dp=_encode_dp(claimed),
         access_policy=common_pb2.SignedAccessPolicy.FromString(task.access_policy),
         inputs=[common_pb2.InputRef(assignment_id=a, envelope_sha256_hex=e) for a, e in claimed.inputs],
+        plan=claimed.plan,
     )
 
 
@@ -54,6 +55,12 @@ def _encode_dp(claimed: ClaimedJob) -> pb.DpParams:
         clip_learning_rate=dp.clip_learning_rate if dp.adaptive_clip else 0.0,
         clipped_count_stddev=dp.count_stddev(goal) if dp.adaptive_clip else 0.0,
     )
+
+
+def _decode_metrics(request: pb.CompleteJobRequest) -> RoundMetrics | None:
+    if not request.metrics:
+        return None
+    return RoundMetrics({m.name: m.value for m in request.metrics}, request.metric_examples)
 
 
 class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
@@ -87,6 +94,7 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
             note=request.note,
             clip_norm=request.clip_norm or None,
             next_clip_norm=request.next_clip_norm or None,
+            metrics=_decode_metrics(request),
         )
         return pb.CompleteJobResponse(status=_status(self._jobs.complete(request.job_id, request.lease_id, result)))
 

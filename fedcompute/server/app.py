@@ -87,7 +87,7 @@ def build_server(
         time.monotonic,
         windows,
     )
-    tasks = TaskService(db, blobs, clock, ids)
+    tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes)
     assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_clients, clock))
     uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)

@@ -43,7 +43,18 @@ def decode_spec(msg: task_management_pb2.TaskSpec) -> TaskSpec:
         traffic_weight=msg.traffic_weight or defaults_spec.traffic_weight,
         min_separation_rounds=msg.min_separation_rounds or defaults_spec.min_separation_rounds,
         max_round_attempts=msg.max_round_attempts,
+        plan=msg.plan,
+        kind=decode_kind(msg.kind),
     )
+
+
+def decode_kind(kind: task_management_pb2.TaskKind.ValueType) -> str:
+    if kind == task_management_pb2.TASK_KIND_UNSPECIFIED:
+        return "training"
+    try:
+        return task_management_pb2.TaskKind.Name(kind).removeprefix("TASK_KIND_").lower()
+    except ValueError:
+        return f"unknown ({kind})"  # refused by TaskSpec.validate, naming the field
 
 
 def decode_dp(msg: task_management_pb2.DpConfig) -> DpSpec:
@@ -91,6 +102,7 @@ def encode_spec(spec: TaskSpec) -> task_management_pb2.TaskSpec:
         traffic_weight=spec.traffic_weight,
         min_separation_rounds=spec.min_separation_rounds,
         max_round_attempts=spec.max_round_attempts,
+        kind=task_management_pb2.TaskKind.Value(f"TASK_KIND_{spec.kind.upper()}"),
     )
 
 
@@ -138,6 +150,8 @@ def encode_task(task: TaskRecord) -> task_management_pb2.Task:
         status_reason=task.status_reason,
         access_policy=common_pb2.SignedAccessPolicy.FromString(task.access_policy),
         epsilon_spent=task.epsilon_spent,
+        model_name=task.model_name,
+        parameter_count=task.parameter_count,
     )
 
 
@@ -155,6 +169,11 @@ def encode_iteration(it: IterationRecord) -> task_management_pb2.Iteration:
         attempt=it.attempt,
         aggregation_note=it.note,
         clip_norm=it.clip_norm or 0.0,
+        metrics=[
+            common_pb2.MetricValue(name=k, value=v)
+            for k, v in sorted((it.metrics.values if it.metrics else {}).items())
+        ],
+        metric_examples=it.metrics.examples if it.metrics else 0,
     )
 
 

@@ -13,7 +13,7 @@ from fedcompute.core import checkpoints
 from fedcompute.core.blobs import BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from fedcompute.core.records import IterationRecord, JobRecord, TaskRecord
+from fedcompute.core.records import IterationRecord, JobRecord, RoundMetrics, TaskRecord
 from fedcompute.core.transitions import JobStatus
 from fedcompute.store.assignments import UploadRepository
 from fedcompute.store.database import Database
@@ -39,6 +39,7 @@ class ClaimedJob:
     iteration: IterationRecord
     task: TaskRecord
     inputs: list[tuple[str, str]]  # (assignment id, envelope sha256), ascending, as streamed
+    plan: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class JobResult:
     note: str = ""
     clip_norm: float | None = None
     next_clip_norm: float | None = None
+    metrics: RoundMetrics | None = None
 
 
 class JobService:
@@ -86,7 +88,7 @@ class JobService:
                     uploads = UploadRepository(s).completed_in_iteration(candidate.iteration_id)
                     inputs = [(u.assignment_id, u.blob_sha256 or "") for u in uploads]
                     log.info("job_claimed", job_id=job.job_id, worker=worker_id, attempt=job.attempts)
-                    return ClaimedJob(job, iteration, task, inputs)
+                    return ClaimedJob(job, iteration, task, inputs, TaskRepository(s).plan(task.task_id) or b"")
         return None
 
     def extend(self, job_id: str, lease_id: str) -> int:
@@ -138,7 +140,9 @@ class JobService:
             )
             if not done:
                 raise FailedPrecondition(f"job {job_id!r} changed while completing; it was not recorded")
-            IterationRepository(s).set_outcome(job.iteration_id, result.accepted, result.rejected, result.note)
+            IterationRepository(s).set_outcome(
+                job.iteration_id, result.accepted, result.rejected, result.note, result.metrics
+            )
         log.info("job_succeeded", job_id=job_id, accepted=result.accepted, rejected=result.rejected)
         return JobStatus.SUCCEEDED
 

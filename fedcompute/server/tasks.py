@@ -8,8 +8,7 @@ from dataclasses import replace
 import structlog
 import torch
 
-from fedcompute.core import checkpoints
-from fedcompute.core.architectures import ARCHITECTURES
+from fedcompute.core import checkpoints, plans, programs
 from fedcompute.core.blobs import BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.errors import InvalidArgument, NotFound
@@ -47,7 +46,15 @@ def _check_policy(spec: TaskSpec, policy: AccessPolicy | None) -> None:
 
 
 class TaskService:
-    def __init__(self, db: Database, blobs: BlobStore, clock: Clock, ids: IdGenerator) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        clock: Clock,
+        ids: IdGenerator,
+        max_plan_bytes: int = plans.DEFAULT_MAX_PLAN_BYTES,
+    ) -> None:
+        self._max_plan_bytes = max_plan_bytes
         self._db = db
         self._blobs = blobs
         self._clock = clock
@@ -58,21 +65,25 @@ class TaskService:
 
         The server only checks that the policy matches the spec (so devices and workers get a coherent task);
         devices and workers check the key services' signatures themselves and trust nothing else."""
-        spec.validate(set(ARCHITECTURES))
+        spec.validate()
         spec = spec.resolved()  # DP: validated against the task, noise multiplier calibrated
         _check_policy(spec, policy)
         assert policy is not None
-        weights = self._initial_weights(spec)
+        plan = spec.plan_bytes()
+        parsed = plans.parse(plan, self._max_plan_bytes, where="spec.plan")
+        programs.check_program(parsed.program, "spec.plan.program")
+        if parsed.kind != spec.kind:
+            raise InvalidArgument("spec.kind", f"is {spec.kind!r} but the plan is for {parsed.kind!r}")
+        weights = self._initial_weights(spec, parsed)
         checkpoint = checkpoints.encode(weights)
         checkpoint_sha = self._blobs.put(checkpoint)
-        plan = spec.plan_bytes()
         now = self._clock.now()
         task_id = self._ids.new_id("task")
         with self._db.transaction() as s:
             tasks = TaskRepository(s)
             tasks.add(
                 task_id, spec, plan, hashlib.sha256(plan).hexdigest(), TaskStatus.OPEN, now,
-                signed_policy, policy.sha256_hex(),
+                signed_policy, policy.sha256_hex(), parsed.name, parsed.parameter_count(),
             )  # fmt: skip
             s.flush()
             ModelVersionRepository(s).add(
@@ -86,12 +97,20 @@ class TaskService:
         log.info("task_created", task_id=task_id, population=spec.population_name, rounds=spec.rounds)
         return record
 
-    def _initial_weights(self, spec: TaskSpec) -> dict[str, torch.Tensor]:
-        if not spec.initial_weights:
-            return checkpoints.initial_weights(spec.model_architecture, spec.initial_seed)
+    def _initial_weights(self, spec: TaskSpec, plan: plans.Plan) -> dict[str, torch.Tensor]:
+        if spec.initial_weights:
+            try:
+                tensors = checkpoints.decode(spec.initial_weights)
+            except ValueError as exc:
+                raise InvalidArgument("spec.initial_weights", str(exc)) from None
+        elif spec.plan:
+            raise InvalidArgument(
+                "spec.initial_weights", "is empty: a task with its own plan needs its model's initial weights"
+            )
+        else:
+            tensors = checkpoints.initial_weights(spec.model_architecture, spec.initial_seed)
         try:
-            tensors = checkpoints.decode(spec.initial_weights)
-            checkpoints.check_schema(spec.model_architecture, tensors)
+            plans.check_tensors(plan.schema(), tensors)
         except ValueError as exc:
             raise InvalidArgument("spec.initial_weights", str(exc)) from None
         return tensors

@@ -8,7 +8,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from fedcompute.core.clock import IdGenerator, as_utc
-from fedcompute.core.records import IterationRecord
+from fedcompute.core.records import IterationRecord, RoundMetrics
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import IterationStatus
 from fedcompute.store.history import change_status, record_created
@@ -32,6 +32,7 @@ def to_record(row: IterationRow) -> IterationRecord:
         rejected=row.rejected,
         note=row.note,
         clip_norm=row.clip_norm,
+        metrics=RoundMetrics.from_json(row.metrics_json),
     )
 
 
@@ -145,11 +146,13 @@ class IterationRepository:
             return None
         return self._s.scalar(select(IterationRow.completed_uploads).where(IterationRow.id == iteration_id))
 
-    def set_outcome(self, iteration_id: str, accepted: int, rejected: int, note: str) -> None:
+    def set_outcome(
+        self, iteration_id: str, accepted: int, rejected: int, note: str, metrics: RoundMetrics | None = None
+    ) -> None:
         self._s.execute(
             update(IterationRow)
             .where(IterationRow.id == iteration_id)
-            .values(accepted=accepted, rejected=rejected, note=note)
+            .values(accepted=accepted, rejected=rejected, note=note, metrics_json=metrics.to_json() if metrics else "")
         )
 
     def set_note(self, iteration_id: str, note: str) -> None:

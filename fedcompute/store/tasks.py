@@ -22,6 +22,7 @@ from fedcompute.store.models import TaskRow
 def _spec_to_json(spec: TaskSpec) -> str:
     data = asdict(spec)
     data.pop("initial_weights")
+    data.pop("plan")  # kept in the plan column
     return json.dumps(data, sort_keys=True)
 
 
@@ -45,6 +46,8 @@ def to_record(row: TaskRow) -> TaskRecord:
         status_reason=row.status_reason,
         access_policy=row.access_policy,
         policy_sha256=row.policy_sha256,
+        model_name=row.model_name,
+        parameter_count=row.parameter_count,
     )
 
 
@@ -62,6 +65,8 @@ class TaskRepository:
         now: datetime,
         access_policy: bytes = b"",
         policy_sha256: str = "",
+        model_name: str = "",
+        parameter_count: int = 0,
     ) -> None:
         self._s.add(
             TaskRow(
@@ -78,6 +83,8 @@ class TaskRepository:
                 updated_at=now,
                 access_policy=access_policy,
                 policy_sha256=policy_sha256,
+                model_name=model_name,
+                parameter_count=parameter_count,
             )
         )
         record_created(self._s, "task", task_id, status, now)

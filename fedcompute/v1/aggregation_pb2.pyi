@@ -62,10 +62,10 @@ class AggregationJob(_message.Message):
     LEASE_EXPIRY_UNIX_MS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     INPUT_SET_SHA256_HEX_FIELD_NUMBER: _builtins.int
-    MODEL_ARCHITECTURE_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
     ACCESS_POLICY_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     task_id: _builtins.str
     population_name: _builtins.str
@@ -78,7 +78,10 @@ class AggregationJob(_message.Message):
     lease_expiry_unix_ms: _builtins.int
     attempt: _builtins.int
     input_set_sha256_hex: _builtins.str
-    model_architecture: _builtins.str
+    plan: _builtins.bytes
+    """The task's plan (docs/protocol.md, "Plan v2"); the worker checks it hashes to plan_sha256_hex and takes the
+    parameter schema every contribution must match from it.
+    """
     @_builtins.property
     def dp(self) -> Global___DpParams: ...
     @_builtins.property
@@ -104,14 +107,14 @@ class AggregationJob(_message.Message):
         lease_expiry_unix_ms: _builtins.int = ...,
         attempt: _builtins.int = ...,
         input_set_sha256_hex: _builtins.str = ...,
-        model_architecture: _builtins.str = ...,
         dp: Global___DpParams | None = ...,
         access_policy: _common_pb2.SignedAccessPolicy | None = ...,
         inputs: _abc.Iterable[_common_pb2.InputRef] | None = ...,
+        plan: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "dp", b"dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "aggregation_id", b"aggregation_id", "attempt", b"attempt", "contributions", b"contributions", "dp", b"dp", "input_set_sha256_hex", b"input_set_sha256_hex", "inputs", b"inputs", "job_id", b"job_id", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "lease_id", b"lease_id", "model_architecture", b"model_architecture", "model_version", b"model_version", "plan_sha256_hex", b"plan_sha256_hex", "population_name", b"population_name", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "aggregation_id", b"aggregation_id", "attempt", b"attempt", "contributions", b"contributions", "dp", b"dp", "input_set_sha256_hex", b"input_set_sha256_hex", "inputs", b"inputs", "job_id", b"job_id", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "lease_id", b"lease_id", "model_version", b"model_version", "plan", b"plan", "plan_sha256_hex", b"plan_sha256_hex", "population_name", b"population_name", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,6 +331,8 @@ class CompleteJobRequest(_message.Message):
     NOTE_FIELD_NUMBER: _builtins.int
     CLIP_NORM_FIELD_NUMBER: _builtins.int
     NEXT_CLIP_NORM_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    METRIC_EXAMPLES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     lease_id: _builtins.str
     update: _builtins.bytes
@@ -339,8 +344,16 @@ class CompleteJobRequest(_message.Message):
     clip_norm: _builtins.float
     """DP tasks: the clip norm used, and the (noised, adaptive) clip norm for the next round."""
     next_clip_norm: _builtins.float
+    metric_examples: _builtins.int
+    """Examples behind the metrics (non-DP; 0 under DP, where counts would leak)."""
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectionCount]: ...
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.MetricValue]:
+        """The round's metrics, aggregated from the contributions' encrypted payloads (empty under DP unless the
+        access policy has them noised).
+        """
+
     def __init__(
         self,
         *,
@@ -353,10 +366,12 @@ class CompleteJobRequest(_message.Message):
         note: _builtins.str = ...,
         clip_norm: _builtins.float = ...,
         next_clip_norm: _builtins.float = ...,
+        metrics: _abc.Iterable[_common_pb2.MetricValue] | None = ...,
+        metric_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "clip_norm", b"clip_norm", "job_id", b"job_id", "lease_id", b"lease_id", "next_clip_norm", b"next_clip_norm", "note", b"note", "rejected_contributions", b"rejected_contributions", "rejections", b"rejections", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "clip_norm", b"clip_norm", "job_id", b"job_id", "lease_id", b"lease_id", "metric_examples", b"metric_examples", "metrics", b"metrics", "next_clip_norm", b"next_clip_norm", "note", b"note", "rejected_contributions", b"rejected_contributions", "rejections", b"rejections", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -447,3 +447,29 @@ class SignedAccessPolicy(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignedAccessPolicy: _TypeAlias = SignedAccessPolicy  # noqa: Y015
+
+@_typing.final
+class MetricValue(_message.Message):
+    """One aggregated evaluation or training metric of a round (loss, accuracy, auc), averaged over the round's
+    contributions, weighted by their example counts (uniformly under DP, where it is noised or left out).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricValue: _TypeAlias = MetricValue  # noqa: Y015

@@ -71,6 +71,28 @@ ITERATION_STATUS_FAILED: IterationStatus.ValueType  # 4
 ITERATION_STATUS_CANCELED: IterationStatus.ValueType  # 5
 Global___IterationStatus: _TypeAlias = IterationStatus  # noqa: Y015
 
+class _TaskKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_KIND_UNSPECIFIED: _TaskKind.ValueType  # 0
+    """Training."""
+    TASK_KIND_TRAINING: _TaskKind.ValueType  # 1
+    TASK_KIND_EVALUATION: _TaskKind.ValueType  # 2
+    """Devices evaluate the task's initial model and report metrics only; no model version is published."""
+
+class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper):
+    """What a task's devices do each round."""
+
+TASK_KIND_UNSPECIFIED: TaskKind.ValueType  # 0
+"""Training."""
+TASK_KIND_TRAINING: TaskKind.ValueType  # 1
+TASK_KIND_EVALUATION: TaskKind.ValueType  # 2
+"""Devices evaluate the task's initial model and report metrics only; no model version is published."""
+Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
+
 @_typing.final
 class TrainingHyperparameters(_message.Message):
     """Local training settings carried in the plan."""
@@ -186,11 +208,17 @@ class TaskSpec(_message.Message):
     TRAFFIC_WEIGHT_FIELD_NUMBER: _builtins.int
     MIN_SEPARATION_ROUNDS_FIELD_NUMBER: _builtins.int
     MAX_ROUND_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     population_name: _builtins.str
     model_architecture: _builtins.str
-    """An id from the model architecture registry (e.g. "digits-mlp-v1")."""
+    """A built-in model (e.g. "digits-mlp-v1"), whose plan the server builds from `hyperparameters`; leave empty
+    when sending `plan`.
+    """
     initial_weights: _builtins.bytes
-    """Initial weights as safetensors; if empty, the model is initialised from `initial_seed`."""
+    """Initial weights as safetensors (required with `plan`); for a built-in, empty means initialised from
+    `initial_seed`.
+    """
     initial_seed: _builtins.int
     rounds: _builtins.int
     report_goal: _builtins.int
@@ -222,6 +250,9 @@ class TaskSpec(_message.Message):
     """Failed attempts at one round (aggregation failures, deadlines below quorum) before the task fails with the
     reason; 0: the server's max_round_attempts setting.
     """
+    plan: _builtins.bytes
+    """A plan v2 (docs/protocol.md, "Plan v2"), as `fedcompute task create --model` and the TaskBuilder export it."""
+    kind: Global___TaskKind.ValueType
     @_builtins.property
     def hyperparameters(self) -> Global___TrainingHyperparameters: ...
     @_builtins.property
@@ -248,10 +279,12 @@ class TaskSpec(_message.Message):
         traffic_weight: _builtins.float = ...,
         min_separation_rounds: _builtins.int = ...,
         max_round_attempts: _builtins.int = ...,
+        plan: _builtins.bytes = ...,
+        kind: Global___TaskKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "local_compute_deadline_s", b"local_compute_deadline_s", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "max_round_attempts", b"max_round_attempts", "min_client_version", b"min_client_version", "min_clients", b"min_clients", "min_separation_rounds", b"min_separation_rounds", "model_architecture", b"model_architecture", "population_name", b"population_name", "report_goal", b"report_goal", "round_deadline_s", b"round_deadline_s", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate", "traffic_weight", b"traffic_weight", "upload_deadline_s", b"upload_deadline_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp", "hyperparameters", b"hyperparameters", "initial_seed", b"initial_seed", "initial_weights", b"initial_weights", "kind", b"kind", "local_compute_deadline_s", b"local_compute_deadline_s", "max_client_version", b"max_client_version", "max_cohort", b"max_cohort", "max_round_attempts", b"max_round_attempts", "min_client_version", b"min_client_version", "min_clients", b"min_clients", "min_separation_rounds", b"min_separation_rounds", "model_architecture", b"model_architecture", "plan", b"plan", "population_name", b"population_name", "report_goal", b"report_goal", "round_deadline_s", b"round_deadline_s", "rounds", b"rounds", "server_learning_rate", b"server_learning_rate", "traffic_weight", b"traffic_weight", "upload_deadline_s", b"upload_deadline_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,6 +306,8 @@ class Task(_message.Message):
     STATUS_REASON_FIELD_NUMBER: _builtins.int
     EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     ACCESS_POLICY_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     status: Global___TaskStatus.ValueType
     current_round: _builtins.int
@@ -280,6 +315,9 @@ class Task(_message.Message):
     status_reason: _builtins.str
     epsilon_spent: _builtins.float
     """Privacy spent by the versions published so far (from the privacy ledger)."""
+    model_name: _builtins.str
+    """The plan's model name and parameter count."""
+    parameter_count: _builtins.int
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -303,10 +341,12 @@ class Task(_message.Message):
         status_reason: _builtins.str = ...,
         epsilon_spent: _builtins.float = ...,
         access_policy: _common_pb2.SignedAccessPolicy | None = ...,
+        model_name: _builtins.str = ...,
+        parameter_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "plan", b"plan", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "current_round", b"current_round", "epsilon_spent", b"epsilon_spent", "latest_model_version", b"latest_model_version", "plan", b"plan", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "current_round", b"current_round", "epsilon_spent", b"epsilon_spent", "latest_model_version", b"latest_model_version", "model_name", b"model_name", "parameter_count", b"parameter_count", "plan", b"plan", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,6 +370,8 @@ class Iteration(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     AGGREGATION_NOTE_FIELD_NUMBER: _builtins.int
     CLIP_NORM_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    METRIC_EXAMPLES_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     round: _builtins.int
     aggregation_id: _builtins.str
@@ -344,6 +386,11 @@ class Iteration(_message.Message):
     """The last word from aggregation: why a job is waiting or failed, or a key service that misbehaved."""
     clip_norm: _builtins.float
     """The clip norm this round's aggregation uses (DP tasks)."""
+    metric_examples: _builtins.int
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.MetricValue]:
+        """The round's aggregated metrics (from the devices' encrypted payloads), once released."""
+
     def __init__(
         self,
         *,
@@ -359,10 +406,12 @@ class Iteration(_message.Message):
         attempt: _builtins.int = ...,
         aggregation_note: _builtins.str = ...,
         clip_norm: _builtins.float = ...,
+        metrics: _abc.Iterable[_common_pb2.MetricValue] | None = ...,
+        metric_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "aggregation_id", b"aggregation_id", "aggregation_note", b"aggregation_note", "assigned", b"assigned", "attempt", b"attempt", "base_model_version", b"base_model_version", "clip_norm", b"clip_norm", "completed_uploads", b"completed_uploads", "rejected_contributions", b"rejected_contributions", "round", b"round", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_contributions", b"accepted_contributions", "aggregation_id", b"aggregation_id", "aggregation_note", b"aggregation_note", "assigned", b"assigned", "attempt", b"attempt", "base_model_version", b"base_model_version", "clip_norm", b"clip_norm", "completed_uploads", b"completed_uploads", "metric_examples", b"metric_examples", "metrics", b"metrics", "rejected_contributions", b"rejected_contributions", "round", b"round", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

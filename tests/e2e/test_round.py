@@ -15,7 +15,7 @@ from fedcompute.clients.demo import task_spec
 from fedcompute.clients.device import download
 from fedcompute.clients.fleet import Fleet
 from fedcompute.clients.training import evaluate
-from fedcompute.core import checkpoints
+from fedcompute.core import checkpoints, plans
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.harness import Harness, suite_settings
 
@@ -45,14 +45,21 @@ def test_fleet_trains_a_task_to_completion(database_url: str, tmp_path: Path) ->
         for parent, child in itertools.pairwise(versions):
             assert child.parent_sha256_hex == parent.checkpoint.sha256_hex
             assert child.contributions == spec.report_goal
+        plan = plans.parse(download(harness.resources, final.plan))
         accuracy = [
-            evaluate(spec.model_architecture, checkpoints.decode(download(harness.resources, v.checkpoint)), test)
+            evaluate(plan, checkpoints.decode(download(harness.resources, v.checkpoint)), test)["accuracy"]
             for v in versions
         ]
         assert accuracy[-1] > 0.6 > accuracy[0]
         iterations = harness.iterations(task.task_id)
         assert [i.status for i in iterations] == [tm.ITERATION_STATUS_COMPLETED] * ROUNDS
         assert all(i.accepted_contributions == spec.report_goal and i.rejected_contributions == 0 for i in iterations)
+        for it in iterations:  # the devices' own metrics, aggregated from inside their envelopes
+            metrics = {m.name: m.value for m in it.metrics}
+            assert set(metrics) == {"loss", "accuracy"}
+            assert 0 < metrics["accuracy"] <= 1
+            assert metrics["loss"] > 0
+            assert it.metric_examples > 0
     finally:
         if fleet:
             fleet.stop()

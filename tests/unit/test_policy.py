@@ -123,7 +123,7 @@ def test_the_worker_takes_dp_from_the_policy_and_refuses_a_job_that_differs() ->
 
 def test_a_contribution_bound_to_another_policy_is_never_opened() -> None:
     key = hpke.generate_private_key()
-    job = JobContext("pop", "t", 1, "agg", 1, "ab" * 32, "digits-linear-v1", POLICY.sha256_hex())
+    job = JobContext("pop", "t", 1, "agg", 1, "ab" * 32, POLICY.sha256_hex(), {})
     other = ContributionContext("pop", "t", 1, "agg", "asg", "k", 1, "ab" * 32, "ee" * 32)
     envelope = seal_contribution(b"x", other, hpke.public_bytes(key.public_key())).SerializeToString()
     with pytest.raises(Rejected) as info:

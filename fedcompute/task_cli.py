@@ -1,0 +1,175 @@
+"""`fedcompute task`: create (a built-in model or your own, via the TaskBuilder), get, list, cancel; and the
+helpers every operator command shares."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from google.protobuf.json_format import MessageToDict
+from pydantic import ValidationError
+
+from fedcompute.core.logs import configure_logging
+from fedcompute.core.settings import Settings
+
+ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
+task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True)
+
+
+def settings_or_exit(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"invalid settings: {problems}", err=True)
+        raise typer.Exit(2) from None
+
+
+def operators(server: str) -> Any:
+    from fedcompute.clients.typed import TaskManagementClient
+    from fedcompute.rpc.channels import open_channel
+
+    return TaskManagementClient(open_channel(server), 30.0)
+
+
+def print_message(message: Any) -> None:
+    typer.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def call(action: Any) -> None:
+    try:
+        action()
+    except grpc.RpcError as exc:
+        typer.echo(f"{exc.code().name}: {exc.details()}", err=True)
+        raise typer.Exit(1) from None
+
+
+@task_app.command("create")
+def task_create(
+    population: Annotated[str, typer.Option(help="Population name.")],
+    server: ServerOpt = "127.0.0.1:8700",
+    architecture: Annotated[str, typer.Option(help="A built-in model (ignored with --model).")] = "digits-mlp-v1",
+    model: Annotated[
+        str, typer.Option(help="Your model: PATH.py:FUNCTION or MODULE:FUNCTION returning (nn.Module, example batch).")
+    ] = "",
+    loss: Annotated[str, typer.Option(help="--model: cross_entropy, mse or bce_with_logits.")] = "cross_entropy",
+    optimizer: Annotated[str, typer.Option(help="--model: sgd or adam.")] = "sgd",
+    metric: Annotated[list[str] | None, typer.Option(help="--model: loss, accuracy, auc (repeat).")] = None,
+    collection: Annotated[str, typer.Option(help="--model: the devices' example collection.")] = "digits",
+    max_steps: Annotated[int, typer.Option(min=0, help="--model: local steps per round (0: no limit).")] = 0,
+    evaluation: Annotated[
+        bool, typer.Option("--evaluation", help="--model: evaluate only (metrics, no training).")
+    ] = False,
+    rounds: Annotated[int, typer.Option()] = 5,
+    report_goal: Annotated[int, typer.Option()] = 16,
+    max_cohort: Annotated[int, typer.Option()] = 20,
+    seed: Annotated[int, typer.Option(help="Initial weights seed.")] = 0,
+    weights: Annotated[Path | None, typer.Option(help="Initial weights (safetensors).")] = None,
+    min_client_version: Annotated[str, typer.Option()] = "",
+    max_client_version: Annotated[str, typer.Option()] = "",
+    local_epochs: Annotated[int, typer.Option()] = 5,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    learning_rate: Annotated[float, typer.Option()] = 0.1,
+    momentum: Annotated[float, typer.Option()] = 0.9,
+    min_clients: Annotated[int, typer.Option(help="Fewest contributions a release may cover (0: report goal).")] = 0,
+    round_deadline_s: Annotated[int, typer.Option(help="Round deadline in seconds (0: default 3600).")] = 0,
+    upload_deadline_s: Annotated[int, typer.Option(help="Upload deadline after reporting (0: 600).")] = 0,
+    local_compute_deadline_s: Annotated[int, typer.Option(help="Report deadline after check-in (0: 600).")] = 0,
+) -> None:
+    """Create a training task: register its access policy with every key service (FEDCOMPUTE_KEY_SERVICE_ADDRESSES,
+    the operator's FEDCOMPUTE_KEY_ADMIN_TOKEN), then create it at the server."""
+    from fedcompute.attestation.measure import measure
+    from fedcompute.clients.builder import BuildError, TaskBuilder, check_plan_size
+    from fedcompute.clients.operator import RegistrationFailed, create_task
+    from fedcompute.core.errors import FedcomputeError, InvalidArgument
+    from fedcompute.core.plans import ExampleSelector, Optimizer, Training
+    from fedcompute.keys.trust import load_trusted
+    from fedcompute.suite import key_admin_token, operator_key_clients
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    settings = settings_or_exit()
+    fields: dict[str, Any] = {"model_architecture": architecture, "initial_seed": seed}
+    if model:  # built and checked here, before anything is registered or stored
+        try:
+            builder = TaskBuilder.from_function(
+                model,
+                loss=loss,
+                optimizer=Optimizer(optimizer, learning_rate, momentum=momentum if optimizer == "sgd" else 0.0),
+                training=Training(local_epochs, batch_size, max_steps),
+                metrics=tuple(metric or ("loss", "accuracy")),
+                example_selector=ExampleSelector(collection),
+                kind="evaluation" if evaluation else "training",
+            )
+            built = builder.build()
+            check_plan_size(built, settings.max_plan_bytes)
+        except (BuildError, InvalidArgument) as exc:
+            typer.echo(f"task not created: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(built.summary(), err=True)
+        fields = {"plan": built.plan_bytes, "initial_weights": built.initial_weights, "kind": 2 if evaluation else 1}
+    spec = tm.TaskSpec(
+        population_name=population,
+        initial_weights=weights.read_bytes() if weights else b"",
+        rounds=rounds,
+        report_goal=report_goal,
+        max_cohort=max_cohort,
+        min_client_version=min_client_version,
+        max_client_version=max_client_version,
+        hyperparameters=tm.TrainingHyperparameters(
+            local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum
+        ),
+        min_clients=min_clients,
+        round_deadline_s=round_deadline_s,
+        upload_deadline_s=upload_deadline_s,
+        local_compute_deadline_s=local_compute_deadline_s,
+        **fields,
+    )
+    configure_logging(json_lines=False, level=logging.WARNING)
+    measurements = settings.allowed_measurements or [measure()]
+    try:
+        keys = operator_key_clients(settings, key_admin_token(settings))
+        trusted = load_trusted(settings.trusted_providers_path())
+        call(
+            lambda: print_message(create_task(operators(server), keys, trusted, settings.threshold, spec, measurements))
+        )
+    except InvalidArgument as exc:
+        typer.echo(f"INVALID_ARGUMENT: {exc.public_message}", err=True)
+        raise typer.Exit(1) from None
+    except (FedcomputeError, RegistrationFailed, OSError) as exc:
+        typer.echo(f"task not created: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@task_app.command("get")
+def task_get(task_id: str, server: ServerOpt = "127.0.0.1:8700") -> None:
+    """Show a task."""
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    call(lambda: print_message(operators(server).get_task(tm.GetTaskRequest(task_id=task_id)).task))
+
+
+@task_app.command("list")
+def task_list(
+    server: ServerOpt = "127.0.0.1:8700",
+    population: Annotated[str, typer.Option(help="Only this population.")] = "",
+) -> None:
+    """List tasks."""
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    call(lambda: print_message(operators(server).list_tasks(tm.ListTasksRequest(population_name=population))))
+
+
+@task_app.command("cancel")
+def task_cancel(
+    task_id: str, server: ServerOpt = "127.0.0.1:8700", reason: Annotated[str, typer.Option()] = ""
+) -> None:
+    """Cancel a task (its open round stops admitting devices)."""
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    call(
+        lambda: print_message(operators(server).cancel_task(tm.CancelTaskRequest(task_id=task_id, reason=reason)).task)
+    )
