@@ -92,7 +92,11 @@ def task_create(
     from fedcompute.v1 import task_management_pb2 as tm
 
     settings = settings_or_exit()
-    fields: dict[str, Any] = {"model_architecture": architecture, "initial_seed": seed}
+    fields: dict[str, Any] = {
+        "model_architecture": architecture,
+        "initial_seed": seed,
+        "initial_weights": weights.read_bytes() if weights else b"",
+    }
     if model:  # built and checked here, before anything is registered or stored
         try:
             builder = TaskBuilder.from_function(
@@ -113,7 +117,6 @@ def task_create(
         fields = {"plan": built.plan_bytes, "initial_weights": built.initial_weights, "kind": 2 if evaluation else 1}
     spec = tm.TaskSpec(
         population_name=population,
-        initial_weights=weights.read_bytes() if weights else b"",
         rounds=rounds,
         report_goal=report_goal,
         max_cohort=max_cohort,

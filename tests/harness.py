@@ -147,14 +147,19 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str =
         time.sleep(0.05)
 
 
-def zero_update(arch_id: str = "digits-linear-v1", examples: int = 10, value: float = 0.0) -> bytes:
-    """A plaintext update (safetensors delta) of the right schema."""
+def zero_update(
+    arch_id: str = "digits-linear-v1", examples: int = 10, value: float = 0.0, metrics: dict[str, Any] | None = None
+) -> bytes:
+    """A plaintext update (safetensors delta) of the right schema, with the device's metrics if given."""
     import torch
 
     from fedcompute.core import checkpoints
 
     weights = checkpoints.initial_weights(arch_id, seed=0)
-    return checkpoints.encode({k: torch.full_like(v, value) for k, v in weights.items()}, {"num_examples": examples})
+    meta: dict[str, object] = {"num_examples": examples}
+    if metrics is not None:
+        meta["metrics"] = metrics
+    return checkpoints.encode({k: torch.full_like(v, value) for k, v in weights.items()}, meta)
 
 
 def sealed(a: ta.TaskAssignment, plaintext: bytes | None = None, **context_changes: object) -> bytes:

@@ -12,6 +12,7 @@ import structlog
 
 from fedcompute.clients.dataset import Split
 from fedcompute.clients.device import Device, Participated, Rejected, Trust
+from fedcompute.clients.examples import ShardStore
 from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient
 from fedcompute.rpc.channels import open_channel
 
@@ -44,7 +45,9 @@ class Fleet:
         max_sleep_s: float | None = None,
         client_version: str = "1.0.0",
         on_payload: Callable[[bytes], None] | None = None,
+        collection: str = "digits",
     ) -> None:
+        """Each device holds one shard, as the example collection named ``collection``."""
         channel = open_channel(server_address)
         self._devices = [
             Device(
@@ -58,6 +61,7 @@ class Fleet:
                 client_version=client_version,
                 rng=random.Random(seed * 100_003 + i),
                 on_payload=on_payload,
+                examples=ShardStore({collection: shard}),
             )
             for i, shard in enumerate(shards)
         ]

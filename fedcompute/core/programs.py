@@ -1,12 +1,13 @@
 """Models as ``torch.export`` programs: export a module, check a program from elsewhere, load it without pickle.
 
 A program is the JSON half of torch's export serialization (the graph and its signature); weights never travel in
-it. Loading builds the graph from JSON with the weights handed in as tensors, so ``torch.load`` (pickle) is never
-reached. torch's own loader would also run the program's ``guards_code`` strings through ``exec`` and carry
-attacker-chosen stack traces into generated source, so before anything is deserialized :func:`check_program`
-refuses guards, refuses operators outside core ATen, refuses names that are not identifiers, and drops every
-node's metadata. What this does not protect against: a bug in an ATen kernel or in torch's deserializer itself;
-a device that runs untrusted plans should also sandbox the process.
+it. Loading builds the graph from JSON with the weights handed in as tensors and no sample inputs, so ``torch.load``
+(pickle) is never reached. torch's own loader (``torch.export.load``) unpickles the archive's sample inputs and, with
+them, turns the program's ``guards_code`` strings into Python through ``exec``; node metadata (stack traces) ends up
+in generated source. So before anything is deserialized :func:`check_program` refuses guards, refuses operators
+outside core ATen, refuses names that are not identifiers, and drops every node's metadata; the module is built
+with ``check_guards=False``. What this does not protect against: a bug in an ATen kernel or in torch's deserializer
+itself; a device that runs untrusted plans should also sandbox the process.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def load_module(program: bytes, weights: Mapping[str, torch.Tensor]) -> nn.Modul
         with _DESERIALIZING:
             parsed = serialize._dict_to_dataclass(schema.ExportedProgram, doc)  # type: ignore[no-untyped-call]
             program_ = serialize.ExportedProgramDeserializer().deserialize(parsed, state, {}, None)
-            module: nn.Module = program_.module()
+            module: nn.Module = program_.module(check_guards=False)
     except InvalidArgument:
         raise
     except Exception as exc:

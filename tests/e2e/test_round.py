@@ -67,8 +67,15 @@ def test_fleet_trains_a_task_to_completion(database_url: str, tmp_path: Path) ->
 
 
 def test_demo_command_writes_json_and_plot(tmp_path: Path) -> None:
+    """`demo --model` with a model file that is no part of any package (the built-in path: the test above)."""
     out = tmp_path / "out.json"
     plot = tmp_path / "plot.png"
+    model = tmp_path / "elsewhere" / "my_model.py"
+    model.parent.mkdir()
+    model.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n    return nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10)), torch.zeros(4, 64)\n"
+    )
     done = subprocess.run(
         [
             sys.executable,
@@ -85,6 +92,8 @@ def test_demo_command_writes_json_and_plot(tmp_path: Path) -> None:
             str(out),
             "--plot",
             str(plot),
+            "--model",
+            f"{model}:build",
         ],
         capture_output=True,
         text=True,
@@ -98,5 +107,7 @@ def test_demo_command_writes_json_and_plot(tmp_path: Path) -> None:
     assert 0.0 <= result["final_accuracy"] <= 1.0
     assert result["final_accuracy"] == result["rounds"][-1]["accuracy"]
     assert result["audit_findings"] == []  # `fedcompute audit` of the demo's task: >= t releases per version
+    assert (result["model"], result["parameters"]) == ("my_model", 64 * 48 + 48 + 48 * 10 + 10)
+    assert all(set(r["device_metrics"]) == {"loss", "accuracy"} for r in result["rounds"])
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert "final held-out accuracy" in done.stdout

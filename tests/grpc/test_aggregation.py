@@ -36,16 +36,23 @@ def test_bad_contributions_are_left_out_and_counted(harness: Harness) -> None:
     task_id = _contribute(
         harness,
         [
-            lambda a: sealed(a, zero_update(value=0.5)),
-            lambda a: sealed(a, zero_update(value=0.5, examples=3)),
+            lambda a: sealed(a, zero_update(value=0.5, metrics={"loss": 1.0, "accuracy": 0.5})),
+            lambda a: sealed(a, zero_update(value=0.5, examples=3, metrics={"loss": 2.0, "accuracy": 1.0})),
             lambda a: sealed(a, key_id="k_not_a_real_key"),  # context names another key
             _wrong_key,  # claims the population key but was sealed to another one
             lambda a: sealed(a, b"not safetensors"),  # decrypts, but is no update
+            lambda a: sealed(a, zero_update("digits-mlp-v1")),  # another model's tensors: not the plan's schema
+            lambda a: sealed(a, zero_update(value=float("nan"))),  # not finite
+            lambda a: sealed(a, zero_update(metrics={"accuracy": 7.0})),  # out of range
+            lambda a: sealed(a, zero_update(metrics={"auc": 0.5})),  # a metric the plan does not ask for
         ],
     )
     wait_for(lambda: harness.task(task_id).status == tm.TASK_STATUS_COMPLETED, what="round to complete")
     [iteration] = harness.iterations(task_id)
-    assert (iteration.accepted_contributions, iteration.rejected_contributions) == (2, 3)
+    assert (iteration.accepted_contributions, iteration.rejected_contributions) == (2, 7)
+    metrics = {m.name: m.value for m in iteration.metrics}  # weighted by the examples each device reported
+    assert metrics == pytest.approx({"loss": (1.0 * 10 + 2.0 * 3) / 13, "accuracy": (0.5 * 10 + 1.0 * 3) / 13})
+    assert iteration.metric_examples == 13
     versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task_id)).versions
     assert [(v.version, v.parent_version, v.contributions) for v in versions] == [(1, 0, 0), (2, 1, 2)]
     assert versions[1].parent_sha256_hex == versions[0].checkpoint.sha256_hex

@@ -90,3 +90,73 @@ def test_unknown_task_is_not_found(harness: Harness) -> None:
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _built_plan() -> Any:
+    import torch
+    from torch import nn
+
+    from fedcompute.clients.builder import TaskBuilder
+    from fedcompute.core.plans import ExampleSelector
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 1))
+    builder = TaskBuilder(
+        model,
+        torch.zeros(4, 30),
+        name="cancer",
+        loss="bce_with_logits",
+        metrics=("loss", "accuracy", "auc"),
+        example_selector=ExampleSelector("breast_cancer"),
+    )
+    return builder.build()
+
+
+def test_a_task_runs_the_plan_it_was_given(harness: Harness) -> None:
+    from fedcompute.clients.device import download
+
+    built = _built_plan()
+    task = harness.create_task(model_architecture="", plan=built.plan_bytes, initial_weights=built.initial_weights)
+    assert (task.model_name, task.parameter_count) == ("cancer", 30 * 16 + 16 + 16 + 1)
+    assert download(harness.resources, task.plan) == built.plan_bytes
+    [v1] = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions
+    assert download(harness.resources, v1.checkpoint) == built.initial_weights
+    assert task.plan.media_type == "application/vnd.fedcompute.plan.v2+json"
+
+
+def _edited(plan: bytes, path: tuple[str, ...], value: object) -> bytes:
+    import json
+
+    doc = json.loads(plan)
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return json.dumps(doc).encode()
+
+
+def test_bad_plans_are_refused_and_nothing_is_stored(harness: Harness) -> None:
+    import pickle
+
+    built = _built_plan()
+    good = built.plan_bytes
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"plan": _edited(good, ("loss",), "hinge")}, "spec.plan.loss: unknown loss 'hinge'"),
+        ({"plan": _edited(good, ("optimizer", "name"), "lbfgs")}, "unknown name 'lbfgs'"),
+        ({"plan": _edited(good, ("metrics",), ["loss", "f1"])}, "unknown metric 'f1'"),
+        ({"plan": _edited(good, ("format_version",), 7)}, "unknown format version 7"),
+        ({"plan": pickle.dumps({"model": "x"})}, "pickled or zipped programs are refused"),
+        ({"plan": b"{" + b" " * (8 * 1024 * 1024)}, "the limit is 8388608 bytes"),
+        ({"plan": _edited(good, ("program", "exported_program"), "{}")}, "not a torch.export program"),
+        ({"initial_weights": b""}, "spec.initial_weights: is empty"),
+        ({"initial_weights": checkpoints.encode(checkpoints.initial_weights("digits-linear-v1", 0))}, "do not match"),
+        ({"kind": tm.TASK_KIND_EVALUATION}, "spec.kind"),
+    ]
+    for change, message in cases:
+        fields: dict[str, Any] = {"model_architecture": "", "plan": good, "initial_weights": built.initial_weights}
+        fields.update(change)
+        with pytest.raises(grpc.RpcError) as info:
+            harness.create_task(**fields)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
+        assert message in (info.value.details() or ""), info.value.details()
+    assert harness.operators.list_tasks(tm.ListTasksRequest()).tasks == []
