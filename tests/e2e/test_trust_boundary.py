@@ -252,3 +252,63 @@ def test_no_credential_of_the_server_administers_a_key_service(tmp_path: Path) -
         assert harness.keys.get_public_keys(request).keys == published
     finally:
         harness.stop()
+
+
+def _swap_plan(database_url: str, task_id: str, plan: bytes) -> None:
+    """The server hands devices a plan of its choosing, with a matching hash (it controls both)."""
+    import hashlib
+
+    _as_server(
+        database_url,
+        lambda conn: conn.execute(
+            update(TaskRow).where(TaskRow.id == task_id).values(plan=plan, plan_sha256=hashlib.sha256(plan).hexdigest())
+        ),
+    )
+
+
+def test_devices_never_run_code_from_a_plan_the_server_swapped_in(tmp_path: Path) -> None:
+    """Pickles, a torch archive, and a well-formed plan whose program carries Python or calls outside ATen: the
+    device reports an error and uploads nothing; the planted code never runs."""
+    import io
+    import os
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "pwned"
+
+    class Boom:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    database_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url), aggregator=False)
+    try:
+        task = harness.create_task(POP, report_goal=2, max_cohort=20)
+        honest = harness.operators.get_task(tm.GetTaskRequest(task_id=task.task_id)).task
+        from fedcompute.clients.device import download
+
+        plan = json.loads(download(harness.resources, honest.plan))
+        program = json.loads(plan["program"]["exported_program"])
+        with_guards = {**program, "guards_code": [f"__import__('os').system('touch {marker}') == 0"]}
+        exec_node = json.loads(json.dumps(program))
+        exec_node["graph_module"]["graph"]["nodes"][0]["target"] = "builtins.exec"
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("archive/data/sample_inputs/model.pt", pickle.dumps(Boom()))
+        swapped = [
+            pickle.dumps(Boom()),
+            archive.getvalue(),
+            *(
+                json.dumps({**plan, "program": {**plan["program"], "exported_program": json.dumps(p)}}).encode()
+                for p in (with_guards, exec_node)
+            ),
+        ]
+        for bad in swapped:
+            _swap_plan(database_url, task.task_id, bad)
+            outcome = _device(harness).participate()
+            assert isinstance(outcome, Participated)
+            assert not outcome.uploaded
+        assert not marker.exists()
+        assert harness.iterations(task.task_id)[0].completed_uploads == 0
+    finally:
+        harness.stop()
