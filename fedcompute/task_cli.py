@@ -147,6 +147,60 @@ def task_create(
         raise typer.Exit(1) from None
 
 
+@task_app.command("evaluate")
+def task_evaluate(
+    task_id: str,
+    server: ServerOpt = "127.0.0.1:8700",
+    version: Annotated[int, typer.Option(help="Model version to evaluate (0: the latest).")] = 0,
+    population: Annotated[str, typer.Option(help="Devices to evaluate on (default: the task's population).")] = "",
+    rounds: Annotated[int, typer.Option()] = 1,
+    report_goal: Annotated[int, typer.Option()] = 16,
+    max_cohort: Annotated[int, typer.Option()] = 20,
+) -> None:
+    """Evaluate a published version of a task's model on devices: a new EVALUATION task with the same plan and that
+    version's weights; devices report metrics only (in their envelopes) and no version is published."""
+    from fedcompute.attestation.measure import measure
+    from fedcompute.clients.builder import BuildError, evaluation_spec
+    from fedcompute.clients.device import download
+    from fedcompute.clients.operator import RegistrationFailed, create_task
+    from fedcompute.clients.typed import ResourceClient
+    from fedcompute.core.errors import FedcomputeError
+    from fedcompute.keys.trust import load_trusted
+    from fedcompute.rpc.channels import open_channel
+    from fedcompute.suite import key_admin_token, operator_key_clients
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    settings = settings_or_exit()
+    configure_logging(json_lines=False, level=logging.WARNING)
+
+    def run() -> None:
+        ops = operators(server)
+        task = ops.get_task(tm.GetTaskRequest(task_id=task_id)).task
+        versions = ops.list_model_versions(tm.ListModelVersionsRequest(task_id=task_id)).versions
+        chosen = [v for v in versions if v.version == (version or task.latest_model_version)]
+        if not chosen:
+            raise FedcomputeError(f"task {task_id} has no model version {version}")
+        resources = ResourceClient(open_channel(server), settings.rpc_timeout_s)
+        spec = evaluation_spec(
+            download(resources, task.plan),
+            download(resources, chosen[0].checkpoint),
+            population_name=population or task.spec.population_name,
+            rounds=rounds,
+            report_goal=report_goal,
+            max_cohort=max_cohort,
+        )
+        keys = operator_key_clients(settings, key_admin_token(settings))
+        trusted = load_trusted(settings.trusted_providers_path())
+        measurements = settings.allowed_measurements or [measure()]
+        print_message(create_task(ops, keys, trusted, settings.threshold, spec, measurements))
+
+    try:
+        call(run)
+    except (FedcomputeError, BuildError, RegistrationFailed, OSError) as exc:
+        typer.echo(f"task not created: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @task_app.command("get")
 def task_get(task_id: str, server: ServerOpt = "127.0.0.1:8700") -> None:
     """Show a task."""

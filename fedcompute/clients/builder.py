@@ -155,3 +155,15 @@ class TaskBuilder:
 def check_plan_size(built: BuiltPlan, max_bytes: int) -> None:
     """Refuse locally what the server would refuse (``InvalidArgument`` with the limit)."""
     plans.parse(built.plan_bytes, max_bytes=max_bytes, where="spec.plan")
+
+
+def evaluation_spec(plan_bytes: bytes, weights: bytes, **fields: object) -> tm.TaskSpec:
+    """An EVALUATION task of a published model: the training task's plan as an evaluation plan, and the version's
+    weights (checked against the plan's schema here, and again by the server)."""
+    plan = plans.parse(plan_bytes, max_bytes=len(plan_bytes) + 1)
+    try:
+        plans.check_tensors(plan.schema(), checkpoints.decode(weights))
+    except ValueError as exc:
+        raise BuildError(f"the checkpoint does not fit the plan: {exc}") from None
+    evaluation = replace(plan, kind="evaluation").encode()
+    return tm.TaskSpec(plan=evaluation, initial_weights=weights, kind=tm.TASK_KIND_EVALUATION, **fields)  # type: ignore[arg-type]

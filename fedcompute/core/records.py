@@ -25,6 +25,7 @@ class TaskRecord:
     policy_sha256: str = ""
     model_name: str = ""
     parameter_count: int = 0
+    round_metrics: tuple[tuple[int, RoundMetrics], ...] = ()  # per completed round (GetTask only)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedcompute.core.privacy import DpSpec
-from fedcompute.core.records import IterationRecord, ModelVersionRecord, TaskRecord
+from fedcompute.core.records import IterationRecord, ModelVersionRecord, RoundMetrics, TaskRecord
 from fedcompute.core.tasks import CHECKPOINT_MEDIA_TYPE, PLAN_MEDIA_TYPE, Hyperparameters, TaskSpec
 from fedcompute.server.resources import model_resource_name, plan_resource_name
 from fedcompute.v1 import common_pb2, task_management_pb2
@@ -152,6 +152,10 @@ def encode_task(task: TaskRecord) -> task_management_pb2.Task:
         epsilon_spent=task.epsilon_spent,
         model_name=task.model_name,
         parameter_count=task.parameter_count,
+        round_metrics=[
+            task_management_pb2.RoundMetrics(round=r, metrics=_metric_values(m), examples=m.examples)
+            for r, m in task.round_metrics
+        ],
     )
 
 
@@ -169,12 +173,14 @@ def encode_iteration(it: IterationRecord) -> task_management_pb2.Iteration:
         attempt=it.attempt,
         aggregation_note=it.note,
         clip_norm=it.clip_norm or 0.0,
-        metrics=[
-            common_pb2.MetricValue(name=k, value=v)
-            for k, v in sorted((it.metrics.values if it.metrics else {}).items())
-        ],
+        metrics=_metric_values(it.metrics),
         metric_examples=it.metrics.examples if it.metrics else 0,
     )
+
+
+def _metric_values(metrics: RoundMetrics | None) -> list[common_pb2.MetricValue]:
+    values = metrics.values if metrics else {}
+    return [common_pb2.MetricValue(name=k, value=v) for k, v in sorted(values.items())]
 
 
 def encode_model_version(v: ModelVersionRecord) -> task_management_pb2.ModelVersion:

@@ -116,11 +116,21 @@ class TaskService:
         return tensors
 
     def get(self, task_id: str) -> TaskRecord:
+        """The task, with the aggregated metrics of each completed round."""
         with self._db.transaction() as s:
             record = TaskRepository(s).get(task_id)
+            rounds = IterationRepository(s).for_task(task_id) if record else []
         if record is None:
             raise NotFound(f"task {task_id!r} does not exist")
-        return record
+        metrics = tuple(
+            (it.round, it.metrics) for it in rounds if it.status == IterationStatus.COMPLETED and it.metrics
+        )
+        return replace(record, round_metrics=metrics)
+
+    def _require(self, task_id: str) -> None:
+        with self._db.transaction() as s:
+            if TaskRepository(s).get(task_id) is None:
+                raise NotFound(f"task {task_id!r} does not exist")
 
     def page(self, population: str, page_size: int, page_token: str) -> tuple[list[TaskRecord], str]:
         if page_size < 0:
@@ -156,12 +166,12 @@ class TaskService:
         return updated
 
     def iterations(self, task_id: str) -> list[IterationRecord]:
-        self.get(task_id)
+        self._require(task_id)
         with self._db.transaction() as s:
             return IterationRepository(s).for_task(task_id)
 
     def model_versions(self, task_id: str) -> list[ModelVersionRecord]:
-        self.get(task_id)
+        self._require(task_id)
         with self._db.transaction() as s:
             versions = ModelVersionRepository(s).for_task(task_id)
             charged = LedgerRepository(s).by_version(task_id)

@@ -26,19 +26,19 @@ from fedcompute.v1 import common_pb2 as fedcompute_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcompute/v1/task_management.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"l\n\x17TrainingHyperparameters\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\"\xb7\x02\n\x08\x44pConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0etarget_epsilon\x18\x02 \x01(\x01\x12\x14\n\x0ctarget_delta\x18\x03 \x01(\x01\x12\x1f\n\x17\x61ssumed_population_size\x18\x04 \x01(\x03\x12\x12\n\naccountant\x18\x05 \x01(\t\x12\x18\n\x10noise_multiplier\x18\x06 \x01(\x01\x12\x14\n\x0cl2_clip_norm\x18\x07 \x01(\x01\x12\x15\n\radaptive_clip\x18\x08 \x01(\x08\x12!\n\x19target_unclipped_quantile\x18\t \x01(\x01\x12\x1a\n\x12\x63lip_learning_rate\x18\n \x01(\x01\x12\x1c\n\x14\x63lipped_count_stddev\x18\x0b \x01(\x01\x12\x13\n\x0bmin_clients\x18\x0c \x01(\x05\"\xd7\x04\n\x08TaskSpec\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x1a\n\x12model_architecture\x18\x02 \x01(\t\x12\x17\n\x0finitial_weights\x18\x03 \x01(\x0c\x12\x14\n\x0cinitial_seed\x18\x04 \x01(\x03\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x13\n\x0breport_goal\x18\x06 \x01(\x05\x12\x12\n\nmax_cohort\x18\x07 \x01(\x05\x12\x1a\n\x12min_client_version\x18\x08 \x01(\t\x12\x1a\n\x12max_client_version\x18\t \x01(\t\x12?\n\x0fhyperparameters\x18\n \x01(\x0b\x32&.fedcompute.v1.TrainingHyperparameters\x12\x1c\n\x14server_learning_rate\x18\x0b \x01(\x01\x12#\n\x02\x64p\x18\x0c \x01(\x0b\x32\x17.fedcompute.v1.DpConfig\x12\x13\n\x0bmin_clients\x18\r \x01(\x05\x12 \n\x18local_compute_deadline_s\x18\x0e \x01(\x05\x12\x19\n\x11upload_deadline_s\x18\x0f \x01(\x05\x12\x18\n\x10round_deadline_s\x18\x10 \x01(\x05\x12\x16\n\x0etraffic_weight\x18\x11 \x01(\x01\x12\x1d\n\x15min_separation_rounds\x18\x12 \x01(\x05\x12\x1a\n\x12max_round_attempts\x18\x13 \x01(\x05\x12\x0c\n\x04plan\x18\x14 \x01(\x0c\x12%\n\x04kind\x18\x15 \x01(\x0e\x32\x17.fedcompute.v1.TaskKind\"\x8c\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.fedcompute.v1.TaskSpec\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.fedcompute.v1.TaskStatus\x12\x15\n\rcurrent_round\x18\x04 \x01(\x05\x12\x1c\n\x14latest_model_version\x18\x05 \x01(\x03\x12%\n\x04plan\x18\x06 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12\x30\n\x0c\x63reated_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rstatus_reason\x18\x08 \x01(\t\x12\x15\n\repsilon_spent\x18\t \x01(\x01\x12\x38\n\raccess_policy\x18\n \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\x12\x12\n\nmodel_name\x18\x0b \x01(\t\x12\x17\n\x0fparameter_count\x18\x0c \x01(\x03\"\x80\x03\n\tIteration\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.fedcompute.v1.IterationStatus\x12\x1a\n\x12\x62\x61se_model_version\x18\x05 \x01(\x03\x12\x10\n\x08\x61ssigned\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompleted_uploads\x18\x07 \x01(\x05\x12\x1e\n\x16\x61\x63\x63\x65pted_contributions\x18\x08 \x01(\x05\x12\x1e\n\x16rejected_contributions\x18\t \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x18\n\x10\x61ggregation_note\x18\x0b \x01(\t\x12\x11\n\tclip_norm\x18\x0c \x01(\x01\x12+\n\x07metrics\x18\r \x03(\x0b\x32\x1a.fedcompute.v1.MetricValue\x12\x17\n\x0fmetric_examples\x18\x0e \x01(\x03\"\x92\x02\n\x0cModelVersion\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0eparent_version\x18\x03 \x01(\x03\x12+\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12\x19\n\x11parent_sha256_hex\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x15\n\rcontributions\x18\x07 \x01(\x05\x12\x30\n\x0c\x63reated_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\repsilon_spent\x18\t \x01(\x01\x12\x11\n\tclip_norm\x18\n \x01(\x01\"t\n\x11\x43reateTaskRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.fedcompute.v1.TaskSpec\x12\x38\n\raccess_policy\x18\x02 \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\"7\n\x12\x43reateTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.fedcompute.v1.Task\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\x0fGetTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.fedcompute.v1.Task\"R\n\x10ListTasksRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x11ListTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.fedcompute.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x12\x43\x61ncelTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.fedcompute.v1.Task\"(\n\x15ListIterationsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x16ListIterationsResponse\x12,\n\niterations\x18\x01 \x03(\x0b\x32\x18.fedcompute.v1.Iteration\"+\n\x18ListModelVersionsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"J\n\x19ListModelVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.fedcompute.v1.ModelVersion*\xae\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10TASK_STATUS_OPEN\x10\x01\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x02\x12\x18\n\x14TASK_STATUS_CANCELED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12 \n\x1cTASK_STATUS_BUDGET_EXHAUSTED\x10\x05*\xcc\x01\n\x0fIterationStatus\x12 \n\x1cITERATION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15ITERATION_STATUS_OPEN\x10\x01\x12 \n\x1cITERATION_STATUS_AGGREGATING\x10\x02\x12\x1e\n\x1aITERATION_STATUS_COMPLETED\x10\x03\x12\x1b\n\x17ITERATION_STATUS_FAILED\x10\x04\x12\x1d\n\x19ITERATION_STATUS_CANCELED\x10\x05*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_KIND_TRAINING\x10\x01\x12\x18\n\x14TASK_KIND_EVALUATION\x10\x02\x32\x9e\x04\n\x15TaskManagementService\x12Q\n\nCreateTask\x12 .fedcompute.v1.CreateTaskRequest\x1a!.fedcompute.v1.CreateTaskResponse\x12H\n\x07GetTask\x12\x1d.fedcompute.v1.GetTaskRequest\x1a\x1e.fedcompute.v1.GetTaskResponse\x12N\n\tListTasks\x12\x1f.fedcompute.v1.ListTasksRequest\x1a .fedcompute.v1.ListTasksResponse\x12Q\n\nCancelTask\x12 .fedcompute.v1.CancelTaskRequest\x1a!.fedcompute.v1.CancelTaskResponse\x12]\n\x0eListIterations\x12$.fedcompute.v1.ListIterationsRequest\x1a%.fedcompute.v1.ListIterationsResponse\x12\x66\n\x11ListModelVersions\x12\'.fedcompute.v1.ListModelVersionsRequest\x1a(.fedcompute.v1.ListModelVersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcompute/v1/task_management.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"l\n\x17TrainingHyperparameters\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\"\xb7\x02\n\x08\x44pConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0etarget_epsilon\x18\x02 \x01(\x01\x12\x14\n\x0ctarget_delta\x18\x03 \x01(\x01\x12\x1f\n\x17\x61ssumed_population_size\x18\x04 \x01(\x03\x12\x12\n\naccountant\x18\x05 \x01(\t\x12\x18\n\x10noise_multiplier\x18\x06 \x01(\x01\x12\x14\n\x0cl2_clip_norm\x18\x07 \x01(\x01\x12\x15\n\radaptive_clip\x18\x08 \x01(\x08\x12!\n\x19target_unclipped_quantile\x18\t \x01(\x01\x12\x1a\n\x12\x63lip_learning_rate\x18\n \x01(\x01\x12\x1c\n\x14\x63lipped_count_stddev\x18\x0b \x01(\x01\x12\x13\n\x0bmin_clients\x18\x0c \x01(\x05\"\xd7\x04\n\x08TaskSpec\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x1a\n\x12model_architecture\x18\x02 \x01(\t\x12\x17\n\x0finitial_weights\x18\x03 \x01(\x0c\x12\x14\n\x0cinitial_seed\x18\x04 \x01(\x03\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x13\n\x0breport_goal\x18\x06 \x01(\x05\x12\x12\n\nmax_cohort\x18\x07 \x01(\x05\x12\x1a\n\x12min_client_version\x18\x08 \x01(\t\x12\x1a\n\x12max_client_version\x18\t \x01(\t\x12?\n\x0fhyperparameters\x18\n \x01(\x0b\x32&.fedcompute.v1.TrainingHyperparameters\x12\x1c\n\x14server_learning_rate\x18\x0b \x01(\x01\x12#\n\x02\x64p\x18\x0c \x01(\x0b\x32\x17.fedcompute.v1.DpConfig\x12\x13\n\x0bmin_clients\x18\r \x01(\x05\x12 \n\x18local_compute_deadline_s\x18\x0e \x01(\x05\x12\x19\n\x11upload_deadline_s\x18\x0f \x01(\x05\x12\x18\n\x10round_deadline_s\x18\x10 \x01(\x05\x12\x16\n\x0etraffic_weight\x18\x11 \x01(\x01\x12\x1d\n\x15min_separation_rounds\x18\x12 \x01(\x05\x12\x1a\n\x12max_round_attempts\x18\x13 \x01(\x05\x12\x0c\n\x04plan\x18\x14 \x01(\x0c\x12%\n\x04kind\x18\x15 \x01(\x0e\x32\x17.fedcompute.v1.TaskKind\"\xc0\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.fedcompute.v1.TaskSpec\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.fedcompute.v1.TaskStatus\x12\x15\n\rcurrent_round\x18\x04 \x01(\x05\x12\x1c\n\x14latest_model_version\x18\x05 \x01(\x03\x12%\n\x04plan\x18\x06 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12\x30\n\x0c\x63reated_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rstatus_reason\x18\x08 \x01(\t\x12\x15\n\repsilon_spent\x18\t \x01(\x01\x12\x38\n\raccess_policy\x18\n \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\x12\x12\n\nmodel_name\x18\x0b \x01(\t\x12\x17\n\x0fparameter_count\x18\x0c \x01(\x03\x12\x32\n\rround_metrics\x18\r \x03(\x0b\x32\x1b.fedcompute.v1.RoundMetrics\"\\\n\x0cRoundMetrics\x12\r\n\x05round\x18\x01 \x01(\x05\x12+\n\x07metrics\x18\x02 \x03(\x0b\x32\x1a.fedcompute.v1.MetricValue\x12\x10\n\x08\x65xamples\x18\x03 \x01(\x03\"\x80\x03\n\tIteration\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.fedcompute.v1.IterationStatus\x12\x1a\n\x12\x62\x61se_model_version\x18\x05 \x01(\x03\x12\x10\n\x08\x61ssigned\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompleted_uploads\x18\x07 \x01(\x05\x12\x1e\n\x16\x61\x63\x63\x65pted_contributions\x18\x08 \x01(\x05\x12\x1e\n\x16rejected_contributions\x18\t \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x18\n\x10\x61ggregation_note\x18\x0b \x01(\t\x12\x11\n\tclip_norm\x18\x0c \x01(\x01\x12+\n\x07metrics\x18\r \x03(\x0b\x32\x1a.fedcompute.v1.MetricValue\x12\x17\n\x0fmetric_examples\x18\x0e \x01(\x03\"\x92\x02\n\x0cModelVersion\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0eparent_version\x18\x03 \x01(\x03\x12+\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12\x19\n\x11parent_sha256_hex\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x15\n\rcontributions\x18\x07 \x01(\x05\x12\x30\n\x0c\x63reated_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\repsilon_spent\x18\t \x01(\x01\x12\x11\n\tclip_norm\x18\n \x01(\x01\"t\n\x11\x43reateTaskRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.fedcompute.v1.TaskSpec\x12\x38\n\raccess_policy\x18\x02 \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\"7\n\x12\x43reateTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.fedcompute.v1.Task\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\x0fGetTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.fedcompute.v1.Task\"R\n\x10ListTasksRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x11ListTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.fedcompute.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x12\x43\x61ncelTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.fedcompute.v1.Task\"(\n\x15ListIterationsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x16ListIterationsResponse\x12,\n\niterations\x18\x01 \x03(\x0b\x32\x18.fedcompute.v1.Iteration\"+\n\x18ListModelVersionsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"J\n\x19ListModelVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.fedcompute.v1.ModelVersion*\xae\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10TASK_STATUS_OPEN\x10\x01\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x02\x12\x18\n\x14TASK_STATUS_CANCELED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12 \n\x1cTASK_STATUS_BUDGET_EXHAUSTED\x10\x05*\xcc\x01\n\x0fIterationStatus\x12 \n\x1cITERATION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15ITERATION_STATUS_OPEN\x10\x01\x12 \n\x1cITERATION_STATUS_AGGREGATING\x10\x02\x12\x1e\n\x1aITERATION_STATUS_COMPLETED\x10\x03\x12\x1b\n\x17ITERATION_STATUS_FAILED\x10\x04\x12\x1d\n\x19ITERATION_STATUS_CANCELED\x10\x05*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_KIND_TRAINING\x10\x01\x12\x18\n\x14TASK_KIND_EVALUATION\x10\x02\x32\x9e\x04\n\x15TaskManagementService\x12Q\n\nCreateTask\x12 .fedcompute.v1.CreateTaskRequest\x1a!.fedcompute.v1.CreateTaskResponse\x12H\n\x07GetTask\x12\x1d.fedcompute.v1.GetTaskRequest\x1a\x1e.fedcompute.v1.GetTaskResponse\x12N\n\tListTasks\x12\x1f.fedcompute.v1.ListTasksRequest\x1a .fedcompute.v1.ListTasksResponse\x12Q\n\nCancelTask\x12 .fedcompute.v1.CancelTaskRequest\x1a!.fedcompute.v1.CancelTaskResponse\x12]\n\x0eListIterations\x12$.fedcompute.v1.ListIterationsRequest\x1a%.fedcompute.v1.ListIterationsResponse\x12\x66\n\x11ListModelVersions\x12\'.fedcompute.v1.ListModelVersionsRequest\x1a(.fedcompute.v1.ListModelVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcompute.v1.task_management_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=2981
-  _globals['_TASKSTATUS']._serialized_end=3155
-  _globals['_ITERATIONSTATUS']._serialized_start=3158
-  _globals['_ITERATIONSTATUS']._serialized_end=3362
-  _globals['_TASKKIND']._serialized_start=3364
-  _globals['_TASKKIND']._serialized_end=3451
+  _globals['_TASKSTATUS']._serialized_start=3127
+  _globals['_TASKSTATUS']._serialized_end=3301
+  _globals['_ITERATIONSTATUS']._serialized_start=3304
+  _globals['_ITERATIONSTATUS']._serialized_end=3508
+  _globals['_TASKKIND']._serialized_start=3510
+  _globals['_TASKKIND']._serialized_end=3597
   _globals['_TRAININGHYPERPARAMETERS']._serialized_start=115
   _globals['_TRAININGHYPERPARAMETERS']._serialized_end=223
   _globals['_DPCONFIG']._serialized_start=226
@@ -46,35 +46,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSPEC']._serialized_start=540
   _globals['_TASKSPEC']._serialized_end=1139
   _globals['_TASK']._serialized_start=1142
-  _globals['_TASK']._serialized_end=1538
-  _globals['_ITERATION']._serialized_start=1541
-  _globals['_ITERATION']._serialized_end=1925
-  _globals['_MODELVERSION']._serialized_start=1928
-  _globals['_MODELVERSION']._serialized_end=2202
-  _globals['_CREATETASKREQUEST']._serialized_start=2204
-  _globals['_CREATETASKREQUEST']._serialized_end=2320
-  _globals['_CREATETASKRESPONSE']._serialized_start=2322
-  _globals['_CREATETASKRESPONSE']._serialized_end=2377
-  _globals['_GETTASKREQUEST']._serialized_start=2379
-  _globals['_GETTASKREQUEST']._serialized_end=2412
-  _globals['_GETTASKRESPONSE']._serialized_start=2414
-  _globals['_GETTASKRESPONSE']._serialized_end=2466
-  _globals['_LISTTASKSREQUEST']._serialized_start=2468
-  _globals['_LISTTASKSREQUEST']._serialized_end=2550
-  _globals['_LISTTASKSRESPONSE']._serialized_start=2552
-  _globals['_LISTTASKSRESPONSE']._serialized_end=2632
-  _globals['_CANCELTASKREQUEST']._serialized_start=2634
-  _globals['_CANCELTASKREQUEST']._serialized_end=2686
-  _globals['_CANCELTASKRESPONSE']._serialized_start=2688
-  _globals['_CANCELTASKRESPONSE']._serialized_end=2743
-  _globals['_LISTITERATIONSREQUEST']._serialized_start=2745
-  _globals['_LISTITERATIONSREQUEST']._serialized_end=2785
-  _globals['_LISTITERATIONSRESPONSE']._serialized_start=2787
-  _globals['_LISTITERATIONSRESPONSE']._serialized_end=2857
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=2859
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=2902
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=2904
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=2978
-  _globals['_TASKMANAGEMENTSERVICE']._serialized_start=3454
-  _globals['_TASKMANAGEMENTSERVICE']._serialized_end=3996
+  _globals['_TASK']._serialized_end=1590
+  _globals['_ROUNDMETRICS']._serialized_start=1592
+  _globals['_ROUNDMETRICS']._serialized_end=1684
+  _globals['_ITERATION']._serialized_start=1687
+  _globals['_ITERATION']._serialized_end=2071
+  _globals['_MODELVERSION']._serialized_start=2074
+  _globals['_MODELVERSION']._serialized_end=2348
+  _globals['_CREATETASKREQUEST']._serialized_start=2350
+  _globals['_CREATETASKREQUEST']._serialized_end=2466
+  _globals['_CREATETASKRESPONSE']._serialized_start=2468
+  _globals['_CREATETASKRESPONSE']._serialized_end=2523
+  _globals['_GETTASKREQUEST']._serialized_start=2525
+  _globals['_GETTASKREQUEST']._serialized_end=2558
+  _globals['_GETTASKRESPONSE']._serialized_start=2560
+  _globals['_GETTASKRESPONSE']._serialized_end=2612
+  _globals['_LISTTASKSREQUEST']._serialized_start=2614
+  _globals['_LISTTASKSREQUEST']._serialized_end=2696
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2698
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2778
+  _globals['_CANCELTASKREQUEST']._serialized_start=2780
+  _globals['_CANCELTASKREQUEST']._serialized_end=2832
+  _globals['_CANCELTASKRESPONSE']._serialized_start=2834
+  _globals['_CANCELTASKRESPONSE']._serialized_end=2889
+  _globals['_LISTITERATIONSREQUEST']._serialized_start=2891
+  _globals['_LISTITERATIONSREQUEST']._serialized_end=2931
+  _globals['_LISTITERATIONSRESPONSE']._serialized_start=2933
+  _globals['_LISTITERATIONSRESPONSE']._serialized_end=3003
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=3005
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=3048
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=3050
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=3124
+  _globals['_TASKMANAGEMENTSERVICE']._serialized_start=3600
+  _globals['_TASKMANAGEMENTSERVICE']._serialized_end=4142
 # @@protoc_insertion_point(module_scope)

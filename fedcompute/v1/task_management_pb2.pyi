@@ -308,6 +308,7 @@ class Task(_message.Message):
     ACCESS_POLICY_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    ROUND_METRICS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     status: Global___TaskStatus.ValueType
     current_round: _builtins.int
@@ -328,6 +329,10 @@ class Task(_message.Message):
     def access_policy(self) -> _common_pb2.SignedAccessPolicy:
         """The access policy registered with the key services, with their signatures."""
 
+    @_builtins.property
+    def round_metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundMetrics]:
+        """GetTask: the aggregated metrics of each completed round (devices' own metrics, from their envelopes)."""
+
     def __init__(
         self,
         *,
@@ -343,14 +348,44 @@ class Task(_message.Message):
         access_policy: _common_pb2.SignedAccessPolicy | None = ...,
         model_name: _builtins.str = ...,
         parameter_count: _builtins.int = ...,
+        round_metrics: _abc.Iterable[Global___RoundMetrics] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "plan", b"plan", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "current_round", b"current_round", "epsilon_spent", b"epsilon_spent", "latest_model_version", b"latest_model_version", "model_name", b"model_name", "parameter_count", b"parameter_count", "plan", b"plan", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_policy", b"access_policy", "created_time", b"created_time", "current_round", b"current_round", "epsilon_spent", b"epsilon_spent", "latest_model_version", b"latest_model_version", "model_name", b"model_name", "parameter_count", b"parameter_count", "plan", b"plan", "round_metrics", b"round_metrics", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class RoundMetrics(_message.Message):
+    """One round's aggregated metrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    examples: _builtins.int
+    """Examples behind them (0 when not disclosed)."""
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.MetricValue]: ...
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        metrics: _abc.Iterable[_common_pb2.MetricValue] | None = ...,
+        examples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "metrics", b"metrics", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundMetrics: _TypeAlias = RoundMetrics  # noqa: Y015
 
 @_typing.final
 class Iteration(_message.Message):

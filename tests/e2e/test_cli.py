@@ -109,5 +109,14 @@ def test_task_create_with_a_users_model(tmp_path: Path) -> None:
         assert "unknown loss 'hinge'" in unknown.stderr
         listed = runner.invoke(app, ["task", "list", "--server", server, "--population", "mine"])
         assert len(json.loads(listed.stdout)["tasks"]) == 1  # nothing stored for the refused ones
+        args = ["task", "evaluate", task["task_id"], "--server", server, "--report-goal", "2", "--max-cohort", "3"]
+        evaluation = runner.invoke(app, args)
+        assert evaluation.exit_code == 0, evaluation.output
+        evaluating = json.loads(evaluation.stdout)
+        assert evaluating["spec"]["kind"] == "TASK_KIND_EVALUATION"
+        assert (evaluating["model_name"], evaluating["parameter_count"]) == ("models", task["parameter_count"])
+        missing = runner.invoke(app, [*args, "--version", "9"])
+        assert missing.exit_code == 1
+        assert "has no model version 9" in missing.stderr
     finally:
         harness.stop()

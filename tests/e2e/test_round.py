@@ -60,6 +60,8 @@ def test_fleet_trains_a_task_to_completion(database_url: str, tmp_path: Path) ->
             assert 0 < metrics["accuracy"] <= 1
             assert metrics["loss"] > 0
             assert it.metric_examples > 0
+        assert [r.round for r in final.round_metrics] == [1, 2]  # GetTask shows them per round too
+        assert final.round_metrics[0].metrics == iterations[0].metrics
     finally:
         if fleet:
             fleet.stop()

@@ -221,6 +221,14 @@ def test_a_model_file_outside_the_package_builds(tmp_path: Path) -> None:
         TaskBuilder.from_function(str(source))
 
 
+def test_the_builder_is_importable_from_the_package_root() -> None:
+    import fedcompute
+
+    assert fedcompute.TaskBuilder is TaskBuilder
+    with pytest.raises(AttributeError):
+        _ = fedcompute.NoSuchThing
+
+
 def test_built_in_models_are_plans_built_the_same_way() -> None:
     spec = TaskSpec("pop", "bench-1m", rounds=1, report_goal=1, max_cohort=1)
     plan = plans.parse(spec.plan_bytes())
