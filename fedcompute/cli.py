@@ -53,6 +53,9 @@ def demo(
     ] = None,
     clip: Annotated[float, typer.Option(min=0.0, help="DP: L2 clip norm (initial, if adaptive).")] = 2.0,
     adaptive_clip: Annotated[bool, typer.Option("--adaptive-clip", help="DP: adapt the clip norm.")] = False,
+    noise_metrics: Annotated[
+        bool, typer.Option("--noise-metrics", help="DP: release devices' metrics noised.")
+    ] = False,
     model: Annotated[
         str | None, typer.Option(help="Your model: PATH.py:FUNCTION (64 inputs, 10 classes) instead of the built-in.")
     ] = None,
@@ -76,7 +79,7 @@ def demo(
     settings = _settings(
         **DEMO_SETTINGS, workdir=work, database_url=database_url, key_services=key_services, threshold=threshold
     )
-    privacy = DemoPrivacy(epsilon, delta or default_delta(devices), clip, adaptive_clip) if dp else None
+    privacy = DemoPrivacy(epsilon, delta or default_delta(devices), clip, adaptive_clip, noise_metrics) if dp else None
     try:
         result = run_demo(settings, devices, rounds, seed, timeout, privacy, model)
     except BuildError as exc:

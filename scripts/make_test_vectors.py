@@ -92,6 +92,7 @@ def dp_policy() -> AccessPolicy:
             target_unclipped_quantile=0.5,
             clip_learning_rate=0.2,
             clipped_count_stddev=0.8,
+            metric_bounds=(("accuracy", 1.0), ("loss", 5.0)),
         ),
     )
 
@@ -275,7 +276,11 @@ def policy_layout(p: dict[str, Any]) -> Fields:
             ("dp.delta f64", _f64(d["delta"])),
             *_lp("dp.accountant", d["accountant"].encode()),
             ("dp.assumed_population_size u64", _u64(d["assumed_population_size"])),
+            ("count(dp.metric_bounds) u16", _u16(len(d["metric_bounds"]))),
         ]
+        for i, bound in enumerate(d["metric_bounds"]):
+            out += _lp(f"dp.metric_bounds[{i}].name", bound["name"].encode())
+            out.append((f"dp.metric_bounds[{i}].bound f64", _f64(bound["bound"])))
     return out
 
 
@@ -393,6 +398,7 @@ def _policy_input(policy: AccessPolicy) -> dict[str, Any]:
         "delta": d.delta,
         "accountant": d.accountant,
         "assumed_population_size": d.assumed_population_size,
+        "metric_bounds": [{"name": b.name, "bound": b.bound} for b in d.metric_bounds],
     }
     return fields
 

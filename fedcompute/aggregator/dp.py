@@ -4,7 +4,10 @@ Each decrypted update is clipped to L2 norm C over all its tensors; the clipped 
 (uniform weights: example counts would leak); N(0, (z·C)²) is added once per coordinate to the sum; the sum is
 divided by the fixed expected count m. Nothing is released below ``min_clients``. With adaptive clipping
 (Andrew et al. 2021) the noised fraction of unclipped updates moves C geometrically toward the target quantile.
-Only the noised mean and the noised next clip norm ever leave this module.
+Metrics the policy releases are a second block: each device's value clipped to [0, B] and scaled by 1/(B·√K)
+(so the block's sensitivity is 1), summed, noised with the update's multiplier z, rescaled by √K·B/m; a device
+that did not report a metric counts as 0 for it. Only the noised mean, the noised metrics and the noised next
+clip norm ever leave this module.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class DpParams:
     target_unclipped_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float = 0.0
+    metric_bounds: tuple[tuple[str, float], ...] = ()
 
 
 def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
@@ -56,9 +60,14 @@ class DpSum:
         self._sum: dict[str, torch.Tensor] = {}
         self.count = 0
         self._unclipped = 0
+        self._metrics = np.zeros(len(params.metric_bounds), dtype=np.float64)
 
-    def add(self, update: Mapping[str, torch.Tensor]) -> None:
-        """Add one update (the caller has already refused non-finite ones)."""
+    def add(self, update: Mapping[str, torch.Tensor], metrics: Mapping[str, float] | None = None) -> None:
+        """Add one update (the caller has already refused non-finite ones) and, if released, its metrics."""
+        scale = math.sqrt(len(self._p.metric_bounds) or 1)
+        for i, (name, bound) in enumerate(self._p.metric_bounds):
+            value = (metrics or {}).get(name, 0.0)
+            self._metrics[i] += min(max(value, 0.0), bound) / (bound * scale)
         clipped, norm = clip(update, self._p.clip_norm)
         if self._sum and set(clipped) != set(self._sum):
             raise ValueError("update tensors differ from the first contribution's")
@@ -83,6 +92,19 @@ class DpSum:
             mean[name] = ((total + sample) / self._p.expected_clients).to(torch.float32).contiguous()
         self._sum.clear()  # the un-noised sum is not kept past this point
         return mean, self._next_clip(noise)
+
+    def release_metrics(self, noise: NoiseSource) -> dict[str, float]:
+        """The noised means of the released metrics (after ``release``; clamped to their ranges)."""
+        bounds = self._p.metric_bounds
+        if not bounds:
+            return {}
+        noised = self._metrics + noise.gaussian(len(bounds), self._p.noise_multiplier)
+        self._metrics[:] = 0.0
+        scale = math.sqrt(len(bounds)) / self._p.expected_clients
+        return {
+            name: min(max(float(v) * scale * bound, 0.0), bound)
+            for (name, bound), v in zip(bounds, noised, strict=True)
+        }
 
     def _next_clip(self, noise: NoiseSource) -> float:
         p = self._p

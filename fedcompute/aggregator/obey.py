@@ -7,7 +7,6 @@ from dataclasses import fields
 
 from fedcompute.aggregator.dp import DpParams
 from fedcompute.core.policy import AccessPolicy
-from fedcompute.core.privacy import update_noise_multiplier
 from fedcompute.v1 import aggregation_pb2
 
 
@@ -28,7 +27,7 @@ def dp_params(policy: AccessPolicy, job: aggregation_pb2.AggregationJob) -> DpPa
             "the job switches differential privacy off, but the task's signed access policy requires it"
         )
     d = policy.dp
-    z = update_noise_multiplier(d.noise_multiplier, d.clipped_count_stddev) if d.adaptive_clip else d.noise_multiplier
+    z = d.update_multiplier()
     # With adaptive clipping the current C comes from the previous round; sensitivity C and noise z·C move
     # together, so any C gives the same ε. Without it, C is the policy's.
     clip = job.dp.clip_norm if d.adaptive_clip else d.clip_norm
@@ -43,8 +42,11 @@ def dp_params(policy: AccessPolicy, job: aggregation_pb2.AggregationJob) -> DpPa
         target_unclipped_quantile=d.target_unclipped_quantile,
         clip_learning_rate=d.clip_learning_rate,
         clipped_count_stddev=d.clipped_count_stddev,
+        metric_bounds=d.metric_bounds,  # from the policy alone: the job does not carry them
     )
     for f in fields(DpParams):
+        if f.name == "metric_bounds":
+            continue
         got, expected = getattr(job.dp, f.name), getattr(want, f.name)
         if got != expected:
             raise PolicyConflict(

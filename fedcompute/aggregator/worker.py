@@ -104,7 +104,7 @@ class AggregatorWorker:
                     rejections[refusal.reason] += 1
                     continue
                 if isinstance(mean, DpSum):
-                    mean.add(opened.update)  # uniform weights under DP: example counts would leak
+                    mean.add(opened.update, opened.metrics)  # uniform weights under DP: example counts would leak
                 else:
                     mean.add(opened.update, float(opened.num_examples))
                     metrics.add(opened.metrics, opened.num_examples)  # under DP metrics are left out
@@ -142,9 +142,11 @@ class AggregatorWorker:
             except BelowMinimum as exc:
                 self._fail(job, str(exc), retryable=False)
                 return
+            released = mean.release_metrics(noise)  # noised as the policy says, or none
             clip_used = job.dp.clip_norm
         else:
             update = mean.mean()
+            released = metrics.means()
         self._jobs.complete_job(
             aggregation_pb2.CompleteJobRequest(
                 job_id=job.job_id,
@@ -156,7 +158,7 @@ class AggregatorWorker:
                 rejected_contributions=rejected,
                 rejections=[aggregation_pb2.RejectionCount(reason=r, count=c) for r, c in sorted(rejections.items())],
                 note=_faulty_note(keys.faulty_providers),
-                metrics=[common_pb2.MetricValue(name=k, value=v) for k, v in metrics.means().items()],
+                metrics=[common_pb2.MetricValue(name=k, value=v) for k, v in released.items()],
                 metric_examples=metrics.examples,
             )
         )

@@ -63,6 +63,7 @@ class DemoPrivacy:
     delta: float
     clip: float
     adaptive_clip: bool
+    noise_metrics: bool = False
 
 
 def default_delta(devices: int) -> float:
@@ -80,7 +81,7 @@ class RoundRow:
     rejected_contributions: int
     epsilon: float = 0.0
     clip_norm: float = 0.0
-    device_metrics: dict[str, float] | None = None  # the devices' own training metrics, aggregated (non-DP)
+    device_metrics: dict[str, float] | None = None  # the devices' own training metrics, aggregated (noised, DP)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ def task_spec(
             assumed_population_size=devices,
             l2_clip_norm=privacy.clip,
             adaptive_clip=privacy.adaptive_clip,
+            noise_metrics=privacy.noise_metrics,
         )
     common = {"dp": dp, "population_name": POPULATION, "rounds": rounds, "report_goal": report_goal}
     if model:
@@ -290,19 +292,18 @@ def _completed_round(operators: TaskManagementClient, task_id: str, round_: int)
 
 def format_table(result: DemoResult) -> str:
     dp = result.dp is not None
-    extra = f"  {'epsilon':>8}  {'clip':>7}" if dp else f"  {'device loss':>11}  {'device acc':>10}"
+    extra = (f"  {'epsilon':>8}  {'clip':>7}" if dp else "") + f"  {'device loss':>11}  {'device acc':>10}"
     lines = [
         f"model {result.model}: {result.parameters:,} parameters",
         f"{'round':>5}  {'model version':>13}  {'contributions':>13}  {'rejected':>8}  {'accuracy':>8}{extra}",
         f"{0:>5}  {1:>13}  {'-':>13}  {'-':>8}  {result.initial_accuracy:>8.4f}"
-        + (f"  {0:>8.3f}  {'-':>7}" if dp else f"  {'-':>11}  {'-':>10}"),
+        + (f"  {0:>8.3f}  {'-':>7}" if dp else "")
+        + f"  {'-':>11}  {'-':>10}",
     ]
     for r in result.rounds:
-        m = r.device_metrics or {}
-        tail = (
-            f"  {r.epsilon:>8.3f}  {r.clip_norm:>7.3f}"
-            if dp
-            else f"  {_fmt(m.get('loss')):>11}  {_fmt(m.get('accuracy')):>10}"
+        m = r.device_metrics or {}  # under DP: noised, or absent when the policy leaves them out
+        tail = (f"  {r.epsilon:>8.3f}  {r.clip_norm:>7.3f}" if dp else "") + (
+            f"  {_fmt(m.get('loss')):>11}  {_fmt(m.get('accuracy')):>10}"
         )
         lines.append(
             f"{r.round:>5}  {r.model_version:>13}  {r.contributions:>13}  {r.rejected_contributions:>8}  "

@@ -8,7 +8,8 @@ upload (HPKE ``info``), and the attested aggregator applies it. Byte layout (doc
     || u16 count || lp(measurement)... || lp(aggregation) || u32 min_clients || u8 dp_enabled
     [ || f64 clip_norm || f64 noise_multiplier || u32 expected_clients || u8 adaptive_clip
       || f64 target_unclipped_quantile || f64 clip_learning_rate || f64 clipped_count_stddev
-      || f64 epsilon || f64 delta || lp(accountant) || u64 assumed_population_size ]   (only when dp_enabled)
+      || f64 epsilon || f64 delta || lp(accountant) || u64 assumed_population_size
+      || u16 count || (lp(metric) || f64 bound)... ]   (only when dp_enabled; metrics noised, sorted by name)
 
 lp(x) = u16 length || UTF-8 bytes; integers big-endian; f64 = IEEE 754 binary64 big-endian.
 """
@@ -23,11 +24,13 @@ from dataclasses import dataclass
 
 from fedcompute.core.context import length_prefixed as _lp
 from fedcompute.core.errors import InvalidArgument
-from fedcompute.core.privacy import ACCOUNTANTS
+from fedcompute.core.plans import METRICS
+from fedcompute.core.plans import parse as parse_plan
+from fedcompute.core.privacy import ACCOUNTANTS, update_noise_multiplier
 from fedcompute.core.tasks import TaskSpec
 
 MAGIC = b"fedcompute/access-policy/v1\x00"
-VERSION = 1
+VERSION = 2
 FEDAVG = "fedavg"
 
 
@@ -44,10 +47,16 @@ class PolicyDp:
     target_unclipped_quantile: float = 0.0
     clip_learning_rate: float = 0.0
     clipped_count_stddev: float = 0.0
+    metric_bounds: tuple[tuple[str, float], ...] = ()  # metrics released noised, each clipped to [0, bound]
 
     @property
     def sample_rate(self) -> float:
         return self.expected_clients / self.assumed_population_size
+
+    def update_multiplier(self) -> float:
+        """The multiplier the aggregator applies to the update (and metrics) for the accounted one."""
+        count = self.clipped_count_stddev if self.adaptive_clip else 0.0
+        return update_noise_multiplier(self.noise_multiplier, count, bool(self.metric_bounds))
 
     def encode(self) -> bytes:
         return b"".join(
@@ -56,7 +65,8 @@ class PolicyDp:
                 struct.pack(">ddd", self.target_unclipped_quantile, self.clip_learning_rate, self.clipped_count_stddev),
                 struct.pack(">dd", self.epsilon, self.delta),
                 _lp(self.accountant),
-                struct.pack(">Q", self.assumed_population_size),
+                struct.pack(">QH", self.assumed_population_size, len(self.metric_bounds)),
+                *(_lp(name) + struct.pack(">d", bound) for name, bound in self.metric_bounds),
             ]
         )
 
@@ -129,6 +139,11 @@ def _check_dp(dp: PolicyDp, min_clients: int) -> None:
         raise InvalidArgument("policy.dp.assumed_population_size", "must be >= expected_clients")
     if dp.adaptive_clip and not 0 < dp.target_unclipped_quantile < 1:
         raise InvalidArgument("policy.dp.target_unclipped_quantile", "must be in (0, 1)")
+    names = [name for name, _ in dp.metric_bounds]
+    if names != sorted(set(names)) or not set(names) <= set(METRICS):
+        raise InvalidArgument("policy.dp.metric_bounds", f"must name distinct metrics of {METRICS}, sorted")
+    if not all(math.isfinite(bound) and bound > 0 for _, bound in dp.metric_bounds):
+        raise InvalidArgument("policy.dp.metric_bounds", "every bound must be finite and > 0")
 
 
 def for_task(spec: TaskSpec, policy_id: str, measurements: Sequence[str]) -> AccessPolicy:
@@ -148,6 +163,7 @@ def for_task(spec: TaskSpec, policy_id: str, measurements: Sequence[str]) -> Acc
             target_unclipped_quantile=d.target_unclipped_quantile if d.adaptive_clip else 0.0,
             clip_learning_rate=d.clip_learning_rate if d.adaptive_clip else 0.0,
             clipped_count_stddev=d.count_stddev(spec.report_goal) if d.adaptive_clip else 0.0,
+            metric_bounds=d.metric_bounds(parse_plan(spec.plan_bytes()).metrics if d.noise_metrics else ()),
         )
     return AccessPolicy(
         policy_id=policy_id,

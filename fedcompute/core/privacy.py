@@ -3,7 +3,9 @@
 DP-FedAvg at the user level: each round samples (by assumption) m = report_goal of N = assumed population
 devices, q = m / N, one Gaussian-mechanism step per released round. ε is reported with the PRV accountant
 (RDP as a cross-check). The privacy cost of adaptive clipping's noised count is folded into the noise multiplier
-as TFF does: the update gets z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), so the accounting still uses z.
+as TFF does: the update gets z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), so the accounting still uses z. Noised metrics are
+one more Gaussian mechanism of sensitivity 1 at the update's multiplier, folded in the same way:
+z⁻² = 2·z_Δ⁻² (+ (2σ_b)⁻²), so the stored z stays the one every ledger accounts with.
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, rounds: i
         )
 
 
-def update_noise_multiplier(z: float, count_stddev: float) -> float:
-    """Adaptive clipping: the multiplier left for the update once the count's noise took its share."""
+def update_noise_multiplier(z: float, count_stddev: float, noised_metrics: bool = False) -> float:
+    """The multiplier applied to the update (and to noised metrics) once the adaptive clip count (``count_stddev``
+    > 0) and the metrics took their share of the accounted multiplier ``z``."""
     if z <= 0:
         return 0.0
-    if z >= 2 * count_stddev:
-        raise ValueError(f"noise multiplier {z:.4g} must be below 2 x clipped_count_stddev ({2 * count_stddev:.4g})")
-    return float((z**-2 - (2 * count_stddev) ** -2) ** -0.5)
+    count = 0.0
+    if count_stddev > 0:
+        if z >= 2 * count_stddev:
+            raise ValueError(
+                f"noise multiplier {z:.4g} must be below 2 x clipped_count_stddev ({2 * count_stddev:.4g})"
+            )
+        count = (2 * count_stddev) ** -2
+    return float(((z**-2 - count) / (2 if noised_metrics else 1)) ** -0.5)
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,8 @@ class DpSpec:
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float = 0.0
     min_clients: int = 0
+    noise_metrics: bool = False  # release the devices' metrics noised (else they are left out)
+    metric_loss_bound: float = 5.0  # each device's loss is clipped to [0, this] before it is summed
 
     def sample_rate(self, report_goal: int) -> float:
         return report_goal / self.assumed_population_size
@@ -81,9 +91,14 @@ class DpSpec:
         return self.clipped_count_stddev or report_goal / 20
 
     def update_noise(self, report_goal: int) -> float:
-        if not self.adaptive_clip:
-            return self.noise_multiplier
-        return update_noise_multiplier(self.noise_multiplier, self.count_stddev(report_goal))
+        count = self.count_stddev(report_goal) if self.adaptive_clip else 0.0
+        return update_noise_multiplier(self.noise_multiplier, count, self.noise_metrics)
+
+    def metric_bounds(self, metrics: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+        """Each released metric and the range [0, bound] a device's value is clipped to (empty: left out)."""
+        if not self.noise_metrics:
+            return ()
+        return tuple(sorted((m, self.metric_loss_bound if m == "loss" else 1.0) for m in metrics))
 
     def resolve(self, rounds: int, report_goal: int, max_cohort: int) -> DpSpec:
         """Validate against the task and calibrate z if not given; raise ``InvalidArgument`` naming the field."""
@@ -105,6 +120,8 @@ class DpSpec:
             raise InvalidArgument(field + "noise_multiplier", "must be >= 0 (0: calibrate from the budget)")
         if not 0 <= self.min_clients <= report_goal:
             raise InvalidArgument(field + "min_clients", f"must be in [0, report_goal ({report_goal})]")
+        if not self.metric_loss_bound > 0 or not math.isfinite(self.metric_loss_bound):
+            raise InvalidArgument(field + "metric_loss_bound", f"must be > 0, got {self.metric_loss_bound}")
         if not 0 < self.target_unclipped_quantile < 1 or self.clip_learning_rate < 0:
             raise InvalidArgument(field + "target_unclipped_quantile", "must be in (0, 1) with clip_learning_rate >= 0")
         q = self.sample_rate(report_goal)

@@ -56,10 +56,10 @@ class TaskSpec:
             raise InvalidArgument("spec.population_name", "must not be empty")
         if self.kind not in plans.KINDS:
             raise InvalidArgument("spec.kind", f"unknown kind {self.kind!r}; known: {', '.join(plans.KINDS)}")
-        if self.kind == "evaluation" and self.dp is not None:
+        if self.kind == "evaluation" and self.dp is not None and not self.dp.noise_metrics:
             raise InvalidArgument(
-                "spec.dp",
-                "evaluation tasks release metrics only, which this release does not noise: run them without DP",
+                "spec.dp.noise_metrics",
+                "must be set: an evaluation task under DP releases only its metrics, noised",
             )
         if not self.plan and self.model_architecture not in ARCHITECTURES:
             known = ", ".join(sorted(ARCHITECTURES))

@@ -36,6 +36,7 @@ def from_message(msg: common_pb2.AccessPolicy) -> AccessPolicy:
             target_unclipped_quantile=d.target_unclipped_quantile,
             clip_learning_rate=d.clip_learning_rate,
             clipped_count_stddev=d.clipped_count_stddev,
+            metric_bounds=tuple((b.name, b.bound) for b in d.metric_bounds),
         )
     return AccessPolicy(
         policy_id=msg.policy_id,
@@ -73,6 +74,7 @@ def to_message(policy: AccessPolicy) -> common_pb2.AccessPolicy:
                 delta=d.delta,
                 accountant=d.accountant,
                 assumed_population_size=d.assumed_population_size,
+                metric_bounds=[common_pb2.MetricBound(name=n, bound=b) for n, b in d.metric_bounds],
             )
         )
     return msg

@@ -122,8 +122,12 @@ class ModelUpdater:
         if iteration.status != IterationStatus.AGGREGATING or task.status != TaskStatus.OPEN:
             self._discard(job, f"round is {iteration.status}, task is {task.status}")
             return False
-        if task.spec.kind == "evaluation":
-            return self._finish_round(job, iteration, task, base.version, None)  # metrics only, no new version
+        if task.spec.kind == "evaluation":  # metrics only: no new version, but a DP release is still charged
+            charge = self._privacy_charge(task, iteration, job, base.version, releases)
+            if charge and task.spec.dp and charge.epsilon > task.spec.dp.target_epsilon:
+                self._exhausted(job, iteration, task, charge)
+                return False
+            return self._finish_round(job, iteration, task, base.version, None, charge)
         try:
             weights = checkpoints.decode(self._blobs.get(base.checkpoint_sha256))
             update = checkpoints.decode(self._blobs.get(job.update_sha256 or ""))

@@ -70,6 +70,8 @@ def decode_dp(msg: task_management_pb2.DpConfig) -> DpSpec:
         clip_learning_rate=msg.clip_learning_rate or 0.2,
         clipped_count_stddev=msg.clipped_count_stddev,
         min_clients=msg.min_clients,
+        noise_metrics=msg.noise_metrics,
+        metric_loss_bound=msg.metric_loss_bound or 5.0,
     )
 
 

@@ -74,6 +74,8 @@ class TaskService:
         programs.check_program(parsed.program, "spec.plan.program")
         if parsed.kind != spec.kind:
             raise InvalidArgument("spec.kind", f"is {spec.kind!r} but the plan is for {parsed.kind!r}")
+        if spec.dp and spec.dp.noise_metrics and not parsed.metrics:
+            raise InvalidArgument("spec.dp.noise_metrics", "is set but the plan reports no metrics")
         weights = self._initial_weights(spec, parsed)
         checkpoint = checkpoints.encode(weights)
         checkpoint_sha = self._blobs.put(checkpoint)

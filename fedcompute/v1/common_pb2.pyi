@@ -306,7 +306,7 @@ class AccessPolicy(_message.Message):
     MIN_CLIENTS_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Encoding version (1)."""
+    """Encoding version (2)."""
     policy_id: _builtins.str
     """Random id chosen by the operator, so that two tasks with the same settings have distinct policies."""
     population_name: _builtins.str
@@ -357,6 +357,7 @@ class PolicyDp(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     ACCOUNTANT_FIELD_NUMBER: _builtins.int
     ASSUMED_POPULATION_SIZE_FIELD_NUMBER: _builtins.int
+    METRIC_BOUNDS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     clip_norm: _builtins.float
     """Clip norm C (the initial C with adaptive clipping)."""
@@ -373,6 +374,13 @@ class PolicyDp(_message.Message):
     delta: _builtins.float
     accountant: _builtins.str
     assumed_population_size: _builtins.int
+    @_builtins.property
+    def metric_bounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricBound]:
+        """The devices' metrics released with each round, noised (empty: left out), sorted by name. Each device's value
+        is clipped to [0, bound]; the update's multiplier then also noises the metrics, and the accounted
+        noise_multiplier covers both.
+        """
+
     def __init__(
         self,
         *,
@@ -388,14 +396,39 @@ class PolicyDp(_message.Message):
         delta: _builtins.float = ...,
         accountant: _builtins.str = ...,
         assumed_population_size: _builtins.int = ...,
+        metric_bounds: _abc.Iterable[Global___MetricBound] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clip", b"adaptive_clip", "assumed_population_size", b"assumed_population_size", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "clipped_count_stddev", b"clipped_count_stddev", "delta", b"delta", "enabled", b"enabled", "epsilon", b"epsilon", "expected_clients", b"expected_clients", "noise_multiplier", b"noise_multiplier", "target_unclipped_quantile", b"target_unclipped_quantile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clip", b"adaptive_clip", "assumed_population_size", b"assumed_population_size", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "clipped_count_stddev", b"clipped_count_stddev", "delta", b"delta", "enabled", b"enabled", "epsilon", b"epsilon", "expected_clients", b"expected_clients", "metric_bounds", b"metric_bounds", "noise_multiplier", b"noise_multiplier", "target_unclipped_quantile", b"target_unclipped_quantile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PolicyDp: _TypeAlias = PolicyDp  # noqa: Y015
+
+@_typing.final
+class MetricBound(_message.Message):
+    """A metric released under DP and the range a device's value is clipped to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BOUND_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    bound: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        bound: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound", b"bound", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricBound: _TypeAlias = MetricBound  # noqa: Y015
 
 @_typing.final
 class InputRef(_message.Message):

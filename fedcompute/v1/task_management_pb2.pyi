@@ -141,6 +141,8 @@ class DpConfig(_message.Message):
     CLIP_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     CLIPPED_COUNT_STDDEV_FIELD_NUMBER: _builtins.int
     MIN_CLIENTS_FIELD_NUMBER: _builtins.int
+    NOISE_METRICS_FIELD_NUMBER: _builtins.int
+    METRIC_LOSS_BOUND_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     target_epsilon: _builtins.float
     """The task's privacy budget, accounted over its rounds with q = report_goal / assumed_population_size."""
@@ -159,6 +161,12 @@ class DpConfig(_message.Message):
     clipped_count_stddev: _builtins.float
     min_clients: _builtins.int
     """Fewest valid contributions that may be released; 0: the report goal."""
+    noise_metrics: _builtins.bool
+    """Release the devices' metrics (the plan's) noised with each round; otherwise they are left out under DP.
+    Costs the update a larger noise multiplier for the same budget (docs/architecture.md).
+    """
+    metric_loss_bound: _builtins.float
+    """Each device's loss is clipped to [0, metric_loss_bound] before it is summed (0: 5.0)."""
     def __init__(
         self,
         *,
@@ -174,10 +182,12 @@ class DpConfig(_message.Message):
         clip_learning_rate: _builtins.float = ...,
         clipped_count_stddev: _builtins.float = ...,
         min_clients: _builtins.int = ...,
+        noise_metrics: _builtins.bool = ...,
+        metric_loss_bound: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clip", b"adaptive_clip", "assumed_population_size", b"assumed_population_size", "clip_learning_rate", b"clip_learning_rate", "clipped_count_stddev", b"clipped_count_stddev", "enabled", b"enabled", "l2_clip_norm", b"l2_clip_norm", "min_clients", b"min_clients", "noise_multiplier", b"noise_multiplier", "target_delta", b"target_delta", "target_epsilon", b"target_epsilon", "target_unclipped_quantile", b"target_unclipped_quantile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clip", b"adaptive_clip", "assumed_population_size", b"assumed_population_size", "clip_learning_rate", b"clip_learning_rate", "clipped_count_stddev", b"clipped_count_stddev", "enabled", b"enabled", "l2_clip_norm", b"l2_clip_norm", "metric_loss_bound", b"metric_loss_bound", "min_clients", b"min_clients", "noise_metrics", b"noise_metrics", "noise_multiplier", b"noise_multiplier", "target_delta", b"target_delta", "target_epsilon", b"target_epsilon", "target_unclipped_quantile", b"target_unclipped_quantile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
+import pytest
 import torch
 from sqlalchemy import create_engine, select, text
 
 from fedcompute.aggregator.dp import clip
 from fedcompute.core import checkpoints
+from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.privacy import epsilon
 from fedcompute.store.models import JobRow
 from fedcompute.v1 import task_management_pb2 as tm
@@ -108,5 +111,68 @@ def test_too_few_valid_contributions_release_nothing(tmp_path: Path, database_ur
         assert "min_clients" in first.aggregation_note
         assert harness.task(task.task_id).latest_model_version == 1
         assert harness.task(task.task_id).epsilon_spent == 0.0
+    finally:
+        harness.stop()
+
+
+def test_metrics_are_released_noised_as_the_policy_says_and_paid_for(tmp_path: Path) -> None:
+    """A policy that releases metrics: the update is noised at z·√2 for the same accounted z (the metrics take
+    their share), ε is charged as before, the metrics come back noised and clamped, with no example count; an
+    evaluation task under DP releases only its noised metrics and is charged too."""
+    import math
+
+    harness = Harness.start(suite_settings(tmp_path / "w", f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    try:
+        config = tm.DpConfig(
+            enabled=True, target_epsilon=50.0, target_delta=1e-5, assumed_population_size=1000,
+            noise_multiplier=Z, l2_clip_norm=C, noise_metrics=True,
+        )  # fmt: skip
+        task = harness.create_task(POP, rounds=1, report_goal=3, max_cohort=3, dp=config)
+        assert [(b.name, b.bound) for b in task.access_policy.policy.dp.metric_bounds] == [
+            ("accuracy", 1.0),
+            ("loss", 5.0),
+        ]
+        payloads = [
+            contribute(harness, POP, zero_update(value=v, metrics={"loss": 0.5, "accuracy": 0.9}))
+            for v in (0.05, -0.2, 0.3)
+        ]
+        wait_for(lambda: harness.task(task.task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the DP round")
+        engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+        with engine.connect() as conn:
+            update_sha = conn.execute(select(JobRow.update_sha256)).scalar_one()
+        engine.dispose()
+        released = checkpoints.decode(harness.suite.server.blobs.get(str(update_sha)))
+        clipped = [clip(checkpoints.decode(p), C)[0] for p in payloads]
+        exact = {k: torch.stack([c[k] for c in clipped]).sum(0) / 3 for k in released}
+        diff = torch.cat([(released[k].to(torch.float64) - exact[k]).flatten() for k in released])
+        assert abs(float(diff.std()) / (Z * math.sqrt(2) * C / 3) - 1) < 0.15
+        [round_] = harness.iterations(task.task_id)
+        metrics = {m.name: m.value for m in round_.metrics}
+        assert set(metrics) == {"loss", "accuracy"}
+        assert 0 <= metrics["accuracy"] <= 1
+        assert 0 <= metrics["loss"] <= 5
+        assert round_.metric_examples == 0  # example counts would leak
+        assert abs(harness.task(task.task_id).epsilon_spent - epsilon(Z, 3 / 1000, 1, 1e-5)) < 1e-9
+
+        evaluation = harness.create_task(
+            "dp-eval", rounds=1, report_goal=3, max_cohort=3, dp=config, kind=tm.TASK_KIND_EVALUATION
+        )
+        only_metrics = checkpoints.encode({}, {"num_examples": 10, "metrics": {"loss": 0.4, "accuracy": 0.8}})
+        for _ in range(3):
+            contribute(harness, "dp-eval", only_metrics)
+        wait_for(lambda: harness.task(evaluation.task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the DP evaluation")
+        done = harness.task(evaluation.task_id)
+        assert done.latest_model_version == 1
+        assert abs(done.epsilon_spent - epsilon(Z, 3 / 1000, 1, 1e-5)) < 1e-9
+        assert {m.name for m in harness.iterations(evaluation.task_id)[0].metrics} == {"loss", "accuracy"}
+        without = tm.DpConfig()
+        without.CopyFrom(config)
+        without.noise_metrics = False
+        with pytest.raises(InvalidArgument, match=r"spec\.dp\.noise_metrics"):  # the operator's side refuses first
+            harness.create_task("dp-eval", dp=without, kind=tm.TASK_KIND_EVALUATION)
+        with pytest.raises(grpc.RpcError) as info:  # and so does the server
+            harness.create_task_raw("dp-eval", dp=without, kind=tm.TASK_KIND_EVALUATION)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "spec.dp.noise_metrics" in (info.value.details() or "")
     finally:
         harness.stop()

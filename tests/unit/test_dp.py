@@ -3,6 +3,7 @@ adaptive clipping, the minimum cohort, and the CSPRNG-keyed noise source."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -90,3 +91,42 @@ def test_noise_source_is_keyed_and_normal() -> None:
     kurtosis = float(np.mean(samples**4) / np.mean(samples**2) ** 2)
     assert abs(kurtosis - 3.0) < 0.05  # Gaussian tails, not uniform or Laplace
     assert samples.dtype == np.float64
+
+
+def test_released_metrics_are_clipped_means_and_noised_at_the_update_multiplier() -> None:
+    bounds = (("accuracy", 1.0), ("loss", 5.0))
+    exact = DpSum(
+        DpParams(clip_norm=1.0, noise_multiplier=0.0, expected_clients=4, min_clients=1, metric_bounds=bounds)
+    )
+    for metrics in ({"loss": 9.0, "accuracy": 0.5}, {"loss": 1.0, "accuracy": 1.0}, {"loss": 2.0}):
+        exact.add({"w": torch.zeros(3)}, metrics)
+    exact.release(ChaChaGaussian(KEY))
+    # loss clipped to 5; the device without accuracy counts 0; the denominator is the fixed m = 4
+    assert exact.release_metrics(ChaChaGaussian(KEY)) == pytest.approx({"accuracy": 1.5 / 4, "loss": 8.0 / 4})
+    z, m, trials = 0.7, 10, 1000
+    draws = []
+    for trial in range(trials):
+        noisy = DpSum(
+            DpParams(clip_norm=1.0, noise_multiplier=z, expected_clients=m, min_clients=1, metric_bounds=bounds)
+        )
+        for _ in range(m):  # mean loss 2.5, mid-range, so clamping to [0, 5] stays rare
+            noisy.add({"w": torch.zeros(1)}, {"loss": 2.5, "accuracy": 0.5})
+        noise = ChaChaGaussian(hashlib.sha256(KEY + trial.to_bytes(4, "big")).digest())
+        noisy.release(noise)
+        draws.append(noisy.release_metrics(noise))  # the worker's order: the same stream, after the update
+    # sensitivity 1 for the block: per metric the noise is z·√K·bound/m before clamping (K = 2)
+    spread = float(np.std([d["loss"] for d in draws]))
+    clamped_share = np.mean([d["loss"] in (0.0, 5.0) for d in draws])
+    assert clamped_share < 0.01
+    assert abs(spread / (z * math.sqrt(2) * 5.0 / m) - 1) < 0.1
+    assert DpSum(DpParams(1.0, 0.0, 4, 1)).release_metrics(ChaChaGaussian(KEY)) == {}
+
+
+def test_noised_metrics_take_their_share_of_the_accounted_multiplier() -> None:
+    from fedcompute.core.privacy import update_noise_multiplier
+
+    assert update_noise_multiplier(1.5, 0.0) == pytest.approx(1.5)
+    assert update_noise_multiplier(1.5, 0.0, noised_metrics=True) == pytest.approx(1.5 * math.sqrt(2))
+    z, sigma = 1.0, 2.0  # adaptive clipping's count at 2σ_b, then two mechanisms at z_Δ: z⁻² = 2 z_Δ⁻² + (2σ_b)⁻²
+    z_delta = update_noise_multiplier(z, sigma, noised_metrics=True)
+    assert z**-2 == pytest.approx(2 * z_delta**-2 + (2 * sigma) ** -2)

@@ -38,7 +38,11 @@ def test_message_round_trip_and_distinct_hashes() -> None:
         dataclasses.replace(POLICY, dp=dataclasses.replace(DP, epsilon=8.5)),
         dataclasses.replace(POLICY, policy_id="other"),
         dataclasses.replace(POLICY, allowed_measurements=("sha256:" + "cd" * 32,)),
+        dataclasses.replace(POLICY, dp=dataclasses.replace(DP, metric_bounds=(("loss", 5.0),))),
+        dataclasses.replace(POLICY, dp=dataclasses.replace(DP, metric_bounds=(("loss", 4.0),))),
     ]
+    noised = dataclasses.replace(POLICY, dp=dataclasses.replace(DP, metric_bounds=(("accuracy", 1.0), ("loss", 5.0))))
+    assert from_message(to_message(noised)) == noised
     assert len({p.sha256_hex() for p in [POLICY, *variants]}) == len(variants) + 1
 
 
@@ -52,7 +56,10 @@ def test_fields_never_collide(a: str, b: str) -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"version": 2}, "policy.version"),
+        ({"version": 1}, "policy.version"),
+        ({"dp": dataclasses.replace(DP, metric_bounds=(("loss", 5.0), ("accuracy", 1.0)))}, "policy.dp.metric_bounds"),
+        ({"dp": dataclasses.replace(DP, metric_bounds=(("f1", 1.0),))}, "policy.dp.metric_bounds"),
+        ({"dp": dataclasses.replace(DP, metric_bounds=(("loss", 0.0),))}, "policy.dp.metric_bounds"),
         ({"policy_id": " "}, "policy.policy_id"),
         ({"allowed_measurements": ()}, "policy.allowed_measurements"),
         ({"allowed_measurements": ("b", "a")}, "policy.allowed_measurements"),
