@@ -27,7 +27,7 @@ from fedcompute.clients.operator import create_task
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
 from fedcompute.core.loops import PollingLoop
-from fedcompute.core.processes import parent_death_signal
+from fedcompute.core.processes import die_with_parent
 from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import Settings
 from fedcompute.keys.app import build_key_server
@@ -128,7 +128,7 @@ class KeyServiceHandle:
         if self._as_process:
             env = child_env(self.settings, key_admin_token=self._token)
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "fedcompute.cli", "serve", "keys"], env=env, preexec_fn=parent_death_signal()
+                die_with_parent([sys.executable, "-m", "fedcompute.cli", "serve", "keys"]), env=env
             )  # dies with `up`: never an orphan
         else:
             self._server = build_key_server(self.settings, self._clock, self._token)
@@ -164,7 +164,7 @@ class ChildProcess:
 
     def start(self) -> ChildProcess:
         command = [sys.executable, "-m", "fedcompute.cli", *self._args]
-        self._process = subprocess.Popen(command, env=self._env, preexec_fn=parent_death_signal())
+        self._process = subprocess.Popen(die_with_parent(command), env=self._env)
         return self
 
     def restart_if_dead(self) -> bool:

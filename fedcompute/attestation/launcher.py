@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedcompute import __version__
 from fedcompute.attestation.evidence import LOCAL_HWMODEL
 from fedcompute.core.clock import Clock
-from fedcompute.core.processes import RestartBackoff, parent_death_signal
+from fedcompute.core.processes import RestartBackoff, die_with_parent
 
 log = structlog.get_logger("fedcompute.launcher")
 EVIDENCE_LIFETIME = timedelta(minutes=5)
@@ -178,7 +178,7 @@ class Launcher:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # The worker dies with the launcher (SIGTERM on parent death): no orphan keeps taking jobs.
-        self.child = subprocess.Popen(self._command, env=self._env, preexec_fn=parent_death_signal())
+        self.child = subprocess.Popen(die_with_parent(self._command), env=self._env)
         log.info("worker_started", pid=self.child.pid, measurement=self._measurement, restarts=self.restarts)
         return self.child
 

@@ -1,33 +1,37 @@
 """Child processes that never outlive their parent, and a restart policy for the ones that die.
 
-``die_with_parent`` is a ``preexec_fn``: Linux's ``PR_SET_PDEATHSIG`` makes the kernel send the child SIGTERM
-when its parent exits, even by SIGKILL, so a killed launcher or ``fedcompute up`` leaves no orphan worker or key
-service behind. The libc function is looked up before any fork: the child then only makes one system call.
+Linux's ``PR_SET_PDEATHSIG`` makes the kernel send a child SIGTERM when its parent exits, even by SIGKILL, so a
+killed launcher or ``fedcompute up`` leaves no orphan worker or key service behind. The child arms it itself:
+:func:`die_with_parent` wraps a command in a few lines of Python that call ``prctl``, check that the parent is
+still the one that started it (else exit: it died before the signal was armed), and ``exec`` the command, which
+keeps the setting and the pid. No ``preexec_fn``: running Python between ``fork`` and ``exec`` in a process with
+threads (gRPC's, torch's) can deadlock the child before it ever starts.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1
+_ARM_AND_EXEC = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl({option}, {signal}, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def parent_death_signal() -> Callable[[], None] | None:
-    """A preexec function that arms SIGTERM-on-parent-death, or None where prctl is not available."""
-    name = ctypes.util.find_library("c")
-    try:
-        prctl = ctypes.CDLL(name, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-    return arm
+def die_with_parent(command: Sequence[str]) -> list[str]:
+    """``command`` run so that it gets SIGTERM when this process exits (as is, where prctl does not exist)."""
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    wrapper = _ARM_AND_EXEC.format(option=PR_SET_PDEATHSIG, signal=int(signal.SIGTERM))
+    return [sys.executable, "-I", "-S", "-c", wrapper, str(os.getpid()), *command]
 
 
 @dataclass

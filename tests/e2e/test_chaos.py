@@ -163,7 +163,11 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
         [*CLI, "task", "get", task_id, "--server", addresses["server"]], env=env, capture_output=True, text=True
     )
     task = json.loads(got.stdout)
-    assert task["status"] == "TASK_STATUS_COMPLETED", task
+    if task["status"] != "TASK_STATUS_COMPLETED":
+        rounds = subprocess.run(
+            [*CLI, "task", "get", task_id, "--server", addresses["server"]], env=env, capture_output=True, text=True
+        )
+        raise AssertionError(f"task {task['status']}: {task.get('status_reason')}; {rounds.stdout[-3000:]}")
     assert task["latest_model_version"] == "4"
     engine = create_engine(env["FEDCOMPUTE_DATABASE_URL"])
     with engine.connect() as conn:
