@@ -94,6 +94,7 @@ def dp_policy() -> AccessPolicy:
             clipped_count_stddev=0.8,
             metric_bounds=(("accuracy", 1.0), ("loss", 5.0)),
         ),
+        plan_sha256_hex=hashlib.sha256(plan_bytes()).hexdigest(),
     )
 
 
@@ -104,6 +105,7 @@ def plain_policy() -> AccessPolicy:
         allowed_measurements=MEASUREMENTS[:1],
         min_clients=3,
         dp=None,
+        plan_sha256_hex=hashlib.sha256(plan_bytes()).hexdigest(),
     )
 
 
@@ -257,6 +259,7 @@ def policy_layout(p: dict[str, Any]) -> Fields:
     out: Fields = [("magic", b"fedcompute/access-policy/v1\x00"), ("version u32", _u32(p["version"]))]
     out += _lp("policy_id", p["policy_id"].encode())
     out += _lp("population_name", p["population_name"].encode())
+    out += _lp("plan_sha256_hex", p["plan_sha256_hex"].encode())
     out.append(("count(allowed_measurements) u16", _u16(len(p["allowed_measurements"]))))
     for i, m in enumerate(p["allowed_measurements"]):
         out += _lp(f"allowed_measurements[{i}]", m.encode())
@@ -383,6 +386,7 @@ def _policy_input(policy: AccessPolicy) -> dict[str, Any]:
         "allowed_measurements": list(msg.allowed_measurements),
         "aggregation": msg.aggregation,
         "min_clients": msg.min_clients,
+        "plan_sha256_hex": msg.plan_sha256_hex,
     }
     d = msg.dp
     fields["dp"] = {

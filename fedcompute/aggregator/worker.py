@@ -61,6 +61,9 @@ class AggregatorWorker:
         if problem:
             self._fail(job, problem, retryable=False)
             return
+        if job.plan_sha256_hex != policy.plan_sha256_hex:
+            self._fail(job, "the job's plan is not the one the task's signed access policy names; refused", False)
+            return
         if hashlib.sha256(job.plan).hexdigest() != job.plan_sha256_hex:
             self._fail(job, "the job's plan does not hash to the plan_sha256_hex its contributions are bound to", False)
             return

@@ -63,6 +63,8 @@ class Trust:
         if hpke.key_id_for(key.public_key) != key.key_id:
             raise UntrustedKey(f"key id {key.key_id!r} does not belong to the relayed public key")
         policy = check_signed(assignment.access_policy, self.providers, self.threshold)
+        if policy.plan_sha256_hex != assignment.plan.sha256_hex:
+            raise UntrustedPolicy("the assignment's plan is not the one the access policy names")
         if policy.population_name != assignment.population_name or key.population_name != policy.population_name:
             raise UntrustedPolicy("the access policy or key belongs to another population")
         problems = self.floor.violations(policy, key.threshold, key.expiration_time_unix - key.activation_time_unix)

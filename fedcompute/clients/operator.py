@@ -35,6 +35,8 @@ def resolve_policy(spec: tm.TaskSpec, measurements: Sequence[str]) -> tuple[tm.T
     resolved = domain.resolved()
     sent = tm.TaskSpec()
     sent.CopyFrom(spec)
+    sent.plan = resolved.plan_bytes()  # a built-in's plan too: the policy names this plan's hash, and so the server
+    # runs exactly the plan the operator hashed, wherever and however it would have built it
     if resolved.dp is not None:  # the server re-checks the calibrated z against the budget
         sent.dp.noise_multiplier = resolved.dp.noise_multiplier
         sent.dp.min_clients = resolved.dp.min_clients

@@ -4,7 +4,7 @@ One canonical encoding, shared by every party: the operator builds it, each key 
 enforces it as the ledger, devices verify the signatures and their own floor and bind its sha256 into every
 upload (HPKE ``info``), and the attested aggregator applies it. Byte layout (docs/protocol.md):
 
-    "fedcompute/access-policy/v1\\0" || u32 version || lp(policy_id) || lp(population)
+    "fedcompute/access-policy/v1\\0" || u32 version || lp(policy_id) || lp(population) || lp(plan_sha256_hex)
     || u16 count || lp(measurement)... || lp(aggregation) || u32 min_clients || u8 dp_enabled
     [ || f64 clip_norm || f64 noise_multiplier || u32 expected_clients || u8 adaptive_clip
       || f64 target_unclipped_quantile || f64 clip_learning_rate || f64 clipped_count_stddev
@@ -80,9 +80,11 @@ class AccessPolicy:
     dp: PolicyDp | None
     aggregation: str = FEDAVG
     version: int = VERSION
+    plan_sha256_hex: str = ""  # the only plan devices may run and the aggregator may aggregate under this policy
 
     def encode(self) -> bytes:
         parts = [MAGIC, struct.pack(">I", self.version), _lp(self.policy_id), _lp(self.population_name)]
+        parts.append(_lp(self.plan_sha256_hex))
         parts.append(struct.pack(">H", len(self.allowed_measurements)))
         parts += [_lp(m) for m in self.allowed_measurements]
         parts += [_lp(self.aggregation), struct.pack(">IB", self.min_clients, self.dp is not None)]
@@ -101,6 +103,8 @@ class AccessPolicy:
             raise InvalidArgument("policy.policy_id", "must not be empty")
         if not self.population_name.strip():
             raise InvalidArgument("policy.population_name", "must not be empty")
+        if len(self.plan_sha256_hex) != 64 or set(self.plan_sha256_hex) - set("0123456789abcdef"):
+            raise InvalidArgument("policy.plan_sha256_hex", "must be the plan's sha256 (64 lowercase hex characters)")
         ms = self.allowed_measurements
         if not ms or list(ms) != sorted(set(ms)) or not all(m.strip() for m in ms):
             raise InvalidArgument("policy.allowed_measurements", "must be a non-empty, sorted list of distinct values")
@@ -171,6 +175,7 @@ def for_task(spec: TaskSpec, policy_id: str, measurements: Sequence[str]) -> Acc
         allowed_measurements=tuple(sorted(set(measurements))),
         min_clients=spec.min_clients_or_default(),
         dp=dp,
+        plan_sha256_hex=hashlib.sha256(spec.plan_bytes()).hexdigest(),
     )
 
 

@@ -46,6 +46,7 @@ def from_message(msg: common_pb2.AccessPolicy) -> AccessPolicy:
         dp=dp,
         aggregation=msg.aggregation,
         version=msg.version,
+        plan_sha256_hex=msg.plan_sha256_hex,
     )
 
 
@@ -57,6 +58,7 @@ def to_message(policy: AccessPolicy) -> common_pb2.AccessPolicy:
         allowed_measurements=list(policy.allowed_measurements),
         aggregation=policy.aggregation,
         min_clients=policy.min_clients,
+        plan_sha256_hex=policy.plan_sha256_hex,
     )
     if policy.dp is not None:
         d = policy.dp

@@ -9,6 +9,7 @@ import structlog
 import torch
 
 from fedcompute.core import checkpoints, plans, programs
+from fedcompute.core.architectures import ARCHITECTURES
 from fedcompute.core.blobs import BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.errors import InvalidArgument, NotFound
@@ -36,7 +37,7 @@ def _check_policy(spec: TaskSpec, policy: AccessPolicy | None) -> None:
         )
     policy.check()
     expected = for_task(spec, policy.policy_id, policy.allowed_measurements)
-    for name in ("population_name", "min_clients", "dp", "aggregation", "version"):
+    for name in ("population_name", "min_clients", "dp", "aggregation", "version", "plan_sha256_hex"):
         if getattr(expected, name) != getattr(policy, name):
             raise InvalidArgument(
                 f"access_policy.policy.{name}",
@@ -105,7 +106,7 @@ class TaskService:
                 tensors = checkpoints.decode(spec.initial_weights)
             except ValueError as exc:
                 raise InvalidArgument("spec.initial_weights", str(exc)) from None
-        elif spec.plan:
+        elif spec.model_architecture not in ARCHITECTURES:
             raise InvalidArgument(
                 "spec.initial_weights", "is empty: a task with its own plan needs its model's initial weights"
             )

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x63ompute/v1/common.proto\x12\rfedcompute.v1\x1a\x1egoogle/protobuf/duration.proto\"%\n\rClientVersion\x12\x14\n\x0cversion_code\x18\x01 \x01(\t\"\x7f\n\x14ResourceCapabilities\x12G\n\x1dsupported_compression_formats\x18\x01 \x03(\x0e\x32 .fedcompute.v1.CompressionFormat\x12\x1e\n\x16supported_plan_formats\x18\x02 \x03(\t\"\x9b\x01\n\x08Resource\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\nsha256_hex\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12<\n\x12\x63ompression_format\x18\x05 \x01(\x0e\x32 .fedcompute.v1.CompressionFormat\"i\n\x0bRetryWindow\x12,\n\tdelay_min\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tdelay_max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\rRejectionInfo\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.fedcompute.v1.RejectionReason\x12\x30\n\x0cretry_window\x18\x02 \x01(\x0b\x32\x1a.fedcompute.v1.RetryWindow\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xae\x02\n\tPublicKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06kem_id\x18\x03 \x01(\r\x12\x0e\n\x06kdf_id\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x05 \x01(\r\x12\x1c\n\x14\x61\x63tivation_time_unix\x18\x06 \x01(\x03\x12\x1c\n\x14\x65xpiration_time_unix\x18\x07 \x01(\x03\x12\x17\n\x0fpopulation_name\x18\x08 \x01(\t\x12\x1d\n\x15\x64\x65struction_time_unix\x18\t \x01(\x03\x12\x11\n\tthreshold\x18\n \x01(\r\x12\x14\n\x0cprovider_ids\x18\x0b \x03(\t\x12/\n\nsignatures\x18\x0c \x03(\x0b\x32\x1b.fedcompute.v1.KeySignature\"6\n\x0cKeySignature\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xb8\x01\n\x0c\x41\x63\x63\x65ssPolicy\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x17\n\x0fpopulation_name\x18\x03 \x01(\t\x12\x1c\n\x14\x61llowed_measurements\x18\x04 \x03(\t\x12\x13\n\x0b\x61ggregation\x18\x05 \x01(\t\x12\x13\n\x0bmin_clients\x18\x06 \x01(\r\x12#\n\x02\x64p\x18\x07 \x01(\x0b\x32\x17.fedcompute.v1.PolicyDp\"\xde\x02\n\x08PolicyDp\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x18\n\x10\x65xpected_clients\x18\x04 \x01(\r\x12\x15\n\radaptive_clip\x18\x05 \x01(\x08\x12!\n\x19target_unclipped_quantile\x18\x06 \x01(\x01\x12\x1a\n\x12\x63lip_learning_rate\x18\x07 \x01(\x01\x12\x1c\n\x14\x63lipped_count_stddev\x18\x08 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\t \x01(\x01\x12\r\n\x05\x64\x65lta\x18\n \x01(\x01\x12\x12\n\naccountant\x18\x0b \x01(\t\x12\x1f\n\x17\x61ssumed_population_size\x18\x0c \x01(\x04\x12\x31\n\rmetric_bounds\x18\r \x03(\x0b\x32\x1a.fedcompute.v1.MetricBound\"*\n\x0bMetricBound\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ound\x18\x02 \x01(\x01\">\n\x08InputRef\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x1b\n\x13\x65nvelope_sha256_hex\x18\x02 \x01(\t\"r\n\x12SignedAccessPolicy\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.AccessPolicy\x12/\n\nsignatures\x18\x02 \x03(\x0b\x32\x1b.fedcompute.v1.KeySignature\"*\n\x0bMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01*q\n\x11\x43ompressionFormat\x12\"\n\x1e\x43OMPRESSION_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPRESSION_FORMAT_NONE\x10\x01\x12\x1b\n\x17\x43OMPRESSION_FORMAT_GZIP\x10\x02*\x9f\x02\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12&\n\"REJECTION_REASON_NO_TASK_AVAILABLE\x10\x01\x12!\n\x1dREJECTION_REASON_UNAUTHORIZED\x10\x02\x12$\n REJECTION_REASON_UNAUTHENTICATED\x10\x03\x12,\n(REJECTION_REASON_CLIENT_VERSION_MISMATCH\x10\x04\x12#\n\x1fREJECTION_REASON_NO_ACTIVE_TASK\x10\x05\x12&\n\"REJECTION_REASON_RESULT_NOT_NEEDED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x63ompute/v1/common.proto\x12\rfedcompute.v1\x1a\x1egoogle/protobuf/duration.proto\"%\n\rClientVersion\x12\x14\n\x0cversion_code\x18\x01 \x01(\t\"\x7f\n\x14ResourceCapabilities\x12G\n\x1dsupported_compression_formats\x18\x01 \x03(\x0e\x32 .fedcompute.v1.CompressionFormat\x12\x1e\n\x16supported_plan_formats\x18\x02 \x03(\t\"\x9b\x01\n\x08Resource\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\nsha256_hex\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12<\n\x12\x63ompression_format\x18\x05 \x01(\x0e\x32 .fedcompute.v1.CompressionFormat\"i\n\x0bRetryWindow\x12,\n\tdelay_min\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tdelay_max\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\rRejectionInfo\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.fedcompute.v1.RejectionReason\x12\x30\n\x0cretry_window\x18\x02 \x01(\x0b\x32\x1a.fedcompute.v1.RetryWindow\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xae\x02\n\tPublicKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06kem_id\x18\x03 \x01(\r\x12\x0e\n\x06kdf_id\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x05 \x01(\r\x12\x1c\n\x14\x61\x63tivation_time_unix\x18\x06 \x01(\x03\x12\x1c\n\x14\x65xpiration_time_unix\x18\x07 \x01(\x03\x12\x17\n\x0fpopulation_name\x18\x08 \x01(\t\x12\x1d\n\x15\x64\x65struction_time_unix\x18\t \x01(\x03\x12\x11\n\tthreshold\x18\n \x01(\r\x12\x14\n\x0cprovider_ids\x18\x0b \x03(\t\x12/\n\nsignatures\x18\x0c \x03(\x0b\x32\x1b.fedcompute.v1.KeySignature\"6\n\x0cKeySignature\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xd1\x01\n\x0c\x41\x63\x63\x65ssPolicy\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x17\n\x0fpopulation_name\x18\x03 \x01(\t\x12\x1c\n\x14\x61llowed_measurements\x18\x04 \x03(\t\x12\x13\n\x0b\x61ggregation\x18\x05 \x01(\t\x12\x13\n\x0bmin_clients\x18\x06 \x01(\r\x12#\n\x02\x64p\x18\x07 \x01(\x0b\x32\x17.fedcompute.v1.PolicyDp\x12\x17\n\x0fplan_sha256_hex\x18\x08 \x01(\t\"\xde\x02\n\x08PolicyDp\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x18\n\x10\x65xpected_clients\x18\x04 \x01(\r\x12\x15\n\radaptive_clip\x18\x05 \x01(\x08\x12!\n\x19target_unclipped_quantile\x18\x06 \x01(\x01\x12\x1a\n\x12\x63lip_learning_rate\x18\x07 \x01(\x01\x12\x1c\n\x14\x63lipped_count_stddev\x18\x08 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\t \x01(\x01\x12\r\n\x05\x64\x65lta\x18\n \x01(\x01\x12\x12\n\naccountant\x18\x0b \x01(\t\x12\x1f\n\x17\x61ssumed_population_size\x18\x0c \x01(\x04\x12\x31\n\rmetric_bounds\x18\r \x03(\x0b\x32\x1a.fedcompute.v1.MetricBound\"*\n\x0bMetricBound\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ound\x18\x02 \x01(\x01\">\n\x08InputRef\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x1b\n\x13\x65nvelope_sha256_hex\x18\x02 \x01(\t\"r\n\x12SignedAccessPolicy\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.AccessPolicy\x12/\n\nsignatures\x18\x02 \x03(\x0b\x32\x1b.fedcompute.v1.KeySignature\"*\n\x0bMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01*q\n\x11\x43ompressionFormat\x12\"\n\x1e\x43OMPRESSION_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPRESSION_FORMAT_NONE\x10\x01\x12\x1b\n\x17\x43OMPRESSION_FORMAT_GZIP\x10\x02*\x9f\x02\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12&\n\"REJECTION_REASON_NO_TASK_AVAILABLE\x10\x01\x12!\n\x1dREJECTION_REASON_UNAUTHORIZED\x10\x02\x12$\n REJECTION_REASON_UNAUTHENTICATED\x10\x03\x12,\n(REJECTION_REASON_CLIENT_VERSION_MISMATCH\x10\x04\x12#\n\x1fREJECTION_REASON_NO_ACTIVE_TASK\x10\x05\x12&\n\"REJECTION_REASON_RESULT_NOT_NEEDED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcompute.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSIONFORMAT']._serialized_start=1812
-  _globals['_COMPRESSIONFORMAT']._serialized_end=1925
-  _globals['_REJECTIONREASON']._serialized_start=1928
-  _globals['_REJECTIONREASON']._serialized_end=2215
+  _globals['_COMPRESSIONFORMAT']._serialized_start=1837
+  _globals['_COMPRESSIONFORMAT']._serialized_end=1950
+  _globals['_REJECTIONREASON']._serialized_start=1953
+  _globals['_REJECTIONREASON']._serialized_end=2240
   _globals['_CLIENTVERSION']._serialized_start=77
   _globals['_CLIENTVERSION']._serialized_end=114
   _globals['_RESOURCECAPABILITIES']._serialized_start=116
@@ -51,15 +51,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYSIGNATURE']._serialized_start=948
   _globals['_KEYSIGNATURE']._serialized_end=1002
   _globals['_ACCESSPOLICY']._serialized_start=1005
-  _globals['_ACCESSPOLICY']._serialized_end=1189
-  _globals['_POLICYDP']._serialized_start=1192
-  _globals['_POLICYDP']._serialized_end=1542
-  _globals['_METRICBOUND']._serialized_start=1544
-  _globals['_METRICBOUND']._serialized_end=1586
-  _globals['_INPUTREF']._serialized_start=1588
-  _globals['_INPUTREF']._serialized_end=1650
-  _globals['_SIGNEDACCESSPOLICY']._serialized_start=1652
-  _globals['_SIGNEDACCESSPOLICY']._serialized_end=1766
-  _globals['_METRICVALUE']._serialized_start=1768
-  _globals['_METRICVALUE']._serialized_end=1810
+  _globals['_ACCESSPOLICY']._serialized_end=1214
+  _globals['_POLICYDP']._serialized_start=1217
+  _globals['_POLICYDP']._serialized_end=1567
+  _globals['_METRICBOUND']._serialized_start=1569
+  _globals['_METRICBOUND']._serialized_end=1611
+  _globals['_INPUTREF']._serialized_start=1613
+  _globals['_INPUTREF']._serialized_end=1675
+  _globals['_SIGNEDACCESSPOLICY']._serialized_start=1677
+  _globals['_SIGNEDACCESSPOLICY']._serialized_end=1791
+  _globals['_METRICVALUE']._serialized_start=1793
+  _globals['_METRICVALUE']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

@@ -305,6 +305,7 @@ class AccessPolicy(_message.Message):
     AGGREGATION_FIELD_NUMBER: _builtins.int
     MIN_CLIENTS_FIELD_NUMBER: _builtins.int
     DP_FIELD_NUMBER: _builtins.int
+    PLAN_SHA256_HEX_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Encoding version (2)."""
     policy_id: _builtins.str
@@ -314,6 +315,8 @@ class AccessPolicy(_message.Message):
     """The only aggregation today: "fedavg"."""
     min_clients: _builtins.int
     """Fewest distinct contributions any release may cover."""
+    plan_sha256_hex: _builtins.str
+    """sha256 (hex) of the task's plan: the only plan devices may run, and the aggregator aggregate, under this policy."""
     @_builtins.property
     def allowed_measurements(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Code measurements (reference values) of the aggregators allowed to see the data; sorted, distinct."""
@@ -330,10 +333,11 @@ class AccessPolicy(_message.Message):
         aggregation: _builtins.str = ...,
         min_clients: _builtins.int = ...,
         dp: Global___PolicyDp | None = ...,
+        plan_sha256_hex: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "allowed_measurements", b"allowed_measurements", "dp", b"dp", "min_clients", b"min_clients", "policy_id", b"policy_id", "population_name", b"population_name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "allowed_measurements", b"allowed_measurements", "dp", b"dp", "min_clients", b"min_clients", "plan_sha256_hex", b"plan_sha256_hex", "policy_id", b"policy_id", "population_name", b"population_name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,7 +61,7 @@ def test_audit_finds_overlapping_input_sets_and_overspent_budgets(tmp_path: Path
     """Providers that break their own ledger rules (compromised, or a bug) are caught from their signed logs."""
     keys = {f"kp-{i}": ec.generate_private_key(ec.SECP256R1()) for i in range(2)}
     dp = PolicyDp(1.0, 2.0, 2, epsilon=0.9, delta=1e-5, accountant="rdp", assumed_population_size=10)
-    policy = AccessPolicy("p", POP, ("sha256:" + "aa" * 32,), 2, dp)
+    policy = AccessPolicy("p", POP, ("sha256:" + "aa" * 32,), 2, dp, plan_sha256_hex="cd" * 32)
     signed = common_pb2.SignedAccessPolicy(policy=to_message(policy))
     for provider, key in keys.items():
         signed.signatures.add(provider_id=provider, signature=sign(policy, key))

@@ -18,7 +18,10 @@ from sqlalchemy import Connection, create_engine, select, update
 
 from fedcompute.clients.device import Device, Participated, Trust
 from fedcompute.clients.typed import KeyClient
+from fedcompute.core import plans
+from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.policy import AccessPolicy, DeviceFloor
+from fedcompute.core.programs import check_program
 from fedcompute.keys import hpke
 from fedcompute.keys.policy import to_message
 from fedcompute.rpc.channels import open_channel
@@ -234,7 +237,7 @@ def test_no_credential_of_the_server_administers_a_key_service(tmp_path: Path) -
             aead_id=hpke.AEAD_ID, activation_time_unix=1, expiration_time_unix=2**40, destruction_time_unix=2**40,
             population_name=POP, threshold=1, provider_ids=["kp-0", "kp-1", "kp-2"],
         )  # fmt: skip
-        policy = to_message(AccessPolicy("evil", POP, ("sha256:" + "22" * 32,), 1, None))
+        policy = to_message(AccessPolicy("evil", POP, ("sha256:" + "22" * 32,), 1, None, plan_sha256_hex="cd" * 32))
         tokens = _server_credentials(harness.suite.settings.server_dir())
         assert len(tokens) >= 3  # no token, the worker token, the HMAC secret
         for address in harness.suite.key_addresses:
@@ -307,8 +310,38 @@ def test_devices_never_run_code_from_a_plan_the_server_swapped_in(tmp_path: Path
             _swap_plan(database_url, task.task_id, bad)
             outcome = _device(harness).participate()
             assert isinstance(outcome, Participated)
+            assert outcome.refused_key  # the signed policy names another plan: refused before any download
             assert not outcome.uploaded
+            assert not marker.exists()
+            programs_checked = plans.parse(bad) if bad.startswith(b"{") else None  # and had it been downloaded:
+            if programs_checked is not None:
+                with pytest.raises(InvalidArgument):
+                    check_program(programs_checked.program)
         assert not marker.exists()
         assert harness.iterations(task.task_id)[0].completed_uploads == 0
+    finally:
+        harness.stop()
+
+
+def test_the_worker_refuses_a_plan_the_policy_does_not_name(tmp_path: Path) -> None:
+    """The server swaps the plan (and its hash) and feeds the round contributions bound to it: the worker refuses
+    the job, naming the policy, and nothing is released."""
+    database_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url))
+    try:
+        task = harness.create_task(POP, report_goal=2, max_cohort=3)
+        other = harness.create_task("elsewhere", model_architecture="digits-mlp-v1")
+        from fedcompute.clients.device import download
+
+        _swap_plan(database_url, task.task_id, download(harness.resources, harness.task(other.task_id).plan))
+        for _ in range(2):
+            contribute(harness, POP)  # bound to the swapped plan's hash, as the server's devices would be
+        wait_for(
+            lambda: any("access policy names" in it.aggregation_note for it in harness.iterations(task.task_id)),
+            60,
+            "the worker to refuse the job",
+        )
+        versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions
+        assert [v.version for v in versions] == [1]
     finally:
         harness.stop()

@@ -190,7 +190,7 @@ def test_unregistered_policies_and_measurements_outside_the_policy_are_refused(h
         harness, made_up, _result(harness, made_up[0]), "not registered", grpc.StatusCode.FAILED_PRECONDITION
     )
     settings = harness.suite.settings
-    narrow = AccessPolicy("narrow", "relying", ("sha256:" + "11" * 32,), 2, None)
+    narrow = AccessPolicy("narrow", "relying", ("sha256:" + "11" * 32,), 2, None, plan_sha256_hex="cd" * 32)
     signed = register_policy(
         narrow, operator_key_clients(settings, key_admin_token(settings)),
         load_trusted(settings.trusted_providers_path()), settings.threshold,
@@ -204,7 +204,7 @@ def test_dp_budget_is_enforced_by_each_key_service(harness: Harness) -> None:
     key_id = _key_id(harness)
     settings = harness.suite.settings
     dp = PolicyDp(1.0, 2.0, 2, epsilon=1.1, delta=1e-5, accountant="rdp", assumed_population_size=10)
-    policy = AccessPolicy("tight", "relying", tuple(settings.allowed_measurements), 2, dp)
+    policy = AccessPolicy("tight", "relying", tuple(settings.allowed_measurements), 2, dp, plan_sha256_hex="cd" * 32)
     admins = operator_key_clients(settings, key_admin_token(settings))
     register_policy(policy, admins, load_trusted(settings.trusted_providers_path()), settings.threshold)
     client = _clients(harness)[0]

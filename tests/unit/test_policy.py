@@ -25,7 +25,7 @@ from fedcompute.keys.policy import UntrustedPolicy, check_signed, from_message, 
 from fedcompute.v1 import aggregation_pb2, common_pb2
 
 DP = PolicyDp(0.5, 1.2, 10, epsilon=8.0, delta=1e-5, accountant="prv", assumed_population_size=1000)
-POLICY = AccessPolicy("pid", "pop", ("sha256:" + "ab" * 32,), 5, DP)
+POLICY = AccessPolicy("pid", "pop", ("sha256:" + "ab" * 32,), 5, DP, plan_sha256_hex="cd" * 32)
 
 
 def test_message_round_trip_and_distinct_hashes() -> None:
@@ -48,8 +48,8 @@ def test_message_round_trip_and_distinct_hashes() -> None:
 
 @given(st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30))
 def test_fields_never_collide(a: str, b: str) -> None:
-    one = AccessPolicy(a + b, "pop", ("m",), 1, None)
-    two = AccessPolicy(a, b + "pop", ("m",), 1, None)
+    one = AccessPolicy(a + b, "pop", ("m",), 1, None, plan_sha256_hex="cd" * 32)
+    two = AccessPolicy(a, b + "pop", ("m",), 1, None, plan_sha256_hex="cd" * 32)
     assert one.encode() != two.encode()
 
 
