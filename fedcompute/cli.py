@@ -238,16 +238,21 @@ def devices_simulate(
     threshold: Annotated[int, typer.Option(min=1, help="Valid provider signatures a key needs.")] = 2,
     require_dp: Annotated[bool, typer.Option(help="Floor: refuse tasks whose access policy has no DP.")] = False,
     min_clients: Annotated[int, typer.Option(min=1, help="Floor: refuse policies releasing fewer updates.")] = 1,
+    collection: Annotated[
+        str, typer.Option(help="The devices' example collection: digits or breast_cancer.")
+    ] = "digits",
 ) -> None:
     """Run a simulated fleet against a running suite until the population has no open task."""
     import torch
 
-    from fedcompute.clients.dataset import non_iid_shards, train_test_split
+    from fedcompute.clients.dataset import COLLECTIONS, non_iid_shards, train_test_split
     from fedcompute.clients.fleet import Fleet
 
     configure_logging(json_lines=False, level=logging.WARNING)
     torch.set_num_threads(1)
-    train, _ = train_test_split(seed)
+    if collection not in COLLECTIONS:
+        raise typer.BadParameter(f"known: {', '.join(COLLECTIONS)}", param_hint="--collection")
+    train, _ = train_test_split(seed, collection=collection)
     from fedcompute.clients.device import Trust
     from fedcompute.core.policy import DeviceFloor
     from fedcompute.keys.trust import load_trusted
@@ -255,7 +260,10 @@ def devices_simulate(
     floor = DeviceFloor(require_dp=require_dp, min_clients=min_clients, min_threshold=threshold)
     trust = Trust(load_trusted(trusted_providers), threshold, floor)
     shards = non_iid_shards(train, count, seed)
-    fleet = Fleet(server, population, shards, seed, trust, max_sleep_s=max_sleep, client_version=client_version)
+    fleet = Fleet(
+        server, population, shards, seed, trust, max_sleep_s=max_sleep, client_version=client_version,
+        collection=collection,
+    )  # fmt: skip
     fleet.start(stop_when_no_task=True)
     fleet.wait(lambda: False)
     fleet.stop()
