@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from fedcompute.core import checkpoints, plans, programs
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.plans import ExampleSelector, Optimizer, Plan, Training
 from fedcompute.v1 import task_management_pb2 as tm
+
+if TYPE_CHECKING:
+    from fedcompute.core.settings import Settings
 
 
 class BuildError(ValueError):
@@ -150,6 +154,30 @@ class TaskBuilder:
         """A TaskSpec carrying the plan and initial weights; ``fields`` are the TaskSpec's other fields."""
         kind = tm.TASK_KIND_EVALUATION if self.kind == "evaluation" else tm.TASK_KIND_TRAINING
         return tm.TaskSpec(plan=built.plan_bytes, initial_weights=built.initial_weights, kind=kind, **fields)  # type: ignore[arg-type]
+
+    def create(self, settings: Settings | None = None, **fields: object) -> tm.Task:
+        """Build, check, and create the task as the operator (``fedcompute task create --model`` does the same):
+        register its access policy with every key service, then create it at ``settings.server_address``.
+        ``settings`` defaults to the ``FEDCOMPUTE_*`` environment; ``fields`` are the TaskSpec's other fields."""
+        from fedcompute.attestation.measure import measure
+        from fedcompute.clients.operator import create_task
+        from fedcompute.clients.typed import TaskManagementClient
+        from fedcompute.core.settings import Settings
+        from fedcompute.keys.trust import load_trusted
+        from fedcompute.rpc.channels import open_channel
+        from fedcompute.suite import key_admin_token, operator_key_clients
+
+        settings = settings or Settings()
+        built = self.build()
+        check_plan_size(built, settings.max_plan_bytes)
+        return create_task(
+            TaskManagementClient(open_channel(settings.server_address), settings.rpc_timeout_s),
+            operator_key_clients(settings, key_admin_token(settings)),
+            load_trusted(settings.trusted_providers_path()),
+            settings.threshold,
+            self.spec(built, **fields),
+            settings.allowed_measurements or [measure()],
+        )
 
 
 def check_plan_size(built: BuiltPlan, max_bytes: int) -> None:

@@ -23,11 +23,11 @@ from tests.harness import Harness, suite_settings
 DEVICES = 4
 
 
-def _run(harness: Harness, spec: tm.TaskSpec, shards: list[Split], collection: str) -> tm.Task:
-    task = harness.suite.create_task(spec)
-    harness.wait_for_key(spec.population_name)
+def _run(harness: Harness, spec: tm.TaskSpec | tm.Task, shards: list[Split], collection: str) -> tm.Task:
+    task = spec if isinstance(spec, tm.Task) else harness.suite.create_task(spec)
+    harness.wait_for_key(task.spec.population_name)
     fleet = Fleet(
-        harness.suite.server_address, spec.population_name, shards, 1, harness.trust(), max_sleep_s=0.2,
+        harness.suite.server_address, task.spec.population_name, shards, 1, harness.trust(), max_sleep_s=0.2,
         collection=collection,
     )  # fmt: skip
     try:
@@ -59,7 +59,9 @@ def test_a_users_model_on_tabular_data_then_an_evaluation_task(tmp_path: Path) -
     try:
         built = builder.build()
         fields = {"population_name": "cancer", "rounds": 2, "report_goal": DEVICES, "max_cohort": DEVICES}
-        trained = _run(harness, builder.spec(built, **fields), shards, "breast_cancer")
+        operator = harness.suite.settings.model_copy(update={"server_address": harness.suite.server_address})
+        created = builder.create(operator, **fields)  # the notebook path: build, check, register, create
+        trained = _run(harness, created, shards, "breast_cancer")
         plan = plans.parse(download(harness.resources, trained.plan))
         assert plan == built.plan
         for it in harness.iterations(trained.task_id):
