@@ -64,6 +64,7 @@ def _tamper_share(workdir: Path, provider: str) -> None:
     folder = workdir / "keys" / provider
     kek = _kek(workdir, provider)
     state = json.loads((folder / "keyset.json").read_text())
+    assert state["keys"], f"{provider} holds no share yet"
     for key_id, key in state["keys"].items():
         raw = bytes.fromhex(key["sealed_share_hex"])
         share = kek.decrypt(raw[:12], raw[12:], key_id.encode())
@@ -72,10 +73,21 @@ def _tamper_share(workdir: Path, provider: str) -> None:
     (folder / "keyset.json").write_text(json.dumps(state))
 
 
+def _published_by_all(harness: Harness) -> bool:
+    """Every provider has imported and activated the population's key (the dealer reaches them one by one)."""
+    from fedcompute.clients.typed import KeyClient
+    from fedcompute.rpc.channels import open_channel
+    from fedcompute.v1 import key_pb2
+
+    request = key_pb2.GetPublicKeysRequest(population_name=POPULATION)
+    return all(KeyClient(open_channel(a), 10.0).get_public_keys(request).keys for a in harness.suite.key_addresses)
+
+
 def test_a_wrong_share_is_detected_and_its_provider_reported(workdir: Path, database_url: str) -> None:
     harness = Harness.start(suite_settings(workdir, database_url))
     try:
         task_id = _task(harness)
+        wait_for(lambda: _published_by_all(harness), 30, "kp-2 to hold its share")  # else nothing to tamper with yet
         _tamper_share(workdir, "kp-2")
         contribute(harness, POPULATION)
         contribute(harness, POPULATION)
