@@ -16,7 +16,10 @@ from pydantic import ValidationError
 from fedcompute.core.logs import configure_logging
 from fedcompute.core.settings import Settings
 
-ServerOpt = Annotated[str, typer.Option("--server", help="Address of the fedcompute server (host:port).")]
+ServerOpt = Annotated[
+    str,
+    typer.Option("--server", envvar="FEDCOMPUTE_SERVER_ADDRESS", help="Address of the fedcompute server (host:port)."),
+]
 task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True)
 
 
@@ -50,8 +53,24 @@ def call(action: Any) -> None:
 
 @task_app.command("create")
 def task_create(
-    population: Annotated[str, typer.Option(help="Population name.")],
+    population: Annotated[str, typer.Option(help="Population name (required unless --spec names it).")] = "",
     server: ServerOpt = "127.0.0.1:8700",
+    spec_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--spec",
+            help='A whole TaskSpec as JSON (proto field names, e.g. {"population_name": ..., "dp": {...}}); '
+            "replaces every other spec flag but --model.",
+        ),
+    ] = None,
+    dp: Annotated[bool, typer.Option("--dp", help="Train with user-level differential privacy.")] = False,
+    epsilon: Annotated[float, typer.Option(help="DP: the task's budget ε.")] = 10.0,
+    delta: Annotated[float, typer.Option(help="DP: δ.")] = 1e-5,
+    population_size: Annotated[int, typer.Option(help="DP: assumed population N (q = report goal / N).")] = 10_000,
+    clip: Annotated[float, typer.Option(help="DP: L2 clip norm C.")] = 1.0,
+    noise_metrics: Annotated[
+        bool, typer.Option("--noise-metrics", help="DP: release devices' metrics noised.")
+    ] = False,
     architecture: Annotated[str, typer.Option(help="A built-in model (ignored with --model).")] = "digits-mlp-v1",
     model: Annotated[
         str, typer.Option(help="Your model: PATH.py:FUNCTION or MODULE:FUNCTION returning (nn.Module, example batch).")
@@ -117,6 +136,16 @@ def task_create(
         fields = {"plan": built.plan_bytes, "initial_weights": built.initial_weights, "kind": 2 if evaluation else 1}
     spec = tm.TaskSpec(
         population_name=population,
+        dp=tm.DpConfig(
+            enabled=True,
+            target_epsilon=epsilon,
+            target_delta=delta,
+            assumed_population_size=population_size,
+            l2_clip_norm=clip,
+            noise_metrics=noise_metrics,
+        )
+        if dp
+        else None,
         rounds=rounds,
         report_goal=report_goal,
         max_cohort=max_cohort,
@@ -131,6 +160,11 @@ def task_create(
         local_compute_deadline_s=local_compute_deadline_s,
         **fields,
     )
+    if spec_file is not None:
+        spec = _spec_from_file(spec_file, fields if model else {})
+    if not spec.population_name:
+        typer.echo("task not created: name the population (--population, or population_name in --spec)", err=True)
+        raise typer.Exit(1)
     configure_logging(json_lines=False, level=logging.WARNING)
     measurements = settings.allowed_measurements or [measure()]
     try:
@@ -145,6 +179,23 @@ def task_create(
     except (FedcomputeError, RegistrationFailed, OSError) as exc:
         typer.echo(f"task not created: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _spec_from_file(path: Path, model_fields: dict[str, Any]) -> Any:
+    """The TaskSpec a JSON file holds (proto field names); a --model's plan and weights go on top."""
+    from google.protobuf.json_format import ParseDict, ParseError
+
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    try:
+        spec = ParseDict(json.loads(path.read_text()), tm.TaskSpec())
+    except (OSError, ValueError, ParseError) as exc:  # JSONDecodeError is a ValueError; ParseError names the field
+        typer.echo(f"task not created: spec file {path}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for name, value in model_fields.items():
+        if name in ("plan", "initial_weights", "kind"):
+            setattr(spec, name, value)
+    return spec
 
 
 @task_app.command("evaluate")

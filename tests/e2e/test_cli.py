@@ -120,3 +120,59 @@ def test_task_create_with_a_users_model(tmp_path: Path) -> None:
         assert "has no model version 9" in missing.stderr
     finally:
         harness.stop()
+
+
+def test_task_create_takes_a_spec_file_dp_flags_and_the_server_from_the_environment(tmp_path: Path) -> None:
+    harness = Harness.start(suite_settings(tmp_path / "work", f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    env = {
+        "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
+        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(harness.suite.key_addresses),
+        "FEDCOMPUTE_SERVER_ADDRESS": harness.suite.server_address,  # no --server anywhere below
+    }
+    runner = CliRunner(env=env)
+    spec = {
+        "population_name": "from-file",
+        "model_architecture": "digits-linear-v1",
+        "rounds": 3,
+        "report_goal": 2,
+        "max_cohort": 3,
+        "round_deadline_s": 900,
+        "dp": {
+            "enabled": True,
+            "target_epsilon": 6.0,
+            "target_delta": 1e-5,
+            "assumed_population_size": 500,
+            "l2_clip_norm": 1.0,
+        },
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    try:
+        created = runner.invoke(app, ["task", "create", "--spec", str(tmp_path / "spec.json")])
+        assert created.exit_code == 0, created.output
+        task = json.loads(created.stdout)
+        assert (task["spec"]["population_name"], task["spec"]["round_deadline_s"]) == ("from-file", 900)
+        assert task["spec"]["dp"]["target_epsilon"] == 6.0
+        assert task["spec"]["dp"]["noise_multiplier"] > 0  # calibrated from the budget
+        assert task["access_policy"]["policy"]["dp"]["epsilon"] == 6.0
+        flags = ["task", "create", "--population", "flags", "--report-goal", "2", "--max-cohort", "3"]
+        with_dp = runner.invoke(app, [*flags, "--dp", "--epsilon", "4", "--population-size", "800", "--clip", "0.5"])
+        assert with_dp.exit_code == 0, with_dp.output
+        dp = json.loads(with_dp.stdout)["spec"]["dp"]
+        assert (dp["target_epsilon"], dp["assumed_population_size"], dp["l2_clip_norm"]) == (4.0, "800", 0.5)
+        listed = runner.invoke(app, ["task", "list"])
+        assert len(json.loads(listed.stdout)["tasks"]) == 2
+        (tmp_path / "bad.json").write_text(json.dumps({**spec, "roundz": 3}))
+        bad = runner.invoke(app, ["task", "create", "--spec", str(tmp_path / "bad.json")])
+        assert bad.exit_code == 1
+        assert "roundz" in bad.stderr
+        (tmp_path / "broken.json").write_text("{")
+        assert "spec file" in runner.invoke(app, ["task", "create", "--spec", str(tmp_path / "broken.json")]).stderr
+        nameless = runner.invoke(app, ["task", "create"])
+        assert nameless.exit_code == 1
+        assert "name the population" in nameless.stderr
+        budget = runner.invoke(app, [*flags, "--dp", "--epsilon", "0"])
+        assert budget.exit_code == 1
+        assert "spec.dp.target_epsilon" in budget.stderr
+        assert len(json.loads(runner.invoke(app, ["task", "list"]).stdout)["tasks"]) == 2
+    finally:
+        harness.stop()
