@@ -13,11 +13,12 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedcompute.core.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "fedcompute.plan"
 FORMAT_VERSION = 2
@@ -27,7 +28,7 @@ KINDS = ("training", "evaluation")
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam")
 METRICS = ("loss", "accuracy", "auc")
-DTYPES = {"float32": torch.float32, "int64": torch.int64}
+DTYPES = ("float32", "int64")
 PARAMETER_DTYPES = ("float32",)
 DEFAULT_MAX_PLAN_BYTES = 8 * 1024 * 1024
 
@@ -129,7 +130,9 @@ class Plan:
 
     def schema(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Parameter name -> (shape, dtype): what every update and checkpoint of the task must hold exactly."""
-        return {p.name: (p.shape, DTYPES[p.dtype]) for p in self.parameters}
+        import torch  # here, not at import: key services and the dealer read policies and plans without torch
+
+        return {p.name: (p.shape, getattr(torch, p.dtype)) for p in self.parameters}
 
     def parameter_count(self) -> int:
         return sum(math.prod(p.shape) for p in self.parameters)
@@ -219,7 +222,7 @@ def parse(data: bytes, max_bytes: int = DEFAULT_MAX_PLAN_BYTES, where: str = "pl
 
 def _tensor_spec(doc: object, where: str, batched: bool, named: bool = True) -> TensorSpec:
     r = _Reader(doc, where)
-    dtypes = tuple(DTYPES) if batched else PARAMETER_DTYPES
+    dtypes = DTYPES if batched else PARAMETER_DTYPES
     shape = r.get("shape", list)
     low = -1 if batched else 0
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= low for d in shape):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from fedcompute.core import plans
-from fedcompute.core.architectures import ARCHITECTURES, builtin_plan
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.privacy import DpSpec
 from fedcompute.core.versions import parse_version
@@ -61,6 +60,8 @@ class TaskSpec:
                 "spec.dp.noise_metrics",
                 "must be set: an evaluation task under DP releases only its metrics, noised",
             )
+        from fedcompute.core.architectures import ARCHITECTURES  # torch: only for those that build plans
+
         if not self.plan and self.model_architecture not in ARCHITECTURES:
             known = ", ".join(sorted(ARCHITECTURES))
             raise InvalidArgument(
@@ -128,6 +129,8 @@ class TaskSpec:
         if self.plan:
             return self.plan
         hp = self.hyperparameters
+        from fedcompute.core.architectures import builtin_plan
+
         plan = builtin_plan(self.model_architecture, hp.local_epochs, hp.batch_size, hp.learning_rate, hp.momentum)
         if self.kind == "training":
             return plan

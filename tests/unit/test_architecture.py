@@ -93,3 +93,17 @@ def test_modules_are_small() -> None:
     too_big = {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 400}
     assert not too_big
     importlib.import_module("fedcompute.cli")
+
+
+def test_key_services_verifier_and_dealer_start_without_torch() -> None:
+    """They read policies and plans as data; torch (seconds to import, hundreds of MB) is for those that train,
+    aggregate or build plans."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, fedcompute.keys.app, fedcompute.attestation.app, fedcompute.clients.dealer\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
