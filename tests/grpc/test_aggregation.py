@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, select
 
 from fedcompute.clients.device import upload
 from fedcompute.keys import hpke
 from fedcompute.rpc.channels import open_channel
+from fedcompute.store.models import JobRow
 from fedcompute.v1 import aggregation_pb2, aggregation_pb2_grpc
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
@@ -53,6 +57,11 @@ def test_bad_contributions_are_left_out_and_counted(harness: Harness) -> None:
     metrics = {m.name: m.value for m in iteration.metrics}  # weighted by the examples each device reported
     assert metrics == pytest.approx({"loss": (1.0 * 10 + 2.0 * 3) / 13, "accuracy": (0.5 * 10 + 1.0 * 3) / 13})
     assert iteration.metric_examples == 13
+    engine = create_engine(harness.suite.settings.resolved_database_url())
+    with engine.connect() as conn:
+        counted = json.loads(conn.execute(select(JobRow.rejections_json)).scalar_one())
+    engine.dispose()
+    assert counted == {"unknown_key": 1, "decrypt_failed": 1, "bad_payload": 2, "non_finite": 1, "bad_metrics": 2}
     versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task_id)).versions
     assert [(v.version, v.parent_version, v.contributions) for v in versions] == [(1, 0, 0), (2, 1, 2)]
     assert versions[1].parent_sha256_hex == versions[0].checkpoint.sha256_hex
