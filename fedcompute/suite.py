@@ -29,7 +29,7 @@ from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.processes import die_with_parent
 from fedcompute.core.secrets import load_or_create
-from fedcompute.core.settings import Settings
+from fedcompute.core.settings import SECRET_SETTINGS, Settings
 from fedcompute.keys.app import build_key_server
 from fedcompute.keys.statement import load_signing_public
 from fedcompute.keys.trust import load_trusted, write_trusted
@@ -41,7 +41,6 @@ from fedcompute.v1 import key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
 
 log = structlog.get_logger("fedcompute.suite")
-SECRET_SETTINGS = ("internal_token", "token_secret", "key_admin_token", "key_encryption_key")
 DEMO_DISK_WARNING = (
     "every component's data, including each key service's KEK, lies on this one disk: a demo set-up. "
     "In production give each key service its own machine and KEK secret (docs/architecture.md)."

@@ -11,10 +11,9 @@ from typing import Annotated, Any
 import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
-from pydantic import ValidationError
 
 from fedcompute.core.logs import configure_logging
-from fedcompute.core.settings import Settings
+from fedcompute.core.settings import SettingError, Settings
 
 ServerOpt = Annotated[
     str,
@@ -24,11 +23,11 @@ task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
+    """The settings, or one line naming the bad variable and exit 2."""
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        typer.echo(f"invalid settings: {problems}", err=True)
+        return Settings.load(**overrides)
+    except SettingError as exc:
+        typer.echo(f"invalid setting: {exc}", err=True)
         raise typer.Exit(2) from None
 
 

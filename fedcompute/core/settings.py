@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "FEDCOMPUTE_"
+RESERVED_PREFIX = "FEDCOMPUTE_TEST_"  # the test suite's own variables, never read by a component
+_DATABASE_URL = re.compile(r"^(sqlite|postgresql)(\+[a-z0-9_]+)?://[^\s]*$")
+_S3_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$")
+
+
+class SettingError(Exception):
+    """A setting that cannot work (a busy port, a missing file, a malformed value): one line naming it."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        super().__init__(f"{variable(setting)}: {problem}")
+
+
+def variable(setting: str) -> str:
+    """The environment variable of a settings field."""
+    return f"{PREFIX}{setting.upper()}"
+
+
+SECRET_SETTINGS = frozenset(
+    {
+        "internal_token",
+        "token_secret",
+        "key_admin_token",
+        "key_encryption_key",
+        "operator_token",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+    }
+)
 
 
 class Settings(BaseSettings):
@@ -106,6 +140,52 @@ class Settings(BaseSettings):
     aggregator_workers: int = Field(1, ge=1, le=16, description="`up`: attested aggregator workers (launchers).")
     log_json: bool = Field(True, description="JSON log lines (services) instead of console output.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
+    health_port: int = Field(
+        8730,
+        ge=0,
+        le=65535,
+        description="gRPC health port of the components that serve no other RPCs (dealer, model updater, "
+        "aggregator worker); 0: none.",
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM: health goes NOT_SERVING, then in-flight RPCs get this long to finish."
+    )
+    plaintext: bool = Field(
+        False,
+        description="Serve and call gRPC without TLS. Refused unless set: give the TLS files instead in production "
+        "(`fedcompute certs dev` makes a local CA and certificates).",
+    )
+    tls_cert_file: Path | None = Field(None, description="This component's TLS certificate chain (PEM).")
+    tls_key_file: Path | None = Field(None, description="This component's TLS private key (PEM).")
+    tls_ca_file: Path | None = Field(
+        None,
+        description="CA bundle (PEM) this component verifies peers with: the servers it calls, client certificates.",
+    )
+    tls_client_auth: bool = Field(
+        False,
+        description="Require client certificates signed by FEDCOMPUTE_TLS_CA_FILE on this component's gRPC port "
+        "(mTLS; for internal-only components: key services, verifier).",
+    )
+    operator_token: str = Field(
+        "",
+        description="Bearer token the CLI and the dealer present to TaskManagementService (`fedcompute token create`).",
+    )
+    device_rate_per_s: float = Field(
+        100.0, ge=0, description="Device RPCs allowed per second per client address (0: no limit)."
+    )
+    device_rate_burst: int = Field(200, ge=1, description="Device RPCs one address may make at once before limiting.")
+    device_attestation: str = Field(
+        "",
+        description="Device attestation at check-in: empty accepts every device; MODULE:FACTORY loads a "
+        "DeviceAttestor (e.g. Android key attestation or Play Integrity).",
+    )
+    blob_store_url: str = Field(
+        "", description="Where blobs live: empty is a directory in workdir; s3://BUCKET/PREFIX an S3-compatible store."
+    )
+    s3_endpoint_url: str = Field("", description="Endpoint of an S3-compatible store (empty: AWS).")
+    s3_region: str = Field("us-east-1", description="Region of the S3 store.")
+    s3_access_key_id: str = Field("", description="S3 access key id (empty: boto3's default credential chain).")
+    s3_secret_access_key: str = Field("", description="S3 secret key (empty: boto3's default credential chain).")
 
     @field_validator("retry_delay_max_s")
     @classmethod
@@ -114,6 +194,27 @@ class Settings(BaseSettings):
         low = data.get("retry_delay_min_s", 0.0)
         if value < low:
             raise ValueError(f"must be >= retry_delay_min_s ({low})")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str) -> str:
+        if value and not _DATABASE_URL.match(value):
+            raise ValueError("not a database URL: expected sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB")
+        return value
+
+    @field_validator("blob_store_url")
+    @classmethod
+    def _blob_url_parses(cls, value: str) -> str:
+        if value and not _S3_URL.match(value):
+            raise ValueError("expected empty (a directory in workdir) or s3://BUCKET/PREFIX")
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    @classmethod
+    def _tls_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
         return value
 
     @field_validator("threshold")
@@ -133,6 +234,42 @@ class Settings(BaseSettings):
         if value >= lifetime:
             raise ValueError(f"must be < key_lifetime_s ({lifetime}), or every poll would mint a new key")
         return value
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment and ``overrides``; an unknown ``FEDCOMPUTE_`` variable (a misspelling
+        would otherwise be ignored) or a bad value raises ``SettingError`` naming the variable."""
+        env = os.environ if environ is None else environ
+        known = {variable(name) for name in cls.model_fields}
+        unknown = sorted(
+            k for k in env if k.startswith(PREFIX) and k not in known and not k.startswith(RESERVED_PREFIX)
+        )
+        if unknown:
+            raise SettingError(
+                unknown[0].removeprefix(PREFIX).lower(), "no such setting (see `fedcompute config list`)"
+            )
+        try:
+            settings = cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "settings"
+            raise SettingError(name, str(first["msg"]).removeprefix("Value error, ")) from None
+        return settings.checked()
+
+    def checked(self) -> Settings:
+        """Checks across fields that single validators cannot make."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise SettingError("tls_key_file", "give both FEDCOMPUTE_TLS_CERT_FILE and FEDCOMPUTE_TLS_KEY_FILE")
+        if self.tls_client_auth and (self.tls_ca_file is None or self.tls_cert_file is None):
+            raise SettingError("tls_ca_file", "client authentication needs the CA file and this component's cert")
+        return self
+
+    def public(self) -> dict[str, Any]:
+        """These settings without any secret, for the start-up log line and `config check`."""
+        return {
+            k: ("<set>" if v else "") if k in SECRET_SETTINGS else (str(v) if isinstance(v, Path) else v)
+            for k, v in self.model_dump().items()
+        }
 
     def to_env(self) -> dict[str, str]:
         """These settings as FEDCOMPUTE_* variables, for a child process."""
