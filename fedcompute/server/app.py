@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from prometheus_client import Histogram
@@ -31,6 +31,7 @@ from fedcompute.server.resources import ResourceService
 from fedcompute.server.tasks import TaskService
 from fedcompute.server.uploads import UploadService
 from fedcompute.store.blobs import LocalBlobStore
+from fedcompute.store.blobstores import StagedBlobStore, open_blob_store
 from fedcompute.store.database import Database
 from fedcompute.v1 import (
     aggregation_pb2,
@@ -50,7 +51,7 @@ from fedcompute.v1 import (
 class ServerApp:
     grpc: GrpcServer
     db: Database
-    blobs: LocalBlobStore
+    blobs: StagedBlobStore
     metrics: RpcMetrics
     sweeper: PollingLoop
 
@@ -60,10 +61,12 @@ class ServerApp:
         self.db.dispose()
 
 
-def open_storage(settings: Settings) -> tuple[Database, LocalBlobStore]:
+def open_storage(settings: Settings) -> tuple[Database, StagedBlobStore]:
+    """The database (migrated) and the blob store FEDCOMPUTE_BLOB_STORE_URL names (a bad bucket fails first)."""
+    blobs = open_blob_store(settings)
     db = Database(settings.resolved_database_url())
     db.migrate()
-    return db, LocalBlobStore(settings.server_dir() / "blobs")
+    return db, blobs
 
 
 def build_server(
@@ -89,7 +92,8 @@ def build_server(
     )
     tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes)
     assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_clients, clock))
-    uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes)
+    # UploadService still names LocalBlobStore, though it needs only StagedBlobStore (staging_dir, put_file, delete)
+    uploads = UploadService(db, cast(LocalBlobStore, blobs), clock, ids, signer, settings.max_upload_bytes)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
     jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits)

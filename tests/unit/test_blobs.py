@@ -1,45 +1,253 @@
-"""The local blob store: content addressing, atomic install, verification on every read."""
+"""One contract suite for the blob store, run against the local directory and an S3 bucket alike.
+
+The S3 side is real S3 over HTTP: moto's server mode on 127.0.0.1 (port 0), started once per run, one bucket,
+a fresh prefix per test. Tampering goes around the store (the file on disk, or a raw PUT of the object).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import boto3
 import pytest
+from botocore.config import Config
+from moto.server import ThreadedMotoServer
 
 from fedcompute.core.blobs import BlobCorrupted, BlobMissing
+from fedcompute.core.errors import Unavailable
+from fedcompute.core.settings import SettingError, Settings
+from fedcompute.server.app import open_storage
 from fedcompute.store.blobs import LocalBlobStore
+from fedcompute.store.blobstores import StagedBlobStore, open_blob_store, s3_client
+from fedcompute.store.s3blobs import SPOOL_BYTES, S3BlobStore
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+BUCKET = "fedcompute-test"
+PAST = datetime(2000, 1, 1, tzinfo=UTC)
+FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 
 
-def test_put_get_and_dedupe(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path)
+@dataclass
+class Subject:
+    """A store under test, plus raw access around it: read or overwrite what is stored at an address."""
+
+    store: StagedBlobStore
+    raw: Callable[[str], bytes]
+    overwrite: Callable[[str, bytes], None]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[tuple[str, S3Client]]:
+    """moto's S3 on a free port, with the test bucket, and a client built the way the server builds its own."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = s3_client(_s3_settings(Path("unused"), endpoint, ""))
+    client.create_bucket(Bucket=BUCKET)
+    yield endpoint, client
+    server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(s3_server: tuple[str, S3Client]) -> str:
+    return s3_server[0]
+
+
+def _s3_settings(workdir: Path, endpoint: str, url: str) -> Settings:
+    return Settings(
+        workdir=workdir,
+        blob_store_url=url,
+        s3_endpoint_url=endpoint,
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+    )
+
+
+def _local(tmp_path: Path) -> Subject:
+    store = LocalBlobStore(tmp_path / "blobs")
+
+    def path(sha: str) -> Path:
+        return tmp_path / "blobs" / "sha256" / sha[:2] / sha[2:]
+
+    def overwrite(sha: str, data: bytes) -> None:
+        path(sha).write_bytes(data)
+
+    return Subject(store, lambda sha: path(sha).read_bytes(), overwrite)
+
+
+def _s3(tmp_path: Path, raw: S3Client) -> Subject:
+    prefix = f"run-{secrets.token_hex(6)}/blobs"  # a fresh prefix: each test sees an empty store
+    store = S3BlobStore(raw, BUCKET, prefix, tmp_path / "blobs" / "tmp")
+
+    def key(sha: str) -> str:
+        return f"{prefix}/sha256/{sha[:2]}/{sha[2:]}"
+
+    def overwrite(sha: str, data: bytes) -> None:
+        raw.put_object(Bucket=BUCKET, Key=key(sha), Body=data)
+
+    return Subject(store, lambda sha: raw.get_object(Bucket=BUCKET, Key=key(sha))["Body"].read(), overwrite)
+
+
+@pytest.fixture(params=["local", "s3"])
+def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Subject:
+    if request.param == "local":
+        return _local(tmp_path)
+    return _s3(tmp_path, request.getfixturevalue("s3_server")[1])
+
+
+def test_round_trip_at_the_content_address(subject: Subject) -> None:
+    store = subject.store
     sha = store.put(b"hello")
     assert sha == hashlib.sha256(b"hello").hexdigest()
-    assert store.put(b"hello") == sha
+    assert subject.raw(sha) == b"hello"  # stored at .../sha256/ab/cdef...
     assert store.get(sha) == b"hello"
-    assert b"".join(store.read_chunks(sha, 1, 2)) == b"ello"
+    assert store.exists(sha)
     assert store.size(sha) == 5
-    assert not list((tmp_path / "tmp").iterdir())
+    assert not list(store.staging_dir().iterdir())
 
 
-def test_put_file_moves_into_place(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path)
-    staged = store.staging_dir() / "x"
+def test_put_is_idempotent(subject: Subject) -> None:
+    sha = subject.store.put(b"same bytes")
+    assert subject.store.put(b"same bytes") == sha
+    assert subject.store.get(sha) == b"same bytes"
+    assert subject.store.stored_before(FUTURE) == [sha]
+
+
+def test_put_file_moves_the_staged_file_in(subject: Subject) -> None:
+    store = subject.store
+    staged = store.staging_dir() / "upload-1"
     staged.write_bytes(b"data")
     sha = store.put_file(staged)
     assert not staged.exists()
     assert store.get(sha) == b"data"
+    again = store.staging_dir() / "upload-2"
+    again.write_bytes(b"data")
+    assert store.put_file(again) == sha  # already present: the staged copy is dropped all the same
+    assert not again.exists()
 
 
-def test_corruption_and_missing_are_detected(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path)
-    sha = store.put(b"original")
-    (tmp_path / "sha256" / sha[:2] / sha[2:]).write_bytes(b"tampered")
-    with pytest.raises(BlobCorrupted):
-        store.get(sha)
-    with pytest.raises(BlobCorrupted):
-        store.read_chunks(sha, 0, 4)
+def test_missing_blob(subject: Subject) -> None:
+    store = subject.store
+    absent = "0" * 64
     with pytest.raises(BlobMissing):
+        store.get(absent)
+    with pytest.raises(BlobMissing):
+        store.read_chunks(absent, 0, 4)
+    with pytest.raises(BlobMissing):
+        store.size(absent)
+    assert not store.exists(absent)
+    store.delete(absent)  # no error
+
+
+@pytest.mark.parametrize("address", ["../../etc/passwd", "A" * 64, "0" * 63, ""])
+def test_bad_address_is_missing(subject: Subject, address: str) -> None:
+    with pytest.raises(BlobMissing):
+        subject.store.get(address)
+    with pytest.raises(BlobMissing):
+        subject.store.read_chunks(address, 0, 4)
+
+
+def test_tampered_blob_is_refused_on_every_read(subject: Subject) -> None:
+    sha = subject.store.put(b"original")
+    subject.overwrite(sha, b"tampered")
+    with pytest.raises(BlobCorrupted):
+        subject.store.get(sha)
+    with pytest.raises(BlobCorrupted):
+        subject.store.read_chunks(sha, 0, 4)  # before the first chunk is handed out
+    subject.overwrite(sha, b"original")
+    assert subject.store.get(sha) == b"original"
+
+
+def test_read_chunks_from_an_offset(subject: Subject) -> None:
+    sha = subject.store.put(b"0123456789")
+    assert list(subject.store.read_chunks(sha, 3, 4)) == [b"3456", b"789"]
+    assert list(subject.store.read_chunks(sha, 0, 5)) == [b"01234", b"56789"]
+    assert list(subject.store.read_chunks(sha, 10, 4)) == []
+    assert list(subject.store.read_chunks(sha, 99, 4)) == []
+
+
+def test_large_blob_streams_in_chunks(subject: Subject) -> None:
+    data = secrets.token_bytes(SPOOL_BYTES + 12345)  # past the S3 store's in-memory spool
+    staged = subject.store.staging_dir() / "upload-big"
+    staged.write_bytes(data)
+    sha = subject.store.put_file(staged)
+    assert subject.store.size(sha) == len(data)
+    chunks = list(subject.store.read_chunks(sha, 1000, 1 << 20))
+    assert max(len(c) for c in chunks) == 1 << 20
+    assert b"".join(chunks) == data[1000:]
+
+
+def test_delete_and_stored_before(subject: Subject) -> None:
+    store = subject.store
+    first, second = store.put(b"first"), store.put(b"second")
+    assert sorted(store.stored_before(FUTURE)) == sorted([first, second])
+    assert store.stored_before(PAST) == []
+    store.delete(first)
+    store.delete(first)  # already gone: no error
+    assert not store.exists(first)
+    with pytest.raises(BlobMissing):
+        store.get(first)
+    assert store.stored_before(FUTURE) == [second]
+
+
+# --- choosing the store from settings -------------------------------------------------------------------------
+
+
+def test_empty_url_keeps_blobs_in_workdir(tmp_path: Path) -> None:
+    store = open_blob_store(Settings(workdir=tmp_path))
+    assert isinstance(store, LocalBlobStore)
+    assert store.staging_dir() == tmp_path / "server" / "blobs" / "tmp"
+
+
+def test_s3_url_selects_the_bucket_and_prefix(tmp_path: Path, s3_endpoint: str) -> None:
+    settings = _s3_settings(tmp_path, s3_endpoint, f"s3://{BUCKET}/deploy/a/")
+    db, store = open_storage(settings)
+    db.dispose()
+    assert isinstance(store, S3BlobStore)
+    sha = store.put(b"where")
+    assert store.key(sha) == f"deploy/a/sha256/{sha[:2]}/{sha[2:]}"
+    assert s3_client(settings).head_object(Bucket=BUCKET, Key=store.key(sha))["ContentLength"] == 5
+    assert store.staging_dir() == tmp_path / "server" / "blobs" / "tmp"
+
+
+def test_missing_bucket_fails_at_start_naming_the_setting(tmp_path: Path, s3_endpoint: str) -> None:
+    settings = _s3_settings(tmp_path, s3_endpoint, "s3://no-such-bucket/x")
+    with pytest.raises(SettingError) as refused:
+        open_storage(settings)
+    assert str(refused.value).startswith("FEDCOMPUTE_BLOB_STORE_URL: bucket 'no-such-bucket' does not exist")
+    assert not (tmp_path / "server" / "fedcompute.sqlite").exists()  # refused before the database was touched
+
+
+def test_half_given_credentials_are_refused(tmp_path: Path, s3_endpoint: str) -> None:
+    settings = Settings(workdir=tmp_path, blob_store_url=f"s3://{BUCKET}", s3_access_key_id="only-the-id")
+    with pytest.raises(SettingError, match="FEDCOMPUTE_S3_SECRET_ACCESS_KEY"):
+        open_blob_store(settings)
+
+
+def test_unreachable_store_is_unavailable(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = boto3.session.Session(aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1").client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", config=Config(retries={"max_attempts": 1}, connect_timeout=1)
+    )
+    store = S3BlobStore(client, BUCKET, "p", tmp_path / "tmp")
+    with pytest.raises(Unavailable):
         store.get("0" * 64)
-    with pytest.raises(BlobMissing):
-        store.get("../../etc/passwd")
+    with pytest.raises(Unavailable):
+        store.put(b"x")
+    staged = store.staging_dir() / "upload-1"
+    staged.write_bytes(b"kept")
+    with pytest.raises(Unavailable):
+        store.put_file(staged)
+    assert staged.read_bytes() == b"kept"  # left for the retry
