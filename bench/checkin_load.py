@@ -76,7 +76,9 @@ def run(replicas: int, devices: int, seconds: float, admin_url: str) -> dict[str
                 raise RuntimeError("fedcompute up exited")
         threading.Thread(target=up.stderr.read, daemon=True).start()
         keys = line.strip().split("key services ", 1)[1].split(", ")
-        task_env = {**env, "FEDCOMPUTE_WORKDIR": str(work), "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(keys)}
+        token = (work / "operator" / "operator-token").read_text().strip()  # the admin token `up` registered
+        task_env = {**env, "FEDCOMPUTE_WORKDIR": str(work), "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(keys),
+                    "FEDCOMPUTE_OPERATOR_TOKEN": token}  # fmt: skip
         subprocess.run(
             [*CLI, "task", "create", "--server", f"127.0.0.1:{port}", "--population", "load", "--report-goal",
              "1000", "--max-cohort", "1000000", "--rounds", "1"],

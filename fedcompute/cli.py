@@ -16,6 +16,7 @@ from fedcompute.task_cli import ServerOpt, task_app
 from fedcompute.task_cli import call as _call
 from fedcompute.task_cli import operators as _operators
 from fedcompute.task_cli import settings_or_exit as _settings
+from fedcompute.token_cli import token_app
 
 app = typer.Typer(help="fedcompute: federated-compute server suite.", no_args_is_help=True)
 devices_app = typer.Typer(help="Simulated device fleets.", no_args_is_help=True)
@@ -24,6 +25,7 @@ app.add_typer(devices_app, name="devices")
 keys_app = typer.Typer(help="Key provider set-up.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(token_app, name="token")
 
 
 def _stop_on_signal() -> threading.Event:

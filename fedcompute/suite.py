@@ -26,6 +26,7 @@ from fedcompute.clients.dealer import KeyDealer, open_populations
 from fedcompute.clients.operator import create_task
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
+from fedcompute.core.errors import FedcomputeError
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.processes import die_with_parent
 from fedcompute.core.secrets import load_or_create
@@ -37,6 +38,7 @@ from fedcompute.modelupdater.updater import ModelUpdater
 from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.serving import GrpcServer
 from fedcompute.server.app import ServerApp, build_server
+from fedcompute.server.operator_auth import OperatorAuthService, Role
 from fedcompute.v1 import key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
 
@@ -60,6 +62,11 @@ def token_secret(settings: Settings) -> str:
 def key_admin_token(settings: Settings) -> str:
     """The operator's credential for key-service administration (dealer, task creation; never the server)."""
     return settings.key_admin_token or load_or_create(settings.operator_dir() / "key-admin-token")
+
+
+def operator_token(settings: Settings) -> str:
+    """The operator's bearer token for TaskManagementService (CLI, dealer); `up` registers it as an admin token."""
+    return settings.operator_token or load_or_create(settings.operator_dir() / "operator-token")
 
 
 def child_env(settings: Settings, **secrets: str) -> dict[str, str]:
@@ -204,7 +211,7 @@ class Suite:
         """As the operator: register the task's access policy with every key service, then create the task."""
         settings = self.settings
         return create_task(
-            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s),
+            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s, operator_token(settings)),
             operator_key_clients(settings, key_admin_token(settings)),
             load_trusted(settings.trusted_providers_path()),
             settings.threshold,
@@ -216,7 +223,7 @@ class Suite:
         """What `fedcompute audit` says about a task, against this suite's key services."""
         settings = self.settings
         return fetch_and_audit(
-            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s),
+            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s, operator_token(settings)),
             [KeyClient(open_channel(a), settings.rpc_timeout_s) for a in self.key_addresses],
             task_id,
             load_trusted(settings.trusted_providers_path()),
@@ -281,7 +288,9 @@ def operator_key_clients(settings: Settings, token: str) -> list[KeyClient]:
 
 def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
     providers = operator_key_clients(settings, token)
-    operators = TaskManagementClient(open_channel(settings.server_address), settings.rpc_timeout_s)
+    operators = TaskManagementClient(
+        open_channel(settings.server_address), settings.rpc_timeout_s, operator_token(settings)
+    )
     return KeyDealer(
         providers,
         load_trusted(settings.trusted_providers_path()),
@@ -328,6 +337,11 @@ def start_suite(
         port = settings.server_port or free_port(settings.host)
         settings = settings.model_copy(update={"server_port": port, "reuse_port": True})
     server = build_server(settings, clock, ids, worker_token(settings), token_secret(settings))
+    try:  # the operator's own token works at once (CLI, dealer, Suite.create_task); never stored in the clear
+        OperatorAuthService(server.db, clock, ids).ensure(operator_token(settings), "up", Role.ADMIN)
+    except FedcomputeError as exc:
+        server.stop()
+        raise StartupFailed(exc.public_message) from None
     settings = settings.model_copy(update={"server_address": f"{settings.host}:{server.grpc.port}"})
     suite = Suite(settings, keys, verifier_server, server)
     secrets = {"internal_token": worker_token(settings), "token_secret": token_secret(settings)}

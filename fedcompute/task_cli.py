@@ -20,6 +20,10 @@ ServerOpt = Annotated[
     typer.Option("--server", envvar="FEDCOMPUTE_SERVER_ADDRESS", help="Address of the fedcompute server (host:port)."),
 ]
 task_app = typer.Typer(help="Operator commands for tasks.", no_args_is_help=True)
+TOKEN_HINT = (
+    "set FEDCOMPUTE_OPERATOR_TOKEN to a valid operator token: an admin makes one with "
+    "`fedcompute token create --name NAME --role operator`; `fedcompute up` registers WORKDIR/operator/operator-token"
+)
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
@@ -32,10 +36,11 @@ def settings_or_exit(**overrides: Any) -> Settings:
 
 
 def operators(server: str) -> Any:
+    """TaskManagementService as the operator: every call presents FEDCOMPUTE_OPERATOR_TOKEN."""
     from fedcompute.clients.typed import TaskManagementClient
     from fedcompute.rpc.channels import open_channel
 
-    return TaskManagementClient(open_channel(server), 30.0)
+    return TaskManagementClient(open_channel(server), 30.0, settings_or_exit().operator_token)
 
 
 def print_message(message: Any) -> None:
@@ -47,6 +52,8 @@ def call(action: Any) -> None:
         action()
     except grpc.RpcError as exc:
         typer.echo(f"{exc.code().name}: {exc.details()}", err=True)
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            typer.echo(TOKEN_HINT, err=True)
         raise typer.Exit(1) from None
 
 

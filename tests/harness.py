@@ -21,7 +21,7 @@ from fedcompute.clients.typed import (
 )
 from fedcompute.core.settings import Settings
 from fedcompute.rpc.channels import open_channel
-from fedcompute.suite import Suite, start_suite, worker_token
+from fedcompute.suite import Suite, operator_token, start_suite, worker_token
 from fedcompute.v1 import common_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
@@ -67,7 +67,7 @@ class Harness:
         token = worker_token(suite.settings)
         return cls(
             suite,
-            TaskManagementClient(channel, 20.0),
+            TaskManagementClient(channel, 20.0, operator_token(suite.settings)),
             TaskAssignmentClient(channel, 20.0),
             UploadClient(channel, 20.0),
             ResourceClient(channel, 20.0),

@@ -158,7 +158,8 @@ class TaskBuilder:
     def create(self, settings: Settings | None = None, **fields: object) -> tm.Task:
         """Build, check, and create the task as the operator (``fedcompute task create --model`` does the same):
         register its access policy with every key service, then create it at ``settings.server_address``.
-        ``settings`` defaults to the ``FEDCOMPUTE_*`` environment; ``fields`` are the TaskSpec's other fields."""
+        ``settings`` defaults to the ``FEDCOMPUTE_*`` environment (FEDCOMPUTE_OPERATOR_TOKEN: an operator token);
+        ``fields`` are the TaskSpec's other fields."""
         from fedcompute.attestation.measure import measure
         from fedcompute.clients.operator import create_task
         from fedcompute.clients.typed import TaskManagementClient
@@ -171,7 +172,9 @@ class TaskBuilder:
         built = self.build()
         check_plan_size(built, settings.max_plan_bytes)
         return create_task(
-            TaskManagementClient(open_channel(settings.server_address), settings.rpc_timeout_s),
+            TaskManagementClient(
+                open_channel(settings.server_address), settings.rpc_timeout_s, settings.operator_token
+            ),
             operator_key_clients(settings, key_admin_token(settings)),
             load_trusted(settings.trusted_providers_path()),
             settings.threshold,

@@ -23,7 +23,7 @@ from fedcompute.core.plans import Optimizer, Training
 from fedcompute.core.settings import Settings
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
-from fedcompute.suite import start_suite
+from fedcompute.suite import operator_token, start_suite
 from fedcompute.v1 import key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
 
@@ -166,7 +166,7 @@ def run_demo(
     fleet: Fleet | None = None
     try:
         channel = open_channel(suite.server_address)
-        operators = TaskManagementClient(channel, settings.rpc_timeout_s)
+        operators = TaskManagementClient(channel, settings.rpc_timeout_s, operator_token(suite.settings))
         resources = ResourceClient(channel, settings.rpc_timeout_s)
         task = suite.create_task(task_spec(devices, rounds, seed, privacy, model))
         plan = plans.parse(download(resources, task.plan))

@@ -27,36 +27,56 @@ from fedcompute.v1 import (
 
 
 class TaskManagementClient:
-    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+    """For operators; every call carries the operator token (``token``: FEDCOMPUTE_OPERATOR_TOKEN) when given."""
+
+    def __init__(self, channel: grpc.Channel, timeout_s: float, token: str = "") -> None:
         self._stub = task_management_pb2_grpc.TaskManagementServiceStub(channel)
         self._timeout = timeout_s
+        self._md = bearer_metadata(token) if token else ()
 
     def create_task(self, request: task_management_pb2.CreateTaskRequest) -> task_management_pb2.CreateTaskResponse:
-        return self._stub.CreateTask(request, timeout=self._timeout)
+        return self._stub.CreateTask(request, timeout=self._timeout, metadata=self._md)
 
     @idempotent()
     def get_task(self, request: task_management_pb2.GetTaskRequest) -> task_management_pb2.GetTaskResponse:
-        return self._stub.GetTask(request, timeout=self._timeout)
+        return self._stub.GetTask(request, timeout=self._timeout, metadata=self._md)
 
     @idempotent()
     def list_tasks(self, request: task_management_pb2.ListTasksRequest) -> task_management_pb2.ListTasksResponse:
-        return self._stub.ListTasks(request, timeout=self._timeout)
+        return self._stub.ListTasks(request, timeout=self._timeout, metadata=self._md)
 
     @idempotent()
     def cancel_task(self, request: task_management_pb2.CancelTaskRequest) -> task_management_pb2.CancelTaskResponse:
-        return self._stub.CancelTask(request, timeout=self._timeout)
+        return self._stub.CancelTask(request, timeout=self._timeout, metadata=self._md)
 
     @idempotent()
     def list_iterations(
         self, request: task_management_pb2.ListIterationsRequest
     ) -> task_management_pb2.ListIterationsResponse:
-        return self._stub.ListIterations(request, timeout=self._timeout)
+        return self._stub.ListIterations(request, timeout=self._timeout, metadata=self._md)
 
     @idempotent()
     def list_model_versions(
         self, request: task_management_pb2.ListModelVersionsRequest
     ) -> task_management_pb2.ListModelVersionsResponse:
-        return self._stub.ListModelVersions(request, timeout=self._timeout)
+        return self._stub.ListModelVersions(request, timeout=self._timeout, metadata=self._md)
+
+    def create_operator_token(
+        self, request: task_management_pb2.CreateOperatorTokenRequest
+    ) -> task_management_pb2.CreateOperatorTokenResponse:
+        return self._stub.CreateOperatorToken(request, timeout=self._timeout, metadata=self._md)
+
+    @idempotent()
+    def revoke_operator_token(
+        self, request: task_management_pb2.RevokeOperatorTokenRequest
+    ) -> task_management_pb2.RevokeOperatorTokenResponse:
+        return self._stub.RevokeOperatorToken(request, timeout=self._timeout, metadata=self._md)
+
+    @idempotent()
+    def list_operator_tokens(
+        self, request: task_management_pb2.ListOperatorTokensRequest
+    ) -> task_management_pb2.ListOperatorTokensResponse:
+        return self._stub.ListOperatorTokens(request, timeout=self._timeout, metadata=self._md)
 
 
 class TaskAssignmentClient:

@@ -17,6 +17,19 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, f"Bearer {token}"),)
 
 
+def bearer_token(context: grpc.ServicerContext) -> str | None:
+    """The token of the call's ``authorization: Bearer <token>`` header; None without one (or another scheme)."""
+    metadata: Sequence[tuple[str, str | bytes]] = context.invocation_metadata() or ()
+    values = [v for k, v in metadata if k == AUTHORIZATION]
+    if not values:
+        return None
+    text = values[0].decode() if isinstance(values[0], bytes) else values[0]
+    scheme, _, token = text.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
 def require_bearer(context: grpc.ServicerContext, expected: str) -> None:
     """Raise ``Unauthenticated``/``PermissionDenied`` unless the call carries ``Bearer <expected>``."""
     metadata: Sequence[tuple[str, str | bytes]] = context.invocation_metadata() or ()

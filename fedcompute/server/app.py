@@ -26,6 +26,7 @@ from fedcompute.server.assignment import AssignmentService
 from fedcompute.server.deadlines import DeadlineSweeper
 from fedcompute.server.jobs import JobService, RetryLimits
 from fedcompute.server.keyring import KeyRing
+from fedcompute.server.operator_auth import OperatorAuthService
 from fedcompute.server.pace import PaceSteering
 from fedcompute.server.resources import ResourceService
 from fedcompute.server.tasks import TaskService
@@ -100,7 +101,7 @@ def build_server(
     registrations: list[tuple[Callable[[Any, grpc.Server], None], Any, str]] = [
         (
             task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
-            TaskManagementServicer(tasks),
+            TaskManagementServicer(tasks, OperatorAuthService(db, clock, ids)),
             task_management_pb2.DESCRIPTOR.services_by_name["TaskManagementService"].full_name,
         ),
         (

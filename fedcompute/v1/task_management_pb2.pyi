@@ -93,6 +93,32 @@ TASK_KIND_EVALUATION: TaskKind.ValueType  # 2
 """Devices evaluate the task's initial model and report metrics only; no model version is published."""
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
+class _OperatorRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OperatorRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OperatorRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPERATOR_ROLE_UNSPECIFIED: _OperatorRole.ValueType  # 0
+    OPERATOR_ROLE_VIEWER: _OperatorRole.ValueType  # 1
+    """GetTask, ListTasks, ListIterations, ListModelVersions."""
+    OPERATOR_ROLE_OPERATOR: _OperatorRole.ValueType  # 2
+    """And CreateTask, CancelTask."""
+    OPERATOR_ROLE_ADMIN: _OperatorRole.ValueType  # 3
+    """And the operator-token RPCs."""
+
+class OperatorRole(_OperatorRole, metaclass=_OperatorRoleEnumTypeWrapper):
+    """What an operator token allows (ordered: each role allows what the roles below it allow)."""
+
+OPERATOR_ROLE_UNSPECIFIED: OperatorRole.ValueType  # 0
+OPERATOR_ROLE_VIEWER: OperatorRole.ValueType  # 1
+"""GetTask, ListTasks, ListIterations, ListModelVersions."""
+OPERATOR_ROLE_OPERATOR: OperatorRole.ValueType  # 2
+"""And CreateTask, CancelTask."""
+OPERATOR_ROLE_ADMIN: OperatorRole.ValueType  # 3
+"""And the operator-token RPCs."""
+Global___OperatorRole: _TypeAlias = OperatorRole  # noqa: Y015
+
 @_typing.final
 class TrainingHyperparameters(_message.Message):
     """Local training settings carried in the plan."""
@@ -767,3 +793,162 @@ class ListModelVersionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelVersionsResponse: _TypeAlias = ListModelVersionsResponse  # noqa: Y015
+
+@_typing.final
+class OperatorToken(_message.Message):
+    """An operator token as stored: who it is for and what it may do, without the token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    CREATED_TIME_FIELD_NUMBER: _builtins.int
+    REVOKED_TIME_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.str
+    name: _builtins.str
+    role: Global___OperatorRole.ValueType
+    @_builtins.property
+    def created_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revoked_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset while the token works."""
+
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        role: Global___OperatorRole.ValueType = ...,
+        created_time: _timestamp_pb2.Timestamp | None = ...,
+        revoked_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "revoked_time", b"revoked_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "name", b"name", "revoked_time", b"revoked_time", "role", b"role", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperatorToken: _TypeAlias = OperatorToken  # noqa: Y015
+
+@_typing.final
+class CreateOperatorTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1-128 letters, digits and . _ @ : - ; no other active token may have it."""
+    role: Global___OperatorRole.ValueType
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___OperatorRole.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateOperatorTokenRequest: _TypeAlias = CreateOperatorTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreateOperatorTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The bearer token ("fct_" and 43 characters): shown this once; the server keeps only its sha256."""
+    @_builtins.property
+    def operator_token(self) -> Global___OperatorToken: ...
+    def __init__(
+        self,
+        *,
+        operator_token: Global___OperatorToken | None = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operator_token", b"operator_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator_token", b"operator_token", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateOperatorTokenResponse: _TypeAlias = CreateOperatorTokenResponse  # noqa: Y015
+
+@_typing.final
+class RevokeOperatorTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_OR_ID_FIELD_NUMBER: _builtins.int
+    name_or_id: _builtins.str
+    """A token id, or a name (every token with it is revoked)."""
+    def __init__(
+        self,
+        *,
+        name_or_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_or_id", b"name_or_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeOperatorTokenRequest: _TypeAlias = RevokeOperatorTokenRequest  # noqa: Y015
+
+@_typing.final
+class RevokeOperatorTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operator_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperatorToken]: ...
+    def __init__(
+        self,
+        *,
+        operator_tokens: _abc.Iterable[Global___OperatorToken] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator_tokens", b"operator_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeOperatorTokenResponse: _TypeAlias = RevokeOperatorTokenResponse  # noqa: Y015
+
+@_typing.final
+class ListOperatorTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOperatorTokensRequest: _TypeAlias = ListOperatorTokensRequest  # noqa: Y015
+
+@_typing.final
+class ListOperatorTokensResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operator_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperatorToken]: ...
+    def __init__(
+        self,
+        *,
+        operator_tokens: _abc.Iterable[Global___OperatorToken] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator_tokens", b"operator_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOperatorTokensResponse: _TypeAlias = ListOperatorTokensResponse  # noqa: Y015

@@ -26,7 +26,14 @@ if _version_not_supported:
 
 
 class TaskManagementServiceStub:
-    """Operator API: create, inspect and cancel training tasks; list the model versions they produced.
+    """Operator API: create, inspect and cancel training tasks; list the model versions they produced; manage the
+    operator tokens themselves.
+
+    Every call needs an operator token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED without one,
+    or with an unknown or revoked one) whose role allows the method (PERMISSION_DENIED otherwise). Roles are
+    ordered, each allowing what the roles below it allow: viewer (GetTask, ListTasks, ListIterations,
+    ListModelVersions) < operator (CreateTask, CancelTask) < admin (CreateOperatorToken, RevokeOperatorToken,
+    ListOperatorTokens).
     """
 
     def __init__(self, channel):
@@ -65,10 +72,32 @@ class TaskManagementServiceStub:
                 request_serializer=fedcompute_dot_v1_dot_task__management__pb2.ListModelVersionsRequest.SerializeToString,
                 response_deserializer=fedcompute_dot_v1_dot_task__management__pb2.ListModelVersionsResponse.FromString,
                 _registered_method=True)
+        self.CreateOperatorToken = channel.unary_unary(
+                '/fedcompute.v1.TaskManagementService/CreateOperatorToken',
+                request_serializer=fedcompute_dot_v1_dot_task__management__pb2.CreateOperatorTokenRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_task__management__pb2.CreateOperatorTokenResponse.FromString,
+                _registered_method=True)
+        self.RevokeOperatorToken = channel.unary_unary(
+                '/fedcompute.v1.TaskManagementService/RevokeOperatorToken',
+                request_serializer=fedcompute_dot_v1_dot_task__management__pb2.RevokeOperatorTokenRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_task__management__pb2.RevokeOperatorTokenResponse.FromString,
+                _registered_method=True)
+        self.ListOperatorTokens = channel.unary_unary(
+                '/fedcompute.v1.TaskManagementService/ListOperatorTokens',
+                request_serializer=fedcompute_dot_v1_dot_task__management__pb2.ListOperatorTokensRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_task__management__pb2.ListOperatorTokensResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagementServiceServicer:
-    """Operator API: create, inspect and cancel training tasks; list the model versions they produced.
+    """Operator API: create, inspect and cancel training tasks; list the model versions they produced; manage the
+    operator tokens themselves.
+
+    Every call needs an operator token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED without one,
+    or with an unknown or revoked one) whose role allows the method (PERMISSION_DENIED otherwise). Roles are
+    ordered, each allowing what the roles below it allow: viewer (GetTask, ListTasks, ListIterations,
+    ListModelVersions) < operator (CreateTask, CancelTask) < admin (CreateOperatorToken, RevokeOperatorToken,
+    ListOperatorTokens).
     """
 
     def CreateTask(self, request, context):
@@ -107,6 +136,27 @@ class TaskManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateOperatorToken(self, request, context):
+        """Admin: a new token for a person or a program; the token is in the response only, never stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperatorToken(self, request, context):
+        """Admin: revoke a token by id, or every token with a name; revoking again changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperatorTokens(self, request, context):
+        """Admin: every token, active and revoked (never the tokens themselves).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +190,21 @@ def add_TaskManagementServiceServicer_to_server(servicer, server):
                     request_deserializer=fedcompute_dot_v1_dot_task__management__pb2.ListModelVersionsRequest.FromString,
                     response_serializer=fedcompute_dot_v1_dot_task__management__pb2.ListModelVersionsResponse.SerializeToString,
             ),
+            'CreateOperatorToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOperatorToken,
+                    request_deserializer=fedcompute_dot_v1_dot_task__management__pb2.CreateOperatorTokenRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_task__management__pb2.CreateOperatorTokenResponse.SerializeToString,
+            ),
+            'RevokeOperatorToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperatorToken,
+                    request_deserializer=fedcompute_dot_v1_dot_task__management__pb2.RevokeOperatorTokenRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_task__management__pb2.RevokeOperatorTokenResponse.SerializeToString,
+            ),
+            'ListOperatorTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperatorTokens,
+                    request_deserializer=fedcompute_dot_v1_dot_task__management__pb2.ListOperatorTokensRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_task__management__pb2.ListOperatorTokensResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fedcompute.v1.TaskManagementService', rpc_method_handlers)
@@ -149,7 +214,14 @@ def add_TaskManagementServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TaskManagementService:
-    """Operator API: create, inspect and cancel training tasks; list the model versions they produced.
+    """Operator API: create, inspect and cancel training tasks; list the model versions they produced; manage the
+    operator tokens themselves.
+
+    Every call needs an operator token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED without one,
+    or with an unknown or revoked one) whose role allows the method (PERMISSION_DENIED otherwise). Roles are
+    ordered, each allowing what the roles below it allow: viewer (GetTask, ListTasks, ListIterations,
+    ListModelVersions) < operator (CreateTask, CancelTask) < admin (CreateOperatorToken, RevokeOperatorToken,
+    ListOperatorTokens).
     """
 
     @staticmethod
@@ -304,6 +376,87 @@ class TaskManagementService:
             '/fedcompute.v1.TaskManagementService/ListModelVersions',
             fedcompute_dot_v1_dot_task__management__pb2.ListModelVersionsRequest.SerializeToString,
             fedcompute_dot_v1_dot_task__management__pb2.ListModelVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOperatorToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.TaskManagementService/CreateOperatorToken',
+            fedcompute_dot_v1_dot_task__management__pb2.CreateOperatorTokenRequest.SerializeToString,
+            fedcompute_dot_v1_dot_task__management__pb2.CreateOperatorTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperatorToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.TaskManagementService/RevokeOperatorToken',
+            fedcompute_dot_v1_dot_task__management__pb2.RevokeOperatorTokenRequest.SerializeToString,
+            fedcompute_dot_v1_dot_task__management__pb2.RevokeOperatorTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperatorTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.TaskManagementService/ListOperatorTokens',
+            fedcompute_dot_v1_dot_task__management__pb2.ListOperatorTokensRequest.SerializeToString,
+            fedcompute_dot_v1_dot_task__management__pb2.ListOperatorTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

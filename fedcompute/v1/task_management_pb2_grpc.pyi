@@ -27,7 +27,15 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TaskManagementServiceStub:
-    """Operator API: create, inspect and cancel training tasks; list the model versions they produced."""
+    """Operator API: create, inspect and cancel training tasks; list the model versions they produced; manage the
+    operator tokens themselves.
+
+    Every call needs an operator token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED without one,
+    or with an unknown or revoked one) whose role allows the method (PERMISSION_DENIED otherwise). Roles are
+    ordered, each allowing what the roles below it allow: viewer (GetTask, ListTasks, ListIterations,
+    ListModelVersions) < operator (CreateTask, CancelTask) < admin (CreateOperatorToken, RevokeOperatorToken,
+    ListOperatorTokens).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -39,10 +47,24 @@ class TaskManagementServiceStub:
     CancelTask: _grpc.UnaryUnaryMultiCallable[_task_management_pb2.CancelTaskRequest, _task_management_pb2.CancelTaskResponse]
     ListIterations: _grpc.UnaryUnaryMultiCallable[_task_management_pb2.ListIterationsRequest, _task_management_pb2.ListIterationsResponse]
     ListModelVersions: _grpc.UnaryUnaryMultiCallable[_task_management_pb2.ListModelVersionsRequest, _task_management_pb2.ListModelVersionsResponse]
+    CreateOperatorToken: _grpc.UnaryUnaryMultiCallable[_task_management_pb2.CreateOperatorTokenRequest, _task_management_pb2.CreateOperatorTokenResponse]
+    """Admin: a new token for a person or a program; the token is in the response only, never stored."""
+    RevokeOperatorToken: _grpc.UnaryUnaryMultiCallable[_task_management_pb2.RevokeOperatorTokenRequest, _task_management_pb2.RevokeOperatorTokenResponse]
+    """Admin: revoke a token by id, or every token with a name; revoking again changes nothing."""
+    ListOperatorTokens: _grpc.UnaryUnaryMultiCallable[_task_management_pb2.ListOperatorTokensRequest, _task_management_pb2.ListOperatorTokensResponse]
+    """Admin: every token, active and revoked (never the tokens themselves)."""
 
 @_typing.type_check_only
 class TaskManagementServiceAsyncStub(TaskManagementServiceStub):
-    """Operator API: create, inspect and cancel training tasks; list the model versions they produced."""
+    """Operator API: create, inspect and cancel training tasks; list the model versions they produced; manage the
+    operator tokens themselves.
+
+    Every call needs an operator token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED without one,
+    or with an unknown or revoked one) whose role allows the method (PERMISSION_DENIED otherwise). Roles are
+    ordered, each allowing what the roles below it allow: viewer (GetTask, ListTasks, ListIterations,
+    ListModelVersions) < operator (CreateTask, CancelTask) < admin (CreateOperatorToken, RevokeOperatorToken,
+    ListOperatorTokens).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTask: _aio.UnaryUnaryMultiCallable[_task_management_pb2.CreateTaskRequest, _task_management_pb2.CreateTaskResponse]  # type: ignore[assignment]
@@ -51,9 +73,23 @@ class TaskManagementServiceAsyncStub(TaskManagementServiceStub):
     CancelTask: _aio.UnaryUnaryMultiCallable[_task_management_pb2.CancelTaskRequest, _task_management_pb2.CancelTaskResponse]  # type: ignore[assignment]
     ListIterations: _aio.UnaryUnaryMultiCallable[_task_management_pb2.ListIterationsRequest, _task_management_pb2.ListIterationsResponse]  # type: ignore[assignment]
     ListModelVersions: _aio.UnaryUnaryMultiCallable[_task_management_pb2.ListModelVersionsRequest, _task_management_pb2.ListModelVersionsResponse]  # type: ignore[assignment]
+    CreateOperatorToken: _aio.UnaryUnaryMultiCallable[_task_management_pb2.CreateOperatorTokenRequest, _task_management_pb2.CreateOperatorTokenResponse]  # type: ignore[assignment]
+    """Admin: a new token for a person or a program; the token is in the response only, never stored."""
+    RevokeOperatorToken: _aio.UnaryUnaryMultiCallable[_task_management_pb2.RevokeOperatorTokenRequest, _task_management_pb2.RevokeOperatorTokenResponse]  # type: ignore[assignment]
+    """Admin: revoke a token by id, or every token with a name; revoking again changes nothing."""
+    ListOperatorTokens: _aio.UnaryUnaryMultiCallable[_task_management_pb2.ListOperatorTokensRequest, _task_management_pb2.ListOperatorTokensResponse]  # type: ignore[assignment]
+    """Admin: every token, active and revoked (never the tokens themselves)."""
 
 class TaskManagementServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator API: create, inspect and cancel training tasks; list the model versions they produced."""
+    """Operator API: create, inspect and cancel training tasks; list the model versions they produced; manage the
+    operator tokens themselves.
+
+    Every call needs an operator token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED without one,
+    or with an unknown or revoked one) whose role allows the method (PERMISSION_DENIED otherwise). Roles are
+    ordered, each allowing what the roles below it allow: viewer (GetTask, ListTasks, ListIterations,
+    ListModelVersions) < operator (CreateTask, CancelTask) < admin (CreateOperatorToken, RevokeOperatorToken,
+    ListOperatorTokens).
+    """
 
     @_abc_1.abstractmethod
     def CreateTask(
@@ -96,5 +132,29 @@ class TaskManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_management_pb2.ListModelVersionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_management_pb2.ListModelVersionsResponse, _abc.Awaitable[_task_management_pb2.ListModelVersionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateOperatorToken(
+        self,
+        request: _task_management_pb2.CreateOperatorTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_management_pb2.CreateOperatorTokenResponse, _abc.Awaitable[_task_management_pb2.CreateOperatorTokenResponse]]:
+        """Admin: a new token for a person or a program; the token is in the response only, never stored."""
+
+    @_abc_1.abstractmethod
+    def RevokeOperatorToken(
+        self,
+        request: _task_management_pb2.RevokeOperatorTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_management_pb2.RevokeOperatorTokenResponse, _abc.Awaitable[_task_management_pb2.RevokeOperatorTokenResponse]]:
+        """Admin: revoke a token by id, or every token with a name; revoking again changes nothing."""
+
+    @_abc_1.abstractmethod
+    def ListOperatorTokens(
+        self,
+        request: _task_management_pb2.ListOperatorTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_management_pb2.ListOperatorTokensResponse, _abc.Awaitable[_task_management_pb2.ListOperatorTokensResponse]]:
+        """Admin: every token, active and revoked (never the tokens themselves)."""
 
 def add_TaskManagementServiceServicer_to_server(servicer: TaskManagementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

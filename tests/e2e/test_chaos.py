@@ -103,6 +103,11 @@ def deployment(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Deploym
         d.start("verifier", "verifier")
         d.start("server", "server")
         wait_for(lambda: _serving(addresses["server"]) and _serving(addresses["verifier"]), 60, "servers")
+        made = subprocess.run(
+            [*CLI, "token", "create", "--name", "ops", "--role", "operator"],
+            env=env, capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        env["FEDCOMPUTE_OPERATOR_TOKEN"] = made.stdout.strip()  # dealer, task and audit commands, _dp_task
         d.start("dealer", "dealer")
         d.start("modelupdater", "modelupdater")
         yield d, addresses
@@ -125,7 +130,7 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
 ) -> None:
     d, addresses = deployment
     env = d.env
-    task_id = _dp_task(addresses, tmp_path / "work")
+    task_id = _dp_task(addresses, tmp_path / "work", env["FEDCOMPUTE_OPERATOR_TOKEN"])
     fleet = subprocess.Popen(
         [*CLI, "devices", "simulate", "--server", addresses["server"], "--population", "chaos", "--count", "6",
          "--max-sleep", "0.3", "--trusted-providers", str(tmp_path / "work" / "public" / "trusted-providers.json")],
@@ -164,7 +169,7 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
     )
     task = json.loads(got.stdout)
     if task["status"] != "TASK_STATUS_COMPLETED":  # say why: the task's reason and every round attempt's note
-        operators = TaskManagementClient(open_channel(addresses["server"]), 30.0)
+        operators = TaskManagementClient(open_channel(addresses["server"]), 30.0, env["FEDCOMPUTE_OPERATOR_TOKEN"])
         rounds = operators.list_iterations(tm.ListIterationsRequest(task_id=task_id)).iterations
         attempts = [(r.round, r.attempt, tm.IterationStatus.Name(r.status), r.aggregation_note) for r in rounds]
         raise AssertionError(f"task {task['status']}: {task.get('status_reason')}; rounds {attempts}")
@@ -211,7 +216,7 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
     print("\nfault, recovery seconds:", json.dumps({k: round(v, 2) for k, v in recovery.items()}))
 
 
-def _dp_task(addresses: dict[str, str], work: Path) -> str:
+def _dp_task(addresses: dict[str, str], work: Path, token: str) -> str:
     """As the operator, with the Python API: a DP task (the CLI takes no DP budget yet)."""
     spec = tm.TaskSpec(
         population_name="chaos", model_architecture="digits-mlp-v1", rounds=3, report_goal=3, max_cohort=4,
@@ -222,7 +227,7 @@ def _dp_task(addresses: dict[str, str], work: Path) -> str:
     )  # fmt: skip
     admin = (work / "operator" / "key-admin-token").read_text().strip()
     keys = [KeyClient(open_channel(addresses[f"kp-{i}"]), 10.0, admin) for i in range(3)]
-    operators = TaskManagementClient(open_channel(addresses["server"]), 30.0)
+    operators = TaskManagementClient(open_channel(addresses["server"]), 30.0, token)
     trusted = load_trusted(work / "public" / "trusted-providers.json")
     return create_task(operators, keys, trusted, 2, spec, [measure()]).task_id
 

@@ -11,15 +11,27 @@ from fedcompute.cli import app
 from tests.harness import Harness, suite_settings
 
 
+def _operator_env(harness: Harness, work: Path) -> dict[str, str]:
+    """What an operator of an `up` deployment sets: workdir, key services, and the token `up` wrote."""
+    return {
+        "FEDCOMPUTE_WORKDIR": str(work),
+        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(harness.suite.key_addresses),
+        "FEDCOMPUTE_OPERATOR_TOKEN": (work / "operator" / "operator-token").read_text().strip(),
+    }
+
+
 def test_task_commands(tmp_path: Path) -> None:
     harness = Harness.start(suite_settings(tmp_path / "work", f"sqlite:///{tmp_path / 'db.sqlite'}"))
-    env = {
-        "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
-        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(harness.suite.key_addresses),
-    }
+    env = _operator_env(harness, tmp_path / "work")
     runner = CliRunner(env=env)
     server = harness.suite.server_address
     try:
+        anonymous = CliRunner(env={**env, "FEDCOMPUTE_OPERATOR_TOKEN": ""})
+        for args in (["task", "list"], ["task", "get", "task_x"], ["task", "cancel", "task_x"]):
+            refused = anonymous.invoke(app, [*args, "--server", server])
+            assert refused.exit_code == 1, args
+            assert "UNAUTHENTICATED" in refused.stderr
+            assert "set FEDCOMPUTE_OPERATOR_TOKEN" in refused.stderr
         created = runner.invoke(
             app,
             ["task", "create", "--server", server, "--population", "cli", "--report-goal", "2", "--max-cohort", "3"],
@@ -79,11 +91,7 @@ def test_task_create_with_a_users_model(tmp_path: Path) -> None:
     models = tmp_path / "team" / "models.py"  # outside any package, never installed
     models.parent.mkdir()
     models.write_text(MODELS)
-    env = {
-        "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
-        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(harness.suite.key_addresses),
-    }
-    runner = CliRunner(env=env)
+    runner = CliRunner(env=_operator_env(harness, tmp_path / "work"))
     server = harness.suite.server_address
     base = ["task", "create", "--server", server, "--population", "mine", "--report-goal", "2", "--max-cohort", "3"]
     try:
@@ -125,8 +133,7 @@ def test_task_create_with_a_users_model(tmp_path: Path) -> None:
 def test_task_create_takes_a_spec_file_dp_flags_and_the_server_from_the_environment(tmp_path: Path) -> None:
     harness = Harness.start(suite_settings(tmp_path / "work", f"sqlite:///{tmp_path / 'db.sqlite'}"))
     env = {
-        "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
-        "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(harness.suite.key_addresses),
+        **_operator_env(harness, tmp_path / "work"),
         "FEDCOMPUTE_SERVER_ADDRESS": harness.suite.server_address,  # no --server anywhere below
     }
     runner = CliRunner(env=env)

@@ -82,6 +82,11 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
     for component in ("verifier", "server"):
         processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
     wait_for(lambda: _serving(f"127.0.0.1:{server_port}") and _serving(f"127.0.0.1:{verifier_port}"), 60, "servers")
+    made = subprocess.run(
+        [*CLI, "token", "create", "--name", "ops", "--role", "operator"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    env["FEDCOMPUTE_OPERATOR_TOKEN"] = made.stdout.strip()  # for the dealer and the task commands
     for component in ("dealer", "modelupdater"):
         processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
     server = f"127.0.0.1:{server_port}"

@@ -67,6 +67,7 @@ def test_two_server_replicas_and_two_workers_on_one_postgres(tmp_path: Path, pos
             **env,
             "FEDCOMPUTE_WORKDIR": str(work),
             "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(keys.group(1).split(", ")),
+            "FEDCOMPUTE_OPERATOR_TOKEN": (work / "operator" / "operator-token").read_text().strip(),
         }
         server = f"127.0.0.1:{port}"
         created = subprocess.run(
@@ -82,7 +83,11 @@ def test_two_server_replicas_and_two_workers_on_one_postgres(tmp_path: Path, pos
         )  # fmt: skip
         assert fleet.returncode == 0, fleet.stderr
         got = subprocess.run(
-            [*CLI, "task", "get", task_id, "--server", server], env=env, capture_output=True, text=True, check=True
+            [*CLI, "task", "get", task_id, "--server", server],
+            env=task_env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         task = json.loads(got.stdout)
         assert task["status"] == "TASK_STATUS_COMPLETED", task

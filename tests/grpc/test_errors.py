@@ -4,21 +4,36 @@ counts the real code. Real gRPC on loopback; the fault is a service that raises.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from fedcompute.core.clock import RandomIds, SystemClock
 from fedcompute.core.records import TaskRecord
+from fedcompute.rpc.auth import bearer_metadata
 from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.metrics import RpcMetrics
 from fedcompute.rpc.serving import build_grpc_server
 from fedcompute.server.api_operators import TaskManagementServicer
+from fedcompute.server.operator_auth import OperatorAuthService, Role
 from fedcompute.server.tasks import TaskService
+from fedcompute.store.database import Database
 from fedcompute.v1 import task_management_pb2, task_management_pb2_grpc
 
 SECRET = "SELECT token FROM tasks -- db.internal:5432"
+TOKEN = "fct_" + "v" * 43
+
+
+def _viewers_only(tmp_path: Path) -> OperatorAuthService:
+    """Operator auth on a real database of its own, knowing one viewer token."""
+    db = Database(f"sqlite:///{tmp_path / 'auth.sqlite'}")
+    db.migrate()
+    auth = OperatorAuthService(db, SystemClock(), RandomIds())
+    auth.ensure(TOKEN, "viewer", Role.VIEWER)
+    return auth
 
 
 class BrokenTasks(TaskService):
@@ -38,7 +53,7 @@ class BrokenTasks(TaskService):
     ("task_id", "code"), [("bug", grpc.StatusCode.INTERNAL), ("db-down", grpc.StatusCode.UNAVAILABLE)]
 )
 def test_unmapped_exceptions_are_internal_with_an_error_id_and_counted(
-    task_id: str, code: grpc.StatusCode, capfd: pytest.CaptureFixture[str]
+    task_id: str, code: grpc.StatusCode, capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     metrics = RpcMetrics.create("server")
     name = task_management_pb2.DESCRIPTOR.services_by_name["TaskManagementService"].full_name
@@ -47,7 +62,7 @@ def test_unmapped_exceptions_are_internal_with_an_error_id_and_counted(
         [
             (
                 task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
-                TaskManagementServicer(BrokenTasks()),
+                TaskManagementServicer(BrokenTasks(), _viewers_only(tmp_path)),
                 name,
             )
         ],
@@ -58,7 +73,9 @@ def test_unmapped_exceptions_are_internal_with_an_error_id_and_counted(
     try:
         stub = task_management_pb2_grpc.TaskManagementServiceStub(open_channel(f"127.0.0.1:{server.port}"))
         with pytest.raises(grpc.RpcError) as info:
-            stub.GetTask(task_management_pb2.GetTaskRequest(task_id=task_id), timeout=5)
+            stub.GetTask(
+                task_management_pb2.GetTaskRequest(task_id=task_id), timeout=5, metadata=bearer_metadata(TOKEN)
+            )
         assert info.value.code() == code
         details = info.value.details() or ""
         assert "error id err_" in details

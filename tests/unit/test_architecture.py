@@ -28,7 +28,7 @@ FORBIDDEN = {
     "rpc": {"store", "server", "keys", "aggregator", "modelupdater", "clients", "sqlalchemy"},
     "attestation": {"store", "server", "keys", "aggregator", "modelupdater", "clients", "sqlalchemy"},
 }
-SERVICE_MODULES = ["tasks", "assignment", "uploads", "resources", "jobs"]
+SERVICE_MODULES = ["tasks", "assignment", "uploads", "resources", "jobs", "operator_auth"]
 
 
 def _imports(path: Path) -> set[str]:
