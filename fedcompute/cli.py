@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
+import structlog
 import typer
 
 from fedcompute.core.logs import configure_logging
+from fedcompute.ops_cli import certs_app, config_app
 from fedcompute.privacy_cli import privacy_app
+from fedcompute.rpc.serving import one_line, unreachable
 from fedcompute.task_cli import ServerOpt, task_app
 from fedcompute.task_cli import call as _call
 from fedcompute.task_cli import operators as _operators
+from fedcompute.task_cli import setting_or_exit as _call_setting
 from fedcompute.task_cli import settings_or_exit as _settings
 from fedcompute.token_cli import token_app
 
@@ -26,6 +31,8 @@ keys_app = typer.Typer(help="Key provider set-up.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(token_app, name="token")
+app.add_typer(certs_app, name="certs")
+app.add_typer(config_app, name="config")
 
 
 def _stop_on_signal() -> threading.Event:
@@ -103,85 +110,72 @@ def up(
     port: Annotated[int | None, typer.Option(help="Server port.")] = None,
     replicas: Annotated[int | None, typer.Option(help="Server processes sharing the port (SO_REUSEPORT).")] = None,
     workers: Annotated[int | None, typer.Option(help="Attested aggregator workers.")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="All-TLS with a local dev CA (WORKDIR/tls; mTLS inside).")] = False,
+    plaintext: Annotated[bool, typer.Option("--plaintext", help="No TLS (a trusted network only).")] = False,
 ) -> None:
     """Run the whole suite (key service, server, aggregator, model updater) until interrupted."""
+    from fedcompute.components import dev_tls
+    from fedcompute.core.settings import SettingError
     from fedcompute.suite import DEMO_DISK_WARNING, StartupFailed, start_suite
 
     stop = _stop_on_signal()
     settings = _settings(
         workdir=workdir, database_url=database_url, server_port=port, server_replicas=replicas,
-        aggregator_workers=workers,
+        aggregator_workers=workers, plaintext=True if plaintext else None,
     )  # fmt: skip
-    configure_logging(settings.log_json, settings.log_level)
+    if tls:
+        settings = dev_tls(settings)
+    configure_logging(settings.log_json, settings.log_level, "up")
     try:
         suite = start_suite(settings)
+    except SettingError as exc:
+        hint = " (or `up --tls` / `up --plaintext`)" if exc.setting.startswith("tls_") else ""
+        typer.echo(f"fedcompute up: not started: {exc}{hint}", err=True)
+        raise typer.Exit(2) from None
     except (StartupFailed, OSError, RuntimeError) as exc:  # one line, no traceback; children die with us
         typer.echo(f"fedcompute up: not started: {exc}", err=True)
         raise typer.Exit(1) from None
     keys = ", ".join(suite.key_addresses)
+    structlog.get_logger("fedcompute.up").info(
+        "component_started", address=suite.server_address, key_services=suite.key_addresses,
+        config=suite.settings.public(),
+    )  # fmt: skip
     typer.echo(f"fedcompute up: server {suite.server_address}, key services {keys}", err=True)
     typer.echo(f"fedcompute up: {DEMO_DISK_WARNING}", err=True)
     stop.wait()
-    suite.stop()
+    suite.stop(settings.shutdown_grace_s)
 
 
 @app.command()
 def serve(
     component: Annotated[str, typer.Argument(help="server | keys | verifier | dealer | aggregator | modelupdater")],
 ) -> None:
-    """Run one component (settings from FEDCOMPUTE_* environment variables)."""
+    """Run one component (settings from FEDCOMPUTE_* environment variables; `fedcompute config list`)."""
     stop = _stop_on_signal()
-    from fedcompute.core.clock import RandomIds, SystemClock
-    from fedcompute.core.loops import PollingLoop
-    from fedcompute.suite import key_admin_token, token_secret, worker_token
+    from fedcompute.components import COMPONENTS, announce_start, start_component
+    from fedcompute.core.settings import SettingError
+    from fedcompute.keys.kek import KekUnavailable
+    from fedcompute.rpc.metrics import process_registry
 
-    settings = _settings()
-    configure_logging(settings.log_json, settings.log_level)
-    clock, ids = SystemClock(), RandomIds()
-    stoppers: list[Any] = []
-    if component == "server":
-        from fedcompute.server.app import build_server
-
-        stoppers.append(build_server(settings, clock, ids, worker_token(settings), token_secret(settings)))
-    elif component == "keys":
-        from fedcompute.keys.app import build_key_server
-        from fedcompute.keys.kek import KekUnavailable
-
-        try:
-            stoppers.append(build_key_server(settings, clock, key_admin_token(settings)))
-        except KekUnavailable as exc:
-            typer.echo(f"key service not started: {exc}", err=True)
-            raise typer.Exit(2) from None
-    elif component == "verifier":
-        from fedcompute.attestation.app import build_verifier, build_verifier_server
-        from fedcompute.keys.trust import load_trusted
-
-        audience = sorted(load_trusted(settings.trusted_providers_path()))
-        stoppers.append(build_verifier_server(settings, build_verifier(settings, clock, ids, audience)))
-    elif component == "dealer":
-        from fedcompute.suite import build_dealer
-
-        dealer = build_dealer(settings, clock, key_admin_token(settings))
-        stoppers.append(PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start())
-    elif component == "aggregator":
-        from fedcompute.attestation.app import platform_ca
-        from fedcompute.suite import start_launcher
-
-        platform_ca(settings)
-        stoppers.append(start_launcher(settings, clock, worker_token(settings)))
-    elif component == "modelupdater":
-        from fedcompute.modelupdater.updater import ModelUpdater
-        from fedcompute.server.app import open_storage
-
-        db, blobs = open_storage(settings)
-        updater = ModelUpdater(db, blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s)
-        stoppers.append(PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start())
-    else:
-        typer.echo(f"unknown component {component!r}: see `fedcompute serve --help`", err=True)
+    if component not in COMPONENTS:
+        typer.echo(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}", err=True)
         raise typer.Exit(2)
+    settings = _settings()
+    configure_logging(settings.log_json, settings.log_level, component)
+    registry = process_registry()
+    try:
+        running = start_component(component, settings, registry)
+        announce_start(component, settings, running.address, registry)
+    except (SettingError, KekUnavailable) as exc:
+        typer.echo(f"{component} not started: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        typer.echo(f"{component} not started: a dependency is unreachable: {one_line(exc)}", err=True)
+        raise typer.Exit(1) from None
     stop.wait()
-    for item in stoppers:
-        item.stop()
+    running.stop(settings.shutdown_grace_s)
 
 
 @keys_app.command("trust")
@@ -211,13 +205,13 @@ def audit_cmd(
     from fedcompute.clients.audit import fetch_and_audit, render
     from fedcompute.clients.typed import KeyClient
     from fedcompute.keys.trust import load_trusted
-    from fedcompute.rpc.channels import open_channel
+    from fedcompute.rpc.channels import channel_for
 
     settings = _settings()
     trusted = load_trusted(trusted_providers or settings.trusted_providers_path())
 
     def run() -> None:
-        clients = [KeyClient(open_channel(a), 30.0) for a in key_service]
+        clients = [KeyClient(_call_setting(partial(channel_for, settings, a)), 30.0) for a in key_service]
         report = fetch_and_audit(_operators(server), clients, task, trusted, threshold or settings.threshold)
         typer.echo(render(report))
         if not report.ok:
@@ -258,13 +252,15 @@ def devices_simulate(
     from fedcompute.clients.device import Trust
     from fedcompute.core.policy import DeviceFloor
     from fedcompute.keys.trust import load_trusted
+    from fedcompute.rpc.tls import client_tls
 
+    tls = _call_setting(lambda: client_tls(_settings()))
     floor = DeviceFloor(require_dp=require_dp, min_clients=min_clients, min_threshold=threshold)
     trust = Trust(load_trusted(trusted_providers), threshold, floor)
     shards = non_iid_shards(train, count, seed)
     fleet = Fleet(
         server, population, shards, seed, trust, max_sleep_s=max_sleep, client_version=client_version,
-        collection=collection,
+        collection=collection, tls=tls,
     )  # fmt: skip
     fleet.start(stop_when_no_task=True)
     fleet.wait(lambda: False)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -25,17 +26,21 @@ from fedcompute.clients.audit import AuditReport, fetch_and_audit
 from fedcompute.clients.dealer import KeyDealer, open_populations
 from fedcompute.clients.operator import create_task
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
+from fedcompute.components import MetricsPorts
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
 from fedcompute.core.errors import FedcomputeError
+from fedcompute.core.logs import VERSION
 from fedcompute.core.loops import PollingLoop
-from fedcompute.core.processes import die_with_parent
+from fedcompute.core.processes import ChildProcess, die_with_parent
 from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import SECRET_SETTINGS, Settings
+from fedcompute.core.telemetry import LoopMetrics, UpdaterMetrics
 from fedcompute.keys.app import build_key_server
 from fedcompute.keys.statement import load_signing_public
 from fedcompute.keys.trust import load_trusted, write_trusted
 from fedcompute.modelupdater.updater import ModelUpdater
-from fedcompute.rpc.channels import open_channel
+from fedcompute.rpc.channels import channel_for
+from fedcompute.rpc.metrics import announce, process_registry, serve_metrics
 from fedcompute.rpc.serving import GrpcServer
 from fedcompute.server.app import ServerApp, build_server
 from fedcompute.server.operator_auth import OperatorAuthService, Role
@@ -88,9 +93,9 @@ class StartupFailed(Exception):
     """A component did not start serving in time; the message names it and the setting to change."""
 
 
-def wait_serving(address: str, timeout_s: float = 60.0, what: str = "a component") -> None:
+def wait_serving(settings: Settings, address: str, timeout_s: float = 60.0, what: str = "a component") -> None:
     deadline = time.monotonic() + timeout_s
-    stub = health_pb2_grpc.HealthStub(open_channel(address))
+    stub = health_pb2_grpc.HealthStub(channel_for(settings, address))
     while True:
         try:
             if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
@@ -159,36 +164,6 @@ class KeyServiceHandle:
             self._server = None
 
 
-class ChildProcess:
-    """A `fedcompute serve ...` child of `up`: dies with it, and is restarted if it dies first."""
-
-    def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
-        self._args = args
-        self._env = env
-        self.name = name
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ChildProcess:
-        command = [sys.executable, "-m", "fedcompute.cli", *self._args]
-        self._process = subprocess.Popen(die_with_parent(command), env=self._env)
-        return self
-
-    def restart_if_dead(self) -> bool:
-        if self._process is None or self._process.poll() is None:
-            return False
-        log.warning("child_restarting", child=self.name, code=self._process.returncode)
-        self.start()
-        return True
-
-    def stop(self) -> None:
-        if self._process and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-
-
 @dataclass
 class Suite:
     settings: Settings
@@ -198,6 +173,7 @@ class Suite:
     launchers: list[Launcher] = field(default_factory=list)
     replicas: list[ChildProcess] = field(default_factory=list)
     loops: list[PollingLoop] = field(default_factory=list)
+    metrics_http: Any = None
 
     @property
     def server_address(self) -> str:
@@ -211,7 +187,9 @@ class Suite:
         """As the operator: register the task's access policy with every key service, then create the task."""
         settings = self.settings
         return create_task(
-            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s, operator_token(settings)),
+            TaskManagementClient(
+                channel_for(settings, self.server_address), settings.rpc_timeout_s, operator_token(settings)
+            ),
             operator_key_clients(settings, key_admin_token(settings)),
             load_trusted(settings.trusted_providers_path()),
             settings.threshold,
@@ -223,8 +201,10 @@ class Suite:
         """What `fedcompute audit` says about a task, against this suite's key services."""
         settings = self.settings
         return fetch_and_audit(
-            TaskManagementClient(open_channel(self.server_address), settings.rpc_timeout_s, operator_token(settings)),
-            [KeyClient(open_channel(a), settings.rpc_timeout_s) for a in self.key_addresses],
+            TaskManagementClient(
+                channel_for(settings, self.server_address), settings.rpc_timeout_s, operator_token(settings)
+            ),
+            [KeyClient(channel_for(settings, a), settings.rpc_timeout_s) for a in self.key_addresses],
             task_id,
             load_trusted(settings.trusted_providers_path()),
             settings.threshold,
@@ -235,27 +215,35 @@ class Suite:
         restarted = [k.restart_if_dead() for k in self.key_services] + [r.restart_if_dead() for r in self.replicas]
         return any(restarted)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 1.0) -> None:
         for launcher in self.launchers:
             launcher.stop()
         for replica in self.replicas:
             replica.stop()
+        self.server.grpc.set_serving(False)  # draining: health first, then the work behind it
         for loop in self.loops:
             loop.stop()
-        self.server.stop()
+        self.server.stop(grace)
         self.verifier.stop(grace=0)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
         for key_service in self.key_services:
             key_service.stop()
 
 
-def start_key_services(settings: Settings, clock: Clock, token: str) -> list[KeyServiceHandle]:
+def start_key_services(
+    settings: Settings, clock: Clock, token: str, ports: MetricsPorts | None = None
+) -> list[KeyServiceHandle]:
     handles = []
     for i in range(settings.key_services):
         # Ports from settings: key_service_port, +1, +2 ... (0: any free port, for tests and the demo).
         port = settings.key_service_port + i if settings.key_service_port else free_port(settings.host)
+        metrics = ports.take("keys") if ports and settings.key_service_processes else 0
         handles.append(
             KeyServiceHandle(
-                settings.model_copy(update={"provider_id": f"kp-{i}", "key_service_port": port}),
+                settings.model_copy(
+                    update={"provider_id": f"kp-{i}", "key_service_port": port, "metrics_port": metrics}
+                ),
                 clock,
                 token,
                 settings.key_service_processes,
@@ -263,7 +251,7 @@ def start_key_services(settings: Settings, clock: Clock, token: str) -> list[Key
         )
     for handle in handles:
         try:
-            wait_serving(handle.address, settings.startup_timeout_s, f"key service {handle.provider_id}")
+            wait_serving(settings, handle.address, settings.startup_timeout_s, f"key service {handle.provider_id}")
         except StartupFailed:
             for started in handles:
                 started.stop()
@@ -275,7 +263,7 @@ def pin_providers(settings: Settings, addresses: list[str]) -> None:
     """Trust on first use, done once by the operator at set-up: record each provider's signing key."""
     trusted = {}
     for address in addresses:
-        info = KeyClient(open_channel(address), settings.rpc_timeout_s).get_provider_info(
+        info = KeyClient(channel_for(settings, address), settings.rpc_timeout_s).get_provider_info(
             key_pb2.GetProviderInfoRequest()
         )
         trusted[info.provider_id] = load_signing_public(info.signing_public_key)
@@ -283,13 +271,13 @@ def pin_providers(settings: Settings, addresses: list[str]) -> None:
 
 
 def operator_key_clients(settings: Settings, token: str) -> list[KeyClient]:
-    return [KeyClient(open_channel(a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
+    return [KeyClient(channel_for(settings, a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
 
 
 def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
     providers = operator_key_clients(settings, token)
     operators = TaskManagementClient(
-        open_channel(settings.server_address), settings.rpc_timeout_s, operator_token(settings)
+        channel_for(settings, settings.server_address), settings.rpc_timeout_s, operator_token(settings)
     )
     return KeyDealer(
         providers,
@@ -304,6 +292,8 @@ def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
 
 
 def start_launcher(settings: Settings, clock: Clock, token: str, index: int = 0) -> Launcher:
+    """A launcher and its measured worker; the worker serves its metrics and health on the ports in
+    ``settings`` (`up` gives each worker its own)."""
     name = "launcher.sock" if index == 0 else f"launcher-{index}.sock"
     launcher = Launcher(
         settings.workdir / "attest" / name,
@@ -325,18 +315,22 @@ def start_suite(
     admin_token = key_admin_token(settings)
     if not settings.allowed_measurements:  # development: this installation is the reference value
         settings = settings.model_copy(update={"allowed_measurements": [measure()]})
+    ports, registry = MetricsPorts(settings), process_registry()
+    main_metrics = ports.take("server")
     provider_ids = [f"kp-{i}" for i in range(settings.key_services)]
     platform_ca(settings)  # the launcher's CA: its public key is all the verifier reads
     verifier = build_verifier(settings, clock, ids, provider_ids)
-    keys = start_key_services(settings, clock, admin_token)
+    # Internal-only servers (key services, verifier) require client certificates when TLS is on (mTLS).
+    internal = settings.model_copy(update={"tls_client_auth": settings.tls_cert_file is not None})
+    keys = start_key_services(internal, clock, admin_token, ports)
     settings = settings.model_copy(update={"key_service_addresses": [k.address for k in keys]})
     pin_providers(settings, settings.key_service_addresses)
-    verifier_server = build_verifier_server(settings, verifier)
+    verifier_server = build_verifier_server(internal.model_copy(update={"metrics_port": 0}), verifier, registry)
     settings = settings.model_copy(update={"verifier_address": f"{settings.host}:{verifier_server.port}"})
     if settings.server_replicas > 1:  # every replica binds the same port with SO_REUSEPORT
         port = settings.server_port or free_port(settings.host)
         settings = settings.model_copy(update={"server_port": port, "reuse_port": True})
-    server = build_server(settings, clock, ids, worker_token(settings), token_secret(settings))
+    server = build_server(settings, clock, ids, worker_token(settings), token_secret(settings), registry)
     try:  # the operator's own token works at once (CLI, dealer, Suite.create_task); never stored in the clear
         OperatorAuthService(server.db, clock, ids).ensure(operator_token(settings), "up", Role.ADMIN)
     except FedcomputeError as exc:
@@ -346,20 +340,39 @@ def start_suite(
     suite = Suite(settings, keys, verifier_server, server)
     secrets = {"internal_token": worker_token(settings), "token_secret": token_secret(settings)}
     suite.replicas = [
-        ChildProcess(["serve", "server"], child_env(settings, **secrets), f"server replica {i}").start()
+        ChildProcess(
+            ["serve", "server"],
+            child_env(settings.model_copy(update={"metrics_port": ports.take("server")}), **secrets),
+            f"server replica {i}",
+        ).start()
         for i in range(1, settings.server_replicas)
     ]
+    for component in ("dealer", "modelupdater"):
+        announce(registry, component, VERSION)
     updater = ModelUpdater(
-        server.db, server.blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s
-    )
+        server.db, server.blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s,
+        metrics=UpdaterMetrics.create(registry),
+    )  # fmt: skip
     dealer = build_dealer(settings, clock, admin_token)
     suite.loops = [
-        PollingLoop("modelupdater", updater.run_once, settings.poll_interval_s).start(),
-        PollingLoop("dealer", dealer.run_once, settings.poll_interval_s).start(),
+        PollingLoop("modelupdater", LoopMetrics.create("modelupdater", registry).counted(updater.run_once),
+                    settings.poll_interval_s).start(),
+        PollingLoop("dealer", LoopMetrics.create("dealer", registry).counted(dealer.run_once),
+                    settings.poll_interval_s).start(),
         PollingLoop("supervisor", suite.restart_dead_children, 1.0).start(),
-    ]
+    ]  # fmt: skip
     if aggregator:
         suite.launchers = [
-            start_launcher(settings, clock, worker_token(settings), i) for i in range(settings.aggregator_workers)
+            start_launcher(_worker_settings(settings, ports), clock, worker_token(settings), i)
+            for i in range(settings.aggregator_workers)
         ]
+    if main_metrics:
+        suite.metrics_http = serve_metrics(registry, settings.host, main_metrics)
+    ports.write(settings.public_dir() / "prometheus-targets.json")
     return suite
+
+
+def _worker_settings(settings: Settings, ports: MetricsPorts) -> Settings:
+    """Each worker its own metrics port and, where health ports are on, a free one of its own."""
+    health = free_port(settings.host) if settings.health_port else 0
+    return settings.model_copy(update={"metrics_port": ports.take("aggregator"), "health_port": health})

@@ -38,9 +38,19 @@ def settings_or_exit(**overrides: Any) -> Settings:
 def operators(server: str) -> Any:
     """TaskManagementService as the operator: every call presents FEDCOMPUTE_OPERATOR_TOKEN."""
     from fedcompute.clients.typed import TaskManagementClient
-    from fedcompute.rpc.channels import open_channel
+    from fedcompute.rpc.channels import channel_for
 
-    return TaskManagementClient(open_channel(server), 30.0, settings_or_exit().operator_token)
+    settings = settings_or_exit()
+    return TaskManagementClient(setting_or_exit(lambda: channel_for(settings, server)), 30.0, settings.operator_token)
+
+
+def setting_or_exit(build: Any) -> Any:
+    """``build()``, or one line naming the setting that stops it (TLS files, plaintext), and exit 2."""
+    try:
+        return build()
+    except SettingError as exc:
+        typer.echo(f"invalid setting: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def print_message(message: Any) -> None:
@@ -182,7 +192,7 @@ def task_create(
     except InvalidArgument as exc:
         typer.echo(f"INVALID_ARGUMENT: {exc.public_message}", err=True)
         raise typer.Exit(1) from None
-    except (FedcomputeError, RegistrationFailed, OSError) as exc:
+    except (FedcomputeError, RegistrationFailed, OSError, ValueError) as exc:  # ValueError: no trusted providers
         typer.echo(f"task not created: {exc}", err=True)
         raise typer.Exit(1) from None
 
@@ -223,7 +233,7 @@ def task_evaluate(
     from fedcompute.clients.typed import ResourceClient
     from fedcompute.core.errors import FedcomputeError
     from fedcompute.keys.trust import load_trusted
-    from fedcompute.rpc.channels import open_channel
+    from fedcompute.rpc.channels import channel_for
     from fedcompute.suite import key_admin_token, operator_key_clients
     from fedcompute.v1 import task_management_pb2 as tm
 
@@ -237,7 +247,7 @@ def task_evaluate(
         chosen = [v for v in versions if v.version == (version or task.latest_model_version)]
         if not chosen:
             raise FedcomputeError(f"task {task_id} has no model version {version}")
-        resources = ResourceClient(open_channel(server), settings.rpc_timeout_s)
+        resources = ResourceClient(channel_for(settings, server), settings.rpc_timeout_s)
         spec = evaluation_spec(
             download(resources, task.plan),
             download(resources, chosen[0].checkpoint),

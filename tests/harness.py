@@ -20,7 +20,7 @@ from fedcompute.clients.typed import (
     UploadClient,
 )
 from fedcompute.core.settings import Settings
-from fedcompute.rpc.channels import open_channel
+from fedcompute.rpc.channels import channel_for
 from fedcompute.suite import Suite, operator_token, start_suite, worker_token
 from fedcompute.v1 import common_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -42,6 +42,9 @@ def suite_settings(workdir: Path, database_url: str, **overrides: object) -> Set
         "log_json": False,
         "key_service_processes": False,
         "job_backoff_max_s": 0.5,
+        "plaintext": True,
+        "health_port": 0,
+        "device_rate_per_s": 0.0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -63,7 +66,7 @@ class Harness:
 
     @classmethod
     def attach(cls, suite: Suite) -> Harness:
-        channel = open_channel(suite.server_address)
+        channel = channel_for(suite.settings, suite.server_address)
         token = worker_token(suite.settings)
         return cls(
             suite,
@@ -72,7 +75,7 @@ class Harness:
             UploadClient(channel, 20.0),
             ResourceClient(channel, 20.0),
             AggregationClient(channel, 20.0, token),
-            KeyClient(open_channel(suite.key_addresses[0]), 20.0, token),
+            KeyClient(channel_for(suite.settings, suite.key_addresses[0]), 20.0, token),
         )
 
     def create_task(self, population: str = "pop", **fields: Any) -> tm.Task:

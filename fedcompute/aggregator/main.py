@@ -5,47 +5,67 @@ from __future__ import annotations
 import signal
 import threading
 
+from prometheus_client import CollectorRegistry
+
 from fedcompute.aggregator.keys import KeyAccess
 from fedcompute.aggregator.worker import AggregatorWorker
 from fedcompute.attestation.launcher import request_evidence
 from fedcompute.clients.typed import AggregationClient, KeyClient, VerifierClient
+from fedcompute.components import announce_start, at_least, serving
 from fedcompute.core.clock import RandomIds
-from fedcompute.core.logs import configure_logging
+from fedcompute.core.logs import VERSION, configure_logging
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.secrets import load_or_create
-from fedcompute.core.settings import Settings
+from fedcompute.core.settings import SettingError, Settings
+from fedcompute.core.telemetry import LoopMetrics, WorkerMetrics
 from fedcompute.keys.trust import load_trusted
-from fedcompute.rpc.channels import open_channel
+from fedcompute.rpc.channels import channel_for
+from fedcompute.rpc.metrics import announce, process_registry
+from fedcompute.rpc.serving import build_health_server
 
 
-def build_worker(settings: Settings, worker_id: str) -> AggregatorWorker:
+def build_worker(settings: Settings, worker_id: str, registry: CollectorRegistry | None = None) -> AggregatorWorker:
     token = settings.internal_token or load_or_create(settings.workdir / "secrets" / "internal-token")
     socket_path = settings.attester_socket
     if socket_path is None:
         raise SystemExit("FEDCOMPUTE_ATTESTER_SOCKET is not set: the worker must be started by the launcher")
-    jobs = AggregationClient(
-        open_channel(settings.server_address, settings.max_message_bytes), settings.rpc_timeout_s, token
-    )
+    jobs = AggregationClient(channel_for(settings, settings.server_address), settings.rpc_timeout_s, token)
     access = KeyAccess(
-        providers=[KeyClient(open_channel(a), settings.rpc_timeout_s) for a in settings.key_service_addresses],
+        providers=[KeyClient(channel_for(settings, a), settings.rpc_timeout_s) for a in settings.key_service_addresses],
         trusted=load_trusted(settings.trusted_providers_path()),
         threshold=settings.threshold,
-        verifier=VerifierClient(open_channel(settings.verifier_address), settings.rpc_timeout_s),
+        verifier=VerifierClient(channel_for(settings, settings.verifier_address), settings.rpc_timeout_s),
         evidence=lambda nonces: request_evidence(socket_path, nonces),
     )
-    return AggregatorWorker(jobs, access, worker_id)
+    return AggregatorWorker(jobs, access, worker_id, metrics=WorkerMetrics.create(registry))
 
 
 def main() -> None:
-    settings = Settings()
-    configure_logging(settings.log_json, settings.log_level)
-    worker = build_worker(settings, RandomIds().new_id("worker"))
-    loop = PollingLoop("aggregator", worker.run_once, settings.poll_interval_s).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        settings = Settings.load()
+    except SettingError as exc:
+        raise SystemExit(f"aggregator worker not started: invalid setting: {exc}") from None
+    configure_logging(settings.log_json, settings.log_level, "aggregator")
+    registry = process_registry()
+    announce(registry, "aggregator", VERSION)
+    worker = build_worker(settings, RandomIds().new_id("worker"), registry)
+    keys = [serving(channel_for(settings, a)) for a in settings.key_service_addresses]
+    checks = {
+        "server": serving(channel_for(settings, settings.server_address)),
+        "verifier": serving(channel_for(settings, settings.verifier_address)),
+        "key_services": at_least(settings.threshold, keys),
+    }
+    health = build_health_server(settings, "aggregator", checks, registry)
+    loop = PollingLoop("aggregator", LoopMetrics.create("aggregator", registry).counted(worker.run_once),
+                       settings.poll_interval_s).start()  # fmt: skip
+    announce_start("aggregator", settings, f"{settings.host}:{health.port}" if health else "", registry)
     stop.wait()
-    loop.stop()
+    if health:
+        health.stop(settings.shutdown_grace_s)
+    loop.stop()  # a job in progress finishes first (its lease would otherwise run out)
 
 
 if __name__ == "__main__":

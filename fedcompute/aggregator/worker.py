@@ -22,6 +22,7 @@ from fedcompute.clients.typed import AggregationClient
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.errors import InvalidArgument
+from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.v1 import aggregation_pb2, common_pb2
 
@@ -35,7 +36,9 @@ class AggregatorWorker:
         keys: KeyAccess,
         worker_id: str,
         noise: Callable[[bytes], NoiseSource] = ChaChaGaussian,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or WorkerMetrics.create()
         self._jobs = jobs
         self._keys = keys
         self._noise = noise
@@ -46,7 +49,11 @@ class AggregatorWorker:
         claimed = self._jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id=self._worker_id))
         if not claimed.HasField("job"):
             return False
-        self.process(claimed.job)
+        started = time.monotonic()
+        # one request id for the whole job: the server, the key services and the verifier log it with each call
+        with structlog.contextvars.bound_contextvars(request_id=f"job-{claimed.job.job_id}-{claimed.job.attempt}"):
+            self.process(claimed.job)
+        self._metrics.duration.observe(time.monotonic() - started)
         return True
 
     def process(self, job: aggregation_pb2.AggregationJob) -> None:
@@ -96,6 +103,7 @@ class AggregatorWorker:
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
             )
             for item in stream:
+                self._metrics.contribution_bytes.inc(len(item.envelope))
                 got = (item.assignment_id, hashlib.sha256(item.envelope).hexdigest())
                 if streamed >= len(inputs) or got != inputs[streamed]:
                     self._fail(job, f"contribution {streamed} of the stream is not the job's input set's", False)
@@ -166,9 +174,13 @@ class AggregatorWorker:
             )
         )
         log.info("job_aggregated", job_id=job.job_id, accepted=mean.count, rejected=rejected)
+        self._metrics.jobs.labels("completed").inc()
+        self._metrics.contributions.labels("accepted").inc(mean.count)
+        self._metrics.contributions.labels("rejected").inc(rejected)
 
     def _fail(self, job: aggregation_pb2.AggregationJob, reason: str, retryable: bool) -> None:
         log.warning("job_failing", job_id=job.job_id, reason=reason, retryable=retryable)
+        self._metrics.jobs.labels("failed").inc()
         self._jobs.fail_job(
             aggregation_pb2.FailJobRequest(job_id=job.job_id, lease_id=job.lease_id, reason=reason, retryable=retryable)
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry
 
 from fedcompute.attestation.evidence import (
     CONFIDENTIAL_SPACE_FORMAT,
@@ -30,9 +31,10 @@ from fedcompute.attestation.policy import (
 )
 from fedcompute.attestation.verifier import AppraisalPolicy, Verifier, VerifierServicer
 from fedcompute.core.clock import Clock, IdGenerator
+from fedcompute.core.logs import VERSION
 from fedcompute.core.secrets import load_or_create_ec_key
 from fedcompute.core.settings import Settings
-from fedcompute.rpc.metrics import RpcMetrics
+from fedcompute.rpc.metrics import announce, process_registry
 from fedcompute.rpc.serving import GrpcServer, build_grpc_server
 from fedcompute.v1 import verifier_pb2, verifier_pb2_grpc
 
@@ -127,7 +129,11 @@ def _warn_if_left_over(old: Path, new: Path) -> None:
         )
 
 
-def build_verifier_server(settings: Settings, verifier: Verifier) -> GrpcServer:
+def build_verifier_server(
+    settings: Settings, verifier: Verifier, registry: CollectorRegistry | None = None
+) -> GrpcServer:
+    registry = registry if registry is not None else process_registry()
+    announce(registry, "verifier", VERSION)
     registrations = [
         (
             verifier_pb2_grpc.add_VerifierServiceServicer_to_server,
@@ -135,7 +141,4 @@ def build_verifier_server(settings: Settings, verifier: Verifier) -> GrpcServer:
             verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
         )
     ]
-    return build_grpc_server(
-        f"{settings.host}:{settings.verifier_port}", registrations, RpcMetrics.create("verifier"), 8,
-        settings.max_message_bytes,
-    )  # fmt: skip
+    return build_grpc_server(settings, "verifier", "verifier_port", registrations, registry, threads=8)

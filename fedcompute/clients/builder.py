@@ -165,7 +165,7 @@ class TaskBuilder:
         from fedcompute.clients.typed import TaskManagementClient
         from fedcompute.core.settings import Settings
         from fedcompute.keys.trust import load_trusted
-        from fedcompute.rpc.channels import open_channel
+        from fedcompute.rpc.channels import channel_for
         from fedcompute.suite import key_admin_token, operator_key_clients
 
         settings = settings or Settings()
@@ -173,7 +173,7 @@ class TaskBuilder:
         check_plan_size(built, settings.max_plan_bytes)
         return create_task(
             TaskManagementClient(
-                open_channel(settings.server_address), settings.rpc_timeout_s, settings.operator_token
+                channel_for(settings, settings.server_address), settings.rpc_timeout_s, settings.operator_token
             ),
             operator_key_clients(settings, key_admin_token(settings)),
             load_trusted(settings.trusted_providers_path()),

@@ -22,7 +22,7 @@ from fedcompute.core import checkpoints, plans
 from fedcompute.core.plans import Optimizer, Training
 from fedcompute.core.settings import Settings
 from fedcompute.keys.trust import load_trusted
-from fedcompute.rpc.channels import open_channel
+from fedcompute.rpc.channels import channel_for
 from fedcompute.suite import operator_token, start_suite
 from fedcompute.v1 import key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
@@ -51,8 +51,12 @@ DEMO_SETTINGS: dict[str, object] = {
     "log_json": False,
     "log_level": "WARNING",
     "job_backoff_max_s": 2.0,
+    "plaintext": True,
+    "health_port": 0,
+    "device_rate_per_s": 0.0,
 }
-"""Everything on free loopback ports, short retry windows and polls: a fleet on one machine, not a real one."""
+"""Everything on free loopback ports, short retry windows and polls, plaintext on loopback, no per-address rate
+limit (every simulated device shares 127.0.0.1): a fleet on one machine, not a real one."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ def run_demo(
     suite = start_suite(settings)
     fleet: Fleet | None = None
     try:
-        channel = open_channel(suite.server_address)
+        channel = channel_for(suite.settings, suite.server_address)
         operators = TaskManagementClient(channel, settings.rpc_timeout_s, operator_token(suite.settings))
         resources = ResourceClient(channel, settings.rpc_timeout_s)
         task = suite.create_task(task_spec(devices, rounds, seed, privacy, model))
@@ -176,7 +180,7 @@ def run_demo(
                 operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions[0].checkpoint,
             )
         )
-        _wait_for_key(suite.key_addresses[0], settings.rpc_timeout_s)
+        _wait_for_key(suite.settings, suite.key_addresses[0])
         trust = Trust(load_trusted(suite.settings.trusted_providers_path()), settings.threshold)
         fleet = Fleet(suite.server_address, POPULATION, shards, seed, trust, max_sleep_s=0.5).start()
         rows, initial = _follow(operators, resources, task.task_id, rounds, test, timeout_s, plan)
@@ -205,10 +209,10 @@ def run_demo(
     )
 
 
-def _wait_for_key(key_address: str, timeout_s: float) -> None:
+def _wait_for_key(settings: Settings, key_address: str) -> None:
     """The dealer runs the population's key ceremony within a poll interval; start the fleet after it."""
-    keys = KeyClient(open_channel(key_address), timeout_s)
-    deadline = time.monotonic() + timeout_s
+    keys = KeyClient(channel_for(settings, key_address), settings.rpc_timeout_s)
+    deadline = time.monotonic() + settings.rpc_timeout_s
     request = key_pb2.GetPublicKeysRequest(population_name=POPULATION)
     while not keys.get_public_keys(request).keys:
         if time.monotonic() > deadline:

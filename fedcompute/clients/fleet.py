@@ -15,6 +15,7 @@ from fedcompute.clients.device import Device, Participated, Rejected, Trust
 from fedcompute.clients.examples import ShardStore
 from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient
 from fedcompute.rpc.channels import open_channel
+from fedcompute.rpc.tls import ClientTls
 
 log = structlog.get_logger("fedcompute.fleet")
 
@@ -46,9 +47,11 @@ class Fleet:
         client_version: str = "1.0.0",
         on_payload: Callable[[bytes], None] | None = None,
         collection: str = "digits",
+        tls: ClientTls | None = None,
     ) -> None:
-        """Each device holds one shard, as the example collection named ``collection``."""
-        channel = open_channel(server_address)
+        """Each device holds one shard, as the example collection named ``collection``; ``tls``: the CA the
+        devices verify the server with (None: plaintext)."""
+        channel = open_channel(server_address, tls=tls)
         self._devices = [
             Device(
                 device_id=f"device-{i}",

@@ -65,3 +65,11 @@ class DataLoss(FedcomputeError):
 
 class Unavailable(FedcomputeError):
     """A dependency is down; retry later."""
+
+
+class RateLimited(ResourceExhausted):
+    """Too many calls from one address; the caller should wait ``retry_after_s`` before calling again."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

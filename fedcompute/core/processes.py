@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger("fedcompute.processes")
 
 PR_SET_PDEATHSIG = 1
 _ARM_AND_EXEC = (
@@ -46,3 +51,33 @@ class RestartBackoff:
     def next_delay(self, ran_for_s: float) -> float:
         self.failures = 1 if ran_for_s >= self.healthy_after_s else self.failures + 1
         return float(min(self.base_s * 2 ** (self.failures - 1), self.cap_s))
+
+
+class ChildProcess:
+    """A `fedcompute serve ...` child of `up`: dies with it, and is restarted if it dies first."""
+
+    def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
+        self._args = args
+        self._env = env
+        self.name = name
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChildProcess:
+        command = [sys.executable, "-m", "fedcompute.cli", *self._args]
+        self._process = subprocess.Popen(die_with_parent(command), env=self._env)
+        return self
+
+    def restart_if_dead(self) -> bool:
+        if self._process is None or self._process.poll() is None:
+            return False
+        log.warning("child_restarting", child=self.name, code=self._process.returncode)
+        self.start()
+        return True
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._process.kill()

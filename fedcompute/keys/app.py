@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry
+
 from fedcompute.attestation.policy import (
     allowed_hwmodels,
     allowed_measurements,
@@ -9,14 +11,16 @@ from fedcompute.attestation.policy import (
     verifier_public_key_path,
 )
 from fedcompute.core.clock import Clock
+from fedcompute.core.logs import VERSION
 from fedcompute.core.settings import Settings
+from fedcompute.core.telemetry import KeyMetrics
 from fedcompute.keys.identity import load_or_create_identity
 from fedcompute.keys.kek import load_kek
 from fedcompute.keys.keystore import KeyStore
 from fedcompute.keys.release_log import ReleaseLog
 from fedcompute.keys.service import KeyService, ReleasePolicy
 from fedcompute.keys.servicer import KeyServicer
-from fedcompute.rpc.metrics import RpcMetrics
+from fedcompute.rpc.metrics import announce, process_registry
 from fedcompute.rpc.serving import GrpcServer, build_grpc_server
 from fedcompute.v1 import key_pb2, key_pb2_grpc
 
@@ -43,15 +47,19 @@ def build_key_service(settings: Settings, clock: Clock) -> KeyService:
     )
 
 
-def build_key_server(settings: Settings, clock: Clock, admin_token: str) -> GrpcServer:
+def build_key_server(
+    settings: Settings, clock: Clock, admin_token: str, registry: CollectorRegistry | None = None
+) -> GrpcServer:
+    registry = registry if registry is not None else process_registry()
+    announce(registry, "keys", VERSION)
+    service = build_key_service(settings, clock)
     registrations = [
         (
             key_pb2_grpc.add_KeyServiceServicer_to_server,
-            KeyServicer(build_key_service(settings, clock), admin_token),
+            KeyServicer(service, admin_token, KeyMetrics.create(registry)),
             key_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
         )
     ]
-    metrics = RpcMetrics.create("keys")
-    return build_grpc_server(
-        f"{settings.host}:{settings.key_service_port}", registrations, metrics, 8, settings.max_message_bytes
-    )
+    # Ready when its data directory is usable; the verifier's key may come later (releases wait for it).
+    checks = {"key_directory": lambda: settings.key_dir().stat()}
+    return build_grpc_server(settings, "keys", "key_service_port", registrations, registry, threads=8, checks=checks)

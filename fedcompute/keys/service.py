@@ -69,6 +69,9 @@ class Release:
     encrypted_share: bytes
     release_context: bytes
     signature: bytes
+    repeat: bool = False
+    policy_id: str = ""
+    epsilon_after: float | None = None  # ε the policy's task has spent at this provider (DP policies only)
 
 
 class KeyService:
@@ -253,7 +256,10 @@ class KeyService:
             "key_share_released", key_id=binding.key_id, job_id=binding.job_id, round=binding.round,
             repeat=decision.repeat, epsilon_after=decision.epsilon_after,
         )  # fmt: skip
-        return Release(self._id.provider_id, key.share_index, sealed, context, signature)
+        spent = decision.epsilon_after if policy.dp is not None else None
+        return Release(
+            self._id.provider_id, key.share_index, sealed, context, signature, decision.repeat, policy.policy_id, spent
+        )
 
     def _refuse(self, binding: ReleaseBinding, problem: str) -> NoReturn:
         log.warning("key_release_refused", reason=problem, key_id=binding.key_id, job_id=binding.job_id)

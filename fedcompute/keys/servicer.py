@@ -7,16 +7,20 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from fedcompute.attestation.results import ReleaseBinding
+from fedcompute.core.errors import FedcomputeError
+from fedcompute.core.telemetry import KeyMetrics
 from fedcompute.keys import statement
 from fedcompute.keys.service import KeyService
 from fedcompute.rpc.auth import require_bearer
+from fedcompute.rpc.errors import status_for
 from fedcompute.v1 import common_pb2, key_pb2, key_pb2_grpc
 
 
 class KeyServicer(key_pb2_grpc.KeyServiceServicer):
-    def __init__(self, service: KeyService, admin_token: str) -> None:
+    def __init__(self, service: KeyService, admin_token: str, metrics: KeyMetrics | None = None) -> None:
         self._service = service
         self._token = admin_token
+        self._metrics = metrics or KeyMetrics.create()
 
     def GetPublicKeys(
         self, request: key_pb2.GetPublicKeysRequest, context: grpc.ServicerContext
@@ -39,7 +43,14 @@ class KeyServicer(key_pb2_grpc.KeyServiceServicer):
     ) -> key_pb2.ReleaseKeyShareResponse:
         binding = ReleaseBinding.of(request)
         inputs = [(i.assignment_id, i.envelope_sha256_hex) for i in request.inputs]
-        release = self._service.release(binding, request.attestation_result, inputs)
+        try:
+            release = self._service.release(binding, request.attestation_result, inputs)
+        except FedcomputeError as exc:
+            self._metrics.refusals.labels(status_for(exc).name).inc()
+            raise
+        self._metrics.releases.labels("repeat" if release.repeat else "new").inc()
+        if release.epsilon_after is not None:
+            self._metrics.epsilon.labels(release.policy_id).set(release.epsilon_after)
         return key_pb2.ReleaseKeyShareResponse(
             provider_id=release.provider_id,
             share_index=release.share_index,

@@ -17,6 +17,7 @@ from fedcompute.core.blobs import BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.privacy import DpSpec, epsilon
 from fedcompute.core.records import IterationRecord, JobRecord, ModelVersionRecord, TaskRecord
+from fedcompute.core.telemetry import UpdaterMetrics
 from fedcompute.core.transitions import IterationStatus, JobStatus, TaskStatus
 from fedcompute.store.assignments import UploadRepository
 from fedcompute.store.database import Database
@@ -58,7 +59,9 @@ class ModelUpdater:
         max_attempts: int,
         upload_retention_s: float = 0.0,
         orphan_grace_s: float = 3600.0,
+        metrics: UpdaterMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or UpdaterMetrics.create()
         self._max_attempts = max_attempts
         self._retention = timedelta(seconds=upload_retention_s)
         self._orphan_grace = timedelta(seconds=orphan_grace_s)
@@ -177,6 +180,7 @@ class ModelUpdater:
                 iteration.iteration_id, IterationStatus.AGGREGATING, IterationStatus.COMPLETED, now
             ):
                 raise RuntimeError("round changed state while its update was applied")
+            opened = iterations.opened_at(iteration.iteration_id)
             if published:
                 ModelVersionRepository(s).add(replace(published, created_at=now))
             if charge:
@@ -191,6 +195,10 @@ class ModelUpdater:
                 iterations.open(self._ids, task.task_id, iteration.round + 1, 1, version, task.spec, now, clip, cohort)
                 tasks.set_progress(task.task_id, iteration.round + 1, version, now)
         log.info("round_released", task_id=task.task_id, version=version, round=iteration.round, new=bool(published))
+        if published:
+            self._metrics.versions.inc()
+        if opened is not None:
+            self._metrics.round_duration.observe(max(0.0, (now - opened).total_seconds()))
         return True
 
     def _privacy_charge(
@@ -221,6 +229,7 @@ class ModelUpdater:
                 iteration.iteration_id, IterationStatus.AGGREGATING, IterationStatus.FAILED, now, reason
             )
             TaskRepository(s).change_status(task.task_id, TaskStatus.OPEN, TaskStatus.BUDGET_EXHAUSTED, now, reason)
+        self._metrics.failed_rounds.inc()
         log.warning("privacy_budget_exhausted", task_id=task.task_id, epsilon=charge.epsilon)
 
     def _discard(self, job: JobRecord, reason: str) -> None:
@@ -232,6 +241,7 @@ class ModelUpdater:
             iteration = IterationRepository(s).get(job.iteration_id)
             if iteration is not None and iteration.status == IterationStatus.AGGREGATING:
                 retry_or_fail_round(s, self._ids, iteration, self._max_attempts, reason, now)
+        self._metrics.failed_rounds.inc()
         log.warning("update_discarded", job_id=job.job_id, reason=reason)
 
 

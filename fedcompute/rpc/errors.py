@@ -19,6 +19,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.FedcomputeError], grpc.StatusCode], ...
 )
 
 COMMITTED_SIZE_KEY = "fedcompute-committed-size"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's own retry pushback: clients with a retry policy obey it
 
 
 def status_for(error: errors.FedcomputeError) -> grpc.StatusCode:
@@ -32,4 +33,6 @@ def trailing_metadata_for(error: errors.FedcomputeError) -> tuple[tuple[str, str
     """Machine-readable detail some errors carry beside their message (e.g. an upload's committed size)."""
     if isinstance(error, errors.OffsetMismatch):
         return ((COMMITTED_SIZE_KEY, str(error.committed_size)),)
+    if isinstance(error, errors.RateLimited):
+        return ((RETRY_PUSHBACK_KEY, str(max(1, round(error.retry_after_s * 1000)))),)
     return ()

@@ -1,9 +1,11 @@
-"""Server factory: one interceptor for errors, logs and metrics; health and reflection on every server."""
+"""Server factory: one interceptor for errors, logs, request ids, rate limits and metrics; health that follows
+each component's dependencies, reflection v1 and v1alpha, TLS from settings, and draining on stop."""
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,16 +13,21 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from fedcompute.core.clock import RandomIds
 from fedcompute.core.errors import FedcomputeError
+from fedcompute.core.loops import PollingLoop
+from fedcompute.core.settings import SettingError, Settings
+from fedcompute.rpc.channels import REQUEST_ID
 from fedcompute.rpc.errors import status_for, trailing_metadata_for
+from fedcompute.rpc.limits import AddressRateLimiter
 from fedcompute.rpc.metrics import RpcMetrics
+from fedcompute.rpc.reflection import enable_reflection
+from fedcompute.rpc.tls import server_tls
 
 log = structlog.get_logger("fedcompute.rpc")
 _ids = RandomIds()
-REQUEST_ID = "x-request-id"
 
 Behavior = Callable[..., Any]
 
@@ -28,8 +35,12 @@ Behavior = Callable[..., Any]
 class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps domain errors to status codes, logs one line per RPC and counts it in the metrics."""
 
-    def __init__(self, metrics: RpcMetrics) -> None:
+    def __init__(
+        self, metrics: RpcMetrics, limiter: AddressRateLimiter | None = None, limited: frozenset[str] = frozenset()
+    ) -> None:
         self._metrics = metrics
+        self._limiter = limiter
+        self._limited = limited
 
     def intercept_service(
         self,
@@ -40,66 +51,80 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return None
         full: str = handler_call_details.method
-        service, _, method = full.lstrip("/").rpartition("/")
-        service = service.rsplit(".", 1)[-1]
+        qualified, _, method = full.lstrip("/").rpartition("/")
+        service = qualified.rsplit(".", 1)[-1]
+        limiter = self._limiter if qualified in self._limited else None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(handler.unary_unary, service, method, False),
+                self._wrap(handler.unary_unary, service, method, False, limiter),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream, service, method, True),
+                self._wrap(handler.unary_stream, service, method, True, limiter),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap(handler.stream_unary, service, method, False),
+                self._wrap(handler.stream_unary, service, method, False, limiter),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap(handler.stream_stream, service, method, True),
+            self._wrap(handler.stream_stream, service, method, True, limiter),
             handler.request_deserializer,
             handler.response_serializer,
         )
 
-    def _wrap(self, behavior: Behavior, service: str, method: str, streaming: bool) -> Behavior:
+    def _wrap(
+        self, behavior: Behavior, service: str, method: str, streaming: bool, limiter: AddressRateLimiter | None
+    ) -> Behavior:
         if streaming:
 
             def stream_call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                started, bound = self._start(context, service, method)
+                started, bound, tokens = self._start(context, service, method)
                 try:
+                    if limiter is not None:
+                        limiter.admit(context.peer())
                     yield from behavior(request, context)
                 except FedcomputeError as exc:
                     self._abort(context, exc, bound)
                 except Exception as exc:
                     self._internal(context, exc, bound)
                 finally:
-                    self._finish(context, service, method, started, bound)
+                    self._finish(context, service, method, started, bound, tokens)
 
             return stream_call
 
         def unary_call(request: Any, context: grpc.ServicerContext) -> Any:
-            started, bound = self._start(context, service, method)
+            started, bound, tokens = self._start(context, service, method)
             try:
+                if limiter is not None:
+                    limiter.admit(context.peer())
                 return behavior(request, context)
             except FedcomputeError as exc:
                 self._abort(context, exc, bound)
             except Exception as exc:
                 self._internal(context, exc, bound)
             finally:
-                self._finish(context, service, method, started, bound)
+                self._finish(context, service, method, started, bound, tokens)
 
         return unary_call
 
-    def _start(self, context: grpc.ServicerContext, service: str, method: str) -> tuple[float, Any]:
+    def _start(self, context: grpc.ServicerContext, service: str, method: str) -> tuple[float, Any, Any]:
+        """Count the call, and take the caller's request id (or make one): bound into the log context for every
+        line logged while handling it, sent on by the typed clients to other components, returned to the caller
+        in the initial metadata."""
+        self._metrics.started.labels(service, method).inc()
+        self._metrics.in_flight.labels(service, method).inc()
         metadata = dict(context.invocation_metadata() or ())
-        request_id = metadata.get(REQUEST_ID) or _ids.new_id("req")
-        return time.perf_counter(), log.bind(request_id=request_id, service=service, method=method)
+        request_id = str(metadata.get(REQUEST_ID) or _ids.new_id("req"))[:128]
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        context.send_initial_metadata(((REQUEST_ID, request_id),))
+        return time.perf_counter(), log.bind(service=service, method=method), tokens
 
     def _abort(self, context: grpc.ServicerContext, exc: FedcomputeError, bound: Any) -> None:
         code = status_for(exc)
@@ -115,7 +140,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if _aborted(context):
             raise exc  # context.abort() already set the status; this is its own exception unwinding
         error_id = _ids.new_id("err")
-        code = grpc.StatusCode.UNAVAILABLE if _unreachable(exc) else grpc.StatusCode.INTERNAL
+        code = grpc.StatusCode.UNAVAILABLE if unreachable(exc) else grpc.StatusCode.INTERNAL
         bound.error("rpc_failed", code=code.name, error_id=error_id, exc_info=exc)
         what = (
             "a dependency of this service is unavailable; retry later"
@@ -124,13 +149,17 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         )
         context.abort(code, f"{what} (error id {error_id}; operators find the details in the service log)")
 
-    def _finish(self, context: grpc.ServicerContext, service: str, method: str, started: float, bound: Any) -> None:
+    def _finish(
+        self, context: grpc.ServicerContext, service: str, method: str, started: float, bound: Any, tokens: Any
+    ) -> None:
         elapsed = time.perf_counter() - started
+        self._metrics.in_flight.labels(service, method).dec()
         code_obj = context.code() if hasattr(context, "code") else None
         code = code_obj.name if isinstance(code_obj, grpc.StatusCode) else "OK"
         self._metrics.handled.labels(service, method, code).inc()
         self._metrics.latency.labels(service, method).observe(elapsed)
         bound.info("rpc_handled", code=code, ms=round(elapsed * 1000, 2))
+        structlog.contextvars.reset_contextvars(**tokens)
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
@@ -138,47 +167,111 @@ def _aborted(context: grpc.ServicerContext) -> bool:
     return isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK
 
 
-def _unreachable(exc: BaseException) -> bool:
+def unreachable(exc: BaseException) -> bool:
     """A database or network dependency that cannot be reached (duck-typed: rpc does not import sqlalchemy)."""
     names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
-    return bool(names & {"OperationalError", "InterfaceError", "ConnectionError", "ConnectionRefusedError"})
+    return bool(names & UNREACHABLE)
+
+
+UNREACHABLE = frozenset(
+    {
+        "OperationalError",
+        "InterfaceError",
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+    }
+)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's text (a driver's message without its SQL or traceback)."""
+    root = exc.__cause__ or exc
+    text = str(getattr(root, "orig", None) or root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0] if text else ''}"
 
 
 @dataclass
 class GrpcServer:
-    """A started gRPC server, the port it bound and its health servicer."""
+    """A started gRPC server, the port it bound, its health servicer and the dependency checks behind it.
+
+    Health is SERVING while every check passes (each check raises when its dependency is unusable: a database,
+    the servers a component calls); ``stop`` drains: NOT_SERVING first, then in-flight RPCs get the grace."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
     services: list[str] = field(default_factory=list)
+    component: str = ""
+    checks: dict[str, Callable[[], object]] = field(default_factory=dict)
+    draining: bool = False
+    _serving: bool | None = None
+    _monitor: PollingLoop | None = None
 
     def set_serving(self, serving: bool) -> None:
+        serving = serving and not self.draining
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.services]:
             self.health.set(name, status)
+        self._serving = serving
+
+    def check_health(self) -> bool:
+        """Run every dependency check once and set the health status from the result (a change is logged)."""
+        failed = {}
+        for name, check in self.checks.items():
+            try:
+                check()
+            except Exception as exc:  # any failure of a dependency makes this component not ready
+                failed[name] = type(exc).__name__
+        serving = not failed
+        if serving != self._serving and not self.draining:
+            (log.info if serving else log.warning)(
+                "health_changed", component=self.component, serving=serving, failing=sorted(failed)
+            )
+        self.set_serving(serving)
+        return False  # a polling step with no more work
+
+    def monitor(self, interval_s: float) -> GrpcServer:
+        """Re-run the checks every ``interval_s`` in the background."""
+        if self.checks:
+            self._monitor = PollingLoop(f"health-{self.component}", self.check_health, interval_s).start()
+        return self
 
     def stop(self, grace: float = 1.0) -> None:
+        self.draining = True
         self.set_serving(False)
+        if self._monitor:
+            self._monitor.stop()
         self.server.stop(grace).wait()
 
 
 def build_grpc_server(
-    address: str,
+    settings: Settings,
+    component: str,
+    port_setting: str,
     registrations: Sequence[tuple[Callable[[Any, grpc.Server], None], Any, str]],
-    metrics: RpcMetrics,
-    threads: int,
-    max_message_bytes: int,
-    reuse_port: bool = False,
+    registry: CollectorRegistry | None = None,
+    threads: int | None = None,
+    checks: Mapping[str, Callable[[], object]] | None = None,
+    limited: Sequence[str] = (),
 ) -> GrpcServer:
-    """Create, register and start a server: (add_XServicer_to_server, servicer, full service name) triples."""
+    """Create, register and start a server on ``settings.host`` and the port named by ``port_setting``:
+    (add_XServicer_to_server, servicer, full service name) triples; health (v1) and reflection (v1, v1alpha);
+    TLS or mTLS from settings; RPC metrics under ``fedcompute_<component>_``; the services named in
+    ``limited`` are rate limited per client address."""
+    port_wanted = int(getattr(settings, port_setting))
+    tls = server_tls(settings)
+    if port_wanted and not _bindable(settings.host, port_wanted, settings.reuse_port):
+        raise SettingError(port_setting, f"cannot bind {settings.host}:{port_wanted}: the port is in use")
+    limiter = AddressRateLimiter(settings.device_rate_per_s, settings.device_rate_burst) if limited else None
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-        interceptors=[ObservingInterceptor(metrics)],
+        futures.ThreadPoolExecutor(max_workers=threads or settings.worker_threads, thread_name_prefix="grpc"),
+        interceptors=[ObservingInterceptor(RpcMetrics.create(component, registry), limiter, frozenset(limited))],
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],
     )
     names = []
@@ -187,11 +280,42 @@ def build_grpc_server(
         names.append(name)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    enable_reflection([*names, health.SERVICE_NAME], server)
+    address = f"{settings.host}:{port_wanted}"
+    try:
+        port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind gRPC server to {address}")
+        raise SettingError(port_setting, f"cannot bind {address}: the port is in use or the address is not local")
     server.start()
-    started = GrpcServer(server, port, health_servicer, names)
+    started = GrpcServer(server, port, health_servicer, names, component, dict(checks or {}))
     started.set_serving(True)
+    if started.checks:
+        started.check_health()
+        started.monitor(settings.poll_interval_s)
     return started
+
+
+def _bindable(host: str, port: int, reuse_port: bool) -> bool:
+    """Whether ``host:port`` can be bound (checked first, so a busy port is one line, not gRPC's log)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
+def build_health_server(
+    settings: Settings, component: str, checks: Mapping[str, Callable[[], object]], registry: CollectorRegistry | None
+) -> GrpcServer | None:
+    """For components that serve no other RPCs (dealer, model updater, aggregator worker): health and
+    reflection alone on ``FEDCOMPUTE_HEALTH_PORT`` (0: none)."""
+    if settings.health_port == 0:
+        return None
+    return build_grpc_server(settings, component, "health_port", [], registry, threads=2, checks=checks)

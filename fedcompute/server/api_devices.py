@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import grpc
 
+from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.server.assignment import Assignment, AssignmentService, Refusal
+from fedcompute.server.device_attestation import AcceptEveryDevice, DeviceAttestor
 from fedcompute.server.encoding import checkpoint_resource, duration, plan_resource
 from fedcompute.server.pace import PaceSteering
 from fedcompute.server.resources import ResourceService
@@ -33,25 +35,40 @@ def rejection(pace: PaceSteering, refusal: Refusal, population: str) -> common_p
 
 
 class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServicer):
-    def __init__(self, service: AssignmentService, pace: PaceSteering, max_upload_bytes: int, chunk_size: int) -> None:
+    def __init__(
+        self,
+        service: AssignmentService,
+        pace: PaceSteering,
+        max_upload_bytes: int,
+        chunk_size: int,
+        metrics: ServerMetrics | None = None,
+        attestor: DeviceAttestor | None = None,
+    ) -> None:
         self._service = service
         self._pace = pace
         self._max_upload_bytes = max_upload_bytes
         self._chunk_size = chunk_size
+        self._metrics = metrics or ServerMetrics.create()
+        self._attestor = attestor or AcceptEveryDevice()
 
     def CreateTaskAssignment(
         self, request: ta.CreateTaskAssignmentRequest, context: grpc.ServicerContext
     ) -> ta.CreateTaskAssignmentResponse:
+        self._attestor.check(request.population_name, request.device_attestation)
         done = {(p.task_id, p.round) for p in request.recent_participations}
         self._pace.observe(request.population_name)
         outcome = self._service.check_in(request.population_name, request.client_version.version_code, done)
         if isinstance(outcome, Refusal):
+            self._metrics.checkins.labels("rejected").inc()
+            self._metrics.rejections.labels(outcome.reason.lower()).inc()
             info = rejection(self._pace, outcome, request.population_name)
             return ta.CreateTaskAssignmentResponse(rejection_info=info)
+        self._metrics.checkins.labels("assigned").inc()
         return ta.CreateTaskAssignmentResponse(task_assignment=_encode_assignment(outcome))
 
     def ReportResult(self, request: ta.ReportResultRequest, context: grpc.ServicerContext) -> ta.ReportResultResponse:
         result = ta.ReportResult.Name(request.result).removeprefix("REPORT_RESULT_")
+        self._metrics.reports.labels(result.lower()).inc()
         outcome = self._service.report(
             request.assignment_id, request.session_token, request.task_id, request.aggregation_id, result
         )
@@ -89,8 +106,14 @@ def _encode_assignment(a: Assignment) -> task_assignment_pb2.TaskAssignment:
 
 
 class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
-    def __init__(self, service: UploadService) -> None:
+    def __init__(self, service: UploadService, metrics: ServerMetrics | None = None) -> None:
         self._service = service
+        self._metrics = metrics or ServerMetrics.create()
+
+    def _counted(self, requests: Iterator[upload_pb2.WriteRequest]) -> Iterator[upload_pb2.WriteRequest]:
+        for r in requests:
+            self._metrics.upload_bytes.inc(len(r.data))
+            yield r
 
     def Write(
         self, request_iterator: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext
@@ -105,8 +128,10 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
                 r.metadata.total_size_bytes,
                 r.metadata.sha256_hex,
             )
-            for r in request_iterator
+            for r in self._counted(request_iterator)
         )
+        if status.complete:
+            self._metrics.uploads.inc()
         return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=status.complete)
 
     def QueryWriteStatus(

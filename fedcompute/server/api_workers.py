@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import grpc
 
 from fedcompute.core.clock import to_unix_ms
 from fedcompute.core.records import RoundMetrics
+from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.rpc.auth import require_bearer
 from fedcompute.server.jobs import ClaimedJob, JobResult, JobService
 from fedcompute.v1 import aggregation_pb2 as pb
 from fedcompute.v1 import aggregation_pb2_grpc, common_pb2
+
+_REASON = re.compile(r"^[a-z_]{1,40}$")
 
 
 def _status(name: str) -> pb.JobStatus.ValueType:
@@ -64,9 +68,10 @@ def _decode_metrics(request: pb.CompleteJobRequest) -> RoundMetrics | None:
 
 
 class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
-    def __init__(self, jobs: JobService, internal_token: str) -> None:
+    def __init__(self, jobs: JobService, internal_token: str, metrics: ServerMetrics | None = None) -> None:
         self._jobs = jobs
         self._token = internal_token
+        self._metrics = metrics or ServerMetrics.create()
 
     def ClaimJob(self, request: pb.ClaimJobRequest, context: grpc.ServicerContext) -> pb.ClaimJobResponse:
         require_bearer(context, self._token)
@@ -96,7 +101,12 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
             next_clip_norm=request.next_clip_norm or None,
             metrics=_decode_metrics(request),
         )
-        return pb.CompleteJobResponse(status=_status(self._jobs.complete(request.job_id, request.lease_id, result)))
+        status = self._jobs.complete(request.job_id, request.lease_id, result)
+        self._metrics.contributions.labels("accepted", "ok").inc(request.accepted_contributions)
+        for r in request.rejections:
+            reason = r.reason if _REASON.match(r.reason) else "other"  # a bounded label, whatever is sent
+            self._metrics.contributions.labels("rejected", reason).inc(r.count)
+        return pb.CompleteJobResponse(status=_status(status))
 
     def FailJob(self, request: pb.FailJobRequest, context: grpc.ServicerContext) -> pb.FailJobResponse:
         require_bearer(context, self._token)

@@ -6,24 +6,28 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
-from prometheus_client import Histogram
+from prometheus_client import CollectorRegistry, Histogram
 
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.clock import Clock, IdGenerator
+from fedcompute.core.logs import VERSION
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.settings import Settings
+from fedcompute.core.telemetry import JobsCollector, ServerMetrics
+from fedcompute.core.transitions import JobStatus
 from fedcompute.rpc.auth import TokenSigner
-from fedcompute.rpc.channels import open_channel
-from fedcompute.rpc.metrics import RpcMetrics
+from fedcompute.rpc.channels import channel_for
+from fedcompute.rpc.metrics import announce, process_registry
 from fedcompute.rpc.serving import GrpcServer, build_grpc_server
 from fedcompute.server.api_devices import ResourceServicer, TaskAssignmentServicer, UploadServicer
 from fedcompute.server.api_operators import TaskManagementServicer
 from fedcompute.server.api_workers import AggregationServicer
 from fedcompute.server.assignment import AssignmentService
 from fedcompute.server.deadlines import DeadlineSweeper
+from fedcompute.server.device_attestation import load_attestor
 from fedcompute.server.jobs import JobService, RetryLimits
 from fedcompute.server.keyring import KeyRing
 from fedcompute.server.operator_auth import OperatorAuthService
@@ -31,7 +35,6 @@ from fedcompute.server.pace import PaceSteering
 from fedcompute.server.resources import ResourceService
 from fedcompute.server.tasks import TaskService
 from fedcompute.server.uploads import UploadService
-from fedcompute.store.blobs import LocalBlobStore
 from fedcompute.store.blobstores import StagedBlobStore, open_blob_store
 from fedcompute.store.database import Database
 from fedcompute.v1 import (
@@ -53,12 +56,13 @@ class ServerApp:
     grpc: GrpcServer
     db: Database
     blobs: StagedBlobStore
-    metrics: RpcMetrics
+    registry: CollectorRegistry
     sweeper: PollingLoop
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 1.0) -> None:
+        """Drain: health NOT_SERVING, in-flight RPCs get ``grace`` seconds, then the loops and the database."""
+        self.grpc.stop(grace)
         self.sweeper.stop()
-        self.grpc.stop()
         self.db.dispose()
 
 
@@ -71,18 +75,26 @@ def open_storage(settings: Settings) -> tuple[Database, StagedBlobStore]:
 
 
 def build_server(
-    settings: Settings, clock: Clock, ids: IdGenerator, internal_token: str, token_secret: str
+    settings: Settings,
+    clock: Clock,
+    ids: IdGenerator,
+    internal_token: str,
+    token_secret: str,
+    registry: CollectorRegistry | None = None,
 ) -> ServerApp:
+    registry = registry if registry is not None else process_registry()
+    attestor = load_attestor(settings.device_attestation)
     db, blobs = open_storage(settings)
     signer = TokenSigner(token_secret.encode())
-    key_clients = [KeyClient(open_channel(a), settings.rpc_timeout_s) for a in settings.key_service_addresses]
-    metrics = RpcMetrics.create("server")
+    key_clients = [KeyClient(channel_for(settings, a), settings.rpc_timeout_s) for a in settings.key_service_addresses]
+    announce(registry, "server", VERSION)
+    metrics = ServerMetrics.create(registry)
     windows = Histogram(
         "fedcompute_server_retry_window_seconds",
         "Longest retry delay suggested to a turned-away device, by rejection reason.",
         ["reason"],
         buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 7200),
-        registry=metrics.registry,
+        registry=registry,
     )
     pace = PaceSteering(
         (settings.retry_delay_min_s, settings.retry_delay_max_s),
@@ -93,11 +105,11 @@ def build_server(
     )
     tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes)
     assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_clients, clock))
-    # UploadService still names LocalBlobStore, though it needs only StagedBlobStore (staging_dir, put_file, delete)
-    uploads = UploadService(db, cast(LocalBlobStore, blobs), clock, ids, signer, settings.max_upload_bytes)
+    uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
-    jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits)
+    jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits, metrics)
+    registry.register(JobsCollector(jobs.count_by_status, [str(s) for s in JobStatus]))
     registrations: list[tuple[Callable[[Any, grpc.Server], None], Any, str]] = [
         (
             task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
@@ -106,12 +118,14 @@ def build_server(
         ),
         (
             task_assignment_pb2_grpc.add_TaskAssignmentServiceServicer_to_server,
-            TaskAssignmentServicer(assignments, pace, settings.max_upload_bytes, settings.chunk_size_bytes),
+            TaskAssignmentServicer(
+                assignments, pace, settings.max_upload_bytes, settings.chunk_size_bytes, metrics, attestor
+            ),
             task_assignment_pb2.DESCRIPTOR.services_by_name["TaskAssignmentService"].full_name,
         ),
         (
             upload_pb2_grpc.add_UploadServiceServicer_to_server,
-            UploadServicer(uploads),
+            UploadServicer(uploads, metrics),
             upload_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
         ),
         (
@@ -121,20 +135,20 @@ def build_server(
         ),
         (
             aggregation_pb2_grpc.add_AggregationServiceServicer_to_server,
-            AggregationServicer(jobs, internal_token),
+            AggregationServicer(jobs, internal_token, metrics),
             aggregation_pb2.DESCRIPTOR.services_by_name["AggregationService"].full_name,
         ),
     ]
+    device_services = [name for _, _, name in registrations[1:4]]  # assignment, upload, resource
     server = build_grpc_server(
-        f"{settings.host}:{settings.server_port}",
+        settings,
+        "server",
+        "server_port",
         registrations,
-        metrics,
-        settings.worker_threads,
-        settings.max_message_bytes,
-        settings.reuse_port,
+        registry,
+        checks={"database": db.ping},
+        limited=device_services,
     )
-    if settings.metrics_port:
-        metrics.serve_http(settings.host, settings.metrics_port)
-    sweeper = DeadlineSweeper(db, clock, ids, settings.max_round_attempts)
+    sweeper = DeadlineSweeper(db, clock, ids, settings.max_round_attempts, metrics)
     loop = PollingLoop("deadlines", sweeper.run_once, settings.poll_interval_s).start()
-    return ServerApp(server, db, blobs, metrics, loop)
+    return ServerApp(server, db, blobs, registry, loop)

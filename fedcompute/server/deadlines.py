@@ -22,6 +22,7 @@ import structlog
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.records import IterationRecord
 from fedcompute.core.tasks import TaskSpec
+from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.database import Database, Session
@@ -47,7 +48,15 @@ def _anything_due(s: Session, iteration: IterationRecord, opened: datetime, spec
 
 
 class DeadlineSweeper:
-    def __init__(self, db: Database, clock: Clock, ids: IdGenerator, max_round_attempts: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        ids: IdGenerator,
+        max_round_attempts: int,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics or ServerMetrics.create()
         self._db = db
         self._clock = clock
         self._ids = ids
@@ -103,6 +112,7 @@ class DeadlineSweeper:
                 IterationRepository(s).release_slot(iteration.iteration_id, now)
                 UploadRepository(s).abandon_in_iteration(iteration.iteration_id, now, "upload deadline", assignment_id)
         if overdue:
+            self._metrics.timeouts.inc(len(overdue))
             log.info("assignments_timed_out", task_id=iteration.task_id, round=iteration.round, deadline=which,
                      count=len(overdue))  # fmt: skip
         return len(overdue)

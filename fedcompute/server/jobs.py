@@ -14,6 +14,7 @@ from fedcompute.core.blobs import BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from fedcompute.core.records import IterationRecord, JobRecord, RoundMetrics, TaskRecord
+from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.core.transitions import JobStatus
 from fedcompute.store.assignments import UploadRepository
 from fedcompute.store.database import Database
@@ -63,7 +64,9 @@ class JobService:
         ids: IdGenerator,
         lease_s: float,
         limits: RetryLimits,
+        metrics: ServerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or ServerMetrics.create()
         self._db = db
         self._blobs = blobs
         self._clock = clock
@@ -79,6 +82,8 @@ class JobService:
             jobs = JobRepository(s)
             for candidate in jobs.claimable(now):
                 if jobs.take_lease(candidate, worker_id, self._ids.new_id("lease"), now + self._lease, now):
+                    if candidate.status == JobStatus.RUNNING:  # a crashed or stuck worker's lease ran out
+                        self._metrics.lease_expiries.inc()
                     job = jobs.get(candidate.job_id)
                     iteration = IterationRepository(s).get(candidate.iteration_id)
                     task = TaskRepository(s).get(candidate.task_id)
@@ -90,6 +95,11 @@ class JobService:
                     log.info("job_claimed", job_id=job.job_id, worker=worker_id, attempt=job.attempts)
                     return ClaimedJob(job, iteration, task, inputs, TaskRepository(s).plan(task.task_id) or b"")
         return None
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status (the queue-depth gauge, read at scrape time)."""
+        with self._db.transaction() as s:
+            return JobRepository(s).count_by_status()
 
     def extend(self, job_id: str, lease_id: str) -> int:
         now = self._clock.now()

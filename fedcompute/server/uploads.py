@@ -34,7 +34,7 @@ from fedcompute.keys.envelope import check_envelope
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.server.assignment import UPLOAD
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
-from fedcompute.store.blobs import LocalBlobStore
+from fedcompute.store.blobstores import StagedBlobStore
 from fedcompute.store.database import Database, Session
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.rounds import close_round
@@ -71,7 +71,7 @@ class UploadService:
     def __init__(
         self,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: StagedBlobStore,
         clock: Clock,
         ids: IdGenerator,
         signer: TokenSigner,

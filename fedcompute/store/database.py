@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, literal, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
@@ -29,7 +29,9 @@ class Database:
             self.engine: Engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
             _sqlite_serializable_writes(self.engine)
         else:
-            self.engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            self.engine = create_engine(
+                url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+            )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
@@ -56,6 +58,11 @@ class Database:
             with attempt, self.transaction() as session:
                 return work(session)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def ping(self) -> None:
+        """Raise unless the database answers (health checks)."""
+        with self.engine.connect() as connection:
+            connection.execute(select(literal(1)))
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -117,6 +117,11 @@ class IterationRepository:
         rows = self._s.scalars(select(IterationRow).where(IterationRow.status == IterationStatus.OPEN))
         return [(to_record(r), as_utc(r.created_at)) for r in rows]
 
+    def opened_at(self, iteration_id: str) -> datetime | None:
+        """When this round (attempt) opened."""
+        row = self._s.get(IterationRow, iteration_id)
+        return as_utc(row.created_at) if row else None
+
     def release_slot(self, iteration_id: str, now: datetime) -> None:
         """Give back one cohort slot (a timed-out device): new check-ins can take it at once."""
         self._s.execute(

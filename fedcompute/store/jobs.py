@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fedcompute.core.clock import as_utc
@@ -76,6 +76,10 @@ class JobRepository:
             .limit(limit)
         )
         return [to_record(r) for r in self._s.scalars(query)]
+
+    def count_by_status(self) -> dict[str, int]:
+        query = select(JobRow.status, func.count()).group_by(JobRow.status)
+        return {str(status): int(count) for status, count in self._s.execute(query)}
 
     def with_status(self, status: str, limit: int = 10) -> list[JobRecord]:
         query = select(JobRow).where(JobRow.status == status).order_by(JobRow.updated_at).limit(limit)

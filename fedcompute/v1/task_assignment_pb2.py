@@ -26,29 +26,29 @@ from fedcompute.v1 import common_pb2 as fedcompute_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcompute/v1/task_assignment.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"/\n\rParticipation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\"\xed\x01\n\x1b\x43reateTaskAssignmentRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x34\n\x0e\x63lient_version\x18\x02 \x01(\x0b\x32\x1c.fedcompute.v1.ClientVersion\x12\x42\n\x15resource_capabilities\x18\x03 \x01(\x0b\x32#.fedcompute.v1.ResourceCapabilities\x12;\n\x15recent_participations\x18\x04 \x03(\x0b\x32\x1c.fedcompute.v1.Participation\"\x9a\x01\n\x1c\x43reateTaskAssignmentResponse\x12\x38\n\x0ftask_assignment\x18\x01 \x01(\x0b\x32\x1d.fedcompute.v1.TaskAssignmentH\x00\x12\x36\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x1c.fedcompute.v1.RejectionInfoH\x00\x42\x08\n\x06result\"\xe6\x02\n\x0eTaskAssignment\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x04 \x01(\t\x12\x15\n\rassignment_id\x18\x05 \x01(\t\x12\x15\n\rsession_token\x18\x06 \x01(\t\x12%\n\x04plan\x18\x07 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12+\n\ncheckpoint\x18\x08 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12\x15\n\rmodel_version\x18\t \x01(\x03\x12\x30\n\x0e\x65ncryption_key\x18\n \x01(\x0b\x32\x18.fedcompute.v1.PublicKey\x12\x38\n\raccess_policy\x18\x0b \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\"\xeb\x01\n\x13ReportResultRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ggregation_id\x18\x03 \x01(\t\x12\x15\n\rassignment_id\x18\x04 \x01(\t\x12\x15\n\rsession_token\x18\x05 \x01(\t\x12+\n\x06result\x18\x06 \x01(\x0e\x32\x1b.fedcompute.v1.ReportResult\x12\x37\n\x14\x63omputation_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x98\x01\n\x14ReportResultResponse\x12>\n\x12upload_instruction\x18\x01 \x01(\x0b\x32 .fedcompute.v1.UploadInstructionH\x00\x12\x36\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x1c.fedcompute.v1.RejectionInfoH\x00\x42\x08\n\x06result\"\x90\x01\n\x11UploadInstruction\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x14\n\x0cupload_token\x18\x02 \x01(\t\x12\x16\n\x0emax_size_bytes\x18\x03 \x01(\x03\x12\x18\n\x10\x63hunk_size_bytes\x18\x04 \x01(\x05\x12\x1c\n\x14upload_deadline_unix\x18\x05 \x01(\x03*\x81\x02\n\x0cReportResult\x12\x1d\n\x19REPORT_RESULT_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPORT_RESULT_COMPLETED\x10\x01\x12\x18\n\x14REPORT_RESULT_FAILED\x10\x02\x12\x1e\n\x1aREPORT_RESULT_NOT_ELIGIBLE\x10\x03\x12+\n\'REPORT_RESULT_FAILED_EXAMPLE_GENERATION\x10\x04\x12*\n&REPORT_RESULT_FAILED_MODEL_COMPUTATION\x10\x05\x12\"\n\x1eREPORT_RESULT_FAILED_OPS_ERROR\x10\x06\x32\xe1\x01\n\x15TaskAssignmentService\x12o\n\x14\x43reateTaskAssignment\x12*.fedcompute.v1.CreateTaskAssignmentRequest\x1a+.fedcompute.v1.CreateTaskAssignmentResponse\x12W\n\x0cReportResult\x12\".fedcompute.v1.ReportResultRequest\x1a#.fedcompute.v1.ReportResultResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcompute/v1/task_assignment.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"/\n\rParticipation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\"\x89\x02\n\x1b\x43reateTaskAssignmentRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x34\n\x0e\x63lient_version\x18\x02 \x01(\x0b\x32\x1c.fedcompute.v1.ClientVersion\x12\x42\n\x15resource_capabilities\x18\x03 \x01(\x0b\x32#.fedcompute.v1.ResourceCapabilities\x12;\n\x15recent_participations\x18\x04 \x03(\x0b\x32\x1c.fedcompute.v1.Participation\x12\x1a\n\x12\x64\x65vice_attestation\x18\x05 \x01(\x0c\"\x9a\x01\n\x1c\x43reateTaskAssignmentResponse\x12\x38\n\x0ftask_assignment\x18\x01 \x01(\x0b\x32\x1d.fedcompute.v1.TaskAssignmentH\x00\x12\x36\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x1c.fedcompute.v1.RejectionInfoH\x00\x42\x08\n\x06result\"\xe6\x02\n\x0eTaskAssignment\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x04 \x01(\t\x12\x15\n\rassignment_id\x18\x05 \x01(\t\x12\x15\n\rsession_token\x18\x06 \x01(\t\x12%\n\x04plan\x18\x07 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12+\n\ncheckpoint\x18\x08 \x01(\x0b\x32\x17.fedcompute.v1.Resource\x12\x15\n\rmodel_version\x18\t \x01(\x03\x12\x30\n\x0e\x65ncryption_key\x18\n \x01(\x0b\x32\x18.fedcompute.v1.PublicKey\x12\x38\n\raccess_policy\x18\x0b \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\"\xeb\x01\n\x13ReportResultRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ggregation_id\x18\x03 \x01(\t\x12\x15\n\rassignment_id\x18\x04 \x01(\t\x12\x15\n\rsession_token\x18\x05 \x01(\t\x12+\n\x06result\x18\x06 \x01(\x0e\x32\x1b.fedcompute.v1.ReportResult\x12\x37\n\x14\x63omputation_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x98\x01\n\x14ReportResultResponse\x12>\n\x12upload_instruction\x18\x01 \x01(\x0b\x32 .fedcompute.v1.UploadInstructionH\x00\x12\x36\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x1c.fedcompute.v1.RejectionInfoH\x00\x42\x08\n\x06result\"\x90\x01\n\x11UploadInstruction\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x14\n\x0cupload_token\x18\x02 \x01(\t\x12\x16\n\x0emax_size_bytes\x18\x03 \x01(\x03\x12\x18\n\x10\x63hunk_size_bytes\x18\x04 \x01(\x05\x12\x1c\n\x14upload_deadline_unix\x18\x05 \x01(\x03*\x81\x02\n\x0cReportResult\x12\x1d\n\x19REPORT_RESULT_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPORT_RESULT_COMPLETED\x10\x01\x12\x18\n\x14REPORT_RESULT_FAILED\x10\x02\x12\x1e\n\x1aREPORT_RESULT_NOT_ELIGIBLE\x10\x03\x12+\n\'REPORT_RESULT_FAILED_EXAMPLE_GENERATION\x10\x04\x12*\n&REPORT_RESULT_FAILED_MODEL_COMPUTATION\x10\x05\x12\"\n\x1eREPORT_RESULT_FAILED_OPS_ERROR\x10\x06\x32\xe1\x01\n\x15TaskAssignmentService\x12o\n\x14\x43reateTaskAssignment\x12*.fedcompute.v1.CreateTaskAssignmentRequest\x1a+.fedcompute.v1.CreateTaskAssignmentResponse\x12W\n\x0cReportResult\x12\".fedcompute.v1.ReportResultRequest\x1a#.fedcompute.v1.ReportResultResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcompute.v1.task_assignment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPORTRESULT']._serialized_start=1462
-  _globals['_REPORTRESULT']._serialized_end=1719
+  _globals['_REPORTRESULT']._serialized_start=1490
+  _globals['_REPORTRESULT']._serialized_end=1747
   _globals['_PARTICIPATION']._serialized_start=114
   _globals['_PARTICIPATION']._serialized_end=161
   _globals['_CREATETASKASSIGNMENTREQUEST']._serialized_start=164
-  _globals['_CREATETASKASSIGNMENTREQUEST']._serialized_end=401
-  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_start=404
-  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_end=558
-  _globals['_TASKASSIGNMENT']._serialized_start=561
-  _globals['_TASKASSIGNMENT']._serialized_end=919
-  _globals['_REPORTRESULTREQUEST']._serialized_start=922
-  _globals['_REPORTRESULTREQUEST']._serialized_end=1157
-  _globals['_REPORTRESULTRESPONSE']._serialized_start=1160
-  _globals['_REPORTRESULTRESPONSE']._serialized_end=1312
-  _globals['_UPLOADINSTRUCTION']._serialized_start=1315
-  _globals['_UPLOADINSTRUCTION']._serialized_end=1459
-  _globals['_TASKASSIGNMENTSERVICE']._serialized_start=1722
-  _globals['_TASKASSIGNMENTSERVICE']._serialized_end=1947
+  _globals['_CREATETASKASSIGNMENTREQUEST']._serialized_end=429
+  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_start=432
+  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_end=586
+  _globals['_TASKASSIGNMENT']._serialized_start=589
+  _globals['_TASKASSIGNMENT']._serialized_end=947
+  _globals['_REPORTRESULTREQUEST']._serialized_start=950
+  _globals['_REPORTRESULTREQUEST']._serialized_end=1185
+  _globals['_REPORTRESULTRESPONSE']._serialized_start=1188
+  _globals['_REPORTRESULTRESPONSE']._serialized_end=1340
+  _globals['_UPLOADINSTRUCTION']._serialized_start=1343
+  _globals['_UPLOADINSTRUCTION']._serialized_end=1487
+  _globals['_TASKASSIGNMENTSERVICE']._serialized_start=1750
+  _globals['_TASKASSIGNMENTSERVICE']._serialized_end=1975
 # @@protoc_insertion_point(module_scope)

@@ -79,7 +79,12 @@ class CreateTaskAssignmentRequest(_message.Message):
     CLIENT_VERSION_FIELD_NUMBER: _builtins.int
     RESOURCE_CAPABILITIES_FIELD_NUMBER: _builtins.int
     RECENT_PARTICIPATIONS_FIELD_NUMBER: _builtins.int
+    DEVICE_ATTESTATION_FIELD_NUMBER: _builtins.int
     population_name: _builtins.str
+    device_attestation: _builtins.bytes
+    """Evidence that this is a genuine device and app (e.g. a Play Integrity token or an Android key attestation
+    chain), checked by the server's device-attestation hook at check-in; empty where the hook accepts every device.
+    """
     @_builtins.property
     def client_version(self) -> _common_pb2.ClientVersion: ...
     @_builtins.property
@@ -93,10 +98,11 @@ class CreateTaskAssignmentRequest(_message.Message):
         client_version: _common_pb2.ClientVersion | None = ...,
         resource_capabilities: _common_pb2.ResourceCapabilities | None = ...,
         recent_participations: _abc.Iterable[Global___Participation] | None = ...,
+        device_attestation: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_version", b"client_version", "resource_capabilities", b"resource_capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_version", b"client_version", "population_name", b"population_name", "recent_participations", b"recent_participations", "resource_capabilities", b"resource_capabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_version", b"client_version", "device_attestation", b"device_attestation", "population_name", b"population_name", "recent_participations", b"recent_participations", "resource_capabilities", b"resource_capabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

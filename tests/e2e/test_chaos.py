@@ -88,6 +88,8 @@ def deployment(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Deploym
         "FEDCOMPUTE_JOB_BACKOFF_MAX_S": "1",
         "FEDCOMPUTE_RPC_TIMEOUT_S": "5",
         "FEDCOMPUTE_LOG_LEVEL": "WARNING",
+        "FEDCOMPUTE_PLAINTEXT": "true",
+        "FEDCOMPUTE_HEALTH_PORT": "0",
     }
     d = Deployment(env)
     try:

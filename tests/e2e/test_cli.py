@@ -15,6 +15,7 @@ def _operator_env(harness: Harness, work: Path) -> dict[str, str]:
     """What an operator of an `up` deployment sets: workdir, key services, and the token `up` wrote."""
     return {
         "FEDCOMPUTE_WORKDIR": str(work),
+        "FEDCOMPUTE_PLAINTEXT": "true",
         "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(harness.suite.key_addresses),
         "FEDCOMPUTE_OPERATOR_TOKEN": (work / "operator" / "operator-token").read_text().strip(),
     }

@@ -59,7 +59,7 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
         "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
         "FEDCOMPUTE_SERVER_PORT": str(server_port),
         "FEDCOMPUTE_VERIFIER_PORT": str(verifier_port),
-        "FEDCOMPUTE_METRICS_PORT": str(metrics_port),
+        "FEDCOMPUTE_PLAINTEXT": "true",
         "FEDCOMPUTE_SERVER_ADDRESS": f"127.0.0.1:{server_port}",
         "FEDCOMPUTE_VERIFIER_ADDRESS": f"127.0.0.1:{verifier_port}",
         "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(key_addresses),
@@ -76,19 +76,23 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
         trust += ["--key-service", address]
     subprocess.run(trust, env=env, check=True, timeout=60)
     # The launcher first: it holds the platform CA and publishes its public key, which the verifier reads.
-    processes.append(subprocess.Popen([*CLI, "serve", "aggregator"], env=env))
+    processes.append(subprocess.Popen([*CLI, "serve", "aggregator"], env={**env, "FEDCOMPUTE_HEALTH_PORT": "0"}))
     ca_public = tmp_path / "work" / "public" / "platform-ca-public.pem"
     wait_for(ca_public.exists, 60, "the platform CA's public key")
-    for component in ("verifier", "server"):
-        processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
+    processes.append(subprocess.Popen([*CLI, "serve", "verifier"], env=env))
+    processes.append(
+        subprocess.Popen([*CLI, "serve", "server"], env={**env, "FEDCOMPUTE_METRICS_PORT": str(metrics_port)})
+    )
     wait_for(lambda: _serving(f"127.0.0.1:{server_port}") and _serving(f"127.0.0.1:{verifier_port}"), 60, "servers")
     made = subprocess.run(
         [*CLI, "token", "create", "--name", "ops", "--role", "operator"],
         env=env, capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     env["FEDCOMPUTE_OPERATOR_TOKEN"] = made.stdout.strip()  # for the dealer and the task commands
-    for component in ("dealer", "modelupdater"):
-        processes.append(subprocess.Popen([*CLI, "serve", component], env=env))
+    health = {"dealer": _free_port(), "modelupdater": _free_port()}  # components without RPCs of their own
+    for component, port in health.items():
+        processes.append(subprocess.Popen([*CLI, "serve", component], env={**env, "FEDCOMPUTE_HEALTH_PORT": str(port)}))
+    wait_for(lambda: all(_serving(f"127.0.0.1:{p}") for p in health.values()), 60, "dealer and model updater health")
     server = f"127.0.0.1:{server_port}"
     created = subprocess.run(
         [*CLI, "task", "create", "--server", server, "--population", "procs", "--rounds", "2",
@@ -117,7 +121,7 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
 def test_up_serves_until_terminated(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
     port = _free_port()
     env = {**os.environ, "FEDCOMPUTE_KEY_SERVICE_PORT": "0", "FEDCOMPUTE_VERIFIER_PORT": "0"}
-    proc = subprocess.Popen([*CLI, "up", "--workdir", str(tmp_path / "w"), "--port", str(port)], env=env)
+    proc = subprocess.Popen([*CLI, "up", "--plaintext", "--workdir", str(tmp_path / "w"), "--port", str(port)], env=env)
     processes.append(proc)
     wait_for(lambda: _serving(f"127.0.0.1:{port}"), 90, "fedcompute up")
     proc.send_signal(signal.SIGTERM)

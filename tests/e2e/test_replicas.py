@@ -41,6 +41,7 @@ def test_two_server_replicas_and_two_workers_on_one_postgres(tmp_path: Path, pos
         "FEDCOMPUTE_RETRY_DELAY_MIN_S": "0.05",
         "FEDCOMPUTE_RETRY_DELAY_MAX_S": "0.2",
         "FEDCOMPUTE_LOG_LEVEL": "WARNING",
+        "FEDCOMPUTE_PLAINTEXT": "true",
     }
     up = subprocess.Popen(
         [*CLI, "up", "--workdir", str(work), "--database-url", url, "--port", str(port), "--replicas", "2",

@@ -96,7 +96,7 @@ def test_up_restarts_a_dead_key_service_on_its_address(tmp_path: Path) -> None:
         assert old is not None
         os.kill(old, signal.SIGKILL)
         wait_for(lambda: victim.pid != old, 30, "the key service to be restarted")
-        wait_serving(victim.address, 60, "the restarted key service")
+        wait_serving(harness.suite.settings, victim.address, 60, "the restarted key service")
     finally:
         harness.stop()
 

@@ -9,13 +9,14 @@ from typing import NoReturn
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import OperationalError
 
 from fedcompute.core.clock import RandomIds, SystemClock
 from fedcompute.core.records import TaskRecord
+from fedcompute.core.settings import Settings
 from fedcompute.rpc.auth import bearer_metadata
 from fedcompute.rpc.channels import open_channel
-from fedcompute.rpc.metrics import RpcMetrics
 from fedcompute.rpc.serving import build_grpc_server
 from fedcompute.server.api_operators import TaskManagementServicer
 from fedcompute.server.operator_auth import OperatorAuthService, Role
@@ -55,10 +56,13 @@ class BrokenTasks(TaskService):
 def test_unmapped_exceptions_are_internal_with_an_error_id_and_counted(
     task_id: str, code: grpc.StatusCode, capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    metrics = RpcMetrics.create("server")
+    registry = CollectorRegistry()
     name = task_management_pb2.DESCRIPTOR.services_by_name["TaskManagementService"].full_name
+    settings = Settings(server_port=0, plaintext=True, worker_threads=2)
     server = build_grpc_server(
-        "127.0.0.1:0",
+        settings,
+        "server",
+        "server_port",
         [
             (
                 task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
@@ -66,9 +70,7 @@ def test_unmapped_exceptions_are_internal_with_an_error_id_and_counted(
                 name,
             )
         ],
-        metrics,
-        2,
-        1 << 20,
+        registry,
     )
     try:
         stub = task_management_pb2_grpc.TaskManagementServiceStub(open_channel(f"127.0.0.1:{server.port}"))
@@ -85,7 +87,7 @@ def test_unmapped_exceptions_are_internal_with_an_error_id_and_counted(
         logged = capfd.readouterr()
         assert error_id in logged.out + logged.err  # the traceback is in the log under the same id
         assert "Traceback" in logged.out + logged.err
-        counted = metrics.registry.get_sample_value(
+        counted = registry.get_sample_value(
             "fedcompute_server_rpcs_handled_total",
             {"service": "TaskManagementService", "method": "GetTask", "code": code.name},
         )

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import typer
-import yaml  # type: ignore[import-untyped]
+import yaml
 from pydantic import TypeAdapter
 
 from fedcompute.cli import app as cli_app
