@@ -62,7 +62,8 @@ def run(replicas: int, devices: int, seconds: float, admin_url: str) -> dict[str
     work = Path(tempfile.mkdtemp(prefix="fedcompute-load-"))
     port = _free_port()
     env = {**os.environ, "FEDCOMPUTE_KEY_SERVICE_PORT": "0", "FEDCOMPUTE_VERIFIER_PORT": "0",
-           "FEDCOMPUTE_LOG_LEVEL": "ERROR", "FEDCOMPUTE_WORKER_THREADS": "32"}  # fmt: skip
+           "FEDCOMPUTE_LOG_LEVEL": "ERROR", "FEDCOMPUTE_WORKER_THREADS": "32", "FEDCOMPUTE_PLAINTEXT": "true",
+           "FEDCOMPUTE_DEVICE_RATE_PER_S": "0"}  # fmt: skip  # one load generator: one address
     up = subprocess.Popen(
         [*CLI, "up", "--workdir", str(work), "--database-url", url, "--port", str(port), "--replicas", str(replicas)],
         env=env, stderr=subprocess.PIPE, text=True,

@@ -165,7 +165,8 @@ def serve(
     registry = process_registry()
     try:
         running = start_component(component, settings, registry)
-        announce_start(component, settings, running.address, registry)
+        # the aggregator's launcher serves no metrics: its worker, with the same settings, serves them
+        announce_start(component, settings, running.address, registry, metrics=component != "aggregator")
     except (SettingError, KekUnavailable) as exc:
         typer.echo(f"{component} not started: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -201,10 +201,12 @@ def dev_tls(settings: Settings) -> Settings:
     )
 
 
-def announce_start(component: str, settings: Settings, address: str, registry: CollectorRegistry) -> None:
-    """Serve metrics (if a port is set) and log the start-up line: address, version, effective configuration.
-    The aggregator's launcher serves none: its worker (same settings) serves the aggregator's metrics."""
-    if settings.metrics_port and component != "aggregator":
+def announce_start(
+    component: str, settings: Settings, address: str, registry: CollectorRegistry, metrics: bool = True
+) -> None:
+    """Serve metrics (if a port is set and ``metrics``) and log the start-up line: address, version, effective
+    configuration."""
+    if settings.metrics_port and metrics:
         serve_metrics(registry, settings.host, settings.metrics_port)
     log.info(
         "component_started",

@@ -63,8 +63,8 @@ def configure_logging(json_lines: bool, level: int | str = logging.INFO, compone
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(
-            file=cast(TextIO, _CurrentStderr())
-        ),  # stdout: a command's own output
+        # one write() per line (print() makes two), so processes sharing a stderr never interleave inside a line;
+        # stderr, because stdout is a command's own output
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=True,
     )

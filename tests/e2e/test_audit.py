@@ -31,7 +31,9 @@ def test_audit_passes_on_the_demo_round_and_fails_on_a_tampered_log(tmp_path: Pa
             contribute(harness, POP)
         wait_for(lambda: harness.task(task.task_id).status == tm.TASK_STATUS_COMPLETED, 60, "the round")
         token = (work / "operator" / "operator-token").read_text().strip()  # `up`'s, registered as an admin
-        runner = CliRunner(env={"FEDCOMPUTE_WORKDIR": str(work), "FEDCOMPUTE_OPERATOR_TOKEN": token})
+        runner = CliRunner(
+            env={"FEDCOMPUTE_WORKDIR": str(work), "FEDCOMPUTE_OPERATOR_TOKEN": token, "FEDCOMPUTE_PLAINTEXT": "true"}
+        )
         args = ["audit", "--task", task.task_id, "--server", harness.suite.server_address]
         for address in harness.suite.key_addresses:
             args += ["--key-service", address]

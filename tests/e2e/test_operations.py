@@ -122,3 +122,36 @@ def test_certs_dev_makes_a_ca_and_a_certificate_per_component(tmp_path: Path) ->
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "fedcompute.example" in names.get_values_for_type(x509.DNSName)
     assert "fedcompute-server" in names.get_values_for_type(x509.DNSName)
+
+
+def test_up_tls_serves_only_tls_with_mtls_inside(tmp_path: Path) -> None:
+    from fedcompute.core.settings import Settings
+    from fedcompute.rpc.channels import channel_for
+
+    port, work = _free_port(), tmp_path / "w"
+    env = _env(tmp_path, key_service_port="0", verifier_port="0", plaintext="false")
+    proc = subprocess.Popen([*CLI, "up", "--tls", "--workdir", str(work), "--port", str(port)], env=env,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        tls = work / "tls"
+
+        def serving_over_tls() -> bool:
+            if not (tls / "operator-key.pem").exists():
+                return False
+            operator = Settings(
+                tls_ca_file=tls / "ca.pem", tls_cert_file=tls / "operator.pem", tls_key_file=tls / "operator-key.pem"
+            )
+            channel = channel_for(operator, f"localhost:{port}")
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except Exception:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        wait_for(serving_over_tls, 120, "`up --tls`")
+        assert _status(f"127.0.0.1:{port}") == -1  # a plaintext client gets nothing
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -16,6 +16,7 @@ from fedcompute.clients.fleet import Fleet
 from fedcompute.clients.training import evaluate
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.plans import ExampleSelector, Optimizer, Training
+from fedcompute.suite import operator_token
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.conftest import fresh_postgres
 from tests.harness import Harness, suite_settings
@@ -59,7 +60,12 @@ def test_a_users_model_on_tabular_data_then_an_evaluation_task(tmp_path: Path) -
     try:
         built = builder.build()
         fields = {"population_name": "cancer", "rounds": 2, "report_goal": DEVICES, "max_cohort": DEVICES}
-        operator = harness.suite.settings.model_copy(update={"server_address": harness.suite.server_address})
+        operator = harness.suite.settings.model_copy(
+            update={
+                "server_address": harness.suite.server_address,
+                "operator_token": operator_token(harness.suite.settings),
+            }
+        )
         created = builder.create(operator, **fields)  # the notebook path: build, check, register, create
         trained = _run(harness, created, shards, "breast_cancer")
         plan = plans.parse(download(harness.resources, trained.plan))

@@ -76,7 +76,10 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
         trust += ["--key-service", address]
     subprocess.run(trust, env=env, check=True, timeout=60)
     # The launcher first: it holds the platform CA and publishes its public key, which the verifier reads.
-    processes.append(subprocess.Popen([*CLI, "serve", "aggregator"], env={**env, "FEDCOMPUTE_HEALTH_PORT": "0"}))
+    worker_health = _free_port()  # the worker's: it serves no other RPC
+    processes.append(
+        subprocess.Popen([*CLI, "serve", "aggregator"], env={**env, "FEDCOMPUTE_HEALTH_PORT": str(worker_health)})
+    )
     ca_public = tmp_path / "work" / "public" / "platform-ca-public.pem"
     wait_for(ca_public.exists, 60, "the platform CA's public key")
     processes.append(subprocess.Popen([*CLI, "serve", "verifier"], env=env))
@@ -89,6 +92,8 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
         env=env, capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     env["FEDCOMPUTE_OPERATOR_TOKEN"] = made.stdout.strip()  # for the dealer and the task commands
+    # the worker is SERVING once what it depends on is: the server, the verifier, t key services
+    wait_for(lambda: _serving(f"127.0.0.1:{worker_health}"), 60, "the worker's health")
     health = {"dealer": _free_port(), "modelupdater": _free_port()}  # components without RPCs of their own
     for component, port in health.items():
         processes.append(subprocess.Popen([*CLI, "serve", component], env={**env, "FEDCOMPUTE_HEALTH_PORT": str(port)}))

@@ -197,9 +197,7 @@ def test_a_burst_beyond_the_rate_limit_is_resource_exhausted_with_a_retry_delay(
         assert "UNKNOWN" not in handled
         checkins = registry.get_sample_value("fedcompute_server_checkins_total", {"result": "rejected"})
         assert checkins == answered + 1  # every answered check-in was counted (no task: rejected)
-        reason = registry.get_sample_value(
-            "fedcompute_server_checkin_rejections_total", {"reason": "no_active_task"}
-        )
+        reason = registry.get_sample_value("fedcompute_server_checkin_rejections_total", {"reason": "no_active_task"})
         assert reason == answered + 1
     finally:
         harness.stop()

@@ -222,7 +222,11 @@ def test_tokens_are_stored_only_as_their_sha256(harness: Harness) -> None:
 
 def test_token_cli_on_the_database_and_over_the_admin_rpcs(harness: Harness) -> None:
     settings = harness.suite.settings
-    env = {"FEDCOMPUTE_WORKDIR": str(settings.workdir), "FEDCOMPUTE_DATABASE_URL": settings.resolved_database_url()}
+    env = {
+        "FEDCOMPUTE_WORKDIR": str(settings.workdir),
+        "FEDCOMPUTE_DATABASE_URL": settings.resolved_database_url(),
+        "FEDCOMPUTE_PLAINTEXT": "true",
+    }
     runner = CliRunner(env=env)
     created = runner.invoke(app, ["token", "create", "--name", "ci", "--role", "operator"])
     assert created.exit_code == 0, created.output
