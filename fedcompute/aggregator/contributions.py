@@ -91,9 +91,14 @@ def _parse_payload(plaintext: bytes, job: JobContext) -> Opened:
     examples = meta.get("num_examples")
     if not isinstance(examples, int) or isinstance(examples, bool) or not 0 < examples <= MAX_EXAMPLES:
         raise Rejected("bad_payload")
-    if not all(math.isfinite(float(t.abs().max())) for t in update.values() if t.numel()):
+    if not all(_finite(t) for t in update.values()):
         raise Rejected("non_finite")
     return Opened(update, examples, _metrics(meta.get("metrics", {}), job.metrics))
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Every value finite: min and max in one pass, no copy (NaN propagates to both)."""
+    return not t.numel() or all(math.isfinite(float(v)) for v in torch.aminmax(t))
 
 
 def _metrics(reported: object, allowed: tuple[str, ...]) -> dict[str, float]:

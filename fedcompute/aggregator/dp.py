@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedcompute.aggregator.noise import NoiseSource
+from fedcompute.aggregator.noise import BLOCK, NoiseSource
 
 
 class BelowMinimum(Exception):
@@ -40,23 +40,35 @@ class DpParams:
 
 
 def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm over every tensor, in float64 (inf/nan if any value is not finite)."""
-    total = sum(float(torch.sum(t.to(torch.float64) ** 2)) for t in update.values())
+    """Global L2 norm over every tensor, accumulated in float64 (inf if any value is not finite)."""
+    total = 0.0
+    for t in update.values():
+        flat = t.reshape(-1).to(torch.float64)  # one float64 copy of one tensor at a time, no squares kept
+        total += float(torch.dot(flat, flat))
     return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+def clip_factor(norm: float, bound: float) -> float:
+    """What scales an update of L2 norm ``norm`` to norm <= bound."""
+    return min(1.0, bound / norm) if norm > 0 else 1.0
 
 
 def clip(update: Mapping[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
     """The update scaled to norm <= bound (float64), and its original norm."""
     norm = l2_norm(update)
-    factor = min(1.0, bound / norm) if norm > 0 else 1.0
+    factor = clip_factor(norm, bound)
     return {k: t.to(torch.float64) * factor for k, t in update.items()}, norm
 
 
 class DpSum:
-    def __init__(self, params: DpParams) -> None:
+    """The clipped sum, kept in float64 on ``device`` (where the norm, the clip and the noise's addition happen
+    too); what ``release`` returns is on the CPU."""
+
+    def __init__(self, params: DpParams, device: torch.device | str = "cpu") -> None:
         if params.expected_clients <= 0 or params.clip_norm <= 0:
             raise ValueError("expected_clients and clip_norm must be positive")
         self._p = params
+        self._device = torch.device(device)
         self._sum: dict[str, torch.Tensor] = {}
         self.count = 0
         self._unclipped = 0
@@ -64,18 +76,20 @@ class DpSum:
 
     def add(self, update: Mapping[str, torch.Tensor], metrics: Mapping[str, float] | None = None) -> None:
         """Add one update (the caller has already refused non-finite ones) and, if released, its metrics."""
+        if self._sum and set(update) != set(self._sum):
+            raise ValueError("update tensors differ from the first contribution's")
         scale = math.sqrt(len(self._p.metric_bounds) or 1)
         for i, (name, bound) in enumerate(self._p.metric_bounds):
             value = (metrics or {}).get(name, 0.0)
             self._metrics[i] += min(max(value, 0.0), bound) / (bound * scale)
-        clipped, norm = clip(update, self._p.clip_norm)
-        if self._sum and set(clipped) != set(self._sum):
-            raise ValueError("update tensors differ from the first contribution's")
-        for name, tensor in clipped.items():
-            if name in self._sum:
-                self._sum[name].add_(tensor)
-            else:
-                self._sum[name] = tensor.clone()
+        moved = {k: t.to(self._device, non_blocking=True) for k, t in update.items()}
+        norm = l2_norm(moved)
+        factor = clip_factor(norm, self._p.clip_norm)
+        for name, tensor in moved.items():
+            total = self._sum.get(name)
+            if total is None:
+                total = self._sum[name] = torch.zeros(tensor.shape, dtype=torch.float64, device=self._device)
+            total.add_(tensor, alpha=factor)  # promoted to float64 element by element, no float64 copy
         self.count += 1
         self._unclipped += int(norm <= self._p.clip_norm)
 
@@ -88,8 +102,11 @@ class DpSum:
         std = self._p.noise_multiplier * self._p.clip_norm
         mean: dict[str, torch.Tensor] = {}
         for name, total in sorted(self._sum.items()):
-            sample = torch.from_numpy(noise.gaussian(total.numel(), std).reshape(tuple(total.shape)))
-            mean[name] = ((total + sample) / self._p.expected_clients).to(torch.float32).contiguous()
+            flat = total.view(-1)
+            for start in range(0, flat.numel(), BLOCK):  # the same samples as one call for the whole tensor
+                block = flat[start : start + BLOCK]
+                block.add_(torch.from_numpy(noise.gaussian(block.numel(), std)).to(self._device, non_blocking=True))
+            mean[name] = (total / self._p.expected_clients).to("cpu", torch.float32).contiguous()
         self._sum.clear()  # the un-noised sum is not kept past this point
         return mean, self._next_clip(noise)
 

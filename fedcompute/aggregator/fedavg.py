@@ -1,4 +1,5 @@
-"""Streaming weighted FedAvg: one running float64 sum, never all contributions in memory at once."""
+"""Streaming weighted FedAvg: one running float64 sum, never all contributions in memory at once; and where the
+sums are kept (``accumulation_device``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,34 @@ from collections.abc import Mapping
 import torch
 
 
+def accumulation_device(name: str) -> torch.device:
+    """The torch device the worker sums on ("cpu", "cuda", "cuda:N"); ``ValueError`` naming the setting if this
+    machine cannot provide it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"aggregator_device {name!r} is not a torch device (cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"aggregator_device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"aggregator_device is {name!r} but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); set FEDCOMPUTE_AGGREGATOR_DEVICE=cpu or start the worker on a GPU"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"aggregator_device is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
+
+
 class StreamingMean:
-    def __init__(self) -> None:
+    """The weighted sum, kept in float64 on ``device``; ``mean`` returns float32 tensors on the CPU."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self._device = torch.device(device)
         self._sum: dict[str, torch.Tensor] = {}
         self._weight = 0.0
         self.count = 0
@@ -19,18 +46,18 @@ class StreamingMean:
         if self._sum and set(update) != set(self._sum):
             raise ValueError("update tensors differ from the first contribution's")
         for name, tensor in update.items():
-            scaled = tensor.to(torch.float64) * weight
-            if name in self._sum:
-                self._sum[name].add_(scaled)
-            else:
-                self._sum[name] = scaled
+            moved = tensor.to(self._device, non_blocking=True)
+            total = self._sum.get(name)
+            if total is None:
+                total = self._sum[name] = torch.zeros(moved.shape, dtype=torch.float64, device=self._device)
+            total.add_(moved, alpha=weight)  # promoted to float64 element by element, no float64 copy
         self._weight += weight
         self.count += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
         if self.count == 0:
             raise ValueError("no contribution was added")
-        return {k: (v / self._weight).to(torch.float32).contiguous() for k, v in self._sum.items()}
+        return {k: (v / self._weight).to("cpu", torch.float32).contiguous() for k, v in self._sum.items()}
 
 
 class MetricMean:

@@ -7,6 +7,7 @@ import threading
 
 from prometheus_client import CollectorRegistry
 
+from fedcompute.aggregator.fedavg import accumulation_device
 from fedcompute.aggregator.keys import KeyAccess
 from fedcompute.aggregator.worker import AggregatorWorker
 from fedcompute.attestation.launcher import request_evidence
@@ -25,6 +26,10 @@ from fedcompute.rpc.serving import build_health_server
 
 
 def build_worker(settings: Settings, worker_id: str, registry: CollectorRegistry | None = None) -> AggregatorWorker:
+    try:
+        device = accumulation_device(settings.aggregator_device)  # before anything is asked of anyone
+    except ValueError as exc:
+        raise SystemExit(f"aggregator worker not started: {exc}") from None
     token = settings.internal_token or load_or_create(settings.workdir / "secrets" / "internal-token")
     socket_path = settings.attester_socket
     if socket_path is None:
@@ -37,7 +42,7 @@ def build_worker(settings: Settings, worker_id: str, registry: CollectorRegistry
         verifier=VerifierClient(channel_for(settings, settings.verifier_address), settings.rpc_timeout_s),
         evidence=lambda nonces: request_evidence(socket_path, nonces),
     )
-    return AggregatorWorker(jobs, access, worker_id, metrics=WorkerMetrics.create(registry))
+    return AggregatorWorker(jobs, access, worker_id, metrics=WorkerMetrics.create(registry), device=device)
 
 
 def main() -> None:

@@ -6,6 +6,11 @@ Hardening against floating-point attacks (Mironov 2012; arXiv:2107.10138, 2112.0
 is the sum of four independent normals divided by 2 (still N(0, 1)), as Opacus' secure mode does, so the
 low-order bits of one Box–Muller output cannot be read back from the result. ``torch.Generator`` and NumPy's
 default generator are never used for noise. Tests pass a fixed key for reproducibility.
+
+Samples are made in blocks of ``BLOCK`` (the last one shorter), each from the next 4·n keystream words: n pairs
+of uniforms (u1 from the first 2n words, u2 from the next 2n), whose 4n normals (the cosines, then the sines)
+are summed in four rows of n. So memory stays bounded by one block, and asking for ``BLOCK`` samples k times
+gives the same samples as asking for k·BLOCK at once.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _TWO_PI = 2.0 * np.pi
 _SCALE = 2.0**-53
+BLOCK = 1 << 16  # samples per block: 2 MiB of keystream
 
 
 class NoiseSource(Protocol):
@@ -42,22 +48,33 @@ class ChaChaGaussian:
         if len(key) != 32 or len(nonce) != 16:
             raise ValueError("ChaCha20 needs a 32-byte key and a 16-byte nonce")
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._zeros = bytes(32 * BLOCK)  # 4 words of 8 bytes per sample
+        self._words = bytearray(32 * BLOCK)
 
     @classmethod
     def secure(cls) -> ChaChaGaussian:
         return cls(os.urandom(32), os.urandom(16))
 
-    def _uniforms(self, count: int) -> np.ndarray:
-        words = np.frombuffer(self._stream.update(b"\x00" * (8 * count)), dtype="<u8")
-        return (words >> np.uint64(11)).astype(np.float64) * _SCALE
-
-    def _normals(self, count: int) -> np.ndarray:
-        pairs = (count + 1) // 2
-        u1 = 1.0 - self._uniforms(pairs)  # (0, 1]: log is finite
-        u2 = self._uniforms(pairs)
-        radius = np.sqrt(-2.0 * np.log(u1))
-        out = np.concatenate([radius * np.cos(_TWO_PI * u2), radius * np.sin(_TWO_PI * u2)])
-        return out[:count]
+    def _block(self, n: int, out: np.ndarray) -> None:
+        """``n`` <= BLOCK hardened standard normals into ``out``, from the next 4·n keystream words."""
+        size = 32 * n
+        self._stream.update_into(memoryview(self._zeros)[:size], self._words)
+        words = np.frombuffer(self._words, dtype="<u8", count=4 * n)
+        uniforms = (words >> np.uint64(11)).astype(np.float64)
+        uniforms *= _SCALE
+        u1, u2 = uniforms[: 2 * n], uniforms[2 * n :]
+        np.subtract(1.0, u1, out=u1)  # (0, 1]: log is finite
+        np.log(u1, out=u1)
+        u1 *= -2.0
+        radius = np.sqrt(u1, out=u1)
+        u2 *= _TWO_PI
+        sines = np.sin(u2)
+        np.cos(u2, out=u2)
+        u2 *= radius  # the 2n cosine normals
+        sines *= radius
+        np.add(u2[:n], u2[n:], out=out)  # rows in order: cosines 0..n, n..2n, then sines 0..n, n..2n
+        out += sines[:n]
+        out += sines[n:]
 
     def gaussian(self, count: int, std: float) -> np.ndarray:
         """``count`` samples of N(0, std²) in float64 (each the hardened sum of four normals / 2)."""
@@ -65,6 +82,10 @@ class ChaChaGaussian:
             return np.zeros(0)
         if std == 0:
             return np.zeros(count)
-        four = self._normals(4 * count).reshape(4, count)
-        samples: np.ndarray = std * four.sum(axis=0) / 2.0
+        samples = np.empty(count, dtype=np.float64)
+        for start in range(0, count, BLOCK):
+            block = samples[start : start + BLOCK]
+            self._block(len(block), block)
+            block *= std
+            block /= 2.0
         return samples

@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import grpc
 import structlog
+import torch
 
 from fedcompute.aggregator.contributions import JobContext, Rejected, open_contribution
 from fedcompute.aggregator.dp import BelowMinimum, DpSum
-from fedcompute.aggregator.fedavg import MetricMean, StreamingMean
+from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
 from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, derive_noise_key
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
@@ -37,7 +38,9 @@ class AggregatorWorker:
         worker_id: str,
         noise: Callable[[bytes], NoiseSource] = ChaChaGaussian,
         metrics: WorkerMetrics | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
+        self._device = accumulation_device(str(device))  # ValueError now, at start, if this machine lacks it
         self._metrics = metrics or WorkerMetrics.create()
         self._jobs = jobs
         self._keys = keys
@@ -93,7 +96,7 @@ class AggregatorWorker:
         )
         metrics = MetricMean()
         keys = JobKeys(self._keys, job, policy_hash, inputs)
-        mean: StreamingMean | DpSum = DpSum(dp) if dp else StreamingMean()
+        mean: StreamingMean | DpSum = DpSum(dp, self._device) if dp else StreamingMean(self._device)
         rejections: Counter[str] = Counter()
         streamed = 0
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
@@ -103,14 +106,15 @@ class AggregatorWorker:
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
             )
             for item in stream:
-                self._metrics.contribution_bytes.inc(len(item.envelope))
-                got = (item.assignment_id, hashlib.sha256(item.envelope).hexdigest())
+                envelope = item.envelope  # each read of a bytes field copies it: read once, hash once
+                self._metrics.contribution_bytes.inc(len(envelope))
+                got = (item.assignment_id, hashlib.sha256(envelope).hexdigest())
                 if streamed >= len(inputs) or got != inputs[streamed]:
                     self._fail(job, f"contribution {streamed} of the stream is not the job's input set's", False)
                     return
                 streamed += 1
                 try:
-                    opened = open_contribution(item.envelope, item.assignment_id, context, keys)
+                    opened = open_contribution(envelope, item.assignment_id, context, keys)
                 except Rejected as refusal:
                     rejections[refusal.reason] += 1
                     continue

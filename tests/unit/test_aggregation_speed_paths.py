@@ -1,0 +1,132 @@
+"""The aggregator's fast paths keep the slow paths' results: in-place float64 sums, the float64 norm, blockwise
+noise (the stream's format pinned against a plain reference), the one-pass finiteness check, and where the sums
+are kept (the accumulation device; a missing GPU is refused at start)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcompute.aggregator.contributions import JobContext, Rejected, _parse_payload
+from fedcompute.aggregator.dp import DpParams, DpSum, l2_norm
+from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
+from fedcompute.aggregator.main import build_worker
+from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian
+from fedcompute.core import checkpoints
+from fedcompute.core.settings import Settings
+
+KEY = bytes(range(32))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _reference_block(stream: CipherContext, n: int) -> np.ndarray:
+    """The format, written plainly: 4n keystream words; u1 = the first 2n, u2 = the next 2n; Box–Muller's cosines
+    then sines; four rows of n summed in order, over 2."""
+    words = np.frombuffer(stream.update(b"\x00" * (32 * n)), dtype="<u8")
+    uniforms = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    u1, u2 = 1.0 - uniforms[: 2 * n], uniforms[2 * n :]
+    radius = np.sqrt(-2.0 * np.log(u1))
+    normals = np.concatenate([radius * np.cos(2.0 * np.pi * u2), radius * np.sin(2.0 * np.pi * u2)])
+    rows = normals.reshape(4, n)
+    summed: np.ndarray = ((rows[0] + rows[1]) + rows[2]) + rows[3]
+    return summed
+
+
+def test_noise_blocks_follow_the_pinned_format_and_calls_compose() -> None:
+    count = 2 * BLOCK + 7  # two whole blocks and a short one
+    stream = Cipher(algorithms.ChaCha20(KEY, b"\x00" * 16), mode=None).encryptor()
+    expected = np.concatenate([_reference_block(stream, n) for n in (BLOCK, BLOCK, 7)]) * 1.5 / 2.0
+    assert np.array_equal(ChaChaGaussian(KEY).gaussian(count, 1.5), expected)
+    source = ChaChaGaussian(KEY)
+    pieces = [source.gaussian(n, 1.5) for n in (BLOCK, BLOCK, 7)]
+    assert np.array_equal(np.concatenate(pieces), expected)  # asking block by block gives the same samples
+
+
+def test_dp_release_adds_the_same_noise_as_one_call_for_the_whole_tensor() -> None:
+    params = DpParams(clip_norm=1e4, noise_multiplier=0.8e-3, expected_clients=3, min_clients=1)  # not clipped
+    dp = DpSum(params)
+    update = {"big": torch.linspace(-1, 1, BLOCK + 100).reshape(-1, 4), "small": torch.ones(3)}
+    dp.add(update)
+    released, _ = dp.release(ChaChaGaussian(KEY))
+    noise = ChaChaGaussian(KEY)
+    for name in ("big", "small"):  # sorted order, as release draws them
+        total = update[name].to(torch.float64)
+        sample = torch.from_numpy(noise.gaussian(total.numel(), 8.0).reshape(tuple(total.shape)))
+        assert torch.equal(released[name], ((total + sample) / 3).to(torch.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-1e3, 1e3), st.integers(1, 10_000)), min_size=1, max_size=6))
+def test_in_place_weighted_sum_matches_the_float64_product_sum(items: list[tuple[float, int]]) -> None:
+    rng = np.random.default_rng(3)  # synthetic updates only
+    mean = StreamingMean()
+    reference = torch.zeros(257, dtype=torch.float64)
+    for scale, weight in items:
+        tensor = torch.from_numpy(rng.standard_normal(257).astype(np.float32) * np.float32(scale))
+        mean.add({"w": tensor}, float(weight))
+        reference += tensor.to(torch.float64) * weight
+    expected = (reference / sum(w for _, w in items)).to(torch.float32)
+    assert torch.allclose(mean.mean()["w"], expected, rtol=1e-6, atol=1e-30)
+
+
+def test_l2_norm_is_the_float64_norm_and_infinite_when_a_value_is_not() -> None:
+    update = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([12.0]), "empty": torch.zeros(0)}
+    assert l2_norm(update) == 13.0
+    assert l2_norm({"big": torch.full((4,), 3e38)}) == pytest.approx(6e38)  # float32 squares would overflow
+    for bad in (math.nan, math.inf):
+        assert l2_norm({"a": torch.tensor([1.0, bad])}) == math.inf
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_single_non_finite_value_is_rejected(bad: float) -> None:
+    values = torch.zeros(1000)
+    values[617] = bad
+    job = JobContext("p", "t", 1, "a", 1, "", "", {"w": ((1000,), torch.float32), "e": ((0,), torch.float32)})
+    payload = checkpoints.encode({"w": values, "e": torch.zeros(0)}, {"num_examples": 1})
+    with pytest.raises(Rejected) as info:
+        _parse_payload(payload, job)
+    assert info.value.reason == "non_finite"
+    ok = checkpoints.encode({"w": torch.full((1000,), 3e38), "e": torch.zeros(0)}, {"num_examples": 1})
+    assert _parse_payload(ok, job).num_examples == 1
+
+
+def test_cpu_is_the_default_and_a_missing_gpu_is_refused_at_start(tmp_path: Path) -> None:
+    assert Settings(workdir=tmp_path).aggregator_device == "cpu"
+    assert accumulation_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to refuse")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=r"CUDA is not available.*FEDCOMPUTE_AGGREGATOR_DEVICE=cpu"):
+            accumulation_device(name)
+    settings_ = Settings(workdir=tmp_path, aggregator_device="cuda", attester_socket=tmp_path / "absent.sock")
+    with pytest.raises(SystemExit, match="aggregator worker not started: aggregator_device is 'cuda'"):
+        build_worker(settings_, "worker-1")
+
+
+@CUDA
+def test_sums_on_the_gpu_match_the_cpu() -> None:
+    update = {"w": torch.linspace(-2, 2, 5000), "b": torch.ones(7)}
+    cpu, gpu = StreamingMean(), StreamingMean("cuda")
+    for weight in (1.0, 3.0):
+        cpu.add(update, weight)
+        gpu.add(update, weight)
+    for name, tensor in gpu.mean().items():
+        assert tensor.device.type == "cpu"
+        assert torch.allclose(tensor, cpu.mean()[name])
+    params = DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=2, min_clients=1)
+    dp_cpu, dp_gpu = DpSum(params), DpSum(params, "cuda")
+    for dp in (dp_cpu, dp_gpu):
+        dp.add(update)
+        dp.add({k: -t for k, t in update.items()})
+    released_cpu, _ = dp_cpu.release(ChaChaGaussian(KEY))
+    released_gpu, _ = dp_gpu.release(ChaChaGaussian(KEY))
+    for name, tensor in released_gpu.items():
+        assert tensor.device.type == "cpu"
+        assert torch.allclose(tensor, released_cpu[name], atol=1e-6)
