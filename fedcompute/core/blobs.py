@@ -13,8 +13,9 @@ class BlobStore(Protocol):
         """Store ``data``; return its sha256 hex (its address)."""
         ...
 
-    def put_file(self, path: Path) -> str:
-        """Move a finished file into the store (hashing it); return its sha256 hex."""
+    def put_file(self, path: Path, sha256_hex: str | None = None) -> str:
+        """Move a finished file into the store (hashing it unless the caller gives its digest, hashed as the bytes
+        arrived); return its sha256 hex. Reads verify the address whatever was given."""
         ...
 
     def get(self, sha256_hex: str) -> bytes:

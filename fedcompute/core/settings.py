@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     )
     attester_socket: Path | None = Field(None, description="The launcher's evidence socket (set for the worker).")
     aggregator_debug: bool = Field(False, description="Start the worker in debug mode (its evidence says so).")
+    aggregator_device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="Where the aggregator accumulates: cpu, cuda or cuda:N."
+    )
     key_lifetime_s: int = Field(30 * 86400, gt=0, description="How long a population key is used for encrypting.")
     key_destroy_after_s: int = Field(7 * 86400, ge=0, description="After expiry, when key shares are destroyed.")
     key_rotate_before_s: int = Field(86400, gt=0, description="Publish the next key this long before expiry.")

@@ -103,8 +103,8 @@ def build_server(
         time.monotonic,
         windows,
     )
-    tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes)
     assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_clients, clock))
+    tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes, on_change=assignments.forget_open_tasks)
     uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)

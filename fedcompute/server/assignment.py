@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -24,6 +26,7 @@ from fedcompute.store.tasks import TaskRepository
 from fedcompute.v1 import common_pb2
 
 log = structlog.get_logger("fedcompute.assignment")
+OPEN_TASKS_TTL_S = 1.0
 SESSION = "session"
 UPLOAD = "upload"
 
@@ -85,19 +88,21 @@ class AssignmentService:
         signer: TokenSigner,
         keyring: KeyRing,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._monotonic = monotonic  # the open-tasks cache's age only
         self._rng = rng or random.Random()  # selection order only; nothing secret depends on it
         self._db = db
         self._clock = clock
         self._ids = ids
         self._signer = signer
         self._keyring = keyring
+        self._open_cache: dict[str, tuple[float, list[TaskRecord]]] = {}
 
     def check_in(self, population: str, client_version: str, done: set[tuple[str, int]]) -> Assignment | Refusal:
         if not population.strip():
             raise InvalidArgument("population_name", "must not be empty")
-        with self._db.transaction() as s:
-            tasks = TaskRepository(s).open_for_population(population)
+        tasks = self._open_tasks(population)
         if not tasks:
             return Refusal(Rejection.NO_ACTIVE_TASK, f"no open task for population {population!r}")
         eligible = [t for t in tasks if in_range(client_version, t.spec.min_client_version, t.spec.max_client_version)]
@@ -114,6 +119,27 @@ class AssignmentService:
         cohort = sum(t.spec.max_cohort for t in eligible)
         return Refusal(Rejection.NO_TASK_AVAILABLE, "every open round is full or already done by this device", cohort)
 
+    def _open_tasks(self, population: str) -> list[TaskRecord]:
+        """The population's open tasks, read at most every ``OPEN_TASKS_TTL_S`` per process (a deferred read).
+        Safe to be a moment stale: admission checks the round's state in its own transaction, so a task just
+        closed admits nobody; a task created through this process is seen at once (``forget_open_tasks``), one
+        created through another replica within the TTL. An empty answer is not kept."""
+        now = self._monotonic()
+        cached = self._open_cache.get(population)
+        if cached is not None and now - cached[0] < OPEN_TASKS_TTL_S:
+            return cached[1]
+        with self._db.reading() as s:
+            tasks = TaskRepository(s).open_for_population(population)
+        if len(self._open_cache) > 10_000:  # populations are few; never let a flood of names grow it unbounded
+            self._open_cache.clear()
+        if tasks:
+            self._open_cache[population] = (now, tasks)
+        return tasks
+
+    def forget_open_tasks(self) -> None:
+        """A task was created or canceled here: the next check-in reads the open tasks again."""
+        self._open_cache.clear()
+
     def _admit(self, task: TaskRecord, done: set[tuple[str, int]], key: common_pb2.PublicKey) -> Assignment | None:
         now = self._clock.now()
         with self._db.transaction() as s:
@@ -127,7 +153,7 @@ class AssignmentService:
             AssignmentRepository(s).add(assignment_id, current.iteration_id, task.task_id, now)
             version = ModelVersionRepository(s).get(task.task_id, current.base_model_version)
         assert version is not None
-        log.info("assignment_created", task_id=task.task_id, round=current.round)
+        log.debug("assignment_created", task_id=task.task_id, round=current.round)  # the RPC line says it at info
         return Assignment(
             assignment_id,
             self._signer.token(SESSION, assignment_id),

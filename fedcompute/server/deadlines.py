@@ -65,7 +65,7 @@ class DeadlineSweeper:
     def run_once(self) -> int:
         """Sweep every open round once; return how many changes were made."""
         now = self._clock.now()
-        with self._db.transaction() as s:  # a read: the write lock is taken only for rounds with work due
+        with self._db.reading() as s:  # a read: the write lock is taken only for rounds with work due
             due = [
                 (iteration, opened, task.spec)
                 for iteration, opened in IterationRepository(s).open_ones()

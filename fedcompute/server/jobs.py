@@ -98,7 +98,7 @@ class JobService:
 
     def count_by_status(self) -> dict[str, int]:
         """How many jobs are in each status (the queue-depth gauge, read at scrape time)."""
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             return JobRepository(s).count_by_status()
 
     def extend(self, job_id: str, lease_id: str) -> int:

@@ -42,13 +42,13 @@ class ResourceService:
         if offset < 0:
             raise InvalidArgument("read_offset", "must be >= 0")
         if match := _PLAN.match(resource_name):
-            with self._db.transaction() as s:
+            with self._db.reading() as s:
                 plan = TaskRepository(s).plan(match.group(1))
             if plan is None:
                 raise NotFound(f"no plan {resource_name!r}")
             return Download(len(plan), hashlib.sha256(plan).hexdigest(), _slices(plan, offset, self._chunk))
         if match := _MODEL.match(resource_name):
-            with self._db.transaction() as s:
+            with self._db.reading() as s:
                 version = ModelVersionRepository(s).get(match.group(1), int(match.group(2)))
             if version is None:
                 raise NotFound(f"no model version {resource_name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 
 import structlog
@@ -54,7 +55,9 @@ class TaskService:
         clock: Clock,
         ids: IdGenerator,
         max_plan_bytes: int = plans.DEFAULT_MAX_PLAN_BYTES,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
+        self._on_change = on_change or (lambda: None)  # tasks opened or closed: check-in's cache forgets
         self._max_plan_bytes = max_plan_bytes
         self._db = db
         self._blobs = blobs
@@ -98,6 +101,7 @@ class TaskService:
             record = tasks.get(task_id)
         assert record is not None
         log.info("task_created", task_id=task_id, population=spec.population_name, rounds=spec.rounds)
+        self._on_change()
         return record
 
     def _initial_weights(self, spec: TaskSpec, plan: plans.Plan) -> dict[str, torch.Tensor]:
@@ -120,7 +124,7 @@ class TaskService:
 
     def get(self, task_id: str) -> TaskRecord:
         """The task, with the aggregated metrics of each completed round."""
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             record = TaskRepository(s).get(task_id)
             rounds = IterationRepository(s).for_task(task_id) if record else []
         if record is None:
@@ -131,7 +135,7 @@ class TaskService:
         return replace(record, round_metrics=metrics)
 
     def _require(self, task_id: str) -> None:
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             if TaskRepository(s).get(task_id) is None:
                 raise NotFound(f"task {task_id!r} does not exist")
 
@@ -139,7 +143,7 @@ class TaskService:
         if page_size < 0:
             raise InvalidArgument("page_size", "must be >= 0")
         limit = min(page_size or MAX_PAGE, MAX_PAGE)
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             records = TaskRepository(s).page(population, page_token, limit)
         next_token = records[-1].task_id if len(records) == limit else ""
         return records, next_token
@@ -166,16 +170,17 @@ class TaskService:
             updated = tasks.get(task_id)
         assert updated is not None
         log.info("task_canceled", task_id=task_id)
+        self._on_change()
         return updated
 
     def iterations(self, task_id: str) -> list[IterationRecord]:
         self._require(task_id)
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             return IterationRepository(s).for_task(task_id)
 
     def model_versions(self, task_id: str) -> list[ModelVersionRecord]:
         self._require(task_id)
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             versions = ModelVersionRepository(s).for_task(task_id)
             charged = LedgerRepository(s).by_version(task_id)
         return [

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -67,6 +68,20 @@ class _RoundClosed(Exception):
     pass
 
 
+def _hash_prefix(handle: BinaryIO, size: int, digest: Any) -> bool:
+    """Feed the first ``size`` bytes of ``handle`` into ``digest``; False if the file holds fewer (a resumed
+    upload whose staged bytes this process does not have)."""
+    handle.seek(0)
+    left = size
+    while left > 0:
+        block = handle.read(min(left, 1 << 20))
+        if not block:
+            return False
+        digest.update(block)
+        left -= len(block)
+    return True
+
+
 class UploadService:
     def __init__(
         self,
@@ -98,7 +113,7 @@ class UploadService:
 
     def query(self, resource_name: str, token: str) -> WriteStatus:
         assignment_id = self._authorize(resource_name, token)
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             upload = UploadRepository(s).get(assignment_id)
         if upload is None:
             return WriteStatus(0, False)
@@ -165,48 +180,60 @@ class UploadService:
             raise InvalidArgument("metadata.sha256_hex", "must be 64 lowercase hex characters")
 
     def _receive(self, upload: UploadRecord, chunks: Iterator[WriteChunk]) -> WriteStatus:
+        """Append the stream to the staged file, hashing as it arrives. Progress is made durable once, when the
+        stream ends (finished, stopped or broken): fsync, then one transaction recording the committed size. A
+        process killed mid-stream leaves the recorded size behind the file; a resume truncates to it."""
         path = self._staging / f"upload-{upload.upload_id}"
-        offset = upload.committed_size
+        start = offset = upload.committed_size
+        digest = hashlib.sha256()
+        finished = False
         with path.open("r+b" if path.exists() else "wb") as handle:
             handle.truncate(offset)  # drop bytes a crashed write left past the committed size
+            if not _hash_prefix(handle, offset, digest):  # a resumed upload: the bytes already committed
+                self._discard(upload, path)  # staged elsewhere (another replica) or lost: start over
+                raise DataLoss("this server does not hold the upload's committed bytes; upload again from offset 0")
             handle.seek(offset)
-            for chunk in chunks:
-                if chunk.write_offset != offset:
-                    raise OffsetMismatch(offset, chunk.write_offset)
-                if offset + len(chunk.data) > upload.total_size:
-                    raise InvalidArgument(
-                        "data", f"more bytes than the declared total_size_bytes ({upload.total_size})"
-                    )
-                if chunk.data:
-                    handle.write(chunk.data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    with self._db.transaction() as s:
-                        UploadRepository(s).advance(
-                            upload.upload_id, offset, offset + len(chunk.data), self._clock.now()
+            try:
+                for chunk in chunks:
+                    if chunk.write_offset != offset:
+                        raise OffsetMismatch(offset, chunk.write_offset)
+                    if offset + len(chunk.data) > upload.total_size:
+                        raise InvalidArgument(
+                            "data", f"more bytes than the declared total_size_bytes ({upload.total_size})"
                         )
+                    handle.write(chunk.data)
+                    digest.update(chunk.data)
                     offset += len(chunk.data)
-                if chunk.finish_write:
-                    break
-            else:
-                return WriteStatus(offset, False)
-        return self._finish(upload, path, offset)
+                    if chunk.finish_write:
+                        finished = True
+                        break
+            finally:
+                handle.flush()
+                os.fsync(handle.fileno())
+                if not finished and offset != start:
+                    with self._db.transaction() as s:
+                        UploadRepository(s).advance(upload.upload_id, start, offset, self._clock.now())
+        if not finished:
+            return WriteStatus(offset, False)
+        return self._finish(upload, path, start, offset, digest.hexdigest())
 
-    def _finish(self, upload: UploadRecord, path: Path, offset: int) -> WriteStatus:
+    def _finish(self, upload: UploadRecord, path: Path, start: int, offset: int, sha256_hex: str) -> WriteStatus:
         if offset != upload.total_size:
+            if offset != start:
+                with self._db.transaction() as s:
+                    UploadRepository(s).advance(upload.upload_id, start, offset, self._clock.now())
             raise FailedPrecondition(f"finish_write after {offset} of {upload.total_size} declared bytes")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != upload.sha256_hex:
+        if sha256_hex != upload.sha256_hex:
             self._discard(upload, path)
             raise DataLoss("the received bytes do not match the declared sha256; they were discarded, upload again")
         try:
-            check_envelope(data, self._expected_context(upload))
+            check_envelope(path.read_bytes(), self._expected_context(upload))
         except InvalidArgument:
             self._discard(upload, path)
             raise
-        blob = self._blobs.put_file(path)
+        blob = self._blobs.put_file(path, sha256_hex)  # hashed once, as it arrived
         try:
-            self._commit(upload, blob)
+            self._commit(upload, blob, start)
         except _RoundClosed:
             self._blobs.delete(blob)  # never counted: no blob outlives the commit that would have counted it
             path.unlink(missing_ok=True)
@@ -220,19 +247,21 @@ class UploadService:
             raise FailedPrecondition("the round closed before this upload finished; it was not counted") from None
         return WriteStatus(upload.total_size, True)
 
-    def _commit(self, upload: UploadRecord, blob: str) -> None:
-        with self._db.transaction() as s:
-            found = AssignmentRepository(s).get(upload.assignment_id)
-        assert found is not None
-        self._db.run(lambda s: self._count(s, upload, blob, found.iteration_id))
+    def _commit(self, upload: UploadRecord, blob: str, start: int) -> None:
+        self._db.run(lambda s: self._count(s, upload, blob, start))
         log.info("upload_finished", bytes=upload.total_size)
 
-    def _count(self, s: Session, upload: UploadRecord, blob: str, iteration_id: str) -> None:
-        """Lock order: round, then upload, then assignment (as in check-in, cancel and the collector)."""
+    def _count(self, s: Session, upload: UploadRecord, blob: str, start: int) -> None:
+        """One transaction: the bytes committed, the upload complete, the assignment uploaded, the round counted.
+        Lock order: round, then upload, then assignment (as in check-in, cancel and the collector)."""
         now = self._clock.now()
+        found = AssignmentRepository(s).get(upload.assignment_id)
+        assert found is not None
+        iteration_id = found.iteration_id
         iterations = IterationRepository(s)
         iterations.lock(iteration_id)
         uploads = UploadRepository(s)
+        uploads.advance(upload.upload_id, start, upload.total_size, now)
         if not uploads.complete(upload.upload_id, blob, now):
             current = uploads.get(upload.upload_id)
             if current is not None and current.status == UploadStatus.COMPLETE:
@@ -252,7 +281,7 @@ class UploadService:
             close_round(s, self._ids, iteration, now)
 
     def _expected_context(self, upload: UploadRecord) -> ContributionContext:
-        with self._db.transaction() as s:
+        with self._db.reading() as s:
             assignment = AssignmentRepository(s).get(upload.assignment_id)
             assert assignment is not None
             iteration = IterationRepository(s).get(assignment.iteration_id)

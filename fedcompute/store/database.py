@@ -19,6 +19,9 @@ T = TypeVar("T")
 __all__ = ["Database", "Session"]
 
 
+READ_ONLY = "fedcompute_read_only"
+
+
 class Database:
     """Owns the engine; ``transaction()`` is the unit of work services open."""
 
@@ -45,6 +48,14 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A transaction that only reads: on SQLite a deferred one, which takes no write lock (WAL readers never
+        wait for writers); on Postgres the same as ``transaction()``. Writing in it is a bug."""
+        with self._sessions() as session, session.begin():
+            session.connection(execution_options={READ_ONLY: True})
             yield session
 
     def run(self, work: Callable[[Session], T]) -> T:
@@ -88,4 +99,5 @@ def _sqlite_serializable_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        deferred = connection.get_execution_options().get(READ_ONLY)
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
