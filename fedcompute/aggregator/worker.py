@@ -12,13 +12,15 @@ from collections.abc import Callable
 import grpc
 import structlog
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcompute.aggregator.contributions import JobContext, Rejected, open_contribution
+from fedcompute.aggregator.contributions import JobContext, Opened, Rejected, open_contribution
 from fedcompute.aggregator.dp import BelowMinimum, DpSum
 from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
 from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, derive_noise_key
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
+from fedcompute.aggregator.prefetch import prefetched
 from fedcompute.clients.typed import AggregationClient
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.context import input_set_digest
@@ -98,31 +100,24 @@ class AggregatorWorker:
         keys = JobKeys(self._keys, job, policy_hash, inputs)
         mean: StreamingMean | DpSum = DpSum(dp, self._device) if dp else StreamingMean(self._device)
         rejections: Counter[str] = Counter()
-        streamed = 0
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
         next_extension = time.monotonic() + max(lease_left, 1.0)
+        opener = _Opener(inputs, context, keys, self._metrics)
         try:
             stream = self._jobs.stream_contributions(
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
             )
-            for item in stream:
-                envelope = item.envelope  # each read of a bytes field copies it: read once, hash once
-                self._metrics.contribution_bytes.inc(len(envelope))
-                got = (item.assignment_id, hashlib.sha256(envelope).hexdigest())
-                if streamed >= len(inputs) or got != inputs[streamed]:
-                    self._fail(job, f"contribution {streamed} of the stream is not the job's input set's", False)
+            for outcome in prefetched(stream, opener):  # the next one is checked and opened while this one is added
+                if outcome is None:
+                    self._fail(job, f"contribution {opener.matched} of the stream is not the job's input set's", False)
                     return
-                streamed += 1
-                try:
-                    opened = open_contribution(envelope, item.assignment_id, context, keys)
-                except Rejected as refusal:
-                    rejections[refusal.reason] += 1
-                    continue
-                if isinstance(mean, DpSum):
-                    mean.add(opened.update, opened.metrics)  # uniform weights under DP: example counts would leak
+                if isinstance(outcome, Rejected):
+                    rejections[outcome.reason] += 1
+                elif isinstance(mean, DpSum):
+                    mean.add(outcome.update, outcome.metrics)  # uniform weights under DP: example counts would leak
                 else:
-                    mean.add(opened.update, float(opened.num_examples))
-                    metrics.add(opened.metrics, opened.num_examples)  # under DP metrics are left out
+                    mean.add(outcome.update, float(outcome.num_examples))
+                    metrics.add(outcome.metrics, outcome.num_examples)  # under DP metrics are left out
                 if time.monotonic() > next_extension:
                     self._jobs.extend_lease(
                         aggregation_pb2.ExtendLeaseRequest(job_id=job.job_id, lease_id=job.lease_id)
@@ -137,8 +132,8 @@ class AggregatorWorker:
         except grpc.RpcError as exc:
             self._fail(job, f"contribution stream broke: {exc.code().name}", retryable=True)
             return
-        if streamed != len(inputs):
-            self._fail(job, f"the stream ended after {streamed} of {len(inputs)} contributions", retryable=True)
+        if opener.matched != len(inputs):
+            self._fail(job, f"the stream ended after {opener.matched} of {len(inputs)} contributions", retryable=True)
             return
         rejected = sum(rejections.values())
         if mean.count < policy.min_clients:
@@ -188,6 +183,43 @@ class AggregatorWorker:
         self._jobs.fail_job(
             aggregation_pb2.FailJobRequest(job_id=job.job_id, lease_id=job.lease_id, reason=reason, retryable=retryable)
         )
+
+
+class _Opener:
+    """Checks each streamed item against the job's input list, in order, then opens it (``None``: not the input
+    set's). After a mismatch or an error it opens nothing more, so no key is asked for on a refused stream."""
+
+    def __init__(
+        self,
+        inputs: list[tuple[str, str]],
+        context: JobContext,
+        keys: Callable[[str], X25519PrivateKey],
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._inputs = inputs
+        self._context = context
+        self._keys = keys
+        self._metrics = metrics
+        self._stopped = False
+        self.matched = 0  # items that matched the input list so far
+
+    def __call__(self, item: aggregation_pb2.StreamContributionsResponse) -> Opened | Rejected | None:
+        if self._stopped:
+            return None
+        envelope = item.envelope  # each read of a bytes field copies it: read once, hash once
+        self._metrics.contribution_bytes.inc(len(envelope))
+        got = (item.assignment_id, hashlib.sha256(envelope).hexdigest())
+        if self.matched >= len(self._inputs) or got != self._inputs[self.matched]:
+            self._stopped = True
+            return None
+        self.matched += 1
+        try:
+            return open_contribution(envelope, item.assignment_id, self._context, self._keys)
+        except Rejected as refusal:
+            return refusal
+        except BaseException:
+            self._stopped = True
+            raise
 
 
 def _faulty_note(providers: set[str]) -> str:

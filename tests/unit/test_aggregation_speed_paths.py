@@ -1,26 +1,38 @@
 """The aggregator's fast paths keep the slow paths' results: in-place float64 sums, the float64 norm, blockwise
-noise (the stream's format pinned against a plain reference), the one-pass finiteness check, and where the sums
-are kept (the accumulation device; a missing GPU is refused at start)."""
+noise (the stream's format pinned against a plain reference), the one-pass finiteness check, the one-ahead
+prefetch, and where the sums are kept (the accumulation device; a missing GPU is refused at start)."""
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
-from fedcompute.aggregator.contributions import JobContext, Rejected, _parse_payload
+from fedcompute.aggregator.contributions import JobContext, Opened, Rejected, _parse_payload
 from fedcompute.aggregator.dp import DpParams, DpSum, l2_norm
 from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
+from fedcompute.aggregator.keys import KeyUnavailable
 from fedcompute.aggregator.main import build_worker
 from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian
+from fedcompute.aggregator.prefetch import prefetched
+from fedcompute.aggregator.worker import _Opener
 from fedcompute.core import checkpoints
+from fedcompute.core.context import ContributionContext
 from fedcompute.core.settings import Settings
+from fedcompute.core.telemetry import WorkerMetrics
+from fedcompute.keys import hpke
+from fedcompute.keys.envelope import seal_contribution
+from fedcompute.v1 import aggregation_pb2
 
 KEY = bytes(range(32))
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -130,3 +142,68 @@ def test_sums_on_the_gpu_match_the_cpu() -> None:
     for name, tensor in released_gpu.items():
         assert tensor.device.type == "cpu"
         assert torch.allclose(tensor, released_cpu[name], atol=1e-6)
+
+
+def test_prefetch_keeps_order_stays_one_ahead_and_raises_in_order() -> None:
+    started: list[int] = []
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+    def work(i: int) -> tuple[int, str]:
+        started.append(i)
+        if i == 3:
+            raise KeyError(i)
+        return i * 10, request_id.get()
+
+    request_id.set("job-1")
+    results = prefetched(range(6), work)
+    assert next(results) == (0, "job-1")  # the caller's context variables reach the thread
+    assert set(started) <= {0, 1}  # at most one ahead of the caller
+    assert [next(results), next(results)] == [(10, "job-1"), (20, "job-1")]
+    with pytest.raises(KeyError):
+        next(results)
+    assert started[:4] == [0, 1, 2, 3]
+    assert set(started) <= {0, 1, 2, 3, 4}  # the item in flight finished (or was never started); nothing after
+    started.clear()
+    early = prefetched(range(100), work)
+    next(early)
+    early.close()
+    assert set(started) <= {0, 1}
+
+
+def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_error() -> None:
+    key = hpke.generate_private_key()
+    job = JobContext("pop", "t", 1, "agg", 1, "ab" * 32, "cd" * 32, {})
+    payload = checkpoints.encode({}, {"num_examples": 2})
+
+    def item(assignment_id: str) -> aggregation_pb2.StreamContributionsResponse:
+        context = ContributionContext("pop", "t", 1, "agg", assignment_id, "k", 1, "ab" * 32, "cd" * 32)
+        envelope = seal_contribution(payload, context, hpke.public_bytes(key.public_key())).SerializeToString()
+        return aggregation_pb2.StreamContributionsResponse(assignment_id=assignment_id, envelope=envelope)
+
+    items = [item("a1"), item("a2"), item("a3")]
+    inputs = [(i.assignment_id, hashlib.sha256(i.envelope).hexdigest()) for i in items]
+    asked: list[str] = []
+
+    def keys(key_id: str) -> X25519PrivateKey:
+        asked.append(key_id)
+        return key
+
+    metrics = WorkerMetrics.create(CollectorRegistry())
+    opener = _Opener(inputs, job, keys, metrics)
+    first = opener(items[0])
+    assert isinstance(first, Opened)
+    assert first.num_examples == 2
+    assert opener(items[2]) is None  # out of order: not the input set's
+    assert opener(items[1]) is None  # nothing is opened after a mismatch
+    assert (opener.matched, asked) == (1, ["k"])
+
+    def unavailable(key_id: str) -> X25519PrivateKey:
+        asked.append(key_id)
+        raise KeyUnavailable("1 of 3 key services reachable")
+
+    asked.clear()
+    failing = _Opener(inputs, job, unavailable, metrics)
+    with pytest.raises(KeyUnavailable):
+        failing(items[0])
+    assert failing(items[1]) is None  # the prefetched next item asks nothing more
+    assert asked == ["k"]

@@ -1,0 +1,34 @@
+"""One item ahead: the worker opens the next contribution on a background thread while it adds the current one.
+
+Hashing (hashlib), HPKE opening and the tensor adds release the GIL for most of their time, so the two overlap.
+At most two items are in hand at once (the one the caller holds and the one being worked on), so memory stays
+bounded whatever the cohort; the next item is read from the source only when the caller asks for the next result.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetched(items: Iterable[T], work: Callable[[T], R]) -> Generator[R, None, None]:
+    """``work(item)`` for each item in order, run on one background thread one item ahead of the caller (with
+    the caller's context variables, so log lines keep their request id). ``work``'s exceptions are raised here,
+    in order; when the caller stops early, the item in flight is finished and nothing more is started."""
+    with ThreadPoolExecutor(1, thread_name_prefix="fedcompute-open") as pool:
+        pending: Future[R] | None = None
+        try:
+            for item in items:
+                ahead = pool.submit(contextvars.copy_context().run, work, item)
+                if pending is not None:
+                    yield pending.result()
+                pending = ahead
+            if pending is not None:
+                yield pending.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
