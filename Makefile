@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test lint typecheck protos protos-check unit clean
+.PHONY: demo test lint typecheck protos protos-check unit clean bench
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ typecheck: $(BIN)/.installed
 
 test: protos-check lint typecheck
 	$(BIN)/pytest -q
+
+bench: $(BIN)/.installed  # not part of test: about 9 minutes on 2 cores; ARGS="--quick" or "--only NAME"
+	GRPC_VERBOSITY=ERROR $(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

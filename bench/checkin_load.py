@@ -22,6 +22,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -57,6 +59,13 @@ def _drop(admin_url: str, name: str) -> None:
 
 
 def run(replicas: int, devices: int, seconds: float, admin_url: str) -> dict[str, object]:
+    with deployment(replicas, admin_url) as address:
+        return load(address, devices, seconds)
+
+
+@contextmanager
+def deployment(replicas: int, admin_url: str) -> Iterator[str]:
+    """`fedcompute up --replicas N` on a fresh database with one open task; yields the server address."""
     name = f"fedcompute_bench_{os.getpid()}_{replicas}"
     url = _database(admin_url, name)
     work = Path(tempfile.mkdtemp(prefix="fedcompute-load-"))
@@ -86,14 +95,14 @@ def run(replicas: int, devices: int, seconds: float, admin_url: str) -> dict[str
             env=task_env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         time.sleep(2)  # the dealer's key ceremony
-        return _load(f"127.0.0.1:{port}", devices, seconds)
+        yield f"127.0.0.1:{port}"
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
         _drop(admin_url, name)
 
 
-def _load(address: str, devices: int, seconds: float) -> dict[str, object]:
+def load(address: str, devices: int, seconds: float) -> dict[str, object]:
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     lock = threading.Lock()

@@ -1,0 +1,80 @@
+"""Upload of 4 MiB envelopes, 16 at a time: UploadService.Write of the real server against a raw sink.
+
+Product: an in-process suite on SQLite (no aggregator); each upload is a real device's: QueryWriteStatus, then
+a client stream of WriteRequests (the server's chunk size, 1 MiB) that the server appends to a staging file
+with fsync, commits chunk by chunk in the store, re-hashes, checks the envelope's context and moves into the
+blob store. Check-ins, reports and sealing are done first and are not timed. Limit: a trivial grpcio server
+in the same process (same thread pool size, no interceptor) whose one client-streaming method consumes the same
+WriteRequest messages, of the same chunk size, and does nothing with them. Both driven from the load
+generator process; MB/s = envelope bytes / wall time of the batch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from bench.common import LoadGenerator, Mode, Result, create_task, interleave, suite_settings
+from fedcompute.suite import start_suite
+from fedcompute.v1 import task_management_pb2 as tm
+from fedcompute.v1 import upload_pb2
+
+POPULATION = "bench-upload"
+SIZE = 4 * 1024 * 1024
+CONCURRENCY = 16
+
+
+def start_sink(threads: int, max_message_bytes: int) -> tuple[grpc.Server, int]:
+    def write(requests: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext) -> upload_pb2.WriteResponse:
+        size = sum(len(r.data) for r in requests)
+        return upload_pb2.WriteResponse(committed_size=size, complete=True)
+
+    handler = grpc.stream_unary_rpc_method_handler(
+        write, upload_pb2.WriteRequest.FromString, upload_pb2.WriteResponse.SerializeToString
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads),
+        handlers=[grpc.method_handlers_generic_handler("bench.Sink", {"Write": handler})],
+        options=[("grpc.max_receive_message_length", max_message_bytes)],
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def run(mode: Mode, load: LoadGenerator) -> list[Result]:
+    count = CONCURRENCY if mode.quick else 4 * CONCURRENCY
+    with tempfile.TemporaryDirectory(prefix="fedcompute-bench-") as tmp:
+        suite = start_suite(suite_settings(Path(tmp) / "w", ""), aggregator=False)
+        sink, sink_port = start_sink(suite.settings.worker_threads, suite.settings.max_message_bytes)
+        try:
+            spec = tm.TaskSpec(
+                population_name=POPULATION, model_architecture="digits-linear-v1", rounds=1,
+                report_goal=1_000_000, max_cohort=1_000_000,
+                hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
+            )  # fmt: skip
+            create_task(suite, spec)
+            address = suite.server_address
+            chunk = suite.settings.chunk_size_bytes
+            product, limit = interleave(
+                mode.pairs,
+                lambda: load.run(kind="upload", address=address, population=POPULATION, concurrency=CONCURRENCY,
+                                 count=count, size=SIZE),
+                lambda: load.run(kind="sink", address=f"127.0.0.1:{sink_port}", concurrency=CONCURRENCY,
+                                 count=count, size=SIZE, chunk=chunk),
+            )  # fmt: skip
+        finally:
+            sink.stop(0)
+            suite.stop(grace=0)
+    notes = (
+        f"{count} x 4 MiB envelopes per sample, {CONCURRENCY} concurrent, {chunk // 1024} KiB chunks; "
+        "UploadService.Write (SQLite, fsync) vs a raw grpcio client-streaming sink"
+    )
+    return [
+        Result("upload 4MiB x16", "throughput", "MB/s", [p["mb_per_s"] for p in product],
+               [b["mb_per_s"] for b in limit], notes=notes)
+    ]  # fmt: skip
