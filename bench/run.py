@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.run [--quick] [--only NAME ...] [--out PATH]
 
---quick is a smoke run (about a minute and a half: one pair, 1 s samples, fewer contributions and devices, no
+--quick is a smoke run (under a minute: one pair, 1 s samples, fewer contributions and devices, no
 replicas unless named by --only); its numbers are not to be compared.
 NAME is one of: checkin, upload, aggregate, round, replicas.
 """
