@@ -19,7 +19,7 @@ from fedcompute.core.versions import in_range
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.server.keyring import KeyRing
 from fedcompute.store.assignments import AssignmentRepository
-from fedcompute.store.database import Database
+from fedcompute.store.database import Database, Session
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.tasks import TaskRepository
@@ -98,6 +98,7 @@ class AssignmentService:
         self._signer = signer
         self._keyring = keyring
         self._open_cache: dict[str, tuple[float, list[TaskRecord]]] = {}
+        self._versions: dict[tuple[str, int], tuple[str, int]] = {}
 
     def check_in(self, population: str, client_version: str, done: set[tuple[str, int]]) -> Assignment | Refusal:
         if not population.strip():
@@ -141,28 +142,38 @@ class AssignmentService:
         self._open_cache.clear()
 
     def _admit(self, task: TaskRecord, done: set[tuple[str, int]], key: common_pb2.PublicKey) -> Assignment | None:
+        """Read the task's current round (no write lock: a full or closed round refuses here), then one write
+        transaction: take a slot in that round (the UPDATE itself checks it is still OPEN and not full, so a round
+        that closed or filled in between admits nobody) and add the assignment."""
         now = self._clock.now()
-        with self._db.transaction() as s:
-            iterations = IterationRepository(s)
-            current = iterations.current(task.task_id)
+        with self._db.reading() as s:
+            current = IterationRepository(s).current(task.task_id)
             if current is None or current.status != IterationStatus.OPEN or too_soon(task, current.round, done):
                 return None
-            if not iterations.admit(current.iteration_id, now):
+            if current.assigned >= current.max_cohort:
                 return None
-            assignment_id = self._ids.new_id("asg")
+            checkpoint = self._checkpoint(s, task.task_id, current.base_model_version)
+        assignment_id = self._ids.new_id("asg")
+        with self._db.soft_state() as s:
+            if not IterationRepository(s).admit(current.iteration_id, now):
+                return None
             AssignmentRepository(s).add(assignment_id, current.iteration_id, task.task_id, now)
-            version = ModelVersionRepository(s).get(task.task_id, current.base_model_version)
-        assert version is not None
         log.debug("assignment_created", task_id=task.task_id, round=current.round)  # the RPC line says it at info
         return Assignment(
-            assignment_id,
-            self._signer.token(SESSION, assignment_id),
-            task,
-            current,
-            version.checkpoint_sha256,
-            version.size_bytes,
-            key,
+            assignment_id, self._signer.token(SESSION, assignment_id), task, current, checkpoint[0], checkpoint[1], key
         )
+
+    def _checkpoint(self, s: Session, task_id: str, version: int) -> tuple[str, int]:
+        """(sha256, size) of a model version: immutable once published, so kept per process (bounded)."""
+        found = self._versions.get((task_id, version))
+        if found is None:
+            record = ModelVersionRepository(s).get(task_id, version)
+            assert record is not None
+            found = (record.checkpoint_sha256, record.size_bytes)
+            if len(self._versions) > 10_000:
+                self._versions.clear()
+            self._versions[(task_id, version)] = found
+        return found
 
     def report(
         self, assignment_id: str, session_token: str, task_id: str, aggregation_id: str, result: str

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, literal, select
+from sqlalchemy import Engine, create_engine, event, literal, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
@@ -48,6 +48,18 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def soft_state(self) -> Iterator[Session]:
+        """A write transaction whose commit does not wait for the WAL flush on Postgres (``synchronous_commit``
+        off for it alone): for state a crash may lose without harm, such as a check-in's slot and assignment (both
+        in the same transaction, so they vanish together; the device's report then gets NOT_FOUND and it checks in
+        again). The round's row lock is released at commit, not after an fsync, so check-ins on one task no longer
+        queue behind each other's disk flush. SQLite: the same as ``transaction()``."""
+        with self._sessions() as session, session.begin():
+            if not self.is_sqlite:
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield session
 
     @contextmanager
