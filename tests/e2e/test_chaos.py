@@ -90,6 +90,7 @@ def deployment(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Deploym
         "FEDCOMPUTE_LOG_LEVEL": "WARNING",
         "FEDCOMPUTE_PLAINTEXT": "true",
         "FEDCOMPUTE_HEALTH_PORT": "0",
+        "FEDCOMPUTE_DEVICE_RATE_PER_S": "0",  # every simulated device is 127.0.0.1
     }
     d = Deployment(env)
     try:

@@ -60,6 +60,7 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
         "FEDCOMPUTE_SERVER_PORT": str(server_port),
         "FEDCOMPUTE_VERIFIER_PORT": str(verifier_port),
         "FEDCOMPUTE_PLAINTEXT": "true",
+        "FEDCOMPUTE_DEVICE_RATE_PER_S": "0",  # every simulated device is 127.0.0.1
         "FEDCOMPUTE_SERVER_ADDRESS": f"127.0.0.1:{server_port}",
         "FEDCOMPUTE_VERIFIER_ADDRESS": f"127.0.0.1:{verifier_port}",
         "FEDCOMPUTE_KEY_SERVICE_ADDRESSES": json.dumps(key_addresses),

@@ -42,6 +42,7 @@ def test_two_server_replicas_and_two_workers_on_one_postgres(tmp_path: Path, pos
         "FEDCOMPUTE_RETRY_DELAY_MAX_S": "0.2",
         "FEDCOMPUTE_LOG_LEVEL": "WARNING",
         "FEDCOMPUTE_PLAINTEXT": "true",
+        "FEDCOMPUTE_DEVICE_RATE_PER_S": "0",  # every simulated device is 127.0.0.1
     }
     up = subprocess.Popen(
         [*CLI, "up", "--workdir", str(work), "--database-url", url, "--port", str(port), "--replicas", "2",

@@ -8,6 +8,7 @@ version, the round's note naming the refusal, and (where the key services decide
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from fedcompute.core.programs import check_program
 from fedcompute.keys import hpke
 from fedcompute.keys.policy import to_message
 from fedcompute.rpc.channels import open_channel
+from fedcompute.server.assignment import OPEN_TASKS_TTL_S
 from fedcompute.store.models import IterationRow, JobRow, TaskRow
 from fedcompute.v1 import common_pb2, key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
@@ -135,13 +137,15 @@ def _refused(harness: Harness, floor: DeviceFloor | None = None) -> None:
 
 
 def _relay_policy(database_url: str, task_id: str, signed: common_pb2.SignedAccessPolicy) -> None:
-    """The server replaces the policy it relays with the assignment."""
+    """The server replaces the policy it relays with the assignment (its check-in path sees the rewrite once its
+    open-task cache has aged out)."""
     _as_server(
         database_url,
         lambda conn: conn.execute(
             update(TaskRow).where(TaskRow.id == task_id).values(access_policy=signed.SerializeToString())
         ),
     )
+    time.sleep(OPEN_TASKS_TTL_S + 0.2)
 
 
 def test_devices_refuse_policies_signed_by_too_few_providers_or_below_their_floor(
