@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 from tenacity.stop import stop_base
 
 from fedcompute.clients.dataset import Split
@@ -26,7 +33,7 @@ from fedcompute.keys.envelope import seal_contribution
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.keys.policy import from_message as policy_from_message
 from fedcompute.keys.statement import UntrustedKey, check_trusted
-from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
+from fedcompute.rpc.errors import COMMITTED_SIZE_KEY, RETRY_PUSHBACK_KEY
 from fedcompute.v1 import common_pb2, resource_pb2, task_assignment_pb2, upload_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 
@@ -196,7 +203,7 @@ def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes)
     for attempt in Retrying(
         retry=retry_if_exception(_resumable),
         stop=stop,
-        wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.05),
+        wait=_upload_wait,
         reraise=True,
     ):
         with attempt:
@@ -213,8 +220,32 @@ def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes)
 
 def _resumable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and (
-        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS) or _offset_hint(exc)
+        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS)
+        or _offset_hint(exc)
+        or _pushback_s(exc) is not None
     )
+
+
+def _pushback_s(exc: BaseException) -> float | None:
+    """A rate-limited call's wait (RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``), else None."""
+    if not isinstance(exc, grpc.Call) or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK_KEY:
+            text = value.decode() if isinstance(value, bytes) else value
+            return int(text) / 1000 if text.isdigit() else None
+    return None
+
+
+def _upload_wait(state: RetryCallState) -> float:
+    """The server's pushback when it gave one, else jittered exponential backoff."""
+    backoff = _BACKOFF(state)
+    failed = state.outcome.exception() if state.outcome is not None else None
+    pushback = _pushback_s(failed) if failed is not None else None
+    return max(backoff, pushback) if pushback is not None else backoff
+
+
+_BACKOFF = wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.05)
 
 
 def _offset_hint(exc: grpc.RpcError) -> bool:

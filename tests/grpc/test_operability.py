@@ -29,7 +29,7 @@ from fedcompute.v1 import common_pb2, task_management_pb2, task_management_pb2_g
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.conftest import fresh_postgres
-from tests.harness import Harness, suite_settings, wait_for
+from tests.harness import Harness, contribute, suite_settings, wait_for
 from tests.netcut import NetCut
 
 
@@ -232,3 +232,24 @@ def test_a_bad_device_attestation_setting_names_itself(spec: str, problem: str) 
         load_attestor(spec)
     assert str(info.value).startswith("FEDCOMPUTE_DEVICE_ATTESTATION: ")
     assert problem in str(info.value)
+
+
+def test_a_rate_limited_device_upload_waits_out_the_pushback_and_lands(database_url: str, tmp_path: Path) -> None:
+    """The reference device honours grpc-retry-pushback-ms on its upload calls instead of losing the update."""
+    settings = suite_settings(tmp_path / "w", database_url, device_rate_per_s=3.0, device_rate_burst=2)
+    harness = Harness.start(settings, aggregator=False)
+    try:
+        harness.create_task("paced")
+        contribute(harness, "paced")  # check-in, report, then QueryWriteStatus and Write beyond the burst
+        registry = harness.suite.server.registry
+        limited = sum(
+            s.value
+            for m in registry.collect()
+            if m.name == "fedcompute_server_rpcs_handled"
+            for s in m.samples
+            if s.name.endswith("_total") and s.labels["code"] == "RESOURCE_EXHAUSTED"
+        )
+        assert limited >= 1  # it was limited on the way
+        assert registry.get_sample_value("fedcompute_server_uploads_completed_total") == 1  # and still landed
+    finally:
+        harness.stop()
