@@ -14,7 +14,6 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import structlog
@@ -70,21 +69,15 @@ class Running:
     address: str
     servers: list[GrpcServer] = field(default_factory=list)
     loops: list[PollingLoop] = field(default_factory=list)
-    others: list[Any] = field(default_factory=list)  # objects with stop(): the launcher, the server app
+    stops: list[Callable[[float], None]] = field(default_factory=list)  # given the grace: server app, launcher
 
     def stop(self, grace: float) -> None:
         for server in self.servers:
             server.stop(grace)
-        for other in self.others:
-            other.stop(grace) if _takes_grace(other) else other.stop()
+        for stop in self.stops:
+            stop(grace)
         for loop in self.loops:
             loop.stop()
-
-
-def _takes_grace(obj: Any) -> bool:
-    import inspect
-
-    return "grace" in inspect.signature(obj.stop).parameters
 
 
 def start_component(component: str, settings: Settings, registry: CollectorRegistry | None = None) -> Running:
@@ -97,7 +90,7 @@ def start_component(component: str, settings: Settings, registry: CollectorRegis
         from fedcompute.server.app import build_server
 
         app = build_server(settings, clock, ids, worker_token(settings), token_secret(settings), registry)
-        return Running(component, f"{settings.host}:{app.grpc.port}", others=[app])
+        return Running(component, f"{settings.host}:{app.grpc.port}", stops=[app.stop])
     if component == "keys":
         from fedcompute.keys.app import build_key_server
 
@@ -142,7 +135,7 @@ def start_component(component: str, settings: Settings, registry: CollectorRegis
 
         platform_ca(settings)  # the worker (its child) serves its own metrics and health
         launcher = start_launcher(settings, clock, worker_token(settings))
-        return Running(component, str(settings.workdir / "attest"), others=[launcher])
+        return Running(component, str(settings.workdir / "attest"), stops=[lambda _grace: launcher.stop()])
     raise ValueError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
 
 
