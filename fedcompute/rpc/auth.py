@@ -49,8 +49,7 @@ class TokenSigner:
         self._secret = secret
 
     def token(self, purpose: str, subject: str) -> str:
-        mac = hmac.new(self._secret, f"{purpose}\x00{subject}".encode(), hashlib.sha256)
-        return mac.hexdigest()
+        return hmac.digest(self._secret, f"{purpose}\x00{subject}".encode(), hashlib.sha256).hex()
 
     def verify(self, purpose: str, subject: str, presented: str) -> bool:
         return hmac.compare_digest(self.token(purpose, subject), presented)

@@ -87,14 +87,36 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
         )
 
 
+_TEMPLATES: dict[tuple[object, ...], task_assignment_pb2.TaskAssignment] = {}
+
+
 def _encode_assignment(a: Assignment) -> task_assignment_pb2.TaskAssignment:
+    """What every assignment of a round shares (plan, checkpoint, key, signed policy) is encoded once, then copied
+    with this device's ids. Keyed on everything it is built from that the database holds (the round, the relayed
+    policy's bytes, the plan's hash) and the key: whatever the store says now is what the device gets."""
+    cache_key = (
+        a.iteration.iteration_id, a.iteration.round, a.iteration.aggregation_id, a.iteration.base_model_version,
+        a.task.task_id, a.task.spec.population_name, a.task.access_policy, a.task.plan_sha256,
+        a.task.plan_size, a.checkpoint_sha256, a.checkpoint_size, a.encryption_key.SerializeToString(),
+    )  # fmt: skip
+    template = _TEMPLATES.get(cache_key)
+    if template is None:
+        if len(_TEMPLATES) > 1_000:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[cache_key] = _round_template(a)
+    encoded = task_assignment_pb2.TaskAssignment()
+    encoded.CopyFrom(template)
+    encoded.assignment_id = a.assignment_id
+    encoded.session_token = a.session_token
+    return encoded
+
+
+def _round_template(a: Assignment) -> task_assignment_pb2.TaskAssignment:
     return task_assignment_pb2.TaskAssignment(
         population_name=a.task.spec.population_name,
         task_id=a.task.task_id,
         round=a.iteration.round,
         aggregation_id=a.iteration.aggregation_id,
-        assignment_id=a.assignment_id,
-        session_token=a.session_token,
         plan=plan_resource(a.task),
         checkpoint=checkpoint_resource(
             a.task.task_id, a.iteration.base_model_version, a.checkpoint_sha256, a.checkpoint_size

@@ -18,6 +18,7 @@ from fedcompute.core.transitions import AssignmentStatus, IterationStatus
 from fedcompute.core.versions import in_range
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.server.keyring import KeyRing
+from fedcompute.store.admission import Admission, AdmissionQueue
 from fedcompute.store.assignments import AssignmentRepository
 from fedcompute.store.database import Database, Session
 from fedcompute.store.iterations import IterationRepository
@@ -57,6 +58,16 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class _OpenRound:
+    """A round seen OPEN (its row as read; ``assigned`` goes stale at once) and its checkpoint's facts."""
+
+    iteration: IterationRecord
+    sha256: str
+    size: int
+    read_at: float  # monotonic
+
+
+@dataclass(frozen=True)
 class UploadGrant:
     resource_name: str
     upload_token: str
@@ -90,7 +101,7 @@ class AssignmentService:
         rng: random.Random | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._monotonic = monotonic  # the open-tasks cache's age only
+        self._monotonic = monotonic  # the open-tasks and open-rounds caches' age only
         self._rng = rng or random.Random()  # selection order only; nothing secret depends on it
         self._db = db
         self._clock = clock
@@ -98,6 +109,8 @@ class AssignmentService:
         self._signer = signer
         self._keyring = keyring
         self._open_cache: dict[str, tuple[float, list[TaskRecord]]] = {}
+        self._admissions = AdmissionQueue(db)
+        self._open_rounds: dict[str, _OpenRound] = {}  # task_id -> its open round as last read here
         self._versions: dict[tuple[str, int], tuple[str, int]] = {}
 
     def check_in(self, population: str, client_version: str, done: set[tuple[str, int]]) -> Assignment | Refusal:
@@ -138,30 +151,44 @@ class AssignmentService:
         return tasks
 
     def forget_open_tasks(self) -> None:
-        """A task was created or canceled here: the next check-in reads the open tasks again."""
+        """A task was created or canceled here: the next check-in reads the open tasks (and rounds) again."""
         self._open_cache.clear()
+        self._open_rounds.clear()
 
     def _admit(self, task: TaskRecord, done: set[tuple[str, int]], key: common_pb2.PublicKey) -> Assignment | None:
-        """Read the task's current round (no write lock: a full or closed round refuses here), then one write
-        transaction: take a slot in that round (the UPDATE itself checks it is still OPEN and not full, so a round
-        that closed or filled in between admits nobody) and add the assignment."""
-        now = self._clock.now()
+        """Take a slot in the task's open round and add the assignment: one write, group-committed with the
+        check-ins arriving at the same moment (``store.admission``: the write itself checks the round is still
+        OPEN and not full, so a round that closed or filled admits nobody).
+        The round comes from this process's cache when it has it; a refusal is never decided on the cache alone:
+        the round is read again (no write lock) and, if it is a different open one, tried once more."""
+        cached = self._open_rounds.get(task.task_id)
+        fresh = cached is None or self._monotonic() - cached.read_at >= OPEN_TASKS_TTL_S
+        round_ = self._read_round(task.task_id) if fresh else cached
+        while True:
+            if round_ is not None and not too_soon(task, round_.iteration.round, done):
+                assignment_id = self._ids.new_id("asg")
+                now = self._clock.now()
+                if self._admissions.admit(Admission(round_.iteration.iteration_id, assignment_id, task.task_id, now)):
+                    log.debug("assignment_created", task_id=task.task_id, round=round_.iteration.round)
+                    token = self._signer.token(SESSION, assignment_id)
+                    return Assignment(assignment_id, token, task, round_.iteration, round_.sha256, round_.size, key)
+            if fresh:
+                return None
+            round_, fresh = self._read_round(task.task_id), True
+
+    def _read_round(self, task_id: str) -> _OpenRound | None:
+        """The task's current round if it is OPEN with a free slot (kept for the next check-ins), else None."""
         with self._db.reading() as s:
-            current = IterationRepository(s).current(task.task_id)
-            if current is None or current.status != IterationStatus.OPEN or too_soon(task, current.round, done):
+            current = IterationRepository(s).current(task_id)
+            if current is None or current.status != IterationStatus.OPEN or current.assigned >= current.max_cohort:
+                self._open_rounds.pop(task_id, None)
                 return None
-            if current.assigned >= current.max_cohort:
-                return None
-            checkpoint = self._checkpoint(s, task.task_id, current.base_model_version)
-        assignment_id = self._ids.new_id("asg")
-        with self._db.soft_state() as s:
-            if not IterationRepository(s).admit(current.iteration_id, now):
-                return None
-            AssignmentRepository(s).add(assignment_id, current.iteration_id, task.task_id, now)
-        log.debug("assignment_created", task_id=task.task_id, round=current.round)  # the RPC line says it at info
-        return Assignment(
-            assignment_id, self._signer.token(SESSION, assignment_id), task, current, checkpoint[0], checkpoint[1], key
-        )
+            sha256, size = self._checkpoint(s, task_id, current.base_model_version)
+        if len(self._open_rounds) > 10_000:
+            self._open_rounds.clear()
+        round_ = _OpenRound(current, sha256, size, self._monotonic())
+        self._open_rounds[task_id] = round_
+        return round_
 
     def _checkpoint(self, s: Session, task_id: str, version: int) -> tuple[str, int]:
         """(sha256, size) of a model version: immutable once published, so kept per process (bounded)."""

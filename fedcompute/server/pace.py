@@ -39,7 +39,9 @@ class PaceSteering:
         self._rng = rng
         self._now = monotonic
         self._windows = windows
-        self._seen: dict[str, deque[float]] = {}
+        # per population, check-ins counted in whole-second buckets [second, count] over the last HORIZON_S:
+        # at most 61 buckets whatever the rate, so observing and reading the rate are O(1) in the traffic
+        self._seen: dict[str, deque[list[int]]] = {}
         self._lock = threading.Lock()
 
     def observe(self, population: str) -> None:
@@ -49,16 +51,22 @@ class PaceSteering:
             if population not in self._seen and len(self._seen) >= MAX_POPULATIONS:
                 self._seen.clear()  # bounded memory under a flood of made-up population names
             seen = self._seen.setdefault(population, deque())
-            seen.append(now)
-            while seen and seen[0] < now - HORIZON_S:
-                seen.popleft()
+            second = int(now)
+            if seen and seen[-1][0] == second:
+                seen[-1][1] += 1
+            else:
+                seen.append([second, 1])
+            _trim(seen, now)
 
     def rate(self, population: str) -> float:
-        """Check-ins per second over the last minute."""
+        """Check-ins per second over the last minute (to the second)."""
         now = self._now()
         with self._lock:
-            seen = self._seen.get(population, deque())
-            return sum(1 for t in seen if t >= now - HORIZON_S) / HORIZON_S
+            seen = self._seen.get(population)
+            if not seen:
+                return 0.0
+            _trim(seen, now)
+            return sum(count for _, count in seen) / HORIZON_S
 
     def window(self, refusal: Refusal, population: str) -> tuple[float, float]:
         low, high = self._short if refusal.reason in SHORT else self._long
@@ -69,3 +77,9 @@ class PaceSteering:
         if self._windows is not None:
             self._windows.labels(refusal.reason.value).observe(high)
         return start, high
+
+
+def _trim(seen: deque[list[int]], now: float) -> None:
+    """Drop the buckets wholly older than the horizon."""
+    while seen and seen[0][0] + 1 <= now - HORIZON_S:
+        seen.popleft()

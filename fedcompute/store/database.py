@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +22,11 @@ __all__ = ["Database", "Session"]
 
 
 READ_ONLY = "fedcompute_read_only"
+SOFT = "fedcompute_soft_state"
+BUSY_TIMEOUT_S = 60
+# Connections kept open: at least a server's gRPC threads (16 by default), so that a busy server does not open and
+# close an overflow connection per transaction; the overflow opens more for bursts beyond that
+POOL_SIZE = 20
 
 
 class Database:
@@ -28,12 +35,20 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        # SQLite has one writer: this process's write transactions queue on a lock of ours (first come, first
+        # served) instead of in SQLite's busy handler, which sleeps in growing steps and starves late comers
+        self._writers: threading.RLock | None = threading.RLock() if self.is_sqlite else None
+        self._soft_engine: Engine | None = None
         if self.is_sqlite:
             self.engine: Engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
             _sqlite_serializable_writes(self.engine)
         else:
             self.engine = create_engine(
-                url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+                url,
+                pool_size=POOL_SIZE,
+                max_overflow=POOL_SIZE,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 5},
             )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -45,9 +60,12 @@ class Database:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
+    def _writer(self) -> AbstractContextManager[object]:
+        return _held(self._writers) if self._writers is not None else nullcontext()
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self._sessions() as session, session.begin():
+        with self._writer(), self._sessions() as session, session.begin():
             yield session
 
     @contextmanager
@@ -56,11 +74,49 @@ class Database:
         off for it alone): for state a crash may lose without harm, such as a check-in's slot and assignment (both
         in the same transaction, so they vanish together; the device's report then gets NOT_FOUND and it checks in
         again). The round's row lock is released at commit, not after an fsync, so check-ins on one task no longer
-        queue behind each other's disk flush. SQLite: the same as ``transaction()``."""
-        with self._sessions() as session, session.begin():
-            if not self.is_sqlite:
+        queue behind each other's disk flush. SQLite: ``synchronous=NORMAL`` for this transaction (its WAL frames
+        reach the disk with the next ordinary commit or checkpoint; a power cut may lose it, a crash of the process
+        cannot)."""
+        with self._writer(), self._sessions() as session, session.begin():
+            if self.is_sqlite:
+                session.connection(execution_options={SOFT: True})
+            else:
                 session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield session
+
+    def soft_statement(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Postgres only: run one statement (psycopg's ``%(name)s`` parameters) in autocommit with
+        ``synchronous_commit`` off and return its rows. For soft state written by one statement: its own
+        transaction, so the rows it locks are held only while the server runs it, never while this process waits
+        for its GIL between statements. Straight on the driver's connection from a pool of its own (SQLAlchemy's
+        statement machinery costs several times the driver's own CPU on this hot path), without a ping per
+        checkout: a connection found dead is thrown away and the statement run once more on a fresh one."""
+        if self.is_sqlite:
+            raise RuntimeError("soft_statement is for Postgres; SQLite writes go through soft_state()")
+        if self._soft_engine is None:
+            self._soft_engine = create_engine(
+                self.url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE, isolation_level="AUTOCOMMIT",
+                pool_reset_on_return=None,  # autocommit: no transaction is ever left open to roll back
+                connect_args={"connect_timeout": 5, "options": "-c synchronous_commit=off"},
+            )  # fmt: skip
+        for attempt in (1, 2):
+            pooled = self._soft_engine.raw_connection()
+            try:
+                cursor = pooled.cursor()
+                try:
+                    cursor.execute(sql, params)
+                    return [tuple(row) for row in cursor.fetchall()]
+                finally:
+                    cursor.close()
+            except Exception:
+                broken = bool(getattr(pooled.driver_connection, "broken", False))
+                if broken:
+                    pooled.invalidate()
+                if not broken or attempt == 2:
+                    raise
+            finally:
+                pooled.close()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -89,6 +145,19 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._soft_engine is not None:
+            self._soft_engine.dispose()
+
+
+@contextmanager
+def _held(lock: threading.RLock) -> Iterator[None]:
+    """The lock, or after SQLite's own busy timeout (60 s) the error SQLite would have raised."""
+    if not lock.acquire(timeout=BUSY_TIMEOUT_S):
+        raise sqlite3.OperationalError("database is locked (another write transaction held it for 60 s)")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _conflict(exc: BaseException) -> bool:
@@ -111,5 +180,9 @@ def _sqlite_serializable_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        deferred = connection.get_execution_options().get(READ_ONLY)
-        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
+        options = connection.get_execution_options()
+        if options.get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+            return
+        connection.exec_driver_sql("PRAGMA synchronous=" + ("NORMAL" if options.get(SOFT) else "FULL"))
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

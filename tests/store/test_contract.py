@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,14 +23,6 @@ from fedcompute.store.tasks import TaskRepository
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
 SPEC = TaskSpec("pop", "digits-linear-v1", rounds=2, report_goal=3, max_cohort=5)
 ids = RandomIds()
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
 
 
 def _task_with_round(db: Database) -> tuple[str, str]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -14,14 +13,6 @@ from fedcompute.core.errors import FailedPrecondition, InvalidArgument, Permissi
 from fedcompute.server.operator_auth import CACHE_S, OperatorAuthService, Role
 from fedcompute.store.database import Database
 from fedcompute.store.operator_tokens import OperatorTokenRepository
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
 
 
 def test_roles_are_ordered_and_checked(db: Database) -> None:

@@ -51,3 +51,14 @@ def test_the_rate_forgets_check_ins_older_than_the_horizon_and_windows_are_measu
     assert high == 100.0  # the long window, unstretched
     count = registry.get_sample_value("fedcompute_server_retry_window_seconds_count", {"reason": "NO_ACTIVE_TASK"})
     assert count == 1
+
+
+def test_a_busy_population_costs_a_bucket_per_second_not_an_entry_per_check_in() -> None:
+    ticks = Ticks()
+    pace = _pace(ticks)
+    for _ in range(1200):  # two minutes at 10,000 check-ins per second
+        for _ in range(1000):
+            pace.observe("busy")
+        ticks.now += 0.1
+    assert 9_800 <= pace.rate("busy") <= 10_200  # 10,000 per second, to the second
+    assert len(pace._seen["busy"]) <= 61  # the bound is the point

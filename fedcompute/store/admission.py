@@ -1,0 +1,150 @@
+"""Check-in admission, group-committed: the slots and assignments of every device checking in at the same moment
+are written together, one statement per round on Postgres, one transaction on SQLite.
+
+A check-in's only write is taking a cohort slot in the round's row and adding the assignment. Under load every
+check-in of a task writes the same row, so one at a time they queue on its lock (Postgres) or on the database's
+single writer (SQLite). Here the first caller to find no write in flight becomes the leader: it takes every
+admission queued so far and writes them as one; the callers that queued meanwhile find their answer when the
+leader is done (or lead the next batch). Slots go first come, first served within a batch, and never past the
+round's ``max_cohort``: the count is taken under the row's lock (or the write lock) in the same statement or
+transaction that adds the assignments. Soft state (``Database.soft_state``): a crash may lose a batch whole,
+never a slot without its assignment.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select, update
+
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus
+from fedcompute.store.database import Database
+from fedcompute.store.models import AssignmentRow, IterationRow, StatusHistoryRow
+
+# One statement: lock the round's row if it is OPEN and not full, take up to k slots, add the first `granted`
+# assignments (in the order given) and their history rows; returns the ids that got a slot.
+_ADMIT_POSTGRES = """
+WITH cur AS (
+    SELECT id, task_id, assigned, LEAST(%(k)s, max_cohort - assigned) AS granted FROM iterations
+    WHERE id = %(iteration_id)s AND status = %(open)s AND assigned < max_cohort
+    FOR UPDATE
+), slot AS (
+    UPDATE iterations i SET assigned = cur.assigned + cur.granted, updated_at = %(now)s
+    FROM cur WHERE i.id = cur.id
+    RETURNING cur.id, cur.task_id, cur.granted
+), added AS (
+    INSERT INTO assignments (id, iteration_id, task_id, status, result_code, created_at, updated_at)
+    SELECT u.aid, slot.id, slot.task_id, %(assigned)s, '', %(now)s, %(now)s
+    FROM slot, unnest(%(ids)s::text[]) WITH ORDINALITY AS u(aid, n)
+    WHERE u.n <= slot.granted
+    RETURNING id
+)
+INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)
+SELECT 'assignment', id, NULL, %(assigned)s, '', %(now)s FROM added
+RETURNING entity_id
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    iteration_id: str
+    assignment_id: str
+    task_id: str
+    at: datetime
+
+
+def write_admissions(db: Database, batch: list[Admission]) -> set[str]:
+    """Take slots for a batch (any rounds, in order): the assignment ids that got one, each with its row."""
+    rounds: dict[str, list[Admission]] = {}
+    for admission in batch:
+        rounds.setdefault(admission.iteration_id, []).append(admission)
+    if not db.is_sqlite:
+        granted: set[str] = set()
+        for iteration_id, wanted in rounds.items():
+            params = {
+                "iteration_id": iteration_id, "k": len(wanted), "ids": [a.assignment_id for a in wanted],
+                "now": wanted[-1].at, "open": IterationStatus.OPEN.value,
+                "assigned": AssignmentStatus.ASSIGNED.value,
+            }  # fmt: skip
+            granted.update(row[0] for row in db.soft_statement(_ADMIT_POSTGRES, params))
+        return granted
+    with db.soft_state() as s:
+        connection = s.connection()
+        taken: list[Admission] = []
+        for iteration_id, wanted in rounds.items():
+            row = connection.execute(
+                select(IterationRow.assigned, IterationRow.max_cohort).where(
+                    IterationRow.id == iteration_id, IterationRow.status == IterationStatus.OPEN
+                )
+            ).first()
+            if row is None or row.assigned >= row.max_cohort:
+                continue
+            slots = wanted[: row.max_cohort - row.assigned]
+            connection.execute(
+                update(IterationRow)
+                .where(IterationRow.id == iteration_id)
+                .values(assigned=row.assigned + len(slots), updated_at=slots[-1].at)
+            )
+            taken.extend(slots)
+        if taken:
+            assigned = AssignmentStatus.ASSIGNED.value
+            connection.execute(
+                insert(AssignmentRow),
+                [
+                    {"id": a.assignment_id, "iteration_id": a.iteration_id, "task_id": a.task_id, "status": assigned,
+                     "result_code": "", "created_at": a.at, "updated_at": a.at}
+                    for a in taken
+                ],
+            )  # fmt: skip
+            connection.execute(
+                insert(StatusHistoryRow),
+                [
+                    {"entity": "assignment", "entity_id": a.assignment_id, "from_status": None, "to_status": assigned,
+                     "reason": "", "at": a.at}
+                    for a in taken
+                ],
+            )  # fmt: skip
+        return {a.assignment_id for a in taken}
+
+
+class _Waiting:
+    __slots__ = ("admission", "done", "error", "granted")
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.done = False
+        self.granted = False
+        self.error: BaseException | None = None
+
+
+class AdmissionQueue:
+    """Group commit of admissions (see the module): ``admit`` blocks until its batch is written."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._queued: list[_Waiting] = []
+        self._queue_lock = threading.Lock()
+        self._writing = threading.Lock()  # held by the leader while it writes a batch
+
+    def admit(self, admission: Admission) -> bool:
+        """True if the admission got a slot (its assignment row is written); raises what the write raised."""
+        mine = _Waiting(admission)
+        with self._queue_lock:
+            self._queued.append(mine)
+        with self._writing:
+            if not mine.done:
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                try:
+                    granted = write_admissions(self._db, [w.admission for w in batch])
+                except BaseException as exc:  # every caller in the batch gets the error, not just the leader
+                    for waiting in batch:
+                        waiting.error, waiting.done = exc, True
+                else:
+                    for waiting in batch:
+                        waiting.granted, waiting.done = waiting.admission.assignment_id in granted, True
+        if mine.error is not None:
+            raise mine.error
+        return mine.granted

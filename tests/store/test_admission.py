@@ -1,0 +1,125 @@
+"""Group-committed check-in admission (store/admission.py), on SQLite and Postgres alike: slots go first come,
+first served and never past max_cohort, whatever the concurrency; a slot never exists without its assignment;
+a failed batch fails every caller in it and writes nothing."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, select
+
+from fedcompute.core.clock import RandomIds
+from fedcompute.core.tasks import TaskSpec
+from fedcompute.core.transitions import IterationStatus, TaskStatus
+from fedcompute.store.admission import Admission, AdmissionQueue, write_admissions
+from fedcompute.store.database import Database
+from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.models import AssignmentRow, StatusHistoryRow
+from fedcompute.store.tasks import TaskRepository
+
+NOW = datetime(2026, 5, 1, tzinfo=UTC)
+ids = RandomIds()
+
+
+def _round(db: Database, max_cohort: int, task_id: str = "task_a") -> str:
+    spec = TaskSpec("pop", "digits-linear-v1", rounds=2, report_goal=1, max_cohort=max_cohort)
+    with db.transaction() as s:
+        TaskRepository(s).add(task_id, spec, b"{}", "0" * 64, TaskStatus.OPEN, NOW)
+        s.flush()
+        return IterationRepository(s).open(ids, task_id, 1, 1, 1, spec, NOW)
+
+
+def _stored(db: Database, iteration_id: str) -> tuple[int, set[str], set[str]]:
+    """(the round's assigned count, its assignment ids, the ids with a history row)."""
+    with db.reading() as s:
+        record = IterationRepository(s).get(iteration_id)
+        assert record is not None
+        rows = set(s.scalars(select(AssignmentRow.id).where(AssignmentRow.iteration_id == iteration_id)))
+        history = set(s.scalars(select(StatusHistoryRow.entity_id).where(StatusHistoryRow.entity == "assignment")))
+    return record.assigned, rows, history
+
+
+def test_a_batch_larger_than_the_free_slots_admits_the_first_comers_only(db: Database) -> None:
+    iteration_id = _round(db, max_cohort=5)
+    first = write_admissions(db, [Admission(iteration_id, f"asg_{i}", "task_a", NOW) for i in range(3)])
+    assert first == {"asg_0", "asg_1", "asg_2"}
+    second = write_admissions(db, [Admission(iteration_id, f"asg_{i}", "task_a", NOW) for i in range(3, 8)])
+    assert second == {"asg_3", "asg_4"}  # two slots were left: the first two of the batch get them, in order
+    assigned, rows, history = _stored(db, iteration_id)
+    assert assigned == 5
+    assert rows == {f"asg_{i}" for i in range(5)} == history
+
+
+def test_a_closed_round_admits_nobody(db: Database) -> None:
+    iteration_id = _round(db, max_cohort=5)
+    with db.transaction() as s:
+        assert IterationRepository(s).change_status(iteration_id, IterationStatus.OPEN, IterationStatus.CANCELED, NOW)
+    assert write_admissions(db, [Admission(iteration_id, "asg_late", "task_a", NOW)]) == set()
+    assert _stored(db, iteration_id) == (0, set(), set())
+
+
+def test_the_cap_holds_for_many_callers_and_two_processes_worth_of_queues(db: Database) -> None:
+    """48 callers on two queues (as two replicas would be) over a round of 10: exactly 10 admitted, each with its
+    assignment and history row; the 38 others left no row."""
+    iteration_id = _round(db, max_cohort=10)
+    other = Database(db.url)
+    queues = [AdmissionQueue(db), AdmissionQueue(other)]
+    answers: dict[str, bool] = {}
+    lock = threading.Lock()
+    start = threading.Barrier(48)
+
+    def check_in(n: int) -> None:
+        start.wait()
+        granted = queues[n % 2].admit(Admission(iteration_id, f"asg_{n:02d}", "task_a", NOW))
+        with lock:
+            answers[f"asg_{n:02d}"] = granted
+
+    threads = [threading.Thread(target=check_in, args=(n,)) for n in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other.dispose()
+    admitted = {a for a, ok in answers.items() if ok}
+    assert len(answers) == 48
+    assert len(admitted) == 10
+    assigned, rows, history = _stored(db, iteration_id)
+    assert assigned == 10
+    assert rows == admitted == history
+
+
+def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database) -> None:
+    """A batch that cannot be written (here an assignment id already taken: the insert fails) raises for all of
+    its callers, and the slot count is as it was: no slot without its assignment, nothing half-written."""
+    iteration_id = _round(db, max_cohort=5)
+    assert write_admissions(db, [Admission(iteration_id, "asg_taken", "task_a", NOW)]) == {"asg_taken"}
+    batch = [Admission(iteration_id, "asg_new", "task_a", NOW), Admission(iteration_id, "asg_taken", "task_a", NOW)]
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        write_admissions(db, batch)
+    assert _stored(db, iteration_id) == (1, {"asg_taken"}, {"asg_taken"})
+
+    queue = AdmissionQueue(db)
+    errors: list[BaseException] = []
+    queue._writing.acquire()  # a leader busy writing: both callers queue up behind it
+
+    def check_in(assignment_id: str) -> None:
+        try:
+            queue.admit(Admission(iteration_id, assignment_id, "task_a", NOW))
+        except Exception as exc:
+            errors.append(exc)  # list.append is atomic
+
+    threads = [threading.Thread(target=check_in, args=(a,)) for a in ("asg_other", "asg_taken")]
+    for t in threads:
+        t.start()
+    while len(queue._queued) < 2:
+        threading.Event().wait(0.005)
+    queue._writing.release()  # the next leader writes both as one batch
+    for t in threads:
+        t.join()
+    assert len(errors) == 2  # the caller whose admission was fine learns of the failure too
+    with db.reading() as s:
+        count = s.scalar(select(func.count()).select_from(AssignmentRow))
+    assert count == 1
+    assert _stored(db, iteration_id)[0] == 1
