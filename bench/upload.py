@@ -49,7 +49,7 @@ def start_sink(threads: int, max_message_bytes: int) -> tuple[grpc.Server, int]:
 def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     count = CONCURRENCY if mode.quick else 4 * CONCURRENCY
     with tempfile.TemporaryDirectory(prefix="fedcompute-bench-") as tmp:
-        suite = start_suite(suite_settings(Path(tmp) / "w", ""), aggregator=False)
+        suite = start_suite(suite_settings(Path(tmp) / "w", "", poll_interval_s=1.0), aggregator=False)  # as checkin
         sink, sink_port = start_sink(suite.settings.worker_threads, suite.settings.max_message_bytes)
         try:
             spec = tm.TaskSpec(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 from google.protobuf.message import DecodeError
 
 from fedcompute.core.context import ContributionContext
@@ -10,6 +12,8 @@ from fedcompute.keys import hpke
 from fedcompute.v1 import upload_pb2
 
 FIELD = "upload"
+NOT_AN_ENVELOPE = "is not an EncryptedContribution envelope; encrypt the update first"
+CIPHERTEXT_FIELD = upload_pb2.EncryptedContribution.DESCRIPTOR.fields_by_name["ciphertext"].number
 
 
 def parse_envelope(data: bytes) -> upload_pb2.EncryptedContribution:
@@ -17,21 +21,101 @@ def parse_envelope(data: bytes) -> upload_pb2.EncryptedContribution:
     try:
         envelope.ParseFromString(data)
     except DecodeError:
-        raise InvalidArgument(FIELD, "is not an EncryptedContribution envelope; encrypt the update first") from None
+        raise InvalidArgument(FIELD, NOT_AN_ENVELOPE) from None
+    _check_header(envelope, len(envelope.ciphertext))
+    return envelope
+
+
+def read_envelope_header(handle: BinaryIO, size: int) -> upload_pb2.EncryptedContribution:
+    """The envelope in a file, every field but the ciphertext, which is stepped over (its length checked): the
+    server checks an upload's envelope without reading its payload. Reads the wire format as protobuf does (the
+    last occurrence of a field wins; a field of an unexpected wire type, or an unknown field, is skipped; a
+    truncated or malformed stream is refused)."""
+    header = bytearray()
+    ciphertext_length = 0
+    end = size
+    handle.seek(0)
+    position = 0
+    while position < end:
+        key, position = _varint(handle, position, end)
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
+        if wire_type == 0:
+            value, after = _varint(handle, position, end)
+            header += _encode_varint(key) + _encode_varint(value)
+        elif wire_type == 2:
+            length, start = _varint(handle, position, end)
+            after = start + length
+            if after > end:
+                raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
+            if field == CIPHERTEXT_FIELD:
+                ciphertext_length = length
+                handle.seek(after)
+            else:
+                header += _encode_varint(key) + _encode_varint(length) + _read_exactly(handle, length)
+        elif wire_type in (1, 5):
+            after = position + (8 if wire_type == 1 else 4)
+            if after > end:
+                raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
+            header += _encode_varint(key) + _read_exactly(handle, after - position)
+        else:  # groups (3, 4) and the undefined wire types: protobuf refuses them too
+            raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
+        position = after
+    envelope = upload_pb2.EncryptedContribution()
+    try:
+        envelope.ParseFromString(bytes(header))  # the small fields, with protobuf's own decoding and checks
+    except DecodeError:
+        raise InvalidArgument(FIELD, NOT_AN_ENVELOPE) from None
+    _check_header(envelope, ciphertext_length)
+    return envelope
+
+
+def _check_header(envelope: upload_pb2.EncryptedContribution, ciphertext_length: int) -> None:
     if envelope.version != 1:
         raise InvalidArgument(FIELD, f"envelope version {envelope.version} is not supported (expected 1)")
     if (envelope.kem_id, envelope.kdf_id, envelope.aead_id) != (hpke.KEM_ID, hpke.KDF_ID, hpke.AEAD_ID):
         raise InvalidArgument(FIELD, "envelope must use HPKE X25519 / HKDF-SHA256 / ChaCha20-Poly1305")
     if not envelope.key_id:
         raise InvalidArgument(FIELD, "envelope names no key_id")
-    if len(envelope.ciphertext) < hpke.ENC_BYTES + hpke.TAG_BYTES:
+    if ciphertext_length < hpke.ENC_BYTES + hpke.TAG_BYTES:
         raise InvalidArgument(FIELD, "envelope ciphertext is too short to be HPKE output")
-    return envelope
 
 
-def check_envelope(data: bytes, expected: ContributionContext) -> None:
-    """Raise ``InvalidArgument`` unless ``data`` is an envelope whose context is exactly ``expected``."""
-    envelope = parse_envelope(data)
+def _read_exactly(handle: BinaryIO, n: int) -> bytes:
+    data = handle.read(n)
+    if len(data) != n:
+        raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
+    return data
+
+
+def _varint(handle: BinaryIO, position: int, end: int) -> tuple[int, int]:
+    """A base-128 varint at ``position`` (at most 10 bytes, within ``end``): its value and the next position."""
+    value = shift = 0
+    while True:
+        if position >= end or shift >= 70:
+            raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
+        byte = _read_exactly(handle, 1)[0]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value & 0xFFFFFFFFFFFFFFFF, position
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def check_envelope(data: bytes | upload_pb2.EncryptedContribution, expected: ContributionContext) -> None:
+    """Raise ``InvalidArgument`` unless ``data`` (an envelope's bytes, or its header from
+    ``read_envelope_header``) is an envelope whose context is exactly ``expected``."""
+    envelope = parse_envelope(data) if isinstance(data, bytes) else data
     try:
         context = ContributionContext.decode(envelope.context)
     except ValueError as exc:

@@ -1,8 +1,9 @@
 """Resumable, hashed uploads of encrypted updates (google.bytestream semantics).
 
 Bytes go to a staging file that is fsynced before the committed size advances in the store, so a device can
-resume from ``QueryWriteStatus`` after any failure. On finish the whole file is re-hashed against the declared
-sha256, checked to be an encrypted envelope bound to this assignment, moved into the blob store, and counted.
+resume from ``QueryWriteStatus`` after any failure. The bytes are hashed as they arrive; on finish the hash is
+checked against the declared sha256, the envelope's header (not its ciphertext) checked to be bound to this
+assignment, the file moved into the blob store, and counted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fedcompute.core.errors import (
 )
 from fedcompute.core.records import UploadRecord
 from fedcompute.core.transitions import AssignmentStatus, UploadStatus
-from fedcompute.keys.envelope import check_envelope
+from fedcompute.keys.envelope import check_envelope, read_envelope_header
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.server.assignment import UPLOAD
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
@@ -137,8 +138,11 @@ class UploadService:
         return self._locks[int(hashlib.sha256(upload_id.encode()).hexdigest()[:8], 16) % LOCK_STRIPES]
 
     def _begin(self, upload_id: str, first: WriteChunk) -> UploadRecord:
+        """The upload's row (created, or restarted for a new declared object): soft state, since a crash that loses
+        it only sends the device back to offset 0 (``QueryWriteStatus`` then says 0, and the staged bytes past the
+        recorded size are truncated), so its commit does not wait for the disk."""
         now = self._clock.now()
-        with self._db.transaction() as s:
+        with self._db.soft_state() as s:
             assignment = AssignmentRepository(s).get(upload_id)
             if assignment is None:
                 raise PermissionDenied("no assignment matches this upload")
@@ -210,8 +214,8 @@ class UploadService:
             finally:
                 handle.flush()
                 os.fsync(handle.fileno())
-                if not finished and offset != start:
-                    with self._db.transaction() as s:
+                if not finished and offset != start:  # soft: losing it only makes the device resend
+                    with self._db.soft_state() as s:
                         UploadRepository(s).advance(upload.upload_id, start, offset, self._clock.now())
         if not finished:
             return WriteStatus(offset, False)
@@ -227,7 +231,9 @@ class UploadService:
             self._discard(upload, path)
             raise DataLoss("the received bytes do not match the declared sha256; they were discarded, upload again")
         try:
-            check_envelope(path.read_bytes(), self._expected_context(upload))
+            with path.open("rb") as handle:  # the header only: the ciphertext is stepped over, never read
+                header = read_envelope_header(handle, offset)
+            check_envelope(header, self._expected_context(upload))
         except InvalidArgument:
             self._discard(upload, path)
             raise

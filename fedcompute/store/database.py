@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -39,9 +40,12 @@ class Database:
         # served) instead of in SQLite's busy handler, which sleeps in growing steps and starves late comers
         self._writers: threading.RLock | None = threading.RLock() if self.is_sqlite else None
         self._soft_engine: Engine | None = None
+        self._wal: str | None = None
         if self.is_sqlite:
             self.engine: Engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
             _sqlite_serializable_writes(self.engine)
+            path = self.engine.url.database
+            self._wal = f"{path}-wal" if path and path != ":memory:" and not path.startswith("file:") else None
         else:
             self.engine = create_engine(
                 url,
@@ -65,8 +69,30 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
+        """A durable write transaction: when the block returns, its commit is on disk. On SQLite the commit
+        itself does not sync (``synchronous=NORMAL``); this thread fsyncs the WAL file once the write lock is
+        released, so the next writer does not wait for this one's disk flush and concurrent commits share their
+        flushes (group commit). Until that fsync returns nothing is reported to the caller: the same guarantee as
+        ``synchronous=FULL``, whose fsync runs under the lock."""
         with self._writer(), self._sessions() as session, session.begin():
+            if self.is_sqlite:
+                session.connection(execution_options={SOFT: True})
             yield session
+        self._sync_wal()
+
+    def _sync_wal(self) -> None:
+        """SQLite: flush the WAL file to disk (the frames of every commit so far). No WAL file means none is
+        pending: SQLite removes it only after checkpointing it into the database file and syncing that."""
+        if self._wal is None:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @contextmanager
     def soft_state(self) -> Iterator[Session]:
@@ -74,8 +100,8 @@ class Database:
         off for it alone): for state a crash may lose without harm, such as a check-in's slot and assignment (both
         in the same transaction, so they vanish together; the device's report then gets NOT_FOUND and it checks in
         again). The round's row lock is released at commit, not after an fsync, so check-ins on one task no longer
-        queue behind each other's disk flush. SQLite: ``synchronous=NORMAL`` for this transaction (its WAL frames
-        reach the disk with the next ordinary commit or checkpoint; a power cut may lose it, a crash of the process
+        queue behind each other's disk flush. SQLite: ``synchronous=NORMAL`` and no fsync after it (its WAL frames
+        reach the disk with the next durable commit or checkpoint; a power cut may lose it, a crash of the process
         cannot)."""
         with self._writer(), self._sessions() as session, session.begin():
             if self.is_sqlite:

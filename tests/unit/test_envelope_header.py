@@ -1,0 +1,82 @@
+"""The server checks an upload's envelope from its header alone (keys/envelope.read_envelope_header): the
+ciphertext is stepped over. It must accept exactly what a full protobuf parse accepts, with the same fields, for
+real envelopes, reordered and repeated fields, unknown fields, and arbitrary bytes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcompute.core.errors import InvalidArgument
+from fedcompute.keys import hpke
+from fedcompute.keys.envelope import parse_envelope, read_envelope_header
+from fedcompute.v1 import upload_pb2
+
+
+def _real() -> bytes:
+    return upload_pb2.EncryptedContribution(
+        version=1, key_id="k_1", kem_id=hpke.KEM_ID, kdf_id=hpke.KDF_ID, aead_id=hpke.AEAD_ID,
+        context=b"ctx" * 20, ciphertext=b"\x07" * (hpke.ENC_BYTES + hpke.TAG_BYTES + 1000),
+    ).SerializeToString()  # fmt: skip
+
+
+def _outcome(parse: object, data: bytes) -> tuple[object, ...]:
+    try:
+        if parse is parse_envelope:
+            envelope = parse_envelope(data)
+        else:
+            envelope = read_envelope_header(io.BytesIO(data + b"trailing bytes past the upload"), len(data))
+    except InvalidArgument as exc:
+        return ("refused", str(exc))
+    return (envelope.version, envelope.key_id, envelope.kem_id, envelope.kdf_id, envelope.aead_id, envelope.context)
+
+
+def _same(data: bytes) -> None:
+    assert _outcome(read_envelope_header, data) == _outcome(parse_envelope, data)
+
+
+def test_a_real_envelope_reads_the_same_without_its_ciphertext() -> None:
+    data = _real()
+    _same(data)
+    header = read_envelope_header(io.BytesIO(data), len(data))
+    assert header.ciphertext == b""  # never read
+    assert header.key_id == "k_1"
+
+
+def test_reordered_repeated_and_unknown_fields_read_as_protobuf_reads_them() -> None:
+    data = _real()
+    later = upload_pb2.EncryptedContribution(key_id="k_2", context=b"other").SerializeToString()
+    unknown = bytes([(15 << 3) | 2, 3]) + b"abc" + bytes([(14 << 3) | 0, 5]) + bytes([(13 << 3) | 5]) + b"\x00" * 4
+    wrong_type = bytes([(1 << 3) | 2, 1]) + b"x"  # field 1 (a varint) sent length-delimited: unknown to protobuf
+    for variant in (data + later, later + data, unknown + data, data + unknown, wrong_type + data):
+        _same(variant)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00",  # field 0
+        b"\x3a\xff\xff\xff\xff\x0f",  # ciphertext longer than the upload
+        b"\x0b",  # a group
+        b"\x08" + b"\xff" * 11,  # a varint too long
+        b"\x12\x02\xff\xfe",  # key_id not UTF-8
+        _real()[:-1],  # truncated
+        _real().replace(b"k_1", b"k\xff1"),
+    ],
+)
+def test_malformed_envelopes_are_refused_by_both(data: bytes) -> None:
+    _same(data)
+    assert _outcome(read_envelope_header, data)[0] == "refused"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 400))
+def test_arbitrary_bytes_and_mutations_of_a_real_envelope_read_the_same(noise: bytes, cut: int) -> None:
+    _same(noise)
+    data = _real()
+    _same(data[:cut] + noise + data[cut:])
+    _same(noise + data)
