@@ -1,14 +1,15 @@
 """Aggregation of bench-1m contributions in-process: the aggregator's own code against HPKE-open + float64 add.
 
-Product, the loop of `AggregatorWorker.process`: per contribution, on the prefetch thread one item ahead, sha256
-of the envelope and `open_contribution` (parse the envelope, check its context against the job, HPKE open,
-decode the safetensors payload, check names/shapes/dtypes against the plan's schema, check finiteness), then on
-the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C, sum in float64); at the end the
-release (the mean, or the DP noise from ChaCha20 over 1,126,410 coordinates) and `checkpoints.encode` of the
-result, as the worker does before CompleteJob. Not included: claiming the job, fetching the key shares from the
-key services, verifying the access policy, streaming the envelopes over gRPC (StreamContributions) and sending
-the result back. Limit, on one thread: parse the envelope, HPKE-open its ciphertext, view the safetensors data as
-float32 and add it in place into one float64 array. The envelopes are K distinct sealed updates reused in turn (memory).
+Product, the loop of `AggregatorWorker.process`: per contribution, sha256 of the envelope on one prefetch thread
+(two items ahead), `open_contribution` on another (one ahead: parse the envelope, check its context against the
+job, HPKE open, decode the safetensors payload, check names/shapes/dtypes against the plan's schema, check
+finiteness), then on the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C, sum in
+float64); at the end the release (the mean, or the DP noise from ChaCha20 over 1,126,410 coordinates) and
+`checkpoints.encode` of the result, as the worker does before CompleteJob. Not included: claiming the job, fetching
+the key shares from the key services, verifying the access policy, streaming the envelopes over gRPC
+(StreamContributions) and sending the result back. Limit, on one thread: parse the envelope, HPKE-open its
+ciphertext, view the safetensors data as float32 and add it in place into one float64 array. The envelopes are K
+distinct sealed updates reused in turn (memory).
 Peak RSS: once per side after the timed samples, each in a fresh process (`python -m bench.aggregate SIDE N`)
 that builds the job, then aggregates while /proc/self/statm is sampled every 5 ms; it includes Python, torch and
 the 16 envelopes held in memory (`baseline_mib`, its level just before the run).
@@ -77,11 +78,15 @@ def product(job: Job, count: int, dp: bool) -> float:
     params = DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=count, min_clients=1)
     mean: DpSum | StreamingMean = DpSum(params) if dp else StreamingMean()
 
-    def opened(item: tuple[bytes, str]) -> Opened:
+    def hashed(item: tuple[bytes, str]) -> tuple[bytes, str]:
         hashlib.sha256(item[0]).hexdigest()  # the worker checks each item against the job's input list
+        return item
+
+    def opened(item: tuple[bytes, str]) -> Opened:
         return open_contribution(item[0], item[1], job.context, job.keys)
 
-    for contribution in prefetched((job.envelopes[i % DISTINCT] for i in range(count)), opened):
+    items = (job.envelopes[i % DISTINCT] for i in range(count))
+    for contribution in prefetched(prefetched(items, hashed), opened):  # as the worker: hash, open, add
         if isinstance(mean, DpSum):
             mean.add(contribution.update, contribution.metrics)
         else:
@@ -138,6 +143,7 @@ SIDES: dict[str, Callable[[Job, int], float]] = {
 
 def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     count = 40 if mode.quick else COUNT
+    torch.set_num_threads(1)  # as the worker process does (aggregator/main.py); the limit is numpy's, unaffected
     job = Job()
     plain, noised, bound = interleave(mode.pairs, *(lambda f=f: f(job, count) for f in SIDES.values()))
     rss = {side: _fresh_process_rss(side, count) for side in SIDES}
@@ -173,6 +179,7 @@ def _fresh_process_rss(side: str, count: int) -> dict[str, float]:
 
 def main() -> None:
     side, count = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)
     job = Job()
     print(json.dumps(with_peak_rss(lambda: SIDES[side](job, count))))
 

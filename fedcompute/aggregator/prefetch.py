@@ -1,8 +1,9 @@
-"""One item ahead: the worker opens the next contribution on a background thread while it adds the current one.
+"""One item ahead: work on the next item on a background thread while the caller handles the current one.
 
-Hashing (hashlib), HPKE opening and the tensor adds release the GIL for most of their time, so the two overlap.
-At most two items are in hand at once (the one the caller holds and the one being worked on), so memory stays
-bounded whatever the cohort; the next item is read from the source only when the caller asks for the next result.
+The worker chains two (hash the one after next, open the next, add the current one). Hashing (hashlib), HPKE
+opening and the tensor adds release the GIL for most of their time, so the stages overlap. Each stage holds at
+most two items (the one its caller holds and the one being worked on), so memory stays bounded whatever the
+cohort; the next item is read from the source only when the caller asks for the next result.
 """
 
 from __future__ import annotations
@@ -32,3 +33,5 @@ def prefetched(items: Iterable[T], work: Callable[[T], R]) -> Generator[R, None,
                 yield pending.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(items, Generator):  # a chained stage: stop it too, now rather than when collected
+                items.close()

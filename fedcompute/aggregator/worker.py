@@ -107,7 +107,8 @@ class AggregatorWorker:
             stream = self._jobs.stream_contributions(
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
             )
-            for outcome in prefetched(stream, opener):  # the next one is checked and opened while this one is added
+            # the one after next is hashed and the next opened while this one is added (three threads, in order)
+            for outcome in prefetched(prefetched(stream, opener.check), opener.open):
                 if outcome is None:
                     self._fail(job, f"contribution {opener.matched} of the stream is not the job's input set's", False)
                     return
@@ -186,8 +187,10 @@ class AggregatorWorker:
 
 
 class _Opener:
-    """Checks each streamed item against the job's input list, in order, then opens it (``None``: not the input
-    set's). After a mismatch or an error it opens nothing more, so no key is asked for on a refused stream."""
+    """Two stages, each on its own thread one item ahead (``prefetched`` twice): ``check`` hashes each streamed
+    item against the job's input list, in order (``None``: not the input set's); ``open`` opens what was checked.
+    After a mismatch or an error nothing more is checked or opened, so no key is asked for on a refused stream
+    and nothing after the first mismatch is ever opened."""
 
     def __init__(
         self,
@@ -200,10 +203,11 @@ class _Opener:
         self._context = context
         self._keys = keys
         self._metrics = metrics
-        self._stopped = False
+        self._stopped = False  # set by either stage; both read it before doing anything
+        self._failed = False  # an open raised: nothing already checked is opened after it
         self.matched = 0  # items that matched the input list so far
 
-    def __call__(self, item: aggregation_pb2.StreamContributionsResponse) -> Opened | Rejected | None:
+    def check(self, item: aggregation_pb2.StreamContributionsResponse) -> tuple[bytes, str] | None:
         if self._stopped:
             return None
         envelope = item.envelope  # each read of a bytes field copies it: read once, hash once
@@ -213,12 +217,18 @@ class _Opener:
             self._stopped = True
             return None
         self.matched += 1
+        return envelope, item.assignment_id
+
+    def open(self, checked: tuple[bytes, str] | None) -> Opened | Rejected | None:
+        if checked is None or (self._stopped and self._failed):
+            self._stopped = True
+            return None
         try:
-            return open_contribution(envelope, item.assignment_id, self._context, self._keys)
+            return open_contribution(checked[0], checked[1], self._context, self._keys)
         except Rejected as refusal:
             return refusal
         except BaseException:
-            self._stopped = True
+            self._stopped = self._failed = True
             raise
 
 

@@ -190,11 +190,11 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
 
     metrics = WorkerMetrics.create(CollectorRegistry())
     opener = _Opener(inputs, job, keys, metrics)
-    first = opener(items[0])
+    first = opener.open(opener.check(items[0]))
     assert isinstance(first, Opened)
     assert first.num_examples == 2
-    assert opener(items[2]) is None  # out of order: not the input set's
-    assert opener(items[1]) is None  # nothing is opened after a mismatch
+    assert opener.open(opener.check(items[2])) is None  # out of order: not the input set's
+    assert opener.open(opener.check(items[1])) is None  # nothing is opened after a mismatch
     assert (opener.matched, asked) == (1, ["k"])
 
     def unavailable(key_id: str) -> X25519PrivateKey:
@@ -204,6 +204,18 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
     asked.clear()
     failing = _Opener(inputs, job, unavailable, metrics)
     with pytest.raises(KeyUnavailable):
-        failing(items[0])
-    assert failing(items[1]) is None  # the prefetched next item asks nothing more
+        failing.open(failing.check(items[0]))
+    assert failing.check(items[1]) is None  # the prefetched next item asks nothing more
+    assert failing.open((items[1].envelope, "a2")) is None  # nor would an item already checked, once stopped
     assert asked == ["k"]
+
+    # the worker's pipeline (hash two ahead on one thread, open one ahead on another): a stream whose second item
+    # is not the input set's opens the first, then nothing more, whatever the threads' timing
+    for _ in range(20):
+        asked.clear()
+        piped = _Opener(inputs, job, keys, metrics)
+        stream = [items[0], items[2], items[1], items[1]]
+        outcomes = list(prefetched(prefetched(iter(stream), piped.check), piped.open))
+        assert isinstance(outcomes[0], Opened)
+        assert outcomes[1:] == [None, None, None]
+        assert (piped.matched, asked) == (1, ["k"])
