@@ -146,8 +146,8 @@ class UploadService:
             assignment = AssignmentRepository(s).get(upload_id)
             if assignment is None:
                 raise PermissionDenied("no assignment matches this upload")
-            IterationRepository(s).lock(assignment.iteration_id)  # the round's lock first: no upload row
-            assignment = AssignmentRepository(s).get(upload_id)  # can appear after the collector closed it
+            IterationRepository(s).lock(assignment.iteration_id)  # the round's lock first: no upload row can
+            assignment = AssignmentRepository(s).get(upload_id, fresh=True)  # appear after the collector closed it
             assert assignment is not None
             if assignment.status == AssignmentStatus.ASSIGNED:
                 raise FailedPrecondition("report the result COMPLETED before uploading")

@@ -13,11 +13,12 @@ from sqlalchemy import select
 
 from fedcompute.core.clock import RandomIds
 from fedcompute.core.tasks import TaskSpec
-from fedcompute.core.transitions import IterationStatus, JobStatus, TaskStatus
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus, JobStatus, TaskStatus
+from fedcompute.store.assignments import AssignmentRepository
 from fedcompute.store.database import MIGRATIONS, Database
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
-from fedcompute.store.models import Base, StatusHistoryRow
+from fedcompute.store.models import AssignmentRow, Base, StatusHistoryRow
 from fedcompute.store.tasks import TaskRepository
 
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
@@ -130,3 +131,29 @@ def test_over_selection_adapts_to_the_dropout_of_the_previous_attempt(db: Databa
         assert next_cohort(s, spec, iteration_id) == 9
         tight = TaskSpec("pop", "digits-linear-v1", rounds=2, report_goal=4, max_cohort=6)
         assert next_cohort(s, tight, iteration_id) == 6  # never above the task's bound
+
+
+def test_a_fresh_read_after_the_round_lock_sees_what_another_transaction_committed(db: Database) -> None:
+    """An upload's start reads its assignment, locks the round, then reads the assignment again: that second read
+    must be the row as committed now (Postgres, read committed), never the session's copy from before the lock
+    (which it would get while the session still holds the row), or an upload could start on an assignment the
+    collector has just closed."""
+    if db.is_sqlite:
+        pytest.skip("SQLite: a write transaction holds the whole database, so nothing can change under it")
+    task_id, iteration_id = _task_with_round(db)
+    with db.transaction() as s:
+        AssignmentRepository(s).add("asg_x", iteration_id, task_id, NOW)
+    with db.transaction() as s:
+        held = s.get(AssignmentRow, "asg_x")  # the session keeps its copy of the row
+        assert held is not None
+        assert held.status == AssignmentStatus.ASSIGNED
+        with db.transaction() as other:  # the collector, on another connection, between the two reads
+            assert AssignmentRepository(other).change_status(
+                "asg_x", AssignmentStatus.ASSIGNED, AssignmentStatus.CANCELED, NOW, "round closed"
+            )
+        stale = AssignmentRepository(s).get("asg_x")
+        fresh = AssignmentRepository(s).get("asg_x", fresh=True)
+    assert stale is not None
+    assert stale.status == AssignmentStatus.ASSIGNED  # what a plain read would have acted on
+    assert fresh is not None
+    assert fresh.status == AssignmentStatus.CANCELED
