@@ -143,12 +143,12 @@ class UploadService:
         recorded size are truncated), so its commit does not wait for the disk."""
         now = self._clock.now()
         with self._db.soft_state() as s:
-            assignment = AssignmentRepository(s).get(upload_id)
+            # the assignment's row lock, not the round's (every upload of a round would queue on that): whatever
+            # closes the round marks this assignment LATE or CANCELED under the round's lock, so either it did
+            # so before (seen here) or it waits for this commit and then abandons the upload row made here
+            assignment = AssignmentRepository(s).get(upload_id, lock=True)
             if assignment is None:
                 raise PermissionDenied("no assignment matches this upload")
-            IterationRepository(s).lock(assignment.iteration_id)  # the round's lock first: no upload row can
-            assignment = AssignmentRepository(s).get(upload_id, fresh=True)  # appear after the collector closed it
-            assert assignment is not None
             if assignment.status == AssignmentStatus.ASSIGNED:
                 raise FailedPrecondition("report the result COMPLETED before uploading")
             if assignment.status not in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):

@@ -43,10 +43,10 @@ class AssignmentRepository:
         )
         record_created(self._s, "assignment", assignment_id, status, now)
 
-    def get(self, assignment_id: str, fresh: bool = False) -> AssignmentRecord | None:
-        """The assignment; ``fresh`` reads the row again even if this session loaded it before (after taking a
-        lock, what another transaction committed meanwhile must be seen, not the session's copy)."""
-        row = self._s.get(AssignmentRow, assignment_id, populate_existing=fresh)
+    def get(self, assignment_id: str, lock: bool = False) -> AssignmentRecord | None:
+        """The assignment; ``lock`` takes its row lock (Postgres ``FOR UPDATE``) and reads the row as committed
+        now, never the session's earlier copy."""
+        row = self._s.get(AssignmentRow, assignment_id, populate_existing=lock, with_for_update=lock or None)
         return assignment_record(row) if row else None
 
     def change_status(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy import select
 from fedcompute.core.clock import RandomIds
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, JobStatus, TaskStatus
-from fedcompute.store.assignments import AssignmentRepository
+from fedcompute.store.assignments import AssignmentRepository, assignment_record
 from fedcompute.store.database import MIGRATIONS, Database
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
@@ -133,27 +134,39 @@ def test_over_selection_adapts_to_the_dropout_of_the_previous_attempt(db: Databa
         assert next_cohort(s, tight, iteration_id) == 6  # never above the task's bound
 
 
-def test_a_fresh_read_after_the_round_lock_sees_what_another_transaction_committed(db: Database) -> None:
-    """An upload's start reads its assignment, locks the round, then reads the assignment again: that second read
-    must be the row as committed now (Postgres, read committed), never the session's copy from before the lock
-    (which it would get while the session still holds the row), or an upload could start on an assignment the
-    collector has just closed."""
+def test_a_locked_read_of_an_assignment_waits_for_and_sees_what_another_transaction_committed(db: Database) -> None:
+    """An upload's start reads its assignment with the row's lock: the read must wait for a concurrent closer's
+    change and return the row as committed then (Postgres, read committed), never the session's copy from
+    before (which a plain read returns while the session holds the row), or an upload could start on an
+    assignment whose round has just closed."""
     if db.is_sqlite:
         pytest.skip("SQLite: a write transaction holds the whole database, so nothing can change under it")
     task_id, iteration_id = _task_with_round(db)
     with db.transaction() as s:
         AssignmentRepository(s).add("asg_x", iteration_id, task_id, NOW)
+    closer_holds = threading.Event()
+    release = threading.Event()
+
+    def closer() -> None:  # marks the assignment LATE and keeps its transaction open until told
+        with db.transaction() as other:
+            assert AssignmentRepository(other).change_status(
+                "asg_x", AssignmentStatus.ASSIGNED, AssignmentStatus.LATE, NOW, "round closed"
+            )
+            closer_holds.set()
+            release.wait(10)
+
     with db.transaction() as s:
         held = s.get(AssignmentRow, "asg_x")  # the session keeps its copy of the row
         assert held is not None
-        assert held.status == AssignmentStatus.ASSIGNED
-        with db.transaction() as other:  # the collector, on another connection, between the two reads
-            assert AssignmentRepository(other).change_status(
-                "asg_x", AssignmentStatus.ASSIGNED, AssignmentStatus.CANCELED, NOW, "round closed"
-            )
-        stale = AssignmentRepository(s).get("asg_x")
-        fresh = AssignmentRepository(s).get("asg_x", fresh=True)
-    assert stale is not None
-    assert stale.status == AssignmentStatus.ASSIGNED  # what a plain read would have acted on
-    assert fresh is not None
-    assert fresh.status == AssignmentStatus.CANCELED
+        thread = threading.Thread(target=closer)
+        thread.start()
+        assert closer_holds.wait(10)
+        assert AssignmentRepository(s).get("asg_x") == assignment_record(held)  # a plain read: the old copy
+        threading.Timer(0.3, release.set).start()
+        began = time.monotonic()
+        locked = AssignmentRepository(s).get("asg_x", lock=True)  # waits for the closer's commit
+        waited = time.monotonic() - began
+        thread.join()
+    assert locked is not None
+    assert locked.status == AssignmentStatus.LATE
+    assert waited >= 0.2  # it did wait for the closer's row lock
