@@ -204,7 +204,7 @@ class _Opener:
         self._keys = keys
         self._metrics = metrics
         self._stopped = False  # set by either stage; both read it before doing anything
-        self._failed = False  # an open raised: nothing already checked is opened after it
+        self._failed = False  # an open raised (it stopped both stages): nothing already checked is opened after it
         self.matched = 0  # items that matched the input list so far
 
     def check(self, item: aggregation_pb2.StreamContributionsResponse) -> tuple[bytes, str] | None:
@@ -220,7 +220,7 @@ class _Opener:
         return envelope, item.assignment_id
 
     def open(self, checked: tuple[bytes, str] | None) -> Opened | Rejected | None:
-        if checked is None or (self._stopped and self._failed):
+        if checked is None or self._failed:
             self._stopped = True
             return None
         try:

@@ -23,7 +23,6 @@ __all__ = ["Database", "Session"]
 
 
 READ_ONLY = "fedcompute_read_only"
-SOFT = "fedcompute_soft_state"
 BUSY_TIMEOUT_S = 60
 # Connections kept open: at least a server's gRPC threads (16 by default), so that a busy server does not open and
 # close an overflow connection per transaction; the overflow opens more for bursts beyond that
@@ -63,6 +62,7 @@ class Database:
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+        self._sync_wal()
 
     def _writer(self) -> AbstractContextManager[object]:
         return _held(self._writers) if self._writers is not None else nullcontext()
@@ -75,8 +75,6 @@ class Database:
         flushes (group commit). Until that fsync returns nothing is reported to the caller: the same guarantee as
         ``synchronous=FULL``, whose fsync runs under the lock."""
         with self._writer(), self._sessions() as session, session.begin():
-            if self.is_sqlite:
-                session.connection(execution_options={SOFT: True})
             yield session
         self._sync_wal()
 
@@ -104,9 +102,7 @@ class Database:
         reach the disk with the next durable commit or checkpoint; a power cut may lose it, a crash of the process
         cannot)."""
         with self._writer(), self._sessions() as session, session.begin():
-            if self.is_sqlite:
-                session.connection(execution_options={SOFT: True})
-            else:
+            if not self.is_sqlite:
                 session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield session
 
@@ -116,7 +112,9 @@ class Database:
         transaction, so the rows it locks are held only while the server runs it, never while this process waits
         for its GIL between statements. Straight on the driver's connection from a pool of its own (SQLAlchemy's
         statement machinery costs several times the driver's own CPU on this hot path), without a ping per
-        checkout: a connection found dead is thrown away and the statement run once more on a fresh one."""
+        checkout: a connection found dead is thrown away and the statement run once more on a fresh one (a
+        statement the server had committed before the connection broke then fails its retry on its own unique
+        keys rather than applying twice)."""
         if self.is_sqlite:
             raise RuntimeError("soft_statement is for Postgres; SQLite writes go through soft_state()")
         if self._soft_engine is None:
@@ -202,13 +200,11 @@ def _sqlite_serializable_writes(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=60000")
+        # commits do not sync under the write lock; Database.transaction() fsyncs the WAL after releasing it
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        options = connection.get_execution_options()
-        if options.get(READ_ONLY):
-            connection.exec_driver_sql("BEGIN")
-            return
-        connection.exec_driver_sql("PRAGMA synchronous=" + ("NORMAL" if options.get(SOFT) else "FULL"))
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        deferred = connection.get_execution_options().get(READ_ONLY)
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")

@@ -98,20 +98,6 @@ class IterationRepository:
         row = self._s.scalar(query)
         return to_record(row) if row else None
 
-    def admit(self, iteration_id: str, now: datetime) -> bool:
-        """Take one cohort slot: atomic ``assigned + 1 WHERE assigned < max_cohort AND status = OPEN``."""
-        result = self._s.execute(
-            update(IterationRow)
-            .where(
-                IterationRow.id == iteration_id,
-                IterationRow.status == IterationStatus.OPEN,
-                IterationRow.assigned < IterationRow.max_cohort,
-            )
-            .values(assigned=IterationRow.assigned + 1, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        return getattr(result, "rowcount", 0) == 1
-
     def open_ones(self) -> list[tuple[IterationRecord, datetime]]:
         """Every open round (attempt) with the time it opened (the sweeper's work list)."""
         rows = self._s.scalars(select(IterationRow).where(IterationRow.status == IterationStatus.OPEN))

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from fedcompute.core.clock import RandomIds
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, JobStatus, TaskStatus
+from fedcompute.store.admission import Admission, write_admissions
 from fedcompute.store.assignments import AssignmentRepository, assignment_record
 from fedcompute.store.database import MIGRATIONS, Database
 from fedcompute.store.iterations import IterationRepository
@@ -55,13 +56,12 @@ def test_admission_cap_holds_under_concurrency(db: Database) -> None:
     admitted: list[bool] = []
     lock = threading.Lock()
 
-    def admit() -> None:
-        with db.transaction() as s:
-            ok = IterationRepository(s).admit(iteration_id, NOW)
+    def admit(n: int) -> None:  # each its own batch: 16 concurrent writes race for the round's 5 slots
+        ok = write_admissions(db, [Admission(iteration_id, f"asg_{n}", "task_a", NOW)]) == {f"asg_{n}"}
         with lock:
             admitted.append(ok)
 
-    threads = [threading.Thread(target=admit) for _ in range(16)]
+    threads = [threading.Thread(target=admit, args=(n,)) for n in range(16)]
     for t in threads:
         t.start()
     for t in threads:
