@@ -1,10 +1,11 @@
 """Aggregation of bench-1m contributions in-process: the aggregator's own code against HPKE-open + float64 add.
 
 Product, the loop of `AggregatorWorker.process`: per contribution, sha256 of the envelope on one prefetch thread
-(two items ahead), `open_contribution` on another (one ahead: parse the envelope, check its context against the
-job, HPKE open, decode the safetensors payload, check names/shapes/dtypes against the plan's schema, check
-finiteness), then on the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C, sum in
-float64); at the end the release (the mean, or the DP noise from ChaCha20 over 1,126,410 coordinates) and
+(two items ahead), `open_contribution` on another (one ahead: scan the envelope, check its context against the
+job, HPKE open in place, view the safetensors payload's tensors without a copy after checking its layout, names,
+shapes and dtypes against the plan's schema, check finiteness; with DP the update's float64 norm too), then on
+the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C by the norm computed while opening,
+sum in float64); at the end the release (the mean, or the DP noise from ChaCha20 over 1,126,410 coordinates) and
 `checkpoints.encode` of the result, as the worker does before CompleteJob. Not included: claiming the job, fetching
 the key shares from the key services, verifying the access policy, streaming the envelopes over gRPC
 (StreamContributions) and sending the result back. Limit, on one thread: parse the envelope, HPKE-open its
@@ -83,12 +84,12 @@ def product(job: Job, count: int, dp: bool) -> float:
         return item
 
     def opened(item: tuple[bytes, str]) -> Opened:
-        return open_contribution(item[0], item[1], job.context, job.keys)
+        return open_contribution(item[0], item[1], job.context, job.keys, norm=dp)
 
     items = (job.envelopes[i % DISTINCT] for i in range(count))
     for contribution in prefetched(prefetched(items, hashed), opened):  # as the worker: hash, open, add
         if isinstance(mean, DpSum):
-            mean.add(contribution.update, contribution.metrics)
+            mean.add(contribution.update, contribution.metrics, contribution.norm)
         else:
             mean.add(contribution.update, float(contribution.num_examples))
     update = mean.release(ChaChaGaussian.secure())[0] if isinstance(mean, DpSum) else mean.mean()

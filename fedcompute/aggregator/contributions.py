@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fedcompute.aggregator.dp import l2_norm
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import InvalidArgument
-from fedcompute.core.plans import check_tensors
 from fedcompute.keys import hpke
-from fedcompute.keys.envelope import parse_envelope
+from fedcompute.keys.envelope import envelope_view
 
 MAX_EXAMPLES = 1_000_000
 
@@ -36,9 +36,10 @@ class JobContext:
 
 @dataclass(frozen=True)
 class Opened:
-    update: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor]  # views of the decrypted payload: read, never written
     num_examples: int
     metrics: dict[str, float]
+    norm: float | None = None  # the update's global L2 norm (float64), when asked for: DP clips by it
 
 
 class Rejected(Exception):
@@ -50,11 +51,17 @@ class Rejected(Exception):
 
 
 def open_contribution(
-    envelope_bytes: bytes, assignment_id: str, job: JobContext, keys: Callable[[str], X25519PrivateKey]
+    envelope_bytes: bytes,
+    assignment_id: str,
+    job: JobContext,
+    keys: Callable[[str], X25519PrivateKey],
+    norm: bool = False,
 ) -> Opened:
-    """Check and decrypt one contribution; ``keys`` resolves a key id (raising ``Rejected`` if unknown)."""
+    """Check and decrypt one contribution; ``keys`` resolves a key id (raising ``Rejected`` if unknown). With
+    ``norm`` the update's L2 norm is computed here too (on the opening thread, not the summing one). The envelope's
+    ciphertext is opened in place and the payload's tensors view the plaintext: no copy of either is made."""
     try:
-        envelope = parse_envelope(envelope_bytes)
+        envelope, ciphertext = envelope_view(envelope_bytes)
         context = ContributionContext.decode(envelope.context)
     except (InvalidArgument, ValueError):
         raise Rejected("malformed_envelope") from None
@@ -75,25 +82,25 @@ def open_contribution(
         raise Rejected("context_mismatch")
     key = keys(envelope.key_id)
     try:
-        plaintext = hpke.open_sealed(envelope.ciphertext, key, expected.encode())
+        plaintext = hpke.open_sealed(ciphertext, key, expected.encode())
     except hpke.DecryptionError:
         raise Rejected("decrypt_failed") from None
-    return _parse_payload(plaintext, job)
+    return _parse_payload(plaintext, job, norm)
 
 
-def _parse_payload(plaintext: bytes, job: JobContext) -> Opened:
+def _parse_payload(plaintext: bytes, job: JobContext, norm: bool = False) -> Opened:
     try:
-        update = checkpoints.decode(plaintext)
-        check_tensors(job.schema, update)
-        meta = checkpoints.decode_metadata(plaintext)
+        update, meta = checkpoints.decode_views(plaintext, job.schema)  # names, shapes and dtypes: the plan's
     except ValueError:
         raise Rejected("bad_payload") from None
     examples = meta.get("num_examples")
     if not isinstance(examples, int) or isinstance(examples, bool) or not 0 < examples <= MAX_EXAMPLES:
         raise Rejected("bad_payload")
-    if not all(_finite(t) for t in update.values()):
+    size = l2_norm(update) if norm else None
+    # a finite float64 norm means every value is finite (NaN and inf propagate); otherwise look value by value
+    if not (size is not None and math.isfinite(size)) and not all(_finite(t) for t in update.values()):
         raise Rejected("non_finite")
-    return Opened(update, examples, _metrics(meta.get("metrics", {}), job.metrics))
+    return Opened(update, examples, _metrics(meta.get("metrics", {}), job.metrics), size)
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -39,12 +39,24 @@ class DpParams:
     metric_bounds: tuple[tuple[str, float], ...] = ()
 
 
+NORM_CHUNK = 1 << 17  # values widened to float64 at a time: 1 MiB, cache-sized, instead of a whole-tensor copy
+
+
 def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm over every tensor, accumulated in float64 (inf if any value is not finite)."""
     total = 0.0
+    widest = max((t.numel() for t in update.values() if t.device.type == "cpu"), default=0)
+    buffer = torch.empty(min(NORM_CHUNK, widest), dtype=torch.float64)
     for t in update.values():
-        flat = t.reshape(-1).to(torch.float64)  # one float64 copy of one tensor at a time, no squares kept
-        total += float(torch.dot(flat, flat))
+        flat = t.reshape(-1)
+        if t.device.type != "cpu":  # one float64 copy of one tensor at a time, on its device
+            wide = flat.to(torch.float64)
+            total += float(torch.dot(wide, wide))
+            continue
+        for start in range(0, flat.numel(), NORM_CHUNK):
+            part = buffer[: min(NORM_CHUNK, flat.numel() - start)]
+            part.copy_(flat[start : start + NORM_CHUNK])  # widened exactly; the squares are summed in float64
+            total += float(torch.dot(part, part))  # torch's BLAS, under the process's torch thread setting
     return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
@@ -74,8 +86,11 @@ class DpSum:
         self._unclipped = 0
         self._metrics = np.zeros(len(params.metric_bounds), dtype=np.float64)
 
-    def add(self, update: Mapping[str, torch.Tensor], metrics: Mapping[str, float] | None = None) -> None:
-        """Add one update (the caller has already refused non-finite ones) and, if released, its metrics."""
+    def add(
+        self, update: Mapping[str, torch.Tensor], metrics: Mapping[str, float] | None = None, norm: float | None = None
+    ) -> None:
+        """Add one update (the caller has already refused non-finite ones) and, if released, its metrics; ``norm``
+        is the update's ``l2_norm`` when the caller has it already (the worker computes it while opening)."""
         if self._sum and set(update) != set(self._sum):
             raise ValueError("update tensors differ from the first contribution's")
         scale = math.sqrt(len(self._p.metric_bounds) or 1)
@@ -83,7 +98,7 @@ class DpSum:
             value = (metrics or {}).get(name, 0.0)
             self._metrics[i] += min(max(value, 0.0), bound) / (bound * scale)
         moved = {k: t.to(self._device, non_blocking=True) for k, t in update.items()}
-        norm = l2_norm(moved)
+        norm = l2_norm(moved) if norm is None else norm
         factor = clip_factor(norm, self._p.clip_norm)
         for name, tensor in moved.items():
             total = self._sum.get(name)

@@ -102,7 +102,7 @@ class AggregatorWorker:
         rejections: Counter[str] = Counter()
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
         next_extension = time.monotonic() + max(lease_left, 1.0)
-        opener = _Opener(inputs, context, keys, self._metrics)
+        opener = _Opener(inputs, context, keys, self._metrics, norms=isinstance(mean, DpSum))
         try:
             stream = self._jobs.stream_contributions(
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
@@ -115,7 +115,7 @@ class AggregatorWorker:
                 if isinstance(outcome, Rejected):
                     rejections[outcome.reason] += 1
                 elif isinstance(mean, DpSum):
-                    mean.add(outcome.update, outcome.metrics)  # uniform weights under DP: example counts would leak
+                    mean.add(outcome.update, outcome.metrics, outcome.norm)  # uniform weights: counts would leak
                 else:
                     mean.add(outcome.update, float(outcome.num_examples))
                     metrics.add(outcome.metrics, outcome.num_examples)  # under DP metrics are left out
@@ -198,8 +198,10 @@ class _Opener:
         context: JobContext,
         keys: Callable[[str], X25519PrivateKey],
         metrics: WorkerMetrics,
+        norms: bool = False,
     ) -> None:
         self._inputs = inputs
+        self._norms = norms  # DP: each update's norm is computed while opening, off the summing thread
         self._context = context
         self._keys = keys
         self._metrics = metrics
@@ -224,7 +226,7 @@ class _Opener:
             self._stopped = True
             return None
         try:
-            return open_contribution(checked[0], checked[1], self._context, self._keys)
+            return open_contribution(checked[0], checked[1], self._context, self._keys, self._norms)
         except Rejected as refusal:
             return refusal
         except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import BinaryIO
 
 from google.protobuf.message import DecodeError
@@ -31,8 +32,20 @@ def read_envelope_header(handle: BinaryIO, size: int) -> upload_pb2.EncryptedCon
     server checks an upload's envelope without reading its payload. Reads the wire format as protobuf does (the
     last occurrence of a field wins; a field of an unexpected wire type, or an unknown field, is skipped; a
     truncated or malformed stream is refused)."""
+    return _scan(handle, size)[0]
+
+
+def envelope_view(data: bytes) -> tuple[upload_pb2.EncryptedContribution, memoryview]:
+    """``parse_envelope`` without copying the ciphertext: the envelope's other fields, and its ciphertext as a view
+    of ``data`` (the aggregator opens it in place)."""
+    envelope, start, length = _scan(io.BytesIO(data), len(data))  # BytesIO shares the bytes, it does not copy
+    return envelope, memoryview(data)[start : start + length]
+
+
+def _scan(handle: BinaryIO, size: int) -> tuple[upload_pb2.EncryptedContribution, int, int]:
+    """The envelope's fields but the ciphertext, and where the (last) ciphertext lies: its offset and length."""
     header = bytearray()
-    ciphertext_length = 0
+    ciphertext_start = ciphertext_length = 0
     end = size
     handle.seek(0)
     position = 0
@@ -50,7 +63,7 @@ def read_envelope_header(handle: BinaryIO, size: int) -> upload_pb2.EncryptedCon
             if after > end:
                 raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
             if field == CIPHERTEXT_FIELD:
-                ciphertext_length = length
+                ciphertext_start, ciphertext_length = start, length
                 handle.seek(after)
             else:
                 header += _encode_varint(key) + _encode_varint(length) + _read_exactly(handle, length)
@@ -68,7 +81,7 @@ def read_envelope_header(handle: BinaryIO, size: int) -> upload_pb2.EncryptedCon
     except DecodeError:
         raise InvalidArgument(FIELD, NOT_AN_ENVELOPE) from None
     _check_header(envelope, ciphertext_length)
-    return envelope
+    return envelope, ciphertext_start, ciphertext_length
 
 
 def _check_header(envelope: upload_pb2.EncryptedContribution, ciphertext_length: int) -> None:

@@ -54,7 +54,7 @@ def seal(plaintext: bytes, recipient: X25519PublicKey, info: bytes) -> bytes:
     return _SUITE.encrypt(plaintext, recipient, info=info)
 
 
-def open_sealed(ciphertext: bytes, key: X25519PrivateKey, info: bytes) -> bytes:
+def open_sealed(ciphertext: bytes | memoryview, key: X25519PrivateKey, info: bytes) -> bytes:
     if len(ciphertext) < ENC_BYTES + TAG_BYTES:
         raise DecryptionError("ciphertext shorter than an HPKE encapsulation and tag")
     try:

@@ -96,17 +96,35 @@ def test_l2_norm_is_the_float64_norm_and_infinite_when_a_value_is_not() -> None:
         assert l2_norm({"a": torch.tensor([1.0, bad])}) == math.inf
 
 
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_a_single_non_finite_value_is_rejected(bad: float) -> None:
+def test_a_single_non_finite_value_is_rejected(bad: float, norm: bool) -> None:
     values = torch.zeros(1000)
     values[617] = bad
     job = JobContext("p", "t", 1, "a", 1, "", "", {"w": ((1000,), torch.float32), "e": ((0,), torch.float32)})
     payload = checkpoints.encode({"w": values, "e": torch.zeros(0)}, {"num_examples": 1})
     with pytest.raises(Rejected) as info:
-        _parse_payload(payload, job)
+        _parse_payload(payload, job, norm)
     assert info.value.reason == "non_finite"
     ok = checkpoints.encode({"w": torch.full((1000,), 3e38), "e": torch.zeros(0)}, {"num_examples": 1})
-    assert _parse_payload(ok, job).num_examples == 1
+    opened = _parse_payload(ok, job, norm)
+    assert opened.num_examples == 1
+    assert opened.norm == (pytest.approx(3e38 * math.sqrt(1000)) if norm else None)
+
+
+def test_the_norm_computed_while_opening_is_the_float64_norm_and_clips_the_same() -> None:
+    generator = torch.Generator().manual_seed(3)
+    update = {"w": torch.randn(300_001, generator=generator), "b": torch.randn(7, generator=generator)}
+    job = JobContext("p", "t", 1, "a", 1, "", "", {k: (tuple(v.shape), v.dtype) for k, v in update.items()})
+    opened = _parse_payload(checkpoints.encode(update, {"num_examples": 1}), job, norm=True)
+    exact = math.sqrt(sum(float((t.to(torch.float64) ** 2).sum()) for t in update.values()))
+    assert opened.norm == pytest.approx(exact, rel=1e-12)  # chunked float64, across chunk boundaries
+    params = DpParams(clip_norm=1.0, noise_multiplier=0.0, expected_clients=1, min_clients=1)
+    given_norm, computed = DpSum(params), DpSum(params)
+    given_norm.add(opened.update, {}, opened.norm)
+    computed.add(update)
+    source = ChaChaGaussian(KEY)
+    assert torch.equal(given_norm.release(source)[0]["w"], computed.release(source)[0]["w"])
 
 
 def test_cpu_is_the_default_and_a_missing_gpu_is_refused_at_start(tmp_path: Path) -> None:

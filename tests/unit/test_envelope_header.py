@@ -1,6 +1,7 @@
 """The server checks an upload's envelope from its header alone (keys/envelope.read_envelope_header): the
-ciphertext is stepped over. It must accept exactly what a full protobuf parse accepts, with the same fields, for
-real envelopes, reordered and repeated fields, unknown fields, and arbitrary bytes."""
+ciphertext is stepped over; the aggregator reads the ciphertext in place (envelope_view). Both must accept exactly
+what a full protobuf parse accepts, with the same fields, for real envelopes, reordered and repeated fields,
+unknown fields, and arbitrary bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.keys import hpke
-from fedcompute.keys.envelope import parse_envelope, read_envelope_header
+from fedcompute.keys.envelope import envelope_view, parse_envelope, read_envelope_header
 from fedcompute.v1 import upload_pb2
 
 
@@ -23,19 +24,29 @@ def _real() -> bytes:
     ).SerializeToString()  # fmt: skip
 
 
-def _outcome(parse: object, data: bytes) -> tuple[object, ...]:
+def _outcome(parse: object, data: bytes) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    ciphertext: object = None  # the header reader never reads it
     try:
         if parse is parse_envelope:
             envelope = parse_envelope(data)
+            ciphertext = envelope.ciphertext
+        elif parse is envelope_view:
+            envelope, view = envelope_view(data)
+            ciphertext = view.tobytes()
         else:
             envelope = read_envelope_header(io.BytesIO(data + b"trailing bytes past the upload"), len(data))
     except InvalidArgument as exc:
-        return ("refused", str(exc))
-    return (envelope.version, envelope.key_id, envelope.kem_id, envelope.kdf_id, envelope.aead_id, envelope.context)
+        return ("refused", str(exc)), ("refused", str(exc))
+    fields = (envelope.version, envelope.key_id, envelope.kem_id, envelope.kdf_id, envelope.aead_id, envelope.context)
+    return fields, (fields, ciphertext)
 
 
 def _same(data: bytes) -> None:
-    assert _outcome(read_envelope_header, data) == _outcome(parse_envelope, data)
+    """The header reader reads every field but the ciphertext as protobuf does; the aggregator's view of the
+    envelope reads them all, the ciphertext (the last one sent, as protobuf keeps) included."""
+    full = _outcome(parse_envelope, data)
+    assert _outcome(read_envelope_header, data)[0] == full[0]
+    assert _outcome(envelope_view, data) == full
 
 
 def test_a_real_envelope_reads_the_same_without_its_ciphertext() -> None:
@@ -44,6 +55,8 @@ def test_a_real_envelope_reads_the_same_without_its_ciphertext() -> None:
     header = read_envelope_header(io.BytesIO(data), len(data))
     assert header.ciphertext == b""  # never read
     assert header.key_id == "k_1"
+    _, view = envelope_view(data)
+    assert view.obj is data  # the aggregator's view of the ciphertext is the envelope's own bytes, not a copy
 
 
 def test_reordered_repeated_and_unknown_fields_read_as_protobuf_reads_them() -> None:
@@ -70,7 +83,7 @@ def test_reordered_repeated_and_unknown_fields_read_as_protobuf_reads_them() -> 
 )
 def test_malformed_envelopes_are_refused_by_both(data: bytes) -> None:
     _same(data)
-    assert _outcome(read_envelope_header, data)[0] == "refused"
+    assert _outcome(read_envelope_header, data)[0][0] == "refused"
 
 
 @settings(max_examples=300, deadline=None)
