@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class AssignmentService:
         self._signer = signer
         self._keyring = keyring
         self._open_cache: dict[str, tuple[float, list[TaskRecord]]] = {}
+        self._refreshing = threading.Lock()  # one caller re-reads an expired cache entry; the others use it meanwhile
         self._admissions = AdmissionQueue(db)
         self._open_rounds: dict[str, _OpenRound] = {}  # task_id -> its open round as last read here
         self._versions: dict[tuple[str, int], tuple[str, int]] = {}
@@ -140,10 +142,14 @@ class AssignmentService:
         created through another replica within the TTL. An empty answer is not kept."""
         now = self._monotonic()
         cached = self._open_cache.get(population)
-        if cached is not None and now - cached[0] < OPEN_TASKS_TTL_S:
-            return cached[1]
-        with self._db.reading() as s:
-            tasks = TaskRepository(s).open_for_population(population)
+        if cached is not None and (now - cached[0] < OPEN_TASKS_TTL_S or not self._refreshing.acquire(blocking=False)):
+            return cached[1]  # fresh, or stale while another caller reads it again (not every caller at once)
+        try:
+            with self._db.reading() as s:
+                tasks = TaskRepository(s).open_for_population(population)
+        finally:
+            if cached is not None:
+                self._refreshing.release()
         if len(self._open_cache) > 10_000:  # populations are few; never let a flood of names grow it unbounded
             self._open_cache.clear()
         if tasks:
@@ -163,7 +169,17 @@ class AssignmentService:
         the round is read again (no write lock) and, if it is a different open one, tried once more."""
         cached = self._open_rounds.get(task.task_id)
         fresh = cached is None or self._monotonic() - cached.read_at >= OPEN_TASKS_TTL_S
-        round_ = self._read_round(task.task_id) if fresh else cached
+        if not fresh:
+            round_ = cached
+        elif cached is None:
+            round_ = self._read_round(task.task_id)
+        elif self._refreshing.acquire(blocking=False):
+            try:
+                round_ = self._read_round(task.task_id)
+            finally:
+                self._refreshing.release()
+        else:  # stale, and another caller is reading it again: use it (a refusal reads it afresh anyway)
+            round_, fresh = cached, False
         while True:
             if round_ is not None and not too_soon(task, round_.iteration.round, done):
                 assignment_id = self._ids.new_id("asg")

@@ -8,16 +8,23 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
-from fedcompute.core.clock import RandomIds
+from fedcompute.core.clock import FakeClock, RandomIds
+from fedcompute.core.records import ModelVersionRecord
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import IterationStatus, TaskStatus
+from fedcompute.rpc.auth import TokenSigner
+from fedcompute.server.assignment import OPEN_TASKS_TTL_S, AssignmentService
+from fedcompute.server.keyring import KeyRing
+from fedcompute.store import admission
 from fedcompute.store.admission import Admission, AdmissionQueue, write_admissions
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
+from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.models import AssignmentRow, StatusHistoryRow
 from fedcompute.store.tasks import TaskRepository
+from fedcompute.v1 import common_pb2
 
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
 ids = RandomIds()
@@ -102,7 +109,8 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
 
     queue = AdmissionQueue(db)
     errors: list[BaseException] = []
-    queue._writing.acquire()  # a leader busy writing: both callers queue up behind it
+    with queue._lock:
+        queue._leading = True  # a leader busy writing: both callers queue up behind it
 
     def check_in(assignment_id: str) -> None:
         try:
@@ -115,7 +123,7 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
         t.start()
     while len(queue._queued) < 2:
         threading.Event().wait(0.005)
-    queue._writing.release()  # the next leader writes both as one batch
+    queue._queued[0].wake.release()  # the busy leader hands the lead on: the next leader writes both as one batch
     for t in threads:
         t.join()
     assert len(errors) == 2  # the caller whose admission was fine learns of the failure too
@@ -123,3 +131,70 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
         count = s.scalar(select(func.count()).select_from(AssignmentRow))
     assert count == 1
     assert _stored(db, iteration_id)[0] == 1
+
+
+def test_every_caller_returns_and_batches_form_when_callers_keep_arriving(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 callers in waves on one queue over a round with room for all: each returns granted (no caller is left
+    waiting for a wake-up, whether it was written by a leader or handed the lead), and they were written in fewer
+    batches than callers."""
+    iteration_id = _round(db, max_cohort=1000)
+    queue = AdmissionQueue(db)
+    answers: list[bool] = []
+    written: list[int] = []
+
+    def counted(db: Database, batch: list[Admission]) -> set[str]:
+        written.append(len(batch))
+        return write_admissions(db, batch)
+
+    monkeypatch.setattr(admission, "write_admissions", counted)  # the real write, its batch sizes noted
+
+    def check_in(n: int) -> None:
+        answers.append(queue.admit(Admission(iteration_id, f"asg_{n:03d}", "task_a", NOW)))
+
+    threads = [threading.Thread(target=check_in, args=(n,)) for n in range(300)]
+    for wave in range(0, 300, 50):
+        for t in threads[wave : wave + 50]:
+            t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    assert answers == [True] * 300
+    assert sum(written) == 300
+    assert len(written) < 300
+    assert _stored(db, iteration_id)[0] == 300
+
+
+def test_an_expired_round_is_read_again_by_one_caller_while_the_others_use_it(db: Database) -> None:
+    """The check-in caches (open tasks, open round) expire after OPEN_TASKS_TTL_S: one caller reads the round
+    again while the callers arriving meanwhile use what was read before, instead of every caller reading at once.
+    Played here by holding the re-read's lock, as that one caller does."""
+    iteration_id = _round(db, max_cohort=100)
+    with db.transaction() as s:
+        ModelVersionRepository(s).add(ModelVersionRecord("task_a", 1, None, "c" * 64, 10, "", 0, 0, NOW))
+        task = TaskRepository(s).get("task_a")
+    assert task is not None
+    now = [0.0]
+    service = AssignmentService(
+        db, FakeClock(NOW), RandomIds(), TokenSigner(b"k" * 32), KeyRing([], FakeClock(NOW)), monotonic=lambda: now[0]
+    )
+    reads: list[str] = []
+
+    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().startswith("SELECT iterations.id, iterations.task_id, iterations.round"):  # current()
+            reads.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", note)
+    key = common_pb2.PublicKey()
+    assert service._admit(task, set(), key) is not None
+    assert len(reads) == 1  # the first check-in reads the round
+    assert service._admit(task, set(), key) is not None
+    assert len(reads) == 1  # then it is cached
+    now[0] = OPEN_TASKS_TTL_S + 1  # expired
+    with service._refreshing:  # one caller is reading it again
+        assert service._admit(task, set(), key) is not None
+        assert len(reads) == 1  # this one used the round it had
+    assert service._admit(task, set(), key) is not None
+    assert len(reads) == 2  # nobody else is reading it: this caller does
+    assert _stored(db, iteration_id)[0] == 4
