@@ -95,7 +95,7 @@ def decode_views(
 
 def _span(name: str, entry: object, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int]:
     """A header entry's data offsets, checked against the schema's shape and dtype."""
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):  # others: ignored
         raise ValueError(f"not a safetensors payload: tensor {name!r} has a malformed entry")
     got_shape, offsets = entry["shape"], entry["data_offsets"]
     if not isinstance(got_shape, list) or not all(type(d) is int and d >= 0 for d in got_shape):

@@ -94,6 +94,10 @@ def test_a_layout_rebuilt_by_hand_reads_the_same_and_key_order_and_padding_do_no
     assert _accepted_only_if_the_library_agrees(_payload(header, data))
     reordered = dict(reversed(list(header.items())))
     assert _accepted_only_if_the_library_agrees(_payload(reordered, data, pad=b"   "))
+    entry = header["w"]
+    assert isinstance(entry, dict)
+    entry["note"] = "an entry's other keys are ignored, as the library ignores them"
+    assert _accepted_only_if_the_library_agrees(_payload(header, data))
 
 
 def test_a_header_that_leaves_the_data_misaligned_is_read_through_one_aligned_copy() -> None:
