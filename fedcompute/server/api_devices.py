@@ -132,26 +132,24 @@ class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
         self._service = service
         self._metrics = metrics or ServerMetrics.create()
 
-    def _counted(self, requests: Iterator[upload_pb2.WriteRequest]) -> Iterator[upload_pb2.WriteRequest]:
+    def _chunks(self, requests: Iterator[upload_pb2.WriteRequest]) -> Iterator[WriteChunk]:
         for r in requests:
-            self._metrics.upload_bytes.inc(len(r.data))
-            yield r
-
-    def Write(
-        self, request_iterator: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext
-    ) -> upload_pb2.WriteResponse:
-        status = self._service.write(
-            WriteChunk(
+            data = r.data  # each read of a bytes field copies it (a chunk is up to a MiB): read it once
+            self._metrics.upload_bytes.inc(len(data))
+            yield WriteChunk(
                 r.resource_name,
                 r.write_offset,
                 r.finish_write,
-                r.data,
+                data,
                 r.upload_token,
                 r.metadata.total_size_bytes,
                 r.metadata.sha256_hex,
             )
-            for r in self._counted(request_iterator)
-        )
+
+    def Write(
+        self, request_iterator: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext
+    ) -> upload_pb2.WriteResponse:
+        status = self._service.write(self._chunks(request_iterator))
         if status.complete:
             self._metrics.uploads.inc()
         return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=status.complete)

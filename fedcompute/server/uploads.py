@@ -3,7 +3,8 @@
 Bytes go to a staging file that is fsynced before the committed size advances in the store, so a device can
 resume from ``QueryWriteStatus`` after any failure. The bytes are hashed as they arrive; on finish the hash is
 checked against the declared sha256, the envelope's header (not its ciphertext) checked to be bound to this
-assignment, the file moved into the blob store, and counted.
+assignment, the file moved into the blob store, and counted. A stream's start only reads (no write lock); the
+upload's row is written once, when the stream ends: with the bytes it committed, or complete and counted.
 """
 
 from __future__ import annotations
@@ -69,6 +70,31 @@ class _RoundClosed(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Started:
+    """An upload as its stream began: its row as stored, or as it is to be written when the stream ends (the start
+    writes nothing). ``row``: "stored" (the row is ``upload``), "new" (no row yet), "restart" (a row for an earlier
+    declared object, nothing committed: it takes this stream's size and hash)."""
+
+    upload: UploadRecord
+    iteration_id: str
+    row: str
+
+
+@dataclass(frozen=True)
+class _RoundFacts:
+    """What an upload's envelope must be bound to and when its round is full: fixed when the round opens."""
+
+    population_name: str
+    task_id: str
+    round: int
+    aggregation_id: str
+    model_version: int
+    plan_sha256: str
+    policy_sha256: str
+    report_goal: int
+
+
 def _hash_prefix(handle: BinaryIO, size: int, digest: Any) -> bool:
     """Feed the first ``size`` bytes of ``handle`` into ``digest``; False if the file holds fewer (a resumed
     upload whose staged bytes this process does not have)."""
@@ -101,6 +127,7 @@ class UploadService:
         self._signer = signer
         self._max_bytes = max_bytes
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._facts: dict[str, _RoundFacts] = {}  # iteration id -> its facts (immutable once open; bounded)
 
     def _authorize(self, resource_name: str, token: str) -> str:
         match = _NAME.match(resource_name)
@@ -126,52 +153,72 @@ class UploadService:
             raise InvalidArgument("requests", "the write stream was empty")
         upload_id = self._authorize(first.resource_name, first.upload_token)
         with self._lock_for(upload_id):
-            upload = self._begin(upload_id, first)
+            started = self._begin(upload_id, first)
+            upload = started.upload
             if upload.status == UploadStatus.COMPLETE:
                 return WriteStatus(upload.total_size, True)
             if first.write_offset != upload.committed_size:
                 raise OffsetMismatch(upload.committed_size, first.write_offset)
-            return self._receive(upload, chain([first], chunks))
+            return self._receive(started, chain([first], chunks))
 
     def _lock_for(self, upload_id: str) -> threading.Lock:
         """Serializes writes to one upload within this process (striped: memory stays bounded)."""
         return self._locks[int(hashlib.sha256(upload_id.encode()).hexdigest()[:8], 16) % LOCK_STRIPES]
 
-    def _begin(self, upload_id: str, first: WriteChunk) -> UploadRecord:
-        """The upload's row (created, or restarted for a new declared object): soft state, since a crash that loses
-        it only sends the device back to offset 0 (``QueryWriteStatus`` then says 0, and the staged bytes past the
-        recorded size are truncated), so its commit does not wait for the disk."""
-        now = self._clock.now()
-        with self._db.soft_state() as s:
-            # the assignment's row lock, not the round's (every upload of a round would queue on that): whatever
-            # closes the round marks this assignment LATE or CANCELED under the round's lock, so either it did
-            # so before (seen here) or it waits for this commit and then abandons the upload row made here
-            assignment = AssignmentRepository(s).get(upload_id, lock=True)
+    def _begin(self, upload_id: str, first: WriteChunk) -> _Started:
+        """Whether this stream may go on, and from where: a read, no write lock. Nothing is written until the
+        stream ends (``_store_progress``, ``_count``), each time checking again, under the locks, that the
+        assignment still wants its upload: a round closed meanwhile gets no upload row."""
+        with self._db.reading() as s:
+            assignment = AssignmentRepository(s).get(upload_id)
             if assignment is None:
                 raise PermissionDenied("no assignment matches this upload")
             if assignment.status == AssignmentStatus.ASSIGNED:
                 raise FailedPrecondition("report the result COMPLETED before uploading")
             if assignment.status not in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
                 raise FailedPrecondition(f"this assignment is {assignment.status}; its upload is no longer needed")
-            uploads = UploadRepository(s)
-            upload = uploads.get(upload_id)
-            declared = first.total_size > 0 or bool(first.sha256_hex)
-            if upload is None or (declared and upload.committed_size == 0 and upload.status != UploadStatus.COMPLETE):
-                if first.write_offset != 0:
-                    raise OffsetMismatch(0, first.write_offset)
-                self._check_metadata(first)
-                if upload is None:
-                    uploads.start(
-                        upload_id, upload_id, assignment.iteration_id, first.total_size, first.sha256_hex, now
-                    )
-                else:
-                    uploads.restart(upload_id, first.total_size, first.sha256_hex, now)
-                s.flush()
-                upload = uploads.get(upload_id)
-            elif declared and (first.total_size, first.sha256_hex) != (upload.total_size, upload.sha256_hex):
-                raise InvalidArgument("metadata", "differs from the upload in progress; resume with the same object")
-        assert upload is not None
-        return upload
+            upload = UploadRepository(s).get(upload_id)
+        declared = first.total_size > 0 or bool(first.sha256_hex)
+        if upload is None or (declared and upload.committed_size == 0 and upload.status != UploadStatus.COMPLETE):
+            if first.write_offset != 0:
+                raise OffsetMismatch(0, first.write_offset)
+            self._check_metadata(first)
+            fresh = UploadRecord(
+                upload_id, upload_id, first.total_size, first.sha256_hex, 0, UploadStatus.IN_PROGRESS, None
+            )
+            return _Started(fresh, assignment.iteration_id, "new" if upload is None else "restart")
+        if declared and (first.total_size, first.sha256_hex) != (upload.total_size, upload.sha256_hex):
+            raise InvalidArgument("metadata", "differs from the upload in progress; resume with the same object")
+        return _Started(upload, assignment.iteration_id, "stored")
+
+    def _store_row(self, s: Session, started: _Started) -> None:
+        """Write the upload's row as the stream found it (created, or restarted for this stream's object)."""
+        upload, now = started.upload, self._clock.now()
+        uploads = UploadRepository(s)
+        if started.row == "new":
+            uploads.start(
+                upload.upload_id, upload.assignment_id, started.iteration_id, upload.total_size, upload.sha256_hex, now
+            )
+            s.flush()
+        elif started.row == "restart":
+            uploads.restart(upload.upload_id, upload.total_size, upload.sha256_hex, now)
+
+    def _store_progress(self, started: _Started, start: int, offset: int, durable: bool) -> bool:
+        """Record the bytes a stream committed (``start`` to ``offset``), if the assignment still wants them: its
+        row lock, not the round's (whatever closes the round marks the assignment LATE or CANCELED under the
+        round's lock and then abandons its upload row, so either it did so before, seen here, or it waits for this
+        commit). Soft unless ``durable``: losing it only makes the device send those bytes again. False if the
+        assignment no longer wants its upload (nothing written)."""
+        with self._db.transaction() if durable else self._db.soft_state() as s:
+            assignment = AssignmentRepository(s).get(started.upload.upload_id, lock=True)
+            if assignment is None or assignment.status not in (
+                AssignmentStatus.LOCAL_COMPLETED,
+                AssignmentStatus.UPLOADED,
+            ):
+                return False
+            self._store_row(s, started)
+            UploadRepository(s).advance(started.upload.upload_id, start, offset, self._clock.now())
+        return True
 
     def _check_metadata(self, first: WriteChunk) -> None:
         if first.total_size <= 0:
@@ -183,14 +230,15 @@ class UploadService:
         if not _SHA.match(first.sha256_hex):
             raise InvalidArgument("metadata.sha256_hex", "must be 64 lowercase hex characters")
 
-    def _receive(self, upload: UploadRecord, chunks: Iterator[WriteChunk]) -> WriteStatus:
+    def _receive(self, started: _Started, chunks: Iterator[WriteChunk]) -> WriteStatus:
         """Append the stream to the staged file, hashing as it arrives. Progress is made durable once, when the
         stream ends (finished, stopped or broken): fsync, then one transaction recording the committed size. A
         process killed mid-stream leaves the recorded size behind the file; a resume truncates to it."""
+        upload = started.upload
         path = self._staging / f"upload-{upload.upload_id}"
         start = offset = upload.committed_size
         digest = hashlib.sha256()
-        finished = False
+        finished = kept = False
         with path.open("r+b" if path.exists() else "wb") as handle:
             handle.truncate(offset)  # drop bytes a crashed write left past the committed size
             if not _hash_prefix(handle, offset, digest):  # a resumed upload: the bytes already committed
@@ -215,17 +263,18 @@ class UploadService:
                 handle.flush()
                 os.fsync(handle.fileno())
                 if not finished and offset != start:  # soft: losing it only makes the device resend
-                    with self._db.soft_state() as s:
-                        UploadRepository(s).advance(upload.upload_id, start, offset, self._clock.now())
+                    kept = self._store_progress(started, start, offset, durable=False)
         if not finished:
+            if offset != start and not kept:
+                raise FailedPrecondition("the round closed during this upload; its upload is no longer needed")
             return WriteStatus(offset, False)
-        return self._finish(upload, path, start, offset, digest.hexdigest())
+        return self._finish(started, path, start, offset, digest.hexdigest())
 
-    def _finish(self, upload: UploadRecord, path: Path, start: int, offset: int, sha256_hex: str) -> WriteStatus:
+    def _finish(self, started: _Started, path: Path, start: int, offset: int, sha256_hex: str) -> WriteStatus:
+        upload = started.upload
         if offset != upload.total_size:
             if offset != start:
-                with self._db.transaction() as s:
-                    UploadRepository(s).advance(upload.upload_id, start, offset, self._clock.now())
+                self._store_progress(started, start, offset, durable=True)
             raise FailedPrecondition(f"finish_write after {offset} of {upload.total_size} declared bytes")
         if sha256_hex != upload.sha256_hex:
             self._discard(upload, path)
@@ -233,13 +282,13 @@ class UploadService:
         try:
             with path.open("rb") as handle:  # the header only: the ciphertext is stepped over, never read
                 header = read_envelope_header(handle, offset)
-            check_envelope(header, self._expected_context(upload))
+            check_envelope(header, self._expected_context(upload, started.iteration_id))
         except InvalidArgument:
             self._discard(upload, path)
             raise
         blob = self._blobs.put_file(path, sha256_hex)  # hashed once, as it arrived
         try:
-            self._commit(upload, blob, start)
+            self._commit(started, blob, start)
         except _RoundClosed:
             self._blobs.delete(blob)  # never counted: no blob outlives the commit that would have counted it
             path.unlink(missing_ok=True)
@@ -253,19 +302,18 @@ class UploadService:
             raise FailedPrecondition("the round closed before this upload finished; it was not counted") from None
         return WriteStatus(upload.total_size, True)
 
-    def _commit(self, upload: UploadRecord, blob: str, start: int) -> None:
-        self._db.run(lambda s: self._count(s, upload, blob, start))
-        log.info("upload_finished", bytes=upload.total_size)
+    def _commit(self, started: _Started, blob: str, start: int) -> None:
+        self._db.run(lambda s: self._count(s, started, blob, start))
+        log.info("upload_finished", bytes=started.upload.total_size)
 
-    def _count(self, s: Session, upload: UploadRecord, blob: str, start: int) -> None:
-        """One transaction: the bytes committed, the upload complete, the assignment uploaded, the round counted.
-        Lock order: round, then upload, then assignment (as in check-in, cancel and the collector)."""
-        now = self._clock.now()
-        found = AssignmentRepository(s).get(upload.assignment_id)
-        assert found is not None
-        iteration_id = found.iteration_id
+    def _count(self, s: Session, started: _Started, blob: str, start: int) -> None:
+        """One transaction: the upload's row written complete, the assignment uploaded, the round counted (and
+        closed at its report goal). Lock order: round, then upload, then assignment (as in check-in, cancel and
+        the collector)."""
+        upload, iteration_id, now = started.upload, started.iteration_id, self._clock.now()
         iterations = IterationRepository(s)
         iterations.lock(iteration_id)
+        self._store_row(s, started)
         uploads = UploadRepository(s)
         uploads.advance(upload.upload_id, start, upload.total_size, now)
         if not uploads.complete(upload.upload_id, blob, now):
@@ -281,30 +329,35 @@ class UploadService:
         count = iterations.count_upload(iteration_id, now)
         if count is None:
             raise _RoundClosed()
-        iteration = iterations.get(iteration_id)
-        assert iteration is not None
-        if count >= iteration.report_goal:
+        if count >= self._round_facts(iteration_id).report_goal:
+            iteration = iterations.get(iteration_id)
+            assert iteration is not None
             close_round(s, self._ids, iteration, now)
 
-    def _expected_context(self, upload: UploadRecord) -> ContributionContext:
-        with self._db.reading() as s:
-            assignment = AssignmentRepository(s).get(upload.assignment_id)
-            assert assignment is not None
-            iteration = IterationRepository(s).get(assignment.iteration_id)
-            task = TaskRepository(s).get(assignment.task_id)
-        assert iteration is not None
-        assert task is not None
+    def _round_facts(self, iteration_id: str) -> _RoundFacts:
+        """The round's facts, read once per process (they never change once the round is open)."""
+        facts = self._facts.get(iteration_id)
+        if facts is None:
+            with self._db.reading() as s:
+                iteration = IterationRepository(s).get(iteration_id)
+                assert iteration is not None
+                task = TaskRepository(s).get(iteration.task_id)
+                assert task is not None
+            facts = _RoundFacts(
+                task.spec.population_name, task.task_id, iteration.round, iteration.aggregation_id,
+                iteration.base_model_version, task.plan_sha256, task.policy_sha256, iteration.report_goal,
+            )  # fmt: skip
+            if len(self._facts) > 10_000:
+                self._facts.clear()
+            self._facts[iteration_id] = facts
+        return facts
+
+    def _expected_context(self, upload: UploadRecord, iteration_id: str) -> ContributionContext:
+        f = self._round_facts(iteration_id)
         return ContributionContext(
-            task.spec.population_name,
-            task.task_id,
-            iteration.round,
-            iteration.aggregation_id,
-            upload.assignment_id,
-            "",
-            iteration.base_model_version,
-            task.plan_sha256,
-            task.policy_sha256,
-        )
+            f.population_name, f.task_id, f.round, f.aggregation_id, upload.assignment_id, "", f.model_version,
+            f.plan_sha256, f.policy_sha256,
+        )  # fmt: skip
 
     def _discard(self, upload: UploadRecord, path: Path) -> None:
         path.unlink(missing_ok=True)

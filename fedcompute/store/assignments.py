@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from fedcompute.core.clock import as_utc
 from fedcompute.core.records import AssignmentRecord, UploadRecord
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus, UploadStatus
-from fedcompute.store.history import change_status, record_created
+from fedcompute.store.history import change_status, core, record_created
 from fedcompute.store.models import AssignmentRow, IterationRow, UploadRow
 
 
@@ -91,37 +91,29 @@ class UploadRepository:
     def start(
         self, upload_id: str, assignment_id: str, iteration_id: str, total: int, sha256_hex: str, now: datetime
     ) -> None:
-        self._s.add(
-            UploadRow(
-                id=upload_id,
-                assignment_id=assignment_id,
-                iteration_id=iteration_id,
-                total_size=total,
-                sha256_hex=sha256_hex,
-                committed_size=0,
-                status=UploadStatus.IN_PROGRESS,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        core(self._s).execute(
+            insert(UploadRow),
+            [{"id": upload_id, "assignment_id": assignment_id, "iteration_id": iteration_id, "total_size": total,
+              "sha256_hex": sha256_hex, "committed_size": 0, "status": UploadStatus.IN_PROGRESS, "created_at": now,
+              "updated_at": now}],
+        )  # fmt: skip
         record_created(self._s, "upload", upload_id, UploadStatus.IN_PROGRESS, now)
 
     def restart(self, upload_id: str, total: int, sha256_hex: str, now: datetime) -> None:
         """Forget a discarded attempt: new declared size and hash, nothing committed."""
-        self._s.execute(
+        core(self._s).execute(
             update(UploadRow)
             .where(UploadRow.id == upload_id, UploadRow.status == UploadStatus.IN_PROGRESS)
             .values(total_size=total, sha256_hex=sha256_hex, committed_size=0, updated_at=now)
         )
 
     def advance(self, upload_id: str, from_size: int, to_size: int, now: datetime) -> bool:
-        result = self._s.execute(
+        result = core(self._s).execute(
             update(UploadRow)
             .where(UploadRow.id == upload_id, UploadRow.committed_size == from_size)
             .values(committed_size=to_size, updated_at=now)
-            .execution_options(synchronize_session=False)
         )
-        return getattr(result, "rowcount", 0) == 1
+        return result.rowcount == 1
 
     def complete(self, upload_id: str, blob_sha256: str, now: datetime) -> bool:
         return change_status(

@@ -11,7 +11,7 @@ from fedcompute.core.clock import IdGenerator, as_utc
 from fedcompute.core.records import IterationRecord, RoundMetrics
 from fedcompute.core.tasks import TaskSpec
 from fedcompute.core.transitions import IterationStatus
-from fedcompute.store.history import change_status, record_created
+from fedcompute.store.history import change_status, core, record_created
 from fedcompute.store.models import IterationRow
 
 
@@ -123,19 +123,19 @@ class IterationRepository:
         """Take the round's row lock first (Postgres ``FOR UPDATE``; SQLite's writers are serialized anyway):
         every transaction that touches a round and its assignments or uploads locks in this order, so the
         collector closing a round and uploads finishing beside it cannot deadlock."""
-        self._s.execute(select(IterationRow.id).where(IterationRow.id == iteration_id).with_for_update())
+        core(self._s).execute(select(IterationRow.id).where(IterationRow.id == iteration_id).with_for_update())
 
     def count_upload(self, iteration_id: str, now: datetime) -> int | None:
         """Count one finished upload while the round is OPEN; the new count, or None if the round closed."""
-        result = self._s.execute(
+        connection = core(self._s)
+        result = connection.execute(
             update(IterationRow)
             .where(IterationRow.id == iteration_id, IterationRow.status == IterationStatus.OPEN)
             .values(completed_uploads=IterationRow.completed_uploads + 1, updated_at=now)
-            .execution_options(synchronize_session=False)
         )
-        if getattr(result, "rowcount", 0) != 1:
+        if result.rowcount != 1:
             return None
-        return self._s.scalar(select(IterationRow.completed_uploads).where(IterationRow.id == iteration_id))
+        return connection.scalar(select(IterationRow.completed_uploads).where(IterationRow.id == iteration_id))
 
     def set_outcome(
         self, iteration_id: str, accepted: int, rejected: int, note: str, metrics: RoundMetrics | None = None

@@ -294,3 +294,79 @@ def test_an_upload_begun_on_one_replica_resumes_on_another(harness: Harness) -> 
         assert harness.iterations(task_id)[0].completed_uploads == 1
     finally:
         other.stop()
+
+
+def _uploads_rows(database_url: str, assignment_id: str) -> list[tuple[str, int]]:
+    from sqlalchemy import create_engine, select
+
+    from fedcompute.store.models import UploadRow
+
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(UploadRow.status, UploadRow.committed_size).where(UploadRow.assignment_id == assignment_id)
+        ).all()
+    engine.dispose()
+    return [(r.status, r.committed_size) for r in rows]
+
+
+@pytest.mark.parametrize("ending", ["finished", "broken"])
+def test_a_stream_writes_its_row_only_when_it_ends_and_none_once_its_round_closed(
+    harness: Harness, database_url: str, ending: str
+) -> None:
+    """A stream's start only reads: while its bytes arrive the store holds no upload row (QueryWriteStatus says 0).
+    The operator cancels the task mid-stream; when the stream then finishes (or breaks off), the device gets
+    FAILED_PRECONDITION and no upload row is written for the closed round, nothing counted. Beside it, a stream
+    broken off in an open round leaves the row with the bytes it committed, to resume from."""
+    import threading
+
+    from fedcompute.v1 import task_management_pb2 as tm
+
+    task = harness.create_task(report_goal=3, max_cohort=3)
+    a = harness.check_in().task_assignment
+    instruction = harness.report(a).upload_instruction
+    data = sealed(a)
+    half = len(data) // 2
+    sent, go_on = threading.Event(), threading.Event()
+
+    def requests() -> Iterator[upload_pb2.WriteRequest]:
+        yield upload_pb2.WriteRequest(
+            resource_name=instruction.resource_name, upload_token=instruction.upload_token, write_offset=0,
+            data=data[:half], metadata=upload_pb2.UploadMetadata(
+                total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest()),
+        )  # fmt: skip
+        sent.set()
+        go_on.wait(30)
+        if ending == "finished":
+            yield upload_pb2.WriteRequest(write_offset=half, data=data[half:], finish_write=True)
+
+    outcome: list[object] = []
+
+    def stream() -> None:
+        try:
+            outcome.append(harness.uploads.write(requests()))
+        except grpc.RpcError as exc:
+            outcome.append(exc.code())
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    assert sent.wait(30)
+    time.sleep(0.3)  # the server has the first chunk
+    assert _uploads_rows(database_url, a.assignment_id) == []
+    assert _status(harness, instruction).committed_size == 0
+    harness.operators.cancel_task(tm.CancelTaskRequest(task_id=task.task_id))
+    go_on.set()
+    writer.join(30)
+    assert outcome == [grpc.StatusCode.FAILED_PRECONDITION]
+    assert _uploads_rows(database_url, a.assignment_id) == []
+    assert harness.iterations(task.task_id)[0].completed_uploads == 0
+
+    other = harness.create_task(population="pop2", report_goal=2, max_cohort=2)
+    b = harness.check_in(population="pop2").task_assignment
+    second = harness.report(b).upload_instruction
+    data = sealed(b)
+    assert _write(harness, second, data[:half], declared=data, finish=False).committed_size == half
+    assert _uploads_rows(database_url, b.assignment_id) == [("IN_PROGRESS", half)]
+    assert _write(harness, second, data[half:], offset=half, declared=data).complete
+    assert _uploads_rows(database_url, b.assignment_id) == [("COMPLETE", len(data))]
+    assert harness.iterations(other.task_id)[0].completed_uploads == 1
