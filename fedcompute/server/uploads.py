@@ -192,15 +192,19 @@ class UploadService:
         return _Started(upload, assignment.iteration_id, "stored")
 
     def _store_row(self, s: Session, started: _Started) -> None:
-        """Write the upload's row as the stream found it (created, or restarted for this stream's object)."""
+        """Write the upload's row as the stream found it: created, or restarted for this stream's object (from
+        offset 0). A row another replica wrote meanwhile (a device that moved its stream) is restarted too: this
+        stream holds every byte from 0; a row found COMPLETE is left as it is (the finish then sees it won)."""
+        if started.row == "stored":
+            return
         upload, now = started.upload, self._clock.now()
         uploads = UploadRepository(s)
-        if started.row == "new":
+        current = uploads.get(upload.upload_id)
+        if current is None:
             uploads.start(
                 upload.upload_id, upload.assignment_id, started.iteration_id, upload.total_size, upload.sha256_hex, now
             )
-            s.flush()
-        elif started.row == "restart":
+        elif current.status == UploadStatus.IN_PROGRESS:
             uploads.restart(upload.upload_id, upload.total_size, upload.sha256_hex, now)
 
     def _store_progress(self, started: _Started, start: int, offset: int, durable: bool) -> bool:
