@@ -4,10 +4,10 @@ Product: an in-process suite on SQLite (no aggregator); each upload is a real de
 a client stream of WriteRequests (the server's chunk size, 1 MiB): the server reads the upload's state (no
 write), appends the chunks to a staging file hashing them as they arrive, fsyncs it, checks the hash and the
 envelope header's binding, moves the file into the blob store and, in one durable transaction, writes the upload
-complete, marks the assignment uploaded and counts the round. Check-ins, reports and sealing are done first and are not timed. Limit: a trivial grpcio server
-in the same process (same thread pool size, no interceptor) whose one client-streaming method consumes the same
-WriteRequest messages, of the same chunk size, and does nothing with them. Both driven from the load
-generator process; MB/s = envelope bytes / wall time of the batch.
+complete, marks the assignment uploaded and counts the round. Check-ins, reports and sealing are done first and
+are not timed. Limit: a trivial grpcio server in the same process (same thread pool size, no interceptor) whose
+one client-streaming method consumes the same WriteRequest messages, of the same chunk size, and does nothing
+with them. Both driven from the load generator process; MB/s = envelope bytes / wall time of the batch.
 """
 
 from __future__ import annotations
