@@ -110,63 +110,41 @@ def write_admissions(db: Database, batch: list[Admission]) -> set[str]:
 
 
 class _Waiting:
-    """One caller's admission; ``wake`` is held until the caller may go on: its batch is written (``done``), or
-    it is to lead the next batch (a plain lock released by another thread: one wake-up, no lock convoy)."""
-
-    __slots__ = ("admission", "done", "error", "granted", "wake")
+    __slots__ = ("admission", "done", "error", "granted")
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
         self.done = False
         self.granted = False
         self.error: BaseException | None = None
-        self.wake = threading.Lock()
-        self.wake.acquire()
 
 
 class AdmissionQueue:
-    """Group commit of admissions (see the module): ``admit`` blocks until its batch is written. At most one
-    caller leads (writes) at a time; when it is done it wakes its batch's callers and hands the lead to the
-    first caller queued meanwhile, if any."""
+    """Group commit of admissions (see the module): ``admit`` blocks until its batch is written."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
         self._queued: list[_Waiting] = []
-        self._lock = threading.Lock()  # guards the queue and the lead
-        self._leading = False
+        self._queue_lock = threading.Lock()
+        self._writing = threading.Lock()  # held by the leader while it writes a batch
 
     def admit(self, admission: Admission) -> bool:
         """True if the admission got a slot (its assignment row is written); raises what the write raised."""
         mine = _Waiting(admission)
-        with self._lock:
+        with self._queue_lock:
             self._queued.append(mine)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            mine.wake.acquire()  # released when my batch is written, or when I am to lead the next one
-        if not mine.done:
-            self._lead()
+        with self._writing:
+            if not mine.done:
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                try:
+                    granted = write_admissions(self._db, [w.admission for w in batch])
+                except BaseException as exc:  # every caller in the batch gets the error, not just the leader
+                    for waiting in batch:
+                        waiting.error, waiting.done = exc, True
+                else:
+                    for waiting in batch:
+                        waiting.granted, waiting.done = waiting.admission.assignment_id in granted, True
         if mine.error is not None:
             raise mine.error
         return mine.granted
-
-    def _lead(self) -> None:
-        """Write every queued admission as one batch, wake their callers, pass the lead on (or give it up)."""
-        with self._lock:
-            batch, self._queued = self._queued, []
-        try:
-            granted = write_admissions(self._db, [w.admission for w in batch])
-        except BaseException as exc:  # every caller in the batch gets the error, not just the leader
-            for waiting in batch:
-                waiting.error = exc
-        else:
-            for waiting in batch:
-                waiting.granted = waiting.admission.assignment_id in granted
-        with self._lock:
-            successor = self._queued[0] if self._queued else None
-            self._leading = successor is not None
-        for waiting in batch:  # the leader's own lock is held too (since creation, or since it was woken to lead)
-            waiting.done = True
-            waiting.wake.release()
-        if successor is not None:
-            successor.wake.release()  # not done: it leads the next batch

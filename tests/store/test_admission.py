@@ -109,8 +109,7 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
 
     queue = AdmissionQueue(db)
     errors: list[BaseException] = []
-    with queue._lock:
-        queue._leading = True  # a leader busy writing: both callers queue up behind it
+    queue._writing.acquire()  # a leader busy writing: both callers queue up behind it
 
     def check_in(assignment_id: str) -> None:
         try:
@@ -123,7 +122,7 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
         t.start()
     while len(queue._queued) < 2:
         threading.Event().wait(0.005)
-    queue._queued[0].wake.release()  # the busy leader hands the lead on: the next leader writes both as one batch
+    queue._writing.release()  # the next leader writes both as one batch
     for t in threads:
         t.join()
     assert len(errors) == 2  # the caller whose admission was fine learns of the failure too
@@ -137,8 +136,8 @@ def test_every_caller_returns_and_batches_form_when_callers_keep_arriving(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """300 callers in waves on one queue over a round with room for all: each returns granted (no caller is left
-    waiting for a wake-up, whether it was written by a leader or handed the lead), and they were written in fewer
-    batches than callers."""
+    waiting, whether its admission was written by another caller's batch or by its own), and they were written in
+    fewer batches than callers."""
     iteration_id = _round(db, max_cohort=1000)
     queue = AdmissionQueue(db)
     answers: list[bool] = []
