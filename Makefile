@@ -30,7 +30,7 @@ typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
 test: protos-check lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 bench: $(BIN)/.installed  # not part of test: about 7 minutes on 2 cores; ARGS="--quick" or "--only NAME"
 	GRPC_VERBOSITY=ERROR $(BIN)/python -m bench.run $(ARGS)
