@@ -6,6 +6,7 @@ All metadata goes in one key so that the same tensors always give the same bytes
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from collections.abc import Mapping
@@ -51,18 +52,7 @@ def decode_views(
     ``data`` without a copy, and our metadata; ``ValueError`` unless the layout is one the safetensors library
     accepts too: a JSON object header, every tensor's offsets inside the data and its byte length its shape's,
     the tensors back to back from the data's start to the buffer's end. The tensors must not be written to."""
-    if len(data) < 8:
-        raise ValueError("not a safetensors payload: too short")
-    header_len = int.from_bytes(data[:8], "little")
-    if not 0 < header_len <= min(_MAX_HEADER, len(data) - 8):
-        raise ValueError("not a safetensors payload: bad header length")
-    raw = memoryview(data)[8 : 8 + header_len].tobytes()
-    try:
-        header = json.loads(raw.decode("utf-8")) if raw.startswith(b"{") else None  # as the library: UTF-8, "{"
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("not a safetensors payload: the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors payload: the header is not an object")
+    header, header_len = _header(data)
     meta = _metadata(header.pop("__metadata__", None))
     if set(header) != set(schema):
         missing, extra = sorted(set(schema) - set(header))[:5], sorted(set(header) - set(schema))[:5]
@@ -106,10 +96,7 @@ def _span(name: str, entry: object, shape: tuple[int, ...], dtype: torch.dtype) 
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise ValueError(f"not a safetensors payload: tensor {name!r} has malformed data offsets")
     begin, stop = offsets
-    numel = 1
-    for d in shape:
-        numel *= d
-    if not 0 <= begin <= stop or stop - begin != numel * dtype.itemsize:
+    if not 0 <= begin <= stop or stop - begin != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"not a safetensors payload: tensor {name!r}'s data offsets do not fit its shape")
     return begin, stop
 
@@ -132,20 +119,26 @@ def _metadata(raw: object) -> dict[str, object]:
 
 
 def decode_metadata(data: bytes) -> dict[str, object]:
-    """The JSON metadata stored under our single key (empty if none)."""
+    """The JSON metadata stored under our single key (empty if none); ``ValueError`` if the header is not one."""
+    return _metadata(_header(data)[0].get("__metadata__"))
+
+
+def _header(data: bytes) -> tuple[dict[str, object], int]:
+    """The safetensors JSON header as an object, and its length; ``ValueError`` unless it is one the safetensors
+    library reads too (a length inside the data, UTF-8, starting with "{")."""
     if len(data) < 8:
         raise ValueError("not a safetensors payload: too short")
     header_len = int.from_bytes(data[:8], "little")
-    if header_len <= 0 or 8 + header_len > len(data):
+    if not 0 < header_len <= min(_MAX_HEADER, len(data) - 8):
         raise ValueError("not a safetensors payload: bad header length")
-    header = json.loads(data[8 : 8 + header_len])
-    raw = header.get("__metadata__", {}).get(METADATA_KEY)
-    if raw is None:
-        return {}
-    meta = json.loads(raw)
-    if not isinstance(meta, dict):
-        raise ValueError("fedcompute metadata is not an object")
-    return meta
+    raw = memoryview(data)[8 : 8 + header_len].tobytes()
+    try:
+        header = json.loads(raw.decode("utf-8")) if raw.startswith(b"{") else None  # as the library: UTF-8, "{"
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("not a safetensors payload: the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors payload: the header is not an object")
+    return header, header_len
 
 
 def initial_weights(arch_id: str, seed: int) -> dict[str, torch.Tensor]:
