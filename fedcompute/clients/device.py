@@ -192,8 +192,8 @@ def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
 
 def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes) -> upload_pb2.WriteResponse:
     """Upload with resume: ask for the committed size, send the rest; when interrupted (unavailable, corrupted in
-    transit, or told to resume elsewhere) back off exponentially with jitter and resume, until the upload
-    deadline of the instruction (or ``UPLOAD_ATTEMPTS`` tries when it names none)."""
+    transit, another stream of it still open, or told to resume elsewhere) back off exponentially with jitter and
+    resume, until the upload deadline of the instruction (or ``UPLOAD_ATTEMPTS`` tries when it names none)."""
     metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
     chunk = instruction.chunk_size_bytes or 1024 * 1024
     left_s = instruction.upload_deadline_unix - time.time()
@@ -220,7 +220,7 @@ def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes)
 
 def _resumable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and (
-        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS)
+        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED)
         or _offset_hint(exc)
         or _pushback_s(exc) is not None
     )

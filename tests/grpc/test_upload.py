@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,7 +15,7 @@ from fedcompute.clients.device import upload
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import upload_pb2
-from tests.harness import Harness, sealed
+from tests.harness import Harness, sealed, wait_for
 
 
 def _ready(harness: Harness, report_goal: int = 2) -> tuple[str, ta.TaskAssignment, ta.UploadInstruction]:
@@ -370,3 +371,95 @@ def test_a_stream_writes_its_row_only_when_it_ends_and_none_once_its_round_close
     assert _write(harness, second, data[half:], offset=half, declared=data).complete
     assert _uploads_rows(database_url, b.assignment_id) == [("COMPLETE", len(data))]
     assert harness.iterations(other.task_id)[0].completed_uploads == 1
+
+
+def _locked(path: Path) -> bool:
+    """Whether an exclusive flock is held on ``path``, read from /proc/locks (probing with a lock of our own
+    could take it first and turn the holder away)."""
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
+        return False
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any(f.split()[1:3] == ["FLOCK", "ADVISORY"] and f.split()[5].endswith(f":{inode}") for f in lines)
+
+
+def test_two_streams_of_one_upload_on_two_replicas_never_write_at_once(harness: Harness) -> None:
+    """A device (or one racing itself) streams one upload to replica A and, while that stream is still open, to
+    replica B, which shares A's data directory. B's stream gets ABORTED and writes nothing: two writers would
+    interleave their bytes in the one staging file while each stream's hash covered only its own, and the stored
+    envelope would fail every verified read, losing the round's aggregation. A's stream then finishes with the
+    declared bytes, the blob stored under its hash holds exactly them, and the device's own client, turned away
+    by B while A's stream was open, resumes and reports the upload complete."""
+    import threading
+
+    from fedcompute.clients.typed import UploadClient
+    from fedcompute.core.clock import RandomIds, SystemClock
+    from fedcompute.rpc.channels import open_channel
+    from fedcompute.server.app import build_server
+    from fedcompute.store.blobstores import open_blob_store
+    from fedcompute.suite import token_secret, worker_token
+
+    settings = harness.suite.settings.model_copy(update={"server_port": 0})
+    other = build_server(settings, SystemClock(), RandomIds(), worker_token(settings), token_secret(settings))
+    blobs = open_blob_store(settings)
+    go_on = threading.Event()
+    try:
+        task_id, a, instruction = _ready(harness, report_goal=1)
+        data = sealed(a)
+        half = len(data) // 2
+        metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
+
+        def slow_stream() -> Iterator[upload_pb2.WriteRequest]:
+            yield upload_pb2.WriteRequest(
+                resource_name=instruction.resource_name, upload_token=instruction.upload_token,
+                write_offset=0, data=data[:half], metadata=metadata,
+            )  # fmt: skip
+            go_on.wait(30)
+            yield upload_pb2.WriteRequest(write_offset=half, data=data[half:], finish_write=True)
+
+        answers: list[upload_pb2.WriteResponse | Exception] = []
+
+        def stream_to_a() -> None:
+            try:
+                answers.append(harness.uploads.write(slow_stream()))
+            except Exception as exc:  # reported by the assertions below
+                answers.append(exc)
+
+        on_a = threading.Thread(target=stream_to_a)
+        on_a.start()
+        staged = blobs.staging_dir() / f"upload-{a.assignment_id}"
+        wait_for(lambda: _locked(staged.with_name(staged.name + ".lock")), 20, "A's stream to hold the upload")
+
+        replica_b = UploadClient(open_channel(f"127.0.0.1:{other.grpc.port}"), 20.0)
+        forged = bytes(len(data))  # other bytes under their own declared hash, from offset 0
+        for body, declared in ((data, metadata), (forged, None)):
+            with pytest.raises(grpc.RpcError) as info:
+                replica_b.write(iter([upload_pb2.WriteRequest(
+                    resource_name=instruction.resource_name, upload_token=instruction.upload_token,
+                    write_offset=0, data=body, finish_write=True,
+                    metadata=declared or upload_pb2.UploadMetadata(
+                        total_size_bytes=len(body), sha256_hex=hashlib.sha256(body).hexdigest()),
+                )]))  # fmt: skip
+            assert _code(info) == grpc.StatusCode.ABORTED
+            assert "another stream is writing this upload" in (info.value.details() or "")
+
+        resumed: list[upload_pb2.WriteResponse] = []
+        device = threading.Thread(target=lambda: resumed.append(upload(replica_b, instruction, data)))
+        device.start()  # turned away (ABORTED) while A's stream is open, it backs off and tries again
+        time.sleep(0.3)
+        go_on.set()
+        on_a.join(30)
+        device.join(30)
+        assert len(answers) == 1
+        assert isinstance(answers[0], upload_pb2.WriteResponse)
+        assert answers[0].complete
+        assert len(resumed) == 1
+        assert resumed[0].complete
+        assert resumed[0].committed_size == len(data)
+        assert harness.iterations(task_id)[0].completed_uploads == 1
+        assert blobs.get(metadata.sha256_hex) == data
+        assert not list(staged.parent.glob(f"upload-{a.assignment_id}*"))  # no staging or lock file left
+    finally:
+        go_on.set()
+        other.stop()
