@@ -113,12 +113,16 @@ def assign(address: str, population: str) -> ta.TaskAssignment:
 
 
 def timed_pool(concurrency: int, jobs: Iterable[Callable[[], int]]) -> dict[str, Any]:
-    """Run ``jobs`` (each returns bytes sent) on ``concurrency`` threads; bytes, seconds, MB/s."""
-    began = time.perf_counter()
+    """Run ``jobs`` (each returns bytes sent) on ``concurrency`` threads; bytes, seconds, MB/s, and this process's
+    CPU seconds meanwhile (the devices' own cost, which shares the machine with the server's)."""
+    began, cpu, began_unix = time.perf_counter(), time.process_time(), time.time()
     with ThreadPoolExecutor(concurrency) as pool:
         sent = sum(pool.map(lambda job: job(), jobs))
     elapsed = time.perf_counter() - began
-    return {"bytes": sent, "seconds": elapsed, "mb_per_s": sent / elapsed / 1e6}
+    return {
+        "bytes": sent, "seconds": elapsed, "mb_per_s": sent / elapsed / 1e6,
+        "client_cpu_s": time.process_time() - cpu, "began_unix": began_unix,
+    }  # fmt: skip
 
 
 def upload_product(address: str, population: str, concurrency: int, count: int, size: int) -> dict[str, Any]:
