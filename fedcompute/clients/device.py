@@ -191,9 +191,10 @@ def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
 
 
 def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes) -> upload_pb2.WriteResponse:
-    """Upload with resume: ask for the committed size, send the rest; when interrupted (unavailable, corrupted in
-    transit, another stream of it still open, or told to resume elsewhere) back off exponentially with jitter and
-    resume, until the upload deadline of the instruction (or ``UPLOAD_ATTEMPTS`` tries when it names none)."""
+    """Upload with resume: send from offset 0 (no round trip first: a server holding committed bytes says where to
+    resume); when interrupted (unavailable, corrupted in transit, another stream of it still open, or told to
+    resume elsewhere) back off exponentially with jitter, ask for the committed size and send the rest, until the
+    upload deadline of the instruction (or ``UPLOAD_ATTEMPTS`` tries when it names none)."""
     metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
     chunk = instruction.chunk_size_bytes or 1024 * 1024
     left_s = instruction.upload_deadline_unix - time.time()
@@ -207,14 +208,17 @@ def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes)
         reraise=True,
     ):
         with attempt:
-            status = client.query_write_status(
-                upload_pb2.QueryWriteStatusRequest(
-                    resource_name=instruction.resource_name, upload_token=instruction.upload_token
+            committed = 0  # a first attempt starts at 0: the server answers with where to resume, if elsewhere
+            if attempt.retry_state.attempt_number > 1:
+                status = client.query_write_status(
+                    upload_pb2.QueryWriteStatusRequest(
+                        resource_name=instruction.resource_name, upload_token=instruction.upload_token
+                    )
                 )
-            )
-            if status.complete:
-                return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=True)
-            return client.write(_requests(instruction, metadata, data, status.committed_size, chunk))
+                if status.complete:
+                    return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=True)
+                committed = status.committed_size
+            return client.write(_requests(instruction, metadata, data, committed, chunk))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

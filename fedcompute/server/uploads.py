@@ -208,14 +208,14 @@ class UploadService:
         stream ends (``_store_progress``, ``_count``), each time checking again, under the locks, that the
         assignment still wants its upload: a round closed meanwhile gets no upload row."""
         with self._db.reading() as s:
-            assignment = AssignmentRepository(s).get(upload_id)
-            if assignment is None:
-                raise PermissionDenied("no assignment matches this upload")
-            if assignment.status == AssignmentStatus.ASSIGNED:
-                raise FailedPrecondition("report the result COMPLETED before uploading")
-            if assignment.status not in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
-                raise FailedPrecondition(f"this assignment is {assignment.status}; its upload is no longer needed")
-            upload = UploadRepository(s).get(upload_id)
+            found = UploadRepository(s).with_assignment(upload_id)
+        if found is None:
+            raise PermissionDenied("no assignment matches this upload")
+        status, iteration_id, upload = found
+        if status == AssignmentStatus.ASSIGNED:
+            raise FailedPrecondition("report the result COMPLETED before uploading")
+        if status not in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
+            raise FailedPrecondition(f"this assignment is {status}; its upload is no longer needed")
         declared = first.total_size > 0 or bool(first.sha256_hex)
         if upload is None or (declared and upload.committed_size == 0 and upload.status != UploadStatus.COMPLETE):
             if first.write_offset != 0:
@@ -224,10 +224,10 @@ class UploadService:
             fresh = UploadRecord(
                 upload_id, upload_id, first.total_size, first.sha256_hex, 0, UploadStatus.IN_PROGRESS, None
             )
-            return _Started(fresh, assignment.iteration_id, "new" if upload is None else "restart")
+            return _Started(fresh, iteration_id, "new" if upload is None else "restart")
         if declared and (first.total_size, first.sha256_hex) != (upload.total_size, upload.sha256_hex):
             raise InvalidArgument("metadata", "differs from the upload in progress; resume with the same object")
-        return _Started(upload, assignment.iteration_id, "stored")
+        return _Started(upload, iteration_id, "stored")
 
     def _store_row(self, s: Session, started: _Started) -> None:
         """Write the upload's row as the stream found it: created, or restarted for this stream's object (from

@@ -80,13 +80,34 @@ class AssignmentRepository:
         return list(self._s.scalars(query.order_by(AssignmentRow.id)))
 
 
+_UPLOAD_COLUMNS = (
+    UploadRow.id, UploadRow.assignment_id, UploadRow.total_size, UploadRow.sha256_hex, UploadRow.committed_size,
+    UploadRow.status, UploadRow.blob_sha256,
+)  # fmt: skip
+
+
 class UploadRepository:
     def __init__(self, session: Session) -> None:
         self._s = session
 
     def get(self, upload_id: str) -> UploadRecord | None:
-        row = self._s.get(UploadRow, upload_id)
-        return upload_record(row) if row else None
+        """The upload as stored now (a Core read: QueryWriteStatus and every stream's start ask)."""
+        row = core(self._s).execute(select(*_UPLOAD_COLUMNS).where(UploadRow.id == upload_id)).first()
+        return UploadRecord(*row) if row is not None else None
+
+    def with_assignment(self, assignment_id: str) -> tuple[str, str, UploadRecord | None] | None:
+        """The assignment's status and round, and its upload if it has one; None if there is no such assignment.
+        One Core statement (an upload's start reads this on every stream)."""
+        query = (
+            select(AssignmentRow.status, AssignmentRow.iteration_id, *_UPLOAD_COLUMNS)
+            .outerjoin(UploadRow, UploadRow.id == AssignmentRow.id)
+            .where(AssignmentRow.id == assignment_id)
+        )
+        row = core(self._s).execute(query).first()
+        if row is None:
+            return None
+        upload = UploadRecord(*row[2:]) if row[2] is not None else None
+        return row[0], row[1], upload
 
     def start(
         self, upload_id: str, assignment_id: str, iteration_id: str, total: int, sha256_hex: str, now: datetime
