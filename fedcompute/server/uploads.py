@@ -10,13 +10,11 @@ An upload's staging file has one writer at a time across every process that shar
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -27,7 +25,6 @@ import structlog
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import (
-    Aborted,
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -40,6 +37,7 @@ from fedcompute.core.transitions import AssignmentStatus, UploadStatus
 from fedcompute.keys.envelope import check_envelope, read_envelope_header
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.server.assignment import UPLOAD
+from fedcompute.server.staging import sole_writer
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.blobstores import StagedBlobStore
 from fedcompute.store.database import Database, Session
@@ -156,7 +154,7 @@ class UploadService:
         if first is None:
             raise InvalidArgument("requests", "the write stream was empty")
         upload_id = self._authorize(first.resource_name, first.upload_token)
-        with self._lock_for(upload_id), self._sole_writer(upload_id):
+        with self._lock_for(upload_id), sole_writer(self._staging, upload_id):
             started = self._begin(upload_id, first)
             upload = started.upload
             if upload.status == UploadStatus.COMPLETE:
@@ -168,40 +166,6 @@ class UploadService:
     def _lock_for(self, upload_id: str) -> threading.Lock:
         """Serializes writes to one upload within this process (striped: memory stays bounded)."""
         return self._locks[int(hashlib.sha256(upload_id.encode()).hexdigest()[:8], 16) % LOCK_STRIPES]
-
-    @contextmanager
-    def _sole_writer(self, upload_id: str) -> Iterator[None]:
-        """This stream is the upload's only writer in every process sharing the staging directory (replicas),
-        from its start to the end of its finish: an exclusive ``flock`` on a lock file beside the staging file.
-        Another stream meanwhile (a device that moved to another replica before the first one noticed the broken
-        connection, or one racing itself) gets ABORTED and resumes when this one ends; two writers would
-        interleave their bytes in one file, each stream's hash covering only its own. The lock file is removed
-        by its holder; whoever locked a removed one (its inode no longer at the path) opens the path again."""
-        path = self._staging / f"upload-{upload_id}.lock"
-        busy = Aborted("another stream is writing this upload right now; resume when it ends")
-        for _ in range(8):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                current = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except BlockingIOError:
-                os.close(fd)
-                raise busy from None
-            except FileNotFoundError:
-                current = False
-            except BaseException:
-                os.close(fd)
-                raise
-            if current:
-                break
-            os.close(fd)
-        else:
-            raise busy
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # still locked: a waiter that locks this inode sees it gone
-            os.close(fd)
 
     def _begin(self, upload_id: str, first: WriteChunk) -> _Started:
         """Whether this stream may go on, and from where: a read, no write lock. Nothing is written until the
