@@ -21,7 +21,8 @@ from sqlalchemy import insert, select, update
 
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus
 from fedcompute.store.database import Database
-from fedcompute.store.models import AssignmentRow, IterationRow, StatusHistoryRow
+from fedcompute.store.history import insert_history
+from fedcompute.store.models import AssignmentRow, IterationRow
 
 # One statement: lock the round's row if it is OPEN and not full, take up to k slots, add the first `granted`
 # assignments (in the order given) and their history rows; returns the ids that got a slot.
@@ -98,14 +99,7 @@ def write_admissions(db: Database, batch: list[Admission]) -> set[str]:
                     for a in taken
                 ],
             )  # fmt: skip
-            connection.execute(
-                insert(StatusHistoryRow),
-                [
-                    {"entity": "assignment", "entity_id": a.assignment_id, "from_status": None, "to_status": assigned,
-                     "reason": "", "at": a.at}
-                    for a in taken
-                ],
-            )  # fmt: skip
+            insert_history(connection, [("assignment", a.assignment_id, None, assigned, "", a.at) for a in taken])
         return {a.assignment_id for a in taken}
 
 

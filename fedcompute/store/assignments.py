@@ -19,12 +19,6 @@ def assignment_record(row: AssignmentRow) -> AssignmentRecord:
     return AssignmentRecord(row.id, row.iteration_id, row.task_id, row.status, row.result_code, as_utc(row.updated_at))
 
 
-def upload_record(row: UploadRow) -> UploadRecord:
-    return UploadRecord(
-        row.id, row.assignment_id, row.total_size, row.sha256_hex, row.committed_size, row.status, row.blob_sha256
-    )
-
-
 class AssignmentRepository:
     def __init__(self, session: Session) -> None:
         self._s = session
@@ -167,7 +161,7 @@ class UploadRepository:
 
     def completed_in_iteration(self, iteration_id: str) -> list[UploadRecord]:
         query = (
-            select(UploadRow)
+            select(*_UPLOAD_COLUMNS)
             .join(AssignmentRow, AssignmentRow.id == UploadRow.assignment_id)
             .where(
                 UploadRow.iteration_id == iteration_id,
@@ -176,7 +170,7 @@ class UploadRepository:
             )
             .order_by(UploadRow.assignment_id)
         )
-        return [upload_record(r) for r in self._s.scalars(query)]
+        return [UploadRecord(*r) for r in self._s.execute(query)]
 
     def purgeable(self, released_before: datetime, limit: int = 500) -> list[tuple[str, str]]:
         """(upload id, blob sha256) of stored envelopes whose round ended (released or abandoned) before then."""

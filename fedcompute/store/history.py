@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -21,12 +22,17 @@ def core(session: Session) -> Connection:
     return session.connection()
 
 
+HistoryEntry = tuple[str, str, str | None, str, str, datetime]  # entity, id, from status, to status, reason, at
+
+
+def insert_history(connection: Connection, entries: Iterable[HistoryEntry]) -> None:
+    """History rows in one statement (an executemany for several)."""
+    keys = ("entity", "entity_id", "from_status", "to_status", "reason", "at")
+    connection.execute(insert(StatusHistoryRow), [dict(zip(keys, entry, strict=True)) for entry in entries])
+
+
 def record_created(session: Session, entity: str, entity_id: str, status: str, at: datetime, reason: str = "") -> None:
-    core(session).execute(
-        insert(StatusHistoryRow),
-        [{"entity": entity, "entity_id": entity_id, "from_status": None, "to_status": status, "reason": reason,
-          "at": at}],
-    )  # fmt: skip
+    insert_history(core(session), [(entity, entity_id, None, status, reason, at)])
 
 
 def change_status(
@@ -50,9 +56,5 @@ def change_status(
     )
     if result.rowcount != 1:
         return False
-    connection.execute(
-        insert(StatusHistoryRow),
-        [{"entity": entity, "entity_id": entity_id, "from_status": from_status, "to_status": to_status,
-          "reason": reason, "at": at}],
-    )  # fmt: skip
+    insert_history(connection, [(entity, entity_id, from_status, to_status, reason, at)])
     return True
