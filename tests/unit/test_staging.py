@@ -1,0 +1,88 @@
+"""The staging directory's writer lock (server/staging.py), played by real processes: a holder that is alive turns
+another writer away, a holder killed with SIGKILL while holding leaves a lock file that the next writer simply
+takes, and a writer that locked a lock file its holder removed meanwhile moves to the one now at the path."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fedcompute.core.errors import Aborted
+from fedcompute.server.staging import sole_writer
+
+UPLOAD = "asg_test"
+
+
+def _holder(directory: Path) -> subprocess.Popen[str]:
+    """Another process (a replica) holding the upload's writer lock until it is killed."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from fedcompute.server.staging import sole_writer
+        with sole_writer(Path({str(directory)!r}), {UPLOAD!r}):
+            print("held", flush=True)
+            time.sleep(120)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def _locked_inodes() -> set[int]:
+    return {
+        int(fields[5].rsplit(":", 1)[1])
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+        if fields[1:3] == ["FLOCK", "ADVISORY"]
+    }
+
+
+def test_a_live_holder_in_another_process_turns_a_second_writer_away(tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(Aborted, match="another stream is writing this upload"), sole_writer(tmp_path, UPLOAD):
+            pytest.fail("a second writer got the lock")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_holder_killed_while_holding_leaves_a_lock_the_next_writer_takes_and_removes(tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    lock = tmp_path / f"upload-{UPLOAD}.lock"
+    assert lock.exists()
+    os.kill(holder.pid, signal.SIGKILL)  # the worst moment: mid-stream, the lock file still on disk
+    holder.wait()
+    assert lock.exists()
+    with sole_writer(tmp_path, UPLOAD):
+        assert lock.stat().st_ino in _locked_inodes()
+    assert not lock.exists()
+
+
+def test_a_writer_that_locked_a_removed_lock_file_moves_to_the_one_at_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between this writer's open and its flock, the holder removes the file and a third writer creates a new one:
+    the inode this writer locked is no longer at the path, so it must open the path again and lock that."""
+    lock = tmp_path / f"upload-{UPLOAD}.lock"
+    real_flock = fcntl.flock
+    calls: list[int] = []
+
+    def flock_after_the_holder_left(fd: int, operation: int) -> None:
+        if not calls:
+            lock.unlink()
+            lock.touch()  # another writer's new lock file
+        calls.append(fd)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_holder_left)
+    with sole_writer(tmp_path, UPLOAD):
+        assert len(calls) == 2
+        assert lock.stat().st_ino in _locked_inodes()
