@@ -10,7 +10,7 @@ import struct
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedcompute.core import checkpoints
@@ -62,6 +62,14 @@ def _library(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, object]
         return None
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.reshape(-1).view(torch.uint8).tolist() == b.reshape(-1).view(torch.uint8).tolist()
+    )
+
+
 def _plain_metadata(payload: bytes) -> dict[str, object]:
     """Our metadata read with nothing but json (an oracle independent of the reader under test)."""
     header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
@@ -80,7 +88,7 @@ def _accepted_only_if_the_library_agrees(payload: bytes) -> bool:
     assert meta == library[1]
     for name, tensor in views.items():
         assert tensor.dtype == library[0][name].dtype
-        assert torch.equal(tensor, library[0][name])
+        assert _same_bits(tensor, library[0][name])  # a mutation may make a NaN: equal bits, not equal values
     return True
 
 
@@ -188,6 +196,7 @@ def test_headers_that_are_not_safetensors_are_refused(payload: bytes) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 400), st.binary(min_size=1, max_size=8), st.booleans())
+@example(316, b"\x00\x00\x81\x7f", False)  # a float turned NaN: found by hypothesis in a CI run
 def test_mutated_payloads_are_accepted_only_when_the_library_agrees(at: int, noise: bytes, insert: bool) -> None:
     payload = checkpoints.encode(TENSORS, {"num_examples": 3})
     at = min(at, len(payload))
