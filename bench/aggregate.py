@@ -11,6 +11,9 @@ the key shares from the key services, verifying the access policy, streaming the
 (StreamContributions) and sending the result back. Limit, on one thread: parse the envelope, HPKE-open its
 ciphertext, view the safetensors data as float32 and add it in place into one float64 array. The envelopes are K
 distinct sealed updates reused in turn (memory).
+With ``--aggregator-device cuda`` (bench.run) the product also runs summing on that device (the worker's
+``aggregator_device``): opening stays on the CPU, each update is copied to the device and added there in float64,
+DP's norm is the one taken while opening, its noise is drawn on the CPU and added on the device.
 Peak RSS: once per side after the timed samples, each in a fresh process (`python -m bench.aggregate SIDE N`)
 that builds the job, then aggregates while /proc/self/statm is sampled every 5 ms; it includes Python, torch and
 the 16 envelopes held in memory (`baseline_mib`, its level just before the run).
@@ -34,7 +37,7 @@ import torch
 from bench.common import LoadGenerator, Mode, Result, interleave
 from fedcompute.aggregator.contributions import JobContext, Opened, open_contribution
 from fedcompute.aggregator.dp import DpParams, DpSum
-from fedcompute.aggregator.fedavg import StreamingMean
+from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.noise import ChaChaGaussian
 from fedcompute.aggregator.prefetch import prefetched
 from fedcompute.core import checkpoints
@@ -72,12 +75,14 @@ class Job:
         return self.key
 
 
-def product(job: Job, count: int, dp: bool) -> float:
+def product(job: Job, count: int, dp: bool, device: str = "cpu") -> float:
     """Seconds to open and sum ``count`` contributions and release the result, as ``AggregatorWorker.process``
-    does: each item hashed and opened one ahead on the prefetch thread while the current one is added."""
+    does: each item hashed and opened one ahead on the prefetch thread while the current one is added (summed on
+    ``device``, the worker's ``aggregator_device``; the result is back on the CPU before the clock stops)."""
     began = time.perf_counter()
     params = DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=count, min_clients=1)
-    mean: DpSum | StreamingMean = DpSum(params) if dp else StreamingMean()
+    on = accumulation_device(device)
+    mean: DpSum | StreamingMean = DpSum(params, on) if dp else StreamingMean(on)
 
     def hashed(item: tuple[bytes, str]) -> tuple[bytes, str]:
         hashlib.sha256(item[0]).hexdigest()  # the worker checks each item against the job's input list
@@ -132,35 +137,50 @@ def with_peak_rss(measure: Callable[[], float]) -> dict[str, float]:
         done.set()
         sampler.join()
     peak = max(peak, rss())
-    return {"seconds": seconds, "peak_rss_mib": peak / 2**20, "baseline_mib": before / 2**20}
+    out = {"seconds": seconds, "peak_rss_mib": peak / 2**20, "baseline_mib": before / 2**20}
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        out["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
-SIDES: dict[str, Callable[[Job, int], float]] = {
-    "product": lambda job, count: product(job, count, dp=False),
-    "product_dp": lambda job, count: product(job, count, dp=True),
-    "limit": limit,
-}
+def sides(device: str) -> dict[str, Callable[[Job, int], float]]:
+    """The measured sides by name: the product on the CPU with and without DP, the limit, and where ``device`` is
+    not the CPU the product summing there (``product@cuda``, ``product_dp@cuda``)."""
+    out: dict[str, Callable[[Job, int], float]] = {
+        "product": lambda job, count: product(job, count, dp=False),
+        "product_dp": lambda job, count: product(job, count, dp=True),
+        "limit": limit,
+    }
+    if device != "cpu":
+        out[f"product@{device}"] = lambda job, count: product(job, count, dp=False, device=device)
+        out[f"product_dp@{device}"] = lambda job, count: product(job, count, dp=True, device=device)
+    return out
 
 
 def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     count = 40 if mode.quick else COUNT
     torch.set_num_threads(1)  # as the worker process does (aggregator/main.py); the limit is numpy's, unaffected
+    device = mode.aggregator_device
+    accumulation_device(device)  # a device this machine lacks is refused before anything is measured
     job = Job()
-    plain, noised, bound = interleave(mode.pairs, *(lambda f=f: f(job, count) for f in SIDES.values()))
-    rss = {side: _fresh_process_rss(side, count) for side in SIDES}
+    measured = sides(device)
+    timed = interleave(mode.pairs, *(lambda f=f: f(job, count) for f in measured.values()))
+    samples = dict(zip(measured, timed, strict=True))
+    rss = {side: _fresh_process_rss(side, count) for side in measured}
     notes = (
         f"{count} contributions per sample, {job.parameters:,} parameters, "
         f"{DISTINCT} distinct envelopes reused; in-process, no gRPC, no key fetch; peak RSS of a fresh process"
     )
-    rate = [count / s for s in bound]
+    rate = [count / s for s in samples["limit"]]
+    rows = [("aggregate bench-1m", "product"), ("aggregate bench-1m DP", "product_dp")]
+    if device != "cpu":
+        rows += [(f"aggregate bench-1m {device}", f"product@{device}"),
+                 (f"aggregate bench-1m DP {device}", f"product_dp@{device}")]  # fmt: skip
     results = []
-    for name, side, samples in (
-        ("aggregate bench-1m", "product", plain),
-        ("aggregate bench-1m DP", "product_dp", noised),
-    ):
+    for name, side in rows:
         extra = {"contributions_per_sample": count, "peak_rss": {"product": rss[side], "limit": rss["limit"]}}
         results.append(
-            Result(name, "throughput", "contrib/s", [count / s for s in samples], rate, notes=notes, extra=extra)
+            Result(name, "throughput", "contrib/s", [count / s for s in samples[side]], rate, notes=notes, extra=extra)
         )
         results.append(
             Result(name, "peak RSS", "MiB", [rss[side]["peak_rss_mib"]], [rss["limit"]["peak_rss_mib"]],
@@ -182,7 +202,8 @@ def main() -> None:
     side, count = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)
     job = Job()
-    print(json.dumps(with_peak_rss(lambda: SIDES[side](job, count))))
+    measure = sides(side.partition("@")[2] or "cpu")[side]
+    print(json.dumps(with_peak_rss(lambda: measure(job, count))))
 
 
 COUNT = 1000  # the issue's number; --quick uses 40

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import create_engine, text
 
 from fedcompute.clients.typed import KeyClient
@@ -35,6 +36,7 @@ class Mode:
     pairs: int
     seconds: float
     quick: bool
+    aggregator_device: str = "cpu"  # where the aggregation benchmark also sums, beside the CPU (cuda, cuda:N)
 
 
 @dataclass
@@ -95,6 +97,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 

@@ -1,10 +1,11 @@
 """`make bench`: every benchmark, product and limit interleaved; a table on stdout, JSON in bench/out/report.json.
 
-    .venv/bin/python -m bench.run [--quick] [--only NAME ...] [--out PATH]
+    .venv/bin/python -m bench.run [--quick] [--only NAME ...] [--out PATH] [--aggregator-device cuda]
 
 --quick is a smoke run (under a minute: one pair, 1 s samples, fewer contributions and devices, no
 replicas unless named by --only); its numbers are not to be compared.
-NAME is one of: checkin, upload, aggregate, round, replicas.
+NAME is one of: checkin, upload, aggregate, round, replicas. --aggregator-device cuda (or cuda:N) adds rows to the
+aggregation benchmark for the worker summing on that device, interleaved with the CPU rows and the same limit.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only these")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "report.json")
+    parser.add_argument("--aggregator-device", default="cpu", help="also aggregate on this torch device (cuda:N)")
     args = parser.parse_args()
     configure_logging(json_lines=False, level=logging.ERROR)
-    mode = Mode(pairs=1, seconds=1.0, quick=True) if args.quick else Mode(pairs=3, seconds=3.0, quick=False)
+    pairs, seconds = (1, 1.0) if args.quick else (3, 3.0)
+    mode = Mode(pairs, seconds, quick=args.quick, aggregator_device=args.aggregator_device)
     report: dict[str, object] = {"machine": machine(), "mode": "quick" if mode.quick else "full",
-                                 "pairs": mode.pairs, "sample_seconds": mode.seconds, "benchmarks": {}}  # fmt: skip
+                                 "pairs": mode.pairs, "sample_seconds": mode.seconds,
+                                 "aggregator_device": mode.aggregator_device, "benchmarks": {}}  # fmt: skip
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with LoadGenerator() as load:

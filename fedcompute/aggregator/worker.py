@@ -173,7 +173,7 @@ class AggregatorWorker:
                 metric_examples=metrics.examples,
             )
         )
-        log.info("job_aggregated", job_id=job.job_id, accepted=mean.count, rejected=rejected)
+        log.info("job_aggregated", job_id=job.job_id, accepted=mean.count, rejected=rejected, device=str(self._device))
         self._metrics.jobs.labels("completed").inc()
         self._metrics.contributions.labels("accepted").inc(mean.count)
         self._metrics.contributions.labels("rejected").inc(rejected)

@@ -142,7 +142,11 @@ def test_cpu_is_the_default_and_a_missing_gpu_is_refused_at_start(tmp_path: Path
 
 @CUDA
 def test_sums_on_the_gpu_match_the_cpu() -> None:
-    update = {"w": torch.linspace(-2, 2, 5000), "b": torch.ones(7)}
+    # "w" spans three noise blocks (the last one partial); the DP sums take their norm on the GPU (norm=None)
+    update = {"w": torch.linspace(-2, 2, 2 * BLOCK + 5000), "b": torch.ones(7)}
+    on_gpu = {k: t.to("cuda") for k, t in update.items()}
+    assert l2_norm(on_gpu) == pytest.approx(l2_norm(update), rel=1e-12)
+    assert l2_norm({"w": on_gpu["w"], "x": torch.tensor([math.inf], device="cuda")}) == math.inf
     cpu, gpu = StreamingMean(), StreamingMean("cuda")
     for weight in (1.0, 3.0):
         cpu.add(update, weight)
@@ -154,7 +158,7 @@ def test_sums_on_the_gpu_match_the_cpu() -> None:
     dp_cpu, dp_gpu = DpSum(params), DpSum(params, "cuda")
     for dp in (dp_cpu, dp_gpu):
         dp.add(update)
-        dp.add({k: -t for k, t in update.items()})
+        dp.add({k: t * -0.25 for k, t in update.items()})  # a second norm, another clip factor
     released_cpu, _ = dp_cpu.release(ChaChaGaussian(KEY))
     released_gpu, _ = dp_gpu.release(ChaChaGaussian(KEY))
     for name, tensor in released_gpu.items():
