@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     max_round_attempts: int = Field(3, gt=0, description="Attempts at one round before its task fails.")
     job_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait before a failed job is retried.")
     poll_interval_s: float = Field(1.0, gt=0, description="How often background loops look for work.")
+    staging_sweep_s: float = Field(
+        300.0, gt=0, description="How often each server removes staged bytes of uploads that will never finish."
+    )
     startup_timeout_s: float = Field(
         60.0, gt=0, description="`up`/`demo`: how long a component may take to start serving before giving up."
     )

@@ -6,6 +6,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -33,6 +34,7 @@ from fedcompute.server.keyring import KeyRing
 from fedcompute.server.operator_auth import OperatorAuthService
 from fedcompute.server.pace import PaceSteering
 from fedcompute.server.resources import ResourceService
+from fedcompute.server.staging import StagingSweeper
 from fedcompute.server.tasks import TaskService
 from fedcompute.server.uploads import UploadService
 from fedcompute.store.blobstores import StagedBlobStore, open_blob_store
@@ -58,11 +60,13 @@ class ServerApp:
     blobs: StagedBlobStore
     registry: CollectorRegistry
     sweeper: PollingLoop
+    staging: PollingLoop
 
     def stop(self, grace: float = 1.0) -> None:
         """Drain: health NOT_SERVING, in-flight RPCs get ``grace`` seconds, then the loops and the database."""
         self.grpc.stop(grace)
         self.sweeper.stop()
+        self.staging.stop()
         self.db.dispose()
 
 
@@ -151,4 +155,6 @@ def build_server(
     )
     sweeper = DeadlineSweeper(db, clock, ids, settings.max_round_attempts, metrics)
     loop = PollingLoop("deadlines", sweeper.run_once, settings.poll_interval_s).start()
-    return ServerApp(server, db, blobs, registry, loop)
+    staged = StagingSweeper(db, blobs.staging_dir(), clock, timedelta(seconds=settings.staging_sweep_s))
+    staging = PollingLoop("staging", staged.run_once, settings.poll_interval_s).start()
+    return ServerApp(server, db, blobs, registry, loop, staging)

@@ -65,6 +65,13 @@ class AssignmentRepository:
         )
         return {status: int(n) for status, n in self._s.execute(query)}
 
+    def awaiting_upload(self, assignment_ids: list[str]) -> set[str]:
+        """Those of the given assignments still waiting for their upload (reported, not yet uploaded)."""
+        query = select(AssignmentRow.id).where(
+            AssignmentRow.id.in_(assignment_ids), AssignmentRow.status == AssignmentStatus.LOCAL_COMPLETED
+        )
+        return set(self._s.scalars(query)) if assignment_ids else set()
+
     def overdue(self, iteration_id: str, status: str, since_before: datetime) -> list[str]:
         """Assignments of the round in ``status`` since before the given time (created, or last changed)."""
         stamp = AssignmentRow.created_at if status == AssignmentStatus.ASSIGNED else AssignmentRow.updated_at

@@ -32,7 +32,7 @@ DEADLINES = {"local_compute_deadline_s": 30, "upload_deadline_s": 30, "round_dea
 @pytest.fixture
 def clocked(tmp_path: Path, database_url: str) -> Iterator[tuple[Harness, FakeClock]]:
     clock = FakeClock(datetime.now(UTC))
-    settings = suite_settings(tmp_path / "w", database_url, max_round_attempts=2)
+    settings = suite_settings(tmp_path / "w", database_url, max_round_attempts=2, staging_sweep_s=5)
     harness = Harness.attach(start_suite(settings, clock=clock, aggregator=False))
     yield harness, clock
     harness.stop()
@@ -82,6 +82,45 @@ def test_an_interrupted_upload_past_its_deadline_is_abandoned(
     with engine.connect() as conn:
         assert conn.execute(select(UploadRow.status)).scalar_one() == "ABANDONED"
     engine.dispose()
+
+
+def _half_upload(harness: Harness, assignment: ta.TaskAssignment) -> tuple[ta.UploadInstruction, bytes]:
+    """The device reports, then streams the first half of its envelope and stops: the rest never comes."""
+    instruction = harness.report(assignment).upload_instruction
+    data = sealed(assignment)
+    harness.uploads.write(iter([upload_pb2.WriteRequest(
+        resource_name=instruction.resource_name, upload_token=instruction.upload_token, write_offset=0,
+        data=data[: len(data) // 2], finish_write=False,
+        metadata=upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest()),
+    )]))  # fmt: skip
+    return instruction, data
+
+
+def test_staged_bytes_of_an_abandoned_upload_are_removed_and_awaited_ones_kept(
+    clocked: tuple[Harness, FakeClock],
+) -> None:
+    """A device that stops mid-upload and never comes back leaves half an envelope in the staging directory;
+    once its upload deadline has passed the staging sweep removes it. Another device's half upload, still within
+    its deadline, is kept through the same sweep, and that device then resumes and its upload counts."""
+    harness, clock = clocked
+    task = harness.create_task(POP, report_goal=2, max_cohort=3, **DEADLINES)
+    staging = harness.suite.server.blobs.staging_dir()
+    gone = harness.check_in(POP).task_assignment
+    _half_upload(harness, gone)
+    clock.advance(timedelta(seconds=20))
+    back = harness.check_in(POP).task_assignment
+    instruction, data = _half_upload(harness, back)
+    assert sorted(p.name for p in staging.iterdir()) == sorted(
+        f"upload-{a.assignment_id}" for a in (gone, back)
+    )  # fmt: skip
+    clock.advance(timedelta(seconds=11))  # past the first device's upload deadline, within the second's
+    wait_for(lambda: harness.iterations(task.task_id)[0].assigned == 1, 30, "the first device to time out")
+    clock.advance(timedelta(seconds=5))  # a staging sweep after the time-out (the two loops run apart)
+    wait_for(lambda: not (staging / f"upload-{gone.assignment_id}").exists(), 30, "the staging sweep")
+    assert [p.name for p in staging.iterdir()] == [f"upload-{back.assignment_id}"]
+    upload(harness.uploads, instruction, data)  # resumes from its committed half
+    assert harness.iterations(task.task_id)[0].completed_uploads == 1
+    assert list(staging.iterdir()) == []
 
 
 def test_at_the_round_deadline_what_reached_quorum_is_aggregated(clocked: tuple[Harness, FakeClock]) -> None:

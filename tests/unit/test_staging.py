@@ -1,6 +1,7 @@
 """The staging directory's writer lock (server/staging.py), played by real processes: a holder that is alive turns
 another writer away, a holder killed with SIGKILL while holding leaves a lock file that the next writer simply
-takes, and a writer that locked a lock file its holder removed meanwhile moves to the one now at the path."""
+takes, and a writer that locked a lock file its holder removed meanwhile moves to the one now at the path. The
+staging sweep never removes a file while a writer in another process holds it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from fedcompute.core.clock import FakeClock
 from fedcompute.core.errors import Aborted
-from fedcompute.server.staging import sole_writer
+from fedcompute.server.staging import StagingSweeper, sole_writer
+from fedcompute.store.database import Database
 
 UPLOAD = "asg_test"
 
@@ -86,3 +90,27 @@ def test_a_writer_that_locked_a_removed_lock_file_moves_to_the_one_at_the_path(
     with sole_writer(tmp_path, UPLOAD):
         assert len(calls) == 2
         assert lock.stat().st_ino in _locked_inodes()
+
+
+def test_the_sweep_leaves_a_file_a_writer_holds_and_removes_it_once_no_one_does(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'store.db'}")
+    db.migrate()
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    staged = staging / f"upload-{UPLOAD}"
+    staged.write_bytes(b"half an envelope")  # its assignment is not awaiting an upload (there is none)
+    clock = FakeClock()
+    sweeper = StagingSweeper(db, staging, clock, timedelta(seconds=60))
+    holder = _holder(staging)  # a stream on another replica is writing it
+    try:
+        assert sweeper.run_once() == 0
+        assert staged.read_bytes() == b"half an envelope"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sweeper.run_once() == 0  # the next sweep is due a minute later
+    assert staged.exists()
+    clock.advance(timedelta(seconds=60))
+    assert sweeper.run_once() == 1
+    assert sorted(staging.iterdir()) == []  # the file and the lock file the killed holder left
+    db.dispose()
