@@ -97,18 +97,14 @@ class _RoundFacts:
     report_goal: int
 
 
-def _hash_prefix(handle: BinaryIO, size: int, digest: Any) -> bool:
-    """Feed the first ``size`` bytes of ``handle`` into ``digest``; False if the file holds fewer (a resumed
-    upload whose staged bytes this process does not have)."""
+def _hash_prefix(handle: BinaryIO, size: int, digest: Any) -> None:
+    """Feed the first ``size`` bytes of ``handle`` (which holds at least that many) into ``digest``."""
     handle.seek(0)
     left = size
     while left > 0:
         block = handle.read(min(left, 1 << 20))
-        if not block:
-            return False
         digest.update(block)
         left -= len(block)
-    return True
 
 
 class UploadService:
@@ -245,11 +241,13 @@ class UploadService:
         start = offset = upload.committed_size
         digest = hashlib.sha256()
         finished = kept = False
-        with path.open("r+b" if path.exists() else "wb") as handle:
+        held = path.stat().st_size if path.exists() else None  # the writer lock is ours: no one else changes it
+        if offset and (held or 0) < offset:  # staged elsewhere (another replica's disk) or lost: start over
+            self._discard(upload, path)
+            raise DataLoss("this server does not hold the upload's committed bytes; upload again from offset 0")
+        with path.open("wb" if held is None else "r+b") as handle:
             handle.truncate(offset)  # drop bytes a crashed write left past the committed size
-            if not _hash_prefix(handle, offset, digest):  # a resumed upload: the bytes already committed
-                self._discard(upload, path)  # staged elsewhere (another replica) or lost: start over
-                raise DataLoss("this server does not hold the upload's committed bytes; upload again from offset 0")
+            _hash_prefix(handle, offset, digest)  # a resumed upload: the bytes already committed
             handle.seek(offset)
             try:
                 for chunk in chunks:

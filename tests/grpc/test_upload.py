@@ -144,6 +144,34 @@ def test_sha256_mismatch_is_data_loss_and_the_device_may_retry(harness: Harness)
     assert _write(harness, instruction, data).complete
 
 
+@pytest.mark.parametrize("staged", ["missing", "shortened"])
+def test_a_resume_whose_staged_bytes_are_gone_is_data_loss_and_the_device_starts_over(
+    harness: Harness, staged: str
+) -> None:
+    """The committed half of an upload is no longer in this server's staging directory (written to another
+    replica's disk, or lost with this one's; the disk is the operator's): the resume gets DATA_LOSS at once, before
+    the device sends anything more, and the upload is back at offset 0; the device's own client then sends it all
+    again and it counts once, with exactly its bytes."""
+    task_id, a, instruction = _ready(harness)
+    data = sealed(a)
+    half = len(data) // 2
+    _write(harness, instruction, data[:half], declared=data, finish=False)
+    path = harness.suite.server.blobs.staging_dir() / f"upload-{a.assignment_id}"
+    if staged == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(data[: half // 2])
+    with pytest.raises(grpc.RpcError) as info:
+        _write(harness, instruction, data[half:], offset=half, declared=data)
+    assert _code(info) == grpc.StatusCode.DATA_LOSS
+    assert "does not hold the upload's committed bytes" in (info.value.details() or "")
+    assert _status(harness, instruction).committed_size == 0
+    assert not path.exists()
+    assert upload(harness.uploads, instruction, data).complete
+    assert harness.iterations(task_id)[0].completed_uploads == 1
+    assert harness.suite.server.blobs.get(hashlib.sha256(data).hexdigest()) == data
+
+
 @pytest.mark.parametrize("kind", ["plaintext", "garbage-proto", "other-task", "other-round"])
 def test_plaintext_or_misbound_envelopes_are_invalid_argument(harness: Harness, kind: str) -> None:
     task_id, a, instruction = _ready(harness)
