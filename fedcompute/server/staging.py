@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -18,7 +19,8 @@ from fedcompute.store.assignments import AssignmentRepository
 from fedcompute.store.database import Database
 
 log = structlog.get_logger("fedcompute.staging")
-BATCH = 500  # staging files looked up in one read
+BATCH = 500  # staging files looked at per call (one read of their assignments)
+_STAGED = re.compile(r"^upload-(asg_[A-Za-z0-9_-]+?)(?:\.lock)?$")  # the ids uploads.py accepts
 
 
 @contextmanager
@@ -58,44 +60,63 @@ def sole_writer(staging: Path, upload_id: str) -> Iterator[None]:
 
 class StagingSweeper:
     """Removes staging files of uploads that will never finish: the device stopped mid-stream and its assignment
-    was then timed out, canceled or closed with its round (its upload abandoned), or the assignment is gone.
-    Bytes an assignment still waits for (reported, not yet uploaded) are kept, whatever their age: the device may
-    resume. A file is removed only under its ``sole_writer`` lock, after reading the assignment again: a stream
-    in progress (this process or another sharing the directory) keeps its file, and a stream that starts after
-    the removal is refused by the store before it writes (its assignment no longer wants an upload). Every
-    ``every`` (of the server's clock), from the first call on: a restarted server sweeps what it left."""
+    was then timed out, canceled or closed with its round (its upload abandoned), or the assignment is gone; and
+    lock files such uploads left (a writer killed while holding). Bytes an assignment still waits for (reported,
+    not yet uploaded) are kept, whatever their age: the device may resume. A file is removed only under its
+    ``sole_writer`` lock, after reading the assignment again: a stream in progress (this process or another
+    sharing the directory) keeps its file, and a stream that starts after the removal is refused by the store
+    before it writes (its assignment no longer wants an upload). A pass starts at the first call and then every
+    ``every`` (of the server's clock) after the last one finished; it works ``BATCH`` files per call (the loop
+    calls again at once while it says it is busy), and an entry that cannot be removed is logged and skipped."""
 
     def __init__(self, db: Database, staging: Path, clock: Clock, every: timedelta) -> None:
         self._db = db
         self._staging = staging
         self._clock = clock
         self._every = every
-        self._due: datetime | None = None
+        self._due: datetime | None = None  # None: a pass is due now (first call, or the last one failed)
+        self._pending: list[str] = []  # upload ids this pass has still to look at
+        self._removed = 0
 
     def run_once(self) -> int:
-        """Sweep if due; how many files were removed."""
-        now = self._clock.now()
-        if self._due is not None and now < self._due:
-            return 0
-        self._due = now + self._every
-        staged = sorted(p.name.removeprefix("upload-") for p in self._staging.glob("upload-*") if p.suffix != ".lock")
-        removed = 0
-        for start in range(0, len(staged), BATCH):
-            batch = staged[start : start + BATCH]
-            with self._db.reading() as s:
-                awaited = AssignmentRepository(s).awaiting_upload(batch)
-            removed += sum(self._remove(upload_id) for upload_id in batch if upload_id not in awaited)
-        if removed:
-            log.info("staging_swept", removed=removed, kept=len(staged) - removed)
-        return removed
+        """One batch of a pass, if a pass is due or under way: how many entries it looked at (0: nothing to do)."""
+        if not self._pending:
+            if self._due is not None and self._clock.now() < self._due:
+                return 0
+            self._pending, self._removed = self._staged(), 0
+        batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+        with self._db.reading() as s:
+            awaited = AssignmentRepository(s).awaiting_upload(batch)
+        self._removed += sum(self._remove(upload_id) for upload_id in batch if upload_id not in awaited)
+        if not self._pending:
+            self._due = self._clock.now() + self._every
+            if self._removed:
+                log.info("staging_swept", removed=self._removed)
+        return len(batch)
+
+    def _staged(self) -> list[str]:
+        """Upload ids with a staging or lock file here (regular files named as this server names them)."""
+        try:
+            entries = list(os.scandir(self._staging))
+        except FileNotFoundError:
+            return []
+        ids = {m.group(1) for e in entries if (m := _STAGED.match(e.name)) and e.is_file(follow_symlinks=False)}
+        return sorted(ids)
 
     def _remove(self, upload_id: str) -> bool:
+        """True if the upload's staged bytes were here and are now gone (its lock file goes with the lock)."""
         try:
             with sole_writer(self._staging, upload_id):
                 with self._db.reading() as s:  # read again under the lock: only the store says what is awaited
                     if AssignmentRepository(s).awaiting_upload([upload_id]):
                         return False
-                (self._staging / f"upload-{upload_id}").unlink(missing_ok=True)
+                try:
+                    (self._staging / f"upload-{upload_id}").unlink()
+                except FileNotFoundError:
+                    return False  # only a lock file was left; or another replica's sweep was first
                 return True
         except Aborted:
-            return False  # a stream is writing it: the next sweep looks again
+            return False  # a stream is writing it: the next pass looks again
+        except OSError as exc:  # one entry this process cannot remove must not stop the sweep of the others
+            log.warning("staging_sweep_skipped", upload_id=upload_id, error=str(exc))
+            return False

@@ -92,25 +92,46 @@ def test_a_writer_that_locked_a_removed_lock_file_moves_to_the_one_at_the_path(
         assert lock.stat().st_ino in _locked_inodes()
 
 
-def test_the_sweep_leaves_a_file_a_writer_holds_and_removes_it_once_no_one_does(tmp_path: Path) -> None:
+def _sweeper(tmp_path: Path, clock: FakeClock) -> tuple[StagingSweeper, Path, Database]:
+    """A sweeper over an empty store: no assignment awaits any upload."""
     db = Database(f"sqlite:///{tmp_path / 'store.db'}")
     db.migrate()
     staging = tmp_path / "tmp"
     staging.mkdir()
-    staged = staging / f"upload-{UPLOAD}"
-    staged.write_bytes(b"half an envelope")  # its assignment is not awaiting an upload (there is none)
+    return StagingSweeper(db, staging, clock, timedelta(seconds=60)), staging, db
+
+
+def test_the_sweep_leaves_a_file_a_writer_holds_and_removes_it_once_no_one_does(tmp_path: Path) -> None:
     clock = FakeClock()
-    sweeper = StagingSweeper(db, staging, clock, timedelta(seconds=60))
+    sweeper, staging, db = _sweeper(tmp_path, clock)
+    staged = staging / f"upload-{UPLOAD}"
+    staged.write_bytes(b"half an envelope")
     holder = _holder(staging)  # a stream on another replica is writing it
     try:
-        assert sweeper.run_once() == 0
+        sweeper.run_once()
         assert staged.read_bytes() == b"half an envelope"
     finally:
         holder.kill()
         holder.wait()
-    assert sweeper.run_once() == 0  # the next sweep is due a minute later
+    assert sweeper.run_once() == 0  # the next pass is due a minute after this one finished
     assert staged.exists()
     clock.advance(timedelta(seconds=60))
-    assert sweeper.run_once() == 1
+    sweeper.run_once()
     assert sorted(staging.iterdir()) == []  # the file and the lock file the killed holder left
+    db.dispose()
+
+
+def test_an_entry_the_sweep_cannot_remove_is_skipped_and_the_rest_swept(tmp_path: Path) -> None:
+    sweeper, staging, db = _sweeper(tmp_path, FakeClock())
+    (staging / "upload-asg_a").write_bytes(b"x")  # a lock file that is a directory: locking it fails
+    (staging / "upload-asg_a.lock").mkdir()
+    (staging / "upload-asg_b").write_bytes(b"x")
+    (staging / "upload-asg_c.lock").write_bytes(b"")  # left by a writer killed while holding it
+    (staging / "upload-asg_d").mkdir()  # not a file this server writes
+    (staging / "upload-notes.txt").write_bytes(b"not an upload id")
+    (staging / "tmpk2j3h4").write_bytes(b"a blob being stored")
+    while sweeper.run_once():
+        pass
+    left = {p.name for p in staging.iterdir()}
+    assert left == {"upload-asg_a", "upload-asg_a.lock", "upload-asg_d", "upload-notes.txt", "tmpk2j3h4"}
     db.dispose()
