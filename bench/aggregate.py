@@ -164,6 +164,8 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     accumulation_device(device)  # a device this machine lacks is refused before anything is measured
     job = Job()
     measured = sides(device)
+    if device != "cpu":
+        product(job, 4, dp=True, device=device)  # untimed: CUDA's context, kernels and allocator start here
     timed = interleave(mode.pairs, *(lambda f=f: f(job, count) for f in measured.values()))
     samples = dict(zip(measured, timed, strict=True))
     rss = {side: _fresh_process_rss(side, count) for side in measured}

@@ -91,14 +91,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else 0.0
 
 
-def machine() -> dict[str, Any]:
+def machine(gpu: bool = False) -> dict[str, Any]:
+    """What the numbers were measured on; the GPU's name only when one is used (naming it starts CUDA)."""
     return {
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if gpu else None,
     }
 
 

@@ -36,9 +36,10 @@ def main() -> None:
     configure_logging(json_lines=False, level=logging.ERROR)
     pairs, seconds = (1, 1.0) if args.quick else (3, 3.0)
     mode = Mode(pairs, seconds, quick=args.quick, aggregator_device=args.aggregator_device)
-    report: dict[str, object] = {"machine": machine(), "mode": "quick" if mode.quick else "full",
-                                 "pairs": mode.pairs, "sample_seconds": mode.seconds,
-                                 "aggregator_device": mode.aggregator_device, "benchmarks": {}}  # fmt: skip
+    report: dict[str, object] = {"machine": machine(gpu=mode.aggregator_device != "cpu"),
+                                 "mode": "quick" if mode.quick else "full", "pairs": mode.pairs,
+                                 "sample_seconds": mode.seconds, "aggregator_device": mode.aggregator_device,
+                                 "benchmarks": {}}  # fmt: skip
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with LoadGenerator() as load:

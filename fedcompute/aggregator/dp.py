@@ -73,8 +73,9 @@ def clip(update: Mapping[str, torch.Tensor], bound: float) -> tuple[dict[str, to
 
 
 class DpSum:
-    """The clipped sum, kept in float64 on ``device`` (where the norm, the clip and the noise's addition happen
-    too); what ``release`` returns is on the CPU."""
+    """The clipped sum, kept in float64 on ``device`` (where the clip and the noise's addition happen too, and
+    the norm when the caller does not pass one: the worker passes the one it took on the CPU while opening);
+    what ``release`` returns is on the CPU."""
 
     def __init__(self, params: DpParams, device: torch.device | str = "cpu") -> None:
         if params.expected_clients <= 0 or params.clip_norm <= 0:

@@ -142,26 +142,37 @@ def test_cpu_is_the_default_and_a_missing_gpu_is_refused_at_start(tmp_path: Path
 
 @CUDA
 def test_sums_on_the_gpu_match_the_cpu() -> None:
-    # "w" spans three noise blocks (the last one partial); the DP sums take their norm on the GPU (norm=None)
+    _sums_match_the_cpu_on("cuda")
+
+
+def test_the_gpu_comparison_holds_with_the_cpu_in_its_place() -> None:
+    _sums_match_the_cpu_on("cpu")  # the comparison itself, run where there is no GPU
+
+
+def _sums_match_the_cpu_on(device: str) -> None:
+    # "w" spans three noise blocks (the last one partial); the DP sums take their norm on the device (norm=None)
     update = {"w": torch.linspace(-2, 2, 2 * BLOCK + 5000), "b": torch.ones(7)}
-    on_gpu = {k: t.to("cuda") for k, t in update.items()}
-    assert l2_norm(on_gpu) == pytest.approx(l2_norm(update), rel=1e-12)
-    assert l2_norm({"w": on_gpu["w"], "x": torch.tensor([math.inf], device="cuda")}) == math.inf
-    cpu, gpu = StreamingMean(), StreamingMean("cuda")
+    on_device = {k: t.to(device) for k, t in update.items()}
+    assert l2_norm(on_device) == pytest.approx(l2_norm(update), rel=1e-12)
+    assert l2_norm({"w": on_device["w"], "x": torch.tensor([math.inf], device=device)}) == math.inf
+    cpu, other = StreamingMean(), StreamingMean(device)
     for weight in (1.0, 3.0):
         cpu.add(update, weight)
-        gpu.add(update, weight)
-    for name, tensor in gpu.mean().items():
+        other.add(update, weight)
+    for name, tensor in other.mean().items():
         assert tensor.device.type == "cpu"
         assert torch.allclose(tensor, cpu.mean()[name])
-    params = DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=2, min_clients=1)
-    dp_cpu, dp_gpu = DpSum(params), DpSum(params, "cuda")
-    for dp in (dp_cpu, dp_gpu):
-        dp.add(update)
-        dp.add({k: t * -0.25 for k, t in update.items()})  # a second norm, another clip factor
-    released_cpu, _ = dp_cpu.release(ChaChaGaussian(KEY))
-    released_gpu, _ = dp_gpu.release(ChaChaGaussian(KEY))
-    for name, tensor in released_gpu.items():
+    params = DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=3, min_clients=1, adaptive_clip=True,
+                      clipped_count_stddev=0.5)  # fmt: skip
+    dp_cpu, dp_other = DpSum(params), DpSum(params, device)
+    for dp in (dp_cpu, dp_other):
+        dp.add(update)  # norm ~426: clipped
+        dp.add({k: t * -0.25 for k, t in update.items()})  # another norm, another clip factor
+        dp.add({k: t * 1e-3 for k, t in update.items()})  # norm ~0.43: not clipped
+    released_cpu, clip_cpu = dp_cpu.release(ChaChaGaussian(KEY))
+    released_other, clip_other = dp_other.release(ChaChaGaussian(KEY))
+    assert clip_other == clip_cpu  # the noised unclipped count: one of three on both
+    for name, tensor in released_other.items():
         assert tensor.device.type == "cpu"
         assert torch.allclose(tensor, released_cpu[name], atol=1e-6)
 
