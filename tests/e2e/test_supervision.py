@@ -1,5 +1,6 @@
 """Supervision with real processes and kill -9: the launcher restarts its worker and takes it down with it,
-`up` restarts a dead key service on its own address, and a worker whose evidence source is gone fails at once."""
+`up` restarts a dead key service on its own address, a worker whose evidence source is gone fails at once, and a
+process that holds a key service's port before it binds is never pinned as that provider."""
 
 from __future__ import annotations
 
@@ -118,3 +119,29 @@ def test_a_worker_whose_evidence_source_is_gone_fails_at_once(tmp_path: Path) ->
         assert time.monotonic() - started < 5  # not a lease's wait
     finally:
         harness.stop()
+
+
+def test_a_process_holding_a_key_service_port_first_is_never_pinned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process on the machine, a key service of its own that claims the same provider id, binds the port
+    the suite chose for its key service before the service's process does. The suite's service cannot bind and
+    the impostor answers its health checks, so trust on first use would pin the impostor's signing key. The
+    suite refuses to start instead, naming the port, and writes no trusted-providers file."""
+    from fedcompute import suite as suite_module
+    from fedcompute.core.clock import SystemClock
+    from fedcompute.keys.app import build_key_server
+    from fedcompute.suite import StartupFailed, start_suite
+
+    impostor = build_key_server(suite_settings(tmp_path / "impostor", "", provider_id="kp-0"), SystemClock(), "t")
+    taken = iter([impostor.port])
+    real_free_port = suite_module.free_port
+    monkeypatch.setattr(suite_module, "free_port", lambda host: next(taken, None) or real_free_port(host))
+    settings = suite_settings(tmp_path / "w", "", key_services=1, threshold=1, key_service_processes=True)
+    try:
+        with pytest.raises(StartupFailed, match=f"key service kp-0 was started for 127.0.0.1:{impostor.port}, but "
+                                                 "another process answers there"):  # fmt: skip
+            start_suite(settings, aggregator=False)
+    finally:
+        impostor.stop(grace=0)
+    assert not settings.trusted_providers_path().exists()
