@@ -36,7 +36,7 @@ from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import SECRET_SETTINGS, Settings
 from fedcompute.core.telemetry import LoopMetrics, UpdaterMetrics
 from fedcompute.keys.app import build_key_server
-from fedcompute.keys.identity import load_or_create_identity
+from fedcompute.keys.identity import load_identity
 from fedcompute.keys.statement import load_signing_public, public_der
 from fedcompute.keys.trust import load_trusted, write_trusted
 from fedcompute.modelupdater.updater import ModelUpdater
@@ -262,16 +262,22 @@ def start_key_services(
 
 def check_own_providers(settings: Settings, keys: list[KeyServiceHandle]) -> None:
     """Each key service this suite started answers as itself (the id and signing key in its own directory): a
-    process that took its port first would otherwise be pinned as a provider. ``StartupFailed`` if not."""
+    process that took its port first would otherwise be pinned as a provider. If not, they are all stopped and
+    ``StartupFailed`` names the port."""
     for key in keys:
-        info = KeyClient(channel_for(settings, key.address), settings.rpc_timeout_s).get_provider_info(
-            key_pb2.GetProviderInfoRequest()
-        )
-        own = load_or_create_identity(key.settings.key_dir(), key.provider_id).signing_key.public_key()
-        if (info.provider_id, info.signing_public_key) != (key.provider_id, public_der(own)):
+        own = load_identity(key.settings.key_dir(), key.provider_id)  # None: the service never came up as itself
+        try:
+            info = KeyClient(channel_for(settings, key.address), settings.rpc_timeout_s).get_provider_info(
+                key_pb2.GetProviderInfoRequest())  # fmt: skip
+            answer = (info.provider_id, info.signing_public_key)
+        except grpc.RpcError:
+            answer = ("not a key service", b"")
+        if own is None or answer != (key.provider_id, public_der(own.signing_key.public_key())):
+            for started in keys:
+                started.stop()
             raise StartupFailed(f"key service {key.provider_id} was started for {key.address}, but another process "
-                                f"answers there (as {info.provider_id!r}, with another signing key); nothing was "
-                                "pinned: stop that process or choose another FEDCOMPUTE_KEY_SERVICE_PORT")  # fmt: skip
+                                f"answers there ({answer[0]!r}); nothing was pinned: stop that process or choose "
+                                "another FEDCOMPUTE_KEY_SERVICE_PORT")  # fmt: skip
 
 
 def pin_providers(settings: Settings, addresses: list[str]) -> None:
@@ -339,12 +345,7 @@ def start_suite(
     internal = settings.model_copy(update={"tls_client_auth": settings.tls_cert_file is not None})
     keys = start_key_services(internal, clock, admin_token, ports)
     settings = settings.model_copy(update={"key_service_addresses": [k.address for k in keys]})
-    try:
-        check_own_providers(settings, keys)
-    except BaseException:
-        for key in keys:
-            key.stop()
-        raise
+    check_own_providers(settings, keys)
     pin_providers(settings, settings.key_service_addresses)
     verifier_server = build_verifier_server(internal.model_copy(update={"metrics_port": 0}), verifier, registry)
     settings = settings.model_copy(update={"verifier_address": f"{settings.host}:{verifier_server.port}"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +30,27 @@ class ProviderIdentity:
         return hpke.public_bytes(self.wrapping_key.public_key())
 
 
-def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
+def load_identity(folder: Path, provider_id: str) -> ProviderIdentity | None:
+    """The provider's identity from its directory; None if it has none yet."""
     path = folder / "identity.json"
-    if path.exists():
+    try:
         data = json.loads(path.read_text())
-        if data["provider_id"] != provider_id:
-            raise ValueError(f"{path} belongs to provider {data['provider_id']!r}, not {provider_id!r}")
-        signing = serialization.load_pem_private_key(data["signing_key_pem"].encode(), password=None)
-        assert isinstance(signing, ec.EllipticCurvePrivateKey)
-        return ProviderIdentity(provider_id, signing, hpke.load_private(bytes.fromhex(data["wrapping_key"])))
+    except FileNotFoundError:
+        return None
+    if data["provider_id"] != provider_id:
+        raise ValueError(f"{path} belongs to provider {data['provider_id']!r}, not {provider_id!r}")
+    signing = serialization.load_pem_private_key(data["signing_key_pem"].encode(), password=None)
+    assert isinstance(signing, ec.EllipticCurvePrivateKey)
+    return ProviderIdentity(provider_id, signing, hpke.load_private(bytes.fromhex(data["wrapping_key"])))
+
+
+def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
+    """The provider's identity, created on first use. The file appears whole or not at all (written to a temporary
+    file, synced, then linked to its name): a process killed while creating it leaves no empty identity behind,
+    and of two processes creating it at once the first link wins and the other reads it."""
+    found = load_identity(folder, provider_id)
+    if found is not None:
+        return found
     folder.mkdir(parents=True, exist_ok=True)
     identity = ProviderIdentity(provider_id, ec.generate_private_key(ec.SECP256R1()), hpke.generate_private_key())
     pem = identity.signing_key.private_bytes(
@@ -48,7 +61,24 @@ def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
         "signing_key_pem": pem,
         "wrapping_key": hpke.private_bytes(identity.wrapping_key).hex(),
     }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(body, handle)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".identity-")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(body, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, folder / "identity.json")
+        except FileExistsError:
+            won = load_identity(folder, provider_id)
+            assert won is not None
+            return won
+    finally:
+        os.unlink(tmp)
+    # the name must survive a power cut too: an identity made anew would not match the signing key others pinned
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return identity

@@ -12,6 +12,7 @@ import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -121,23 +122,40 @@ def test_a_worker_whose_evidence_source_is_gone_fails_at_once(tmp_path: Path) ->
         harness.stop()
 
 
+@pytest.mark.parametrize("impostor_kind", ["a key service claiming kp-0", "any healthy gRPC server"])
 def test_a_process_holding_a_key_service_port_first_is_never_pinned(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impostor_kind: str
 ) -> None:
-    """Another process on the machine, a key service of its own that claims the same provider id, binds the port
-    the suite chose for its key service before the service's process does. The suite's service cannot bind and
-    the impostor answers its health checks, so trust on first use would pin the impostor's signing key. The
-    suite refuses to start instead, naming the port, and writes no trusted-providers file."""
+    """Another process on the machine (a key service of its own that claims the same provider id, or any server
+    answering health checks) binds the port the suite chose for its key service before the service's process
+    does. The suite's service cannot bind and the impostor answers its health checks, so trust on first use
+    would pin the impostor. The suite refuses to start instead, naming the port, stops the key-service process
+    it started, and writes no trusted-providers file."""
     from fedcompute import suite as suite_module
     from fedcompute.core.clock import SystemClock
     from fedcompute.keys.app import build_key_server
+    from fedcompute.rpc.serving import build_health_server
     from fedcompute.suite import StartupFailed, start_suite
 
-    impostor = build_key_server(suite_settings(tmp_path / "impostor", "", provider_id="kp-0"), SystemClock(), "t")
+    if impostor_kind.startswith("a key service"):
+        impostor = build_key_server(suite_settings(tmp_path / "impostor", "", provider_id="kp-0"), SystemClock(), "t")
+    else:
+        server = build_health_server(suite_settings(tmp_path / "impostor", "", health_port=_free_tcp_port()), "x", {},
+                                     None)  # fmt: skip
+        assert server is not None
+        impostor = server
     taken = iter([impostor.port])
     real_free_port = suite_module.free_port
     monkeypatch.setattr(suite_module, "free_port", lambda host: next(taken, None) or real_free_port(host))
     settings = suite_settings(tmp_path / "w", "", key_services=1, threshold=1, key_service_processes=True)
+    spawned: list[Any] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> Any:
+        spawned.append(real_popen(*args, **kwargs))
+        return spawned[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
     try:
         with pytest.raises(StartupFailed, match=f"key service kp-0 was started for 127.0.0.1:{impostor.port}, but "
                                                  "another process answers there"):  # fmt: skip
@@ -145,3 +163,13 @@ def test_a_process_holding_a_key_service_port_first_is_never_pinned(
     finally:
         impostor.stop(grace=0)
     assert not settings.trusted_providers_path().exists()
+    assert spawned
+    assert all(p.poll() is not None for p in spawned)  # the key-service process it started was stopped
+
+
+def _free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

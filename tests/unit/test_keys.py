@@ -86,3 +86,40 @@ def test_measurement_covers_the_code(tmp_path: Path) -> None:
         handle.write("\n# a change\n")
     assert measure(copy) != measure(package_root())
     assert measure(package_root()).startswith("sha256:")
+
+
+def test_a_provider_identity_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between writing its identity and naming it, a provider leaves no identity (so its next start makes
+    one, rather than failing on an empty file forever); processes creating it at once all end up with one."""
+    import os
+    import threading
+
+    from fedcompute.keys.identity import load_identity, load_or_create_identity
+
+    folder = tmp_path / "kp-0"
+
+    def killed(*_: object) -> None:
+        raise KeyboardInterrupt  # stands in for the process dying at that instant
+
+    monkeypatch.setattr(os, "link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_or_create_identity(folder, "kp-0")
+    monkeypatch.undo()
+    assert load_identity(folder, "kp-0") is None
+    assert list(folder.iterdir()) == []
+    keys: list[bytes] = []
+    starters = [
+        threading.Thread(target=lambda: keys.append(statement.public_der(
+            load_or_create_identity(folder, "kp-0").signing_key.public_key())))
+        for _ in range(8)
+    ]  # fmt: skip
+    for t in starters:
+        t.start()
+    for t in starters:
+        t.join()
+    assert len(keys) == 8
+    assert len(set(keys)) == 1
+    assert [p.name for p in folder.iterdir()] == ["identity.json"]
+    assert (folder / "identity.json").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="belongs to provider 'kp-0', not 'kp-1'"):
+        load_identity(folder, "kp-1")
