@@ -84,10 +84,12 @@ class StagingSweeper:
             if self._due is not None and self._clock.now() < self._due:
                 return 0
             self._pending, self._removed = self._staged(), 0
-        batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
-        with self._db.reading() as s:
-            awaited = AssignmentRepository(s).awaiting_upload(batch)
-        self._removed += sum(self._remove(upload_id) for upload_id in batch if upload_id not in awaited)
+        batch = self._pending[:BATCH]
+        if batch:
+            with self._db.reading() as s:
+                awaited = AssignmentRepository(s).awaiting_upload(batch)
+            self._removed += sum(self._remove(upload_id) for upload_id in batch if upload_id not in awaited)
+        self._pending = self._pending[BATCH:]  # only once looked at: a batch that failed is tried again
         if not self._pending:
             self._due = self._clock.now() + self._every
             if self._removed:

@@ -366,5 +366,7 @@ class UploadService:
     def _discard(self, upload: UploadRecord, path: Path) -> None:
         path.unlink(missing_ok=True)
         with self._db.transaction() as s:
-            UploadRepository(s).restart(upload.upload_id, upload.total_size, upload.sha256_hex, self._clock.now())
+            UploadRepository(s).restart(
+                upload.upload_id, upload.total_size, upload.sha256_hex, self._clock.now(), upload.committed_size
+            )
         log.warning("upload_discarded", upload_id=upload.upload_id)

@@ -121,13 +121,13 @@ class UploadRepository:
         )  # fmt: skip
         record_created(self._s, "upload", upload_id, UploadStatus.IN_PROGRESS, now)
 
-    def restart(self, upload_id: str, total: int, sha256_hex: str, now: datetime) -> None:
-        """Forget a discarded attempt: new declared size and hash, nothing committed."""
-        core(self._s).execute(
-            update(UploadRow)
-            .where(UploadRow.id == upload_id, UploadRow.status == UploadStatus.IN_PROGRESS)
-            .values(total_size=total, sha256_hex=sha256_hex, committed_size=0, updated_at=now)
-        )
+    def restart(self, upload_id: str, total: int, sha256_hex: str, now: datetime, committed: int | None = None) -> None:
+        """Forget a discarded attempt: new declared size and hash, nothing committed (only if ``committed`` bytes
+        still are, when given: bytes another replica's stream committed meanwhile are its to keep)."""
+        query = update(UploadRow).where(UploadRow.id == upload_id, UploadRow.status == UploadStatus.IN_PROGRESS)
+        if committed is not None:
+            query = query.where(UploadRow.committed_size == committed)
+        core(self._s).execute(query.values(total_size=total, sha256_hex=sha256_hex, committed_size=0, updated_at=now))
 
     def advance(self, upload_id: str, from_size: int, to_size: int, now: datetime) -> bool:
         result = core(self._s).execute(
