@@ -62,10 +62,11 @@ class StagingSweeper:
     """Removes staging files of uploads that will never finish: the device stopped mid-stream and its assignment
     was then timed out, canceled or closed with its round (its upload abandoned), or the assignment is gone; and
     lock files such uploads left (a writer killed while holding). Bytes an assignment still waits for (reported,
-    not yet uploaded) are kept, whatever their age: the device may resume. A file is removed only under its
-    ``sole_writer`` lock, after reading the assignment again: a stream in progress (this process or another
-    sharing the directory) keeps its file, and a stream that starts after the removal is refused by the store
-    before it writes (its assignment no longer wants an upload). A pass starts at the first call and then every
+    not yet uploaded) are kept, whatever their age: the device may resume. Not awaited is for good: a staging
+    file exists only once its assignment was LOCAL_COMPLETED, and nothing returns to that state, so one read per
+    batch decides. A file is removed only under its ``sole_writer`` lock: a stream in progress (this process or
+    another sharing the directory) keeps its file, and a stream that starts after the removal is refused by the
+    store before it writes (its assignment no longer wants an upload). A pass starts at the first call and then every
     ``every`` (of the server's clock) after the last one finished; it works ``BATCH`` files per call (the loop
     calls again at once while it says it is busy), and an entry that cannot be removed is logged and skipped."""
 
@@ -109,9 +110,6 @@ class StagingSweeper:
         """True if the upload's staged bytes were here and are now gone (its lock file goes with the lock)."""
         try:
             with sole_writer(self._staging, upload_id):
-                with self._db.reading() as s:  # read again under the lock: only the store says what is awaited
-                    if AssignmentRepository(s).awaiting_upload([upload_id]):
-                        return False
                 try:
                     (self._staging / f"upload-{upload_id}").unlink()
                 except FileNotFoundError:
