@@ -2,13 +2,15 @@
 
 Commands, one JSON object a line on stdin; one JSON answer a line on stdout:
   checkin / health  closed loop for `seconds`, `concurrency` callers, each with its own channel
-  upload / sink     `count` uploads of `size`-byte envelopes, `concurrency` at a time (prepared first, untimed)
+  upload / sink     `count` uploads of `size`-byte envelopes, `concurrency` at a time (prepared first, untimed:
+                    sealed and hashed, as the sink's bytes are made before its clock starts)
   round             `devices` whole device turns (check in, seal the pre-computed update, report, upload)
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -133,12 +135,12 @@ def upload_product(address: str, population: str, concurrency: int, count: int, 
         a = assign(address, population)
         instruction = client.report_result(report_request(a, ta.REPORT_RESULT_COMPLETED)).upload_instruction
         envelope = seal_contribution(plaintext, context_of(a), a.encryption_key.public_key).SerializeToString()
-        prepared.append((instruction, envelope))
+        prepared.append((instruction, envelope, hashlib.sha256(envelope).hexdigest()))  # the device's, as the seal
     uploads = [UploadClient(open_channel(address), 120.0) for _ in range(concurrency)]
 
     def job(i: int) -> Callable[[], int]:
-        instruction, envelope = prepared[i]
-        return lambda: upload(uploads[i % concurrency], instruction, envelope) and len(envelope)
+        instruction, envelope, sha256_hex = prepared[i]
+        return lambda: upload(uploads[i % concurrency], instruction, envelope, sha256_hex) and len(envelope)
 
     result = timed_pool(concurrency, [job(i) for i in range(count)])
     return {**result, "envelope_bytes": len(prepared[0][1]), "chunk_bytes": prepared[0][0].chunk_size_bytes}

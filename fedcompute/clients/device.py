@@ -190,12 +190,16 @@ def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
     return data
 
 
-def upload(client: UploadClient, instruction: ta.UploadInstruction, data: bytes) -> upload_pb2.WriteResponse:
+def upload(
+    client: UploadClient, instruction: ta.UploadInstruction, data: bytes, sha256_hex: str = ""
+) -> upload_pb2.WriteResponse:
     """Upload with resume: send from offset 0 (no round trip first: a server holding committed bytes says where to
     resume); when interrupted (unavailable, corrupted in transit, another stream of it still open, or told to
     resume elsewhere) back off exponentially with jitter, ask for the committed size and send the rest, until the
-    upload deadline of the instruction (or ``UPLOAD_ATTEMPTS`` tries when it names none)."""
-    metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
+    upload deadline of the instruction (or ``UPLOAD_ATTEMPTS`` tries when it names none). ``sha256_hex``: the
+    envelope's hash when the caller already computed it (declared as given: the server checks it at finish)."""
+    declared = sha256_hex or hashlib.sha256(data).hexdigest()
+    metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=declared)
     chunk = instruction.chunk_size_bytes or 1024 * 1024
     left_s = instruction.upload_deadline_unix - time.time()
     stop: stop_base = stop_after_attempt(UPLOAD_ATTEMPTS)

@@ -89,6 +89,15 @@ def test_device_upload_helper_resumes_after_partial_write(harness: Harness) -> N
     assert upload(harness.uploads, instruction, data).complete
 
 
+def test_device_upload_helper_declares_a_hash_it_is_given(harness: Harness) -> None:
+    """A device that hashed its envelope when sealing it passes the hash on; the server still checks it."""
+    task_id, a, instruction = _ready(harness)
+    data = sealed(a)
+    done = upload(harness.uploads, instruction, data, hashlib.sha256(data).hexdigest())
+    assert (done.committed_size, done.complete) == (len(data), True)
+    assert harness.iterations(task_id)[0].completed_uploads == 1
+
+
 def test_token_problems_are_permission_denied(harness: Harness) -> None:
     _, a, instruction = _ready(harness)
     b = harness.check_in().task_assignment
