@@ -1,14 +1,15 @@
 """Upload of 4 MiB envelopes, 16 at a time: UploadService.Write of the real server against a raw sink.
 
-Product: an in-process suite on SQLite (no aggregator); each upload is a real device's (`clients/device.upload`):
-a client stream of WriteRequests from offset 0 (the server's chunk size, 1 MiB): the server reads the upload's
-state (no write), takes the upload's writer lock, appends the chunks to a staging file hashing them as they
-arrive, fsyncs it, checks the hash and the envelope header's binding, moves the file into the blob store and, in
-one durable transaction, writes the upload complete, marks the assignment uploaded and counts the round.
-Check-ins, reports and sealing are done first and are not timed. Limit: a trivial grpcio server in the same
-process (same thread pool size, no interceptor) whose one client-streaming method consumes the same WriteRequest
-messages, of the same chunk size, and does nothing with them. Both driven from the load generator process;
-MB/s = envelope bytes / wall time of the batch; the report's extra field gives the devices' own CPU per upload.
+Product: an in-process suite on SQLite (no aggregator); each upload is a real device's (`clients/device.upload`): a
+client stream of WriteRequests from offset 0 (the server's chunk size, 1 MiB): the server reads the upload's state
+(no write), takes the upload's writer lock, appends the chunks to a staging file hashing them as they arrive, fsyncs
+it, checks the hash and the envelope header's binding, moves the file into the blob store and, in one durable
+transaction, writes the upload complete, marks the assignment uploaded and counts the round. Check-ins, reports,
+sealing and hashing each envelope (the device declares its sha256) are done first and are not timed, as the sink's
+bytes are made before its clock starts. Limit: a trivial grpcio server in the same process (same thread pool size,
+no interceptor) whose one client-streaming method consumes the same WriteRequest messages, of the same chunk size,
+and does nothing with them. Both driven from the load generator process; MB/s = envelope bytes / wall time of the
+batch; the report's extra field gives the devices' own CPU per upload.
 """
 
 from __future__ import annotations
