@@ -39,10 +39,10 @@ from fedcompute.aggregator.contributions import JobContext, Opened, open_contrib
 from fedcompute.aggregator.dp import DpParams, DpSum
 from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.noise import ChaChaGaussian
-from fedcompute.aggregator.prefetch import prefetched
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.memory import keep_large_buffers
+from fedcompute.core.prefetch import prefetched
 from fedcompute.keys import hpke
 from fedcompute.keys.envelope import seal_contribution
 from fedcompute.v1 import upload_pb2

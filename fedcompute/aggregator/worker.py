@@ -20,11 +20,11 @@ from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
 from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, derive_noise_key
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
-from fedcompute.aggregator.prefetch import prefetched
 from fedcompute.clients.typed import AggregationClient
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.errors import InvalidArgument
+from fedcompute.core.prefetch import prefetched
 from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.v1 import aggregation_pb2, common_pb2

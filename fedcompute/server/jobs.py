@@ -10,10 +10,11 @@ from datetime import timedelta
 import structlog
 
 from fedcompute.core import checkpoints
-from fedcompute.core.blobs import BlobStore
+from fedcompute.core.blobs import BlobCorrupted, BlobMissing, BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
-from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from fedcompute.core.records import IterationRecord, JobRecord, RoundMetrics, TaskRecord
+from fedcompute.core.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from fedcompute.core.prefetch import prefetched
+from fedcompute.core.records import IterationRecord, JobRecord, RoundMetrics, TaskRecord, UploadRecord
 from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.core.transitions import JobStatus
 from fedcompute.store.assignments import UploadRepository
@@ -119,11 +120,19 @@ class JobService:
         return job
 
     def contributions(self, job_id: str, lease_id: str) -> Iterator[tuple[str, bytes]]:
-        """The job's fixed input set, one encrypted envelope at a time."""
+        """The job's fixed input set, one encrypted envelope at a time. Each is read (and verified, as every read
+        is) on a background thread while the one before it is sent: at most two are held, whatever the cohort."""
         job = self._leased(job_id, lease_id)
         with self._db.transaction() as s:
             uploads = UploadRepository(s).completed_in_iteration(job.iteration_id)
-        return ((u.assignment_id, self._blobs.get(u.blob_sha256 or "")) for u in uploads)
+        return prefetched(uploads, self._envelope)
+
+    def _envelope(self, upload: UploadRecord) -> tuple[str, bytes]:
+        try:
+            return upload.assignment_id, self._blobs.get(upload.blob_sha256 or "")
+        except (BlobCorrupted, BlobMissing) as exc:  # the worker fails the job; its retry meets the same bytes
+            log.error("contribution_unreadable", assignment_id=upload.assignment_id, error=str(exc))
+            raise DataLoss(f"the envelope of {upload.assignment_id} cannot be read back intact: {exc}") from None
 
     def complete(self, job_id: str, lease_id: str, result: JobResult) -> str:
         job = self._leased(job_id, lease_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import grpc
@@ -108,3 +109,31 @@ def test_health_and_reflection_are_served(harness: Harness) -> None:
         health_pb2.HealthCheckRequest(service="fedcompute.v1.UploadService"), timeout=5
     )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_job_stream_sends_the_input_set_in_order_and_stops_at_an_envelope_altered_on_disk(
+    harness: Harness,
+) -> None:
+    """The server's disk is untrusted: an envelope changed after it was counted never goes out as it is now. The
+    stream (each next envelope read and verified while the current one is sent) delivers the input set in its
+    order, and stops with DATA_LOSS naming the contribution at the altered one, sending nothing after it."""
+    _contribute(harness, [sealed, sealed, sealed])
+    job = harness.jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id="w")).job
+    inputs = [(i.assignment_id, i.envelope_sha256_hex) for i in job.inputs]
+    assert len(inputs) == 3
+    request = aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
+    sent = [
+        (c.assignment_id, hashlib.sha256(c.envelope).hexdigest()) for c in harness.jobs.stream_contributions(request)
+    ]
+    assert sent == inputs
+    blob = harness.suite.settings.server_dir() / "blobs" / "sha256" / inputs[1][1][:2] / inputs[1][1][2:]
+    altered = bytearray(blob.read_bytes())
+    altered[-1] ^= 1
+    blob.write_bytes(bytes(altered))
+    stream = harness.jobs.stream_contributions(request)
+    first = next(stream)
+    assert (first.assignment_id, hashlib.sha256(first.envelope).hexdigest()) == inputs[0]
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert inputs[1][0] in (info.value.details() or "")

@@ -24,10 +24,10 @@ from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import KeyUnavailable
 from fedcompute.aggregator.main import build_worker
 from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian
-from fedcompute.aggregator.prefetch import prefetched
 from fedcompute.aggregator.worker import _Opener
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
+from fedcompute.core.prefetch import prefetched
 from fedcompute.core.settings import Settings
 from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys import hpke

@@ -1,6 +1,7 @@
 """One item ahead: work on the next item on a background thread while the caller handles the current one.
 
-The worker chains two (hash the one after next, open the next, add the current one). Hashing (hashlib), HPKE
+The aggregator worker chains two (hash the one after next, open the next, add the current one); the server's job
+stream reads and verifies the next envelope while the current one is sent. Hashing (hashlib), HPKE
 opening and the tensor adds release the GIL for most of their time, so the stages overlap. Each stage holds at
 most two items (the one its caller holds and the one being worked on), so memory stays bounded whatever the
 cohort; the next item is read from the source only when the caller asks for the next result.
