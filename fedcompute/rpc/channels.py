@@ -70,14 +70,21 @@ class _Details(grpc.ClientCallDetails):
 
 
 def open_channel(
-    address: str, max_message_bytes: int = 128 * 1024 * 1024, tls: ClientTls | None = None
+    address: str,
+    max_message_bytes: int = 128 * 1024 * 1024,
+    tls: ClientTls | None = None,
+    own_connection: bool = False,
 ) -> grpc.Channel:
     """A channel to ``address``: TLS when ``tls`` is given (verifying the server against its CA, presenting this
-    process's certificate to mTLS ports), plaintext otherwise."""
-    options = [
+    process's certificate to mTLS ports), plaintext otherwise. Channels of one process to one address share a
+    connection (gRPC's global subchannel pool) unless ``own_connection``: a process playing many devices gives
+    each its own, as separate devices have, so that replicas behind one port or a load balancer each get some."""
+    options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     channel = (
         grpc.secure_channel(address, tls.credentials(), options=options)
         if tls is not None
