@@ -4,7 +4,8 @@ One in-process suite per database (SQLite file, then a Postgres database of our 
 task whose cohort never fills, so every check-in takes a slot (an UPDATE and an INSERT in one transaction) and
 gets a full assignment back. The limit is `grpc.health.v1.Health/Check` on the same server: same port, thread
 pool (settings.worker_threads), interceptor (metrics, logs, error mapping) and channels, no database. The
-callers run in the load generator process, each with its own channel, in a closed loop for a fixed time.
+callers run in the load generator process, each with its own channel and connection, in a closed loop for a fixed
+time.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Check-in load against 1 and 2 server replicas on one Postgres (issue 8's load run).
 
 For each configuration, interleaved (1, 2, 1, 2, ...): `fedcompute up --replicas N` on a fresh database, one open
-task with a large cohort, then DEVICES threads (each its own gRPC channel, so connections spread over the
-replicas' shared port) call CreateTaskAssignment in a loop for SECONDS. Prints check-ins/s, p50/p99 latency
+task with a large cohort, then DEVICES threads, spread over CLIENT_PROCESSES client processes (each thread its own
+connection, so connections spread over the replicas' shared port), call CreateTaskAssignment in a loop for
+SECONDS, from a start they share. Prints check-ins/s, p50/p99 latency
 and the status codes seen (UNKNOWN must be 0), per run and as medians with the 2/1 ratio.
 
     .venv/bin/python bench/checkin_load.py [--devices 64] [--seconds 60] [--pairs 2] [--admin-url URL]
@@ -11,7 +12,9 @@ and the status codes seen (UNKNOWN must be 0), per run and as medians with the 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -23,6 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +38,8 @@ from fedcompute.v1 import common_pb2, task_assignment_pb2_grpc
 from fedcompute.v1 import task_assignment_pb2 as ta
 
 CLI = [sys.executable, "-m", "fedcompute.cli"]
+CLIENT_PROCESSES = 2  # the callers are split over this many client processes
+CLIENT_START_S = 3.0  # time for them to start, import and connect before the common start
 
 
 def _free_port() -> int:
@@ -102,17 +108,30 @@ def deployment(replicas: int, admin_url: str) -> Iterator[str]:
         _drop(admin_url, name)
 
 
-def load(address: str, devices: int, seconds: float) -> dict[str, object]:
+def _cpu_ticks() -> tuple[int, int]:
+    """This machine's busy and total CPU time so far, in clock ticks (/proc/stat: idle and iowait are not busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def _closed_loop(address: str, devices: int, start_at: float, seconds: float) -> tuple[list[float], dict[str, int]]:
+    if time.time() > start_at:
+        raise RuntimeError("a client process was not ready by the common start; raise CLIENT_START_S")
+    """``devices`` threads of this process, each connected first (untimed), calling CreateTaskAssignment from
+    ``start_at`` (wall clock, shared by every client process) for ``seconds``: latencies and codes."""
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     lock = threading.Lock()
-    stop = time.monotonic() + seconds
 
     def device() -> None:
-        stub = task_assignment_pb2_grpc.TaskAssignmentServiceStub(open_channel(address))
+        stub = task_assignment_pb2_grpc.TaskAssignmentServiceStub(open_channel(address, own_connection=True))
         request = ta.CreateTaskAssignmentRequest(
             population_name="load", client_version=common_pb2.ClientVersion(version_code="1.0.0")
         )
+        with contextlib.suppress(grpc.RpcError):
+            stub.CreateTaskAssignment(request, timeout=30)  # connect
+        time.sleep(max(0.0, start_at - time.time()))
+        stop = time.monotonic() + seconds
         mine: list[float] = []
         seen: Counter[str] = Counter()
         while time.monotonic() < stop:
@@ -132,12 +151,32 @@ def load(address: str, devices: int, seconds: float) -> dict[str, object]:
         t.start()
     for t in threads:
         t.join()
-    ordered = sorted(latencies)
+    return latencies, dict(codes)
+
+
+def load(address: str, devices: int, seconds: float, processes: int = CLIENT_PROCESSES) -> dict[str, object]:
+    """The closed loop, its ``devices`` callers spread over ``processes`` client processes (one Python process's
+    GIL caps its gRPC calls near what one replica serves, so one client process cannot show a second replica);
+    also how busy the whole machine's CPUs were meanwhile (1.0: every core, all the time)."""
+    share = [devices // processes + (1 if i < devices % processes else 0) for i in range(processes)]
+    start_at = time.time() + CLIENT_START_S
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = pool.map(_closed_loop, [address] * processes, share, [start_at] * processes, [seconds] * processes)
+        time.sleep(max(0.0, start_at - time.time()))
+        busy, total = _cpu_ticks()
+        time.sleep(seconds)
+        busy_after, total_after = _cpu_ticks()
+        runs = list(pending)
+    ordered = sorted(latency for latencies, _ in runs for latency in latencies)
+    codes: Counter[str] = Counter()
+    for _, seen in runs:
+        codes.update(seen)
     return {
-        "checkins_per_s": round(len(ordered) / seconds, 1),
+        "checkins_per_s": round(codes["OK"] / seconds, 1),
         "p50_ms": round(ordered[len(ordered) // 2] * 1000, 1),
         "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1),
         "codes": dict(codes),
+        "machine_cpu_busy": round((busy_after - busy) / max(1, total_after - total), 3),
     }
 
 

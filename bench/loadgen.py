@@ -1,7 +1,8 @@
 """The load generator process (started by common.LoadGenerator): plays devices against an address.
 
 Commands, one JSON object a line on stdin; one JSON answer a line on stdout:
-  checkin / health  closed loop for `seconds`, `concurrency` callers, each with its own channel
+  checkin / health  closed loop for `seconds`, `concurrency` callers, each with its own channel and connection
+  (every simulated device below has a connection of its own, as separate devices do)
   upload / sink     `count` uploads of `size`-byte envelopes, `concurrency` at a time (prepared first, untimed:
                     sealed and hashed, as the sink's bytes are made before its clock starts)
   round             `devices` whole device turns (check in, seal the pre-computed update, report, upload)
@@ -33,6 +34,7 @@ from fedcompute.v1 import common_pb2, upload_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 
 SINK_METHOD = "/bench.Sink/Write"
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)  # each device its own connection, as open_channel(own_...)
 
 
 def closed_loop(concurrency: int, seconds: float, make_call: Callable[[], Callable[[], None]]) -> dict[str, Any]:
@@ -90,7 +92,7 @@ def checkin_request(population: str) -> ta.CreateTaskAssignmentRequest:
 
 def checkin(address: str, population: str, concurrency: int, seconds: float) -> dict[str, Any]:
     def make() -> Callable[[], None]:
-        stub = TaskAssignmentClient(open_channel(address), 30.0)
+        stub = TaskAssignmentClient(open_channel(address, own_connection=True), 30.0)
         request = checkin_request(population)
         return lambda: stub.create_task_assignment(request) and None
 
@@ -99,7 +101,7 @@ def checkin(address: str, population: str, concurrency: int, seconds: float) -> 
 
 def health(address: str, concurrency: int, seconds: float) -> dict[str, Any]:
     def make() -> Callable[[], None]:
-        stub = health_pb2_grpc.HealthStub(open_channel(address))
+        stub = health_pb2_grpc.HealthStub(open_channel(address, own_connection=True))
         request = health_pb2.HealthCheckRequest(service="")
         return lambda: stub.Check(request, timeout=30.0) and None
 
@@ -137,7 +139,7 @@ def upload_product(address: str, population: str, concurrency: int, count: int, 
         instruction = client.report_result(report_request(a, ta.REPORT_RESULT_COMPLETED)).upload_instruction
         envelope = seal_contribution(plaintext, context_of(a), a.encryption_key.public_key).SerializeToString()
         prepared.append((instruction, envelope, hashlib.sha256(envelope).hexdigest()))  # the device's, as the seal
-    uploads = [UploadClient(open_channel(address), 120.0) for _ in range(concurrency)]
+    uploads = [UploadClient(open_channel(address, own_connection=True), 120.0) for _ in range(concurrency)]
 
     def job(i: int) -> Callable[[], int]:
         instruction, envelope, sha256_hex = prepared[i]
@@ -150,7 +152,8 @@ def upload_product(address: str, population: str, concurrency: int, count: int, 
 def sink(address: str, concurrency: int, count: int, size: int, chunk: int) -> dict[str, Any]:
     data = os.urandom(size)
     channels = [
-        grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) for _ in range(concurrency)
+        grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1), OWN_CONNECTION])
+        for _ in range(concurrency)
     ]
     writes = [
         c.stream_unary(SINK_METHOD, upload_pb2.WriteRequest.SerializeToString, upload_pb2.WriteResponse.FromString)
@@ -172,8 +175,9 @@ def round_devices(address: str, population: str, devices: int, concurrency: int,
     """Whole device turns with a pre-computed update (read from ``payload_path``): check in, seal, report, upload."""
     with open(payload_path, "rb") as f:
         payload = f.read()
-    assignments = [TaskAssignmentClient(open_channel(address), 60.0) for _ in range(concurrency)]
-    uploads = [UploadClient(open_channel(address), 120.0) for _ in range(concurrency)]
+    channels = [open_channel(address, own_connection=True) for _ in range(concurrency)]  # a device's connection
+    assignments = [TaskAssignmentClient(channel, 60.0) for channel in channels]
+    uploads = [UploadClient(channel, 120.0) for channel in channels]
     first: list[float] = []
 
     def turn(i: int) -> int:
