@@ -73,7 +73,7 @@ def deployment(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Deploym
         **{f"kp-{i}": f"127.0.0.1:{p}" for i, p in enumerate(key_ports)},
     }
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "FEDCOMPUTE_CHAOS_SEED"},  # the test's, not a setting
         "FEDCOMPUTE_WORKDIR": str(tmp_path / "work"),
         "FEDCOMPUTE_DATABASE_URL": url,
         "FEDCOMPUTE_SERVER_PORT": str(server_port),
