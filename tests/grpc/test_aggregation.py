@@ -111,12 +111,13 @@ def test_health_and_reflection_are_served(harness: Harness) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize("fault", ["altered", "deleted"])
 def test_the_job_stream_sends_the_input_set_in_order_and_stops_at_an_envelope_altered_on_disk(
-    harness: Harness,
+    harness: Harness, fault: str
 ) -> None:
-    """The server's disk is untrusted: an envelope changed after it was counted never goes out as it is now. The
+    """The server's disk is untrusted: an envelope changed (or removed) after it was counted never goes out. The
     stream (each next envelope read and verified while the current one is sent) delivers the input set in its
-    order, and stops with DATA_LOSS naming the contribution at the altered one, sending nothing after it."""
+    order, and stops with DATA_LOSS naming the contribution at the altered one."""
     _contribute(harness, [sealed, sealed, sealed])
     job = harness.jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id="w")).job
     inputs = [(i.assignment_id, i.envelope_sha256_hex) for i in job.inputs]
@@ -127,9 +128,12 @@ def test_the_job_stream_sends_the_input_set_in_order_and_stops_at_an_envelope_al
     ]
     assert sent == inputs
     blob = harness.suite.settings.server_dir() / "blobs" / "sha256" / inputs[1][1][:2] / inputs[1][1][2:]
-    altered = bytearray(blob.read_bytes())
-    altered[-1] ^= 1
-    blob.write_bytes(bytes(altered))
+    if fault == "deleted":
+        blob.unlink()
+    else:
+        altered = bytearray(blob.read_bytes())
+        altered[-1] ^= 1
+        blob.write_bytes(bytes(altered))
     stream = harness.jobs.stream_contributions(request)
     first = next(stream)
     assert (first.assignment_id, hashlib.sha256(first.envelope).hexdigest()) == inputs[0]
