@@ -114,7 +114,17 @@ class Device:
         if response.HasField("rejection_info"):
             return self._rejected(response.rejection_info)
         assignment = response.task_assignment
-        self.done.add((assignment.task_id, assignment.round))
+        turn = (assignment.task_id, assignment.round)
+        outcome = self._take_part(assignment, turn)  # an error before the upload began leaves the round not done
+        self.done.add(turn)
+        return outcome
+
+    def _take_part(self, assignment: task_assignment_pb2.TaskAssignment, turn: tuple[str, int]) -> Participated:
+        """One assignment, from the trust check to the upload. The round counts as done (never offered again)
+        once this turn ends, or as soon as the upload begins: from then on the server may hold this device's
+        contribution, and a second one in the same round would double its weight (and its privacy cost). A turn
+        that fails before then (the server restarted mid-download, say) sent nothing, so the device may be
+        offered the round again: its stale assignment's slot comes back at the local-compute deadline."""
         try:
             if assignment.population_name != self.population:
                 raise UntrustedPolicy(f"assigned to population {assignment.population_name!r}, not this device's")
@@ -141,6 +151,7 @@ class Device:
         if self.on_payload:
             self.on_payload(payload)
         envelope = seal_contribution(payload, context_of(assignment), assignment.encryption_key.public_key)
+        self.done.add(turn)
         try:
             upload(self.uploads, report.upload_instruction, envelope.SerializeToString())
         except grpc.RpcError as exc:

@@ -35,17 +35,26 @@ from tests.harness import wait_for
 class Deployment:
     """Named `fedcompute serve` processes that can be killed with SIGKILL and started again."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env = env
+        self.logs = logs  # each component's stderr, appended across restarts: a failure quotes their tails
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.envs: dict[str, dict[str, str]] = {}
 
     def start(self, name: str, component: str, **extra: str) -> None:
         self.envs[name] = {**self.env, **extra}
-        self.procs[name] = subprocess.Popen([*CLI, "serve", component], env=self.envs[name], stderr=subprocess.DEVNULL)
+        self.restart(name, component)
 
     def restart(self, name: str, component: str) -> None:
-        self.procs[name] = subprocess.Popen([*CLI, "serve", component], env=self.envs[name], stderr=subprocess.DEVNULL)
+        self.logs.mkdir(exist_ok=True)
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.procs[name] = subprocess.Popen([*CLI, "serve", component], env=self.envs[name], stderr=log)
+
+    def tails(self, lines: int = 15) -> str:
+        return "".join(
+            f"\n--- {p.stem} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+            for p in sorted(self.logs.glob("*.log"))
+        )
 
     def kill(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGKILL)
@@ -92,7 +101,7 @@ def deployment(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Deploym
         "FEDCOMPUTE_HEALTH_PORT": "0",
         "FEDCOMPUTE_DEVICE_RATE_PER_S": "0",  # every simulated device is 127.0.0.1
     }
-    d = Deployment(env)
+    d = Deployment(env, tmp_path / "logs")
     try:
         for i in range(3):
             d.start(f"kp-{i}", "keys", FEDCOMPUTE_PROVIDER_ID=f"kp-{i}", FEDCOMPUTE_KEY_SERVICE_PORT=str(key_ports[i]))
@@ -140,6 +149,7 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     recovery: dict[str, float] = {}
+    err = ""
     seed = int(os.environ.get("FEDCOMPUTE_CHAOS_SEED", time.time_ns() % 2**32))
     rng = random.Random(seed)  # when to strike; rerun a failure with FEDCOMPUTE_CHAOS_SEED=<seed>
     print(f"\nchaos seed {seed}")
@@ -175,7 +185,11 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
         operators = TaskManagementClient(open_channel(addresses["server"]), 30.0, env["FEDCOMPUTE_OPERATOR_TOKEN"])
         rounds = operators.list_iterations(tm.ListIterationsRequest(task_id=task_id)).iterations
         attempts = [(r.round, r.attempt, tm.IterationStatus.Name(r.status), r.aggregation_note) for r in rounds]
-        raise AssertionError(f"task {task['status']}: {task.get('status_reason')}; rounds {attempts}")
+        fleet_tail = "\n".join(err.splitlines()[-15:])
+        raise AssertionError(
+            f"task {task['status']}: {task.get('status_reason')}; rounds {attempts}\n--- fleet ---\n{fleet_tail}"
+            + d.tails()
+        )
     assert task["latest_model_version"] == "4"
     engine = create_engine(env["FEDCOMPUTE_DATABASE_URL"])
     with engine.connect() as conn:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import grpc
 import pytest
 
+from fedcompute.clients.device import Device, Participated, Rejected
+from fedcompute.clients.typed import ResourceClient, UploadClient
+from fedcompute.rpc.channels import open_channel
 from fedcompute.v1 import common_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
@@ -113,3 +117,52 @@ def test_canceled_task_gets_no_more_devices(harness: Harness) -> None:
     assert _reason(harness.check_in()) == "REJECTION_REASON_NO_ACTIVE_TASK"
     late = harness.report(a)
     assert late.rejection_info.reason == common_pb2.REJECTION_REASON_RESULT_NOT_NEEDED
+
+
+def _device(harness: Harness, resources: ResourceClient, uploads: UploadClient) -> Device:
+    from fedcompute.clients.dataset import non_iid_shards, train_test_split
+
+    train, _ = train_test_split(seed=0)
+    return Device("d0", non_iid_shards(train, 1, 0)[0], "pop", harness.assignments, resources, uploads, harness.trust())
+
+
+def _unreachable() -> grpc.Channel:
+    """A channel to a loopback port nobody listens on: every call fails UNAVAILABLE (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return open_channel(f"127.0.0.1:{port}")
+
+
+def test_a_device_whose_turn_failed_before_its_upload_may_take_the_round_again(harness: Harness) -> None:
+    """The reference device counts a round as done once its upload began, not at check-in: a turn that broke off
+    earlier (here its downloads fail) sent nothing, so it checks in for the same round again and contributes."""
+    task = harness.create_task(report_goal=1, max_cohort=3)
+    dead = _unreachable()
+    device = _device(harness, ResourceClient(dead, 5.0), harness.uploads)
+    with pytest.raises(grpc.RpcError) as failed:
+        device.participate()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert device.done == set()
+    device.resources = harness.resources
+    outcome = device.participate()
+    assert isinstance(outcome, Participated)
+    assert (outcome.task_id, outcome.round, outcome.uploaded) == (task.task_id, 1, True)
+    assert device.done == {(task.task_id, 1)}
+    assert harness.iterations(task.task_id)[0].completed_uploads == 1
+
+
+def test_a_device_whose_upload_began_never_takes_the_round_again(harness: Harness) -> None:
+    """Once bytes may have left, the round is done for the device even if the upload failed: the server may hold
+    its contribution, and a second one in the round would double its weight and its privacy cost."""
+    task = harness.create_task(report_goal=2, max_cohort=3, upload_deadline_s=2)
+    device = _device(harness, harness.resources, UploadClient(_unreachable(), 5.0))
+    with pytest.raises(grpc.RpcError) as failed:
+        device.participate()  # retried until the instruction's upload deadline
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert device.done == {(task.task_id, 1)}
+    device.uploads = harness.uploads
+    again = device.participate()
+    assert isinstance(again, Rejected)
+    assert again.reason == "NO_TASK_AVAILABLE"
+    assert harness.iterations(task.task_id)[0].completed_uploads == 0
