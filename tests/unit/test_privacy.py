@@ -96,3 +96,15 @@ def test_resolve_calibrates_and_keeps_a_given_consistent_multiplier() -> None:
     assert epsilon(resolved.noise_multiplier, 0.008, 20, 1e-5) <= 5.0
     given = replace(GOOD, noise_multiplier=5.0).resolve(rounds=20, report_goal=80, max_cohort=100)
     assert given.noise_multiplier == 5.0
+
+
+def test_epsilon_is_kept_per_process_keyed_on_every_argument() -> None:
+    """The memo answers what Opacus answers, and a change in any argument is a different value, not a hit."""
+    args = (1.1, 0.01, 3, 1e-5, "prv")
+    first = epsilon(*args)
+    hits = epsilon.cache_info().hits
+    assert epsilon(*args) == first == epsilon.__wrapped__(*args)
+    assert epsilon.cache_info().hits == hits + 1
+    changed = [(1.2, 0.01, 3, 1e-5, "prv"), (1.1, 0.02, 3, 1e-5, "prv"), (1.1, 0.01, 4, 1e-5, "prv"),
+               (1.1, 0.01, 3, 1e-6, "prv"), (1.1, 0.01, 3, 1e-5, "rdp")]  # fmt: skip
+    assert all(epsilon(*c) != first for c in changed)
