@@ -125,7 +125,7 @@ def start_component(component: str, settings: Settings, registry: CollectorRegis
         announce(registry, "modelupdater", VERSION)
         updater = ModelUpdater(
             db, blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s,
-            metrics=UpdaterMetrics.create(registry),
+            metrics=UpdaterMetrics.create(registry), purge_every_s=settings.housekeeping_interval_s,
         )  # fmt: skip
         step = LoopMetrics.create("modelupdater", registry).counted(updater.run_once)
         return _loop_component(component, settings, registry, step, {"database": db.ping})

@@ -301,15 +301,10 @@ def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
         channel_for(settings, settings.server_address), settings.rpc_timeout_s, operator_token(settings)
     )
     return KeyDealer(
-        providers,
-        load_trusted(settings.trusted_providers_path()),
-        settings.threshold,
-        clock,
-        settings.key_lifetime_s,
-        settings.key_destroy_after_s,
-        settings.key_rotate_before_s,
-        lambda: open_populations(operators),
-    )
+        providers, load_trusted(settings.trusted_providers_path()), settings.threshold, clock,
+        settings.key_lifetime_s, settings.key_destroy_after_s, settings.key_rotate_before_s,
+        lambda: open_populations(operators), settings.housekeeping_interval_s,
+    )  # fmt: skip
 
 
 def start_launcher(settings: Settings, clock: Clock, token: str, index: int = 0) -> Launcher:
@@ -373,7 +368,7 @@ def start_suite(
         announce(registry, component, VERSION)
     updater = ModelUpdater(
         server.db, server.blobs, clock, ids, settings.max_round_attempts, settings.upload_retention_s,
-        metrics=UpdaterMetrics.create(registry),
+        metrics=UpdaterMetrics.create(registry), purge_every_s=settings.housekeeping_interval_s,
     )  # fmt: skip
     dealer = build_dealer(settings, clock, admin_token)
     suite.loops = [

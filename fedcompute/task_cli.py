@@ -280,11 +280,17 @@ def task_get(task_id: str, server: ServerOpt = "127.0.0.1:8700") -> None:
 def task_list(
     server: ServerOpt = "127.0.0.1:8700",
     population: Annotated[str, typer.Option(help="Only this population.")] = "",
+    status: Annotated[str, typer.Option(help="Only tasks in this status (open, completed, canceled, ...).")] = "",
 ) -> None:
     """List tasks."""
     from fedcompute.v1 import task_management_pb2 as tm
 
-    call(lambda: print_message(operators(server).list_tasks(tm.ListTasksRequest(population_name=population))))
+    code, known = f"TASK_STATUS_{status.upper()}" if status else "TASK_STATUS_UNSPECIFIED", tm.TaskStatus.keys()
+    if code not in known:
+        names = ", ".join(k.removeprefix("TASK_STATUS_").lower() for k in known[1:])
+        raise typer.BadParameter(f"unknown status {status!r}; one of {names}", param_hint="--status")
+    request = tm.ListTasksRequest(population_name=population, status=tm.TaskStatus.Value(code))
+    call(lambda: print_message(operators(server).list_tasks(request)))
 
 
 @task_app.command("cancel")

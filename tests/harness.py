@@ -37,6 +37,7 @@ def suite_settings(workdir: Path, database_url: str, **overrides: object) -> Set
         "retry_delay_min_s": 0.05,
         "retry_delay_max_s": 0.2,
         "poll_interval_s": 0.05,
+        "housekeeping_interval_s": 0.05,  # deadline sweeps and health flips at once: tests wait less
         "rpc_timeout_s": 20.0,
         "lease_s": 30.0,
         "log_json": False,

@@ -8,7 +8,7 @@ copy. Honest limit: the dealer sees the private key for the length of a ceremony
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import grpc
 import structlog
@@ -39,7 +39,10 @@ class KeyDealer:
         destroy_after_s: int,
         rotate_before_s: int,
         populations: Callable[[], set[str]],
+        recheck_s: float = 0.0,
     ) -> None:
+        """``populations``: those that need a key now (asked every ``run_once``); a population found keyed is not
+        asked about again for ``recheck_s`` (housekeeping: keys live for days and rotate hours ahead)."""
         self._providers = providers
         self._trusted = trusted
         self._threshold = threshold
@@ -48,14 +51,22 @@ class KeyDealer:
         self._destroy_after = timedelta(seconds=destroy_after_s)
         self._rotate_before = rotate_before_s
         self._populations = populations
+        self._recheck = timedelta(seconds=recheck_s)
+        self._keyed_until: dict[str, datetime] = {}  # population -> when to look at its keys again
 
     def run_once(self) -> int:
         made = 0
-        for population in sorted(self._populations()):
+        populations = self._populations()
+        self._keyed_until = {p: t for p, t in self._keyed_until.items() if p in populations}  # bounded
+        for population in sorted(populations):
+            now = self._clock.now()
+            if now < self._keyed_until.get(population, now):
+                continue
             try:
                 if self.needs_key(population):
                     self.ceremony(population)
                     made += 1
+                self._keyed_until[population] = now + self._recheck
             except (CeremonyFailed, grpc.RpcError) as exc:
                 log.warning("key_ceremony_postponed", population=population, reason=str(exc))
         return made
@@ -118,7 +129,11 @@ def open_populations(operators: TaskManagementClient) -> set[str]:
     populations: set[str] = set()
     token = ""
     while True:
-        page = operators.list_tasks(task_management_pb2.ListTasksRequest(page_size=100, page_token=token))
+        page = operators.list_tasks(
+            task_management_pb2.ListTasksRequest(
+                page_size=100, page_token=token, status=task_management_pb2.TASK_STATUS_OPEN
+            )
+        )
         populations |= {t.spec.population_name for t in page.tasks if t.status == task_management_pb2.TASK_STATUS_OPEN}
         token = page.next_page_token
         if not token:

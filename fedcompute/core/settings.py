@@ -131,6 +131,13 @@ class Settings(BaseSettings):
     max_round_attempts: int = Field(3, gt=0, description="Attempts at one round before its task fails.")
     job_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait before a failed job is retried.")
     poll_interval_s: float = Field(1.0, gt=0, description="How often background loops look for work.")
+    housekeeping_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often time-driven upkeep runs: round and client deadline sweeps, upload purges, health "
+        "re-checks, the dealer's re-check of known populations' keys (deadlines are whole seconds). Apart from "
+        "POLL_INTERVAL_S, so lowering that for round latency does not multiply the upkeep.",
+    )
     staging_sweep_s: float = Field(
         300.0, gt=0, description="How often each server removes staged bytes of uploads that will never finish."
     )

@@ -60,12 +60,17 @@ class ModelUpdater:
         upload_retention_s: float = 0.0,
         orphan_grace_s: float = 3600.0,
         metrics: UpdaterMetrics | None = None,
+        purge_every_s: float = 0.0,
     ) -> None:
+        """``purge_every_s``: the least time between two looks for released envelopes to purge (housekeeping: the
+        retention is hours in production; every call of ``run_once`` when 0)."""
         self._metrics = metrics or UpdaterMetrics.create()
         self._max_attempts = max_attempts
         self._retention = timedelta(seconds=upload_retention_s)
         self._orphan_grace = timedelta(seconds=orphan_grace_s)
         self._next_orphan_sweep: datetime | None = None
+        self._purge_every = timedelta(seconds=purge_every_s)
+        self._next_purge: datetime | None = None
         self._db = db
         self._blobs = blobs
         self._clock = clock
@@ -76,8 +81,10 @@ class ModelUpdater:
         with self._db.transaction() as s:
             jobs = JobRepository(s).with_status(JobStatus.SUCCEEDED)
         published = sum(1 for job in jobs if self.apply(job))
-        self.purge_uploads()
         now = self._clock.now()
+        if self._next_purge is None or now >= self._next_purge:
+            self.purge_uploads()
+            self._next_purge = now + self._purge_every
         if self._next_orphan_sweep is None or now >= self._next_orphan_sweep:
             self.sweep_orphans()
             self._next_orphan_sweep = now + ORPHAN_SWEEP_EVERY

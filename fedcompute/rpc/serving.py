@@ -293,7 +293,7 @@ def build_grpc_server(
     started.set_serving(True)
     if started.checks:
         started.check_health()
-        started.monitor(settings.poll_interval_s)
+        started.monitor(settings.housekeeping_interval_s)
     return started
 
 

@@ -50,7 +50,12 @@ class TaskManagementServicer(task_management_pb2_grpc.TaskManagementServiceServi
 
     def ListTasks(self, request: pb.ListTasksRequest, context: grpc.ServicerContext) -> pb.ListTasksResponse:
         self._allow(context, Role.VIEWER)
-        tasks, token = self._tasks.page(request.population_name, request.page_size, request.page_token)
+        status = ""
+        if request.status != pb.TASK_STATUS_UNSPECIFIED:
+            if request.status not in pb.TaskStatus.values():
+                raise InvalidArgument("status", f"unknown task status {request.status}")
+            status = pb.TaskStatus.Name(request.status).removeprefix("TASK_STATUS_")
+        tasks, token = self._tasks.page(request.population_name, request.page_size, request.page_token, status)
         return pb.ListTasksResponse(tasks=[encode_task(t) for t in tasks], next_page_token=token)
 
     def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.ServicerContext) -> pb.CancelTaskResponse:

@@ -154,7 +154,7 @@ def build_server(
         limited=device_services,
     )
     sweeper = DeadlineSweeper(db, clock, ids, settings.max_round_attempts, metrics)
-    loop = PollingLoop("deadlines", sweeper.run_once, settings.poll_interval_s).start()
+    loop = PollingLoop("deadlines", sweeper.run_once, settings.housekeeping_interval_s).start()
     staged = StagingSweeper(db, blobs.staging_dir(), clock, timedelta(seconds=settings.staging_sweep_s))
-    staging = PollingLoop("staging", staged.run_once, settings.poll_interval_s).start()
+    staging = PollingLoop("staging", staged.run_once, settings.housekeeping_interval_s).start()
     return ServerApp(server, db, blobs, registry, loop, staging)

@@ -139,12 +139,13 @@ class TaskService:
             if TaskRepository(s).get(task_id) is None:
                 raise NotFound(f"task {task_id!r} does not exist")
 
-    def page(self, population: str, page_size: int, page_token: str) -> tuple[list[TaskRecord], str]:
+    def page(self, population: str, page_size: int, page_token: str, status: str = "") -> tuple[list[TaskRecord], str]:
+        """A page of tasks in id order, of one population and in one status when given ("": any)."""
         if page_size < 0:
             raise InvalidArgument("page_size", "must be >= 0")
         limit = min(page_size or MAX_PAGE, MAX_PAGE)
         with self._db.reading() as s:
-            records = TaskRepository(s).page(population, page_token, limit)
+            records = TaskRepository(s).page(population, page_token, limit, status)
         next_token = records[-1].task_id if len(records) == limit else ""
         return records, next_token
 

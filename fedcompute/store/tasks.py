@@ -100,10 +100,12 @@ class TaskRepository:
     def plan(self, task_id: str) -> bytes | None:
         return self._s.scalar(select(TaskRow.plan).where(TaskRow.id == task_id))
 
-    def page(self, population: str, after: str, limit: int) -> list[TaskRecord]:
+    def page(self, population: str, after: str, limit: int, status: str = "") -> list[TaskRecord]:
         query = select(TaskRow).where(TaskRow.id > after).order_by(TaskRow.id).limit(limit)
         if population:
             query = query.where(TaskRow.population_name == population)
+        if status:
+            query = query.where(TaskRow.status == status)
         return self._with_epsilon(list(self._s.scalars(query)))
 
     def open_for_population(self, population: str) -> list[TaskRecord]:

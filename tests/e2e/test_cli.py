@@ -45,6 +45,12 @@ def test_task_commands(tmp_path: Path) -> None:
         assert [t["task_id"] for t in json.loads(listed.output)["tasks"]] == [task_id]
         canceled = runner.invoke(app, ["task", "cancel", task_id, "--server", server, "--reason", "done"])
         assert json.loads(canceled.output)["status"] == "TASK_STATUS_CANCELED"
+        for status, expected in (("open", []), ("canceled", [task_id])):
+            listed = runner.invoke(app, ["task", "list", "--server", server, "--status", status])
+            assert [t["task_id"] for t in json.loads(listed.output).get("tasks", [])] == expected
+        unknown = runner.invoke(app, ["task", "list", "--server", server, "--status", "paused"])
+        assert unknown.exit_code == 2
+        assert "unknown status 'paused'" in unknown.output
         bad = runner.invoke(app, ["task", "create", "--server", server, "--population", "cli", "--report-goal", "0"])
         assert bad.exit_code == 1
         assert "INVALID_ARGUMENT" in bad.output

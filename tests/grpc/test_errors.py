@@ -46,7 +46,7 @@ class BrokenTasks(TaskService):
             raise OperationalError(SECRET, {}, ConnectionRefusedError("db.internal:5432"))
         raise RuntimeError(SECRET)
 
-    def page(self, population: str, page_size: int, page_token: str) -> NoReturn:
+    def page(self, population: str, page_size: int, page_token: str, status: str = "") -> NoReturn:
         raise KeyError(SECRET)
 
 

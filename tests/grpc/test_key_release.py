@@ -263,3 +263,45 @@ def test_shares_are_destroyed_after_their_destruction_time(tmp_path: Path, datab
             assert key["sealed_share_hex"] == ""
     finally:
         harness.stop()
+
+
+class _CountingKeys(KeyClient):
+    """A real key-service client that counts the dealer's look-ups of a population's keys."""
+
+    asked = 0
+
+    def get_public_keys(self, request: key_pb2.GetPublicKeysRequest) -> key_pb2.GetPublicKeysResponse:
+        _CountingKeys.asked += 1
+        return super().get_public_keys(request)
+
+
+def test_the_dealer_rechecks_a_keyed_population_at_the_housekeeping_interval(tmp_path: Path, database_url: str) -> None:
+    """A new population gets its key on the dealer's first pass; once keyed, the dealer does not ask the key
+    services about it again until the recheck interval has passed (by the dealer's clock), then asks once and
+    makes no new key (it lives far longer than the rotation lead)."""
+    from fedcompute.clients.dealer import KeyDealer
+    from fedcompute.suite import start_suite
+
+    clock = FakeClock(datetime.now(UTC))
+    settings = suite_settings(tmp_path / "w", database_url)
+    harness = Harness.attach(start_suite(settings, clock=clock, aggregator=False))
+    try:
+        s = harness.suite.settings
+        token = key_admin_token(s)
+        providers: list[KeyClient] = [_CountingKeys(open_channel(a), 10.0, token) for a in s.key_service_addresses]
+        dealer = KeyDealer(
+            providers, load_trusted(s.trusted_providers_path()), s.threshold, clock, s.key_lifetime_s,
+            s.key_destroy_after_s, s.key_rotate_before_s, lambda: {"dealt"}, recheck_s=30,
+        )  # fmt: skip
+        assert dealer.run_once() == 1  # a new population: a ceremony at once
+        keys = harness.keys.get_public_keys(key_pb2.GetPublicKeysRequest(population_name="dealt")).keys
+        assert len(keys) == 1
+        asked = _CountingKeys.asked
+        assert [dealer.run_once() for _ in range(5)] == [0] * 5
+        assert _CountingKeys.asked == asked  # keyed: not asked again within the interval
+        clock.advance(timedelta(seconds=31))
+        assert dealer.run_once() == 0
+        assert _CountingKeys.asked == asked + 1  # asked once (the first provider answered), no new key
+        assert harness.keys.get_public_keys(key_pb2.GetPublicKeysRequest(population_name="dealt")).keys == keys
+    finally:
+        harness.stop()

@@ -76,7 +76,7 @@ def test_health_and_rpcs_follow_the_database(postgres_database: str, tmp_path: P
 class _SlowTasks:
     """A TaskService stand-in whose ListTasks takes a while (the call in flight during a drain)."""
 
-    def page(self, population: str, page_size: int, page_token: str) -> tuple[list[Any], str]:
+    def page(self, population: str, page_size: int, page_token: str, status: str = "") -> tuple[list[Any], str]:
         time.sleep(1.0)
         return [], ""
 

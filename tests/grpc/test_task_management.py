@@ -30,6 +30,14 @@ def test_create_get_list_cancel(harness: Harness) -> None:
     assert canceled.status == tm.TASK_STATUS_CANCELED
     assert canceled.status_reason == "test"
     assert harness.iterations(task.task_id)[0].status == tm.ITERATION_STATUS_CANCELED
+    open_ones = harness.operators.list_tasks(tm.ListTasksRequest(status=tm.TASK_STATUS_OPEN)).tasks
+    assert [t.spec.population_name for t in open_ones] == ["beta"]
+    gone = harness.operators.list_tasks(tm.ListTasksRequest(population_name="beta", status=tm.TASK_STATUS_CANCELED))
+    assert list(gone.tasks) == []
+    with pytest.raises(grpc.RpcError) as info:
+        harness.operators.list_tasks(tm.ListTasksRequest(status=99))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "status" in (info.value.details() or "")
 
 
 def test_initial_weights_are_used_and_checked(harness: Harness) -> None:
