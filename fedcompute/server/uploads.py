@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,6 +42,7 @@ from fedcompute.server.staging import sole_writer
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.blobstores import StagedBlobStore
 from fedcompute.store.database import Database, Session
+from fedcompute.store.groupcommit import GroupCommit, Work, each_in_savepoint
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.rounds import close_round
 from fedcompute.store.tasks import TaskRepository
@@ -126,6 +128,7 @@ class UploadService:
         self._max_bytes = max_bytes
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._facts: dict[str, _RoundFacts] = {}  # iteration id -> its facts (immutable once open; bounded)
+        self._counts: GroupCommit[tuple[str, Work[bool]], bool] = GroupCommit(partial(each_in_savepoint, db))
 
     def _authorize(self, resource_name: str, token: str) -> str:
         match = _NAME.match(resource_name)
@@ -307,36 +310,47 @@ class UploadService:
         return WriteStatus(upload.total_size, True)
 
     def _commit(self, started: _Started, blob: str, start: int) -> None:
-        self._db.run(lambda s: self._count(s, started, blob, start))
+        """Count the upload in a durable transaction shared with every upload finishing at the same moment (group
+        commit, ``store.groupcommit``: one commit and one disk flush for all, each in a savepoint of its own).
+        Under load the counts otherwise queued one by one on the round's row lock (Postgres, held through the
+        commit's flush) or the single writer (SQLite), ~190 ms each at 16 concurrent uploads here."""
+        work = partial(self._count, started=started, blob=blob, start=start)
+        if not self._counts.submit((started.iteration_id, work)):
+            raise _RoundClosed()
         log.info("upload_finished", bytes=started.upload.total_size)
 
-    def _count(self, s: Session, started: _Started, blob: str, start: int) -> None:
-        """One transaction: the upload's row written complete, the assignment uploaded, the round counted (and
-        closed at its report goal). Lock order: round, then upload, then assignment (as in check-in, cancel and
-        the collector)."""
+    def _count(self, s: Session, started: _Started, blob: str, start: int) -> tuple[bool, bool]:
+        """The upload's row written complete, the assignment uploaded, the round counted (and closed at its report
+        goal): (True, True); or (False, False), all of it rolled back, if the round closed first. Lock order:
+        round, then upload, then assignment (as in check-in, cancel and the collector)."""
         upload, iteration_id, now = started.upload, started.iteration_id, self._clock.now()
         iterations = IterationRepository(s)
         iterations.lock(iteration_id)
-        self._store_row(s, started)
         uploads = UploadRepository(s)
-        uploads.advance(upload.upload_id, start, upload.total_size, now)
-        if not uploads.complete(upload.upload_id, blob, now):
-            current = uploads.get(upload.upload_id)
-            if current is not None and current.status == UploadStatus.COMPLETE:
-                return  # a concurrent finish won; same bytes, same answer
-            raise _RoundClosed()  # abandoned when the round closed
+        whole = started.row == "new" and uploads.add_complete(
+            upload.upload_id, upload.assignment_id, iteration_id, upload.total_size, upload.sha256_hex, blob, now
+        )  # the common case, one stream from 0 to the end: its row written complete in one statement
+        if not whole:
+            self._store_row(s, started)
+            uploads.advance(upload.upload_id, start, upload.total_size, now)
+            if not uploads.complete(upload.upload_id, blob, now):
+                current = uploads.get(upload.upload_id)
+                if current is not None and current.status == UploadStatus.COMPLETE:
+                    return True, True  # a concurrent finish won; same bytes, same answer
+                return False, False  # abandoned when the round closed
         assignments = AssignmentRepository(s)
         if not assignments.change_status(
             upload.assignment_id, AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED, now
         ):
-            raise _RoundClosed()
+            return False, False
         count = iterations.count_upload(iteration_id, now)
         if count is None:
-            raise _RoundClosed()
+            return False, False
         if count >= self._round_facts(iteration_id).report_goal:
             iteration = iterations.get(iteration_id)
             assert iteration is not None
             close_round(s, self._ids, iteration, now)
+        return True, True
 
     def _round_facts(self, iteration_id: str) -> _RoundFacts:
         """The round's facts, read once per process (they never change once the round is open)."""

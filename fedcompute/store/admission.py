@@ -5,15 +5,14 @@ A check-in's only write is taking a cohort slot in the round's row and adding th
 check-in of a task writes the same row, so one at a time they queue on its lock (Postgres) or on the database's
 single writer (SQLite). Here the first caller to find no write in flight becomes the leader: it takes every
 admission queued so far and writes them as one; the callers that queued meanwhile find their answer when the
-leader is done (or lead the next batch). Slots go first come, first served within a batch, and never past the
-round's ``max_cohort``: the count is taken under the row's lock (or the write lock) in the same statement or
-transaction that adds the assignments. Soft state (``Database.soft_state``): a crash may lose a batch whole,
-never a slot without its assignment.
+leader is done (or lead the next batch): ``store.groupcommit``. Slots go first come, first served within a
+batch, and never past the round's ``max_cohort``: the count is taken under the row's lock (or the write lock) in
+the same statement or transaction that adds the assignments. Soft state (``Database.soft_state``): a crash may
+lose a batch whole, never a slot without its assignment.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,6 +20,7 @@ from sqlalchemy import insert, select, update
 
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus
 from fedcompute.store.database import Database
+from fedcompute.store.groupcommit import GroupCommit
 from fedcompute.store.history import insert_history
 from fedcompute.store.models import AssignmentRow, IterationRow
 
@@ -103,42 +103,17 @@ def write_admissions(db: Database, batch: list[Admission]) -> set[str]:
         return {a.assignment_id for a in taken}
 
 
-class _Waiting:
-    __slots__ = ("admission", "done", "error", "granted")
-
-    def __init__(self, admission: Admission) -> None:
-        self.admission = admission
-        self.done = False
-        self.granted = False
-        self.error: BaseException | None = None
-
-
 class AdmissionQueue:
-    """Group commit of admissions (see the module): ``admit`` blocks until its batch is written."""
+    """Group commit of admissions (see the module and ``store.groupcommit``): ``admit`` blocks until its batch is
+    written."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
-        self._queued: list[_Waiting] = []
-        self._queue_lock = threading.Lock()
-        self._writing = threading.Lock()  # held by the leader while it writes a batch
+        def write(batch: list[Admission]) -> list[bool]:
+            granted = write_admissions(db, batch)
+            return [a.assignment_id in granted for a in batch]
+
+        self._group: GroupCommit[Admission, bool] = GroupCommit(write)
 
     def admit(self, admission: Admission) -> bool:
         """True if the admission got a slot (its assignment row is written); raises what the write raised."""
-        mine = _Waiting(admission)
-        with self._queue_lock:
-            self._queued.append(mine)
-        with self._writing:
-            if not mine.done:
-                with self._queue_lock:
-                    batch, self._queued = self._queued, []
-                try:
-                    granted = write_admissions(self._db, [w.admission for w in batch])
-                except BaseException as exc:  # every caller in the batch gets the error, not just the leader
-                    for waiting in batch:
-                        waiting.error, waiting.done = exc, True
-                else:
-                    for waiting in batch:
-                        waiting.granted, waiting.done = waiting.admission.assignment_id in granted, True
-        if mine.error is not None:
-            raise mine.error
-        return mine.granted
+        return self._group.submit(admission)

@@ -6,12 +6,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from fedcompute.core.clock import as_utc
 from fedcompute.core.records import AssignmentRecord, UploadRecord
-from fedcompute.core.transitions import AssignmentStatus, IterationStatus, UploadStatus
-from fedcompute.store.history import change_status, core, record_created
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus, UploadStatus, check_transition
+from fedcompute.store.history import change_status, core, insert_history, record_created
 from fedcompute.store.models import AssignmentRow, IterationRow, UploadRow
 
 
@@ -120,6 +121,29 @@ class UploadRepository:
               "updated_at": now}],
         )  # fmt: skip
         record_created(self._s, "upload", upload_id, UploadStatus.IN_PROGRESS, now)
+
+    def add_complete(
+        self, upload_id: str, assignment_id: str, iteration_id: str, total: int, sha: str, blob: str, now: datetime
+    ) -> bool:
+        """An upload that arrived whole in one stream, written COMPLETE at once (with both history rows, as
+        ``start`` then ``advance`` and ``complete`` would leave them); False, writing nothing, if its row exists
+        (another stream of it wrote one meanwhile: the caller takes the general path)."""
+        connection = core(self._s)
+        dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+        added = connection.execute(  # RETURNING: the driver's rowcount of an ON CONFLICT insert is -1 on psycopg
+            dialect.insert(UploadRow).on_conflict_do_nothing(index_elements=[UploadRow.id]).returning(UploadRow.id),
+            {"id": upload_id, "assignment_id": assignment_id, "iteration_id": iteration_id, "total_size": total,
+             "sha256_hex": sha, "committed_size": total, "status": UploadStatus.COMPLETE, "blob_sha256": blob,
+             "created_at": now, "updated_at": now},
+        )  # fmt: skip
+        if added.first() is None:
+            return False
+        check_transition("upload", UploadStatus.IN_PROGRESS, UploadStatus.COMPLETE)
+        insert_history(connection, [
+            ("upload", upload_id, None, UploadStatus.IN_PROGRESS, "", now),
+            ("upload", upload_id, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETE, "", now),
+        ])  # fmt: skip
+        return True
 
     def restart(self, upload_id: str, total: int, sha256_hex: str, now: datetime, committed: int | None = None) -> None:
         """Forget a discarded attempt: new declared size and hash, nothing committed (only if ``committed`` bytes

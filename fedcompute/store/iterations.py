@@ -122,8 +122,11 @@ class IterationRepository:
     def lock(self, iteration_id: str) -> None:
         """Take the round's row lock first (Postgres ``FOR UPDATE``; SQLite's writers are serialized anyway):
         every transaction that touches a round and its assignments or uploads locks in this order, so the
-        collector closing a round and uploads finishing beside it cannot deadlock."""
-        core(self._s).execute(select(IterationRow.id).where(IterationRow.id == iteration_id).with_for_update())
+        collector closing a round and uploads finishing beside it cannot deadlock. No statement on SQLite, whose
+        ``FOR UPDATE`` is a plain read."""
+        connection = core(self._s)
+        if connection.dialect.name != "sqlite":
+            connection.execute(select(IterationRow.id).where(IterationRow.id == iteration_id).with_for_update())
 
     def count_upload(self, iteration_id: str, now: datetime) -> int | None:
         """Count one finished upload while the round is OPEN; the new count, or None if the round closed."""

@@ -109,7 +109,7 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
 
     queue = AdmissionQueue(db)
     errors: list[BaseException] = []
-    queue._writing.acquire()  # a leader busy writing: both callers queue up behind it
+    queue._group._writing.acquire()  # a leader busy writing: both callers queue up behind it
 
     def check_in(assignment_id: str) -> None:
         try:
@@ -120,9 +120,9 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
     threads = [threading.Thread(target=check_in, args=(a,)) for a in ("asg_other", "asg_taken")]
     for t in threads:
         t.start()
-    while len(queue._queued) < 2:
+    while len(queue._group._queued) < 2:
         threading.Event().wait(0.005)
-    queue._writing.release()  # the next leader writes both as one batch
+    queue._group._writing.release()  # the next leader writes both as one batch
     for t in threads:
         t.join()
     assert len(errors) == 2  # the caller whose admission was fine learns of the failure too

@@ -1,0 +1,87 @@
+"""Group commit: writes that many threads make at the same moment go to the database together.
+
+Under load the writes of one kind (a check-in's admission, a finished upload's count) queue on one lock: the
+round's row on Postgres, the single writer on SQLite, each holding it for its own statements, its commit and (when
+durable) the disk flush. Here the first caller to find no batch being written becomes the leader: it takes every
+item queued so far and writes them as one (one statement or one transaction); the callers that queued meanwhile
+find their outcome when the leader is done, or lead the next batch. A batch that fails fails every caller in it
+with the same error, never some of them silently.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+from fedcompute.store.database import Database
+
+I = TypeVar("I")  # noqa: E741 - an item handed in
+R = TypeVar("R")  # its outcome
+
+
+class _Waiting(Generic[I, R]):
+    __slots__ = ("done", "error", "item", "outcome")
+
+    def __init__(self, item: I) -> None:
+        self.item = item
+        self.done = False
+        self.outcome: R | None = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit(Generic[I, R]):
+    """``submit`` blocks until the batch holding its item is written by ``write`` (outcomes in the items' order)."""
+
+    def __init__(self, write: Callable[[list[I]], Sequence[R]]) -> None:
+        self._write = write
+        self._queued: list[_Waiting[I, R]] = []
+        self._queue_lock = threading.Lock()
+        self._writing = threading.Lock()  # held by the leader while it writes a batch
+
+    def submit(self, item: I) -> R:
+        """The item's outcome; raises what writing its batch raised."""
+        mine: _Waiting[I, R] = _Waiting(item)
+        with self._queue_lock:
+            self._queued.append(mine)
+        with self._writing:
+            if not mine.done:
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                try:
+                    outcomes = self._write([w.item for w in batch])
+                except BaseException as exc:  # every caller in the batch gets the error, not just the leader
+                    for waiting in batch:
+                        waiting.error, waiting.done = exc, True
+                else:
+                    for waiting, outcome in zip(batch, outcomes, strict=True):
+                        waiting.outcome, waiting.done = outcome, True
+        if mine.error is not None:
+            raise mine.error
+        return mine.outcome  # type: ignore[return-value]  # set with done, when no error was
+
+
+Work = Callable[[Session], tuple[bool, R]]
+
+
+def each_in_savepoint(db: Database, works: list[tuple[str, Work[R]]]) -> list[R]:
+    """One durable transaction (``Database.run``: a deadlock re-runs the whole batch) running each (key, work) in a
+    savepoint of its own, in key order (works that lock rows lock them in one order whatever the batch), outcomes
+    returned in the order given. A work returns (keep, outcome): keep False rolls back what it wrote, and only that,
+    so one upload that finds its round closed does not undo the others'. An exception fails the whole batch."""
+    order = sorted(range(len(works)), key=lambda i: works[i][0])
+
+    def batch(s: Session) -> list[R]:
+        outcomes: dict[int, R] = {}
+        for i in order:
+            savepoint = s.begin_nested()
+            keep, outcomes[i] = works[i][1](s)
+            if keep:
+                savepoint.commit()
+            else:
+                savepoint.rollback()
+        return [outcomes[i] for i in range(len(works))]
+
+    return db.run(batch)
