@@ -114,6 +114,7 @@ class AssignmentService:
         self._admissions = AdmissionQueue(db)
         self._open_rounds: dict[str, _OpenRound] = {}  # task_id -> its open round as last read here
         self._versions: dict[tuple[str, int], tuple[str, int]] = {}
+        self._report_facts: dict[str, tuple[str, int]] = {}  # iteration id -> (aggregation id, upload window s)
 
     def check_in(self, population: str, client_version: str, done: set[tuple[str, int]]) -> Assignment | Refusal:
         if not population.strip():
@@ -206,6 +207,20 @@ class AssignmentService:
         self._open_rounds[task_id] = round_
         return round_
 
+    def _facts_for_report(self, s: Session, iteration_id: str, task_id: str) -> tuple[str, int]:
+        """(the round's aggregation id, its task's upload deadline in s): fixed once the round is open (a task's
+        spec never changes), so read once per round per process (bounded), not in every report."""
+        found = self._report_facts.get(iteration_id)
+        if found is None:
+            iteration = IterationRepository(s).get(iteration_id)
+            task = TaskRepository(s).get(task_id)
+            assert iteration is not None
+            found = (iteration.aggregation_id, task.spec.upload_deadline_s if task else 0)
+            if len(self._report_facts) > 10_000:
+                self._report_facts.clear()
+            self._report_facts[iteration_id] = found
+        return found
+
     def _checkpoint(self, s: Session, task_id: str, version: int) -> tuple[str, int]:
         """(sha256, size) of a model version: immutable once published, so kept per process (bounded)."""
         found = self._versions.get((task_id, version))
@@ -232,11 +247,10 @@ class AssignmentService:
                 raise NotFound(f"assignment {assignment_id!r} does not exist")
             if not self._signer.verify(SESSION, assignment_id, session_token):
                 raise PermissionDenied("session_token is not valid for this assignment")
-            iteration = IterationRepository(s).get(record.iteration_id)
-            assert iteration is not None
+            expected_aggregation, upload_window_s = self._facts_for_report(s, record.iteration_id, record.task_id)
             if task_id and task_id != record.task_id:
                 raise InvalidArgument("task_id", "does not match the assignment")
-            if aggregation_id and aggregation_id != iteration.aggregation_id:
+            if aggregation_id and aggregation_id != expected_aggregation:
                 raise InvalidArgument("aggregation_id", "does not match the assignment")
             status = record.status
             reported_at = record.changed_at or now
@@ -244,10 +258,9 @@ class AssignmentService:
                 target = AssignmentStatus.LOCAL_COMPLETED if result == "COMPLETED" else AssignmentStatus.LOCAL_FAILED
                 assignments.change_status(assignment_id, status, target, now, result, result_code=result)
                 status, reported_at = target, now
-            task = TaskRepository(s).get(record.task_id)
         if status in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
             name = upload_resource_name(assignment_id)
-            window = timedelta(seconds=task.spec.upload_deadline_s if task else 0)
+            window = timedelta(seconds=upload_window_s)
             return UploadGrant(name, self._signer.token(UPLOAD, name), reported_at + window)
         if status in (AssignmentStatus.LATE, AssignmentStatus.CANCELED):
             return Refusal(Rejection.RESULT_NOT_NEEDED, "the round this assignment belongs to has closed")
