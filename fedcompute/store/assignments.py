@@ -219,5 +219,5 @@ class UploadRepository:
         )
         return [(row.id, row.blob_sha256 or "") for row in self._s.execute(query)]
 
-    def mark_purged(self, upload_id: str, now: datetime) -> None:
-        self._s.execute(update(UploadRow).where(UploadRow.id == upload_id).values(purged_at=now, updated_at=now))
+    def mark_purged(self, upload_ids: list[str], now: datetime) -> None:
+        self._s.execute(update(UploadRow).where(UploadRow.id.in_(upload_ids)).values(purged_at=now, updated_at=now))
