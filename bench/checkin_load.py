@@ -3,7 +3,7 @@
 For each configuration, interleaved (1, 2, 1, 2, ...): `fedcompute up --replicas N` on a fresh database, one open
 task with a large cohort, then DEVICES threads, spread over CLIENT_PROCESSES client processes (each thread its own
 connection, so connections spread over the replicas' shared port), call CreateTaskAssignment in a loop for
-SECONDS, from a start they share. Prints check-ins/s, p50/p99 latency
+SECONDS, starting together once every process has connected its callers. Prints check-ins/s, p50/p99 latency
 and the status codes seen (UNKNOWN must be 0), per run and as medians with the 2/1 ratio.
 
     .venv/bin/python bench/checkin_load.py [--devices 64] [--seconds 60] [--pairs 2] [--admin-url URL]
@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Queue
+from threading import Event
 
 import grpc
 from sqlalchemy import create_engine, text
@@ -39,7 +41,7 @@ from fedcompute.v1 import task_assignment_pb2 as ta
 
 CLI = [sys.executable, "-m", "fedcompute.cli"]
 CLIENT_PROCESSES = 2  # the callers are split over this many client processes
-CLIENT_START_S = 3.0  # time for them to start, import and connect before the common start
+CLIENT_READY_S = 120.0  # how long the client processes may take to start, import and connect their callers
 
 
 def _free_port() -> int:
@@ -114,14 +116,17 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(fields) - fields[3] - fields[4], sum(fields)
 
 
-def _closed_loop(address: str, devices: int, start_at: float, seconds: float) -> tuple[list[float], dict[str, int]]:
-    if time.time() > start_at:
-        raise RuntimeError("a client process was not ready by the common start; raise CLIENT_START_S")
-    """``devices`` threads of this process, each connected first (untimed), calling CreateTaskAssignment from
-    ``start_at`` (wall clock, shared by every client process) for ``seconds``: latencies and codes."""
+def _closed_loop(
+    address: str, devices: int, seconds: float, ready: Queue[int], go: Event
+) -> tuple[list[float], dict[str, int]]:
+    """``devices`` threads of this process, each connected first (untimed); once all are, the process says so on
+    ``ready`` and waits for ``go`` (set when every client process is ready), then each calls CreateTaskAssignment
+    in a loop for ``seconds``: latencies and codes."""
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     lock = threading.Lock()
+    connected = threading.Barrier(devices + 1)
+    start = threading.Event()
 
     def device() -> None:
         stub = task_assignment_pb2_grpc.TaskAssignmentServiceStub(open_channel(address, own_connection=True))
@@ -130,7 +135,8 @@ def _closed_loop(address: str, devices: int, start_at: float, seconds: float) ->
         )
         with contextlib.suppress(grpc.RpcError):
             stub.CreateTaskAssignment(request, timeout=30)  # connect
-        time.sleep(max(0.0, start_at - time.time()))
+        connected.wait()
+        start.wait()
         stop = time.monotonic() + seconds
         mine: list[float] = []
         seen: Counter[str] = Counter()
@@ -149,6 +155,10 @@ def _closed_loop(address: str, devices: int, start_at: float, seconds: float) ->
     threads = [threading.Thread(target=device) for _ in range(devices)]
     for t in threads:
         t.start()
+    connected.wait()
+    ready.put(devices)
+    go.wait()
+    start.set()
     for t in threads:
         t.join()
     return latencies, dict(codes)
@@ -156,14 +166,19 @@ def _closed_loop(address: str, devices: int, start_at: float, seconds: float) ->
 
 def load(address: str, devices: int, seconds: float, processes: int = CLIENT_PROCESSES) -> dict[str, object]:
     """The closed loop, its ``devices`` callers spread over ``processes`` client processes (one Python process's
-    GIL caps its gRPC calls near what one replica serves, so one client process cannot show a second replica);
-    also how busy the whole machine's CPUs were meanwhile (1.0: every core, all the time)."""
+    GIL caps its gRPC calls near what one replica serves, so one client process cannot show a second replica),
+    started together once every process has connected all its callers; also how busy the whole machine's CPUs
+    were meanwhile (1.0: every core, all the time)."""
     share = [devices // processes + (1 if i < devices % processes else 0) for i in range(processes)]
-    start_at = time.time() + CLIENT_START_S
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = pool.map(_closed_loop, [address] * processes, share, [start_at] * processes, [seconds] * processes)
-        time.sleep(max(0.0, start_at - time.time()))
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+        ready, go = manager.Queue(), manager.Event()
+        pending = pool.map(_closed_loop, [address] * processes, share, [seconds] * processes, [ready] * processes,
+                           [go] * processes)  # fmt: skip
+        for _ in range(processes):
+            ready.get(timeout=CLIENT_READY_S)
         busy, total = _cpu_ticks()
+        go.set()
         time.sleep(seconds)
         busy_after, total_after = _cpu_ticks()
         runs = list(pending)
