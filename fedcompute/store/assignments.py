@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -86,6 +86,20 @@ _UPLOAD_COLUMNS = (
     UploadRow.id, UploadRow.assignment_id, UploadRow.total_size, UploadRow.sha256_hex, UploadRow.committed_size,
     UploadRow.status, UploadRow.blob_sha256,
 )  # fmt: skip
+# Hot paths (every upload's start and finish): built once, executed with parameters (building a statement costs
+# more Python than running it on SQLite). RETURNING, as the driver's rowcount of an ON CONFLICT insert is -1 on
+# psycopg.
+_WITH_ASSIGNMENT = (
+    select(AssignmentRow.status, AssignmentRow.iteration_id, *_UPLOAD_COLUMNS)
+    .outerjoin(UploadRow, UploadRow.id == AssignmentRow.id)
+    .where(AssignmentRow.id == bindparam("assignment_id"))
+)
+_ADD_COMPLETE = {
+    dialect.dialect.name: dialect.insert(UploadRow)
+    .on_conflict_do_nothing(index_elements=[UploadRow.id])
+    .returning(UploadRow.id)
+    for dialect in (postgresql, sqlite)
+}
 
 
 class UploadRepository:
@@ -100,12 +114,7 @@ class UploadRepository:
     def with_assignment(self, assignment_id: str) -> tuple[str, str, UploadRecord | None] | None:
         """The assignment's status and round, and its upload if it has one; None if there is no such assignment.
         One Core statement (an upload's start reads this on every stream)."""
-        query = (
-            select(AssignmentRow.status, AssignmentRow.iteration_id, *_UPLOAD_COLUMNS)
-            .outerjoin(UploadRow, UploadRow.id == AssignmentRow.id)
-            .where(AssignmentRow.id == assignment_id)
-        )
-        row = core(self._s).execute(query).first()
+        row = core(self._s).execute(_WITH_ASSIGNMENT, {"assignment_id": assignment_id}).first()
         if row is None:
             return None
         upload = UploadRecord(*row[2:]) if row[2] is not None else None
@@ -129,9 +138,8 @@ class UploadRepository:
         ``start`` then ``advance`` and ``complete`` would leave them); False, writing nothing, if its row exists
         (another stream of it wrote one meanwhile: the caller takes the general path)."""
         connection = core(self._s)
-        dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-        added = connection.execute(  # RETURNING: the driver's rowcount of an ON CONFLICT insert is -1 on psycopg
-            dialect.insert(UploadRow).on_conflict_do_nothing(index_elements=[UploadRow.id]).returning(UploadRow.id),
+        added = connection.execute(
+            _ADD_COMPLETE[connection.dialect.name],
             {"id": upload_id, "assignment_id": assignment_id, "iteration_id": iteration_id, "total_size": total,
              "sha256_hex": sha, "committed_size": total, "status": UploadStatus.COMPLETE, "blob_sha256": blob,
              "created_at": now, "updated_at": now},
