@@ -155,7 +155,7 @@ class Database:
         serialization failure (a few times, with jitter): such a conflict is this service's to resolve, never
         the caller's. ``work`` must only touch the database (its effects are rolled back with each attempt)."""
         for attempt in Retrying(
-            retry=retry_if_exception(_conflict), stop=stop_after_attempt(5), wait=wait_random(0.005, 0.05),
+            retry=retry_if_exception(is_conflict), stop=stop_after_attempt(5), wait=wait_random(0.005, 0.05),
             reraise=True,
         ):  # fmt: skip
             with attempt, self.transaction() as session:
@@ -184,7 +184,7 @@ def _held(lock: threading.RLock) -> Iterator[None]:
         lock.release()
 
 
-def _conflict(exc: BaseException) -> bool:
+def is_conflict(exc: BaseException) -> bool:
     """A deadlock (40P01) or serialization failure (40001): retrying the whole transaction resolves it."""
     code = getattr(getattr(exc, "orig", None), "sqlstate", None)
     return isinstance(exc, DBAPIError) and code in ("40P01", "40001")

@@ -5,7 +5,8 @@ round's row on Postgres, the single writer on SQLite, each holding it for its ow
 durable) the disk flush. Here the first caller to find no batch being written becomes the leader: it takes every
 item queued so far and writes them as one (one statement or one transaction); the callers that queued meanwhile
 find their outcome when the leader is done, or lead the next batch. A batch that fails fails every caller in it
-with the same error, never some of them silently.
+with the same error, never some of them silently; ``each_in_savepoint`` keeps an error of one work to its caller
+where a savepoint can contain it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Generic, TypeVar
 
 from sqlalchemy.orm import Session
 
-from fedcompute.store.database import Database
+from fedcompute.store.database import Database, is_conflict
 
 I = TypeVar("I")  # noqa: E741 - an item handed in
 R = TypeVar("R")  # its outcome
@@ -32,10 +33,19 @@ class _Waiting(Generic[I, R]):
         self.error: BaseException | None = None
 
 
+class Failed:
+    """An outcome that is an error of this item alone: ``submit`` raises it to that item's caller only."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 class GroupCommit(Generic[I, R]):
     """``submit`` blocks until the batch holding its item is written by ``write`` (outcomes in the items' order)."""
 
-    def __init__(self, write: Callable[[list[I]], Sequence[R]]) -> None:
+    def __init__(self, write: Callable[[list[I]], Sequence[R | Failed]]) -> None:
         self._write = write
         self._queued: list[_Waiting[I, R]] = []
         self._queue_lock = threading.Lock()
@@ -57,7 +67,10 @@ class GroupCommit(Generic[I, R]):
                         waiting.error, waiting.done = exc, True
                 else:
                     for waiting, outcome in zip(batch, outcomes, strict=True):
-                        waiting.outcome, waiting.done = outcome, True
+                        if isinstance(outcome, Failed):
+                            waiting.error, waiting.done = outcome.error, True
+                        else:
+                            waiting.outcome, waiting.done = outcome, True
         if mine.error is not None:
             raise mine.error
         return mine.outcome  # type: ignore[return-value]  # set with done, when no error was
@@ -66,22 +79,32 @@ class GroupCommit(Generic[I, R]):
 Work = Callable[[Session], tuple[bool, R]]
 
 
-def each_in_savepoint(db: Database, works: list[tuple[str, Work[R]]]) -> list[R]:
+def each_in_savepoint(db: Database, works: list[tuple[str, Work[R]]]) -> list[R | Failed]:
     """One durable transaction (``Database.run``: a deadlock re-runs the whole batch) running each (key, work) in a
     savepoint of its own, in key order (works that lock rows lock them in one order whatever the batch), outcomes
     returned in the order given. A work returns (keep, outcome): keep False rolls back what it wrote, and only that,
-    so one upload that finds its round closed does not undo the others'. An exception fails the whole batch."""
+    so one upload that finds its round closed does not undo the others'. A work that raises is rolled back alone
+    and its error goes to its caller alone (``Failed``), except what no savepoint contains: a deadlock or
+    serialization failure (the whole batch is run again) and a lost connection (the whole batch fails)."""
     order = sorted(range(len(works)), key=lambda i: works[i][0])
 
-    def batch(s: Session) -> list[R]:
-        outcomes: dict[int, R] = {}
+    def batch(s: Session) -> list[R | Failed]:
+        outcomes: dict[int, R | Failed] = {}
         for i in order:
             savepoint = s.begin_nested()
-            keep, outcomes[i] = works[i][1](s)
+            try:
+                keep, outcome = works[i][1](s)
+            except Exception as exc:
+                if is_conflict(exc) or getattr(exc, "connection_invalidated", False):
+                    raise
+                savepoint.rollback()
+                outcomes[i] = Failed(exc)
+                continue
             if keep:
                 savepoint.commit()
             else:
                 savepoint.rollback()
+            outcomes[i] = outcome
         return [outcomes[i] for i in range(len(works))]
 
     return db.run(batch)

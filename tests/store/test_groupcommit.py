@@ -1,6 +1,7 @@
 """Group commit (store/groupcommit.py) on SQLite and Postgres alike: works batched into one transaction each keep
-or roll back their own writes alone, run in key order and answer in the order given; a work that raises fails
-the whole batch, which then writes nothing; callers queued behind a busy leader are written as one batch."""
+or roll back their own writes alone, run in key order and answer in the order given; a work that raises is
+rolled back alone and its error goes to its caller alone, except a deadlock, which fails the whole batch after its
+retries and writes nothing; callers queued behind a busy leader are written as one batch."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from fedcompute.store.database import Database
-from fedcompute.store.groupcommit import GroupCommit, Work, each_in_savepoint
+from fedcompute.store.groupcommit import Failed, GroupCommit, Work, each_in_savepoint
 from fedcompute.store.history import core, insert_history
 from fedcompute.store.models import StatusHistoryRow
 
@@ -44,14 +46,40 @@ def test_a_declining_work_rolls_back_only_its_own_writes(db: Database) -> None:
     assert _stored(db) == {"a", "c"}
 
 
-def test_a_work_that_raises_fails_the_batch_and_writes_nothing(db: Database) -> None:
+def test_a_work_that_raises_is_rolled_back_alone_and_its_error_is_its_own(db: Database) -> None:
+    """Its rows (written before it raised) are rolled back; the works before and after it are kept."""
     ran: list[str] = []
 
     def broken(s: Session) -> tuple[bool, str]:
+        insert_history(core(s), [("test", "broken", None, "DONE", "", NOW)])
         raise RuntimeError("a bug in one work")
 
-    with pytest.raises(RuntimeError, match="a bug in one work"):
-        each_in_savepoint(db, [("k1", _writes("a", True, ran)), ("k2", broken)])
+    works = [("k1", _writes("a", True, ran)), ("k2", broken), ("k3", _writes("c", True, ran))]
+    outcomes = each_in_savepoint(db, works)
+    assert outcomes[0] == "a:kept"
+    assert outcomes[2] == "c:kept"
+    assert isinstance(outcomes[1], Failed)
+    assert str(outcomes[1].error) == "a bug in one work"
+    assert _stored(db) == {"a", "c"}
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"  # what psycopg reports for a deadlock
+
+
+def test_a_deadlock_in_one_work_fails_the_whole_batch_after_its_retries_and_writes_nothing(db: Database) -> None:
+    """No savepoint contains a deadlock: the transaction is run again (Database.run, five tries), then every
+    caller gets the error and nothing is written."""
+    ran: list[str] = []
+    tries = []
+
+    def deadlocked(s: Session) -> tuple[bool, str]:
+        tries.append(1)
+        raise OperationalError("UPDATE iterations ...", {}, _Deadlock("deadlock detected"))
+
+    with pytest.raises(OperationalError, match="deadlock detected"):
+        each_in_savepoint(db, [("k1", _writes("a", True, ran)), ("k2", deadlocked)])
+    assert len(tries) == 5
     assert _stored(db) == set()
 
 
@@ -60,7 +88,7 @@ def test_callers_queued_behind_a_busy_leader_are_written_as_one_batch(db: Databa
     and each caller gets its own work's outcome (the declined one's row is not stored)."""
     batches: list[int] = []
 
-    def write(items: list[tuple[str, Work[str]]]) -> list[str]:
+    def write(items: list[tuple[str, Work[str]]]) -> list[str | Failed]:
         batches.append(len(items))
         return each_in_savepoint(db, items)
 
@@ -83,3 +111,31 @@ def test_callers_queued_behind_a_busy_leader_are_written_as_one_batch(db: Databa
     assert batches == [3]
     assert answers == {"a": "a:kept", "b": "b:declined", "c": "c:kept"}
     assert _stored(db) == {"a", "c"}
+
+
+def test_an_error_of_one_item_is_raised_to_its_caller_alone() -> None:
+    """Two callers in one batch whose write reports the first item as Failed: the first caller gets that error,
+    the second its outcome."""
+
+    def write(items: list[str]) -> list[str | Failed]:
+        return [Failed(ValueError(f"{i} refused")) if i == "bad" else f"{i} ok" for i in items]
+
+    group: GroupCommit[str, str] = GroupCommit(write)
+    results: dict[str, str] = {}
+    group._writing.acquire()
+
+    def submit(item: str) -> None:
+        try:
+            results[item] = group.submit(item)
+        except ValueError as exc:
+            results[item] = f"raised {exc}"
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in ("bad", "good")]
+    for t in threads:
+        t.start()
+    while len(group._queued) < 2:
+        threading.Event().wait(0.005)
+    group._writing.release()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {"bad": "raised bad refused", "good": "good ok"}
