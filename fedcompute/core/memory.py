@@ -8,10 +8,10 @@ zeroed again by the kernel: on the 2-core VM the benchmarks run on, building and
 contribution to the aggregator), and a benchmark round of 100 devices went from uploads-to-published in ~2.1 s to
 ~1.7 s, ~5.2 s to ~4.4 s in all with the load generator's devices set the same way. With them, requests up to 32 MiB
 come from the heap and up to 64 MiB of free memory stays with the process for the next buffer (bounded: the
-process's peak is unchanged, its idle size may stay up to that much higher). Not applied by default (no process
-calls it at present: with it in every process the crash-safety test failed more often; under study). An operator's
-own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (read by glibc itself) win, and on other C libraries
-(musl, macOS) nothing is changed.
+process's peak is unchanged, its idle size may stay up to that much higher). Not applied by default: the gain
+depends on the machine (none measured on one whose glibc dynamic threshold already kept such buffers in the heap),
+and no process calls it (docs/operations.md). An operator's own ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` (read by glibc itself) win, and on other C libraries (musl, macOS) nothing is changed.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ a failed batch fails every caller in it and writes nothing."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -25,6 +26,7 @@ from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.models import AssignmentRow, StatusHistoryRow
 from fedcompute.store.tasks import TaskRepository
 from fedcompute.v1 import common_pb2
+from tests.store.leader import as_one_batch
 
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
 ids = RandomIds()
@@ -109,22 +111,17 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
 
     queue = AdmissionQueue(db)
     errors: list[BaseException] = []
-    queue._group._writing.acquire()  # a leader busy writing: both callers queue up behind it
 
-    def check_in(assignment_id: str) -> None:
-        try:
-            queue.admit(Admission(iteration_id, assignment_id, "task_a", NOW))
-        except Exception as exc:
-            errors.append(exc)  # list.append is atomic
+    def check_in(assignment_id: str) -> Callable[[], None]:
+        def call() -> None:
+            try:
+                queue.admit(Admission(iteration_id, assignment_id, "task_a", NOW))
+            except Exception as exc:
+                errors.append(exc)  # list.append is atomic
 
-    threads = [threading.Thread(target=check_in, args=(a,)) for a in ("asg_other", "asg_taken")]
-    for t in threads:
-        t.start()
-    while len(queue._group._queued) < 2:
-        threading.Event().wait(0.005)
-    queue._group._writing.release()  # the next leader writes both as one batch
-    for t in threads:
-        t.join()
+        return call
+
+    as_one_batch(queue._group, [check_in("asg_other"), check_in("asg_taken")])
     assert len(errors) == 2  # the caller whose admission was fine learns of the failure too
     with db.reading() as s:
         count = s.scalar(select(func.count()).select_from(AssignmentRow))

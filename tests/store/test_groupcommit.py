@@ -5,7 +5,6 @@ retries and writes nothing; callers queued behind a busy leader are written as o
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -18,6 +17,7 @@ from fedcompute.store.database import Database
 from fedcompute.store.groupcommit import Failed, GroupCommit, Work, each_in_savepoint
 from fedcompute.store.history import core, insert_history
 from fedcompute.store.models import StatusHistoryRow
+from tests.store.leader import as_one_batch
 
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
 
@@ -95,19 +95,11 @@ def test_callers_queued_behind_a_busy_leader_are_written_as_one_batch(db: Databa
     group: GroupCommit[tuple[str, Work[str]], str] = GroupCommit(write)
     ran: list[str] = []
     answers: dict[str, str] = {}
-    group._writing.acquire()  # a leader busy writing
 
     def submit(name: str, keep: bool) -> Callable[[], None]:
         return lambda: answers.__setitem__(name, group.submit((name, _writes(name, keep, ran))))
 
-    threads = [threading.Thread(target=submit(n, k)) for n, k in (("a", True), ("b", False), ("c", True))]
-    for t in threads:
-        t.start()
-    while len(group._queued) < 3:
-        threading.Event().wait(0.005)
-    group._writing.release()
-    for t in threads:
-        t.join(timeout=30)
+    as_one_batch(group, [submit("a", True), submit("b", False), submit("c", True)])
     assert batches == [3]
     assert answers == {"a": "a:kept", "b": "b:declined", "c": "c:kept"}
     assert _stored(db) == {"a", "c"}
@@ -122,20 +114,15 @@ def test_an_error_of_one_item_is_raised_to_its_caller_alone() -> None:
 
     group: GroupCommit[str, str] = GroupCommit(write)
     results: dict[str, str] = {}
-    group._writing.acquire()
 
-    def submit(item: str) -> None:
-        try:
-            results[item] = group.submit(item)
-        except ValueError as exc:
-            results[item] = f"raised {exc}"
+    def submit(item: str) -> Callable[[], None]:
+        def call() -> None:
+            try:
+                results[item] = group.submit(item)
+            except ValueError as exc:
+                results[item] = f"raised {exc}"
 
-    threads = [threading.Thread(target=submit, args=(i,)) for i in ("bad", "good")]
-    for t in threads:
-        t.start()
-    while len(group._queued) < 2:
-        threading.Event().wait(0.005)
-    group._writing.release()
-    for t in threads:
-        t.join(timeout=30)
+        return call
+
+    as_one_batch(group, [submit("bad"), submit("good")])
     assert results == {"bad": "raised bad refused", "good": "good ok"}
