@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 
+
+@lru_cache(maxsize=1024)  # every check-in parses its own and each open task's bounds; devices send few distinct codes
 def parse_version(code: str) -> tuple[int, ...]:
     """Parse a version code or raise ``ValueError`` saying what is wrong."""
     parts = code.strip().split(".")

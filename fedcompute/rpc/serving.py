@@ -264,7 +264,8 @@ def build_grpc_server(
     tls = server_tls(settings)
     if port_wanted and not _bindable(settings.host, port_wanted, settings.reuse_port):
         raise SettingError(port_setting, f"cannot bind {settings.host}:{port_wanted}: the port is in use")
-    limiter = AddressRateLimiter(settings.device_rate_per_s, settings.device_rate_burst) if limited else None
+    limited_at_all = bool(limited) and settings.device_rate_per_s > 0  # 0: no limit, so no limiter to consult
+    limiter = AddressRateLimiter(settings.device_rate_per_s, settings.device_rate_burst) if limited_at_all else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads or settings.worker_threads, thread_name_prefix="grpc"),
         interceptors=[ObservingInterceptor(RpcMetrics.create(component, registry), limiter, frozenset(limited))],

@@ -49,6 +49,8 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
         self._max_upload_bytes = max_upload_bytes
         self._chunk_size = chunk_size
         self._metrics = metrics or ServerMetrics.create()
+        self._assigned = self._metrics.checkins.labels("assigned")  # looked up once: labels() costs on a hot path
+        self._rejected = self._metrics.checkins.labels("rejected")
         self._attestor = attestor or AcceptEveryDevice()
 
     def CreateTaskAssignment(
@@ -59,12 +61,12 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
         self._pace.observe(request.population_name)
         outcome = self._service.check_in(request.population_name, request.client_version.version_code, done)
         if isinstance(outcome, Refusal):
-            self._metrics.checkins.labels("rejected").inc()
+            self._rejected.inc()
             self._metrics.rejections.labels(outcome.reason.lower()).inc()
             info = rejection(self._pace, outcome, request.population_name)
             return ta.CreateTaskAssignmentResponse(rejection_info=info)
-        self._metrics.checkins.labels("assigned").inc()
-        return ta.CreateTaskAssignmentResponse(task_assignment=_encode_assignment(outcome))
+        self._assigned.inc()
+        return _encode_assignment(outcome)
 
     def ReportResult(self, request: ta.ReportResultRequest, context: grpc.ServicerContext) -> ta.ReportResultResponse:
         result = ta.ReportResult.Name(request.result).removeprefix("REPORT_RESULT_")
@@ -87,13 +89,14 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
         )
 
 
-_TEMPLATES: dict[tuple[object, ...], task_assignment_pb2.TaskAssignment] = {}
+_TEMPLATES: dict[tuple[object, ...], ta.CreateTaskAssignmentResponse] = {}
 
 
-def _encode_assignment(a: Assignment) -> task_assignment_pb2.TaskAssignment:
-    """What every assignment of a round shares (plan, checkpoint, key, signed policy) is encoded once, then copied
-    with this device's ids. Keyed on everything it is built from that the database holds (the round, the relayed
-    policy's bytes, the plan's hash) and the key: whatever the store says now is what the device gets."""
+def _encode_assignment(a: Assignment) -> ta.CreateTaskAssignmentResponse:
+    """The response: what every assignment of a round shares (plan, checkpoint, key, signed policy) is encoded
+    once, then copied with this device's ids. Keyed on everything it is built from that the database holds (the
+    round, the relayed policy's bytes, the plan's hash) and the key: whatever the store says now is what the
+    device gets."""
     cache_key = (
         a.iteration.iteration_id, a.iteration.round, a.iteration.aggregation_id, a.iteration.base_model_version,
         a.task.task_id, a.task.spec.population_name, a.task.access_policy, a.task.plan_sha256,
@@ -103,11 +106,11 @@ def _encode_assignment(a: Assignment) -> task_assignment_pb2.TaskAssignment:
     if template is None:
         if len(_TEMPLATES) > 1_000:
             _TEMPLATES.clear()
-        template = _TEMPLATES[cache_key] = _round_template(a)
-    encoded = task_assignment_pb2.TaskAssignment()
+        template = _TEMPLATES[cache_key] = ta.CreateTaskAssignmentResponse(task_assignment=_round_template(a))
+    encoded = ta.CreateTaskAssignmentResponse()
     encoded.CopyFrom(template)
-    encoded.assignment_id = a.assignment_id
-    encoded.session_token = a.session_token
+    encoded.task_assignment.assignment_id = a.assignment_id
+    encoded.task_assignment.session_token = a.session_token
     return encoded
 
 

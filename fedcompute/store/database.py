@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, literal, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -38,7 +40,9 @@ class Database:
         # SQLite has one writer: this process's write transactions queue on a lock of ours (first come, first
         # served) instead of in SQLite's busy handler, which sleeps in growing steps and starves late comers
         self._writers: threading.RLock | None = threading.RLock() if self.is_sqlite else None
-        self._soft_engine: Engine | None = None
+        self._soft_engine: Engine | None = None  # makes soft_statement's connections (see _soft_connection)
+        self._soft_making = threading.Lock()
+        self._soft_idle: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         self._wal: str | None = None
         if self.is_sqlite:
             self.engine: Engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
@@ -110,37 +114,50 @@ class Database:
         """Postgres only: run one statement (psycopg's ``%(name)s`` parameters) in autocommit with
         ``synchronous_commit`` off and return its rows. For soft state written by one statement: its own
         transaction, so the rows it locks are held only while the server runs it, never while this process waits
-        for its GIL between statements. Straight on the driver's connection from a pool of its own (SQLAlchemy's
-        statement machinery costs several times the driver's own CPU on this hot path), without a ping per
-        checkout: a connection found dead is thrown away and the statement run once more on a fresh one (a
-        statement the server had committed before the connection broke then fails its retry on its own unique
-        keys rather than applying twice)."""
+        for its GIL between statements. Straight on the driver's connections, kept in a pool of their own (a
+        C queue: SQLAlchemy's statement machinery and pool checkout cost several times the driver's own CPU on
+        this hot path), without a ping per checkout: a connection found dead is thrown away and the statement run
+        once more on a fresh one (a statement the server had committed before the connection broke then fails its
+        retry on its own unique keys rather than applying twice)."""
         if self.is_sqlite:
             raise RuntimeError("soft_statement is for Postgres; SQLite writes go through soft_state()")
-        if self._soft_engine is None:
-            self._soft_engine = create_engine(
-                self.url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE, isolation_level="AUTOCOMMIT",
-                pool_reset_on_return=None,  # autocommit: no transaction is ever left open to roll back
-                connect_args={"connect_timeout": 5, "options": "-c synchronous_commit=off"},
-            )  # fmt: skip
         for attempt in (1, 2):
-            pooled = self._soft_engine.raw_connection()
+            pooled, connection = self._soft_connection()
             try:
-                cursor = pooled.cursor()
-                try:
+                with connection.cursor() as cursor:
                     cursor.execute(sql, params)
-                    return [tuple(row) for row in cursor.fetchall()]
-                finally:
-                    cursor.close()
+                    rows = [tuple(row) for row in cursor.fetchall()]
             except Exception:
-                broken = bool(getattr(pooled.driver_connection, "broken", False))
-                if broken:
-                    pooled.invalidate()
-                if not broken or attempt == 2:
+                if not connection.broken:
+                    self._soft_idle.put((pooled, connection))
                     raise
-            finally:
-                pooled.close()
+                pooled.close()  # detached: closed for good
+                if attempt == 2:
+                    raise
+                continue
+            self._soft_idle.put((pooled, connection))
+            return rows
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _soft_connection(self) -> tuple[Any, Any]:
+        """An idle autocommit connection of ``soft_statement``'s own, or a new one (made by SQLAlchemy from the
+        same URL, then detached from its pool: this queue keeps at most as many as threads ran statements at
+        once, and ``dispose`` closes them): (SQLAlchemy's wrapper, the driver's connection)."""
+        try:
+            return self._soft_idle.get_nowait()
+        except queue.Empty:
+            pass
+        if self._soft_engine is None:
+            with self._soft_making:
+                if self._soft_engine is None:
+                    self._soft_engine = create_engine(
+                        self.url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                        connect_args={"connect_timeout": 5, "options": "-c synchronous_commit=off"},
+                    )  # fmt: skip
+        pooled = self._soft_engine.raw_connection()
+        driver = pooled.driver_connection
+        pooled.detach()
+        return pooled, driver
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -169,8 +186,11 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-        if self._soft_engine is not None:
-            self._soft_engine.dispose()
+        while True:
+            try:
+                self._soft_idle.get_nowait()[0].close()
+            except queue.Empty:
+                break
 
 
 @contextmanager

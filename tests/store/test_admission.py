@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import create_engine, event, func, select, text
 
 from fedcompute.core.clock import FakeClock, RandomIds
 from fedcompute.core.records import ModelVersionRecord
@@ -194,3 +194,31 @@ def test_an_expired_round_is_read_again_by_one_caller_while_the_others_use_it(db
     assert service._admit(task, set(), key) is not None
     assert len(reads) == 2  # nobody else is reading it: this caller does
     assert _stored(db, iteration_id)[0] == 4
+
+
+def test_postgres_admissions_survive_a_killed_connection_and_dispose_closes_theirs(
+    postgres_database: str,
+) -> None:
+    """The Postgres admission statement runs on connections of its own (``Database.soft_statement``): one whose
+    server process was killed between check-ins is thrown away and the admission made once on a fresh one, with
+    nothing written twice; ``dispose`` closes the ones it kept (none is left on the server)."""
+    from tests.conftest import fresh_postgres
+
+    db = Database(fresh_postgres(postgres_database))
+    db.migrate()
+    try:
+        iteration_id = _round(db, max_cohort=5)
+        assert write_admissions(db, [Admission(iteration_id, "asg_1", "task_a", NOW)]) == {"asg_1"}
+        pids = {row[0] for row in db.soft_statement("SELECT pg_backend_pid()", {})}
+        with db.engine.connect() as admin:  # the server process behind the kept connection dies (a failover)
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pids.pop()})
+        assert write_admissions(db, [Admission(iteration_id, "asg_2", "task_a", NOW)]) == {"asg_2"}
+        assert _stored(db, iteration_id) == (2, {"asg_1", "asg_2"}, {"asg_1", "asg_2"})
+        kept = {row[0] for row in db.soft_statement("SELECT pg_backend_pid()", {})}
+    finally:
+        db.dispose()
+    probe = create_engine(postgres_database)
+    with probe.connect() as conn:
+        alive = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": list(kept)})
+        assert alive.scalar_one() == 0
+    probe.dispose()
