@@ -16,8 +16,18 @@ from fedcompute.store.history import change_status, core, insert_history, record
 from fedcompute.store.models import AssignmentRow, IterationRow, UploadRow
 
 
-def assignment_record(row: AssignmentRow) -> AssignmentRecord:
+def assignment_record(row: Any) -> AssignmentRecord:
+    """From an ``AssignmentRow`` or a Core row of ``_ASSIGNMENT_COLUMNS``."""
     return AssignmentRecord(row.id, row.iteration_id, row.task_id, row.status, row.result_code, as_utc(row.updated_at))
+
+
+_ASSIGNMENT_COLUMNS = (
+    AssignmentRow.id, AssignmentRow.iteration_id, AssignmentRow.task_id, AssignmentRow.status,
+    AssignmentRow.result_code, AssignmentRow.updated_at,
+)  # fmt: skip
+# read by every report and every upload's progress and finish: built once (see _WITH_ASSIGNMENT below)
+_ASSIGNMENT = select(*_ASSIGNMENT_COLUMNS).where(AssignmentRow.id == bindparam("assignment_id"))
+_ASSIGNMENT_LOCKED = _ASSIGNMENT.with_for_update()
 
 
 class AssignmentRepository:
@@ -39,10 +49,11 @@ class AssignmentRepository:
         record_created(self._s, "assignment", assignment_id, status, now)
 
     def get(self, assignment_id: str, lock: bool = False) -> AssignmentRecord | None:
-        """The assignment; ``lock`` takes its row lock (Postgres ``FOR UPDATE``) and reads the row as committed
-        now, never the session's earlier copy."""
-        row = self._s.get(AssignmentRow, assignment_id, populate_existing=lock, with_for_update=lock or None)
-        return assignment_record(row) if row else None
+        """The assignment as the transaction sees it now (a Core read); ``lock`` takes its row lock (Postgres
+        ``FOR UPDATE``)."""
+        statement = _ASSIGNMENT_LOCKED if lock else _ASSIGNMENT
+        row = core(self._s).execute(statement, {"assignment_id": assignment_id}).first()
+        return assignment_record(row) if row is not None else None
 
     def change_status(
         self, assignment_id: str, from_status: str, to_status: str, now: datetime, reason: str = "", **values: Any

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import Update, bindparam, insert, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -25,10 +25,30 @@ def core(session: Session) -> Connection:
 HistoryEntry = tuple[str, str, str | None, str, str, datetime]  # entity, id, from status, to status, reason, at
 
 
+# Built once, executed with parameters: on the hot paths (every check-in, report and upload changes a status)
+# building a statement cost more Python than SQLite takes to run it.
+_INSERT_HISTORY = insert(StatusHistoryRow)
+_HISTORY_KEYS = ("entity", "entity_id", "from_status", "to_status", "reason", "at")
+_CHANGES: dict[tuple[Any, tuple[str, ...]], Update] = {}
+
+
 def insert_history(connection: Connection, entries: Iterable[HistoryEntry]) -> None:
     """History rows in one statement (an executemany for several)."""
-    keys = ("entity", "entity_id", "from_status", "to_status", "reason", "at")
-    connection.execute(insert(StatusHistoryRow), [dict(zip(keys, entry, strict=True)) for entry in entries])
+    connection.execute(_INSERT_HISTORY, [dict(zip(_HISTORY_KEYS, entry, strict=True)) for entry in entries])
+
+
+def _change(row_cls: Any, columns: tuple[str, ...]) -> Update:
+    """``UPDATE row SET status, updated_at, columns... WHERE id AND status``, built once per table and columns set
+    (a few of each in the code). Parameters: _id, _from, _to, _at and v_<column>."""
+    key = (row_cls, columns)
+    statement = _CHANGES.get(key)
+    if statement is None:
+        statement = _CHANGES[key] = (
+            update(row_cls)
+            .where(row_cls.id == bindparam("_id"), row_cls.status == bindparam("_from"))
+            .values(status=bindparam("_to"), updated_at=bindparam("_at"), **{c: bindparam(f"v_{c}") for c in columns})
+        )
+    return statement
 
 
 def record_created(session: Session, entity: str, entity_id: str, status: str, at: datetime, reason: str = "") -> None:
@@ -49,11 +69,9 @@ def change_status(
     """``UPDATE ... SET status = :to WHERE id = :id AND status = :from``; True if this call made the change."""
     check_transition(entity, from_status, to_status)
     connection = core(session)
-    result = connection.execute(
-        update(row_cls)
-        .where(row_cls.id == entity_id, row_cls.status == from_status)
-        .values(status=to_status, updated_at=at, **values)
-    )
+    params = {"_id": entity_id, "_from": from_status, "_to": to_status, "_at": at}
+    params.update((f"v_{column}", value) for column, value in values.items())
+    result = connection.execute(_change(row_cls, tuple(sorted(values))), params)
     if result.rowcount != 1:
         return False
     insert_history(connection, [(entity, entity_id, from_status, to_status, reason, at)])
