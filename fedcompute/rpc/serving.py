@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -160,6 +162,39 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._metrics.latency.labels(service, method).observe(elapsed)
         bound.info("rpc_handled", code=code, ms=round(elapsed * 1000, 2))
         structlog.contextvars.reset_contextvars(**tokens)
+
+
+def add_service(
+    service: ServiceDescriptor, encoded: frozenset[str] = frozenset()
+) -> Callable[[Any, grpc.Server], None]:
+    """A registration like the generated ``add_XServicer_to_server`` for ``service`` (its methods, message types
+    and streaming from the descriptor), except that the methods named in ``encoded`` return or yield responses
+    their servicer has already encoded (bytes, sent as they are)."""
+
+    def add(servicer: Any, server: grpc.Server) -> None:
+        handlers = {}
+        for method in service.methods:
+            request = message_factory.GetMessageClass(method.input_type)
+            response = message_factory.GetMessageClass(method.output_type)
+            serialize = _as_is if method.name in encoded else response.SerializeToString
+            make = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+            handlers[method.name] = make(getattr(servicer, method.name), request.FromString, serialize)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+    return add
+
+
+def _as_is(encoded: bytes) -> bytes:
+    return encoded
+
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:

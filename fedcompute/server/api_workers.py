@@ -10,6 +10,7 @@ import grpc
 from fedcompute.core.clock import to_unix_ms
 from fedcompute.core.records import RoundMetrics
 from fedcompute.core.telemetry import ServerMetrics
+from fedcompute.rpc import wire
 from fedcompute.rpc.auth import require_bearer
 from fedcompute.server.jobs import ClaimedJob, JobResult, JobService
 from fedcompute.v1 import aggregation_pb2 as pb
@@ -85,9 +86,10 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
     def StreamContributions(
         self, request: pb.StreamContributionsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StreamContributionsResponse]:
+        """Each response encoded here (``encode_contribution``; registered with ``ENCODED_HERE``), as bytes."""
         require_bearer(context, self._token)
         for assignment_id, envelope in self._jobs.contributions(request.job_id, request.lease_id):
-            yield pb.StreamContributionsResponse(assignment_id=assignment_id, envelope=envelope)
+            yield encode_contribution(assignment_id, envelope)  # type: ignore[misc]  # bytes, sent as they are
 
     def CompleteJob(self, request: pb.CompleteJobRequest, context: grpc.ServicerContext) -> pb.CompleteJobResponse:
         require_bearer(context, self._token)
@@ -112,3 +114,13 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
         require_bearer(context, self._token)
         status = self._jobs.fail(request.job_id, request.lease_id, request.reason, request.retryable)
         return pb.FailJobResponse(status=_status(status))
+
+
+# The AggregationService's methods whose servicer encodes its responses itself (``rpc.wire``): the server streams
+# every contribution of a round through StreamContributions
+ENCODED_HERE = frozenset({"StreamContributions"})
+
+
+def encode_contribution(assignment_id: str, envelope: bytes) -> bytes:
+    """A ``StreamContributionsResponse``, encoded (``rpc.wire``)."""
+    return wire.message((1, assignment_id), (2, envelope))

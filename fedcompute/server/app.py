@@ -22,10 +22,11 @@ from fedcompute.core.transitions import JobStatus
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.rpc.channels import channel_for
 from fedcompute.rpc.metrics import announce, process_registry
-from fedcompute.rpc.serving import GrpcServer, build_grpc_server
+from fedcompute.rpc.serving import GrpcServer, add_service, build_grpc_server
+from fedcompute.server.api_devices import ENCODED_HERE as DOWNLOADS_ENCODED_HERE
 from fedcompute.server.api_devices import ResourceServicer, TaskAssignmentServicer, UploadServicer
 from fedcompute.server.api_operators import TaskManagementServicer
-from fedcompute.server.api_workers import AggregationServicer
+from fedcompute.server.api_workers import ENCODED_HERE, AggregationServicer
 from fedcompute.server.assignment import AssignmentService
 from fedcompute.server.deadlines import DeadlineSweeper
 from fedcompute.server.device_attestation import load_attestor
@@ -41,9 +42,7 @@ from fedcompute.store.blobstores import StagedBlobStore, open_blob_store
 from fedcompute.store.database import Database
 from fedcompute.v1 import (
     aggregation_pb2,
-    aggregation_pb2_grpc,
     resource_pb2,
-    resource_pb2_grpc,
     task_assignment_pb2,
     task_assignment_pb2_grpc,
     task_management_pb2,
@@ -114,6 +113,8 @@ def build_server(
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
     jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits, metrics)
     registry.register(JobsCollector(jobs.count_by_status, [str(s) for s in JobStatus]))
+    aggregation = aggregation_pb2.DESCRIPTOR.services_by_name["AggregationService"]
+    resource = resource_pb2.DESCRIPTOR.services_by_name["ResourceService"]
     registrations: list[tuple[Callable[[Any, grpc.Server], None], Any, str]] = [
         (
             task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
@@ -133,14 +134,14 @@ def build_server(
             upload_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
         ),
         (
-            resource_pb2_grpc.add_ResourceServiceServicer_to_server,
+            add_service(resource, encoded=DOWNLOADS_ENCODED_HERE),  # its chunks sent as encoded here
             ResourceServicer(resources),
-            resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name,
+            resource.full_name,
         ),
         (
-            aggregation_pb2_grpc.add_AggregationServiceServicer_to_server,
+            add_service(aggregation, encoded=ENCODED_HERE),  # its contributions streamed as encoded here
             AggregationServicer(jobs, internal_token, metrics),
-            aggregation_pb2.DESCRIPTOR.services_by_name["AggregationService"].full_name,
+            aggregation.full_name,
         ),
     ]
     device_services = [name for _, _, name in registrations[1:4]]  # assignment, upload, resource
