@@ -378,6 +378,8 @@ def start_suite(
                     settings.poll_interval_s).start(),
         PollingLoop("supervisor", suite.restart_dead_children, 1.0).start(),
     ]  # fmt: skip
+    server.job_succeeded.add(suite.loops[0].poke)  # in this process: applied at once, not at the next poll
+    server.task_changed.add(suite.loops[1].poke)  # a new task's population is keyed at once
     if aggregator:
         suite.launchers = [
             start_launcher(_worker_settings(settings, ports), clock, worker_token(settings), i)

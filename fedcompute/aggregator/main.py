@@ -43,7 +43,10 @@ def build_worker(settings: Settings, worker_id: str, registry: CollectorRegistry
         verifier=VerifierClient(channel_for(settings, settings.verifier_address), settings.rpc_timeout_s),
         evidence=lambda nonces: request_evidence(socket_path, nonces),
     )
-    return AggregatorWorker(jobs, access, worker_id, metrics=WorkerMetrics.create(registry), device=device)
+    wait = min(settings.poll_interval_s, settings.rpc_timeout_s / 2)  # claims long-poll: no job waits for a poll
+    return AggregatorWorker(
+        jobs, access, worker_id, metrics=WorkerMetrics.create(registry), device=device, claim_wait_s=wait
+    )
 
 
 def main() -> None:

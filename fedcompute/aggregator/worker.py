@@ -41,7 +41,9 @@ class AggregatorWorker:
         noise: Callable[[bytes], NoiseSource] = ChaChaGaussian,
         metrics: WorkerMetrics | None = None,
         device: str | torch.device = "cpu",
+        claim_wait_s: float = 0.0,
     ) -> None:
+        self._claim_wait_s = claim_wait_s  # how long the server may hold a claim waiting for a job (a long poll)
         self._device = accumulation_device(str(device))  # ValueError now, at start, if this machine lacks it
         self._metrics = metrics or WorkerMetrics.create()
         self._jobs = jobs
@@ -50,10 +52,13 @@ class AggregatorWorker:
         self._worker_id = worker_id
 
     def run_once(self) -> bool:
-        """Claim and process one job; False when none was waiting."""
-        claimed = self._jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id=self._worker_id))
+        """Claim and process one job. Without one: True if the server held the claim its wait (a long poll: ask
+        again at once, the server paces it), False if it answered at once (the loop waits its interval)."""
+        began = time.monotonic()
+        wait_ms = int(self._claim_wait_s * 1000)
+        claimed = self._jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id=self._worker_id, wait_ms=wait_ms))
         if not claimed.HasField("job"):
-            return False
+            return wait_ms > 0 and time.monotonic() - began >= self._claim_wait_s / 2
         started = time.monotonic()
         # one request id for the whole job: the server, the key services and the verifier log it with each call
         with structlog.contextvars.bound_contextvars(request_id=f"job-{claimed.job.job_id}-{claimed.job.attempt}"):

@@ -76,7 +76,7 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
 
     def ClaimJob(self, request: pb.ClaimJobRequest, context: grpc.ServicerContext) -> pb.ClaimJobResponse:
         require_bearer(context, self._token)
-        claimed = self._jobs.claim(request.worker_id)
+        claimed = self._jobs.claim(request.worker_id, request.wait_ms / 1000)
         return pb.ClaimJobResponse(job=_encode_job(claimed)) if claimed else pb.ClaimJobResponse()
 
     def ExtendLease(self, request: pb.ExtendLeaseRequest, context: grpc.ServicerContext) -> pb.ExtendLeaseResponse:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.logs import VERSION
-from fedcompute.core.loops import PollingLoop
+from fedcompute.core.loops import Listeners, PollingLoop
 from fedcompute.core.settings import Settings
 from fedcompute.core.telemetry import JobsCollector, ServerMetrics
 from fedcompute.core.transitions import JobStatus
@@ -60,9 +60,13 @@ class ServerApp:
     registry: CollectorRegistry
     sweeper: PollingLoop
     staging: PollingLoop
+    jobs: JobService
+    task_changed: Listeners  # a task was created or closed here (the suite's dealer is poked)
+    job_succeeded: Listeners  # a job's result came in here (the suite's model updater is poked)
 
     def stop(self, grace: float = 1.0) -> None:
         """Drain: health NOT_SERVING, in-flight RPCs get ``grace`` seconds, then the loops and the database."""
+        self.jobs.close()  # workers' waiting claims answer at once
         self.grpc.stop(grace)
         self.sweeper.stop()
         self.staging.stop()
@@ -107,11 +111,13 @@ def build_server(
         windows,
     )
     assignments = AssignmentService(db, clock, ids, signer, KeyRing(key_clients, clock))
-    tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes, on_change=assignments.forget_open_tasks)
-    uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes)
+    task_changed, job_succeeded, round_closed = Listeners(assignments.forget_open_tasks), Listeners(), Listeners()
+    tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes, on_change=task_changed)
+    uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes, on_round_closed=round_closed)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
-    jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits, metrics)
+    jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits, metrics, settings.poll_interval_s, job_succeeded)
+    round_closed.add(jobs.wake_claims)
     registry.register(JobsCollector(jobs.count_by_status, [str(s) for s in JobStatus]))
     aggregation = aggregation_pb2.DESCRIPTOR.services_by_name["AggregationService"]
     resource = resource_pb2.DESCRIPTOR.services_by_name["ResourceService"]
@@ -158,4 +164,4 @@ def build_server(
     loop = PollingLoop("deadlines", sweeper.run_once, settings.housekeeping_interval_s).start()
     staged = StagingSweeper(db, blobs.staging_dir(), clock, timedelta(seconds=settings.staging_sweep_s))
     staging = PollingLoop("staging", staged.run_once, settings.housekeeping_interval_s).start()
-    return ServerApp(server, db, blobs, registry, loop, staging)
+    return ServerApp(server, db, blobs, registry, loop, staging, jobs, task_changed, job_succeeded)

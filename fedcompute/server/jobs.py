@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,6 +27,7 @@ from fedcompute.store.rounds import retry_or_fail_round
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.jobs")
+MAX_CLAIM_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,15 @@ class JobService:
         lease_s: float,
         limits: RetryLimits,
         metrics: ServerMetrics | None = None,
+        recheck_s: float = 1.0,
+        on_succeeded: Callable[[], object] | None = None,
     ) -> None:
         self._metrics = metrics or ServerMetrics.create()
+        self._recheck_s = recheck_s  # how often a waiting claim looks at the database (jobs queued elsewhere)
+        self._on_succeeded = on_succeeded or (lambda: None)  # a job's result is in: the model updater may apply it
+        self._queued = threading.Condition()  # notified (``wake_claims``) when this process queues a job
+        self._generation = 0  # counts those notifications: a claim that saw none since its look may wait
+        self._closed = False
         self._db = db
         self._blobs = blobs
         self._clock = clock
@@ -75,10 +85,43 @@ class JobService:
         self._lease = timedelta(seconds=lease_s)
         self._limits = limits
 
-    def claim(self, worker_id: str) -> ClaimedJob | None:
+    def wake_claims(self) -> None:
+        """A job was queued in this process (a round closed): waiting claims look now."""
+        with self._queued:
+            self._generation += 1
+            self._queued.notify_all()
+
+    def close(self) -> None:
+        """Shutting down: waiting claims answer now (no job) and new ones do not wait."""
+        with self._queued:
+            self._closed = True
+            self._queued.notify_all()
+
+    def claim(self, worker_id: str, wait_s: float = 0.0) -> ClaimedJob | None:
+        """A claimable job, leased to ``worker_id``; None if there is none, after waiting up to ``wait_s`` (at most
+        ``MAX_CLAIM_WAIT_S``) for one: a round closed in this process wakes the wait at once, one closed by
+        another replica is seen at the next look (every ``recheck_s``). Waiting holds no database connection."""
         if not worker_id:
             raise InvalidArgument("worker_id", "must name the worker")
+        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_CLAIM_WAIT_S)
+        while True:
+            with self._queued:
+                seen = self._generation
+            claimed = self._claim_now(worker_id)
+            left = deadline - time.monotonic()
+            if claimed is not None or left <= 0:
+                return claimed
+            with self._queued:
+                if self._closed:
+                    return None
+                if self._generation == seen:  # nothing queued here since the look: wait for it, or look again
+                    self._queued.wait(min(left, self._recheck_s))
+
+    def _claim_now(self, worker_id: str) -> ClaimedJob | None:
         now = self._clock.now()
+        with self._db.reading() as s:  # most looks find nothing: no write lock (and no disk flush) for those
+            if not JobRepository(s).claimable(now):
+                return None
         with self._db.transaction() as s:
             jobs = JobRepository(s)
             for candidate in jobs.claimable(now):
@@ -163,6 +206,7 @@ class JobService:
                 job.iteration_id, result.accepted, result.rejected, result.note, result.metrics
             )
         log.info("job_succeeded", job_id=job_id, accepted=result.accepted, rejected=result.rejected)
+        self._on_succeeded()
         return JobStatus.SUCCEEDED
 
     def fail(self, job_id: str, lease_id: str, reason: str, retryable: bool) -> str:

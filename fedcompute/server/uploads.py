@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
@@ -118,7 +118,9 @@ class UploadService:
         ids: IdGenerator,
         signer: TokenSigner,
         max_bytes: int,
+        on_round_closed: Callable[[], object] | None = None,
     ) -> None:
+        self._on_round_closed = on_round_closed or (lambda: None)  # a count closed its round: a job is queued
         self._db = db
         self._blobs = blobs
         self._staging = blobs.staging_dir()
@@ -314,12 +316,15 @@ class UploadService:
         commit, ``store.groupcommit``: one commit and one disk flush for all, each in a savepoint of its own).
         Under load the counts otherwise queued one by one on the round's row lock (Postgres, held through the
         commit's flush) or the single writer (SQLite), ~190 ms each at 16 concurrent uploads here."""
-        work = partial(self._count, started=started, blob=blob, start=start)
+        closed: list[bool] = []  # the count closed the round (set in the batch; read once it committed)
+        work = partial(self._count, started=started, blob=blob, start=start, closed=closed)
         if not self._counts.submit((started.iteration_id, work)):
             raise _RoundClosed()
         log.info("upload_finished", bytes=started.upload.total_size)
+        if closed:
+            self._on_round_closed()
 
-    def _count(self, s: Session, started: _Started, blob: str, start: int) -> tuple[bool, bool]:
+    def _count(self, s: Session, started: _Started, blob: str, start: int, closed: list[bool]) -> tuple[bool, bool]:
         """The upload's row written complete, the assignment uploaded, the round counted (and closed at its report
         goal): (True, True); or (False, False), all of it rolled back, if the round closed first. Lock order:
         round, then upload, then assignment (as in check-in, cancel and the collector)."""
@@ -350,6 +355,7 @@ class UploadService:
             iteration = iterations.get(iteration_id)
             assert iteration is not None
             close_round(s, self._ids, iteration, now)
+            closed.append(True)
         return True, True
 
     def _round_facts(self, iteration_id: str) -> _RoundFacts:

@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from fedcompute.v1 import common_pb2 as fedcompute_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64\x63ompute/v1/aggregation.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\"\xc7\x03\n\x0e\x41ggregationJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x17\n\x0fpopulation_name\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x17\n\x0fplan_sha256_hex\x18\x07 \x01(\t\x12\x15\n\rcontributions\x18\x08 \x01(\x05\x12\x10\n\x08lease_id\x18\t \x01(\t\x12\x1c\n\x14lease_expiry_unix_ms\x18\n \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\x05\x12\x1c\n\x14input_set_sha256_hex\x18\x0c \x01(\t\x12#\n\x02\x64p\x18\x0e \x01(\x0b\x32\x17.fedcompute.v1.DpParams\x12\x38\n\raccess_policy\x18\x0f \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\x12\'\n\x06inputs\x18\x10 \x03(\x0b\x32\x17.fedcompute.v1.InputRef\x12\x0c\n\x04plan\x18\x11 \x01(\x0cJ\x04\x08\r\x10\x0eR\x12model_architecture\"\xeb\x01\n\x08\x44pParams\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x18\n\x10\x65xpected_clients\x18\x04 \x01(\x05\x12\x13\n\x0bmin_clients\x18\x05 \x01(\x05\x12\x15\n\radaptive_clip\x18\x06 \x01(\x08\x12!\n\x19target_unclipped_quantile\x18\x07 \x01(\x01\x12\x1a\n\x12\x63lip_learning_rate\x18\x08 \x01(\x01\x12\x1c\n\x14\x63lipped_count_stddev\x18\t \x01(\x01\"$\n\x0f\x43laimJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\">\n\x10\x43laimJobResponse\x12*\n\x03job\x18\x01 \x01(\x0b\x32\x1d.fedcompute.v1.AggregationJob\"6\n\x12\x45xtendLeaseRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"3\n\x13\x45xtendLeaseResponse\x12\x1c\n\x14lease_expiry_unix_ms\x18\x01 \x01(\x03\">\n\x1aStreamContributionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"F\n\x1bStreamContributionsResponse\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x02 \x01(\x0c\"/\n\x0eRejectionCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xb8\x02\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06update\x18\x03 \x01(\x0c\x12\x1e\n\x16\x61\x63\x63\x65pted_contributions\x18\x04 \x01(\x05\x12\x1e\n\x16rejected_contributions\x18\x05 \x01(\x05\x12\x31\n\nrejections\x18\x06 \x03(\x0b\x32\x1d.fedcompute.v1.RejectionCount\x12\x0c\n\x04note\x18\x07 \x01(\t\x12\x11\n\tclip_norm\x18\x08 \x01(\x01\x12\x16\n\x0enext_clip_norm\x18\t \x01(\x01\x12+\n\x07metrics\x18\n \x03(\x0b\x32\x1a.fedcompute.v1.MetricValue\x12\x17\n\x0fmetric_examples\x18\x0b \x01(\x03\"?\n\x13\x43ompleteJobResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedcompute.v1.JobStatus\"U\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\";\n\x0f\x46\x61ilJobResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedcompute.v1.JobStatus*\xa0\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x16\n\x12JOB_STATUS_APPLIED\x10\x05\x32\xc7\x03\n\x12\x41ggregationService\x12K\n\x08\x43laimJob\x12\x1e.fedcompute.v1.ClaimJobRequest\x1a\x1f.fedcompute.v1.ClaimJobResponse\x12T\n\x0b\x45xtendLease\x12!.fedcompute.v1.ExtendLeaseRequest\x1a\".fedcompute.v1.ExtendLeaseResponse\x12n\n\x13StreamContributions\x12).fedcompute.v1.StreamContributionsRequest\x1a*.fedcompute.v1.StreamContributionsResponse0\x01\x12T\n\x0b\x43ompleteJob\x12!.fedcompute.v1.CompleteJobRequest\x1a\".fedcompute.v1.CompleteJobResponse\x12H\n\x07\x46\x61ilJob\x12\x1d.fedcompute.v1.FailJobRequest\x1a\x1e.fedcompute.v1.FailJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64\x63ompute/v1/aggregation.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\"\xc7\x03\n\x0e\x41ggregationJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x17\n\x0fpopulation_name\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x17\n\x0fplan_sha256_hex\x18\x07 \x01(\t\x12\x15\n\rcontributions\x18\x08 \x01(\x05\x12\x10\n\x08lease_id\x18\t \x01(\t\x12\x1c\n\x14lease_expiry_unix_ms\x18\n \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\x05\x12\x1c\n\x14input_set_sha256_hex\x18\x0c \x01(\t\x12#\n\x02\x64p\x18\x0e \x01(\x0b\x32\x17.fedcompute.v1.DpParams\x12\x38\n\raccess_policy\x18\x0f \x01(\x0b\x32!.fedcompute.v1.SignedAccessPolicy\x12\'\n\x06inputs\x18\x10 \x03(\x0b\x32\x17.fedcompute.v1.InputRef\x12\x0c\n\x04plan\x18\x11 \x01(\x0cJ\x04\x08\r\x10\x0eR\x12model_architecture\"\xeb\x01\n\x08\x44pParams\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\x18\n\x10\x65xpected_clients\x18\x04 \x01(\x05\x12\x13\n\x0bmin_clients\x18\x05 \x01(\x05\x12\x15\n\radaptive_clip\x18\x06 \x01(\x08\x12!\n\x19target_unclipped_quantile\x18\x07 \x01(\x01\x12\x1a\n\x12\x63lip_learning_rate\x18\x08 \x01(\x01\x12\x1c\n\x14\x63lipped_count_stddev\x18\t \x01(\x01\"5\n\x0f\x43laimJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\">\n\x10\x43laimJobResponse\x12*\n\x03job\x18\x01 \x01(\x0b\x32\x1d.fedcompute.v1.AggregationJob\"6\n\x12\x45xtendLeaseRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"3\n\x13\x45xtendLeaseResponse\x12\x1c\n\x14lease_expiry_unix_ms\x18\x01 \x01(\x03\">\n\x1aStreamContributionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"F\n\x1bStreamContributionsResponse\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x02 \x01(\x0c\"/\n\x0eRejectionCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xb8\x02\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06update\x18\x03 \x01(\x0c\x12\x1e\n\x16\x61\x63\x63\x65pted_contributions\x18\x04 \x01(\x05\x12\x1e\n\x16rejected_contributions\x18\x05 \x01(\x05\x12\x31\n\nrejections\x18\x06 \x03(\x0b\x32\x1d.fedcompute.v1.RejectionCount\x12\x0c\n\x04note\x18\x07 \x01(\t\x12\x11\n\tclip_norm\x18\x08 \x01(\x01\x12\x16\n\x0enext_clip_norm\x18\t \x01(\x01\x12+\n\x07metrics\x18\n \x03(\x0b\x32\x1a.fedcompute.v1.MetricValue\x12\x17\n\x0fmetric_examples\x18\x0b \x01(\x03\"?\n\x13\x43ompleteJobResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedcompute.v1.JobStatus\"U\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\";\n\x0f\x46\x61ilJobResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedcompute.v1.JobStatus*\xa0\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x16\n\x12JOB_STATUS_APPLIED\x10\x05\x32\xc7\x03\n\x12\x41ggregationService\x12K\n\x08\x43laimJob\x12\x1e.fedcompute.v1.ClaimJobRequest\x1a\x1f.fedcompute.v1.ClaimJobResponse\x12T\n\x0b\x45xtendLease\x12!.fedcompute.v1.ExtendLeaseRequest\x1a\".fedcompute.v1.ExtendLeaseResponse\x12n\n\x13StreamContributions\x12).fedcompute.v1.StreamContributionsRequest\x1a*.fedcompute.v1.StreamContributionsResponse0\x01\x12T\n\x0b\x43ompleteJob\x12!.fedcompute.v1.CompleteJobRequest\x1a\".fedcompute.v1.CompleteJobResponse\x12H\n\x07\x46\x61ilJob\x12\x1d.fedcompute.v1.FailJobRequest\x1a\x1e.fedcompute.v1.FailJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcompute.v1.aggregation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATUS']._serialized_start=1699
-  _globals['_JOBSTATUS']._serialized_end=1859
+  _globals['_JOBSTATUS']._serialized_start=1716
+  _globals['_JOBSTATUS']._serialized_end=1876
   _globals['_AGGREGATIONJOB']._serialized_start=79
   _globals['_AGGREGATIONJOB']._serialized_end=534
   _globals['_DPPARAMS']._serialized_start=537
   _globals['_DPPARAMS']._serialized_end=772
   _globals['_CLAIMJOBREQUEST']._serialized_start=774
-  _globals['_CLAIMJOBREQUEST']._serialized_end=810
-  _globals['_CLAIMJOBRESPONSE']._serialized_start=812
-  _globals['_CLAIMJOBRESPONSE']._serialized_end=874
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=876
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=930
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=932
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=983
-  _globals['_STREAMCONTRIBUTIONSREQUEST']._serialized_start=985
-  _globals['_STREAMCONTRIBUTIONSREQUEST']._serialized_end=1047
-  _globals['_STREAMCONTRIBUTIONSRESPONSE']._serialized_start=1049
-  _globals['_STREAMCONTRIBUTIONSRESPONSE']._serialized_end=1119
-  _globals['_REJECTIONCOUNT']._serialized_start=1121
-  _globals['_REJECTIONCOUNT']._serialized_end=1168
-  _globals['_COMPLETEJOBREQUEST']._serialized_start=1171
-  _globals['_COMPLETEJOBREQUEST']._serialized_end=1483
-  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1485
-  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1548
-  _globals['_FAILJOBREQUEST']._serialized_start=1550
-  _globals['_FAILJOBREQUEST']._serialized_end=1635
-  _globals['_FAILJOBRESPONSE']._serialized_start=1637
-  _globals['_FAILJOBRESPONSE']._serialized_end=1696
-  _globals['_AGGREGATIONSERVICE']._serialized_start=1862
-  _globals['_AGGREGATIONSERVICE']._serialized_end=2317
+  _globals['_CLAIMJOBREQUEST']._serialized_end=827
+  _globals['_CLAIMJOBRESPONSE']._serialized_start=829
+  _globals['_CLAIMJOBRESPONSE']._serialized_end=891
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=893
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=947
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=949
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=1000
+  _globals['_STREAMCONTRIBUTIONSREQUEST']._serialized_start=1002
+  _globals['_STREAMCONTRIBUTIONSREQUEST']._serialized_end=1064
+  _globals['_STREAMCONTRIBUTIONSRESPONSE']._serialized_start=1066
+  _globals['_STREAMCONTRIBUTIONSRESPONSE']._serialized_end=1136
+  _globals['_REJECTIONCOUNT']._serialized_start=1138
+  _globals['_REJECTIONCOUNT']._serialized_end=1185
+  _globals['_COMPLETEJOBREQUEST']._serialized_start=1188
+  _globals['_COMPLETEJOBREQUEST']._serialized_end=1500
+  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1502
+  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1565
+  _globals['_FAILJOBREQUEST']._serialized_start=1567
+  _globals['_FAILJOBREQUEST']._serialized_end=1652
+  _globals['_FAILJOBRESPONSE']._serialized_start=1654
+  _globals['_FAILJOBRESPONSE']._serialized_end=1713
+  _globals['_AGGREGATIONSERVICE']._serialized_start=1879
+  _globals['_AGGREGATIONSERVICE']._serialized_end=2334
 # @@protoc_insertion_point(module_scope)

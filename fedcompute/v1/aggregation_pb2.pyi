@@ -172,15 +172,22 @@ class ClaimJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
+    wait_ms: _builtins.int
+    """How long the server may hold the call waiting for a job to become claimable, in milliseconds (a long poll;
+    0: answer at once). The server answers as soon as one is (a round it closes wakes it at once; other
+    replicas' jobs are seen at its next look, every poll interval) and caps the wait at 30 s.
+    """
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
+        wait_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait_ms", b"wait_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +20,7 @@ from fedcompute.store.models import JobRow
 from fedcompute.v1 import aggregation_pb2, aggregation_pb2_grpc
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
-from tests.harness import Harness, sealed, wait_for, zero_update
+from tests.harness import Harness, sealed, suite_settings, wait_for, zero_update
 
 
 def _contribute(harness: Harness, data_for: list[object]) -> str:
@@ -156,3 +158,41 @@ def test_a_contribution_encoded_by_the_server_is_the_protobuf_encoding(id_size: 
     assert encoded == expected.SerializeToString()
     parsed = aggregation_pb2.StreamContributionsResponse.FromString(encoded)
     assert (parsed.assignment_id, parsed.envelope) == (assignment_id, envelope)
+
+
+def _claim_in_background(
+    harness: Harness, wait_ms: int
+) -> tuple[threading.Thread, list[aggregation_pb2.ClaimJobResponse]]:
+    answers: list[aggregation_pb2.ClaimJobResponse] = []
+    request = aggregation_pb2.ClaimJobRequest(worker_id="w", wait_ms=wait_ms)
+    thread = threading.Thread(target=lambda: answers.append(harness.jobs.claim_job(request)))
+    thread.start()
+    return thread, answers
+
+
+def test_a_waiting_claim_gets_the_job_when_the_round_closes_and_shutdown_releases_one(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Workers long-poll ClaimJob (``wait_ms``): the upload that closes a round wakes the claim waiting on the same
+    server at once. The server's own look for jobs queued elsewhere is set to 30 s here, longer than the claim may
+    wait (15 s), so only the wake can hand it the job. A claim waiting when the server stops answers at once."""
+    settings = suite_settings(tmp_path / "w", database_url, max_upload_bytes=64 * 1024, poll_interval_s=30.0)
+    harness = Harness.start(settings, aggregator=False)
+    try:
+        thread, answers = _claim_in_background(harness, wait_ms=15_000)
+        threading.Event().wait(0.3)  # it has looked, found nothing and waits
+        assert thread.is_alive()
+        task_id = _contribute(harness, [sealed, sealed])
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the round closed but the waiting claim was not woken"
+        job = answers[0].job
+        assert job.task_id == task_id
+        assert len(job.inputs) == 2
+        waiting, answers = _claim_in_background(harness, wait_ms=15_000)
+        threading.Event().wait(0.3)
+        harness.suite.server.jobs.close()  # as ServerApp.stop does first
+        waiting.join(timeout=10)
+        assert not waiting.is_alive()
+        assert not answers[0].HasField("job")
+    finally:
+        harness.stop()

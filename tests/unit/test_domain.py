@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from fedcompute.aggregator.fedavg import StreamingMean
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.errors import InvalidArgument
+from fedcompute.core.loops import PollingLoop
 from fedcompute.core.tasks import Hyperparameters, TaskSpec
 from fedcompute.core.transitions import check_transition
 from fedcompute.core.versions import in_range
@@ -83,3 +85,21 @@ def test_apply_update() -> None:
     assert torch.equal(out["w"], torch.full((2, 2), 2.0))
     with pytest.raises(ValueError, match="do not match"):
         apply_update(base, {"v": torch.ones(2, 2)}, 1.0)
+
+
+def test_a_poked_loop_runs_its_next_step_now_not_after_its_interval() -> None:
+    """``PollingLoop.poke``: work made in the same process is taken at once; the interval (here an hour) is only
+    for work made elsewhere."""
+    steps = threading.Semaphore(0)
+    def step() -> bool:
+        steps.release()
+        return False  # no more work: sleep
+
+    loop = PollingLoop("poked", step, 3600.0).start()
+    try:
+        assert steps.acquire(timeout=10)  # the first pass, at start
+        assert not steps.acquire(timeout=0.3)  # then it sleeps its interval
+        loop.poke()
+        assert steps.acquire(timeout=10)
+    finally:
+        loop.stop()
