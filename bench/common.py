@@ -104,10 +104,11 @@ def machine(gpu: bool = False) -> dict[str, Any]:
 
 
 def suite_settings(workdir: Path, database_url: str, **overrides: object) -> Settings:
-    """In-process suite for benchmarks: plaintext loopback, no device rate limit, no metrics or health ports."""
+    """In-process suite for benchmarks: plaintext loopback, no device rate limit, no metrics or health ports; the
+    production poll interval (1 s: work made in the suite wakes its taker, see docs/architecture.md)."""
     values: dict[str, object] = {
         "workdir": workdir, "database_url": database_url, "server_port": 0, "key_service_port": 0,
-        "verifier_port": 0, "poll_interval_s": 0.05, "retry_delay_min_s": 0.05, "retry_delay_max_s": 0.2,
+        "verifier_port": 0, "poll_interval_s": 1.0, "retry_delay_min_s": 0.05, "retry_delay_max_s": 0.2,
         "log_json": False, "log_level": "ERROR", "key_service_processes": False, "plaintext": True,
         "health_port": 0, "metrics_port": 0, "device_rate_per_s": 0.0,
     }  # fmt: skip

@@ -91,6 +91,7 @@ def test_a_poked_loop_runs_its_next_step_now_not_after_its_interval() -> None:
     """``PollingLoop.poke``: work made in the same process is taken at once; the interval (here an hour) is only
     for work made elsewhere."""
     steps = threading.Semaphore(0)
+
     def step() -> bool:
         steps.release()
         return False  # no more work: sleep
