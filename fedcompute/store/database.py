@@ -116,8 +116,9 @@ class Database:
         transaction, so the rows it locks are held only while the server runs it, never while this process waits
         for its GIL between statements. Straight on the driver's connections, kept in a pool of their own (a
         C queue: SQLAlchemy's statement machinery and pool checkout cost several times the driver's own CPU on
-        this hot path), without a ping per checkout: a connection found dead is thrown away and the statement run
-        once more on a fresh one (a statement the server had committed before the connection broke then fails its
+        this hot path), without a ping per checkout: a connection found dead is thrown away with every idle one
+        (most often the server restarted: they are as dead) and the statement run once more on a fresh one (a
+        statement the server had committed before the connection broke then fails its
         retry on its own unique keys rather than applying twice)."""
         if self.is_sqlite:
             raise RuntimeError("soft_statement is for Postgres; SQLite writes go through soft_state()")
@@ -132,6 +133,7 @@ class Database:
                     self._soft_idle.put((pooled, connection))
                     raise
                 pooled.close()  # detached: closed for good
+                self._drop_idle()
                 if attempt == 2:
                     raise
                 continue
@@ -186,6 +188,10 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
+        """Close ``soft_statement``'s idle connections (the ones in use go back to the queue as they finish)."""
         while True:
             try:
                 self._soft_idle.get_nowait()[0].close()

@@ -196,12 +196,12 @@ def test_an_expired_round_is_read_again_by_one_caller_while_the_others_use_it(db
     assert _stored(db, iteration_id)[0] == 4
 
 
-def test_postgres_admissions_survive_a_killed_connection_and_dispose_closes_theirs(
+def test_postgres_admissions_survive_killed_connections_and_dispose_closes_theirs(
     postgres_database: str,
 ) -> None:
-    """The Postgres admission statement runs on connections of its own (``Database.soft_statement``): one whose
-    server process was killed between check-ins is thrown away and the admission made once on a fresh one, with
-    nothing written twice; ``dispose`` closes the ones it kept (none is left on the server)."""
+    """The Postgres admission statement runs on connections of its own (``Database.soft_statement``). When the
+    server processes behind every kept connection die (a restart, a failover), the next admission throws them away
+    and is made once on a fresh one, nothing written twice; ``dispose`` closes the ones it kept."""
     from tests.conftest import fresh_postgres
 
     db = Database(fresh_postgres(postgres_database))
@@ -209,9 +209,23 @@ def test_postgres_admissions_survive_a_killed_connection_and_dispose_closes_thei
     try:
         iteration_id = _round(db, max_cohort=5)
         assert write_admissions(db, [Admission(iteration_id, "asg_1", "task_a", NOW)]) == {"asg_1"}
-        pids = {row[0] for row in db.soft_statement("SELECT pg_backend_pid()", {})}
-        with db.engine.connect() as admin:  # the server process behind the kept connection dies (a failover)
-            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pids.pop()})
+        start = threading.Barrier(3)
+        pids: set[int] = set()
+
+        def hold() -> None:  # two statements at once: two connections are kept afterwards
+            start.wait()
+            pids.update(row[0] for row in db.soft_statement("SELECT pg_backend_pid() FROM pg_sleep(0.3)", {}))
+
+        threads = [threading.Thread(target=hold) for _ in range(2)]
+        for t in threads:
+            t.start()
+        start.wait()
+        for t in threads:
+            t.join()
+        assert len(pids) == 2
+        with db.engine.connect() as admin:
+            for pid in pids:
+                admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         assert write_admissions(db, [Admission(iteration_id, "asg_2", "task_a", NOW)]) == {"asg_2"}
         assert _stored(db, iteration_id) == (2, {"asg_1", "asg_2"}, {"asg_1", "asg_2"})
         kept = {row[0] for row in db.soft_statement("SELECT pg_backend_pid()", {})}
