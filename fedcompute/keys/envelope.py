@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.keys import hpke
+from fedcompute.rpc import wire
 from fedcompute.v1 import upload_pb2
 
 FIELD = "upload"
@@ -56,7 +57,7 @@ def _scan(handle: BinaryIO, size: int) -> tuple[upload_pb2.EncryptedContribution
             raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
         if wire_type == 0:
             value, after = _varint(handle, position, end)
-            header += _encode_varint(key) + _encode_varint(value)
+            header += wire.varint(key) + wire.varint(value)
         elif wire_type == 2:
             length, start = _varint(handle, position, end)
             after = start + length
@@ -66,12 +67,12 @@ def _scan(handle: BinaryIO, size: int) -> tuple[upload_pb2.EncryptedContribution
                 ciphertext_start, ciphertext_length = start, length
                 handle.seek(after)
             else:
-                header += _encode_varint(key) + _encode_varint(length) + _read_exactly(handle, length)
+                header += wire.varint(key) + wire.varint(length) + _read_exactly(handle, length)
         elif wire_type in (1, 5):
             after = position + (8 if wire_type == 1 else 4)
             if after > end:
                 raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
-            header += _encode_varint(key) + _read_exactly(handle, after - position)
+            header += wire.varint(key) + _read_exactly(handle, after - position)
         else:  # groups (3, 4) and the undefined wire types: protobuf refuses them too
             raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
         position = after
@@ -114,15 +115,6 @@ def _varint(handle: BinaryIO, position: int, end: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value & 0xFFFFFFFFFFFFFFFF, position
         shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def check_envelope(data: bytes | upload_pb2.EncryptedContribution, expected: ContributionContext) -> None:

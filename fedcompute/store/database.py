@@ -118,8 +118,8 @@ class Database:
         C queue: SQLAlchemy's statement machinery and pool checkout cost several times the driver's own CPU on
         this hot path), without a ping per checkout: a connection found dead is thrown away with every idle one
         (most often the server restarted: they are as dead) and the statement run once more on a fresh one (a
-        statement the server had committed before the connection broke then fails its
-        retry on its own unique keys rather than applying twice)."""
+        statement the server had committed before the connection broke then fails its retry on its own unique
+        keys rather than applying twice)."""
         if self.is_sqlite:
             raise RuntimeError("soft_statement is for Postgres; SQLite writes go through soft_state()")
         for attempt in (1, 2):

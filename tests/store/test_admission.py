@@ -8,8 +8,10 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy.exc import IntegrityError
 
 from fedcompute.core.clock import FakeClock, RandomIds
 from fedcompute.core.records import ModelVersionRecord
@@ -236,3 +238,14 @@ def test_postgres_admissions_survive_killed_connections_and_dispose_closes_their
         alive = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": list(kept)})
         assert alive.scalar_one() == 0
     probe.dispose()
+
+
+def test_an_admission_written_twice_is_refused_whole_and_counts_once(db: Database) -> None:
+    """What makes a retried admission safe (``Database.soft_statement`` runs a statement again when its connection
+    broke, perhaps after the server had committed it): the same assignment id again fails on its unique key, and
+    the statement's slot update goes with it: the round's count and rows stay those of the first write."""
+    iteration_id = _round(db, max_cohort=5)
+    assert write_admissions(db, [Admission(iteration_id, "asg_1", "task_a", NOW)]) == {"asg_1"}
+    with pytest.raises((IntegrityError, psycopg.IntegrityError)):  # SQLAlchemy's (SQLite), the driver's (Postgres)
+        write_admissions(db, [Admission(iteration_id, "asg_1", "task_a", NOW)])
+    assert _stored(db, iteration_id) == (1, {"asg_1"}, {"asg_1"})
