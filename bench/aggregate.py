@@ -41,6 +41,7 @@ from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.noise import ChaChaGaussian
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
+from fedcompute.core.memory import keep_large_buffers
 from fedcompute.core.prefetch import prefetched
 from fedcompute.keys import hpke
 from fedcompute.keys.envelope import seal_contribution
@@ -202,6 +203,7 @@ def _fresh_process_rss(side: str, count: int) -> dict[str, float]:
 
 def main() -> None:
     side, count = sys.argv[1], int(sys.argv[2])
+    keep_large_buffers()  # as the worker process (aggregator/main.py) and the timed samples' process have it
     torch.set_num_threads(1)
     job = Job()
     measure = sides(side.partition("@")[2] or "cpu")[side]

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedcompute.clients.device import context_of, report_request, upload
 from fedcompute.clients.typed import TaskAssignmentClient, UploadClient
+from fedcompute.core.memory import keep_large_buffers
 from fedcompute.keys.envelope import seal_contribution
 from fedcompute.rpc.channels import open_channel
 from fedcompute.v1 import common_pb2, upload_pb2
@@ -206,6 +207,7 @@ COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def main() -> None:
+    keep_large_buffers()  # the devices share the 2 cores with the servers: their allocator's page faults too
     for line in sys.stdin:
         command = json.loads(line)
         try:

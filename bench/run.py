@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.common import LoadGenerator, Mode, Result, machine
 from fedcompute.core.logs import configure_logging
+from fedcompute.core.memory import keep_large_buffers
 
 # name -> module with run(mode, load) -> list[Result]
 BENCHMARKS = {"checkin": "checkin", "upload": "upload", "aggregate": "aggregate", "round": "round_time",
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--aggregator-device", default="cpu", help="also aggregate on this torch device (cuda:N)")
     args = parser.parse_args()
     configure_logging(json_lines=False, level=logging.ERROR)
+    keep_large_buffers()  # this process hosts the suite, as `fedcompute up` would (the load generator sets its own)
     pairs, seconds = (1, 1.0) if args.quick else (3, 3.0)
     mode = Mode(pairs, seconds, quick=args.quick, aggregator_device=args.aggregator_device)
     report: dict[str, object] = {"machine": machine(gpu=mode.aggregator_device != "cpu"),

@@ -13,6 +13,7 @@ import structlog
 import typer
 
 from fedcompute.core.logs import configure_logging
+from fedcompute.core.memory import keep_large_buffers
 from fedcompute.ops_cli import certs_app, config_app
 from fedcompute.privacy_cli import privacy_app
 from fedcompute.rpc.serving import one_line, unreachable
@@ -274,6 +275,7 @@ def devices_simulate(
 
 
 def main() -> None:
+    keep_large_buffers()  # every fedcompute process: servers, key services, up, demo (core/memory.py)
     app()
 
 

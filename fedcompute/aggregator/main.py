@@ -17,6 +17,7 @@ from fedcompute.components import announce_start, at_least, serving
 from fedcompute.core.clock import RandomIds
 from fedcompute.core.logs import VERSION, configure_logging
 from fedcompute.core.loops import PollingLoop
+from fedcompute.core.memory import keep_large_buffers
 from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import SettingError, Settings
 from fedcompute.core.telemetry import LoopMetrics, WorkerMetrics
@@ -50,6 +51,7 @@ def build_worker(settings: Settings, worker_id: str, registry: CollectorRegistry
 
 
 def main() -> None:
+    keep_large_buffers()  # envelopes and tensors of MiBs, all day (core/memory.py)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
