@@ -115,7 +115,7 @@ class AggregatorWorker:
             # the one after next is hashed and the next opened while this one is added (three threads, in order)
             for outcome in prefetched(prefetched(stream, opener.check), opener.open):
                 if outcome is None:
-                    self._fail(job, f"contribution {opener.matched} of the stream is not the job's input set's", False)
+                    self._fail(job, opener.refusal or "the stream is not the job's input set", retryable=False)
                     return
                 if isinstance(outcome, Rejected):
                     rejections[outcome.reason] += 1
@@ -213,6 +213,7 @@ class _Opener:
         self._stopped = False  # set by either stage; both read it before doing anything
         self._failed = False  # an open raised (it stopped both stages): nothing already checked is opened after it
         self.matched = 0  # items that matched the input list so far
+        self.refusal = ""  # why the stream was refused: the first item that did not match, named
 
     def check(self, item: aggregation_pb2.StreamContributionsResponse) -> tuple[bytes, str] | None:
         if self._stopped:
@@ -222,6 +223,7 @@ class _Opener:
         got = (item.assignment_id, hashlib.sha256(envelope).hexdigest())
         if self.matched >= len(self._inputs) or got != self._inputs[self.matched]:
             self._stopped = True
+            self.refusal = _mismatch(self.matched, got, self._inputs)
             return None
         self.matched += 1
         return envelope, item.assignment_id
@@ -237,6 +239,20 @@ class _Opener:
         except BaseException:
             self._stopped = self._failed = True
             raise
+
+
+def _mismatch(index: int, got: tuple[str, str], inputs: list[tuple[str, str]]) -> str:
+    """Why streamed item ``index`` is refused: the server sent more than the input set, another contribution, or
+    this one's bytes altered (its store is the operator's: corrupted or replaced there)."""
+    where = f"contribution {index} of the stream ({got[0]!r})"
+    if index >= len(inputs):
+        return f"{where} is past the job's input set of {len(inputs)}; refused"
+    if got[0] != inputs[index][0]:
+        return f"{where} is not the input set's contribution {index} ({inputs[index][0]!r}); refused"
+    return (
+        f"{where} does not hash to the input set's sha256 (altered or corrupted in the server's store: "
+        f"{got[1][:12]}... instead of {inputs[index][1][:12]}...); nothing after it was opened"
+    )
 
 
 def _faulty_note(providers: set[str]) -> str:

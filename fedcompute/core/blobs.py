@@ -1,4 +1,5 @@
-"""The blob store seam: content-addressed, immutable bytes, verified on every read."""
+"""The blob store seam: content-addressed, immutable bytes, verified on every read (one reader excepted: the job
+stream, whose receiver, the attested aggregator, hashes every envelope against the job's input set itself)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ class BlobStore(Protocol):
         arrived); return its sha256 hex. Reads verify the address whatever was given."""
         ...
 
-    def get(self, sha256_hex: str) -> bytes:
-        """Return the bytes, raising ``BlobCorrupted`` if they no longer hash to their address."""
+    def get(self, sha256_hex: str, *, verify: bool = True) -> bytes:
+        """Return the bytes, raising ``BlobCorrupted`` if they no longer hash to their address (``BlobMissing`` if
+        gone). ``verify=False`` skips the hash, for a reader that checks every byte against the address itself."""
         ...
 
     def read_chunks(self, sha256_hex: str, offset: int, chunk_size: int) -> Iterator[bytes]:

@@ -12,7 +12,7 @@ from datetime import timedelta
 import structlog
 
 from fedcompute.core import checkpoints
-from fedcompute.core.blobs import BlobCorrupted, BlobMissing, BlobStore
+from fedcompute.core.blobs import BlobMissing, BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from fedcompute.core.prefetch import prefetched
@@ -163,8 +163,10 @@ class JobService:
         return job
 
     def contributions(self, job_id: str, lease_id: str) -> Iterator[tuple[str, bytes]]:
-        """The job's fixed input set, one encrypted envelope at a time. Each is read (and verified, as every read
-        is) on a background thread while the one before it is sent: at most two are held, whatever the cohort."""
+        """The job's fixed input set, one encrypted envelope at a time, each read on a background thread while the
+        one before it is sent: at most two are held, whatever the cohort. Not hashed here: the worker hashes every
+        envelope against the input set (it must, the server being untrusted) and fails the job naming the first
+        that differs; hashing here too cost the server 2.6 ms of CPU per 4 MiB, ~0.25 s of a 100-device round."""
         job = self._leased(job_id, lease_id)
         with self._db.transaction() as s:
             uploads = UploadRepository(s).completed_in_iteration(job.iteration_id)
@@ -172,10 +174,10 @@ class JobService:
 
     def _envelope(self, upload: UploadRecord) -> tuple[str, bytes]:
         try:
-            return upload.assignment_id, self._blobs.get(upload.blob_sha256 or "")
-        except (BlobCorrupted, BlobMissing) as exc:  # the worker fails the job; its retry meets the same bytes
+            return upload.assignment_id, self._blobs.get(upload.blob_sha256 or "", verify=False)
+        except BlobMissing as exc:  # the worker fails the job; its retry meets the same loss
             log.error("contribution_unreadable", assignment_id=upload.assignment_id, error=str(exc))
-            raise DataLoss(f"the envelope of {upload.assignment_id} cannot be read back intact: {exc}") from None
+            raise DataLoss(f"the envelope of {upload.assignment_id} cannot be read back: {exc}") from None
 
     def complete(self, job_id: str, lease_id: str, result: JobResult) -> str:
         job = self._leased(job_id, lease_id)

@@ -115,12 +115,12 @@ def test_health_and_reflection_are_served(harness: Harness) -> None:
 
 
 @pytest.mark.parametrize("fault", ["altered", "deleted"])
-def test_the_job_stream_sends_the_input_set_in_order_and_stops_at_an_envelope_altered_on_disk(
+def test_the_job_stream_sends_the_input_set_in_order_and_leaves_checking_the_bytes_to_the_worker(
     harness: Harness, fault: str
 ) -> None:
-    """The server's disk is untrusted: an envelope changed (or removed) after it was counted never goes out. The
-    stream (each next envelope read and verified while the current one is sent) delivers the input set in its
-    order, and stops with DATA_LOSS naming the contribution at the altered one."""
+    """The stream delivers the input set in its order. An envelope changed on the server's disk after it was counted
+    goes out as it is (the server does not hash what it streams: the worker does, below); one removed stops the
+    stream with DATA_LOSS naming the contribution."""
     _contribute(harness, [sealed, sealed, sealed])
     job = harness.jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id="w")).job
     inputs = [(i.assignment_id, i.envelope_sha256_hex) for i in job.inputs]
@@ -131,12 +131,16 @@ def test_the_job_stream_sends_the_input_set_in_order_and_stops_at_an_envelope_al
     ]
     assert sent == inputs
     blob = harness.suite.settings.server_dir() / "blobs" / "sha256" / inputs[1][1][:2] / inputs[1][1][2:]
-    if fault == "deleted":
-        blob.unlink()
-    else:
+    if fault == "altered":
         altered = bytearray(blob.read_bytes())
         altered[-1] ^= 1
         blob.write_bytes(bytes(altered))
+        streamed = [(c.assignment_id, c.envelope) for c in harness.jobs.stream_contributions(request)]
+        assert [a for a, _ in streamed] == [a for a, _ in inputs]
+        assert streamed[1][1] == bytes(altered)
+        assert hashlib.sha256(streamed[1][1]).hexdigest() != inputs[1][1]
+        return
+    blob.unlink()
     stream = harness.jobs.stream_contributions(request)
     first = next(stream)
     assert (first.assignment_id, hashlib.sha256(first.envelope).hexdigest()) == inputs[0]
@@ -144,6 +148,30 @@ def test_the_job_stream_sends_the_input_set_in_order_and_stops_at_an_envelope_al
         next(stream)
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
     assert inputs[1][0] in (info.value.details() or "")
+
+
+@pytest.mark.aggregator
+def test_the_worker_refuses_a_round_whose_envelope_was_altered_on_the_servers_disk(harness: Harness) -> None:
+    """The server's disk is untrusted: an envelope altered after it was counted is streamed as it is, and the
+    worker, hashing each against the input set, fails the job naming that contribution; nothing is published."""
+    task = harness.create_task(report_goal=3, max_cohort=3, min_clients=1)
+    blobs = harness.suite.settings.server_dir() / "blobs" / "sha256"
+    altered_id = ""
+    for i in range(3):
+        a = harness.check_in().task_assignment
+        envelope = sealed(a)
+        upload(harness.uploads, harness.report(a).upload_instruction, envelope)
+        if i == 1:  # counted, the round still open: change its bytes where the server keeps them
+            sha = hashlib.sha256(envelope).hexdigest()
+            blob = blobs / sha[:2] / sha[2:]
+            blob.write_bytes(envelope[:-1] + bytes([envelope[-1] ^ 1]))
+            altered_id = a.assignment_id
+    wait_for(lambda: harness.iterations(task.task_id)[0].status == tm.ITERATION_STATUS_FAILED, what="the round to fail")
+    first = harness.iterations(task.task_id)[0]
+    assert altered_id in first.aggregation_note
+    assert "does not hash to the input set's sha256" in first.aggregation_note
+    versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions
+    assert [v.version for v in versions] == [1]
 
 
 @pytest.mark.parametrize("id_size", [0, 1, 26, 127, 128, 300])

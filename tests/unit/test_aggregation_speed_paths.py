@@ -227,8 +227,19 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
     assert isinstance(first, Opened)
     assert first.num_examples == 2
     assert opener.open(opener.check(items[2])) is None  # out of order: not the input set's
+    assert opener.refusal == "contribution 1 of the stream ('a3') is not the input set's contribution 1 ('a2'); refused"
     assert opener.open(opener.check(items[1])) is None  # nothing is opened after a mismatch
     assert (opener.matched, asked) == (1, ["k"])
+
+    # the refusal names what was wrong: bytes that are not the listed ones, or more items than the list holds
+    altered = aggregation_pb2.StreamContributionsResponse(assignment_id="a1", envelope=items[0].envelope[:-1] + b"?")
+    named = _Opener(inputs, job, keys, metrics)
+    assert named.check(altered) is None
+    assert named.refusal.startswith("contribution 0 of the stream ('a1') does not hash to the input set's sha256")
+    past = _Opener(inputs[:1], job, keys, metrics)
+    assert past.check(items[0]) is not None
+    assert past.check(items[1]) is None
+    assert past.refusal == "contribution 1 of the stream ('a2') is past the job's input set of 1; refused"
 
     def unavailable(key_id: str) -> X25519PrivateKey:
         asked.append(key_id)
