@@ -371,15 +371,13 @@ def start_suite(
         metrics=UpdaterMetrics.create(registry), purge_every_s=settings.housekeeping_interval_s,
     )  # fmt: skip
     dealer = build_dealer(settings, clock, admin_token)
-    suite.loops = [
-        PollingLoop("modelupdater", LoopMetrics.create("modelupdater", registry).counted(updater.run_once),
-                    settings.poll_interval_s).start(),
-        PollingLoop("dealer", LoopMetrics.create("dealer", registry).counted(dealer.run_once),
-                    settings.poll_interval_s).start(),
-        PollingLoop("supervisor", suite.restart_dead_children, 1.0).start(),
-    ]  # fmt: skip
-    server.job_succeeded.add(suite.loops[0].poke)  # in this process: applied at once, not at the next poll
-    server.task_changed.add(suite.loops[1].poke)  # a new task's population is keyed at once
+    updating = PollingLoop("modelupdater", LoopMetrics.create("modelupdater", registry).counted(updater.run_once),
+                           settings.poll_interval_s).start()  # fmt: skip
+    dealing = PollingLoop("dealer", LoopMetrics.create("dealer", registry).counted(dealer.run_once),
+                          settings.poll_interval_s).start()  # fmt: skip
+    suite.loops = [updating, dealing, PollingLoop("supervisor", suite.restart_dead_children, 1.0).start()]
+    server.job_succeeded.add(updating.poke)  # in this process: applied at once, not at the next poll
+    server.task_changed.add(dealing.poke)  # a new task's population is keyed at once
     if aggregator:
         suite.launchers = [
             start_launcher(_worker_settings(settings, ports), clock, worker_token(settings), i)

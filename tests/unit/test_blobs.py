@@ -168,6 +168,19 @@ def test_tampered_blob_is_refused_on_every_read(subject: Subject) -> None:
     assert subject.store.get(sha) == b"original"
 
 
+def test_an_unverified_read_returns_the_stored_bytes_as_they_are(subject: Subject) -> None:
+    """``get(verify=False)`` (the job stream's, whose receiver hashes every envelope itself) hands out what is
+    stored, altered or not, and still says when nothing is there; a verified read of the same blob refuses it."""
+    sha = subject.store.put(b"original")
+    subject.overwrite(sha, b"tampered")
+    assert subject.store.get(sha, verify=False) == b"tampered"
+    with pytest.raises(BlobCorrupted):
+        subject.store.get(sha)
+    subject.store.delete(sha)
+    with pytest.raises(BlobMissing):
+        subject.store.get(sha, verify=False)
+
+
 def test_read_chunks_from_an_offset(subject: Subject) -> None:
     sha = subject.store.put(b"0123456789")
     assert list(subject.store.read_chunks(sha, 3, 4)) == [b"3456", b"789"]
