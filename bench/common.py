@@ -21,9 +21,10 @@ import torch
 from sqlalchemy import create_engine, text
 
 from fedcompute.clients.typed import KeyClient
+from fedcompute.core.secrets import key_admin_token
 from fedcompute.core.settings import Settings
 from fedcompute.rpc.channels import channel_for
-from fedcompute.suite import Suite, key_admin_token
+from fedcompute.suite import Suite
 from fedcompute.v1 import key_pb2
 
 ADMIN_URL = os.environ.get("FEDCOMPUTE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

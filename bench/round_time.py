@@ -23,8 +23,9 @@ import torch
 from bench.common import LoadGenerator, Mode, Result, create_task, suite_settings
 from fedcompute.clients.typed import TaskManagementClient
 from fedcompute.core import checkpoints
+from fedcompute.core.secrets import operator_token
 from fedcompute.rpc.channels import channel_for
-from fedcompute.suite import Suite, operator_token, start_suite
+from fedcompute.suite import Suite, start_suite
 from fedcompute.v1 import task_management_pb2 as tm
 
 FLOWER_REFERENCE_S = 16.0  # the issue's measurement of Flower 1.42's simulation engine, not run here

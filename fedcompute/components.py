@@ -20,9 +20,13 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from fedcompute.core.clock import RandomIds, SystemClock
+from fedcompute.attestation.app import platform_ca
+from fedcompute.attestation.launcher import Launcher
+from fedcompute.attestation.measure import measure
+from fedcompute.core.clock import Clock, RandomIds, SystemClock
 from fedcompute.core.logs import VERSION
 from fedcompute.core.loops import PollingLoop
+from fedcompute.core.processes import child_env
 from fedcompute.core.settings import Settings
 from fedcompute.core.telemetry import LoopMetrics
 from fedcompute.rpc.metrics import announce, process_registry, serve_metrics
@@ -84,7 +88,7 @@ def start_component(component: str, settings: Settings, registry: CollectorRegis
     """Build and start ``component`` from ``settings`` (raises ``SettingError`` for a setting that cannot work)."""
     registry = registry if registry is not None else process_registry()
     clock, ids = SystemClock(), RandomIds()
-    from fedcompute.suite import key_admin_token, token_secret, worker_token
+    from fedcompute.core.secrets import key_admin_token, token_secret, worker_token
 
     if component == "server":
         from fedcompute.server.app import build_server
@@ -104,8 +108,8 @@ def start_component(component: str, settings: Settings, registry: CollectorRegis
         server = build_verifier_server(settings, build_verifier(settings, clock, ids, audience), registry)
         return Running(component, f"{settings.host}:{server.port}", servers=[server])
     if component == "dealer":
+        from fedcompute.clients.dealer import build_dealer
         from fedcompute.rpc.channels import channel_for
-        from fedcompute.suite import build_dealer
 
         dealer = build_dealer(settings, clock, key_admin_token(settings))
         announce(registry, "dealer", VERSION)
@@ -130,9 +134,6 @@ def start_component(component: str, settings: Settings, registry: CollectorRegis
         step = LoopMetrics.create("modelupdater", registry).counted(updater.run_once)
         return _loop_component(component, settings, registry, step, {"database": db.ping})
     if component == "aggregator":
-        from fedcompute.attestation.app import platform_ca
-        from fedcompute.suite import start_launcher
-
         platform_ca(settings)  # the worker (its child) serves its own metrics and health
         launcher = start_launcher(settings, clock, worker_token(settings))
         return Running(component, str(settings.workdir / "attest"), stops=[lambda _grace: launcher.stop()])
@@ -207,3 +208,18 @@ def announce_start(
         metrics=f"{settings.host}:{settings.metrics_port}" if settings.metrics_port else "",
         config=settings.public(),
     )
+
+
+def start_launcher(settings: Settings, clock: Clock, token: str, index: int = 0) -> Launcher:
+    """A launcher and its measured worker; the worker serves its metrics and health on the ports in
+    ``settings`` (`up` gives each worker its own)."""
+    name = "launcher.sock" if index == 0 else f"launcher-{index}.sock"
+    launcher = Launcher(
+        settings.workdir / "attest" / name,
+        platform_ca(settings),
+        measure(),  # the launcher measures the code it is about to start, whatever the policy says
+        clock,
+        debug=settings.aggregator_debug,
+    ).serve()
+    launcher.start_worker(child_env(settings, internal_token=token))
+    return launcher

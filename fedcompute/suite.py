@@ -7,7 +7,6 @@ measures and starts the aggregator worker as a separate, isolated process.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -23,17 +22,17 @@ from fedcompute.attestation.app import build_verifier, build_verifier_server, pl
 from fedcompute.attestation.launcher import Launcher
 from fedcompute.attestation.measure import measure
 from fedcompute.clients.audit import AuditReport, fetch_and_audit
-from fedcompute.clients.dealer import KeyDealer, open_populations
+from fedcompute.clients.dealer import build_dealer, operator_key_clients
 from fedcompute.clients.operator import create_task
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
-from fedcompute.components import MetricsPorts
+from fedcompute.components import MetricsPorts, start_launcher
 from fedcompute.core.clock import Clock, IdGenerator, RandomIds, SystemClock
 from fedcompute.core.errors import FedcomputeError
 from fedcompute.core.logs import VERSION
 from fedcompute.core.loops import PollingLoop
-from fedcompute.core.processes import ChildProcess, die_with_parent
-from fedcompute.core.secrets import load_or_create
-from fedcompute.core.settings import SECRET_SETTINGS, Settings
+from fedcompute.core.processes import ChildProcess, child_env, die_with_parent
+from fedcompute.core.secrets import key_admin_token, operator_token, token_secret, worker_token
+from fedcompute.core.settings import Settings
 from fedcompute.core.telemetry import LoopMetrics, UpdaterMetrics
 from fedcompute.keys.app import build_key_server
 from fedcompute.keys.identity import load_identity
@@ -55,35 +54,6 @@ DEMO_DISK_WARNING = (
 )
 
 
-def worker_token(settings: Settings) -> str:
-    """What aggregator workers present to the server (server and workers hold it; key services never accept it)."""
-    return settings.internal_token or load_or_create(settings.server_dir() / "secrets" / "worker-token")
-
-
-def token_secret(settings: Settings) -> str:
-    """The server's HMAC secret for session and upload tokens (the server only)."""
-    return settings.token_secret or load_or_create(settings.server_dir() / "secrets" / "token-secret")
-
-
-def key_admin_token(settings: Settings) -> str:
-    """The operator's credential for key-service administration (dealer, task creation; never the server)."""
-    return settings.key_admin_token or load_or_create(settings.operator_dir() / "key-admin-token")
-
-
-def operator_token(settings: Settings) -> str:
-    """The operator's bearer token for TaskManagementService (CLI, dealer); `up` registers it as an admin token."""
-    return settings.operator_token or load_or_create(settings.operator_dir() / "operator-token")
-
-
-def child_env(settings: Settings, **secrets: str) -> dict[str, str]:
-    """Environment of a child process: these settings without any secret, plus exactly the secrets it needs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCOMPUTE_")}
-    public = settings.to_env().items()
-    env.update({k: v for k, v in public if k.removeprefix("FEDCOMPUTE_").lower() not in SECRET_SETTINGS})
-    env.update({f"FEDCOMPUTE_{name.upper()}": value for name, value in secrets.items()})
-    return env
-
-
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -96,13 +66,16 @@ class StartupFailed(Exception):
 
 def wait_serving(settings: Settings, address: str, timeout_s: float = 60.0, what: str = "a component") -> None:
     deadline = time.monotonic() + timeout_s
-    stub = health_pb2_grpc.HealthStub(channel_for(settings, address))
     while True:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
+        # A fresh channel each try: a channel refused once waits out gRPC's reconnect backoff (1 s, 1.6 s, 2.6 s...)
+        # before it tries again, which made a component that was up in 0.3 s look up after ~3 s.
+        with channel_for(settings, address) as channel:
+            try:
+                check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if check.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
         if time.monotonic() > deadline:
             raise StartupFailed(
                 f"{what} at {address} was not serving after {timeout_s:.0f} s (FEDCOMPUTE_STARTUP_TIMEOUT_S); "
@@ -289,37 +262,6 @@ def pin_providers(settings: Settings, addresses: list[str]) -> None:
         )
         trusted[info.provider_id] = load_signing_public(info.signing_public_key)
     write_trusted(settings.trusted_providers_path(), trusted)
-
-
-def operator_key_clients(settings: Settings, token: str) -> list[KeyClient]:
-    return [KeyClient(channel_for(settings, a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
-
-
-def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
-    providers = operator_key_clients(settings, token)
-    operators = TaskManagementClient(
-        channel_for(settings, settings.server_address), settings.rpc_timeout_s, operator_token(settings)
-    )
-    return KeyDealer(
-        providers, load_trusted(settings.trusted_providers_path()), settings.threshold, clock,
-        settings.key_lifetime_s, settings.key_destroy_after_s, settings.key_rotate_before_s,
-        lambda: open_populations(operators), settings.housekeeping_interval_s,
-    )  # fmt: skip
-
-
-def start_launcher(settings: Settings, clock: Clock, token: str, index: int = 0) -> Launcher:
-    """A launcher and its measured worker; the worker serves its metrics and health on the ports in
-    ``settings`` (`up` gives each worker its own)."""
-    name = "launcher.sock" if index == 0 else f"launcher-{index}.sock"
-    launcher = Launcher(
-        settings.workdir / "attest" / name,
-        platform_ca(settings),
-        measure(),  # the launcher measures the code it is about to start, whatever the policy says
-        clock,
-        debug=settings.aggregator_debug,
-    ).serve()
-    launcher.start_worker(child_env(settings, internal_token=token))
-    return launcher
 
 
 def start_suite(

@@ -119,11 +119,12 @@ def task_create(
     the operator's FEDCOMPUTE_KEY_ADMIN_TOKEN), then create it at the server."""
     from fedcompute.attestation.measure import measure
     from fedcompute.clients.builder import BuildError, TaskBuilder, check_plan_size
+    from fedcompute.clients.dealer import operator_key_clients
     from fedcompute.clients.operator import RegistrationFailed, create_task
     from fedcompute.core.errors import FedcomputeError, InvalidArgument
     from fedcompute.core.plans import ExampleSelector, Optimizer, Training
+    from fedcompute.core.secrets import key_admin_token
     from fedcompute.keys.trust import load_trusted
-    from fedcompute.suite import key_admin_token, operator_key_clients
     from fedcompute.v1 import task_management_pb2 as tm
 
     settings = settings_or_exit()
@@ -228,13 +229,14 @@ def task_evaluate(
     version's weights; devices report metrics only (in their envelopes) and no version is published."""
     from fedcompute.attestation.measure import measure
     from fedcompute.clients.builder import BuildError, evaluation_spec
+    from fedcompute.clients.dealer import operator_key_clients
     from fedcompute.clients.device import download
     from fedcompute.clients.operator import RegistrationFailed, create_task
     from fedcompute.clients.typed import ResourceClient
     from fedcompute.core.errors import FedcomputeError
+    from fedcompute.core.secrets import key_admin_token
     from fedcompute.keys.trust import load_trusted
     from fedcompute.rpc.channels import channel_for
-    from fedcompute.suite import key_admin_token, operator_key_clients
     from fedcompute.v1 import task_management_pb2 as tm
 
     settings = settings_or_exit()

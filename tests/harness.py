@@ -19,9 +19,10 @@ from fedcompute.clients.typed import (
     TaskManagementClient,
     UploadClient,
 )
+from fedcompute.core.secrets import operator_token, worker_token
 from fedcompute.core.settings import Settings
 from fedcompute.rpc.channels import channel_for
-from fedcompute.suite import Suite, operator_token, start_suite, worker_token
+from fedcompute.suite import Suite, start_suite
 from fedcompute.v1 import common_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm

@@ -161,12 +161,13 @@ class TaskBuilder:
         ``settings`` defaults to the ``FEDCOMPUTE_*`` environment (FEDCOMPUTE_OPERATOR_TOKEN: an operator token);
         ``fields`` are the TaskSpec's other fields."""
         from fedcompute.attestation.measure import measure
+        from fedcompute.clients.dealer import operator_key_clients
         from fedcompute.clients.operator import create_task
         from fedcompute.clients.typed import TaskManagementClient
+        from fedcompute.core.secrets import key_admin_token
         from fedcompute.core.settings import Settings
         from fedcompute.keys.trust import load_trusted
         from fedcompute.rpc.channels import channel_for
-        from fedcompute.suite import key_admin_token, operator_key_clients
 
         settings = settings or Settings()
         built = self.build()

@@ -16,9 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcompute.clients.typed import KeyClient, TaskManagementClient
 from fedcompute.core.clock import Clock
+from fedcompute.core.secrets import operator_token
+from fedcompute.core.settings import Settings
 from fedcompute.keys import hpke, statement
 from fedcompute.keys.service import import_context
 from fedcompute.keys.shamir import split_key
+from fedcompute.keys.trust import load_trusted
+from fedcompute.rpc.channels import channel_for
 from fedcompute.v1 import common_pb2, key_pb2, task_management_pb2
 
 log = structlog.get_logger("fedcompute.dealer")
@@ -138,3 +142,19 @@ def open_populations(operators: TaskManagementClient) -> set[str]:
         token = page.next_page_token
         if not token:
             return populations
+
+
+def operator_key_clients(settings: Settings, token: str) -> list[KeyClient]:
+    return [KeyClient(channel_for(settings, a), settings.rpc_timeout_s, token) for a in settings.key_service_addresses]
+
+
+def build_dealer(settings: Settings, clock: Clock, token: str) -> KeyDealer:
+    providers = operator_key_clients(settings, token)
+    operators = TaskManagementClient(
+        channel_for(settings, settings.server_address), settings.rpc_timeout_s, operator_token(settings)
+    )
+    return KeyDealer(
+        providers, load_trusted(settings.trusted_providers_path()), settings.threshold, clock,
+        settings.key_lifetime_s, settings.key_destroy_after_s, settings.key_rotate_before_s,
+        lambda: open_populations(operators), settings.housekeeping_interval_s,
+    )  # fmt: skip

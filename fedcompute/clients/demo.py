@@ -20,10 +20,11 @@ from fedcompute.clients.training import evaluate, train_central
 from fedcompute.clients.typed import KeyClient, ResourceClient, TaskManagementClient
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.plans import Optimizer, Training
+from fedcompute.core.secrets import operator_token
 from fedcompute.core.settings import Settings
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import channel_for
-from fedcompute.suite import operator_token, start_suite
+from fedcompute.suite import start_suite
 from fedcompute.v1 import key_pb2
 from fedcompute.v1 import task_management_pb2 as tm
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from fedcompute.core.settings import SECRET_SETTINGS, Settings
+
 log = structlog.get_logger("fedcompute.processes")
 
 PR_SET_PDEATHSIG = 1
@@ -81,3 +83,12 @@ class ChildProcess:
                 self._process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+
+
+def child_env(settings: Settings, **secrets: str) -> dict[str, str]:
+    """Environment of a child process: these settings without any secret, plus exactly the secrets it needs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCOMPUTE_")}
+    public = settings.to_env().items()
+    env.update({k: v for k, v in public if k.removeprefix("FEDCOMPUTE_").lower() not in SECRET_SETTINGS})
+    env.update({f"FEDCOMPUTE_{name.upper()}": value for name, value in secrets.items()})
+    return env

@@ -1,4 +1,7 @@
-"""Secrets a deployment may leave unset: generated once into the workdir (mode 0600) and reused."""
+"""Secrets a deployment may leave unset: generated once into the workdir (mode 0600) and reused.
+
+Torch-free and gRPC-free, as every component reads its credentials from here at start.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedcompute.core.settings import Settings
 
 
 def load_or_create(path: Path) -> str:
@@ -43,3 +48,23 @@ def load_or_create_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
     return key
+
+
+def worker_token(settings: Settings) -> str:
+    """What aggregator workers present to the server (server and workers hold it; key services never accept it)."""
+    return settings.internal_token or load_or_create(settings.server_dir() / "secrets" / "worker-token")
+
+
+def token_secret(settings: Settings) -> str:
+    """The server's HMAC secret for session and upload tokens (the server only)."""
+    return settings.token_secret or load_or_create(settings.server_dir() / "secrets" / "token-secret")
+
+
+def key_admin_token(settings: Settings) -> str:
+    """The operator's credential for key-service administration (dealer, task creation; never the server)."""
+    return settings.key_admin_token or load_or_create(settings.operator_dir() / "key-admin-token")
+
+
+def operator_token(settings: Settings) -> str:
+    """The operator's bearer token for TaskManagementService (CLI, dealer); `up` registers it as an admin token."""
+    return settings.operator_token or load_or_create(settings.operator_dir() / "operator-token")

@@ -16,7 +16,7 @@ from fedcompute.clients.fleet import Fleet
 from fedcompute.clients.training import evaluate
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.plans import ExampleSelector, Optimizer, Training
-from fedcompute.suite import operator_token
+from fedcompute.core.secrets import operator_token
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.conftest import fresh_postgres
 from tests.harness import Harness, suite_settings

@@ -99,6 +99,11 @@ def test_components_as_separate_processes(tmp_path: Path, processes: list[subpro
     for component, port in health.items():
         processes.append(subprocess.Popen([*CLI, "serve", component], env={**env, "FEDCOMPUTE_HEALTH_PORT": str(port)}))
     wait_for(lambda: all(_serving(f"127.0.0.1:{p}") for p in health.values()), 60, "dealer and model updater health")
+    # key services, verifier and dealer never load torch (seconds and hundreds of MB); the server does, for the
+    # initial weights of the tasks it creates, which shows the probe sees a loaded library
+    mapped = {str(p.args[-1]): "libtorch" in Path(f"/proc/{p.pid}/maps").read_text() for p in processes}  # type: ignore[index]
+    assert mapped == {"keys": False, "aggregator": False, "verifier": False, "server": True, "dealer": False,
+                      "modelupdater": True}  # fmt: skip
     server = f"127.0.0.1:{server_port}"
     created = subprocess.run(
         [*CLI, "task", "create", "--server", server, "--population", "procs", "--rounds", "2",

@@ -19,17 +19,18 @@ import pytest
 from fedcompute.attestation.app import verifier_key
 from fedcompute.attestation.measure import measure
 from fedcompute.attestation.results import Appraisal, ReleaseBinding, mint_result
+from fedcompute.clients.dealer import operator_key_clients
 from fedcompute.clients.operator import register_policy
 from fedcompute.clients.typed import KeyClient
 from fedcompute.core.clock import FakeClock, RandomIds
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.policy import AccessPolicy, PolicyDp
+from fedcompute.core.secrets import key_admin_token
 from fedcompute.keys import hpke
 from fedcompute.keys.policy import from_message
 from fedcompute.keys.release_log import SignedEntry, verify_entries
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
-from fedcompute.suite import key_admin_token, operator_key_clients
 from fedcompute.v1 import common_pb2, key_pb2
 from tests.harness import Harness, suite_settings, wait_for
 

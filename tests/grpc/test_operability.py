@@ -154,7 +154,7 @@ def test_request_ids_are_returned_to_callers(harness: Harness) -> None:
 
 
 def _token(harness: Harness) -> str:
-    from fedcompute.suite import operator_token
+    from fedcompute.core.secrets import operator_token
 
     return operator_token(harness.suite.settings)
 

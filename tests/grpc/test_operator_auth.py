@@ -18,14 +18,15 @@ from typer.testing import CliRunner
 
 from fedcompute.attestation.measure import measure
 from fedcompute.cli import app
+from fedcompute.clients.dealer import operator_key_clients
 from fedcompute.clients.operator import create_task
 from fedcompute.clients.typed import TaskManagementClient
 from fedcompute.core.clock import RandomIds, SystemClock
+from fedcompute.core.secrets import key_admin_token, operator_token
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
 from fedcompute.server.operator_auth import OperatorAuthService
 from fedcompute.store.models import OperatorTokenRow, StatusHistoryRow, TaskRow
-from fedcompute.suite import key_admin_token, operator_key_clients, operator_token
 from fedcompute.v1 import task_management_pb2 as tm
 from fedcompute.v1 import task_management_pb2_grpc
 from tests.harness import Harness, task_spec, wait_for

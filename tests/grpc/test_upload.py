@@ -302,9 +302,9 @@ def test_an_upload_begun_on_one_replica_resumes_on_another(harness: Harness) -> 
     replica a device reaches."""
     from fedcompute.clients.typed import UploadClient
     from fedcompute.core.clock import RandomIds, SystemClock
+    from fedcompute.core.secrets import token_secret, worker_token
     from fedcompute.rpc.channels import open_channel
     from fedcompute.server.app import build_server
-    from fedcompute.suite import token_secret, worker_token
 
     settings = harness.suite.settings.model_copy(update={"server_port": 0})
     other = build_server(settings, SystemClock(), RandomIds(), worker_token(settings), token_secret(settings))
@@ -433,10 +433,10 @@ def test_two_streams_of_one_upload_on_two_replicas_never_write_at_once(harness: 
 
     from fedcompute.clients.typed import UploadClient
     from fedcompute.core.clock import RandomIds, SystemClock
+    from fedcompute.core.secrets import token_secret, worker_token
     from fedcompute.rpc.channels import open_channel
     from fedcompute.server.app import build_server
     from fedcompute.store.blobstores import open_blob_store
-    from fedcompute.suite import token_secret, worker_token
 
     settings = harness.suite.settings.model_copy(update={"server_port": 0})
     other = build_server(settings, SystemClock(), RandomIds(), worker_token(settings), token_secret(settings))

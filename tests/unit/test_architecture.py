@@ -95,15 +95,22 @@ def test_modules_are_small() -> None:
     importlib.import_module("fedcompute.cli")
 
 
-def test_key_services_verifier_and_dealer_start_without_torch() -> None:
+def test_key_services_verifier_and_dealer_start_without_torch(tmp_path: Path) -> None:
     """They read policies and plans as data; torch (seconds to import, hundreds of MB) is for those that train,
-    aggregate or build plans."""
+    aggregate or build plans. The probe takes `fedcompute serve keys`'s own path (the CLI, the component runtime,
+    a key service started and stopped) and imports what the verifier and the dealer need to start: the key
+    services once imported torch through a helper in the suite module and took 1.8 s instead of 0.3 s to serve."""
     import subprocess
     import sys
 
     probe = (
-        "import sys, fedcompute.keys.app, fedcompute.attestation.app, fedcompute.clients.dealer\n"
+        "import sys, fedcompute.cli\n"
+        "from fedcompute.components import start_component\n"
+        "from fedcompute.core.settings import Settings\n"
+        "import fedcompute.attestation.app, fedcompute.clients.dealer, fedcompute.keys.trust\n"
+        f"settings = Settings(workdir={str(tmp_path)!r}, plaintext=True, key_service_port=0)\n"
+        "start_component('keys', settings).stop(0)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -53,7 +53,7 @@ PORT_SETTING = {
 }
 ADDRESS_SETTING = {"server": "server_address", "verifier": "verifier_address", "keys": "key_service_addresses"}
 SECRETS = SECRET_SETTINGS | {"database_url"}  # the database URL carries the database password
-# the only secrets each component may hold (suite.child_env gives `up`'s children the same)
+# the only secrets each component may hold (core.processes.child_env gives `up`'s children the same)
 NEEDED_SECRETS = {
     "server": {"database_url", "internal_token", "token_secret", "s3_access_key_id", "s3_secret_access_key"},
     "modelupdater": {"database_url", "s3_access_key_id", "s3_secret_access_key"},
