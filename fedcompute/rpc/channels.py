@@ -21,6 +21,11 @@ RETRYABLE = frozenset(
 )
 
 
+# gRPC waits 1 s after a refused connection, then 1.6x longer each time up to 120 s (jittered): a worker whose
+# server was down for two minutes (a rollout) could wait two more before trying again. Ours start at 0.25 s and
+# stop growing at 5 s, so a restarted component is reached within seconds of serving again.
+RECONNECT_BACKOFF = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 5000)]
+
 REQUEST_ID = "x-request-id"
 _ids = RandomIds()
 
@@ -82,6 +87,7 @@ def open_channel(
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        *RECONNECT_BACKOFF,
     ]
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
