@@ -1,16 +1,16 @@
 """Aggregation of bench-1m contributions in-process: the aggregator's own code against HPKE-open + float64 add.
 
-Product, the loop of `AggregatorWorker.process`: per contribution, sha256 of the envelope on one prefetch thread
-(two items ahead), `open_contribution` on another (one ahead: scan the envelope, check its context against the
-job, HPKE open in place, view the safetensors payload's tensors without a copy after checking its layout, names,
-shapes and dtypes against the plan's schema, check finiteness; with DP the update's float64 norm too), then on
-the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C by the norm computed while opening,
-sum in float64); at the end the release (the mean, or the DP noise from ChaCha20 over 1,126,410 coordinates) and
-`checkpoints.encode` of the result, as the worker does before CompleteJob. Not included: claiming the job, fetching
-the key shares from the key services, verifying the access policy, streaming the envelopes over gRPC
-(StreamContributions) and sending the result back. Limit, on one thread: parse the envelope, HPKE-open its
-ciphertext, view the safetensors data as float32 and add it in place into one float64 array. The envelopes are K
-distinct sealed updates reused in turn (memory).
+Product, the loop of `AggregatorWorker.process`: per contribution, sha256 of the envelope on one of two
+prefetch threads (the two items after the next), `open_contribution` on another (one ahead: scan the envelope,
+check its context against the job, HPKE open in place, view the safetensors payload's tensors without a copy after
+checking its layout, names, shapes and dtypes against the plan's schema, check finiteness; with DP the update's
+float64 norm too), then on the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C by the
+norm computed while opening, sum in float64); at the end the release (the mean, or the DP noise from ChaCha20
+over 1,126,410 coordinates) and `checkpoints.encode` of the result, as the worker does before CompleteJob. Not
+included: claiming the job, fetching the key shares from the key services, verifying the access policy, streaming
+the envelopes over gRPC (StreamContributions) and sending the result back. Limit, on one thread: parse the
+envelope, HPKE-open its ciphertext, view the safetensors data as float32 and add it in place into one float64
+array. The envelopes are K distinct sealed updates reused in turn (memory).
 With ``--aggregator-device cuda`` (bench.run) the product also runs summing on that device (the worker's
 ``aggregator_device``): opening stays on the CPU, each update is copied to the device and added there in float64,
 DP's norm is the one taken while opening, its noise is drawn on the CPU and added on the device.
@@ -39,6 +39,7 @@ from fedcompute.aggregator.contributions import JobContext, Opened, open_contrib
 from fedcompute.aggregator.dp import DpParams, DpSum
 from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.noise import ChaChaGaussian
+from fedcompute.aggregator.worker import HASH_THREADS
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.memory import keep_large_buffers
@@ -93,7 +94,8 @@ def product(job: Job, count: int, dp: bool, device: str = "cpu") -> float:
         return open_contribution(item[0], item[1], job.context, job.keys, norm=dp)
 
     items = (job.envelopes[i % DISTINCT] for i in range(count))
-    for contribution in prefetched(prefetched(items, hashed), opened):  # as the worker: hash, open, add
+    # as the worker: hash (two threads), check and open (one), add (this one)
+    for contribution in prefetched(prefetched(items, hashed, ahead=HASH_THREADS), opened):
         if isinstance(mean, DpSum):
             mean.add(contribution.update, contribution.metrics, contribution.norm)
         else:

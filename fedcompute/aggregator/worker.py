@@ -30,6 +30,8 @@ from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.v1 import aggregation_pb2, common_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
+HASH_THREADS = 2  # envelopes hashed at once, ahead of the opening thread
+Hashed = tuple[str, bytes, str]  # (assignment id, envelope, the envelope's sha256 hex)
 
 
 class AggregatorWorker:
@@ -112,8 +114,10 @@ class AggregatorWorker:
             stream = self._jobs.stream_contributions(
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
             )
-            # the one after next is hashed and the next opened while this one is added (three threads, in order)
-            for outcome in prefetched(prefetched(stream, opener.check), opener.open):
+            # the next ones are hashed (two threads: the slowest stage, 2.5 ms per 4 MiB) and checked and opened
+            # while this one is added, all in order
+            hashed = prefetched(stream, _digest, ahead=HASH_THREADS)
+            for outcome in prefetched(hashed, opener.check_and_open):
                 if outcome is None:
                     self._fail(job, opener.refusal or "the stream is not the job's input set", retryable=False)
                     return
@@ -192,10 +196,10 @@ class AggregatorWorker:
 
 
 class _Opener:
-    """Two stages, each on its own thread one item ahead (``prefetched`` twice): ``check`` hashes each streamed
-    item against the job's input list, in order (``None``: not the input set's); ``open`` opens what was checked.
-    After a mismatch or an error nothing more is checked or opened, so no key is asked for on a refused stream
-    and nothing after the first mismatch is ever opened."""
+    """The in-order stage after hashing (``prefetched``: the items were hashed ahead on other threads):
+    ``check`` compares each item and its hash with the job's input list (``None``: not the input set's), ``open``
+    opens what was checked. After a mismatch or an error nothing more is checked or opened, so no key is asked
+    for on a refused stream and nothing after the first mismatch is ever opened."""
 
     def __init__(
         self,
@@ -215,18 +219,22 @@ class _Opener:
         self.matched = 0  # items that matched the input list so far
         self.refusal = ""  # why the stream was refused: the first item that did not match, named
 
-    def check(self, item: aggregation_pb2.StreamContributionsResponse) -> tuple[bytes, str] | None:
+    def check(self, hashed: Hashed) -> tuple[bytes, str] | None:
+        """The item if it is the input list's next (in order), else None and the refusal says why."""
         if self._stopped:
             return None
-        envelope = item.envelope  # each read of a bytes field copies it: read once, hash once
+        assignment_id, envelope, sha256_hex = hashed
         self._metrics.contribution_bytes.inc(len(envelope))
-        got = (item.assignment_id, hashlib.sha256(envelope).hexdigest())
+        got = (assignment_id, sha256_hex)
         if self.matched >= len(self._inputs) or got != self._inputs[self.matched]:
             self._stopped = True
             self.refusal = _mismatch(self.matched, got, self._inputs)
             return None
         self.matched += 1
-        return envelope, item.assignment_id
+        return envelope, assignment_id
+
+    def check_and_open(self, hashed: Hashed) -> Opened | Rejected | None:
+        return self.open(self.check(hashed))
 
     def open(self, checked: tuple[bytes, str] | None) -> Opened | Rejected | None:
         if checked is None or self._failed:
@@ -239,6 +247,12 @@ class _Opener:
         except BaseException:
             self._stopped = self._failed = True
             raise
+
+
+def _digest(item: aggregation_pb2.StreamContributionsResponse) -> Hashed:
+    """(assignment id, envelope, its sha256): the envelope read once (each read of a bytes field copies it)."""
+    envelope = item.envelope
+    return item.assignment_id, envelope, hashlib.sha256(envelope).hexdigest()
 
 
 def _mismatch(index: int, got: tuple[str, str], inputs: list[tuple[str, str]]) -> str:

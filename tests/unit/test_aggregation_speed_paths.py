@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import KeyUnavailable
 from fedcompute.aggregator.main import build_worker
 from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian
-from fedcompute.aggregator.worker import _Opener
+from fedcompute.aggregator.worker import HASH_THREADS, _digest, _Opener
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.prefetch import prefetched
@@ -201,6 +202,20 @@ def test_prefetch_keeps_order_stays_one_ahead_and_raises_in_order() -> None:
     next(early)
     early.close()
     assert set(started) <= {0, 1}
+    # two threads two ahead: results still in order, whichever thread finishes first
+    started.clear()
+
+    def uneven(i: int) -> tuple[int, str]:
+        time.sleep(0.01 * (i % 2))  # the odd items finish after the even ones started after them
+        return work(i)
+
+    wide = prefetched(range(6), uneven, ahead=2)
+    assert next(wide) == (0, "job-1")
+    assert set(started) <= {0, 1, 2}
+    assert [next(wide), next(wide)] == [(10, "job-1"), (20, "job-1")]
+    with pytest.raises(KeyError):
+        next(wide)
+    assert set(started) <= {0, 1, 2, 3, 4, 5}
 
 
 def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_error() -> None:
@@ -223,22 +238,22 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
 
     metrics = WorkerMetrics.create(CollectorRegistry())
     opener = _Opener(inputs, job, keys, metrics)
-    first = opener.open(opener.check(items[0]))
+    first = opener.open(opener.check(_digest(items[0])))
     assert isinstance(first, Opened)
     assert first.num_examples == 2
-    assert opener.open(opener.check(items[2])) is None  # out of order: not the input set's
+    assert opener.open(opener.check(_digest(items[2]))) is None  # out of order: not the input set's
     assert opener.refusal == "contribution 1 of the stream ('a3') is not the input set's contribution 1 ('a2'); refused"
-    assert opener.open(opener.check(items[1])) is None  # nothing is opened after a mismatch
+    assert opener.open(opener.check(_digest(items[1]))) is None  # nothing is opened after a mismatch
     assert (opener.matched, asked) == (1, ["k"])
 
     # the refusal names what was wrong: bytes that are not the listed ones, or more items than the list holds
     altered = aggregation_pb2.StreamContributionsResponse(assignment_id="a1", envelope=items[0].envelope[:-1] + b"?")
     named = _Opener(inputs, job, keys, metrics)
-    assert named.check(altered) is None
+    assert named.check(_digest(altered)) is None
     assert named.refusal.startswith("contribution 0 of the stream ('a1') does not hash to the input set's sha256")
     past = _Opener(inputs[:1], job, keys, metrics)
-    assert past.check(items[0]) is not None
-    assert past.check(items[1]) is None
+    assert past.check(_digest(items[0])) is not None
+    assert past.check(_digest(items[1])) is None
     assert past.refusal == "contribution 1 of the stream ('a2') is past the job's input set of 1; refused"
 
     def unavailable(key_id: str) -> X25519PrivateKey:
@@ -248,18 +263,19 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
     asked.clear()
     failing = _Opener(inputs, job, unavailable, metrics)
     with pytest.raises(KeyUnavailable):
-        failing.open(failing.check(items[0]))
-    assert failing.check(items[1]) is None  # the prefetched next item asks nothing more
+        failing.open(failing.check(_digest(items[0])))
+    assert failing.check(_digest(items[1])) is None  # the prefetched next item asks nothing more
     assert failing.open((items[1].envelope, "a2")) is None  # nor would an item already checked, once stopped
     assert asked == ["k"]
 
-    # the worker's pipeline (hash two ahead on one thread, open one ahead on another): a stream whose second item
-    # is not the input set's opens the first, then nothing more, whatever the threads' timing
+    # the worker's pipeline (hashed ahead on two threads, checked and opened one ahead on another): a stream whose
+    # second item is not the input set's opens the first, then nothing more, whatever the threads' timing
     for _ in range(20):
         asked.clear()
         piped = _Opener(inputs, job, keys, metrics)
         stream = [items[0], items[2], items[1], items[1]]
-        outcomes = list(prefetched(prefetched(iter(stream), piped.check), piped.open))
+        hashed = prefetched(iter(stream), _digest, ahead=HASH_THREADS)
+        outcomes = list(prefetched(hashed, piped.check_and_open))
         assert isinstance(outcomes[0], Opened)
         assert outcomes[1:] == [None, None, None]
         assert (piped.matched, asked) == (1, ["k"])
