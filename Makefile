@@ -32,7 +32,7 @@ typecheck: $(BIN)/.installed
 test: protos-check lint typecheck
 	$(BIN)/pytest -q --durations=15
 
-bench: $(BIN)/.installed  # not part of test: 6-7 minutes on 2 cores; ARGS="--quick" or "--only NAME"
+bench: $(BIN)/.installed  # not part of test: 5-7 minutes on 2 cores; ARGS="--quick" or "--only NAME"
 	GRPC_VERBOSITY=ERROR $(BIN)/python -m bench.run $(ARGS)
 
 clean:
