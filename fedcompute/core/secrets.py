@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcompute.core.files import fsync_directory
 from fedcompute.core.settings import Settings
 
 
@@ -25,12 +26,15 @@ def load_or_create(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
     with os.fdopen(fd, "w") as handle:  # mkstemp files are 0600
         handle.write(value)
+        handle.flush()
+        os.fsync(handle.fileno())
     try:
         os.link(tmp, path)  # atomic: fails if another process got there first
     except FileExistsError:
         value = path.read_text().strip()
     finally:
         os.unlink(tmp)
+    fsync_directory(path.parent)  # the name survives a power cut: a secret made anew would orphan what used it
     return value
 
 

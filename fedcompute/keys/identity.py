@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fedcompute.core.files import fsync_directory
 from fedcompute.keys import hpke
 
 
@@ -76,9 +77,5 @@ def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
     finally:
         os.unlink(tmp)
     # the name must survive a power cut too: an identity made anew would not match the signing key others pinned
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(folder)
     return identity

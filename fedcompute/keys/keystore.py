@@ -1,7 +1,8 @@
 """A key provider's own persistent state: its shares (sealed under its KEK), the access policies it registered,
 its release ledger per (policy, round), the privacy budget each policy has spent, and used result ids.
 
-One JSON file per provider, written atomically (temp -> fsync -> rename), mode 0600. Shares are stored
+One JSON file per provider, written atomically and durably (temp -> fsync -> rename -> fsync of the directory),
+mode 0600. Shares are stored
 ChaCha20-Poly1305-sealed under the provider's KEK, bound to their key id; a destroyed key keeps no share. The KEK
 itself never sits in this directory (see ``keys/kek.py``).
 """
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from fedcompute.core.files import replace_durably
 
 
 @dataclass
@@ -99,7 +102,7 @@ class KeyStore:
                 json.dump(asdict(state), handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, self._path)
+            replace_durably(tmp, self._path)  # a share, a policy or a charge survives a power cut once saved
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

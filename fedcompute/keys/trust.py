@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcompute.core.files import replace_durably
 from fedcompute.keys.statement import load_signing_public, public_der
 
 
@@ -19,7 +20,9 @@ def write_trusted(path: Path, providers: Mapping[str, ec.EllipticCurvePublicKey]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".trusted-")
     with os.fdopen(fd, "w") as handle:
         handle.write(body)
-    os.replace(tmp, path)
+        handle.flush()
+        os.fsync(handle.fileno())
+    replace_durably(tmp, path)  # pinned once: a pin lost to a power cut would be trusted on first use again
 
 
 def load_trusted(path: Path) -> dict[str, ec.EllipticCurvePublicKey]:

@@ -1,4 +1,5 @@
-"""Local content-addressed blob directory: ``sha256/ab/cdef...``, written temp -> fsync -> rename."""
+"""Local content-addressed blob directory: ``sha256/ab/cdef...``, written temp -> fsync -> rename -> fsync of the
+directory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedcompute.core.blobs import BlobCorrupted, BlobMissing
+from fedcompute.core.files import fsync_directory, replace_durably
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _READ = 1024 * 1024
@@ -58,8 +60,11 @@ class LocalBlobStore:
         return digest
 
     def _install(self, tmp: Path, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+        """Name the (fsynced) file durably: a blob counted in a committed transaction survives a power cut."""
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fsync_directory(target.parent.parent)  # the new ``ab/`` directory's own name
+        replace_durably(tmp, target)
 
     def get(self, sha256_hex: str, *, verify: bool = True) -> bytes:
         path = self._path(sha256_hex)

@@ -40,3 +40,62 @@ def test_a_durable_commit_fsyncs_the_wal_after_the_write_lock_and_a_soft_one_doe
     with db.reading() as s:
         assert s.execute(text("SELECT count(*) FROM t")).scalar() == 2
     db.dispose()
+
+
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every real fsync from now on, by the path its descriptor names (directories included)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_a_stored_blob_is_named_durably_its_directory_fsynced_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob counted in a committed transaction must still be there after a power cut: its bytes fsynced, then
+    renamed in, then the directory that now names it fsynced (and a new ``ab/`` directory's own parent)."""
+    from fedcompute.store.blobs import LocalBlobStore
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    synced = _fsyncs(monkeypatch)
+    digest = store.put(b"first")
+    blob_dir = str(tmp_path / "blobs" / "sha256" / digest[:2])
+    assert synced[-2:] == [str(tmp_path / "blobs" / "sha256"), blob_dir]  # new ab/: named, then the blob's name
+    assert synced[0].startswith(str(tmp_path / "blobs" / "tmp"))  # the bytes first, under the temporary name
+    staged = tmp_path / "blobs" / "tmp" / "upload-1"
+    staged.write_bytes(b"second")
+    synced.clear()
+    second = store.put_file(staged)
+    assert synced[-1] == str(tmp_path / "blobs" / "sha256" / second[:2])
+    assert store.get(second) == b"second"
+
+
+def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key service's ledger (shares, policies, the budget each policy spent) and a device's pinned providers:
+    a save lost to a power cut would forget a charge, or pin again on first use."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedcompute.keys.keystore import KeyStore
+    from fedcompute.keys.trust import load_trusted, write_trusted
+
+    store = KeyStore(tmp_path / "keys" / "keyset.json", os.urandom(32))
+    synced = _fsyncs(monkeypatch)
+    with store.mutate() as state:
+        state.charged["policy"] = 2
+    assert synced[-1] == str(tmp_path / "keys")
+    assert synced[0].startswith(str(tmp_path / "keys" / ".keyset-"))
+    assert store.read().charged == {"policy": 2}
+    synced.clear()
+    pinned = tmp_path / "public" / "trusted-providers.json"
+    write_trusted(pinned, {"kp-0": ec.generate_private_key(ec.SECP256R1()).public_key()})
+    assert synced[0].startswith(str(tmp_path / "public" / ".trusted-"))
+    assert synced[-1] == str(tmp_path / "public")
+    assert list(load_trusted(pinned)) == ["kp-0"]
