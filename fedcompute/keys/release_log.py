@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcompute.core.files import fsync_directory
 from fedcompute.keys import statement
 
 GENESIS = "0" * 64
@@ -60,6 +61,8 @@ class ReleaseLog:
                 handle.write(json.dumps(line) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+            if not entries:  # the file may be new: its name is durable only once its directory is fsynced
+                fsync_directory(self._path.parent)
         return body
 
     def entries(self, start_seq: int = 0) -> list[SignedEntry]:

@@ -99,3 +99,13 @@ def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
     assert synced[0].startswith(str(tmp_path / "public" / ".trusted-"))
     assert synced[-1] == str(tmp_path / "public")
     assert list(load_trusted(pinned)) == ["kp-0"]
+    # the release log: its first entry creates the file, whose name must be durable too; later ones append
+    from fedcompute.keys.release_log import ReleaseLog
+
+    log = ReleaseLog(tmp_path / "log" / "releases.jsonl", ec.generate_private_key(ec.SECP256R1()))
+    synced.clear()
+    log.append({"round": 1})
+    assert synced == [str(tmp_path / "log" / "releases.jsonl"), str(tmp_path / "log")]
+    synced.clear()
+    log.append({"round": 2})
+    assert synced == [str(tmp_path / "log" / "releases.jsonl")]
