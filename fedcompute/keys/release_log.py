@@ -46,23 +46,30 @@ class ReleaseLog:
         self._path = path
         self._key = signing_key
         self._lock = threading.Lock()
+        # (entries, sha256 hex of the last body): read from the file once, then kept by each append, which made
+        # an append read and parse the whole log (13 ms at 3,000 entries here, growing by ~4 us an entry)
+        self._tail: tuple[int, str] | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Add one entry (``seq`` and ``prev`` are filled in), durable before this returns."""
         with self._lock:
-            entries = self._read()
-            prev = hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS
-            body = {**fields, "seq": len(entries), "prev": prev}
+            if self._tail is None:
+                entries = self._read()
+                self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS)
+            count, prev = self._tail
+            body = {**fields, "seq": count, "prev": prev}
             raw = canonical(body)
             line = {"body": _b64(raw), "signature": _b64(statement.sign_bytes(raw, self._key))}
+            self._tail = None  # until the entry is durable: a failed write makes the next append read the file
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             with os.fdopen(fd, "a") as handle:
                 handle.write(json.dumps(line) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
-            if not entries:  # the file may be new: its name is durable only once its directory is fsynced
+            if not count:  # the file may be new: its name is durable only once its directory is fsynced
                 fsync_directory(self._path.parent)
+            self._tail = (count + 1, hashlib.sha256(raw).hexdigest())
         return body
 
     def entries(self, start_seq: int = 0) -> list[SignedEntry]:

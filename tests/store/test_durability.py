@@ -109,3 +109,35 @@ def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
     synced.clear()
     log.append({"round": 2})
     assert synced == [str(tmp_path / "log" / "releases.jsonl")]
+
+
+def test_the_release_log_chains_across_restarts_and_a_failed_append_leaves_no_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends keep the log's tail in memory (an append no longer reads the whole file): a log reopened by a
+    restarted provider continues the chain, and an append whose fsync failed is not counted, so the next entry
+    is read from what the file holds and the whole log still verifies."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedcompute.keys.release_log import ReleaseLog, verify_entries
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "keys" / "release-log.jsonl"
+    first = ReleaseLog(path, key)
+    for round_ in range(3):
+        first.append({"provider_id": "kp-0", "round": round_})
+    restarted = ReleaseLog(path, key)
+    assert restarted.append({"provider_id": "kp-0", "round": 3})["seq"] == 3
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        restarted.append({"provider_id": "kp-0", "round": 4})  # written, not known durable: the caller refuses
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    after = restarted.append({"provider_id": "kp-0", "round": 5})
+    bodies = verify_entries(restarted.entries(), "kp-0", key.public_key())
+    assert [b["round"] for b in bodies] == [0, 1, 2, 3, 4, 5]  # the file's line 4 is the chain's, not a gap
+    assert after["seq"] == 5
