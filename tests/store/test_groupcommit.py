@@ -126,3 +126,43 @@ def test_an_error_of_one_item_is_raised_to_its_caller_alone() -> None:
 
     as_one_batch(group, [submit("bad"), submit("good")])
     assert results == {"bad": "raised bad refused", "good": "good ok"}
+
+
+def test_many_threads_each_get_their_own_outcome_and_a_failed_batch_fails_all_its_callers() -> None:
+    """Real threads against one group (no database): every caller gets the outcome of its own item, items are
+    written in batches, nobody waits forever, and a batch whose write raises fails each caller in it alone."""
+    import random
+    import threading
+    import time
+
+    batches: list[list[int]] = []
+
+    def write(items: list[int]) -> list[int]:
+        batches.append(items)
+        time.sleep(random.uniform(0, 0.002))
+        if -1 in items:
+            raise ValueError("poisoned batch")
+        return [i * 2 for i in items]
+
+    group: GroupCommit[int, int] = GroupCommit(write)
+    results: dict[int, object] = {}
+
+    def caller(base: int) -> None:
+        for i in range(base, base + 50):
+            try:
+                results[i] = group.submit(-1 if i == 777 else i)
+            except ValueError as exc:
+                results[i] = exc
+
+    threads = [threading.Thread(target=caller, args=(k * 50,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    poisoned = next(b for b in batches if -1 in b)
+    failed = {i for i, r in results.items() if isinstance(r, ValueError)}
+    assert failed == {777 if i == -1 else i for i in poisoned}  # exactly the poisoned batch's callers
+    assert all(results[i] == 2 * i for i in range(1600) if i not in failed)
+    assert sum(len(b) for b in batches) == 1600  # every item written once
+    assert len(batches) < 1600  # callers were grouped
