@@ -24,7 +24,7 @@ RETRYABLE = frozenset(
 # gRPC waits 1 s after a refused connection, then 1.6x longer each time up to 120 s (jittered): a worker whose
 # server was down for two minutes (a rollout) could wait two more before trying again. Ours start at 0.25 s and
 # stop growing at 5 s, so a restarted component is reached within seconds of serving again.
-RECONNECT_BACKOFF = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 5000)]
+RECONNECT_BACKOFF = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 5000))
 
 REQUEST_ID = "x-request-id"
 _ids = RandomIds()
