@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from bench.common import LoadGenerator, Mode, Result, create_task, interleave, postgres_database, suite_settings
+from fedcompute.core.memory import freeze_startup_heap
 from fedcompute.suite import start_suite
 from fedcompute.v1 import task_management_pb2 as tm
 
@@ -35,6 +36,7 @@ def _one_database(mode: Mode, load: LoadGenerator, database: str, tmp: Path, url
     # the background loops at their production interval (1 s): the benchmark's 50 ms polling would otherwise burn
     # a third of a core that neither the product nor the echo needs (both are measured on the same server)
     suite = start_suite(suite_settings(tmp / "w", url, poll_interval_s=1.0), aggregator=False)
+    freeze_startup_heap()  # as `serve` and `up` do once started (core/memory.py)
     try:
         spec = tm.TaskSpec(
             population_name=POPULATION, model_architecture="digits-linear-v1", rounds=1,

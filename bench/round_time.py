@@ -23,6 +23,7 @@ import torch
 from bench.common import LoadGenerator, Mode, Result, create_task, suite_settings
 from fedcompute.clients.typed import TaskManagementClient
 from fedcompute.core import checkpoints
+from fedcompute.core.memory import freeze_startup_heap
 from fedcompute.core.secrets import operator_token
 from fedcompute.rpc.channels import channel_for
 from fedcompute.suite import Suite, start_suite
@@ -47,6 +48,7 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
         # wakes), the model updater and the dealer are poked by the server in this process; polling at the
         # benchmarks' 50 ms instead would cost the server a fifth of a core while the devices are served
         suite = start_suite(suite_settings(Path(tmp) / "w", "", rpc_timeout_s=300.0, poll_interval_s=1.0))
+        freeze_startup_heap()  # as `serve` and `up` do once started (core/memory.py)
         try:
             z = iter(1.0 + 0.001 * i for i in range(100))  # each sample a DP configuration of its own, see _round
             # untimed: the process's first task pays for imports, the accountant's first run and a full garbage

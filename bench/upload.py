@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from bench.common import LoadGenerator, Mode, Result, create_task, interleave, suite_settings
+from fedcompute.core.memory import freeze_startup_heap
 from fedcompute.suite import start_suite
 from fedcompute.v1 import task_management_pb2 as tm
 from fedcompute.v1 import upload_pb2
@@ -53,6 +54,7 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     count = CONCURRENCY if mode.quick else 4 * CONCURRENCY
     with tempfile.TemporaryDirectory(prefix="fedcompute-bench-") as tmp:
         suite = start_suite(suite_settings(Path(tmp) / "w", "", poll_interval_s=1.0), aggregator=False)  # as checkin
+        freeze_startup_heap()  # as `serve` and `up` do once started (core/memory.py)
         sink, sink_port = start_sink(suite.settings.worker_threads, suite.settings.max_message_bytes)
         try:
             spec = tm.TaskSpec(
