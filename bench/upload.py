@@ -10,10 +10,19 @@ bytes are made before its clock starts. Limit: a trivial grpcio server in the sa
 no interceptor) whose one client-streaming method consumes the same WriteRequest messages, of the same chunk size,
 and does nothing with them. Both driven from the load generator process; MB/s = envelope bytes / wall time of the
 batch; the report's extra field gives the devices' own CPU per upload.
+
+A second limit, a row of its own: the least a server that keeps what it acknowledges must do with the same
+messages, on the same disk. The durable sink appends each chunk to a new file while hashing it (sha256), fsyncs
+the file, renames it into place, fsyncs the directory, deletes the file (which the product keeps: the disk stays
+as empty as the sink's) and answers. No database, no check of the hash or header, no locks. The three sides
+alternate: product, raw sink, durable sink.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
 import tempfile
 from collections.abc import Iterator
 from concurrent import futures
@@ -32,9 +41,38 @@ SIZE = 4 * 1024 * 1024
 CONCURRENCY = 16
 
 
-def start_sink(threads: int, max_message_bytes: int) -> tuple[grpc.Server, int]:
+def start_sink(threads: int, max_message_bytes: int, durable_in: Path | None = None) -> tuple[grpc.Server, int]:
+    """The raw sink; with ``durable_in``, the durable sink writing there (see the module)."""
+    names = itertools.count()
+
+    def discard(requests: Iterator[upload_pb2.WriteRequest]) -> int:
+        return sum(len(r.data) for r in requests)
+
+    def keep(requests: Iterator[upload_pb2.WriteRequest]) -> int:
+        assert durable_in is not None
+        name = f"{next(names)}"
+        digest, size = hashlib.sha256(), 0
+        with open(durable_in / f"{name}.part", "wb") as f:
+            for r in requests:
+                f.write(r.data)
+                digest.update(r.data)
+                size += len(r.data)
+            f.flush()
+            os.fsync(f.fileno())
+        kept = durable_in / f"{name}-{digest.hexdigest()}"  # the bench's envelopes are alike: names of their own
+        os.rename(durable_in / f"{name}.part", kept)
+        directory = os.open(durable_in, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        kept.unlink()
+        return size
+
+    receive = keep if durable_in is not None else discard
+
     def write(requests: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext) -> upload_pb2.WriteResponse:
-        size = sum(len(r.data) for r in requests)
+        size = receive(requests)
         return upload_pb2.WriteResponse(committed_size=size, complete=True)
 
     handler = grpc.stream_unary_rpc_method_handler(
@@ -56,6 +94,10 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
         suite = start_suite(suite_settings(Path(tmp) / "w", "", poll_interval_s=1.0), aggregator=False)  # as checkin
         freeze_startup_heap()  # as `serve` and `up` do once started (core/memory.py)
         sink, sink_port = start_sink(suite.settings.worker_threads, suite.settings.max_message_bytes)
+        (Path(tmp) / "durable").mkdir()
+        durable, durable_port = start_sink(
+            suite.settings.worker_threads, suite.settings.max_message_bytes, Path(tmp) / "durable"
+        )
         try:
             spec = tm.TaskSpec(
                 population_name=POPULATION, model_architecture="digits-linear-v1", rounds=1,
@@ -65,24 +107,30 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
             create_task(suite, spec)
             address = suite.server_address
             chunk = suite.settings.chunk_size_bytes
-            product, limit = interleave(
+            product, limit, floor = interleave(
                 mode.pairs,
                 lambda: load.run(kind="upload", address=address, population=POPULATION, concurrency=CONCURRENCY,
                                  count=count, size=SIZE),
                 lambda: load.run(kind="sink", address=f"127.0.0.1:{sink_port}", concurrency=CONCURRENCY,
                                  count=count, size=SIZE, chunk=chunk),
+                lambda: load.run(kind="sink", address=f"127.0.0.1:{durable_port}", concurrency=CONCURRENCY,
+                                 count=count, size=SIZE, chunk=chunk),
             )  # fmt: skip
         finally:
+            durable.stop(0)
             sink.stop(0)
             suite.stop(grace=0)
     notes = (
         f"{count} x 4 MiB envelopes per sample, {CONCURRENCY} concurrent, {chunk // 1024} KiB chunks; "
         "UploadService.Write (SQLite, fsync) vs a raw grpcio client-streaming sink"
     )
+    durable_notes = f"the same uploads vs a durable sink: hash, write, fsync, rename, fsync the directory ({notes})"
     return [
         Result("upload 4MiB x16", "throughput", "MB/s", [p["mb_per_s"] for p in product],
                [b["mb_per_s"] for b in limit], notes=notes,
                extra={"devices_cpu_ms_per_upload": {
                    "product": [1000 * p["client_cpu_s"] / count for p in product],
-                   "limit": [1000 * b["client_cpu_s"] / count for b in limit]}})
+                   "limit": [1000 * b["client_cpu_s"] / count for b in limit]}}),
+        Result("upload vs durable sink", "throughput", "MB/s", [p["mb_per_s"] for p in product],
+               [b["mb_per_s"] for b in floor], notes=durable_notes),
     ]  # fmt: skip
