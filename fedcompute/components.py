@@ -5,7 +5,8 @@ logs stamped with the component, a start-up line with its address, version and s
 own Prometheus registry served on ``FEDCOMPUTE_METRICS_PORT``, gRPC health that follows its dependencies
 (components without RPCs of their own serve it on ``FEDCOMPUTE_HEALTH_PORT``), and on SIGTERM a drain: health
 NOT_SERVING, in-flight RPCs get ``FEDCOMPUTE_SHUTDOWN_GRACE_S``, then exit. Imports are per component, so key
-services, verifier and dealer never load torch.
+services, verifier and dealer start without torch (a key service holding a DP policy then loads Opacus'
+accountants, and torch with them, in the background: ``core/privacy.py load_accountants_soon``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ z⁻² = 2·z_Δ⁻² (+ (2σ_b)⁻²), so the stored z stays the one every ledg
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -19,6 +20,29 @@ from fedcompute.core.errors import InvalidArgument
 
 ACCOUNTANTS = ("prv", "rdp")
 MAX_NOISE_MULTIPLIER = 50.0
+
+
+_loading = threading.Lock()
+_loader: list[threading.Thread] = []  # the one background import of this process, once started
+
+
+def load_accountants() -> None:
+    """Import Opacus' accountants now. Opacus imports torch: 8.7 s for a process without it on the loaded 2-core
+    VM the benchmarks run on. A key service (which starts without torch) ran that import inside its first DP
+    release, under its store's lock, where a worker's 5 s deadline ran out (all three providers at once, the first
+    round of a DP task); it now imports them before taking the lock, and sooner in the background
+    (:func:`load_accountants_soon`) once it holds a DP policy."""
+    import opacus.accountants  # noqa: F401
+
+
+def load_accountants_soon() -> None:
+    """:func:`load_accountants` on a thread of its own (once per process): the caller does not wait, and a release
+    that needs them meanwhile waits for the import already under way, not for one of its own."""
+    with _loading:
+        if _loader:
+            return
+        _loader.append(threading.Thread(target=load_accountants, name="load-accountants", daemon=True))
+    _loader[0].start()
 
 
 @lru_cache(maxsize=1024)

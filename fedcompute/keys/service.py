@@ -20,7 +20,7 @@ from fedcompute.attestation.results import ReleaseBinding, ResultRejected, b64ur
 from fedcompute.core.clock import Clock
 from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from fedcompute.core.policy import AccessPolicy
-from fedcompute.core.privacy import epsilon
+from fedcompute.core.privacy import epsilon, load_accountants, load_accountants_soon
 from fedcompute.keys import hpke, ledger, statement
 from fedcompute.keys import policy as access_policy
 from fedcompute.keys.identity import ProviderIdentity
@@ -91,6 +91,8 @@ class KeyService:
         self._policy_source = policy
         self._policy_cache: ReleasePolicy | None = None
         self.max_age_s = max_age_s
+        if any(self._registered(digest).dp is not None for digest in store.read().policies):
+            load_accountants_soon()  # a DP policy's releases will need them (imports torch: seconds)
 
     @property
     def _policy(self) -> ReleasePolicy:
@@ -205,6 +207,8 @@ class KeyService:
         digest = policy.sha256_hex()
         with self._store.mutate() as state:
             state.policies.setdefault(digest, access_policy.to_message(policy).SerializeToString().hex())
+        if policy.dp is not None:
+            load_accountants_soon()  # its releases will need them (imports torch: seconds), not at the first one
         log.info("access_policy_registered", policy=digest, population=policy.population_name, dp=policy.dp is not None)
         return access_policy.sign(policy, self._id.signing_key)
 
@@ -229,6 +233,8 @@ class KeyService:
         if measurement not in policy.allowed_measurements:
             self._refuse(binding, "the aggregator's code measurement is not one the task's access policy allows")
         ledger.check_inputs(policy, binding.input_set_sha256_hex, inputs)
+        if policy.dp is not None:
+            load_accountants()  # before the store's lock: the first import takes seconds (core/privacy.py)
         with self._store.mutate() as state:
             key = state.keys.get(binding.key_id)
             if key is None or not key.activated:

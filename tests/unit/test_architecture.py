@@ -114,3 +114,63 @@ def test_key_services_verifier_and_dealer_start_without_torch(tmp_path: Path) ->
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# a key service as `serve keys` builds it, in a fresh interpreter: which policies make it load Opacus' accountants
+# (and torch with them), printed as it goes; argv[1]: its workdir
+_DP_PROBE = """
+import sys, time
+from fedcompute.clients.typed import KeyClient
+from fedcompute.components import start_component
+from fedcompute.core.policy import AccessPolicy, PolicyDp
+from fedcompute.core.secrets import key_admin_token
+from fedcompute.core.settings import Settings
+from fedcompute.keys.policy import to_message
+from fedcompute.rpc.channels import open_channel
+from fedcompute.v1 import key_pb2
+
+def loaded(wait_s):
+    deadline = time.monotonic() + wait_s
+    while "opacus.accountants" not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "opacus.accountants" in sys.modules
+
+settings = Settings(workdir=sys.argv[1], plaintext=True, key_service_port=0)
+running = start_component("keys", settings)
+print("started", loaded(0), "torch" in sys.modules, flush=True)
+client = KeyClient(open_channel(running.address), 30.0, key_admin_token(settings))
+if sys.argv[2] == "register":
+    plain = AccessPolicy("plain", "pop", ("sha256:" + "11" * 32,), 2, None, plan_sha256_hex="cd" * 32)
+    client.register_policy(key_pb2.RegisterPolicyRequest(policy=to_message(plain)))
+    print("plain", loaded(1.0), flush=True)
+    dp = PolicyDp(1.0, 2.0, 2, epsilon=5.0, delta=1e-5, accountant="rdp", assumed_population_size=10)
+    private = AccessPolicy("private", "pop", ("sha256:" + "11" * 32,), 2, dp, plan_sha256_hex="cd" * 32)
+    client.register_policy(key_pb2.RegisterPolicyRequest(policy=to_message(private)))
+print("dp", loaded(120), flush=True)
+running.stop(0)
+"""
+
+
+def test_a_key_service_loads_the_dp_accountants_once_it_holds_a_dp_policy_not_at_its_first_release(
+    tmp_path: Path,
+) -> None:
+    """Opacus' accountants import torch (8.7 s on a loaded 2-core VM): a key service that imported them in its first
+    DP release, under its store's lock, ran past a worker's deadline. It starts without them, does not load them
+    for a policy without DP, loads them in the background when a DP policy is registered (the registration does not
+    wait), and at start when it already holds one (a restart)."""
+    import subprocess
+    import sys
+
+    def probe(step: str) -> dict[str, list[str]]:
+        done = subprocess.run(
+            [sys.executable, "-c", _DP_PROBE, str(tmp_path), step],
+            capture_output=True, text=True, check=False, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+
+    first = probe("register")
+    assert first["started"] == ["False", "False"]  # neither the accountants nor torch at start
+    assert first["plain"] == ["False"]  # a policy without DP needs no accountant
+    assert first["dp"] == ["True"]  # loaded once a DP policy was registered
+    assert probe("restart")["dp"] == ["True"]  # the same key service again, its store holding the DP policy
