@@ -18,11 +18,12 @@ with it on.
 :func:`freeze_startup_heap` is the other half, for CPython's cyclic garbage collector. A server process holds some
 450,000 objects once started (torch, protobuf descriptors, SQLAlchemy, gRPC); every full (oldest-generation)
 collection walked all of them with the GIL held: 0.4-0.5 s each on the benchmark VM, about once a minute under a
-steady check-in load, which stopped every RPC in flight (a 5 s window of 64 callers on Postgres: p99 565 ms against
-~170 ms in the windows without one). Moved to the permanent generation once start-up is done, they are never
-walked again: the same load then ran full collections of 2-4 ms. Objects made later are collected as before; the
-price is that a cycle of start-up objects that becomes garbage later is never freed (start-up builds what the
-process keeps). Every long-running fedcompute process calls it once started (`serve`, `up`, the aggregator worker).
+steady check-in load, which stopped every RPC in flight (10 s windows of 64 callers on Postgres: p99 565 ms in the
+window that held one, 163-186 ms in the others). Moved to the permanent generation once start-up is done, they are
+never walked again: a full collection then took 0.7 ms instead of ~400 ms (`python -m bench.gc_pause`). Objects
+made later are collected as before; the price is that a cycle of start-up objects that becomes garbage later is
+never freed (start-up builds what the process keeps). Every long-running fedcompute process calls it once started
+(`serve`, `up`, the aggregator worker).
 """
 
 from __future__ import annotations

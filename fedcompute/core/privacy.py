@@ -26,23 +26,31 @@ _loading = threading.Lock()
 _loader: list[threading.Thread] = []  # the one background import of this process, once started
 
 
+def _import_accountants() -> None:
+    import opacus.accountants  # noqa: F401
+
+
 def load_accountants() -> None:
     """Import Opacus' accountants now. Opacus imports torch: 8.7 s for a process without it on the loaded 2-core
     VM the benchmarks run on. A key service (which starts without torch) ran that import inside its first DP
     release, under its store's lock, where a worker's 5 s deadline ran out (all three providers at once, the first
     round of a DP task); it now imports them before taking the lock, and sooner in the background
-    (:func:`load_accountants_soon`) once it holds a DP policy."""
-    import opacus.accountants  # noqa: F401
+    (:func:`load_accountants_soon`) once it holds a DP policy. An import under way in the background is waited
+    for, not raced: torch is not imported by two threads at once."""
+    with _loading:
+        loader = _loader[0] if _loader else None
+    if loader is not None:
+        loader.join()
+    _import_accountants()  # done already (a lookup), or raises what the background import could not do
 
 
 def load_accountants_soon() -> None:
-    """:func:`load_accountants` on a thread of its own (once per process): the caller does not wait, and a release
-    that needs them meanwhile waits for the import already under way, not for one of its own."""
+    """Start importing Opacus' accountants on a thread of its own (once per process); the caller does not wait."""
     with _loading:
-        if _loader:
-            return
-        _loader.append(threading.Thread(target=load_accountants, name="load-accountants", daemon=True))
-    _loader[0].start()
+        if not _loader:
+            loader = threading.Thread(target=_import_accountants, name="load-accountants", daemon=True)
+            loader.start()
+            _loader.append(loader)
 
 
 @lru_cache(maxsize=1024)
