@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 
 from bench.common import LoadGenerator, Mode, Result, create_task, interleave, suite_settings
+from fedcompute.core.files import replace_durably
 from fedcompute.core.memory import freeze_startup_heap
 from fedcompute.suite import start_suite
 from fedcompute.v1 import task_management_pb2 as tm
@@ -60,12 +61,7 @@ def start_sink(threads: int, max_message_bytes: int, durable_in: Path | None = N
             f.flush()
             os.fsync(f.fileno())
         kept = durable_in / f"{name}-{digest.hexdigest()}"  # the bench's envelopes are alike: names of their own
-        os.rename(durable_in / f"{name}.part", kept)
-        directory = os.open(durable_in, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_durably(durable_in / f"{name}.part", kept)  # rename, then fsync the directory
         kept.unlink()
         return size
 

@@ -6,6 +6,7 @@ fsync of anything on the disk; other file systems, and POSIX, promise nothing of
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -23,3 +24,25 @@ def replace_durably(source: Path | str, target: Path) -> None:
     the new file after a power cut too (``source``'s bytes must have been fsynced before)."""
     os.replace(source, target)
     fsync_directory(target.parent)
+
+
+def create_once(path: Path, data: bytes) -> bytes:
+    """Make ``path`` hold ``data`` unless it exists, and return what it holds: the first writer's bytes whichever
+    process wins a race. The bytes go to a temporary file (mode 0600) that is fsynced, then linked to ``path``
+    (atomic, and it fails if the name exists), then the directory fsynced: a power cut or a kill leaves the file
+    whole or absent, never half-written, and never forgets a name once this returned."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            data = path.read_bytes()
+    finally:
+        os.unlink(tmp)
+    fsync_directory(path.parent)
+    return data

@@ -5,52 +5,38 @@ Torch-free and gRPC-free, as every component reads its credentials from here at 
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcompute.core.files import fsync_directory
+from fedcompute.core.files import create_once
 from fedcompute.core.settings import Settings
 
 
 def load_or_create(path: Path) -> str:
-    """Read the secret, or create it; processes racing to create it all end up with the one written first."""
+    """Read the secret, or create it (durably); processes racing to create it all end up with the one written
+    first. A secret made anew after a power cut would orphan what used it."""
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
-    with os.fdopen(fd, "w") as handle:  # mkstemp files are 0600
-        handle.write(value)
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        os.link(tmp, path)  # atomic: fails if another process got there first
-    except FileExistsError:
-        value = path.read_text().strip()
-    finally:
-        os.unlink(tmp)
-    fsync_directory(path.parent)  # the name survives a power cut: a secret made anew would orphan what used it
-    return value
+    return create_once(path, secrets.token_urlsafe(32).encode()).decode().strip()
 
 
 def load_or_create_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """An ES256 signing key kept as PEM (mode 0600); created on first use."""
+    """An ES256 signing key kept as PEM (mode 0600); created on first use, durably and whole (a half-written key
+    would stop its component from starting; one made anew would invalidate what the old one signed)."""
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{path} is not an EC private key")
-        return key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+        pem = path.read_bytes()
+    else:
+        made = ec.generate_private_key(ec.SECP256R1())
+        pem = made.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        pem = create_once(path, pem)  # another process's key if it created one first
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path} is not an EC private key")
     return key
 
 

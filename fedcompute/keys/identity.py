@@ -7,8 +7,6 @@ part of it: it comes from a separate secret (``keys/kek.py``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcompute.core.files import fsync_directory
+from fedcompute.core.files import create_once
 from fedcompute.keys import hpke
 
 
@@ -52,7 +50,6 @@ def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
     found = load_identity(folder, provider_id)
     if found is not None:
         return found
-    folder.mkdir(parents=True, exist_ok=True)
     identity = ProviderIdentity(provider_id, ec.generate_private_key(ec.SECP256R1()), hpke.generate_private_key())
     pem = identity.signing_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -62,20 +59,10 @@ def load_or_create_identity(folder: Path, provider_id: str) -> ProviderIdentity:
         "signing_key_pem": pem,
         "wrapping_key": hpke.private_bytes(identity.wrapping_key).hex(),
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".identity-")  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(body, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, folder / "identity.json")
-        except FileExistsError:
-            won = load_identity(folder, provider_id)
-            assert won is not None
-            return won
-    finally:
-        os.unlink(tmp)
-    # the name must survive a power cut too: an identity made anew would not match the signing key others pinned
-    fsync_directory(folder)
+    data = json.dumps(body).encode()
+    # durable and whole: an identity made anew after a power cut would not match the signing key others pinned
+    if create_once(folder / "identity.json", data) != data:  # another process created it first: theirs
+        won = load_identity(folder, provider_id)
+        assert won is not None
+        return won
     return identity

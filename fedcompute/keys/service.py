@@ -91,7 +91,7 @@ class KeyService:
         self._policy_source = policy
         self._policy_cache: ReleasePolicy | None = None
         self.max_age_s = max_age_s
-        if any(self._registered(digest).dp is not None for digest in store.read().policies):
+        if any(_stored_policy(stored).dp is not None for stored in store.read().policies.values()):
             load_accountants_soon()  # a DP policy's releases will need them (imports torch: seconds)
 
     @property
@@ -219,7 +219,7 @@ class KeyService:
                 f"access policy {digest[:16]}… is not registered with key service {self._id.provider_id}; "
                 "the operator registers a task's policy when creating it"
             )
-        return access_policy.from_message(common_pb2.AccessPolicy.FromString(bytes.fromhex(stored)))
+        return _stored_policy(stored)
 
     def release_log(self, start_seq: int) -> list[SignedEntry]:
         return self._log.entries(start_seq)
@@ -297,6 +297,11 @@ class KeyService:
             if not ok:
                 self._refuse(binding, problem)
         return claims
+
+
+def _stored_policy(stored: str) -> AccessPolicy:
+    """A policy as the keystore keeps it (its message, hex)."""
+    return access_policy.from_message(common_pb2.AccessPolicy.FromString(bytes.fromhex(stored)))
 
 
 @lru_cache(maxsize=256)

@@ -141,3 +141,42 @@ def test_the_release_log_chains_across_restarts_and_a_failed_append_leaves_no_ga
     bodies = verify_entries(restarted.entries(), "kp-0", key.public_key())
     assert [b["round"] for b in bodies] == [0, 1, 2, 3, 4, 5]  # the file's line 4 is the chain's, not a gap
     assert after["seq"] == 5
+
+
+def test_generated_secrets_and_signing_keys_appear_whole_and_durably_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verifier's and the platform CA's signing keys, the generated tokens and a key provider's identity are
+    made once and kept: written whole under a temporary name and fsynced, linked to their name, the directory
+    fsynced. A write that fails half-way (a full disk, a kill) leaves no file under the name, so the next start
+    makes a whole one instead of failing on a truncated key (the signing keys were once written in place)."""
+    from fedcompute.core.secrets import load_or_create, load_or_create_ec_key
+    from fedcompute.keys.identity import load_or_create_identity
+
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    key_path = tmp_path / "verifier" / "verifier.pem"
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        load_or_create_ec_key(key_path)
+    assert list(key_path.parent.iterdir()) == []  # neither the name nor the temporary file
+    monkeypatch.setattr(os, "fsync", real_fsync)
+
+    synced = _fsyncs(monkeypatch)
+    key = load_or_create_ec_key(key_path)
+    assert synced[0].startswith(str(tmp_path / "verifier" / ".verifier.pem-"))  # the bytes, before the name
+    assert synced[-1] == str(tmp_path / "verifier")  # the name, after the link
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_ec_key(key_path).private_numbers() == key.private_numbers()  # kept, not made anew
+    synced.clear()
+    token = load_or_create(tmp_path / "secrets" / "worker-token")
+    assert synced[-1] == str(tmp_path / "secrets")
+    assert load_or_create(tmp_path / "secrets" / "worker-token") == token
+    synced.clear()
+    identity = load_or_create_identity(tmp_path / "kp-0", "kp-0")
+    assert synced[-1] == str(tmp_path / "kp-0")
+    again = load_or_create_identity(tmp_path / "kp-0", "kp-0")
+    assert again.signing_key.private_numbers() == identity.signing_key.private_numbers()
