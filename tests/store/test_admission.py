@@ -28,6 +28,7 @@ from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.models import AssignmentRow, StatusHistoryRow
 from fedcompute.store.tasks import TaskRepository
 from fedcompute.v1 import common_pb2
+from tests.harness import wait_for
 from tests.store.leader import as_one_batch
 
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
@@ -233,11 +234,17 @@ def test_postgres_admissions_survive_killed_connections_and_dispose_closes_their
         kept = {row[0] for row in db.soft_statement("SELECT pg_backend_pid()", {})}
     finally:
         db.dispose()
-    probe = create_engine(postgres_database)
-    with probe.connect() as conn:
-        alive = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": list(kept)})
-        assert alive.scalar_one() == 0
-    probe.dispose()
+    probe = create_engine(postgres_database, isolation_level="AUTOCOMMIT")
+
+    def closed() -> bool:  # a backend exits when it reads the client's goodbye, a moment after ``dispose``
+        with probe.connect() as conn:
+            alive = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": list(kept)})
+            return bool(alive.scalar_one() == 0)
+
+    try:
+        wait_for(closed, timeout_s=10, what="the kept connections' server processes to exit")
+    finally:
+        probe.dispose()
 
 
 def test_an_admission_written_twice_is_refused_whole_and_counts_once(db: Database) -> None:
