@@ -8,6 +8,9 @@ ledger must refuse."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,11 +25,14 @@ from fedcompute.attestation.results import Appraisal, ReleaseBinding, mint_resul
 from fedcompute.clients.dealer import operator_key_clients
 from fedcompute.clients.operator import register_policy
 from fedcompute.clients.typed import KeyClient
+from fedcompute.core import privacy
 from fedcompute.core.clock import FakeClock, RandomIds
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.policy import AccessPolicy, PolicyDp
 from fedcompute.core.secrets import key_admin_token
 from fedcompute.keys import hpke
+from fedcompute.keys import service as service_module
+from fedcompute.keys.keystore import KeyStore
 from fedcompute.keys.policy import from_message
 from fedcompute.keys.release_log import SignedEntry, verify_entries
 from fedcompute.keys.trust import load_trusted
@@ -201,7 +207,29 @@ def test_unregistered_policies_and_measurements_outside_the_policy_are_refused(h
     _denied_everywhere(harness, bound, _result(harness, bound[0]), "access policy allows")
 
 
-def test_dp_budget_is_enforced_by_each_key_service(harness: Harness) -> None:
+def test_dp_budget_is_enforced_by_each_key_service(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each provider charges its own ledger and refuses the release that would pass ε. The accountant (0.1-0.3 s a
+    count) runs before the provider's store lock, never under it: every release of the provider waits on that lock."""
+    under_lock = threading.local()
+    calls: list[bool] = []
+    mutate, accountant = KeyStore.mutate, privacy.epsilon
+
+    @contextmanager
+    def watched_mutate(self: KeyStore) -> Iterator[Any]:
+        under_lock.held = True
+        try:
+            with mutate(self) as state:
+                yield state
+        finally:
+            under_lock.held = False
+
+    def watched_epsilon(*args: Any) -> float:
+        calls.append(getattr(under_lock, "held", False))
+        return accountant(*args)
+
+    monkeypatch.setattr(KeyStore, "mutate", watched_mutate)
+    monkeypatch.setattr(service_module, "epsilon", watched_epsilon)
+    service_module._epsilon_cached.cache_clear()  # another test may have computed these counts in this process
     key_id = _key_id(harness)
     settings = harness.suite.settings
     dp = PolicyDp(1.0, 2.0, 2, epsilon=1.1, delta=1e-5, accountant="rdp", assumed_population_size=10)
@@ -223,6 +251,8 @@ def test_dp_budget_is_enforced_by_each_key_service(harness: Harness) -> None:
     assert len(charged) == codes.count(grpc.StatusCode.OK)
     assert all(b["epsilon_after"] <= 1.1 for b in charged)
     assert [b["releases_charged"] for b in charged] == list(range(1, len(charged) + 1))
+    assert calls  # the accountant ran for this policy's counts
+    assert not any(calls)  # each of them before the lock
 
 
 def test_unknown_keys_are_not_found(harness: Harness) -> None:
