@@ -13,7 +13,7 @@ import structlog
 import typer
 
 from fedcompute.core.logs import configure_logging
-from fedcompute.core.memory import freeze_startup_heap, keep_large_buffers
+from fedcompute.core.memory import hold_frozen, keep_large_buffers
 from fedcompute.ops_cli import certs_app, config_app
 from fedcompute.privacy_cli import privacy_app
 from fedcompute.rpc.serving import one_line, unreachable
@@ -143,8 +143,7 @@ def up(
     )  # fmt: skip
     typer.echo(f"fedcompute up: server {suite.server_address}, key services {keys}", err=True)
     typer.echo(f"fedcompute up: {DEMO_DISK_WARNING}", err=True)
-    freeze_startup_heap()  # no full collection walks start-up's objects again (core/memory.py)
-    stop.wait()
+    hold_frozen(stop)  # until stopped; no full collection walks start-up's objects again (core/memory.py)
     suite.stop(settings.shutdown_grace_s)
 
 
@@ -177,8 +176,7 @@ def serve(
             raise
         typer.echo(f"{component} not started: a dependency is unreachable: {one_line(exc)}", err=True)
         raise typer.Exit(1) from None
-    freeze_startup_heap()  # no full collection walks start-up's objects again (core/memory.py)
-    stop.wait()
+    hold_frozen(stop)  # until stopped; no full collection walks start-up's objects again (core/memory.py)
     running.stop(settings.shutdown_grace_s)
 
 

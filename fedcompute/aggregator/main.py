@@ -17,7 +17,7 @@ from fedcompute.components import announce_start, at_least, serving
 from fedcompute.core.clock import RandomIds
 from fedcompute.core.logs import VERSION, configure_logging
 from fedcompute.core.loops import PollingLoop
-from fedcompute.core.memory import freeze_startup_heap, keep_large_buffers
+from fedcompute.core.memory import hold_frozen, keep_large_buffers
 from fedcompute.core.secrets import load_or_create
 from fedcompute.core.settings import SettingError, Settings
 from fedcompute.core.telemetry import LoopMetrics, WorkerMetrics
@@ -76,8 +76,7 @@ def main() -> None:
     loop = PollingLoop("aggregator", LoopMetrics.create("aggregator", registry).counted(worker.run_once),
                        settings.poll_interval_s).start()  # fmt: skip
     announce_start("aggregator", settings, f"{settings.host}:{health.port}" if health else "", registry)
-    freeze_startup_heap()  # no full collection walks start-up's objects (torch's among them) again
-    stop.wait()
+    hold_frozen(stop)  # until stopped; no full collection walks start-up's objects (torch's among them) again
     if health:
         health.stop(settings.shutdown_grace_s)
     loop.stop()  # a job in progress finishes first (its lease would otherwise run out)

@@ -73,6 +73,34 @@ print(json.dumps({"moved": moved, "frozen": gc.get_freeze_count(), "kept_walked"
                   "garbage_left": sum(type(o).__name__ == "Node" for o in walked) - 1}))
 """
 
+# a fresh interpreter: start-up frozen, then a lazy import (a module nothing here imported yet); whether its objects
+# are walked before and after refreeze_after_imports, and whether hold_frozen (the main thread's wait) does it alone
+_REFREEZE_PROBE = """
+import gc, json, sys, threading, time
+from fedcompute.core.memory import freeze_startup_heap, hold_frozen, refreeze_after_imports
+assert "xml.dom.minidom" not in sys.modules and "fractions" not in sys.modules
+freeze_startup_heap()
+nothing_new = refreeze_after_imports()
+import xml.dom.minidom
+walked_before = any(o is xml.dom.minidom.parseString for o in gc.get_objects())
+moved = refreeze_after_imports()
+walked_after = any(o is xml.dom.minidom.parseString for o in gc.get_objects())
+again = refreeze_after_imports()
+stop = threading.Event()
+holder = threading.Thread(target=hold_frozen, args=(stop, 0.05))
+holder.start()
+time.sleep(0.2)
+import fractions
+deadline = time.monotonic() + 10
+while any(o is fractions.Fraction for o in gc.get_objects()) and time.monotonic() < deadline:
+    time.sleep(0.05)
+held = not any(o is fractions.Fraction for o in gc.get_objects())
+stop.set()
+holder.join()
+print(json.dumps({"nothing_new": nothing_new, "walked_before": walked_before, "moved": moved,
+                  "walked_after": walked_after, "again": again, "held": held}))
+"""
+
 # a fedcompute command (argv) in a fresh interpreter, on its main thread (it waits for SIGTERM there); a thread
 # stops it once the heap is frozen, or after 30 s
 _SERVE_PROBE = """
@@ -96,6 +124,19 @@ def test_start_up_objects_are_frozen_and_later_ones_collected_as_before() -> Non
     assert answer["kept_walked"] is False  # never walked again
     assert answer["later_walked"] is True  # made after start-up: collected as before
     assert answer["garbage_left"] == 0  # start-up's garbage was collected, not frozen
+
+
+def test_a_lazy_import_after_start_up_is_frozen_too() -> None:
+    """Modules imported once a process serves (a key service's accountants, the server's torch.export) are as
+    long-lived as start-up's: frozen again, by the main thread's wait, so full collections do not walk them."""
+    out = subprocess.run([sys.executable, "-c", _REFREEZE_PROBE], capture_output=True, text=True, check=True)
+    answer = json.loads(out.stdout)
+    assert answer["nothing_new"] == 0  # no import since the freeze: nothing to do
+    assert answer["walked_before"] is True  # the lazily imported module's objects, walked by every collection
+    assert answer["moved"] > 0
+    assert answer["walked_after"] is False  # frozen with the rest
+    assert answer["again"] == 0
+    assert answer["held"] is True  # hold_frozen froze the next lazy import within its check interval
 
 
 @pytest.mark.parametrize("command", [["serve", "keys"], ["up"]])
