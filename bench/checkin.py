@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from bench.common import LoadGenerator, Mode, Result, create_task, interleave, postgres_database, suite_settings
-from fedcompute.core.memory import freeze_startup_heap
+from fedcompute.core.memory import freeze_startup_heap, refreeze_after_imports
 from fedcompute.suite import start_suite
 from fedcompute.v1 import task_management_pb2 as tm
 
@@ -44,6 +44,7 @@ def _one_database(mode: Mode, load: LoadGenerator, database: str, tmp: Path, url
             hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
         )  # fmt: skip
         create_task(suite, spec)
+        refreeze_after_imports()  # the operator's plan export just ran here: as `serve` freezes it (core/memory.py)
         address = suite.server_address
         load.run(kind="checkin", address=address, population=POPULATION, concurrency=1, seconds=1.0)  # key, caches
         results = []

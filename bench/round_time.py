@@ -23,7 +23,7 @@ import torch
 from bench.common import LoadGenerator, Mode, Result, create_task, suite_settings
 from fedcompute.clients.typed import TaskManagementClient
 from fedcompute.core import checkpoints
-from fedcompute.core.memory import freeze_startup_heap
+from fedcompute.core.memory import freeze_startup_heap, refreeze_after_imports
 from fedcompute.core.secrets import operator_token
 from fedcompute.rpc.channels import channel_for
 from fedcompute.suite import Suite, start_suite
@@ -54,6 +54,7 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
             # untimed: the process's first task pays for imports, the accountant's first run and a full garbage
             # collection of what they left (~5 s in a fresh process, measured), which no later round pays again
             _round(suite, load, "warm-up", WARM_UP, payload, next(z))
+            refreeze_after_imports()  # what the warm-up imported, as `serve` and `up` freeze it (core/memory.py)
             rounds = {n: [_round(suite, load, f"{n}-{i}", n, payload, next(z)) for i in range(k)] for n, k in sizes}
         finally:
             suite.stop(grace=0)

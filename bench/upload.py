@@ -35,7 +35,7 @@ import grpc
 
 from bench.common import LoadGenerator, Mode, Result, create_task, interleave, suite_settings
 from fedcompute.core.files import replace_durably
-from fedcompute.core.memory import freeze_startup_heap
+from fedcompute.core.memory import freeze_startup_heap, refreeze_after_imports
 from fedcompute.suite import start_suite
 from fedcompute.v1 import task_management_pb2 as tm
 from fedcompute.v1 import upload_pb2
@@ -103,6 +103,7 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
                 hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
             )  # fmt: skip
             create_task(suite, spec)
+            refreeze_after_imports()  # the operator's plan export just ran here: as `serve` freezes it (core/memory.py)
             address = suite.server_address
             chunk = suite.settings.chunk_size_bytes
             product, limit, floor = interleave(
