@@ -16,9 +16,10 @@ messages, on the same disk. The durable sink appends each chunk to a new file wh
 the file, renames it into place, fsyncs the directory and answers; its files stay until the benchmark ends, as the
 product's blobs do. No database, no check of the hash or header, no locks. The three sides alternate: product,
 raw sink, durable sink. (A durable sink that deleted each file once it had answered ran ~1.5x faster here, 440-480
-MB/s against 270-300: 11 ms of server CPU per upload against 19-22, the difference nearly all in the kernel, whose
-page cache then reuses the pages just freed instead of taking new ones. A server that keeps what it acknowledges
-cannot do that; and a side that ran right after another side's files were deleted got the same head start.)
+MB/s against 270-300: 11 ms of server CPU per upload against 19-22, the difference nearly all in the kernel's
+page-cache writes; most likely it reused the pages just freed instead of taking new ones. A server that keeps
+what it acknowledges cannot do that; and a side that ran right after another side's files were deleted got the
+same head start.)
 """
 
 from __future__ import annotations
