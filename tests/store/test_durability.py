@@ -180,3 +180,68 @@ def test_generated_secrets_and_signing_keys_appear_whole_and_durably_or_not_at_a
     assert synced[-1] == str(tmp_path / "kp-0")
     again = load_or_create_identity(tmp_path / "kp-0", "kp-0")
     assert again.signing_key.private_numbers() == identity.signing_key.private_numbers()
+
+
+# one process of a start-up race: wait for the agreed moment, then make (or find) a provider identity, a token and
+# a signing key in the shared directory; print what it got
+_CREATOR = """
+import hashlib, sys, time
+from pathlib import Path
+from cryptography.hazmat.primitives import serialization
+from fedcompute.core.secrets import load_or_create, load_or_create_ec_key
+from fedcompute.keys.identity import load_or_create_identity
+folder, start = Path(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+identity = load_or_create_identity(folder / "kp", "kp-0")
+public = identity.signing_key.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+key = load_or_create_ec_key(folder / "ca" / "ca.pem").public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+token = load_or_create(folder / "secrets" / "token")
+print(hashlib.sha256(public).hexdigest(), hashlib.sha256(key).hexdigest(), token)
+"""
+
+
+def test_processes_racing_to_create_a_secret_all_get_the_first_writers(tmp_path: Path) -> None:
+    """Replicas started together (or a supervisor's restart beside a slow exit) each find no identity, token or
+    signing key and make one: every process must end up with the one that was linked first, and that one alone
+    is on disk (a second identity would not match the signing key devices and peers pinned)."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 3.0  # the interpreters' imports are done by then: they make their files together
+    racers = [
+        subprocess.Popen([sys.executable, "-c", _CREATOR, str(tmp_path), str(start)], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    answers = {racer.communicate(timeout=120)[0] for racer in racers}
+    assert all(racer.returncode == 0 for racer in racers)
+    assert len(answers) == 1, answers  # one identity, one CA key, one token, whoever won
+    for folder in ("kp", "ca", "secrets"):
+        assert [p.name for p in (tmp_path / folder).iterdir()] != [], folder
+        assert not [p.name for p in (tmp_path / folder).iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_the_loser_of_a_creation_race_returns_the_winners_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race made certain: another process's identity appears between this one's look and its link."""
+    from fedcompute.keys import identity as identity_module
+
+    winner = identity_module.load_or_create_identity(tmp_path, "kp-0")
+    looked = [False]
+    real_load = identity_module.load_identity
+
+    def not_yet(folder: Path, provider_id: str) -> identity_module.ProviderIdentity | None:
+        if not looked[0]:  # the first look happened before the winner linked its file
+            looked[0] = True
+            return None
+        return real_load(folder, provider_id)
+
+    monkeypatch.setattr(identity_module, "load_identity", not_yet)
+    loser = identity_module.load_or_create_identity(tmp_path, "kp-0")
+    assert looked[0]
+    assert loser.signing_key.private_numbers() == winner.signing_key.private_numbers()
+    assert loser.wrapping_key.private_bytes_raw() == winner.wrapping_key.private_bytes_raw()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json"]
