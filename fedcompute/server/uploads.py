@@ -33,6 +33,7 @@ from fedcompute.core.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from fedcompute.core.files import drop_cached
 from fedcompute.core.records import UploadRecord
 from fedcompute.core.transitions import AssignmentStatus, UploadStatus
 from fedcompute.keys.envelope import check_envelope, read_envelope_header
@@ -271,6 +272,7 @@ class UploadService:
             finally:
                 handle.flush()
                 os.fsync(handle.fileno())
+                drop_cached(handle.fileno())  # read once more, by the aggregator (core/files.py)
                 if not finished and offset != start:  # soft: losing it only makes the device resend
                     kept = self._store_progress(started, start, offset, durable=False)
         if not finished:

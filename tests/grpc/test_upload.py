@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ from fedcompute.clients.device import upload
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import upload_pb2
-from tests.harness import Harness, sealed, wait_for
+from tests.harness import Harness, sealed, suite_settings, wait_for
 
 
 def _ready(harness: Harness, report_goal: int = 2) -> tuple[str, ta.TaskAssignment, ta.UploadInstruction]:
@@ -180,6 +184,49 @@ def test_a_resume_whose_staged_bytes_are_gone_is_data_loss_and_the_device_starts
     assert upload(harness.uploads, instruction, data).complete
     assert harness.iterations(task_id)[0].completed_uploads == 1
     assert harness.suite.server.blobs.get(hashlib.sha256(data).hexdigest()) == data
+
+
+def _pages_cached(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, its pages), from mincore(2) on a mapping that touches none of them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    pages = -(-size // page)
+    vector = ctypes.create_string_buffer(pages)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vector.raw), pages
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="posix_fadvise and mincore are Linux's")
+def test_an_uploaded_envelope_leaves_the_page_cache_once_it_is_on_disk(database_url: str, tmp_path: Path) -> None:
+    """An upload is written once here and read once, later, by the aggregator: once fsynced its pages are dropped
+    from the page cache (core/files.py drop_cached), where they would push out what is read again and make the
+    next upload's writes find new pages. The header, read back to check the envelope's binding, may stay."""
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url, max_upload_bytes=4 << 20), aggregator=False)
+    try:
+        task_id, a, instruction = _ready(harness)
+        data = sealed(a, os.urandom(2 << 20))
+        assert upload(harness.uploads, instruction, data).complete
+        sha = hashlib.sha256(data).hexdigest()
+        cached, pages = _pages_cached(harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:])
+        assert pages > 500
+        assert cached < pages // 10, f"{cached} of the blob's {pages} pages are still cached"
+        assert harness.suite.server.blobs.get(sha) == data  # dropped from the cache, not from the disk
+        assert harness.iterations(task_id)[0].completed_uploads == 1
+    finally:
+        harness.stop()
 
 
 @pytest.mark.parametrize("kind", ["plaintext", "garbage-proto", "other-task", "other-round"])
