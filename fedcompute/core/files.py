@@ -5,6 +5,7 @@ fsync of anything on the disk; other file systems, and POSIX, promise nothing of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,11 +23,12 @@ def fsync_directory(directory: Path) -> None:
 def drop_cached(fd: int) -> None:
     """Let the kernel drop the page cache's copy of an open file whose bytes were fsynced and will not be read
     again soon (an upload: written once here, read once by the aggregator). A hint: nothing is lost or changed,
-    and where the call does not exist (macOS) nothing happens. Kept, such pages push out what is read again
-    (models, plans, the database's files), and each new file's writes take pages the kernel must find and clear;
-    dropped, the next writes reuse them (bench/upload.py)."""
+    and where the call does not exist (macOS) or is refused nothing happens. Kept, such pages push out what is
+    read again (models, plans, the database's files), and each new file's writes take pages the kernel must find
+    and clear; dropped, the next writes reuse them (bench/upload.py)."""
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # a refused hint is no reason to fail a write
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def replace_durably(source: Path | str, target: Path) -> None:
