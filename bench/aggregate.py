@@ -5,8 +5,9 @@ prefetch threads (the two items after the next), `open_contribution` on another 
 check its context against the job, HPKE open in place, view the safetensors payload's tensors without a copy after
 checking its layout, names, shapes and dtypes against the plan's schema, check finiteness; with DP the update's
 float64 norm too), then on the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C by the
-norm computed while opening, sum in float64); at the end the release (the mean, or the DP noise from ChaCha20
-over 1,126,410 coordinates) and `checkpoints.encode` of the result, as the worker does before CompleteJob. Not
+norm computed while opening, sum in float64; the release's noise, from ChaCha20 over 1,126,410 coordinates, drawn
+on a thread of its own from the first addition on, as the worker does); at the end the release (the mean, or the
+noised sum) and `checkpoints.encode` of the result, as the worker does before CompleteJob. Not
 included: claiming the job, fetching the key shares from the key services, verifying the access policy, streaming
 the envelopes over gRPC (StreamContributions) and sending the result back. Limit, on one thread: parse the
 envelope, HPKE-open its ciphertext, view the safetensors data as float32 and add it in place into one float64
@@ -38,7 +39,7 @@ from bench.common import LoadGenerator, Mode, Result, interleave
 from fedcompute.aggregator.contributions import JobContext, Opened, open_contribution
 from fedcompute.aggregator.dp import DpParams, DpSum
 from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
-from fedcompute.aggregator.noise import ChaChaGaussian
+from fedcompute.aggregator.noise import ChaChaGaussian, Rehearsed
 from fedcompute.aggregator.worker import HASH_THREADS
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
@@ -95,12 +96,19 @@ def product(job: Job, count: int, dp: bool, device: str = "cpu") -> float:
 
     items = (job.envelopes[i % DISTINCT] for i in range(count))
     # as the worker: hash (two threads), check and open (one), add (this one)
+    noise: Rehearsed | None = None
     for contribution in prefetched(prefetched(items, hashed, ahead=HASH_THREADS), opened):
         if isinstance(mean, DpSum):
             mean.add(contribution.update, contribution.metrics, contribution.norm)
+            if noise is None:  # as the worker, the release's noise drawn on a thread during the stream
+                noise = Rehearsed(ChaChaGaussian.secure(), mean.noise_plan())
         else:
             mean.add(contribution.update, float(contribution.num_examples))
-    update = mean.release(ChaChaGaussian.secure())[0] if isinstance(mean, DpSum) else mean.mean()
+    if isinstance(mean, DpSum):
+        assert noise is not None
+        update = mean.release(noise)[0]
+    else:
+        update = mean.mean()
     checkpoints.encode(update)
     return time.perf_counter() - began
 

@@ -115,16 +115,25 @@ class DpSum:
             raise BelowMinimum(
                 f"{self.count} valid contributions, fewer than min_clients ({self._p.min_clients}); nothing released"
             )
-        std = self._p.noise_multiplier * self._p.clip_norm
+        std = self._std()
         mean: dict[str, torch.Tensor] = {}
         for name, total in sorted(self._sum.items()):
             flat = total.view(-1)
-            for start in range(0, flat.numel(), BLOCK):  # the same samples as one call for the whole tensor
-                block = flat[start : start + BLOCK]
-                block.add_(torch.from_numpy(noise.gaussian(block.numel(), std)).to(self._device, non_blocking=True))
+            for start, size in _blocks(flat.numel()):  # the same samples as one call for the whole tensor
+                block = flat[start : start + size]
+                block.add_(torch.from_numpy(noise.gaussian(size, std)).to(self._device, non_blocking=True))
             mean[name] = (total / self._p.expected_clients).to("cpu", torch.float32).contiguous()
         self._sum.clear()  # the un-noised sum is not kept past this point
         return mean, self._next_clip(noise)
+
+    def noise_plan(self) -> list[tuple[int, float]]:
+        """The calls ``release`` will make to its noise source, in order (count, standard deviation), as the sum
+        stands: known once the first update is added (every later one has the same tensors)."""
+        std = self._std()
+        return [(size, std) for _, total in sorted(self._sum.items()) for _, size in _blocks(total.numel())]
+
+    def _std(self) -> float:
+        return self._p.noise_multiplier * self._p.clip_norm
 
     def release_metrics(self, noise: NoiseSource) -> dict[str, float]:
         """The noised means of the released metrics (after ``release``; clamped to their ranges)."""
@@ -145,3 +154,8 @@ class DpSum:
             return p.clip_norm
         noised = (self._unclipped + float(noise.gaussian(1, p.clipped_count_stddev)[0])) / p.expected_clients
         return float(p.clip_norm * np.exp(-p.clip_learning_rate * (noised - p.target_unclipped_quantile)))
+
+
+def _blocks(count: int) -> list[tuple[int, int]]:
+    """(start, size) of the noise blocks of a tensor of ``count`` values: ``BLOCK`` each, the last one shorter."""
+    return [(start, min(BLOCK, count - start)) for start in range(0, count, BLOCK)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -89,3 +91,41 @@ class ChaChaGaussian:
             block *= std
             block /= 2.0
         return samples
+
+
+class Rehearsed:
+    """A noise source whose first calls are known in advance (``plan``: their counts and deviations, in order):
+    a thread of its own starts drawing them from ``source`` at once, so the draw overlaps whatever the caller does
+    meanwhile (the worker: the rest of the contribution stream). Calls that follow the plan get what was drawn;
+    the first call off the plan raises ``ValueError`` (nothing is served out of order); calls after the plan go
+    to ``source``, which the plan has advanced exactly as direct calls would have. So the samples, and their
+    order, are those of ``source`` called directly. Holds the plan's samples (8 bytes each) until they are used."""
+
+    def __init__(self, source: NoiseSource, plan: Sequence[tuple[int, float]]) -> None:
+        self._source = source
+        self.plan = list(plan)
+        self._drawn: list[np.ndarray | None] = []
+        self._failure: BaseException | None = None
+        self._served = 0
+        self._thread = threading.Thread(target=self._draw, name="noise-ahead", daemon=True)
+        self._thread.start()
+
+    def _draw(self) -> None:
+        try:
+            for count, std in self.plan:
+                self._drawn.append(self._source.gaussian(count, std))
+        except BaseException as exc:  # handed to the caller's next call
+            self._failure = exc
+
+    def gaussian(self, count: int, std: float) -> np.ndarray:
+        if self._served >= len(self.plan):
+            return self._source.gaussian(count, std)
+        if (count, std) != self.plan[self._served]:
+            raise ValueError(f"noise asked for {(count, std)}, the rehearsed call is {self.plan[self._served]}")
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        drawn, self._drawn[self._served] = self._drawn[self._served], None  # freed as soon as it is used
+        self._served += 1
+        assert drawn is not None
+        return drawn

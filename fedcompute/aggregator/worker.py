@@ -18,7 +18,7 @@ from fedcompute.aggregator.contributions import JobContext, Opened, Rejected, op
 from fedcompute.aggregator.dp import BelowMinimum, DpSum
 from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
-from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, derive_noise_key
+from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, Rehearsed, derive_noise_key
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
 from fedcompute.clients.typed import AggregationClient
 from fedcompute.core import checkpoints, plans
@@ -31,6 +31,9 @@ from fedcompute.v1 import aggregation_pb2, common_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
 HASH_THREADS = 2  # envelopes hashed at once, ahead of the opening thread
+# DP noise for the release is drawn while contributions still stream in (8 bytes per parameter held until the
+# release) up to this size, 8M parameters; a larger model draws it at the release, as before
+NOISE_AHEAD_MAX_BYTES = 64 * 1024 * 1024
 Hashed = tuple[str, bytes, str]  # (assignment id, envelope, the envelope's sha256 hex)
 
 
@@ -110,6 +113,8 @@ class AggregatorWorker:
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
         next_extension = time.monotonic() + max(lease_left, 1.0)
         opener = _Opener(inputs, context, keys, self._metrics, norms=isinstance(mean, DpSum))
+        ahead: tuple[bytes, Rehearsed] | None = None  # the release's noise, drawn during the stream (DP)
+        looked_ahead = False
         try:
             stream = self._jobs.stream_contributions(
                 aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
@@ -125,6 +130,8 @@ class AggregatorWorker:
                     rejections[outcome.reason] += 1
                 elif isinstance(mean, DpSum):
                     mean.add(outcome.update, outcome.metrics, outcome.norm)  # uniform weights: counts would leak
+                    if not looked_ahead:  # a key is known now, and the sum's shape
+                        ahead, looked_ahead = self._noise_ahead(keys, policy_hash, job, mean), True
                 else:
                     mean.add(outcome.update, float(outcome.num_examples))
                     metrics.add(outcome.metrics, outcome.num_examples)  # under DP metrics are left out
@@ -156,7 +163,8 @@ class AggregatorWorker:
             return
         clip_used = next_clip = 0.0
         if isinstance(mean, DpSum):
-            noise = self._noise(derive_noise_key(keys.material(), policy_hash, job.round, job.input_set_sha256_hex))
+            key = derive_noise_key(keys.material(), policy_hash, job.round, job.input_set_sha256_hex)
+            noise = _drawn_ahead(ahead, key, mean.noise_plan()) or self._noise(key)
             try:
                 update, next_clip = mean.release(noise)
             except BelowMinimum as exc:
@@ -186,6 +194,17 @@ class AggregatorWorker:
         self._metrics.jobs.labels("completed").inc()
         self._metrics.contributions.labels("accepted").inc(mean.count)
         self._metrics.contributions.labels("rejected").inc(rejected)
+
+    def _noise_ahead(
+        self, keys: JobKeys, policy_hash: str, job: aggregation_pb2.AggregationJob, mean: DpSum
+    ) -> tuple[bytes, Rehearsed] | None:
+        """Start drawing the release's noise now, under the noise key the keys obtained so far give (a later
+        contribution sealed to another key changes it: ``_drawn_ahead`` then leaves this draw unused)."""
+        plan = mean.noise_plan()
+        if 8 * sum(count for count, _ in plan) > NOISE_AHEAD_MAX_BYTES:
+            return None
+        key = derive_noise_key(keys.material(), policy_hash, job.round, job.input_set_sha256_hex)
+        return key, Rehearsed(self._noise(key), plan)
 
     def _fail(self, job: aggregation_pb2.AggregationJob, reason: str, retryable: bool) -> None:
         log.warning("job_failing", job_id=job.job_id, reason=reason, retryable=retryable)
@@ -247,6 +266,14 @@ class _Opener:
         except BaseException:
             self._stopped = self._failed = True
             raise
+
+
+def _drawn_ahead(ahead: tuple[bytes, Rehearsed] | None, key: bytes, plan: list[tuple[int, float]]) -> Rehearsed | None:
+    """The noise drawn during the stream, if it was drawn under the release's key for the release's calls: then it
+    is exactly what a source made now would give; otherwise None (it is dropped, never mixed in)."""
+    if ahead is None or ahead[0] != key or ahead[1].plan != plan:
+        return None
+    return ahead[1]
 
 
 def _digest(item: aggregation_pb2.StreamContributionsResponse) -> Hashed:

@@ -1,6 +1,7 @@
 """The aggregator's fast paths keep the slow paths' results: in-place float64 sums, the float64 norm, blockwise
-noise (the stream's format pinned against a plain reference), the one-pass finiteness check, the one-ahead
-prefetch, and where the sums are kept (the accumulation device; a missing GPU is refused at start)."""
+noise (the stream's format pinned against a plain reference), noise drawn ahead during the stream, the one-pass
+finiteness check, the one-ahead prefetch, and where the sums are kept (the accumulation device; a missing GPU is
+refused at start)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from fedcompute.aggregator.dp import DpParams, DpSum, l2_norm
 from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import KeyUnavailable
 from fedcompute.aggregator.main import build_worker
-from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian
-from fedcompute.aggregator.worker import HASH_THREADS, _digest, _Opener
+from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian, Rehearsed
+from fedcompute.aggregator.worker import HASH_THREADS, _digest, _drawn_ahead, _Opener
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.prefetch import prefetched
@@ -73,6 +74,53 @@ def test_dp_release_adds_the_same_noise_as_one_call_for_the_whole_tensor() -> No
         total = update[name].to(torch.float64)
         sample = torch.from_numpy(noise.gaussian(total.numel(), 8.0).reshape(tuple(total.shape)))
         assert torch.equal(released[name], ((total + sample) / 3).to(torch.float32))
+
+
+def _dp_with_everything() -> DpSum:
+    """A DP sum whose release draws tensor noise (several blocks, short ones), metric noise and adaptive-clip
+    noise from one source."""
+    params = DpParams(
+        clip_norm=2.0, noise_multiplier=0.7, expected_clients=3, min_clients=1, adaptive_clip=True,
+        clipped_count_stddev=0.5, metric_bounds=(("accuracy", 1.0), ("loss", 10.0)),
+    )  # fmt: skip
+    dp = DpSum(params)
+    update = {"big": torch.linspace(-1, 1, 2 * BLOCK + 100), "small": torch.ones(3, 5), "tiny": torch.ones(1)}
+    for scale in (0.5, 3.0):
+        dp.add({k: v * scale for k, v in update.items()}, {"accuracy": 0.7 * scale, "loss": scale})
+    return dp
+
+
+def test_noise_drawn_ahead_releases_the_same_bytes_as_noise_drawn_at_the_release() -> None:
+    """The worker draws the release's tensor noise on a thread while contributions still stream in
+    (``noise.Rehearsed``, worker.py ``_noise_ahead``); the release, its metrics and the next clip norm are then
+    exactly those of a source called at the release."""
+    direct, ahead = _dp_with_everything(), _dp_with_everything()
+    plan = ahead.noise_plan()
+    assert [count for count, _ in plan] == [BLOCK, BLOCK, 100, 15, 1]  # sorted names, blocks, the short ones
+    rehearsed = Rehearsed(ChaChaGaussian(KEY), plan)
+    source = ChaChaGaussian(KEY)
+    (expected, clip), (got, got_clip) = direct.release(source), ahead.release(rehearsed)
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert got_clip == clip
+    assert ahead.release_metrics(rehearsed) == direct.release_metrics(source)  # after the plan: the source itself
+    assert np.array_equal(rehearsed.gaussian(9, 1.0), source.gaussian(9, 1.0))
+
+
+def test_noise_drawn_ahead_is_served_only_in_its_order_and_only_under_the_release_key() -> None:
+    plan = [(BLOCK, 1.0), (7, 1.0)]
+    rehearsed = Rehearsed(ChaChaGaussian(KEY), plan)
+    with pytest.raises(ValueError, match="rehearsed call is"):
+        rehearsed.gaussian(7, 1.0)  # the second call first: nothing served out of order
+    with pytest.raises(ValueError, match="rehearsed call is"):
+        rehearsed.gaussian(BLOCK, 2.0)  # another deviation
+    assert np.array_equal(rehearsed.gaussian(BLOCK, 1.0), ChaChaGaussian(KEY).gaussian(BLOCK, 1.0))
+    # the worker uses a draw only if made under the release's own key for the release's own calls
+    drawn = Rehearsed(ChaChaGaussian(KEY), plan)
+    assert _drawn_ahead((KEY, drawn), KEY, plan) is drawn
+    assert _drawn_ahead((KEY, drawn), bytes(32), plan) is None  # a later contribution brought another key
+    assert _drawn_ahead((KEY, drawn), KEY, [(BLOCK, 1.0), (8, 1.0)]) is None
+    assert _drawn_ahead(None, KEY, plan) is None  # too large to draw ahead: drawn at the release
 
 
 @settings(max_examples=40, deadline=None)
