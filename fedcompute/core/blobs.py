@@ -19,9 +19,11 @@ class BlobStore(Protocol):
         arrived); return its sha256 hex. Reads verify the address whatever was given."""
         ...
 
-    def get(self, sha256_hex: str, *, verify: bool = True) -> bytes:
+    def get(self, sha256_hex: str, *, verify: bool = True, once: bool = False) -> bytes:
         """Return the bytes, raising ``BlobCorrupted`` if they no longer hash to their address (``BlobMissing`` if
-        gone). ``verify=False`` skips the hash, for a reader that checks every byte against the address itself."""
+        gone). ``verify=False`` skips the hash, for a reader that checks every byte against the address itself;
+        ``once``: this blob is read this once and is not cached (an upload streamed to the aggregator), so a store
+        may read it past its cache."""
         ...
 
     def read_chunks(self, sha256_hex: str, offset: int, chunk_size: int) -> Iterator[bytes]:

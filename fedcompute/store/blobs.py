@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedcompute.core.blobs import BlobCorrupted, BlobMissing
-from fedcompute.core.files import fsync_directory, replace_durably
+from fedcompute.core.files import fsync_directory, read_uncached, replace_durably
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _READ = 1024 * 1024
@@ -66,10 +66,10 @@ class LocalBlobStore:
             fsync_directory(target.parent.parent)  # the new ``ab/`` directory's own name
         replace_durably(tmp, target)
 
-    def get(self, sha256_hex: str, *, verify: bool = True) -> bytes:
+    def get(self, sha256_hex: str, *, verify: bool = True, once: bool = False) -> bytes:
         path = self._path(sha256_hex)
         try:
-            data = path.read_bytes()
+            data = read_uncached(path) if once else path.read_bytes()
         except FileNotFoundError:
             raise BlobMissing(f"no blob {sha256_hex}") from None
         if verify and hashlib.sha256(data).hexdigest() != sha256_hex:

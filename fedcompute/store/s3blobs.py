@@ -79,7 +79,7 @@ class S3BlobStore:
         path.unlink()  # only once the object is in place: a failed upload leaves the staged file to retry
         return digest
 
-    def get(self, sha256_hex: str, *, verify: bool = True) -> bytes:
+    def get(self, sha256_hex: str, *, verify: bool = True, once: bool = False) -> bytes:
         key = self.key(sha256_hex)
         with _reaching("get"):
             data = self._body(key, sha256_hex).read()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import mmap
 import os
 import sys
 import time
@@ -20,6 +18,7 @@ from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import upload_pb2
 from tests.harness import Harness, sealed, suite_settings, wait_for
+from tests.pagecache import pages_cached
 
 
 def _ready(harness: Harness, report_goal: int = 2) -> tuple[str, ta.TaskAssignment, ta.UploadInstruction]:
@@ -186,29 +185,6 @@ def test_a_resume_whose_staged_bytes_are_gone_is_data_loss_and_the_device_starts
     assert harness.suite.server.blobs.get(hashlib.sha256(data).hexdigest()) == data
 
 
-def _pages_cached(path: Path) -> tuple[int, int]:
-    """(pages of ``path`` in the page cache, its pages), from mincore(2) on a mapping that touches none of them."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size, page = path.stat().st_size, mmap.PAGESIZE
-    pages = -(-size // page)
-    vector = ctypes.create_string_buffer(pages)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        try:
-            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
-        finally:
-            libc.munmap(address, size)
-    finally:
-        os.close(fd)
-    return sum(b & 1 for b in vector.raw), pages
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="posix_fadvise and mincore are Linux's")
 def test_an_uploaded_envelope_leaves_the_page_cache_once_it_is_on_disk(database_url: str, tmp_path: Path) -> None:
     """An upload is written once here and read once, later, by the aggregator: once fsynced its pages are dropped
@@ -220,7 +196,7 @@ def test_an_uploaded_envelope_leaves_the_page_cache_once_it_is_on_disk(database_
         data = sealed(a, os.urandom(2 << 20))
         assert upload(harness.uploads, instruction, data).complete
         sha = hashlib.sha256(data).hexdigest()
-        cached, pages = _pages_cached(harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:])
+        cached, pages = pages_cached(harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:])
         assert pages > 500
         assert cached < pages // 10, f"{cached} of the blob's {pages} pages are still cached"
         assert harness.suite.server.blobs.get(sha) == data  # dropped from the cache, not from the disk

@@ -6,9 +6,12 @@ a fresh prefix per test. Tampering goes around the store (the file on disk, or a
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import secrets
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +23,7 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
+from fedcompute.core import files
 from fedcompute.core.blobs import BlobCorrupted, BlobMissing
 from fedcompute.core.errors import Unavailable
 from fedcompute.core.settings import SettingError, Settings
@@ -27,6 +31,7 @@ from fedcompute.server.app import open_storage
 from fedcompute.store.blobs import LocalBlobStore
 from fedcompute.store.blobstores import StagedBlobStore, open_blob_store, s3_client
 from fedcompute.store.s3blobs import SPOOL_BYTES, S3BlobStore
+from tests.pagecache import pages_cached
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -179,6 +184,69 @@ def test_an_unverified_read_returns_the_stored_bytes_as_they_are(subject: Subjec
     subject.store.delete(sha)
     with pytest.raises(BlobMissing):
         subject.store.get(sha, verify=False)
+
+
+def test_a_read_once_returns_the_stored_bytes_as_a_verified_read_does(subject: Subject) -> None:
+    """``get(once=True)`` (the job stream's: an upload read this once) is a hint to read past a cache; the bytes
+    are the same, whatever the size against the disk's blocks, and a missing or tampered blob is reported alike."""
+    for size in (0, 1, 4095, 4096, 4097, 3 * 1024 * 1024 + 5):
+        data = os.urandom(size)
+        sha = subject.store.put(data)
+        assert subject.store.get(sha, once=True) == data
+        assert subject.store.get(sha, verify=False, once=True) == data
+    subject.overwrite(sha, b"tampered")
+    with pytest.raises(BlobCorrupted):
+        subject.store.get(sha, once=True)
+    subject.store.delete(sha)
+    with pytest.raises(BlobMissing):
+        subject.store.get(sha, verify=False, once=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="O_DIRECT and mincore are Linux's")
+def test_a_local_read_once_leaves_the_page_cache_as_it_found_it(tmp_path: Path) -> None:
+    """A local blob read once goes past the page cache (``O_DIRECT``, core/files.py ``read_uncached``): an
+    upload dropped from the cache when stored is not brought back into it by the aggregator's stream, where the
+    kernel would find and clear pages for it; a plain read brings it back (the test can tell the two apart)."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(2 * 1024 * 1024)
+    staged = store.staging_dir() / "upload"
+    with staged.open("wb") as handle:  # as an upload is stored: fsynced, then dropped from the cache
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+        files.drop_cached(handle.fileno())
+    sha = store.put_file(staged, hashlib.sha256(data).hexdigest())  # hashed as it arrived, as an upload is
+    path = tmp_path / "blobs" / "sha256" / sha[:2] / sha[2:]
+    assert pages_cached(path)[0] == 0
+    assert store.get(sha, verify=False, once=True) == data
+    cached, pages = pages_cached(path)
+    assert cached == 0, f"{cached} of {pages} pages came back into the cache"
+    assert store.get(sha, verify=False) == data
+    assert pages_cached(path)[0] == pages  # a plain read caches what it reads
+
+
+def test_a_read_once_falls_back_to_a_plain_read_where_direct_io_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the platform has no ``O_DIRECT`` (macOS) or the file system refuses it (EINVAL), the bytes come from
+    a plain read; other errors (a missing file) are not hidden."""
+    path = tmp_path / "blob"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    real_open = os.open
+
+    def refusing(name: str | Path, flags: int, *args: int) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "direct I/O refused")
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing)
+    assert files.read_uncached(path) == data
+    monkeypatch.undo()
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    assert files.read_uncached(path) == data
+    with pytest.raises(FileNotFoundError):
+        files.read_uncached(tmp_path / "absent")
 
 
 def test_read_chunks_from_an_offset(subject: Subject) -> None:
