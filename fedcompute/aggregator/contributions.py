@@ -51,7 +51,7 @@ class Rejected(Exception):
 
 
 def open_contribution(
-    envelope_bytes: bytes,
+    envelope_bytes: bytes | memoryview,
     assignment_id: str,
     job: JobContext,
     keys: Callable[[str], X25519PrivateKey],

@@ -20,7 +20,7 @@ from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
 from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, Rehearsed, derive_noise_key
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
-from fedcompute.clients.typed import AggregationClient
+from fedcompute.clients.typed import AggregationClient, StreamedContribution
 from fedcompute.core import checkpoints, plans
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.errors import InvalidArgument
@@ -34,7 +34,7 @@ HASH_THREADS = 2  # envelopes hashed at once, ahead of the opening thread
 # DP noise for the release is drawn while contributions still stream in (8 bytes per parameter held until the
 # release) up to this size, 8M parameters; a larger model draws it at the release, as before
 NOISE_AHEAD_MAX_BYTES = 64 * 1024 * 1024
-Hashed = tuple[str, bytes, str]  # (assignment id, envelope, the envelope's sha256 hex)
+Hashed = tuple[str, bytes | memoryview, str]  # (assignment id, envelope, the envelope's sha256 hex)
 
 
 class AggregatorWorker:
@@ -238,7 +238,7 @@ class _Opener:
         self.matched = 0  # items that matched the input list so far
         self.refusal = ""  # why the stream was refused: the first item that did not match, named
 
-    def check(self, hashed: Hashed) -> tuple[bytes, str] | None:
+    def check(self, hashed: Hashed) -> tuple[bytes | memoryview, str] | None:
         """The item if it is the input list's next (in order), else None and the refusal says why."""
         if self._stopped:
             return None
@@ -255,7 +255,7 @@ class _Opener:
     def check_and_open(self, hashed: Hashed) -> Opened | Rejected | None:
         return self.open(self.check(hashed))
 
-    def open(self, checked: tuple[bytes, str] | None) -> Opened | Rejected | None:
+    def open(self, checked: tuple[bytes | memoryview, str] | None) -> Opened | Rejected | None:
         if checked is None or self._failed:
             self._stopped = True
             return None
@@ -276,8 +276,9 @@ def _drawn_ahead(ahead: tuple[bytes, Rehearsed] | None, key: bytes, plan: list[t
     return ahead[1]
 
 
-def _digest(item: aggregation_pb2.StreamContributionsResponse) -> Hashed:
-    """(assignment id, envelope, its sha256): the envelope read once (each read of a bytes field copies it)."""
+def _digest(item: StreamedContribution | aggregation_pb2.StreamContributionsResponse) -> Hashed:
+    """(assignment id, envelope, its sha256): the envelope read once (each read of a protobuf bytes field copies
+    it; the typed client's items hold a view)."""
     envelope = item.envelope
     return item.assignment_id, envelope, hashlib.sha256(envelope).hexdigest()
 

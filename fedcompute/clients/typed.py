@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import grpc
 
+from fedcompute.rpc import wire
 from fedcompute.rpc.auth import bearer_metadata
 from fedcompute.rpc.channels import idempotent
 from fedcompute.v1 import (
@@ -118,11 +120,38 @@ class ResourceClient:
         return iter(self._stub.Read(request, timeout=self._timeout))
 
 
+class StreamedContribution(NamedTuple):
+    """A ``StreamContributionsResponse`` as the worker reads it (``wire.length_delimited``, not protobuf's parser,
+    which copies the envelope twice): the envelope is a view of the message received."""
+
+    assignment_id: str
+    envelope: memoryview
+
+
+_STREAMED = aggregation_pb2.StreamContributionsResponse.DESCRIPTOR.fields_by_name
+_ASSIGNMENT_ID, _ENVELOPE = _STREAMED["assignment_id"].number, _STREAMED["envelope"].number
+_AGGREGATION = aggregation_pb2.DESCRIPTOR.services_by_name["AggregationService"]
+_STREAM_PATH = f"/{_AGGREGATION.full_name}/{_AGGREGATION.methods_by_name['StreamContributions'].name}"
+
+
+def streamed_contribution(raw: bytes) -> StreamedContribution:
+    """One ``StreamContributionsResponse`` from its bytes; ``ValueError`` for what protobuf's parser refuses too
+    (gRPC then ends the call INTERNAL, as it does when that parser fails)."""
+    fields = wire.length_delimited(raw, frozenset({_ASSIGNMENT_ID, _ENVELOPE}))
+    empty = memoryview(b"")
+    return StreamedContribution(bytes(fields.get(_ASSIGNMENT_ID, empty)).decode(), fields.get(_ENVELOPE, empty))
+
+
 class AggregationClient:
     """For aggregator workers; every call carries the internal bearer token."""
 
     def __init__(self, channel: grpc.Channel, timeout_s: float, token: str) -> None:
         self._stub = aggregation_pb2_grpc.AggregationServiceStub(channel)
+        self._contributions = channel.unary_stream(
+            _STREAM_PATH,
+            request_serializer=aggregation_pb2.StreamContributionsRequest.SerializeToString,
+            response_deserializer=streamed_contribution,
+        )
         self._timeout = timeout_s
         self._md = bearer_metadata(token)
 
@@ -136,8 +165,8 @@ class AggregationClient:
 
     def stream_contributions(
         self, request: aggregation_pb2.StreamContributionsRequest
-    ) -> Iterator[aggregation_pb2.StreamContributionsResponse]:
-        return iter(self._stub.StreamContributions(request, timeout=self._timeout, metadata=self._md))
+    ) -> Iterator[StreamedContribution]:
+        return iter(self._contributions(request, timeout=self._timeout, metadata=self._md))
 
     @idempotent()
     def complete_job(self, request: aggregation_pb2.CompleteJobRequest) -> aggregation_pb2.CompleteJobResponse:

@@ -36,11 +36,30 @@ def read_envelope_header(handle: BinaryIO, size: int) -> upload_pb2.EncryptedCon
     return _scan(handle, size)[0]
 
 
-def envelope_view(data: bytes) -> tuple[upload_pb2.EncryptedContribution, memoryview]:
+def envelope_view(data: bytes | memoryview) -> tuple[upload_pb2.EncryptedContribution, memoryview]:
     """``parse_envelope`` without copying the ciphertext: the envelope's other fields, and its ciphertext as a view
     of ``data`` (the aggregator opens it in place)."""
-    envelope, start, length = _scan(io.BytesIO(data), len(data))  # BytesIO shares the bytes, it does not copy
+    # BytesIO shares bytes, but copies anything else: a view is read through _ViewReader
+    handle = io.BytesIO(data) if isinstance(data, bytes) else _ViewReader(memoryview(data))
+    envelope, start, length = _scan(handle, len(data))  # type: ignore[arg-type]
     return envelope, memoryview(data)[start : start + length]
+
+
+class _ViewReader:
+    """What ``_scan`` uses of a file (``seek``, ``read``), over a view: only what is read is copied."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._at = 0
+
+    def seek(self, position: int) -> int:
+        self._at = position
+        return position
+
+    def read(self, n: int) -> bytes:
+        chunk = bytes(self._view[self._at : self._at + n])
+        self._at += len(chunk)
+        return chunk
 
 
 def _scan(handle: BinaryIO, size: int) -> tuple[upload_pb2.EncryptedContribution, int, int]:

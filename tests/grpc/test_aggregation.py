@@ -9,11 +9,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, select
 
 from fedcompute.clients.device import upload
+from fedcompute.clients.typed import streamed_contribution
 from fedcompute.keys import hpke
+from fedcompute.rpc import wire
 from fedcompute.rpc.channels import open_channel
 from fedcompute.server.api_workers import encode_contribution
 from fedcompute.store.models import JobRow
@@ -186,6 +191,53 @@ def test_a_contribution_encoded_by_the_server_is_the_protobuf_encoding(id_size: 
     assert encoded == expected.SerializeToString()
     parsed = aggregation_pb2.StreamContributionsResponse.FromString(encoded)
     assert (parsed.assignment_id, parsed.envelope) == (assignment_id, envelope)
+
+
+_unknown_field = st.one_of(
+    st.builds(lambda n, v: wire.varint(n << 3) + wire.varint(v), st.integers(3, 2**29 - 1), st.integers(0, 2**64 - 1)),
+    st.builds(lambda n, b: wire.varint(n << 3 | 1) + b, st.integers(3, 2**29 - 1), st.binary(min_size=8, max_size=8)),
+    st.builds(lambda n, b: wire.varint(n << 3 | 5) + b, st.integers(3, 2**29 - 1), st.binary(min_size=4, max_size=4)),
+    st.builds(lambda n, b: wire.message((n, b)) if b else b"", st.integers(3, 2**29 - 1), st.binary(max_size=40)),
+)
+_field = st.one_of(
+    st.builds(lambda t: wire.message((1, t)), st.text(max_size=40)),
+    st.builds(lambda b: wire.message((2, b)), st.binary(max_size=300)),
+    _unknown_field,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_field, max_size=8), st.data())
+def test_the_worker_reads_a_streamed_contribution_as_protobuf_does(fields: list[bytes], data: st.DataObject) -> None:
+    """The worker reads each StreamContributionsResponse by hand (``wire.length_delimited``: the envelope a view of
+    the message, not two copies): the same fields as protobuf's parser, with unknown fields of every wire type,
+    repeated fields (the last wins) and defaults; whatever it refuses, protobuf refuses too (a cut or altered
+    message), so a malformed stream fails the same way (INTERNAL from gRPC)."""
+    raw = b"".join(fields)
+    if data.draw(st.booleans()):  # a cut, or a byte altered
+        at = data.draw(st.integers(0, max(len(raw) - 1, 0)))
+        altered = bytes([data.draw(st.integers(0, 255))])
+        raw = raw[:at] if data.draw(st.booleans()) else raw[:at] + altered + raw[at + 1 :]
+    try:
+        expected = aggregation_pb2.StreamContributionsResponse.FromString(raw)
+    except DecodeError:
+        expected = None
+    try:
+        got = streamed_contribution(raw)
+    except ValueError:
+        assert expected is None, f"refused what protobuf reads: {raw!r}"
+        return
+    if expected is not None:
+        assert (got.assignment_id, bytes(got.envelope)) == (expected.assignment_id, expected.envelope)
+
+
+def test_a_streamed_envelope_is_a_view_of_the_message_not_a_copy() -> None:
+    envelope = bytes(range(256)) * 20_000
+    raw = encode_contribution("asg_x", envelope)
+    got = streamed_contribution(raw)
+    assert got.assignment_id == "asg_x"
+    assert got.envelope == envelope
+    assert got.envelope.obj is raw  # the message's own buffer
 
 
 def _claim_in_background(
