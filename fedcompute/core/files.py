@@ -55,14 +55,14 @@ def read_uncached(path: Path) -> bytes:
         return path.read_bytes()  # a file system without direct I/O
     try:
         size = os.fstat(fd).st_size
-        view = memoryview(_buffer(-(-max(size, 1) // _ALIGN) * _ALIGN))
-        got = 0
-        while got < size:
-            read = os.readv(fd, [view[got:]])
-            if read == 0:
-                break
-            got += read
-        return bytes(view[: min(got, size)])
+        with memoryview(_buffer(-(-max(size, 1) // _ALIGN) * _ALIGN)) as view:  # released: the buffer may grow
+            got = 0
+            while got < size:
+                read = os.readv(fd, [view[got:]])
+                if read == 0:
+                    break
+                got += read
+            return bytes(view[: min(got, size)])
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
