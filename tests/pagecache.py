@@ -8,6 +8,19 @@ import os
 from pathlib import Path
 
 
+def kept_in_memory(path: Path) -> bool:
+    """Whether ``path`` lies on a file system whose files live in the page cache (tmpfs, ramfs): there nothing can
+    be dropped from it, and a test of dropping has nothing to observe."""
+    best, kind = "", ""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1].replace("\\040", " ")
+            if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind in ("tmpfs", "ramfs")
+
+
 def pages_cached(path: Path) -> tuple[int, int]:
     """(pages of ``path`` in the page cache, its pages)."""
     libc = ctypes.CDLL(None, use_errno=True)
