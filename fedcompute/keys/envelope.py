@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -40,9 +40,17 @@ def envelope_view(data: bytes | memoryview) -> tuple[upload_pb2.EncryptedContrib
     """``parse_envelope`` without copying the ciphertext: the envelope's other fields, and its ciphertext as a view
     of ``data`` (the aggregator opens it in place)."""
     # BytesIO shares bytes, but copies anything else: a view is read through _ViewReader
-    handle = io.BytesIO(data) if isinstance(data, bytes) else _ViewReader(memoryview(data))
-    envelope, start, length = _scan(handle, len(data))  # type: ignore[arg-type]
+    handle: _Readable = io.BytesIO(data) if isinstance(data, bytes) else _ViewReader(memoryview(data))
+    envelope, start, length = _scan(handle, len(data))
     return envelope, memoryview(data)[start : start + length]
+
+
+class _Readable(Protocol):
+    """What ``_scan`` uses of a file: a header on disk (``read_envelope_header``) or an envelope in memory."""
+
+    def seek(self, position: int) -> int: ...
+
+    def read(self, n: int) -> bytes: ...
 
 
 class _ViewReader:
@@ -62,7 +70,7 @@ class _ViewReader:
         return chunk
 
 
-def _scan(handle: BinaryIO, size: int) -> tuple[upload_pb2.EncryptedContribution, int, int]:
+def _scan(handle: _Readable, size: int) -> tuple[upload_pb2.EncryptedContribution, int, int]:
     """The envelope's fields but the ciphertext, and where the (last) ciphertext lies: its offset and length."""
     header = bytearray()
     ciphertext_start = ciphertext_length = 0
@@ -115,14 +123,14 @@ def _check_header(envelope: upload_pb2.EncryptedContribution, ciphertext_length:
         raise InvalidArgument(FIELD, "envelope ciphertext is too short to be HPKE output")
 
 
-def _read_exactly(handle: BinaryIO, n: int) -> bytes:
+def _read_exactly(handle: _Readable, n: int) -> bytes:
     data = handle.read(n)
     if len(data) != n:
         raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
     return data
 
 
-def _varint(handle: BinaryIO, position: int, end: int) -> tuple[int, int]:
+def _varint(handle: _Readable, position: int, end: int) -> tuple[int, int]:
     """A base-128 varint at ``position`` (at most 10 bytes, within ``end``): its value and the next position."""
     value = shift = 0
     while True:
