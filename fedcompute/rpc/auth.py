@@ -43,13 +43,19 @@ def require_bearer(context: grpc.ServicerContext, expected: str) -> None:
 
 
 class TokenSigner:
-    """Derives unforgeable tokens from a server secret: HMAC-SHA256 over a purpose and its subject."""
+    """Derives unforgeable tokens from a server secret: HMAC-SHA256 over a purpose and its subject.
+
+    The key is set up once; each token copies that keyed state and hashes its message (short: no GIL release).
+    ``hmac.digest`` set the key up again for every token and released the GIL around its one-shot call, under
+    load a likely thread switch in every check-in, report and upload (see ``core.clock.RandomIds``)."""
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
 
     def token(self, purpose: str, subject: str) -> str:
-        return hmac.digest(self._secret, f"{purpose}\x00{subject}".encode(), hashlib.sha256).hex()
+        mac = self._keyed.copy()
+        mac.update(f"{purpose}\x00{subject}".encode())
+        return mac.hexdigest()
 
     def verify(self, purpose: str, subject: str, presented: str) -> bool:
         return hmac.compare_digest(self.token(purpose, subject), presented)
