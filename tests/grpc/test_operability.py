@@ -167,13 +167,15 @@ def test_a_burst_beyond_the_rate_limit_is_resource_exhausted_with_a_retry_delay(
     try:
         refused: list[grpc.RpcError] = []
         answered = 0
+        began = time.monotonic()
         for _ in range(8):
             try:
                 harness.check_in("limited")
                 answered += 1
             except grpc.RpcError as exc:
                 refused.append(exc)
-        assert answered == 3  # the burst
+        refilled = int((time.monotonic() - began) * 2.0)  # tokens the bucket regained meanwhile (a loaded machine)
+        assert 3 <= answered <= 3 + refilled  # the burst
         assert refused
         assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         trailers: dict[str, Any] = dict(refused[0].trailing_metadata() or ())  # type: ignore[arg-type]
