@@ -165,11 +165,12 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
 
 def add_service(
-    service: ServiceDescriptor, encoded: frozenset[str] = frozenset()
+    service: ServiceDescriptor, encoded: frozenset[str] = frozenset(), decoded: frozenset[str] = frozenset()
 ) -> Callable[[Any, grpc.Server], None]:
     """A registration like the generated ``add_XServicer_to_server`` for ``service`` (its methods, message types
     and streaming from the descriptor), except that the methods named in ``encoded`` return or yield responses
-    their servicer has already encoded (bytes, sent as they are)."""
+    their servicer has already encoded (bytes, sent as they are), and those named in ``decoded`` get their
+    requests as received (bytes: their servicer decodes them)."""
 
     def add(servicer: Any, server: grpc.Server) -> None:
         handlers = {}
@@ -177,8 +178,9 @@ def add_service(
             request = message_factory.GetMessageClass(method.input_type)
             response = message_factory.GetMessageClass(method.output_type)
             serialize = _as_is if method.name in encoded else response.SerializeToString
+            deserialize = _as_is if method.name in decoded else request.FromString
             make = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
-            handlers[method.name] = make(getattr(servicer, method.name), request.FromString, serialize)
+            handlers[method.name] = make(getattr(servicer, method.name), deserialize, serialize)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
         server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
 

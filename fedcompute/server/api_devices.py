@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.rpc import wire
 from fedcompute.server.assignment import Assignment, AssignmentService, Refusal
@@ -21,7 +23,6 @@ from fedcompute.v1 import (
     task_assignment_pb2,
     task_assignment_pb2_grpc,
     upload_pb2,
-    upload_pb2_grpc,
 )
 from fedcompute.v1 import task_assignment_pb2 as ta
 
@@ -131,28 +132,22 @@ def _round_template(a: Assignment) -> task_assignment_pb2.TaskAssignment:
     )
 
 
-class UploadServicer(upload_pb2_grpc.UploadServiceServicer):
+class UploadServicer:
+    """UploadService (registered with ``add_service``: its Write reads the messages as received, not the generated
+    servicer's parsed WriteRequests)."""
+
     def __init__(self, service: UploadService, metrics: ServerMetrics | None = None) -> None:
         self._service = service
         self._metrics = metrics or ServerMetrics.create()
 
-    def _chunks(self, requests: Iterator[upload_pb2.WriteRequest]) -> Iterator[WriteChunk]:
-        for r in requests:
-            data = r.data  # each read of a bytes field copies it (a chunk is up to a MiB): read it once
-            self._metrics.upload_bytes.inc(len(data))
-            yield WriteChunk(
-                r.resource_name,
-                r.write_offset,
-                r.finish_write,
-                data,
-                r.upload_token,
-                r.metadata.total_size_bytes,
-                r.metadata.sha256_hex,
-            )
+    def _chunks(self, requests: Iterator[bytes]) -> Iterator[WriteChunk]:
+        for raw in requests:
+            chunk = write_chunk(raw)
+            self._metrics.upload_bytes.inc(len(chunk.data))
+            yield chunk
 
-    def Write(
-        self, request_iterator: Iterator[upload_pb2.WriteRequest], context: grpc.ServicerContext
-    ) -> upload_pb2.WriteResponse:
+    def Write(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> upload_pb2.WriteResponse:
+        """Each WriteRequest arrives as received (``DECODED_HERE``) and is read by ``write_chunk``."""
         status = self._service.write(self._chunks(request_iterator))
         if status.complete:
             self._metrics.uploads.inc()
@@ -189,6 +184,25 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
 # The device services' methods whose servicer encodes its responses itself (``rpc.wire``): every device downloads
 # the plan and the model, a megabyte a message, every round
 ENCODED_HERE = frozenset({"Read"})
+# ... and whose servicer decodes its requests itself: every device uploads its update, a megabyte a message
+DECODED_HERE = frozenset({"Write"})
+_DATA = upload_pb2.WriteRequest.DESCRIPTOR.fields_by_name["data"].number
+
+
+def write_chunk(raw: bytes) -> WriteChunk:
+    """A WriteRequest as received: its data a view of the message (``rpc.wire.split_off``), every other field read
+    by protobuf's parser from what is left, so each is read by protobuf's rules; the runtime's parse and bytes-field
+    read would copy the data twice. A message protobuf cannot read is INVALID_ARGUMENT; the upload's committed bytes
+    stay as they are (the device resumes from them)."""
+    try:
+        rest, data = wire.split_off(raw, _DATA)
+        r = upload_pb2.WriteRequest.FromString(rest)
+    except (ValueError, DecodeError):
+        raise InvalidArgument("requests", "a WriteRequest that is not a valid protobuf message") from None
+    return WriteChunk(
+        r.resource_name, r.write_offset, r.finish_write, b"" if data is None else data, r.upload_token,
+        r.metadata.total_size_bytes, r.metadata.sha256_hex,
+    )  # fmt: skip
 
 
 def encode_read(data: bytes, total_size: int = 0, sha256_hex: str = "") -> bytes:

@@ -23,6 +23,7 @@ from fedcompute.rpc.auth import TokenSigner
 from fedcompute.rpc.channels import channel_for
 from fedcompute.rpc.metrics import announce, process_registry
 from fedcompute.rpc.serving import GrpcServer, add_service, build_grpc_server
+from fedcompute.server.api_devices import DECODED_HERE as UPLOADS_DECODED_HERE
 from fedcompute.server.api_devices import ENCODED_HERE as DOWNLOADS_ENCODED_HERE
 from fedcompute.server.api_devices import ResourceServicer, TaskAssignmentServicer, UploadServicer
 from fedcompute.server.api_operators import TaskManagementServicer
@@ -48,7 +49,6 @@ from fedcompute.v1 import (
     task_management_pb2,
     task_management_pb2_grpc,
     upload_pb2,
-    upload_pb2_grpc,
 )
 
 
@@ -121,6 +121,7 @@ def build_server(
     registry.register(JobsCollector(jobs.count_by_status, [str(s) for s in JobStatus]))
     aggregation = aggregation_pb2.DESCRIPTOR.services_by_name["AggregationService"]
     resource = resource_pb2.DESCRIPTOR.services_by_name["ResourceService"]
+    upload = upload_pb2.DESCRIPTOR.services_by_name["UploadService"]
     registrations: list[tuple[Callable[[Any, grpc.Server], None], Any, str]] = [
         (
             task_management_pb2_grpc.add_TaskManagementServiceServicer_to_server,
@@ -135,9 +136,9 @@ def build_server(
             task_assignment_pb2.DESCRIPTOR.services_by_name["TaskAssignmentService"].full_name,
         ),
         (
-            upload_pb2_grpc.add_UploadServiceServicer_to_server,
+            add_service(upload, decoded=UPLOADS_DECODED_HERE),  # its chunks read as views of the messages
             UploadServicer(uploads, metrics),
-            upload_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
+            upload.full_name,
         ),
         (
             add_service(resource, encoded=DOWNLOADS_ENCODED_HERE),  # its chunks sent as encoded here

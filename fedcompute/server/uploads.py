@@ -59,7 +59,7 @@ class WriteChunk:
     resource_name: str
     write_offset: int
     finish_write: bool
-    data: bytes
+    data: bytes | memoryview  # a view of the message received (server/api_devices.py write_chunk)
     upload_token: str
     total_size: int = 0
     sha256_hex: str = ""

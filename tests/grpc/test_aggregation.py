@@ -26,6 +26,7 @@ from fedcompute.v1 import aggregation_pb2, aggregation_pb2_grpc
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.harness import Harness, sealed, suite_settings, wait_for, zero_update
+from tests.mutations import maybe_damaged
 
 
 def _contribute(harness: Harness, data_for: list[object]) -> str:
@@ -213,11 +214,7 @@ def test_the_worker_reads_a_streamed_contribution_as_protobuf_does(fields: list[
     the message, not two copies): the same fields as protobuf's parser, with unknown fields of every wire type,
     repeated fields (the last wins) and defaults; whatever it refuses, protobuf refuses too (a cut or altered
     message), so a malformed stream fails the same way (INTERNAL from gRPC)."""
-    raw = b"".join(fields)
-    if data.draw(st.booleans()):  # a cut, or a byte altered
-        at = data.draw(st.integers(0, max(len(raw) - 1, 0)))
-        altered = bytes([data.draw(st.integers(0, 255))])
-        raw = raw[:at] if data.draw(st.booleans()) else raw[:at] + altered + raw[at + 1 :]
+    raw = maybe_damaged(b"".join(fields), data)
     try:
         expected = aggregation_pb2.StreamContributionsResponse.FromString(raw)
     except DecodeError:

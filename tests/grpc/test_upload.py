@@ -156,6 +156,47 @@ def test_sha256_mismatch_is_data_loss_and_the_device_may_retry(harness: Harness)
     assert _write(harness, instruction, data).complete
 
 
+_NOT_PROTOBUF = {
+    "cut short": b"\x22\x80\x80\x40abc",  # data (field 4) declared 1 MiB long, 3 bytes there
+    "field number 0": b"\x02\x01x",
+    "a group": b"\x0b\x0c",
+    "resource_name not UTF-8": b"\x0a\x02\xc3\x28",
+}
+
+
+@pytest.mark.parametrize("problem", sorted(_NOT_PROTOBUF))
+@pytest.mark.parametrize("where", ["first", "after committed bytes"])
+def test_a_write_request_that_is_not_protobuf_is_invalid_argument_and_loses_nothing(
+    harness: Harness, problem: str, where: str
+) -> None:
+    """The server reads each WriteRequest itself (its data a view of the message): a message protobuf cannot read
+    gets INVALID_ARGUMENT naming it, whether it opens the stream or follows committed bytes; the bytes committed
+    before it stay committed and the device resumes from them to a counted upload."""
+    task_id, a, instruction = _ready(harness)
+    data = sealed(a)
+    half = len(data) // 2
+    metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
+    good = upload_pb2.WriteRequest(
+        resource_name=instruction.resource_name, upload_token=instruction.upload_token, write_offset=0,
+        data=data[:half], metadata=metadata,
+    ).SerializeToString()  # fmt: skip
+    raw_write = grpc.insecure_channel(harness.suite.server_address).stream_unary(
+        "/fedcompute.v1.UploadService/Write",
+        request_serializer=bytes,
+        response_deserializer=upload_pb2.WriteResponse.FromString,
+    )
+    stream = [_NOT_PROTOBUF[problem]] if where == "first" else [good, _NOT_PROTOBUF[problem]]
+    with pytest.raises(grpc.RpcError) as info:
+        raw_write(iter(stream), timeout=20)
+    assert _code(info) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in (info.value.details() or "")
+    committed = 0 if where == "first" else half
+    assert _status(harness, instruction).committed_size == committed
+    done = _write(harness, instruction, data[committed:], offset=committed, declared=data)
+    assert (done.committed_size, done.complete) == (len(data), True)
+    assert harness.iterations(task_id)[0].completed_uploads == 1
+
+
 @pytest.mark.parametrize("staged", ["missing", "shortened", "missing, the device's own client"])
 def test_a_resume_whose_staged_bytes_are_gone_is_data_loss_and_the_device_starts_over(
     harness: Harness, staged: str

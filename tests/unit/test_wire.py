@@ -1,12 +1,18 @@
-"""Responses the servers encode by hand (rpc/wire.py): byte for byte protobuf's own encoding, and parsed back."""
+"""Responses the servers encode by hand (rpc/wire.py): byte for byte protobuf's own encoding, and parsed back; and
+the upload's WriteRequest, read by hand: as protobuf's parser reads it."""
 
 from __future__ import annotations
 
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from fedcompute.core.errors import InvalidArgument
 from fedcompute.rpc import wire
-from fedcompute.server.api_devices import encode_read
-from fedcompute.v1 import resource_pb2
+from fedcompute.server.api_devices import encode_read, write_chunk
+from fedcompute.v1 import resource_pb2, upload_pb2
+from tests.mutations import maybe_damaged
 
 SIZES = [0, 1, 127, 128, 16_383, 16_384, 1024 * 1024, 2_097_152 + 3]
 
@@ -34,3 +40,57 @@ def test_varints_and_what_is_refused() -> None:
     with pytest.raises(ValueError, match="non-negative"):
         wire.varint(-1)
     assert wire.message((1, ""), (2, 0), (3, b"")) == b""  # proto3: defaults are not on the wire
+
+
+def _key(number: int, wire_type: int) -> bytes:
+    return wire.varint(number << 3 | wire_type)
+
+
+_metadata = st.builds(
+    lambda size, sha: upload_pb2.UploadMetadata(total_size_bytes=size, sha256_hex=sha).SerializeToString(),
+    st.integers(-(2**63), 2**63 - 1), st.text(max_size=70),
+)  # fmt: skip
+_write_field = st.one_of(
+    st.builds(lambda t: wire.message((1, t)), st.text(max_size=40)),  # resource_name
+    st.builds(lambda n: _key(2, 0) + wire.varint(n), st.integers(0, 2**64 - 1)),  # write_offset (negative too)
+    st.builds(lambda n: _key(3, 0) + wire.varint(n), st.integers(0, 3)),  # finish_write
+    st.builds(lambda b: _key(4, 2) + wire.varint(len(b)) + b, st.binary(max_size=300)),  # data, empty too
+    st.builds(lambda n: _key(4, 0) + wire.varint(n), st.integers(0, 300)),  # data with the wrong wire type
+    st.builds(lambda t: wire.message((5, t)), st.text(max_size=70)),  # upload_token
+    st.builds(lambda m: _key(6, 2) + wire.varint(len(m)) + m, _metadata),  # metadata: repeats merge
+    st.builds(lambda n, b: _key(n, 2) + wire.varint(len(b)) + b, st.integers(7, 2**29 - 1), st.binary(max_size=40)),
+    st.builds(lambda n, v: _key(n, 0) + wire.varint(v), st.integers(7, 2**29 - 1), st.integers(0, 2**64 - 1)),
+    st.builds(lambda n, b: _key(n, 1) + b, st.integers(7, 2**29 - 1), st.binary(min_size=8, max_size=8)),
+    st.builds(lambda n, b: _key(n, 5) + b, st.integers(7, 2**29 - 1), st.binary(min_size=4, max_size=4)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_write_field, max_size=10), st.data())
+def test_the_server_reads_a_write_request_as_protobuf_does(fields: list[bytes], data: st.DataObject) -> None:
+    """``write_chunk`` (the data a view of the message, the rest through protobuf's parser) against protobuf's
+    parser alone, over every field, repeats (the last data wins, metadata merges), data with the wrong wire type,
+    unknown fields of every wire type, and messages cut or with a byte altered: the same fields, or both refuse
+    (INVALID_ARGUMENT here)."""
+    raw = maybe_damaged(b"".join(fields), data)
+    try:
+        r = upload_pb2.WriteRequest.FromString(raw)
+    except DecodeError:
+        with pytest.raises(InvalidArgument, match="not a valid protobuf message"):
+            write_chunk(raw)
+        return
+    got = write_chunk(raw)
+    expected = (r.resource_name, r.write_offset, r.finish_write, r.data, r.upload_token,
+                r.metadata.total_size_bytes, r.metadata.sha256_hex)  # fmt: skip
+    assert (got.resource_name, got.write_offset, got.finish_write, bytes(got.data), got.upload_token,
+            got.total_size, got.sha256_hex) == expected  # fmt: skip
+
+
+def test_a_write_requests_data_is_a_view_of_the_message_not_a_copy() -> None:
+    chunk = bytes(range(256)) * 4096
+    raw = upload_pb2.WriteRequest(resource_name="uploads/asg_x", write_offset=7, data=chunk).SerializeToString()
+    got = write_chunk(raw)
+    assert (got.resource_name, got.write_offset, got.data) == ("uploads/asg_x", 7, chunk)
+    assert isinstance(got.data, memoryview)
+    assert got.data.obj is raw
+    assert wire.split_off(b"\x0a\x01x", 4) == (b"\x0a\x01x", None)  # no data field: the message as it is
