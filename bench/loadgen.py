@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedcompute.clients.device import context_of, report_request, upload
-from fedcompute.clients.typed import TaskAssignmentClient, UploadClient
+from fedcompute.clients.typed import TaskAssignmentClient, UploadClient, encode_write
 from fedcompute.core.memory import keep_large_buffers
 from fedcompute.keys.envelope import seal_contribution
 from fedcompute.rpc.channels import open_channel
@@ -155,15 +155,12 @@ def sink(address: str, concurrency: int, count: int, size: int, chunk: int) -> d
         grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1), OWN_CONNECTION])
         for _ in range(concurrency)
     ]
-    writes = [
-        c.stream_unary(SINK_METHOD, upload_pb2.WriteRequest.SerializeToString, upload_pb2.WriteResponse.FromString)
-        for c in channels
-    ]
+    writes = [c.stream_unary(SINK_METHOD, bytes, upload_pb2.WriteResponse.FromString) for c in channels]
+    view = memoryview(data)
 
-    def requests() -> Iterator[upload_pb2.WriteRequest]:
+    def requests() -> Iterator[bytes]:  # encoded as the product's devices encode theirs (clients/typed.py)
         for offset in range(0, size, chunk):
-            piece = data[offset : offset + chunk]
-            yield upload_pb2.WriteRequest(write_offset=offset, data=piece, finish_write=offset + chunk >= size)
+            yield encode_write(offset, view[offset : offset + chunk], offset + chunk >= size)
 
     def job(i: int) -> Callable[[], int]:
         return lambda: writes[i % concurrency](requests(), timeout=120.0) and size

@@ -23,7 +23,7 @@ from tenacity.stop import stop_base
 from fedcompute.clients.dataset import Split
 from fedcompute.clients.examples import ExampleStore, ShardStore
 from fedcompute.clients.training import train_local
-from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient
+from fedcompute.clients.typed import ResourceClient, TaskAssignmentClient, UploadClient, encode_write
 from fedcompute.core import checkpoints, plans, programs
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import InvalidArgument
@@ -233,7 +233,7 @@ def upload(
                 if status.complete:
                     return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=True)
                 committed = status.committed_size
-            return client.write(_requests(instruction, metadata, data, committed, chunk))
+            return client.write_encoded(_requests(instruction, metadata, data, committed, chunk))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -276,19 +276,20 @@ def _offset_hint(exc: grpc.RpcError) -> bool:
 
 def _requests(
     instruction: ta.UploadInstruction, metadata: upload_pb2.UploadMetadata, data: bytes, start: int, chunk: int
-) -> Iterator[upload_pb2.WriteRequest]:
+) -> Iterator[bytes]:
+    """The WriteRequests from ``start``, encoded (``encode_write``: each chunk a view of ``data`` until then); the
+    first names the upload and declares it."""
+    view = memoryview(data)
     offset = start
     first = True
     while True:
-        piece = data[offset : offset + chunk]
+        piece = view[offset : offset + chunk]
         last = offset + len(piece) >= len(data)
-        request = upload_pb2.WriteRequest(write_offset=offset, data=piece, finish_write=last)
         if first:
-            request.resource_name = instruction.resource_name
-            request.upload_token = instruction.upload_token
-            request.metadata.CopyFrom(metadata)
+            yield encode_write(offset, piece, last, instruction.resource_name, instruction.upload_token, metadata)
             first = False
-        yield request
+        else:
+            yield encode_write(offset, piece, last)
         offset += len(piece)
         if last:
             return

@@ -28,11 +28,11 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def message(*fields: tuple[int, bytes | str | int]) -> bytes:
+def message(*fields: tuple[int, bytes | memoryview | str | int]) -> bytes:
     """A message of the given (field number, value) pairs, in the order given (give them in number order):
-    bytes and str as length-delimited fields (wire type 2), int as a varint (wire type 0, non-negative int64);
-    an empty or zero value is left out, as proto3 does."""
-    parts: list[bytes] = []
+    bytes (or a view of them) and str as length-delimited fields (wire type 2), int as a varint (wire type 0,
+    non-negative int64); an empty or zero value is left out, as proto3 does."""
+    parts: list[bytes | memoryview] = []
     for number, value in fields:
         if isinstance(value, int):
             if value:

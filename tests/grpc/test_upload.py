@@ -330,14 +330,12 @@ class _FlakyUploads:
     def query_write_status(self, request: upload_pb2.QueryWriteStatusRequest) -> upload_pb2.QueryWriteStatusResponse:
         return self._real.query_write_status(request)  # type: ignore[no-any-return]
 
-    def write(self, requests: Iterator[upload_pb2.WriteRequest]) -> upload_pb2.WriteResponse:
+    def write_encoded(self, requests: Iterator[bytes]) -> upload_pb2.WriteResponse:
         self.writes += 1
         if self.writes > self.drops:
-            return self._real.write(requests)  # type: ignore[no-any-return]
-        first = next(iter(requests))
-        half = upload_pb2.WriteRequest()
-        half.CopyFrom(first)
-        half.data = first.data[: len(first.data) // 2]
+            return self._real.write_encoded(requests)  # type: ignore[no-any-return]
+        half = upload_pb2.WriteRequest.FromString(next(iter(requests)))
+        half.data = half.data[: len(half.data) // 2]
         half.finish_write = False
         self._real.write(iter([half]))  # half the bytes arrive, then the connection drops
         raise _DroppedConnection()
@@ -379,14 +377,14 @@ def test_an_upload_begun_on_one_replica_resumes_on_another(harness: Harness) -> 
         data = sealed(a)
         half = _FlakyUploads(harness.uploads, drops=1)  # replica A gets half, then the connection drops
         with pytest.raises(grpc.RpcError):
-            half.write(
+            half.write_encoded(
                 iter([upload_pb2.WriteRequest(
                     resource_name=instruction.resource_name, upload_token=instruction.upload_token,
                     write_offset=0, data=data, finish_write=True,
                     metadata=upload_pb2.UploadMetadata(
                         total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest()
                     ),
-                )])
+                ).SerializeToString()])
             )  # fmt: skip
         replica_b = UploadClient(open_channel(f"127.0.0.1:{other.grpc.port}"), 20.0)
         status = replica_b.query_write_status(

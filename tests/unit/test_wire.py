@@ -8,6 +8,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcompute.clients.typed import encode_write
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.rpc import wire
 from fedcompute.server.api_devices import encode_read, write_chunk
@@ -94,3 +95,23 @@ def test_a_write_requests_data_is_a_view_of_the_message_not_a_copy() -> None:
     assert isinstance(got.data, memoryview)
     assert got.data.obj is raw
     assert wire.split_off(b"\x0a\x01x", 4) == (b"\x0a\x01x", None)  # no data field: the message as it is
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, 1024 * 1024])
+@pytest.mark.parametrize("offset", [0, 1, 2**20, 2**40])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("finish", [True, False])
+def test_a_write_request_encoded_by_a_device_is_the_protobuf_encoding(
+    size: int, offset: int, first: bool, finish: bool
+) -> None:
+    """What ``clients.device.upload`` sends (``encode_write``, the chunk a view of the envelope): byte for byte
+    ``SerializeToString``, the first message naming and declaring the upload, the others carrying bytes only."""
+    chunk = _data(size)
+    metadata = upload_pb2.UploadMetadata(total_size_bytes=offset + size + 1, sha256_hex="ab" * 32)
+    named = ("uploads/asg_x", "t" * 64, metadata) if first else ("", "", None)
+    encoded = encode_write(offset, memoryview(chunk), finish, *named)
+    expected = upload_pb2.WriteRequest(write_offset=offset, data=chunk, finish_write=finish)
+    if first:
+        expected.resource_name, expected.upload_token = "uploads/asg_x", "t" * 64
+        expected.metadata.CopyFrom(metadata)
+    assert encoded == expected.SerializeToString()
