@@ -65,7 +65,8 @@ def _forked() -> None:
     _generation[0] += 1
 
 
-os.register_at_fork(after_in_child=_forked)
+if hasattr(os, "register_at_fork"):  # POSIX; where processes are not forked there is nothing to renew
+    os.register_at_fork(after_in_child=_forked)
 
 
 class RandomIds:
