@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedcompute.rpc import wire
 from fedcompute.rpc.auth import bearer_metadata
@@ -165,7 +166,14 @@ _STREAM_PATH = f"/{_AGGREGATION.full_name}/{_AGGREGATION.methods_by_name['Stream
 def streamed_contribution(raw: bytes) -> StreamedContribution:
     """One ``StreamContributionsResponse`` from its bytes; ``ValueError`` for what protobuf's parser refuses too
     (gRPC then ends the call INTERNAL, as it does when that parser fails)."""
-    fields = wire.length_delimited(raw, frozenset({_ASSIGNMENT_ID, _ENVELOPE}))
+    try:
+        fields = wire.length_delimited(raw, frozenset({_ASSIGNMENT_ID, _ENVELOPE}))
+    except wire.TooManyFields:  # not what our server sends: protobuf reads it whole
+        try:
+            parsed = aggregation_pb2.StreamContributionsResponse.FromString(raw)
+        except DecodeError as exc:
+            raise ValueError(str(exc)) from None
+        return StreamedContribution(parsed.assignment_id, memoryview(parsed.envelope))
     empty = memoryview(b"")
     return StreamedContribution(bytes(fields.get(_ASSIGNMENT_ID, empty)).decode(), fields.get(_ENVELOPE, empty))
 

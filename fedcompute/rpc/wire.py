@@ -44,11 +44,20 @@ def message(*fields: tuple[int, bytes | memoryview | str | int]) -> bytes:
     return b"".join(parts)
 
 
+MAX_FIELDS = 64  # fields read by hand in one message; the messages read here have a handful
+
+
+class TooManyFields(Exception):
+    """A message with more than ``MAX_FIELDS`` fields: read it with protobuf's parser instead (its C loop). Scanning
+    such a message here would cost a Python step per field: a 4 MiB message of 2-byte fields, a million steps with
+    the GIL held, from a caller who needs no credentials to send it."""
+
+
 def length_delimited(data: bytes, numbers: frozenset[int]) -> dict[int, memoryview]:
     """The length-delimited fields (wire type 2) numbered in ``numbers`` of the message ``data``, each as a view
     of ``data`` (no copy); the last one wins when a field repeats, as protobuf's parser has it; other fields are
     stepped over. ``ValueError`` where protobuf's parser fails too: a truncated field or varint, field number 0,
-    groups and the undefined wire types."""
+    groups and the undefined wire types; ``TooManyFields`` past ``MAX_FIELDS``."""
     view = memoryview(data)
     return {number: view[start:end] for number, _, start, end in _fields(view) if number in numbers}
 
@@ -57,8 +66,8 @@ def split_off(data: bytes, number: int) -> tuple[bytes, memoryview | None]:
     """The message ``data`` without its length-delimited field ``number``, and that field's value as a view of
     ``data`` (the last one when it repeats, as protobuf's parser has it; None when absent). What is left is a
     message for protobuf's parser, which then reads every other field by its own rules (occurrences of the field
-    with another wire type stay in it: protobuf keeps them as unknown fields). ``ValueError`` as
-    :func:`length_delimited`."""
+    with another wire type stay in it: protobuf keeps them as unknown fields). ``ValueError`` and
+    ``TooManyFields`` as :func:`length_delimited`."""
     view = memoryview(data)
     kept: list[memoryview] = []
     value, resume = None, 0
@@ -74,8 +83,11 @@ def split_off(data: bytes, number: int) -> tuple[bytes, memoryview | None]:
 def _fields(view: memoryview, only: int = 0) -> Iterator[tuple[int, int, int, int]]:
     """The length-delimited fields of a message (only those numbered ``only``, when given): (number, where the
     field's key starts, where its value starts, where it ends); every field is checked on the way."""
-    position, end = 0, len(view)
+    position, end, count = 0, len(view), 0
     while position < end:
+        count += 1
+        if count > MAX_FIELDS:
+            raise TooManyFields(f"more than {MAX_FIELDS} fields")
         key_at = position
         key, position = _read_varint(view, position)
         number, wire_type = key >> 3, key & 7

@@ -195,8 +195,12 @@ def write_chunk(raw: bytes) -> WriteChunk:
     read would copy the data twice. A message protobuf cannot read is INVALID_ARGUMENT; the upload's committed bytes
     stay as they are (the device resumes from them)."""
     try:
-        rest, data = wire.split_off(raw, _DATA)
-        r = upload_pb2.WriteRequest.FromString(rest)
+        try:
+            rest, data = wire.split_off(raw, _DATA)
+            r = upload_pb2.WriteRequest.FromString(rest)
+        except wire.TooManyFields:  # not what a device sends: protobuf reads it whole, as it used to
+            r = upload_pb2.WriteRequest.FromString(raw)
+            data = memoryview(r.data)
     except (ValueError, DecodeError):
         raise InvalidArgument("requests", "a WriteRequest that is not a valid protobuf message") from None
     return WriteChunk(

@@ -8,7 +8,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcompute.clients.typed import encode_write
+from fedcompute.clients.typed import encode_write, streamed_contribution
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.rpc import wire
 from fedcompute.server.api_devices import encode_read, write_chunk
@@ -67,12 +67,12 @@ _write_field = st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(_write_field, max_size=10), st.data())
+@given(st.one_of(st.lists(_write_field, max_size=10), st.lists(_write_field, min_size=60, max_size=70)), st.data())
 def test_the_server_reads_a_write_request_as_protobuf_does(fields: list[bytes], data: st.DataObject) -> None:
     """``write_chunk`` (the data a view of the message, the rest through protobuf's parser) against protobuf's
     parser alone, over every field, repeats (the last data wins, metadata merges), data with the wrong wire type,
     unknown fields of every wire type, and messages cut or with a byte altered: the same fields, or both refuse
-    (INVALID_ARGUMENT here)."""
+    (INVALID_ARGUMENT here); on both sides of ``wire.MAX_FIELDS`` (past it protobuf reads the whole message)."""
     raw = maybe_damaged(b"".join(fields), data)
     try:
         r = upload_pb2.WriteRequest.FromString(raw)
@@ -115,3 +115,23 @@ def test_a_write_request_encoded_by_a_device_is_the_protobuf_encoding(
         expected.resource_name, expected.upload_token = "uploads/asg_x", "t" * 64
         expected.metadata.CopyFrom(metadata)
     assert encoded == expected.SerializeToString()
+
+
+def test_a_message_of_many_tiny_fields_is_read_by_protobuf_not_scanned_by_hand() -> None:
+    """A 2 MiB WriteRequest of a million 2-byte fields (data repeated, the last one wins): scanning it by hand
+    would take a Python step per field, GIL held, before the caller is even authorized. The scan stops past
+    ``MAX_FIELDS`` and protobuf reads it: the same fields as protobuf alone. The worker's reader does the same."""
+    raw = b"\x22\x00" * 1_000_000 + wire.message((1, "uploads/asg_x"), (4, b"last"))
+    with pytest.raises(wire.TooManyFields):
+        wire.split_off(raw, 4)
+    got = write_chunk(raw)
+    assert (got.resource_name, bytes(got.data)) == ("uploads/asg_x", b"last")
+    with pytest.raises(InvalidArgument, match="not a valid protobuf message"):
+        write_chunk(raw + b"\x22\x05ab")  # cut short after the many fields: protobuf refuses it too
+    streamed = b"\x12\x00" * 1_000_000 + wire.message((1, "asg_y"), (2, b"envelope"))
+    with pytest.raises(wire.TooManyFields):
+        wire.length_delimited(streamed, frozenset({1, 2}))
+    contribution = streamed_contribution(streamed)
+    assert (contribution.assignment_id, bytes(contribution.envelope)) == ("asg_y", b"envelope")
+    with pytest.raises(ValueError, match="Error parsing message"):
+        streamed_contribution(streamed + b"\x12\x05ab")
