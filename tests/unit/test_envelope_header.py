@@ -93,3 +93,17 @@ def test_arbitrary_bytes_and_mutations_of_a_real_envelope_read_the_same(noise: b
     data = _real()
     _same(data[:cut] + noise + data[cut:])
     _same(noise + data)
+
+
+def test_an_envelope_of_many_tiny_fields_is_read_by_protobuf_not_scanned_by_hand() -> None:
+    """Past ``wire.MAX_FIELDS`` fields both readers hand the envelope to protobuf's parser whole (a device's has
+    seven; a Python step per field let one upload hold the server's GIL for a minute): still what protobuf reads,
+    before or after the real fields, repeated or cut short."""
+    many_unknown = bytes([(12 << 3) | 2, 0]) * 100_000
+    many_key_ids = upload_pb2.EncryptedContribution(key_id="k_9").SerializeToString() * 100
+    data = _real()
+    for variant in (many_unknown + data, data + many_unknown, many_key_ids + data, data + many_key_ids):
+        _same(variant)
+        _same(variant[:-1])
+    header = read_envelope_header(io.BytesIO(data + many_key_ids), len(data) + len(many_key_ids))
+    assert (header.key_id, header.ciphertext) == ("k_9", b"")
