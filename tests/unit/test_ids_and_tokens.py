@@ -8,7 +8,10 @@ import hashlib
 import hmac
 import os
 import re
+import sys
 import threading
+from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -35,6 +38,37 @@ def test_identifiers_are_prefixed_128_bit_url_safe_and_unique_across_threads() -
     assert len(every) == 32_000
     assert all(_ID.match(i) for i in every)
     assert len(set(every)) == len(every)
+
+
+def test_an_identifier_made_between_two_lines_of_another_is_not_the_same() -> None:
+    """As a signal handler can run between two bytecodes of ``new_id`` on the same thread and make an identifier
+    itself: a tracer makes one at every line of every ``new_id`` call (300 calls, across refills of the draw), and
+    every identifier, the tracer's and the traced calls', is distinct."""
+    ids = RandomIds()
+    made: list[str] = []
+    inside = [False]
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code is RandomIds.new_id.__code__:
+            return line
+        return None
+
+    def line(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line" and not inside[0]:
+            inside[0] = True
+            try:
+                made.append(ids.new_id("asg"))
+            finally:
+                inside[0] = False
+        return line
+
+    sys.settrace(tracer)
+    try:
+        made.extend(ids.new_id("asg") for _ in range(300))
+    finally:
+        sys.settrace(None)
+    assert len(made) > 600  # the tracer made several at each call
+    assert len(set(made)) == len(made)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
