@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import io
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from google.protobuf.message import DecodeError
 
@@ -36,7 +35,7 @@ def read_envelope_header(handle: BinaryIO, size: int) -> upload_pb2.EncryptedCon
     seven) is read whole by protobuf's parser: a Python step per field let one device hold the server's GIL for
     over a minute with a 64 MiB upload of 2-byte fields (0.51 s per 400 KB here)."""
     try:
-        return _scan(handle, size)[0]
+        return _scan(handle, size)
     except wire.TooManyFields:
         handle.seek(0)
         envelope = parse_envelope(_read_exactly(handle, size))
@@ -46,48 +45,29 @@ def read_envelope_header(handle: BinaryIO, size: int) -> upload_pb2.EncryptedCon
 
 def envelope_view(data: bytes | memoryview) -> tuple[upload_pb2.EncryptedContribution, memoryview]:
     """``parse_envelope`` without copying the ciphertext: the envelope's other fields, and its ciphertext as a view
-    of ``data`` (the aggregator opens it in place)."""
-    # BytesIO shares bytes, but copies anything else: a view is read through _ViewReader
-    handle: _Readable = io.BytesIO(data) if isinstance(data, bytes) else _ViewReader(memoryview(data))
+    of ``data`` (the aggregator opens it in place). The ciphertext is cut out by ``wire.split_off`` (the last one
+    wins, as protobuf has it) and protobuf parses the rest; past ``wire.MAX_FIELDS`` fields, as in
+    ``read_envelope_header``, protobuf reads it whole (its ciphertext then a copy)."""
     try:
-        envelope, start, length = _scan(handle, len(data))
-    except wire.TooManyFields:  # as in read_envelope_header: protobuf reads it whole (its ciphertext a copy)
+        rest, ciphertext = wire.split_off(data, CIPHERTEXT_FIELD)
+        envelope = upload_pb2.EncryptedContribution.FromString(rest)
+    except wire.TooManyFields:
         envelope = parse_envelope(bytes(data))
-        ciphertext = envelope.ciphertext
+        whole = envelope.ciphertext
         envelope.ClearField("ciphertext")
-        return envelope, memoryview(ciphertext)
-    return envelope, memoryview(data)[start : start + length]
+        return envelope, memoryview(whole)
+    except (ValueError, DecodeError):
+        raise InvalidArgument(FIELD, NOT_AN_ENVELOPE) from None
+    ciphertext = memoryview(b"") if ciphertext is None else ciphertext
+    _check_header(envelope, len(ciphertext))
+    return envelope, ciphertext
 
 
-class _Readable(Protocol):
-    """What ``_scan`` uses of a file: a header on disk (``read_envelope_header``) or an envelope in memory."""
-
-    def seek(self, position: int) -> int: ...
-
-    def read(self, n: int) -> bytes: ...
-
-
-class _ViewReader:
-    """What ``_scan`` uses of a file (``seek``, ``read``), over a view: only what is read is copied."""
-
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-        self._at = 0
-
-    def seek(self, position: int) -> int:
-        self._at = position
-        return position
-
-    def read(self, n: int) -> bytes:
-        chunk = bytes(self._view[self._at : self._at + n])
-        self._at += len(chunk)
-        return chunk
-
-
-def _scan(handle: _Readable, size: int) -> tuple[upload_pb2.EncryptedContribution, int, int]:
-    """The envelope's fields but the ciphertext, and where the (last) ciphertext lies: its offset and length."""
+def _scan(handle: BinaryIO, size: int) -> upload_pb2.EncryptedContribution:
+    """The envelope in a file, its fields but the ciphertext, which is stepped over (the last one's length checked);
+    what ``read_envelope_header`` returns."""
     header = bytearray()
-    ciphertext_start = ciphertext_length = 0
+    ciphertext_length = 0
     end = size
     handle.seek(0)
     position = fields = 0
@@ -108,7 +88,7 @@ def _scan(handle: _Readable, size: int) -> tuple[upload_pb2.EncryptedContributio
             if after > end:
                 raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
             if field == CIPHERTEXT_FIELD:
-                ciphertext_start, ciphertext_length = start, length
+                ciphertext_length = length
                 handle.seek(after)
             else:
                 header += wire.varint(key) + wire.varint(length) + _read_exactly(handle, length)
@@ -126,7 +106,7 @@ def _scan(handle: _Readable, size: int) -> tuple[upload_pb2.EncryptedContributio
     except DecodeError:
         raise InvalidArgument(FIELD, NOT_AN_ENVELOPE) from None
     _check_header(envelope, ciphertext_length)
-    return envelope, ciphertext_start, ciphertext_length
+    return envelope
 
 
 def _check_header(envelope: upload_pb2.EncryptedContribution, ciphertext_length: int) -> None:
@@ -140,14 +120,14 @@ def _check_header(envelope: upload_pb2.EncryptedContribution, ciphertext_length:
         raise InvalidArgument(FIELD, "envelope ciphertext is too short to be HPKE output")
 
 
-def _read_exactly(handle: _Readable, n: int) -> bytes:
+def _read_exactly(handle: BinaryIO, n: int) -> bytes:
     data = handle.read(n)
     if len(data) != n:
         raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
     return data
 
 
-def _varint(handle: _Readable, position: int, end: int) -> tuple[int, int]:
+def _varint(handle: BinaryIO, position: int, end: int) -> tuple[int, int]:
     """A base-128 varint at ``position`` (at most 10 bytes, within ``end``): its value and the next position."""
     value = shift = 0
     while True:

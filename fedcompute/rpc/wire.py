@@ -62,7 +62,7 @@ def length_delimited(data: bytes, numbers: frozenset[int]) -> dict[int, memoryvi
     return {number: view[start:end] for number, _, start, end in _fields(view) if number in numbers}
 
 
-def split_off(data: bytes, number: int) -> tuple[bytes, memoryview | None]:
+def split_off(data: bytes | memoryview, number: int) -> tuple[bytes, memoryview | None]:
     """The message ``data`` without its length-delimited field ``number``, and that field's value as a view of
     ``data`` (the last one when it repeats, as protobuf's parser has it; None when absent). What is left is a
     message for protobuf's parser, which then reads every other field by its own rules (occurrences of the field
@@ -75,7 +75,7 @@ def split_off(data: bytes, number: int) -> tuple[bytes, memoryview | None]:
         kept.append(view[resume:key_at])
         value, resume = view[start:end], end
     if value is None:
-        return data, None
+        return data if isinstance(data, bytes) else bytes(data), None
     kept.append(view[resume:])
     return b"".join(kept), value
 

@@ -24,14 +24,14 @@ def _real() -> bytes:
     ).SerializeToString()  # fmt: skip
 
 
-def _outcome(parse: object, data: bytes) -> tuple[tuple[object, ...], tuple[object, ...]]:
+def _outcome(parse: object, data: bytes, as_view: bool = False) -> tuple[tuple[object, ...], tuple[object, ...]]:
     ciphertext: object = None  # the header reader never reads it
     try:
         if parse is parse_envelope:
             envelope = parse_envelope(data)
             ciphertext = envelope.ciphertext
         elif parse is envelope_view:
-            envelope, view = envelope_view(data)
+            envelope, view = envelope_view(memoryview(data) if as_view else data)
             ciphertext = view.tobytes()
         else:
             envelope = read_envelope_header(io.BytesIO(data + b"trailing bytes past the upload"), len(data))
@@ -47,6 +47,7 @@ def _same(data: bytes) -> None:
     full = _outcome(parse_envelope, data)
     assert _outcome(read_envelope_header, data)[0] == full[0]
     assert _outcome(envelope_view, data) == full
+    assert _outcome(envelope_view, data, as_view=True) == full  # as the worker has it: a view of a message
 
 
 def test_a_real_envelope_reads_the_same_without_its_ciphertext() -> None:
@@ -64,7 +65,11 @@ def test_reordered_repeated_and_unknown_fields_read_as_protobuf_reads_them() -> 
     later = upload_pb2.EncryptedContribution(key_id="k_2", context=b"other").SerializeToString()
     unknown = bytes([(15 << 3) | 2, 3]) + b"abc" + bytes([(14 << 3) | 0, 5]) + bytes([(13 << 3) | 5]) + b"\x00" * 4
     wrong_type = bytes([(1 << 3) | 2, 1]) + b"x"  # field 1 (a varint) sent length-delimited: unknown to protobuf
-    for variant in (data + later, later + data, unknown + data, data + unknown, wrong_type + data):
+    other = upload_pb2.EncryptedContribution(
+        ciphertext=b"\x08" * (hpke.ENC_BYTES + hpke.TAG_BYTES + 7)
+    ).SerializeToString()  # a second ciphertext: the last one sent is the one protobuf keeps
+    for variant in (data + later, later + data, unknown + data, data + unknown, wrong_type + data, data + other,
+                    other + data):  # fmt: skip
         _same(variant)
 
 
