@@ -1,12 +1,15 @@
 """Naming a file durably: a rename (or link) is a change to its directory, which an fsync of the file does not
 write. Until the directory is fsynced too, a power cut can lose the new name, and with it the file, even though
 its bytes were on disk and the caller was told they were stored (ext4 usually commits the name with the next
-fsync of anything on the disk; other file systems, and POSIX, promise nothing of the kind)."""
+fsync of anything on the disk; other file systems, and POSIX, promise nothing of the kind).
+
+And files written or read once (uploads): past the page cache, where the file system allows it."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import tempfile
@@ -76,8 +79,136 @@ def _buffer(capacity: int) -> mmap.mmap:
     if buffer is None or len(buffer) < capacity:
         if buffer is not None:
             buffer.close()
-        buffer = _buffers.buffer = mmap.mmap(-1, capacity)
+        buffer = _buffers.buffer = _aligned(capacity)
     return buffer
+
+
+class UncachedAppender:
+    """Appends to a file past the page cache where the file system allows (``O_DIRECT``): the bytes are copied into
+    a page-aligned buffer and written a whole buffer at a time; ``sync`` writes the last partial block padded with
+    zeros, cuts the file back to its length and fsyncs. The kernel then neither finds nor clears pages for the
+    file, nor writes them back, nor drops them (bench/upload.py). Where direct I/O is refused (``EINVAL``, at the
+    open or at a write), plain writes, then fsync and ``drop_cached``. Opened at ``offset``, the file is created if
+    missing and cut to that length (bytes past it are dropped). Bytes written are on disk only once ``sync``
+    returns: ``close`` alone may lose the last buffer's worth. One thread at a time."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self._fd, self._buffer = -1, _take_buffer() if hasattr(os, "O_DIRECT") else None
+        try:
+            if self._buffer is not None:
+                with contextlib.suppress(OSError):  # EINVAL: no direct I/O here; anything else again just below
+                    self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+            if self._fd < 0:
+                self._release_buffer()
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.ftruncate(self._fd, offset)
+            self._base = offset if self._buffer is None else offset - offset % _ALIGN  # the buffer's file offset
+            self._fill = offset - self._base  # bytes held in the buffer
+            if self._fill:  # resumed inside a block: the buffer starts with its head
+                with open(path, "rb") as head, memoryview(self._buffer) as buffer:  # type: ignore[arg-type]
+                    head.seek(self._base)
+                    head.readinto(buffer[: self._fill])
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, data: bytes | memoryview) -> None:
+        with memoryview(data) as source:
+            taken = 0
+            while self._buffer is not None and taken < len(source):
+                n = min(len(source) - taken, len(self._buffer) - self._fill)
+                self._buffer[self._fill : self._fill + n] = source[taken : taken + n]
+                self._fill += n
+                taken += n
+                if self._fill == len(self._buffer) and self._written_direct(self._fill):
+                    self._base += self._fill
+                    self._fill = 0
+            if taken < len(source):
+                self._write_plain(source[taken:])
+
+    def sync(self) -> None:
+        """Every byte written so far on disk, the file exactly that long, whatever the file system."""
+        if self._buffer is not None and self._fill:
+            whole = -(-self._fill // _ALIGN) * _ALIGN
+            self._buffer[self._fill : whole] = bytes(whole - self._fill)
+            if self._written_direct(whole):
+                os.ftruncate(self._fd, self._base + self._fill)
+        os.fsync(self._fd)
+        if self._buffer is None:
+            drop_cached(self._fd)
+
+    def close(self) -> None:
+        self._release_buffer()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> UncachedAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _written_direct(self, length: int) -> bool:
+        """The buffer's first ``length`` bytes (whole blocks) written at ``_base``; False if direct I/O was refused
+        (an alignment the device does not take): then the buffer's bytes went plainly and plain writes go on."""
+        assert self._buffer is not None
+        try:
+            with memoryview(self._buffer) as buffer:
+                _write_all(self._fd, buffer[:length], self._base)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        with memoryview(self._buffer) as buffer:
+            held, self._fill = buffer[: self._fill], 0
+            self._write_plain(held)
+            held.release()
+        self._release_buffer()
+        return False
+
+    def _write_plain(self, data: memoryview) -> None:
+        _write_all(self._fd, data, self._base)
+        self._base += len(data)
+
+    def _release_buffer(self) -> None:
+        if self._buffer is not None:
+            _give_buffer(self._buffer)
+            self._buffer = None
+
+
+def _write_all(fd: int, data: memoryview, at: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], at + done)
+
+
+_BUFFER_BYTES = 1 << 20  # one upload chunk: a write to the disk per chunk
+_free: list[mmap.mmap] = []  # appenders' buffers, kept for the next (at most _FREE_KEPT)
+_FREE_KEPT = 16
+_free_lock = threading.Lock()
+
+
+def _aligned(capacity: int) -> mmap.mmap:
+    """Page-aligned memory of this process's own: private, so a forked child writes to its own copy (``mmap``'s
+    anonymous default is a mapping shared with every child)."""
+    return mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _take_buffer() -> mmap.mmap:
+    with _free_lock:
+        if _free:
+            return _free.pop()
+    return _aligned(_BUFFER_BYTES)
+
+
+def _give_buffer(buffer: mmap.mmap) -> None:
+    with _free_lock:
+        if len(_free) < _FREE_KEPT:
+            _free.append(buffer)
+            return
+    buffer.close()
 
 
 def replace_durably(source: Path | str, target: Path) -> None:

@@ -11,7 +11,6 @@ An upload's staging file has one writer at a time across every process that shar
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from fedcompute.core.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from fedcompute.core.files import drop_cached
+from fedcompute.core.files import UncachedAppender
 from fedcompute.core.records import UploadRecord
 from fedcompute.core.transitions import AssignmentStatus, UploadStatus
 from fedcompute.keys.envelope import check_envelope, read_envelope_header
@@ -247,14 +246,14 @@ class UploadService:
         start = offset = upload.committed_size
         digest = hashlib.sha256()
         finished = kept = False
-        held = path.stat().st_size if path.exists() else None  # the writer lock is ours: no one else changes it
-        if offset and (held or 0) < offset:  # staged elsewhere (another replica's disk) or lost: start over
+        held = path.stat().st_size if path.exists() else 0  # the writer lock is ours: no one else changes it
+        if held < offset:  # staged elsewhere (another replica's disk) or lost: start over
             self._discard(upload, path)
             raise DataLoss("this server does not hold the upload's committed bytes; upload again from offset 0")
-        with path.open("wb" if held is None else "r+b") as handle:
-            handle.truncate(offset)  # drop bytes a crashed write left past the committed size
-            _hash_prefix(handle, offset, digest)  # a resumed upload: the bytes already committed
-            handle.seek(offset)
+        if offset:
+            with path.open("rb") as handle:
+                _hash_prefix(handle, offset, digest)  # a resumed upload: the bytes already committed
+        with UncachedAppender(path, offset) as out:  # cut to the committed size: drops what a crashed write left
             try:
                 for chunk in chunks:
                     if chunk.write_offset != offset:
@@ -263,16 +262,14 @@ class UploadService:
                         raise InvalidArgument(
                             "data", f"more bytes than the declared total_size_bytes ({upload.total_size})"
                         )
-                    handle.write(chunk.data)
+                    out.write(chunk.data)
                     digest.update(chunk.data)
                     offset += len(chunk.data)
                     if chunk.finish_write:
                         finished = True
                         break
             finally:
-                handle.flush()
-                os.fsync(handle.fileno())
-                drop_cached(handle.fileno())  # read once more, by the aggregator (core/files.py)
+                out.sync()  # past the page cache: read once more, by the aggregator (core/files.py)
                 if not finished and offset != start:  # soft: losing it only makes the device resend
                     kept = self._store_progress(started, start, offset, durable=False)
         if not finished:

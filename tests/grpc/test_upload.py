@@ -228,9 +228,10 @@ def test_a_resume_whose_staged_bytes_are_gone_is_data_loss_and_the_device_starts
 
 @pytest.mark.skipif(sys.platform != "linux", reason="posix_fadvise and mincore are Linux's")
 def test_an_uploaded_envelope_leaves_the_page_cache_once_it_is_on_disk(database_url: str, tmp_path: Path) -> None:
-    """An upload is written once here and read once, later, by the aggregator: once fsynced its pages are dropped
-    from the page cache (core/files.py drop_cached), where they would push out what is read again and make the
-    next upload's writes find new pages. The header, read back to check the envelope's binding, may stay."""
+    """An upload is written once here and read once, later, by the aggregator: it is written past the page cache
+    (core/files.py UncachedAppender; elsewhere its pages dropped once fsynced), where its pages would push out what
+    is read again and make the next upload's writes find new pages. The header, read back to check the envelope's
+    binding, may stay."""
     if kept_in_memory(tmp_path):
         pytest.skip("the test directory is on tmpfs: its files live in the page cache")
     harness = Harness.start(suite_settings(tmp_path / "w", database_url, max_upload_bytes=4 << 20), aggregator=False)
