@@ -67,13 +67,14 @@ def _drop(admin_url: str, name: str) -> None:
 
 
 def run(replicas: int, devices: int, seconds: float, admin_url: str) -> dict[str, object]:
-    with deployment(replicas, admin_url) as address:
+    with deployment(replicas, admin_url) as (address, _):
         return load(address, devices, seconds)
 
 
 @contextmanager
-def deployment(replicas: int, admin_url: str) -> Iterator[str]:
-    """`fedcompute up --replicas N` on a fresh database with one open task; yields the server address."""
+def deployment(replicas: int, admin_url: str) -> Iterator[tuple[str, str]]:
+    """`fedcompute up --replicas N` on a fresh database with one open task; yields the server address and the
+    database's URL."""
     name = f"fedcompute_bench_{os.getpid()}_{replicas}"
     url = _database(admin_url, name)
     work = Path(tempfile.mkdtemp(prefix="fedcompute-load-"))
@@ -103,14 +104,24 @@ def deployment(replicas: int, admin_url: str) -> Iterator[str]:
             env=task_env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         time.sleep(2)  # the dealer's key ceremony
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", url
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
         _drop(admin_url, name)
 
 
-def _cpu_ticks() -> tuple[int, int]:
+def assignments(url: str) -> int:
+    """How many assignments the deployment on ``url`` has made."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM assignments")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def cpu_ticks() -> tuple[int, int]:
     """This machine's busy and total CPU time so far, in clock ticks (/proc/stat: idle and iowait are not busy)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return sum(fields) - fields[3] - fields[4], sum(fields)
@@ -177,10 +188,10 @@ def load(address: str, devices: int, seconds: float, processes: int = CLIENT_PRO
                            [go] * processes)  # fmt: skip
         for _ in range(processes):
             ready.get(timeout=CLIENT_READY_S)
-        busy, total = _cpu_ticks()
+        busy, total = cpu_ticks()
         go.set()
         time.sleep(seconds)
-        busy_after, total_after = _cpu_ticks()
+        busy_after, total_after = cpu_ticks()
         runs = list(pending)
     ordered = sorted(latency for latencies, _ in runs for latency in latencies)
     codes: Counter[str] = Counter()
