@@ -161,10 +161,9 @@ class UncachedAppender:
             if exc.errno != errno.EINVAL:
                 raise
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        with memoryview(self._buffer) as buffer:
-            held, self._fill = buffer[: self._fill], 0
+        filled, self._fill = self._fill, 0
+        with memoryview(self._buffer) as buffer, buffer[:filled] as held:
             self._write_plain(held)
-            held.release()
         self._release_buffer()
         return False
 
@@ -204,11 +203,11 @@ def _take_buffer() -> mmap.mmap:
 
 
 def _give_buffer(buffer: mmap.mmap) -> None:
+    """Kept for the next appender, or dropped (unmapped once no view of it is left: not closed here, since a view
+    an error's traceback still holds would make closing fail)."""
     with _free_lock:
         if len(_free) < _FREE_KEPT:
             _free.append(buffer)
-            return
-    buffer.close()
 
 
 def replace_durably(source: Path | str, target: Path) -> None:

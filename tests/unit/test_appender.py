@@ -173,7 +173,12 @@ def test_a_process_killed_after_a_sync_leaves_the_synced_bytes_for_a_resume(tmp_
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    synced = bytes(range(256)) * 20_000 + b"tail"
+    _resumes_after(path, bytes(range(256)) * 20_000 + b"tail")
+
+
+def _resumes_after(path: Path, synced: bytes) -> None:
+    """``path`` starts with the ``synced`` bytes, as they were; reopened at their length, what is written next
+    follows them exactly."""
     assert path.read_bytes()[: len(synced)] == synced
     rest = os.urandom(10_000)
     with UncachedAppender(path, len(synced)) as out:
@@ -192,3 +197,34 @@ def test_buffers_are_reused_and_kept_bounded(tmp_path: Path) -> None:
     again = UncachedAppender(tmp_path / "again", 0)
     assert len(files._free) == files._FREE_KEPT - 1
     again.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_full_disk_is_raised_as_such_and_a_reopen_goes_on_from_the_synced_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """A write the disk refuses (ENOSPC) is the caller's error, as it is, whether it came from a direct write or
+    from the plain write that followed a refusal of direct I/O (not a fallback, not an error about the buffer); the
+    bytes synced before it stay, and a reopen at their length carries on."""
+    path = tmp_path / "staged"
+    synced = os.urandom(5000)
+    real_pwrite = os.pwrite
+
+    def full(fd: int, data: bytes | memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            if direct:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(errno.EINVAL, "direct I/O refused")
+        if not direct:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    with UncachedAppender(path, 0) as out:
+        out.write(synced)
+        out.sync()
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "pwrite", full)
+            with pytest.raises(OSError, match="No space left on device") as info:
+                out.write(os.urandom(3 << 20))
+    assert info.value.errno == errno.ENOSPC
+    _resumes_after(path, synced)
