@@ -28,12 +28,16 @@ SIZES = st.one_of(
     st.sampled_from([0, 1, BLOCK - 1, BLOCK, BLOCK + 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 1]),
     st.integers(0, 3 * (1 << 20)),
 )
-# what the file system does with direct I/O: takes it; refuses it at the open; refuses the first or the third write
-REFUSALS = ["none", "open", "first write", "third write"]
+# what the platform and file system do with direct I/O: take it; refuse it at the open; refuse the first or the
+# third write; not have it (macOS: no os.O_DIRECT)
+REFUSALS = ["none", "open", "first write", "third write", "absent"]
 
 
 def _refusing(monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
     if refusal == "none":
+        return
+    if refusal == "absent":
+        monkeypatch.delattr(os, "O_DIRECT")
         return
     real_open, real_pwrite = os.open, os.pwrite
     direct_writes = [0]
