@@ -104,8 +104,8 @@ class UncachedAppender:
             os.ftruncate(self._fd, offset)
             self._base = offset if self._buffer is None else offset - offset % _ALIGN  # the buffer's file offset
             self._fill = offset - self._base  # bytes held in the buffer
-            if self._fill:  # resumed inside a block: the buffer starts with its head
-                with open(path, "rb") as head, memoryview(self._buffer) as buffer:  # type: ignore[arg-type]
+            if self._fill and self._buffer is not None:  # resumed inside a block: the buffer starts with its head
+                with open(path, "rb") as head, memoryview(self._buffer) as buffer:
                     head.seek(self._base)
                     head.readinto(buffer[: self._fill])
         except BaseException:
