@@ -1,10 +1,12 @@
 # Two commands do all the set-up: `make demo` and `make test` (each creates .venv on first use).
 PYTHON ?= python3
 VENV := .venv
+# the round benchmark's limit, Flower's simulation engine, with pins of its own (grpcio, protobuf) apart from ours
+FLOWER := .venv-flower
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test lint typecheck protos protos-check unit clean bench
+.PHONY: demo test lint typecheck protos protos-check unit clean bench flower
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +35,16 @@ typecheck: $(BIN)/.installed
 test: protos-check lint typecheck
 	$(BIN)/pytest -q --durations=15 --numprocesses=auto --maxprocesses=4 --dist=worksteal
 
-bench: $(BIN)/.installed  # not part of test: 5-7 minutes on 2 cores; ARGS="--quick" or "--only NAME"
+bench: $(BIN)/.installed  # not part of test: 6-10 minutes on 2 cores; ARGS="--quick" or "--only NAME"
+	$(MAKE) --no-print-directory flower || echo "no $(FLOWER): the round benchmark's limit is the issue's constant"
 	GRPC_VERBOSITY=ERROR $(BIN)/python -m bench.run $(ARGS)
 
+flower: $(FLOWER)/bin/.installed
+
+$(FLOWER)/bin/.installed:
+	test -x $(FLOWER)/bin/python || $(PYTHON) -m venv $(FLOWER)
+	$(FLOWER)/bin/python -m pip install --quiet 'flwr[simulation]==1.42.0'
+	touch $@
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOWER) .mypy_cache .pytest_cache .ruff_cache
