@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from queue import Queue
@@ -111,6 +111,19 @@ def deployment(replicas: int, admin_url: str) -> Iterator[tuple[str, str]]:
         _drop(admin_url, name)
 
 
+@contextmanager
+def deployments(*replicas: int, admin_url: str) -> Iterator[list[tuple[str, str]]]:
+    """``deployment`` for each count, started at the same time (each ~20 s here, mostly waiting on its children);
+    what each yields, in order. If one fails to start, those that did are stopped."""
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(replicas)) as pool:
+        managers = [deployment(n, admin_url) for n in replicas]
+        entering = [pool.submit(manager.__enter__) for manager in managers]
+        for manager, future in zip(managers, entering, strict=True):
+            if future.exception() is None:
+                stack.push(manager.__exit__)
+        yield [future.result() for future in entering]  # raises the first failure, the others stopped on the way out
+
+
 def assignments(url: str) -> int:
     """How many assignments the deployment on ``url`` has made."""
     engine = create_engine(url)
@@ -175,17 +188,36 @@ def _closed_loop(
     return latencies, dict(codes)
 
 
-def load(address: str, devices: int, seconds: float, processes: int = CLIENT_PROCESSES) -> dict[str, object]:
-    """The closed loop, its ``devices`` callers spread over ``processes`` client processes (one Python process's
-    GIL caps its gRPC calls near what one replica serves, so one client process cannot show a second replica),
-    started together once every process has connected all its callers; also how busy the whole machine's CPUs
-    were meanwhile (1.0: every core, all the time)."""
-    share = [devices // processes + (1 if i < devices % processes else 0) for i in range(processes)]
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
-        ready, go = manager.Queue(), manager.Event()
-        pending = pool.map(_closed_loop, [address] * processes, share, [seconds] * processes, [ready] * processes,
-                           [go] * processes)  # fmt: skip
+class Callers:
+    """The client processes of the closed loops (``CLIENT_PROCESSES``, spawned once and kept for every ``load``: a
+    fresh pair per sample cost ~11 s each here, starting, importing and connecting, for a 5 s sample)."""
+
+    def __init__(self, processes: int = CLIENT_PROCESSES) -> None:
+        self.processes = processes
+        context = multiprocessing.get_context("spawn")
+        self._manager = context.Manager()
+        self._pool = ProcessPoolExecutor(processes, mp_context=context)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self._manager.shutdown()
+
+    def __enter__(self) -> Callers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def load(self, address: str, devices: int, seconds: float) -> dict[str, object]:
+        """The closed loop, its ``devices`` callers spread over the client processes (one Python process's GIL
+        caps its gRPC calls near what one replica serves, so one client process cannot show a second replica),
+        started together once every process has connected all its callers (each caller connects afresh); also
+        how busy the whole machine's CPUs were meanwhile (1.0: every core, all the time)."""
+        processes = self.processes
+        share = [devices // processes + (1 if i < devices % processes else 0) for i in range(processes)]
+        ready, go = self._manager.Queue(), self._manager.Event()
+        pending = self._pool.map(_closed_loop, [address] * processes, share, [seconds] * processes,
+                                 [ready] * processes, [go] * processes)  # fmt: skip
         for _ in range(processes):
             ready.get(timeout=CLIENT_READY_S)
         busy, total = cpu_ticks()
@@ -193,17 +225,23 @@ def load(address: str, devices: int, seconds: float, processes: int = CLIENT_PRO
         time.sleep(seconds)
         busy_after, total_after = cpu_ticks()
         runs = list(pending)
-    ordered = sorted(latency for latencies, _ in runs for latency in latencies)
-    codes: Counter[str] = Counter()
-    for _, seen in runs:
-        codes.update(seen)
-    return {
-        "checkins_per_s": round(codes["OK"] / seconds, 1),
-        "p50_ms": round(ordered[len(ordered) // 2] * 1000, 1),
-        "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1),
-        "codes": dict(codes),
-        "machine_cpu_busy": round((busy_after - busy) / max(1, total_after - total), 3),
-    }
+        ordered = sorted(latency for latencies, _ in runs for latency in latencies)
+        codes: Counter[str] = Counter()
+        for _, seen in runs:
+            codes.update(seen)
+        return {
+            "checkins_per_s": round(codes["OK"] / seconds, 1),
+            "p50_ms": round(ordered[len(ordered) // 2] * 1000, 1),
+            "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1),
+            "codes": dict(codes),
+            "machine_cpu_busy": round((busy_after - busy) / max(1, total_after - total), 3),
+        }
+
+
+def load(address: str, devices: int, seconds: float, processes: int = CLIENT_PROCESSES) -> dict[str, object]:
+    """One closed loop from client processes of its own (``Callers.load``)."""
+    with Callers(processes) as callers:
+        return callers.load(address, devices, seconds)
 
 
 def main() -> None:

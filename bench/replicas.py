@@ -1,13 +1,14 @@
 """Check-ins/s with 1 and 2 server replicas on one Postgres: bench/checkin_load.py's run, interleaved (1, 2, ...).
 
-Both deployments run side by side for the whole benchmark (`fedcompute up --replicas N`, each its own processes,
-SO_REUSEPORT on one port, its own fresh Postgres database, one open task); the samples alternate between them: 64
-callers (threads of two client processes, each caller with a connection of its own, as separate devices have, so
-that the kernel spreads them over the replicas' shared port) calling CreateTaskAssignment in a closed loop. One
-client process is not enough: its GIL caps its calls near what one replica serves, and gRPC's default shares one
-connection per address in a process, which lands on one replica. The idle deployment's polling loops still run
-during the other's sample. The "limit" here is one replica: the ratio is the scaling 2/1. Each sample also records
-how busy the machine's CPUs were (/proc/stat): a second replica can only add throughput where one left cores idle.
+Both deployments run side by side for the whole benchmark, started together (`fedcompute up --replicas N`, each
+its own processes, SO_REUSEPORT on one port, its own fresh Postgres database, one open task); the samples alternate
+between them: 64 callers (threads of two client processes, started once, each caller with a connection of its own
+made afresh for each sample, as separate devices have, so that the kernel spreads them over the replicas' shared
+port) calling CreateTaskAssignment in a closed loop. One client process is not enough: its GIL caps its calls near
+what one replica serves, and gRPC's default shares one connection per address in a process, which lands on one
+replica. The idle deployment's polling loops still run during the other's sample. The "limit" here is one replica:
+the ratio is the scaling 2/1. Each sample also records how busy the machine's CPUs were (/proc/stat): a second
+replica can only add throughput where one left cores idle.
 
 The same again with h2load as the 64 callers (bench/h2load.py), where it is installed: the Python callers spend
 ~0.25 ms of CPU per call, half a core of the two at these rates, which a fleet's devices spend on their own
@@ -34,11 +35,11 @@ ECHO = "/grpc.health.v1.Health/Check"
 
 def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     seconds = 2.0 if mode.quick else 5.0
-    with checkin_load.deployment(2, ADMIN_URL) as two_at, checkin_load.deployment(1, ADMIN_URL) as one_at:
-        checkin_load.load(two_at[0], CALLERS, 1.0)  # connections, caches: untimed
-        checkin_load.load(one_at[0], CALLERS, 1.0)
-        sides = [lambda: checkin_load.load(two_at[0], CALLERS, seconds),
-                 lambda: checkin_load.load(one_at[0], CALLERS, seconds)]  # fmt: skip
+    with checkin_load.deployments(2, 1, admin_url=ADMIN_URL) as (two_at, one_at), checkin_load.Callers() as callers:
+        callers.load(two_at[0], CALLERS, 1.0)  # the servers' connections and caches: untimed
+        callers.load(one_at[0], CALLERS, 1.0)
+        sides = [lambda: callers.load(two_at[0], CALLERS, seconds),
+                 lambda: callers.load(one_at[0], CALLERS, seconds)]  # fmt: skip
         if h2load.H2LOAD:
             sides += [lambda: _checkins(two_at, seconds), lambda: _checkins(one_at, seconds),
                       lambda: _echoes(one_at[0], seconds)]  # fmt: skip
