@@ -332,6 +332,10 @@ def start_suite(
 
 
 def _worker_settings(settings: Settings, ports: MetricsPorts) -> Settings:
-    """Each worker its own metrics port and, where health ports are on, a free one of its own."""
+    """Each worker its own metrics port and, where health ports are on, a free one of its own; where the server
+    keeps its blobs on this disk (no S3 store) and nothing else was set, the worker reads contributions there."""
     health = free_port(settings.host) if settings.health_port else 0
-    return settings.model_copy(update={"metrics_port": ports.take("aggregator"), "health_port": health})
+    update: dict[str, object] = {"metrics_port": ports.take("aggregator"), "health_port": health}
+    if settings.aggregator_blob_dir is None and not settings.blob_store_url:
+        update["aggregator_blob_dir"] = settings.server_dir() / "blobs"
+    return settings.model_copy(update=update)

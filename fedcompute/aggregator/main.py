@@ -46,8 +46,9 @@ def build_worker(settings: Settings, worker_id: str, registry: CollectorRegistry
     )
     wait = min(settings.poll_interval_s, settings.rpc_timeout_s / 2)  # claims long-poll: no job waits for a poll
     return AggregatorWorker(
-        jobs, access, worker_id, metrics=WorkerMetrics.create(registry), device=device, claim_wait_s=wait
-    )
+        jobs, access, worker_id, metrics=WorkerMetrics.create(registry), device=device, claim_wait_s=wait,
+        blob_dir=settings.aggregator_blob_dir, max_envelope_bytes=settings.max_upload_bytes,
+    )  # fmt: skip
 
 
 def main() -> None:

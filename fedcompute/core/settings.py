@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     aggregator_device: str = Field(
         "cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="Where the aggregator accumulates: cpu, cuda or cuda:N."
     )
+    aggregator_blob_dir: Path | None = Field(
+        None,
+        description="The server's local blob directory, where the worker shares its disk (`up` sets it): the worker "
+        "reads contributions there, hash-checked as streamed ones; unset: streamed by the server.",
+    )
     key_lifetime_s: int = Field(30 * 86400, gt=0, description="How long a population key is used for encrypting.")
     key_destroy_after_s: int = Field(7 * 86400, ge=0, description="After expiry, when key shares are destroyed.")
     key_rotate_before_s: int = Field(86400, gt=0, description="Publish the next key this long before expiry.")
