@@ -5,7 +5,6 @@ so a retried job releases a bit-identical output."""
 from __future__ import annotations
 
 import hashlib
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -25,9 +24,10 @@ from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, Rehearsed, 
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
 from fedcompute.clients.typed import AggregationClient, StreamedContribution
 from fedcompute.core import checkpoints, plans
+from fedcompute.core.blobs import BlobMissing, blob_path
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.errors import InvalidArgument
-from fedcompute.core.files import read_uncached
+from fedcompute.core.files import bounded_refusal, read_uncached
 from fedcompute.core.prefetch import prefetched
 from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
@@ -222,9 +222,7 @@ class AggregatorWorker:
         Read here, an envelope costs neither side the gRPC transfer (the server read, encoded and sent, the worker
         received 4.5 MB each: more CPU than opening and adding it, bench/round_time.py)."""
         if self._blob_dir is not None:
-            local = [LocalEnvelope(a, self._blob_dir / "sha256" / h[:2] / h[2:], self._max_envelope_bytes)
-                     for a, h in inputs]  # fmt: skip
-            missing = [e.assignment_id for e in local if not _regular_within(e.path, e.max_bytes)]
+            local, missing = local_envelopes(self._blob_dir, inputs, self._max_envelope_bytes)
             if not missing:
                 return local
             log.info("contributions_streamed", job_id=job.job_id, not_local=len(missing), first=missing[0])
@@ -323,13 +321,26 @@ def _digest(item: StreamedContribution | aggregation_pb2.StreamContributionsResp
     return item.assignment_id, envelope, hashlib.sha256(envelope).hexdigest()
 
 
-def _regular_within(path: Path, max_bytes: int) -> bool:
-    """A regular file (not a link) of at most ``max_bytes``: what ``read_uncached`` with that bound will read."""
-    try:
-        found = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISREG(found.st_mode) and found.st_size <= max_bytes
+def local_envelopes(
+    blob_dir: Path, inputs: list[tuple[str, str]], max_bytes: int
+) -> tuple[list[LocalEnvelope], list[str]]:
+    """Each input's envelope file in the blob directory (addressed by its sha256, ``core.blobs.blob_path``), and
+    the assignment ids of those a bounded read would refuse now: missing, not a regular file (a link too: looked at
+    without following it), over ``max_bytes``, or an address that is not a sha256 (the input list is the
+    server's: such an address never names a path outside the directory)."""
+    local: list[LocalEnvelope] = []
+    missing: list[str] = []
+    for assignment_id, sha256_hex in inputs:
+        try:
+            path = blob_path(blob_dir, sha256_hex)
+            refused = bounded_refusal(path.lstat(), max_bytes)
+        except (BlobMissing, OSError):
+            refused = "missing"
+        if refused:
+            missing.append(assignment_id)
+        else:
+            local.append(LocalEnvelope(assignment_id, path, max_bytes))
+    return local, missing
 
 
 def _mismatch(index: int, got: tuple[str, str], inputs: list[tuple[str, str]]) -> str:

@@ -3,6 +3,7 @@ stream, whose receiver, the attested aggregator, hashes every envelope against t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -49,3 +50,14 @@ class BlobCorrupted(Exception):
 
 class BlobMissing(Exception):
     """No blob has this address."""
+
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a blob's address
+
+
+def blob_path(root: Path, sha256_hex: str) -> Path:
+    """Where a local blob directory ``root`` keeps the blob of this sha256: ``sha256/ab/cdef...`` (``BlobMissing``
+    for anything but 64 lowercase hex digits: an address from elsewhere never names a path outside ``root``)."""
+    if not SHA256_HEX.match(sha256_hex):
+        raise BlobMissing(f"{sha256_hex!r} is not a sha256 address")
+    return root / "sha256" / sha256_hex[:2] / sha256_hex[2:]

@@ -82,19 +82,32 @@ def read_uncached(path: Path, max_bytes: int | None = None) -> bytes:
         if exc.errno != errno.EINVAL:
             raise
         os.lseek(fd, 0, os.SEEK_SET)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~flag)
+        _without_direct(fd)
         return _read_plain(fd, size)  # an alignment the device refuses
     finally:
         os.close(fd)
 
 
+def bounded_refusal(found: os.stat_result, max_bytes: int) -> str:
+    """Why a bounded read (``read_uncached`` with ``max_bytes``) refuses a file of this status ('' if it reads it):
+    one test for whoever looks before reading and for the read itself."""
+    if not stat.S_ISREG(found.st_mode):
+        return "is not a regular file"
+    if found.st_size > max_bytes:
+        return f"holds {found.st_size} bytes, more than {max_bytes}"
+    return ""
+
+
 def _size(fd: int, path: Path, max_bytes: int | None) -> int:
     found = os.fstat(fd)
-    if max_bytes is not None and not stat.S_ISREG(found.st_mode):
-        raise NotReadable(f"{path} is not a regular file")
-    if max_bytes is not None and found.st_size > max_bytes:
-        raise NotReadable(f"{path} holds {found.st_size} bytes, more than {max_bytes}")
+    if max_bytes is not None and (refused := bounded_refusal(found, max_bytes)):
+        raise NotReadable(f"{path} {refused}")
     return found.st_size
+
+
+def _without_direct(fd: int) -> None:
+    """Plain I/O on ``fd`` from now on: the device refused a direct transfer's alignment."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
 
 
 def _read_plain(fd: int, size: int) -> bytes:
@@ -192,7 +205,7 @@ class UncachedAppender:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        _without_direct(self._fd)
         filled, self._fill = self._fill, 0
         with memoryview(self._buffer) as buffer, buffer[:filled] as held:
             self._write_plain(held)

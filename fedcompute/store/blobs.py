@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from fedcompute.core.blobs import BlobCorrupted, BlobMissing
+from fedcompute.core.blobs import BlobCorrupted, BlobMissing, blob_path
 from fedcompute.core.files import fsync_directory, read_uncached, replace_durably
 
-_HEX = re.compile(r"^[0-9a-f]{64}$")
 _READ = 1024 * 1024
 
 
@@ -29,9 +27,7 @@ class LocalBlobStore:
         return self._root / "tmp"
 
     def _path(self, sha256_hex: str) -> Path:
-        if not _HEX.match(sha256_hex):
-            raise BlobMissing(f"{sha256_hex!r} is not a sha256 address")
-        return self._root / "sha256" / sha256_hex[:2] / sha256_hex[2:]
+        return blob_path(self._root, sha256_hex)
 
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()

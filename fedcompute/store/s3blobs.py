@@ -14,7 +14,6 @@ and loops retry; the cause goes to the log.
 from __future__ import annotations
 
 import hashlib
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from fedcompute.core.blobs import BlobCorrupted, BlobMissing
+from fedcompute.core.blobs import SHA256_HEX, BlobCorrupted, BlobMissing
 from fedcompute.core.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = structlog.get_logger("fedcompute.blobs")
-_HEX = re.compile(r"^[0-9a-f]{64}$")
 _READ = 1024 * 1024
 SPOOL_BYTES = 8 * 1024 * 1024
 _MISSING = frozenset({"NoSuchKey", "NotFound", "404"})
@@ -58,7 +56,7 @@ class S3BlobStore:
 
     def key(self, sha256_hex: str) -> str:
         """The object key of an address."""
-        if not _HEX.match(sha256_hex):
+        if not SHA256_HEX.match(sha256_hex):
             raise BlobMissing(f"{sha256_hex!r} is not a sha256 address")
         return f"{self._root}{sha256_hex[:2]}/{sha256_hex[2:]}"
 
@@ -130,7 +128,7 @@ class S3BlobStore:
             for page in pages:
                 for item in page.get("Contents", []):
                     address = item["Key"].removeprefix(self._root).replace("/", "")
-                    if _HEX.match(address) and item["LastModified"].timestamp() < limit:
+                    if SHA256_HEX.match(address) and item["LastModified"].timestamp() < limit:
                         found.append(address)
         return found
 

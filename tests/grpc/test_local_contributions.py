@@ -6,13 +6,14 @@ worker read what is not a bounded regular file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from fedcompute.aggregator.worker import LocalEnvelope, _digest, _regular_within
+from fedcompute.aggregator.worker import LocalEnvelope, _digest, local_envelopes
 from fedcompute.clients.device import upload
 from fedcompute.core.files import NotReadable, read_uncached
 from fedcompute.v1 import task_management_pb2 as tm
@@ -59,38 +60,73 @@ def test_a_worker_whose_blob_directory_lacks_the_envelopes_has_them_streamed(dat
         harness.stop()
 
 
-@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "oversized"])
+def _in_directory(tmp_path: Path, sha256_hex: str) -> Path:
+    """Where the blob directory ``tmp_path`` keeps the envelope of this address (its parent made)."""
+    path = tmp_path / "sha256" / sha256_hex[:2] / sha256_hex[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "oversized", "missing"])
 def test_the_blob_directory_cannot_make_the_worker_read_anything_but_a_bounded_regular_file(
     tmp_path: Path, kind: str
 ) -> None:
     """What the server can put where an envelope should be: a FIFO (a read would wait for a writer forever), a link
-    to a file of the worker's, a directory, a file over the upload limit. Each is passed over when the job starts
-    (the job is then streamed), and refused at once by the read if it appears after that check."""
+    to a file of the worker's, a directory, a file over the upload limit, nothing. Each is passed over when the job
+    starts (the job is then streamed), and refused at once by the read if it appears after that check."""
     secret = tmp_path / "worker-secret"
     secret.write_bytes(b"x" * 100)
-    path = tmp_path / "envelope"
+    good, bad = "a" * 64, "b" * 64
+    _in_directory(tmp_path, good).write_bytes(b"x" * 1000)
+    path = _in_directory(tmp_path, bad)
     if kind == "fifo":
         os.mkfifo(path)
     elif kind == "symlink":
         path.symlink_to(secret)
     elif kind == "directory":
         path.mkdir()
-    else:
+    elif kind == "oversized":
         path.write_bytes(b"x" * 1001)
-    assert not _regular_within(path, 1000)
+    local, missing = local_envelopes(tmp_path, [("asg-1", good), ("asg-2", bad)], 1000)
+    assert missing == ["asg-2"]
+    assert [e.assignment_id for e in local] == ["asg-1"]
+    if kind == "missing":
+        return
     began = time.monotonic()
-    with pytest.raises((NotReadable, OSError)):
-        _digest(LocalEnvelope("asg", path, 1000))
+    with pytest.raises(OSError, match=r"not a regular file|more than|symbolic links"):  # ELOOP for the link
+        _digest(LocalEnvelope("asg-2", path, 1000))
     assert time.monotonic() - began < 5  # refused, not waited on
 
 
+@pytest.mark.parametrize("crafted", ["absolute", "climbing", "uppercase"])
+def test_an_input_address_that_is_not_a_sha256_never_names_a_path_outside_the_blob_directory(
+    tmp_path: Path, crafted: str
+) -> None:
+    """The job's input list is the server's: an address crafted as a path is not looked up at all (the job is then
+    streamed, and the worker's hash check refuses it). Each address below, joined as ``sha256/<2>/<rest>``, would
+    name an existing regular file the bound admits: a file of the worker's, or one beside the blob directory."""
+    blobs = tmp_path / "blobs"
+    (blobs / "sha256").mkdir(parents=True)
+    secret = tmp_path / "worker-secret"
+    secret.write_bytes(b"x" * 100)
+    (blobs / "worker-secret").write_bytes(b"x" * 100)
+    upper = "A" * 64
+    (blobs / "sha256" / upper[:2]).mkdir()
+    (blobs / "sha256" / upper[:2] / upper[2:]).write_bytes(b"x" * 100)
+    address = {"absolute": "zz" + str(secret), "climbing": "..worker-secret", "uppercase": upper}[crafted]
+    naive = blobs / "sha256" / address[:2] / address[2:]
+    assert naive.is_file()  # what a plain join would have read
+    assert local_envelopes(blobs, [("asg-1", address)], 1000) == ([], ["asg-1"])
+
+
 def test_a_bounded_read_reads_a_regular_file_whole(tmp_path: Path) -> None:
-    path = tmp_path / "envelope"
     data = os.urandom(3 * 4096 + 17)  # not a multiple of the direct-I/O block
+    address = hashlib.sha256(data).hexdigest()
+    path = _in_directory(tmp_path, address)
     path.write_bytes(data)
-    assert _regular_within(path, len(data))
-    assert not _regular_within(path, len(data) - 1)
+    assert local_envelopes(tmp_path, [("asg", address)], len(data)) == ([LocalEnvelope("asg", path, len(data))], [])
+    assert local_envelopes(tmp_path, [("asg", address)], len(data) - 1) == ([], ["asg"])
     assert read_uncached(path, max_bytes=len(data)) == data
     with pytest.raises(NotReadable, match="more than"):
         read_uncached(path, max_bytes=len(data) - 1)
-    assert _digest(LocalEnvelope("asg", path, len(data)))[1] == data
+    assert _digest(LocalEnvelope("asg", path, len(data))) == ("asg", data, address)
