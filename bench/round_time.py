@@ -12,12 +12,15 @@ The limit, where `make flower` has made `.venv-flower`: the same round in Flower
 network, encryption or DP; bench/flower_round.py, a process of its own per sample), interleaved with the 100-device
 rounds (ours, Flower's, ours, ...); the target is 1/5 of it. Without that environment the limit column is the
 issue's measurement of it (16 s on this machine), a constant. The 1,000-device round has no limit (the issue sets
-none, and Flower's engine would take minutes).
+none, and Flower's engine would take minutes). Each sample also records the whole machine's busy CPU over it
+(core-seconds, /proc/stat), ours and each Flower round's: on a machine of k cores a round needing C core-seconds
+takes at least C / k seconds, however its work is overlapped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import threading
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bench.checkin_load import cpu_ticks
 from bench.common import LoadGenerator, Mode, Result, create_task, suite_settings
 from fedcompute.clients.typed import TaskManagementClient
 from fedcompute.core import checkpoints
@@ -44,6 +48,8 @@ FLOWER_ROUNDS = 2  # per Flower sample: its first round, then one with its actor
 CONCURRENCY = 16
 LARGE = 1000  # one round of this many devices in full mode (4.5 GB of uploads)
 WARM_UP = 10  # devices in the untimed first round
+CPU_NOTES = ("the machine's busy CPU over create->published (/proc/stat; every process: servers, worker, devices); "
+             "core-s / cores is the least the round can take on this machine however it is scheduled")  # fmt: skip
 
 
 def run(mode: Mode, load: LoadGenerator) -> list[Result]:
@@ -101,11 +107,18 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
                    lower_is_better=True, notes=notes),
             Result(name, "devices' turns", "s", [r["devices_s"] for r in samples], notes=notes),
             Result(name, "uploads->published", "s", [r["aggregate_publish_s"] for r in samples], notes=notes),
+            Result(name, "CPU busy", "core-s", [r["cpu_core_s"] for r in samples], notes=CPU_NOTES),
+            Result(name, "CPU busy", "fraction", [r["machine_cpu_busy"] for r in samples], notes=CPU_NOTES),
         ]  # fmt: skip
         if warm:  # Flower's later rounds, its actors up: the same round without the start-up the issue's 16 s holds
             warm_notes = "the same rounds against Flower's next round in the same simulation"
-            results.append(Result(f"round {devices} vs Flower warm", "create->published", "s", ours, warm,
-                                  lower_is_better=True, notes=warm_notes))  # fmt: skip
+            warm_cpu = [x for r in runs for x in r["cpu_core_s"][1:]]
+            results += [
+                Result(f"round {devices} vs Flower warm", "create->published", "s", ours, warm,
+                       lower_is_better=True, notes=warm_notes),
+                Result(f"round {devices} vs Flower warm", "CPU busy", "core-s", [r["cpu_core_s"] for r in samples],
+                       warm_cpu, lower_is_better=True, notes=f"{warm_notes}; {CPU_NOTES}"),
+            ]  # fmt: skip
     return results
 
 
@@ -142,6 +155,7 @@ def _round(
     )
     job_done = threading.Event()
     suite.server.job_succeeded.add(job_done.set)  # this process's server took a job's result (one job a round)
+    busy, total = cpu_ticks()
     began = time.time()
     task = create_task(suite, spec)
     keyed = time.time()
@@ -161,6 +175,7 @@ def _round(
         else:
             time.sleep(0.02)
     published = time.time()
+    busy_after, total_after = cpu_ticks()
     if current.status != tm.TASK_STATUS_COMPLETED or current.latest_model_version <= task.latest_model_version:
         raise RuntimeError(
             f"the round ended {tm.TaskStatus.Name(current.status)}, version {current.latest_model_version}"
@@ -172,4 +187,7 @@ def _round(
         "devices_s": float(turns["devices_s"]),
         "aggregate_publish_s": published - uploaded,
         "model_version": current.latest_model_version,
+        # the whole machine's busy CPU over the sample (servers, worker, devices, Postgres idle): core-seconds
+        "cpu_core_s": (busy_after - busy) / os.sysconf("SC_CLK_TCK"),
+        "machine_cpu_busy": round((busy_after - busy) / max(1, total_after - total), 3),
     }
