@@ -166,3 +166,60 @@ def test_many_threads_each_get_their_own_outcome_and_a_failed_batch_fails_all_it
     assert all(results[i] == 2 * i for i in range(1600) if i not in failed)
     assert sum(len(b) for b in batches) == 1600  # every item written once
     assert len(batches) < 1600  # callers were grouped
+
+
+def test_a_leader_lingers_only_after_a_batch_of_several_callers() -> None:
+    """A lone caller is written at once, however often it calls; after a batch of several, the next leader
+    lingers once before taking its batch, and goes back to writing at once when lingering gathered nobody."""
+    batches: list[list[str]] = []
+    lingered: list[float] = []
+
+    def write(items: list[str]) -> list[str]:
+        batches.append(items)
+        return items
+
+    group: GroupCommit[str, str] = GroupCommit(write, linger_s=0.001, sleep=lingered.append)
+    assert [group.submit("alone"), group.submit("again")] == ["alone", "again"]
+    assert lingered == []  # one caller calling again and again never waits
+    as_one_batch(group, [lambda: group.submit("a"), lambda: group.submit("b")])
+    assert lingered == []  # these queued behind a busy leader: batched without lingering
+    group.submit("next")  # the batch before held two: callers overlap
+    assert lingered == [0.001]
+    group.submit("after")  # lingering gathered nobody: written at once again
+    assert lingered == [0.001]
+    assert batches == [["alone"], ["again"], ["a", "b"], ["next"], ["after"]]
+    assert GroupCommit(write, sleep=lingered.append)._linger_s == 0  # no linger unless asked for
+
+
+def test_a_caller_arriving_while_the_leader_lingers_joins_its_batch() -> None:
+    """The leader lingers (callers overlapped just before); a caller that arrives meanwhile is written in the
+    leader's batch, one write for both, and each gets its own outcome."""
+    import threading
+
+    batches: list[list[str]] = []
+    lingering, queued = threading.Event(), threading.Event()
+
+    def write(items: list[str]) -> list[str]:
+        batches.append(items)
+        return [f"{i} ok" for i in items]
+
+    def linger(seconds: float) -> None:
+        lingering.set()
+        assert queued.wait(30)
+        while len(group._queued) < 2:  # the late caller has queued its item behind this leader
+            threading.Event().wait(0.001)
+
+    group: GroupCommit[str, str] = GroupCommit(write, linger_s=0.01, sleep=linger)
+    as_one_batch(group, [lambda: group.submit("a"), lambda: group.submit("b")])  # callers overlap
+    answers: dict[str, str] = {}
+    leader = threading.Thread(target=lambda: answers.__setitem__("leader", group.submit("leader")))
+    leader.start()
+    assert lingering.wait(30)
+    late = threading.Thread(target=lambda: answers.__setitem__("late", group.submit("late")))
+    late.start()
+    queued.set()
+    for t in (leader, late):
+        t.join(timeout=30)
+        assert not t.is_alive()
+    assert batches[1:] == [["leader", "late"]]
+    assert answers == {"leader": "leader ok", "late": "late ok"}
