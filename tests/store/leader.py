@@ -9,7 +9,7 @@ from typing import Any
 from fedcompute.store.groupcommit import GroupCommit
 
 
-def as_one_batch(group: GroupCommit[Any, Any], calls: list[Callable[[], None]]) -> None:
+def as_one_batch(group: GroupCommit[Any, Any], calls: list[Callable[[], object]]) -> None:
     """Hold the group's writer (a leader busy writing), start every call on its own thread, wait until all have
     queued, release: the next leader writes them as one batch. Returns when every call has returned."""
     group._writing.acquire()
