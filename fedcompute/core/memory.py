@@ -64,6 +64,7 @@ def keep_large_buffers() -> bool:
 
 REFREEZE_CHECK_S = 10.0  # how often a waiting process looks for modules imported since its last freeze
 _modules_at_freeze = [0]
+_recheck = [False]  # the last freeze followed imports: freeze once more at the next check (refreeze_after_imports)
 
 
 def freeze_startup_heap() -> int:
@@ -76,10 +77,16 @@ def freeze_startup_heap() -> int:
 
 
 def refreeze_after_imports() -> int:
-    """Freeze again if modules were imported since the last freeze (see the module): how many objects are frozen
-    in all then, or 0 if nothing was imported (or nothing frozen yet: start-up is not over)."""
-    if not gc.get_freeze_count() or len(sys.modules) <= _modules_at_freeze[0]:
+    """Freeze again if modules were imported since the last freeze (see the module), and once more at the call
+    after such a freeze: an import under way while it froze (its module already in ``sys.modules``, its body still
+    running on another thread) made objects after it, which no later count of modules would show. How many objects
+    are frozen in all then, or 0 if there was nothing to do (or nothing frozen yet: start-up is not over)."""
+    if not gc.get_freeze_count():
         return 0
+    imported = len(sys.modules) > _modules_at_freeze[0]
+    if not imported and not _recheck[0]:
+        return 0
+    _recheck[0] = imported
     return freeze_startup_heap()
 
 

@@ -85,6 +85,7 @@ import xml.dom.minidom
 walked_before = any(o is xml.dom.minidom.parseString for o in gc.get_objects())
 moved = refreeze_after_imports()
 walked_after = any(o is xml.dom.minidom.parseString for o in gc.get_objects())
+rechecked = refreeze_after_imports()
 again = refreeze_after_imports()
 stop = threading.Event()
 holder = threading.Thread(target=hold_frozen, args=(stop, 0.05))
@@ -98,7 +99,7 @@ held = not any(o is fractions.Fraction for o in gc.get_objects())
 stop.set()
 holder.join()
 print(json.dumps({"nothing_new": nothing_new, "walked_before": walked_before, "moved": moved,
-                  "walked_after": walked_after, "again": again, "held": held}))
+                  "walked_after": walked_after, "rechecked": rechecked, "again": again, "held": held}))
 """
 
 # a fedcompute command (argv) in a fresh interpreter, on its main thread (it waits for SIGTERM there); a thread
@@ -135,8 +136,53 @@ def test_a_lazy_import_after_start_up_is_frozen_too() -> None:
     assert answer["walked_before"] is True  # the lazily imported module's objects, walked by every collection
     assert answer["moved"] > 0
     assert answer["walked_after"] is False  # frozen with the rest
+    assert answer["rechecked"] > 0  # once more after a freeze that followed imports (one may have been under way)
     assert answer["again"] == 0
     assert answer["held"] is True  # hold_frozen froze the next lazy import within its check interval
+
+
+# a module imported on another thread while the process freezes: its body waits until after the freeze, then
+# makes a class (in a fresh interpreter; the module's file is written by the test, its directory is argv[1])
+_SLOW_MODULE = """
+import sys
+sys.probe_started.set()
+sys.probe_proceed.wait(30)
+class Late:
+    pass
+"""
+_IMPORT_UNDER_WAY_PROBE = """
+import gc, json, sys, threading
+sys.path.insert(0, sys.argv[1])
+sys.probe_started, sys.probe_proceed = threading.Event(), threading.Event()
+from fedcompute.core.memory import freeze_startup_heap, refreeze_after_imports
+freeze_startup_heap()
+importer = threading.Thread(target=lambda: __import__("slow_probe_module"))
+importer.start()
+assert sys.probe_started.wait(30)
+during = refreeze_after_imports()  # the module is in sys.modules, its body still running
+sys.probe_proceed.set()
+importer.join(30)
+late = sys.modules["slow_probe_module"].Late
+walked_before = any(o is late for o in gc.get_objects())
+after = refreeze_after_imports()  # no module imported since: the check after a freeze that followed imports
+walked_after = any(o is late for o in gc.get_objects())
+print(json.dumps({"during": during, "walked_before": walked_before, "after": after, "walked_after": walked_after}))
+"""
+
+
+def test_an_import_under_way_while_the_heap_is_frozen_is_frozen_at_the_next_check(tmp_path: Path) -> None:
+    """A module imported on another thread (the key service's accountants load in the background) can be half
+    run when a check freezes: what its body makes afterwards is frozen at the check after, though no further
+    module was imported by then."""
+    (tmp_path / "slow_probe_module.py").write_text(_SLOW_MODULE)
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_UNDER_WAY_PROBE, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    answer = json.loads(out.stdout)
+    assert answer["during"] > 0  # the module counted as imported: frozen, its class not made yet
+    assert answer["walked_before"] is True  # made after that freeze
+    assert answer["after"] > 0
+    assert answer["walked_after"] is False
 
 
 @pytest.mark.parametrize("command", [["serve", "keys"], ["up"]])
