@@ -135,9 +135,13 @@ def assignments(url: str) -> int:
 
 
 def cpu_ticks() -> tuple[int, int]:
-    """This machine's busy and total CPU time so far, in clock ticks (/proc/stat: idle and iowait are not busy)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)
+    """This machine's busy and total CPU time so far, in clock ticks (/proc/stat's first line: busy is user, nice,
+    system, irq and softirq; idle, iowait and steal, time the hypervisor gave to others, are not; guest time is
+    already in user and nice, so it is not counted again)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
 
 
 def _closed_loop(

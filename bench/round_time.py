@@ -187,7 +187,7 @@ def _round(
         "devices_s": float(turns["devices_s"]),
         "aggregate_publish_s": published - uploaded,
         "model_version": current.latest_model_version,
-        # the whole machine's busy CPU over the sample (servers, worker, devices, Postgres idle): core-seconds
+        # the whole machine's busy CPU over the sample (servers, worker, devices): core-seconds
         "cpu_core_s": (busy_after - busy) / os.sysconf("SC_CLK_TCK"),
         "machine_cpu_busy": round((busy_after - busy) / max(1, total_after - total), 3),
     }

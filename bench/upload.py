@@ -15,11 +15,12 @@ A second limit, a row of its own: the least a server that keeps what it acknowle
 messages, on the same disk. The durable sink appends each chunk to a new file while hashing it (sha256), past the
 page cache as the product does (core/files.py UncachedAppender), fsyncs the file, renames it into place, fsyncs
 the directory and answers; its files stay until the benchmark ends, as the product's blobs do. No database, no
-check of the hash or header, no locks. The three sides alternate: product, raw sink, durable sink. (The page
-cache is most of the cost of writing here: a sink that kept its files' pages cached ran at 270-300 MB/s, 19-22 ms
-of server CPU per upload, most of it the kernel's page-cache writes into pages it had to find and clear; one that
-deleted each file, or dropped its pages once fsynced, let the next file's writes reuse them. The product did the
-latter from 2026-11-30: 270 -> 420 MB/s here; since 2026-12-01 it writes past the cache, O_DIRECT: another +10 %.)
+check of the hash or header, no locks. The sides alternate: product, raw sink, durable sink, disk alone (below).
+(The page cache is most of the cost of writing here: a sink that kept its files' pages cached ran at 270-300 MB/s,
+19-22 ms of server CPU per upload, most of it the kernel's page-cache writes into pages it had to find and clear;
+one that deleted each file, or dropped its pages once fsynced, let the next file's writes reuse them. The product
+did the latter from 2026-11-30: 270 -> 420 MB/s here; since 2026-12-01 it writes past the cache, O_DIRECT: another
++10 %.)
 
 A fourth side, the disk alone: the same number of 4 MiB files, 16 threads at a time, each written from memory in
 1 MiB chunks past the page cache, fsynced, renamed into place and the directory fsynced, exactly as the durable sink

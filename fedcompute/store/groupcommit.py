@@ -11,8 +11,9 @@ where a savepoint can contain it.
 A leader that writes at once often writes alone: at 64 check-in callers half the batches held one item, each a
 statement and a round trip of its own, while the next callers were a fraction of a millisecond from queueing.
 So a leader may linger once (``linger_s``, its thread's GIL released meanwhile) before taking its batch, so that
-they join it: when the batch before held more than one item, that is, while callers are known to overlap. A lone
-caller (or one caller calling again and again) is never kept waiting: its batches hold one item each.
+they join it: when the batch before held more than one item, that is, while callers are known to overlap. One
+caller calling alone, again and again, never waits (its batches hold one item each); the first caller after a
+burst may wait once.
 """
 
 from __future__ import annotations
@@ -74,12 +75,18 @@ class GroupCommit(Generic[I, R]):
             self._queued.append(mine)
         with self._writing:
             if not mine.done:
+                interrupted: BaseException | None = None
                 if self._overlapping and self._linger_s > 0:
-                    self._sleep(self._linger_s)  # callers overlap: one statement for the next few, not one each
+                    try:
+                        self._sleep(self._linger_s)  # callers overlap: one statement for the next few, not one each
+                    except BaseException as exc:  # (a signal's exception): the batch fails whole, none of it is left
+                        interrupted = exc
                 with self._queue_lock:
                     batch, self._queued = self._queued, []
                 self._overlapping = len(batch) > 1
                 try:
+                    if interrupted is not None:
+                        raise interrupted
                     outcomes = self._write([w.item for w in batch])
                 except BaseException as exc:  # every caller in the batch gets the error, not just the leader
                     for waiting in batch:

@@ -5,6 +5,7 @@ retries and writes nothing; callers queued behind a busy leader are written as o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -194,8 +195,6 @@ def test_a_leader_lingers_only_after_a_batch_of_several_callers() -> None:
 def test_a_caller_arriving_while_the_leader_lingers_joins_its_batch() -> None:
     """The leader lingers (callers overlapped just before); a caller that arrives meanwhile is written in the
     leader's batch, one write for both, and each gets its own outcome."""
-    import threading
-
     batches: list[list[str]] = []
     lingering, queued = threading.Event(), threading.Event()
 
@@ -223,3 +222,35 @@ def test_a_caller_arriving_while_the_leader_lingers_joins_its_batch() -> None:
         assert not t.is_alive()
     assert batches[1:] == [["leader", "late"]]
     assert answers == {"leader": "leader ok", "late": "late ok"}
+
+
+def test_a_linger_interrupted_fails_its_whole_batch_and_leaves_nothing_queued() -> None:
+    """An exception while the leader lingers (a signal's) reaches every caller of the batch it was gathering and
+    nothing of it is written, now or by the next leader: no caller is told it failed while its item is written."""
+    batches: list[list[str]] = []
+
+    def write(items: list[str]) -> list[str]:
+        batches.append(items)
+        return items
+
+    class Interrupted(BaseException):  # as a signal's exception may be: not an Exception
+        pass
+
+    def interrupted(seconds: float) -> None:
+        raise Interrupted
+
+    group: GroupCommit[str, str] = GroupCommit(write, linger_s=0.001, sleep=interrupted)
+    as_one_batch(group, [lambda: group.submit("a"), lambda: group.submit("b")])  # callers overlap
+    with pytest.raises(Interrupted):
+        group.submit("lost")
+    assert group.submit("next") == "next"  # the batch before held one: no linger
+    assert batches == [["a", "b"], ["next"]]
+
+
+def test_admissions_linger_as_configured(db: Database) -> None:
+    """The admission queue hands its linger to its group commit (the default, or none when asked)."""
+    from fedcompute.store.admission import ADMISSION_LINGER_S, AdmissionQueue
+
+    assert ADMISSION_LINGER_S > 0
+    assert AdmissionQueue(db)._group._linger_s == ADMISSION_LINGER_S
+    assert AdmissionQueue(db, linger_s=0)._group._linger_s == 0
