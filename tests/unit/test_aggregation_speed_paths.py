@@ -295,7 +295,10 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
     assert (opener.matched, asked) == (1, ["k"])
 
     # the refusal names what was wrong: bytes that are not the listed ones, or more items than the list holds
-    altered = aggregation_pb2.StreamContributionsResponse(assignment_id="a1", envelope=items[0].envelope[:-1] + b"?")
+    last = items[0].envelope[-1] ^ 1  # a byte changed (a fixed replacement equals the random last byte 1 time in 256)
+    altered = aggregation_pb2.StreamContributionsResponse(
+        assignment_id="a1", envelope=items[0].envelope[:-1] + bytes([last])
+    )
     named = _Opener(inputs, job, keys, metrics)
     assert named.check(_digest(altered)) is None
     assert named.refusal.startswith("contribution 0 of the stream ('a1') does not hash to the input set's sha256")
