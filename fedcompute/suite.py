@@ -337,5 +337,5 @@ def _worker_settings(settings: Settings, ports: MetricsPorts) -> Settings:
     health = free_port(settings.host) if settings.health_port else 0
     update: dict[str, object] = {"metrics_port": ports.take("aggregator"), "health_port": health}
     if settings.aggregator_blob_dir is None and not settings.blob_store_url:
-        update["aggregator_blob_dir"] = settings.server_dir() / "blobs"
+        update["aggregator_blob_dir"] = settings.blob_dir()
     return settings.model_copy(update=update)

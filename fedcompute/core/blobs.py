@@ -55,9 +55,14 @@ class BlobMissing(Exception):
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a blob's address
 
 
-def blob_path(root: Path, sha256_hex: str) -> Path:
-    """Where a local blob directory ``root`` keeps the blob of this sha256: ``sha256/ab/cdef...`` (``BlobMissing``
-    for anything but 64 lowercase hex digits: an address from elsewhere never names a path outside ``root``)."""
+def address_parts(sha256_hex: str) -> tuple[str, str]:
+    """A blob address split as every store files it (``ab``, ``cdef...``); ``BlobMissing`` for anything but 64
+    lowercase hex digits: an address from elsewhere never names a path or key outside the store."""
     if not SHA256_HEX.match(sha256_hex):
         raise BlobMissing(f"{sha256_hex!r} is not a sha256 address")
-    return root / "sha256" / sha256_hex[:2] / sha256_hex[2:]
+    return sha256_hex[:2], sha256_hex[2:]
+
+
+def blob_path(root: Path, sha256_hex: str) -> Path:
+    """Where a local blob directory ``root`` keeps the blob of this sha256: ``sha256/ab/cdef...``."""
+    return root.joinpath("sha256", *address_parts(sha256_hex))

@@ -314,6 +314,10 @@ class Settings(BaseSettings):
         """The orchestration server's own data: SQLite file, blobs, upload staging, its secrets."""
         return self.workdir / "server"
 
+    def blob_dir(self) -> Path:
+        """The server's local blob store (and, with an S3 store, its uploads' staging: ``tmp`` in it)."""
+        return self.server_dir() / "blobs"
+
     def key_dir(self) -> Path:
         """This key service's data: identity, sealed shares, ledger, release log (never its KEK)."""
         return self.workdir / "keys" / self.provider_id

@@ -36,7 +36,7 @@ class StagedBlobStore(BlobStore, Protocol):
 
 
 def open_blob_store(settings: Settings) -> StagedBlobStore:
-    root = settings.server_dir() / "blobs"
+    root = settings.blob_dir()
     if not settings.blob_store_url:
         return LocalBlobStore(root)
     bucket, prefix = parse_s3_url(settings.blob_store_url)

@@ -27,7 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from fedcompute.core.blobs import SHA256_HEX, BlobCorrupted, BlobMissing
+from fedcompute.core.blobs import SHA256_HEX, BlobCorrupted, BlobMissing, address_parts
 from fedcompute.core.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -56,9 +56,8 @@ class S3BlobStore:
 
     def key(self, sha256_hex: str) -> str:
         """The object key of an address."""
-        if not SHA256_HEX.match(sha256_hex):
-            raise BlobMissing(f"{sha256_hex!r} is not a sha256 address")
-        return f"{self._root}{sha256_hex[:2]}/{sha256_hex[2:]}"
+        head, rest = address_parts(sha256_hex)
+        return f"{self._root}{head}/{rest}"
 
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()

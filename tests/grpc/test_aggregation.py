@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, select
 
 from fedcompute.clients.device import upload
 from fedcompute.clients.typed import streamed_contribution
+from fedcompute.core.blobs import blob_path
 from fedcompute.keys import hpke
 from fedcompute.rpc import wire
 from fedcompute.rpc.channels import open_channel
@@ -136,7 +137,7 @@ def test_the_job_stream_sends_the_input_set_in_order_and_leaves_checking_the_byt
         (c.assignment_id, hashlib.sha256(c.envelope).hexdigest()) for c in harness.jobs.stream_contributions(request)
     ]
     assert sent == inputs
-    blob = harness.suite.settings.server_dir() / "blobs" / "sha256" / inputs[1][1][:2] / inputs[1][1][2:]
+    blob = blob_path(harness.suite.settings.blob_dir(), inputs[1][1])
     if fault == "altered":
         altered = bytearray(blob.read_bytes())
         altered[-1] ^= 1
@@ -161,15 +162,13 @@ def test_the_worker_refuses_a_round_whose_envelope_was_altered_on_the_servers_di
     """The server's disk is untrusted: an envelope altered after it was counted is streamed as it is, and the
     worker, hashing each against the input set, fails the job naming that contribution; nothing is published."""
     task = harness.create_task(report_goal=3, max_cohort=3, min_clients=1)
-    blobs = harness.suite.settings.server_dir() / "blobs" / "sha256"
     altered_id = ""
     for i in range(3):
         a = harness.check_in().task_assignment
         envelope = sealed(a)
         upload(harness.uploads, harness.report(a).upload_instruction, envelope)
         if i == 1:  # counted, the round still open: change its bytes where the server keeps them
-            sha = hashlib.sha256(envelope).hexdigest()
-            blob = blobs / sha[:2] / sha[2:]
+            blob = blob_path(harness.suite.settings.blob_dir(), hashlib.sha256(envelope).hexdigest())
             blob.write_bytes(envelope[:-1] + bytes([envelope[-1] ^ 1]))
             altered_id = a.assignment_id
     wait_for(lambda: harness.iterations(task.task_id)[0].status == tm.ITERATION_STATUS_FAILED, what="the round to fail")

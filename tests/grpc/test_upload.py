@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from fedcompute.clients.device import upload
+from fedcompute.core.blobs import blob_path
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import upload_pb2
@@ -240,7 +241,7 @@ def test_an_uploaded_envelope_leaves_the_page_cache_once_it_is_on_disk(database_
         data = sealed(a, os.urandom(2 << 20))
         assert upload(harness.uploads, instruction, data).complete
         sha = hashlib.sha256(data).hexdigest()
-        cached, pages = pages_cached(harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:])
+        cached, pages = pages_cached(blob_path(harness.suite.settings.blob_dir(), sha))
         assert pages > 500
         assert cached < pages // 10, f"{cached} of the blob's {pages} pages are still cached"
         assert harness.suite.server.blobs.get(sha) == data  # dropped from the cache, not from the disk
@@ -305,12 +306,12 @@ def test_stragglers_racing_the_round_close_get_clear_answers_and_leave_nothing_b
     assert [r.status for r in rows].count("COMPLETE") == 4
     assert "IN_PROGRESS" not in [r.status for r in rows]
     counted = {r.blob_sha256 for r in rows if r.blob_sha256}
-    stored = {p.parent.name + p.name for p in (harness.suite.settings.server_dir() / "blobs" / "sha256").rglob("*")}
+    stored = {p.parent.name + p.name for p in (harness.suite.settings.blob_dir() / "sha256").rglob("*") if p.is_file()}
     envelopes = {sha for sha in stored if sha not in counted}
     from fedcompute.keys.envelope import parse_envelope
 
     for sha in envelopes:  # what remains besides counted envelopes must be model checkpoints, not uploads
-        path = harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:]
+        path = blob_path(harness.suite.settings.blob_dir(), sha)
         with pytest.raises(Exception):  # noqa: B017, PT011
             parse_envelope(path.read_bytes())
 
