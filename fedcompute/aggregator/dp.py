@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedcompute.aggregator.fedavg import accumulate
 from fedcompute.aggregator.noise import BLOCK, NoiseSource
 
 
@@ -105,7 +106,7 @@ class DpSum:
             total = self._sum.get(name)
             if total is None:
                 total = self._sum[name] = torch.zeros(tensor.shape, dtype=torch.float64, device=self._device)
-            total.add_(tensor, alpha=factor)  # promoted to float64 element by element, no float64 copy
+            accumulate(total, tensor, factor)
         self.count += 1
         self._unclipped += int(norm <= self._p.clip_norm)
 

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from fedcompute.aggregator.contributions import JobContext, Opened, Rejected, _parse_payload
 from fedcompute.aggregator.dp import DpParams, DpSum, l2_norm
-from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
+from fedcompute.aggregator.fedavg import WIDEN_CHUNK, StreamingMean, accumulate, accumulation_device
 from fedcompute.aggregator.keys import KeyUnavailable
 from fedcompute.aggregator.main import build_worker
 from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian, Rehearsed
@@ -135,6 +135,19 @@ def test_in_place_weighted_sum_matches_the_float64_product_sum(items: list[tuple
         reference += tensor.to(torch.float64) * weight
     expected = (reference / sum(w for _, w in items)).to(torch.float32)
     assert torch.allclose(mean.mean()["w"], expected, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("size", [7, WIDEN_CHUNK, WIDEN_CHUNK + 1, 3 * WIDEN_CHUNK + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [1.0, 0.937, 3e-4])
+def test_chunked_widening_sums_bit_for_bit_as_torch_add(size: int, dtype: torch.dtype, alpha: float) -> None:
+    generator = torch.Generator().manual_seed(size)
+    update = torch.randn(size, generator=generator).to(dtype).reshape(-1, 1)
+    start = torch.randn(size, generator=generator, dtype=torch.float64).reshape(-1, 1)
+    expected, total = start.clone(), start.clone()
+    expected.add_(update, alpha=alpha)
+    accumulate(total, update, alpha)
+    assert torch.equal(total, expected)
 
 
 def test_l2_norm_is_the_float64_norm_and_infinite_when_a_value_is_not() -> None:

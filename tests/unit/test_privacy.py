@@ -108,3 +108,17 @@ def test_epsilon_is_kept_per_process_keyed_on_every_argument() -> None:
     changed = [(1.2, 0.01, 3, 1e-5, "prv"), (1.1, 0.02, 3, 1e-5, "prv"), (1.1, 0.01, 4, 1e-5, "prv"),
                (1.1, 0.01, 3, 1e-6, "prv"), (1.1, 0.01, 3, 1e-5, "rdp")]  # fmt: skip
     assert all(epsilon(*c) != first for c in changed)
+
+
+def test_rdp_kept_per_order_changes_no_epsilon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opacus' RDP kept per (q, z, order) (core/privacy.py ``_import_accountants``) gives Opacus' own ε, bit for bit:
+    for a new (q, z), for another round count of a known one, for another z of the same q, by both accountants."""
+    from opacus.accountants.analysis import rdp
+
+    cases = [(1.3, 0.02, 1, 1e-5, "prv"), (1.3, 0.02, 7, 1e-5, "prv"), (1.1, 0.02, 7, 1e-5, "prv"),
+             (0.9, 0.3, 40, 1e-6, "prv"), (1.3, 0.02, 9, 1e-5, "rdp")]  # fmt: skip
+    kept = [epsilon.__wrapped__(*case) for case in cases]
+    assert rdp._compute_rdp.cache_info().hits > 0  # the memo served the later evaluations
+    assert rdp._compute_rdp.__wrapped__.__module__ == rdp.__name__  # over Opacus' own function
+    monkeypatch.setattr(rdp, "_compute_rdp", rdp._compute_rdp.__wrapped__)  # Opacus' function, called afresh
+    assert [epsilon.__wrapped__(*case) for case in cases] == kept
