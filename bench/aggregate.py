@@ -15,6 +15,8 @@ array. The envelopes are K distinct sealed updates reused in turn (memory).
 With ``--aggregator-device cuda`` (bench.run) the product also runs summing on that device (the worker's
 ``aggregator_device``): opening stays on the CPU, each update is copied to the device and added there in float64,
 DP's norm is the one taken while opening, its noise is drawn on the CPU and added on the device.
+Two diagnostic rows (CPU only, interleaved with the rest, no RSS): the product with and without DP minus the hash of
+each envelope, against the same limit, which hashes nothing: what the worker's check of its input list costs.
 Peak RSS: once per side after the timed samples, each in a fresh process (`python -m bench.aggregate SIDE N`)
 that builds the job, then aggregates while /proc/self/statm is sampled every 5 ms; it includes Python, torch and
 the 16 envelopes held in memory (`baseline_mib`, its level just before the run).
@@ -78,17 +80,19 @@ class Job:
         return self.key
 
 
-def product(job: Job, count: int, dp: bool, device: str = "cpu") -> float:
+def product(job: Job, count: int, dp: bool, device: str = "cpu", hashed_too: bool = True) -> float:
     """Seconds to open and sum ``count`` contributions and release the result, as ``AggregatorWorker.process``
     does: each item hashed and opened one ahead on the prefetch thread while the current one is added (summed on
-    ``device``, the worker's ``aggregator_device``; the result is back on the CPU before the clock stops)."""
+    ``device``, the worker's ``aggregator_device``; the result is back on the CPU before the clock stops). Without
+    ``hashed_too`` (a diagnostic side, not the product) the items are not hashed: what the check costs."""
     began = time.perf_counter()
     params = DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=count, min_clients=1)
     on = accumulation_device(device)
     mean: DpSum | StreamingMean = DpSum(params, on) if dp else StreamingMean(on)
 
     def hashed(item: tuple[bytes, str]) -> tuple[bytes, str]:
-        hashlib.sha256(item[0]).hexdigest()  # the worker checks each item against the job's input list
+        if hashed_too:
+            hashlib.sha256(item[0]).hexdigest()  # the worker checks each item against the job's input list
         return item
 
     def opened(item: tuple[bytes, str]) -> Opened:
@@ -155,14 +159,18 @@ def with_peak_rss(measure: Callable[[], float]) -> dict[str, float]:
 
 
 def sides(device: str) -> dict[str, Callable[[Job, int], float]]:
-    """The measured sides by name: the product on the CPU with and without DP, the limit, and where ``device`` is
-    not the CPU the product summing there (``product@cuda``, ``product_dp@cuda``)."""
+    """The measured sides by name: the product on the CPU with and without DP, the limit, and on the CPU the
+    diagnostic sides without the input-list hash (``unhashed``, ``unhashed_dp``), else the product summing on
+    ``device`` (``product@cuda``, ``product_dp@cuda``)."""
     out: dict[str, Callable[[Job, int], float]] = {
         "product": lambda job, count: product(job, count, dp=False),
         "product_dp": lambda job, count: product(job, count, dp=True),
         "limit": limit,
     }
-    if device != "cpu":
+    if device == "cpu":  # diagnostic sides (rows of their own, no RSS): the product without its input-list hash
+        out["unhashed"] = lambda job, count: product(job, count, dp=False, hashed_too=False)
+        out["unhashed_dp"] = lambda job, count: product(job, count, dp=True, hashed_too=False)
+    else:
         out[f"product@{device}"] = lambda job, count: product(job, count, dp=False, device=device)
         out[f"product_dp@{device}"] = lambda job, count: product(job, count, dp=True, device=device)
     return out
@@ -179,7 +187,7 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
         product(job, 4, dp=True, device=device)  # untimed: CUDA's context, kernels and allocator start here
     timed = interleave(mode.pairs, *(lambda f=f: f(job, count) for f in measured.values()))
     samples = dict(zip(measured, timed, strict=True))
-    rss = {side: _fresh_process_rss(side, count) for side in measured}
+    rss = {side: _fresh_process_rss(side, count) for side in measured if not side.startswith("unhashed")}
     notes = (
         f"{count} contributions per sample, {job.parameters:,} parameters, "
         f"{DISTINCT} distinct envelopes reused; in-process, no gRPC, no key fetch; peak RSS of a fresh process"
@@ -199,6 +207,14 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
             Result(name, "peak RSS", "MiB", [rss[side]["peak_rss_mib"]], [rss["limit"]["peak_rss_mib"]],
                    lower_is_better=True, notes=notes)
         )  # fmt: skip
+    if device == "cpu":
+        unhashed = (
+            "diagnostic, not the product: the same without the worker's sha256 of each envelope against the job's "
+            f"input list, a check it must make (the server is untrusted), to show what it costs; {notes}"
+        )
+        for name, side in [("aggregate unhashed", "unhashed"), ("aggregate unhashed DP", "unhashed_dp")]:
+            results.append(Result(name, "throughput", "contrib/s", [count / s for s in samples[side]], rate,
+                                  notes=unhashed))  # fmt: skip
     return results
 
 
