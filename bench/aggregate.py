@@ -188,10 +188,11 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     timed = interleave(mode.pairs, *(lambda f=f: f(job, count) for f in measured.values()))
     samples = dict(zip(measured, timed, strict=True))
     rss = {side: _fresh_process_rss(side, count) for side in measured if not side.startswith("unhashed")}
-    notes = (
+    measured_how = (
         f"{count} contributions per sample, {job.parameters:,} parameters, "
-        f"{DISTINCT} distinct envelopes reused; in-process, no gRPC, no key fetch; peak RSS of a fresh process"
+        f"{DISTINCT} distinct envelopes reused; in-process, no gRPC, no key fetch"
     )
+    notes = f"{measured_how}; peak RSS of a fresh process"
     rate = [count / s for s in samples["limit"]]
     rows = [("aggregate bench-1m", "product"), ("aggregate bench-1m DP", "product_dp")]
     if device != "cpu":
@@ -210,7 +211,7 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     if device == "cpu":
         unhashed = (
             "diagnostic, not the product: the same without the worker's sha256 of each envelope against the job's "
-            f"input list, a check it must make (the server is untrusted), to show what it costs; {notes}"
+            f"input list, a check it must make (the server is untrusted), to show what it costs; {measured_how}"
         )
         for name, side in [("aggregate unhashed", "unhashed"), ("aggregate unhashed DP", "unhashed_dp")]:
             results.append(Result(name, "throughput", "contrib/s", [count / s for s in samples[side]], rate,

@@ -137,17 +137,30 @@ def test_in_place_weighted_sum_matches_the_float64_product_sum(items: list[tuple
     assert torch.allclose(mean.mean()["w"], expected, rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("size", [7, WIDEN_CHUNK, WIDEN_CHUNK + 1, 3 * WIDEN_CHUNK + 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [7, WIDEN_CHUNK + 1, 2 * WIDEN_CHUNK, 3 * WIDEN_CHUNK + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("alpha", [1.0, 0.937, 3e-4])
-def test_chunked_widening_sums_bit_for_bit_as_torch_add(size: int, dtype: torch.dtype, alpha: float) -> None:
+@pytest.mark.parametrize("strided", [False, True])
+def test_chunked_widening_sums_bit_for_bit_as_torch_add(
+    size: int, dtype: torch.dtype, alpha: float, strided: bool
+) -> None:
     generator = torch.Generator().manual_seed(size)
-    update = torch.randn(size, generator=generator).to(dtype).reshape(-1, 1)
-    start = torch.randn(size, generator=generator, dtype=torch.float64).reshape(-1, 1)
+    update = torch.randn(2 * size if strided else size, generator=generator).to(dtype)
+    update = update[::2] if strided else update  # a view with a stride: not contiguous
+    start = torch.randn(size, generator=generator, dtype=torch.float64)
     expected, total = start.clone(), start.clone()
     expected.add_(update, alpha=alpha)
     accumulate(total, update, alpha)
     assert torch.equal(total, expected)
+
+
+def test_chunked_widening_keeps_torch_shape_rules() -> None:
+    width = WIDEN_CHUNK
+    with pytest.raises(RuntimeError):
+        accumulate(torch.zeros(4, width, dtype=torch.float64), torch.ones(width, 4), 1.0)  # add_ refuses it too
+    total = torch.zeros(3, 2 * width, dtype=torch.float64)
+    accumulate(total, torch.ones(2 * width), 1.0)  # broadcast to every row, as add_ does
+    assert float(total.sum()) == 3 * 2 * width
 
 
 def test_l2_norm_is_the_float64_norm_and_infinite_when_a_value_is_not() -> None:

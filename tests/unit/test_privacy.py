@@ -117,8 +117,25 @@ def test_rdp_kept_per_order_changes_no_epsilon(monkeypatch: pytest.MonkeyPatch) 
 
     cases = [(1.3, 0.02, 1, 1e-5, "prv"), (1.3, 0.02, 7, 1e-5, "prv"), (1.1, 0.02, 7, 1e-5, "prv"),
              (0.9, 0.3, 40, 1e-6, "prv"), (1.3, 0.02, 9, 1e-5, "rdp")]  # fmt: skip
+    hits = rdp._compute_rdp.cache_info().hits if hasattr(rdp._compute_rdp, "cache_info") else 0
     kept = [epsilon.__wrapped__(*case) for case in cases]
-    assert rdp._compute_rdp.cache_info().hits > 0  # the memo served the later evaluations
+    assert rdp._compute_rdp.cache_info().hits > hits  # the memo served these cases' later evaluations
     assert rdp._compute_rdp.__wrapped__.__module__ == rdp.__name__  # over Opacus' own function
     monkeypatch.setattr(rdp, "_compute_rdp", rdp._compute_rdp.__wrapped__)  # Opacus' function, called afresh
     assert [epsilon.__wrapped__(*case) for case in cases] == kept
+
+
+def test_rdp_kept_per_order_tells_types_apart_and_passes_unhashable_arguments_through() -> None:
+    import numpy as np
+    from opacus.accountants.analysis import rdp
+
+    epsilon.__wrapped__(1.2, 0.05, 1, 1e-5)  # the memo is installed
+    original = rdp._compute_rdp.__wrapped__
+    size = rdp._compute_rdp.cache_info().currsize
+    assert rdp._compute_rdp(0.0513, 20, 2.5) == original(0.0513, 20, 2.5)
+    assert rdp._compute_rdp(0.0513, 20.0, 2.5) == original(0.0513, 20.0, 2.5)
+    assert rdp._compute_rdp.cache_info().currsize == size + 2  # an int z and a float z are kept apart
+    assert rdp.compute_rdp(q=np.array(0.05), noise_multiplier=1.2, steps=3, orders=[2.5, 8]).tolist() == [
+        original(np.array(0.05), 1.2, 2.5) * 3,
+        original(np.array(0.05), 1.2, 8) * 3,
+    ]  # an array cannot be a key: computed as Opacus would, not refused
