@@ -45,6 +45,8 @@ def message(*fields: tuple[int, bytes | memoryview | str | int]) -> bytes:
 
 
 MAX_FIELDS = 64  # fields read by hand in one message; the messages read here have a handful
+# groups nested in one another that protobuf's parser (upb, from Python) accepts: 100 deep parse, 101 fail
+MAX_GROUP_DEPTH = 100
 
 
 class TooManyFields(Exception):
@@ -55,9 +57,10 @@ class TooManyFields(Exception):
 
 def length_delimited(data: bytes, numbers: frozenset[int]) -> dict[int, memoryview]:
     """The length-delimited fields (wire type 2) numbered in ``numbers`` of the message ``data``, each as a view
-    of ``data`` (no copy); the last one wins when a field repeats, as protobuf's parser has it; other fields are
-    stepped over. ``ValueError`` where protobuf's parser fails too: a truncated field or varint, field number 0,
-    groups and the undefined wire types; ``TooManyFields`` past ``MAX_FIELDS``."""
+    of ``data`` (no copy); the last one wins when a field repeats, as protobuf's parser has it; other fields, and
+    groups, are stepped over. ``ValueError`` where protobuf's parser fails too: a truncated field or varint, field
+    number 0, a group that does not end (or ends unopened, or nests too deep) and the undefined wire types;
+    ``TooManyFields`` past ``MAX_FIELDS``."""
     view = memoryview(data)
     return {number: view[start:end] for number, _, start, end in _fields(view) if number in numbers}
 
@@ -82,8 +85,12 @@ def split_off(data: bytes | memoryview, number: int) -> tuple[bytes, memoryview 
 
 def _fields(view: memoryview, only: int = 0) -> Iterator[tuple[int, int, int, int]]:
     """The length-delimited fields of a message (only those numbered ``only``, when given): (number, where the
-    field's key starts, where its value starts, where it ends); every field is checked on the way."""
+    field's key starts, where its value starts, where it ends); every field is checked on the way. A group (wire
+    types 3 and 4, proto2's) is stepped over as protobuf's parser steps over one it does not know: its fields are
+    checked, never yielded (they are the group's, not the message's); it must end with its own number, within the
+    message, at most ``MAX_GROUP_DEPTH`` deep."""
     position, end, count = 0, len(view), 0
+    groups: list[int] = []  # the numbers of the groups open here, innermost last
     while position < end:
         count += 1
         if count > MAX_FIELDS:
@@ -100,14 +107,23 @@ def _fields(view: memoryview, only: int = 0) -> Iterator[tuple[int, int, int, in
             position = start + length
             if position > end:
                 raise ValueError("a length-delimited field runs past the message")
-            if not only or number == only:
+            if not groups and (not only or number == only):
                 yield number, key_at, start, position
         elif wire_type in (1, 5):
             position += 8 if wire_type == 1 else 4
             if position > end:
                 raise ValueError("a fixed-size field runs past the message")
+        elif wire_type == 3:
+            groups.append(number)
+            if len(groups) > MAX_GROUP_DEPTH:
+                raise ValueError(f"groups nested more than {MAX_GROUP_DEPTH} deep")
+        elif wire_type == 4:
+            if not groups or groups.pop() != number:
+                raise ValueError("a group ends that did not start")
         else:
             raise ValueError(f"wire type {wire_type} is not accepted")
+    if groups:
+        raise ValueError("a group runs past the message")
 
 
 def _read_varint(view: memoryview, position: int) -> tuple[int, int]:

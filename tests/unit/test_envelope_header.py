@@ -73,6 +73,28 @@ def test_reordered_repeated_and_unknown_fields_read_as_protobuf_reads_them() -> 
         _same(variant)
 
 
+def test_groups_are_stepped_over_as_protobuf_steps_over_them() -> None:
+    """Proto2's groups (wire types 3 and 4) of any number, a known field's too, are skipped by protobuf's parser;
+    a field inside one is the group's, a ciphertext-numbered one too (hypothesis found ``b"ST"``, an empty group of
+    field 10, read as an envelope by protobuf and refused by the header reader, 2026-12-01)."""
+    data = _real()
+    ciphertext = upload_pb2.EncryptedContribution.DESCRIPTOR.fields_by_name["ciphertext"].number
+
+    def group(number: int, inner: bytes = b"") -> bytes:
+        return bytes([(number << 3) | 3]) + inner + bytes([(number << 3) | 4])
+
+    inside = bytes([(ciphertext << 3) | 2, 40]) + b"\x09" * 40 + bytes([(1 << 3) | 0, 7])  # its ciphertext, version
+    for variant in (b"ST", group(10) + data, data + group(1), group(ciphertext, inside) + data,
+                    data + group(ciphertext, inside), group(3, group(4, inside)) + data):  # fmt: skip
+        _same(variant)
+        assert _outcome(read_envelope_header, variant)[0] == _outcome(parse_envelope, variant)[0]
+    header = read_envelope_header(io.BytesIO(data + group(ciphertext, inside)), len(data) + len(inside) + 2)
+    assert (header.version, header.key_id) == (1, "k_1")  # the group's version 7 is not the envelope's
+    for broken in (group(10)[:1] + data, data + group(10)[1:], bytes([(10 << 3) | 3, (11 << 3) | 4]) + data):
+        _same(broken)  # a group not ended, ended unopened, ended with another number
+        assert _outcome(read_envelope_header, broken)[0][0] == "refused"
+
+
 @pytest.mark.parametrize(
     "data",
     [

@@ -63,6 +63,19 @@ _write_field = st.one_of(
     st.builds(lambda n, v: _key(n, 0) + wire.varint(v), st.integers(7, 2**29 - 1), st.integers(0, 2**64 - 1)),
     st.builds(lambda n, b: _key(n, 1) + b, st.integers(7, 2**29 - 1), st.binary(min_size=8, max_size=8)),
     st.builds(lambda n, b: _key(n, 5) + b, st.integers(7, 2**29 - 1), st.binary(min_size=4, max_size=4)),
+    # a group (proto2's wire types 3 and 4), of any number, a known one's too: protobuf steps over it, data inside
+    # it included (the group's field 4, not the message's); nested; or started or ended alone (refused)
+    st.builds(
+        lambda n, b: _key(n, 3) + _key(4, 2) + wire.varint(len(b)) + b + _key(n, 4),
+        st.integers(1, 2**29 - 1),
+        st.binary(max_size=40),
+    ),
+    st.builds(
+        lambda n, m: _key(n, 3) + _key(m, 3) + _key(2, 0) + b"\x01" + _key(m, 4) + _key(n, 4),
+        st.integers(1, 40),
+        st.integers(1, 40),
+    ),
+    st.builds(lambda n, t: _key(n, t), st.integers(1, 40), st.sampled_from([3, 4])),
 )
 
 
@@ -71,8 +84,9 @@ _write_field = st.one_of(
 def test_the_server_reads_a_write_request_as_protobuf_does(fields: list[bytes], data: st.DataObject) -> None:
     """``write_chunk`` (the data a view of the message, the rest through protobuf's parser) against protobuf's
     parser alone, over every field, repeats (the last data wins, metadata merges), data with the wrong wire type,
-    unknown fields of every wire type, and messages cut or with a byte altered: the same fields, or both refuse
-    (INVALID_ARGUMENT here); on both sides of ``wire.MAX_FIELDS`` (past it protobuf reads the whole message)."""
+    unknown fields of every wire type, groups (data inside one is the group's), and messages cut or with a byte
+    altered: the same fields, or both refuse (INVALID_ARGUMENT here); on both sides of ``wire.MAX_FIELDS`` (past it
+    protobuf reads the whole message)."""
     raw = maybe_damaged(b"".join(fields), data)
     try:
         r = upload_pb2.WriteRequest.FromString(raw)
