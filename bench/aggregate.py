@@ -1,7 +1,8 @@
 """Aggregation of bench-1m contributions in-process: the aggregator's own code against HPKE-open + float64 add.
 
-Product, the loop of `AggregatorWorker.process`: per contribution, sha256 of the envelope on one of two
-prefetch threads (the two items after the next), `open_contribution` on another (one ahead: scan the envelope,
+Product, the loop of `AggregatorWorker.process`: the worker's `Opener` on two threads, three items ahead of the
+summing one: per contribution, sha256 of the envelope, its check against the job's input list (in stream order),
+then `open_contribution` (scan the envelope,
 check its context against the job, HPKE open in place, view the safetensors payload's tensors without a copy after
 checking its layout, names, shapes and dtypes against the plan's schema, check finiteness; with DP the update's
 float64 norm too), then on the caller `StreamingMean.add` (without DP) or `DpSum.add` (with DP: clip to C by the
@@ -15,8 +16,9 @@ array. The envelopes are K distinct sealed updates reused in turn (memory).
 With ``--aggregator-device cuda`` (bench.run) the product also runs summing on that device (the worker's
 ``aggregator_device``): opening stays on the CPU, each update is copied to the device and added there in float64,
 DP's norm is the one taken while opening, its noise is drawn on the CPU and added on the device.
-Two diagnostic rows (CPU only, interleaved with the rest, no RSS): the product with and without DP minus the hash of
-each envelope, against the same limit, which hashes nothing: what the worker's check of its input list costs.
+Two diagnostic rows (CPU only, interleaved with the rest, no RSS): the product with and without DP minus the hash
+of each envelope (its sha256 looked up instead), against the same limit, which hashes nothing: what the worker's
+check of its input list costs.
 Peak RSS: once per side after the timed samples, each in a fresh process (`python -m bench.aggregate SIDE N`)
 that builds the job, then aggregates while /proc/self/statm is sampled every 5 ms; it includes Python, torch and
 the 16 envelopes held in memory (`baseline_mib`, its level just before the run).
@@ -36,17 +38,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from prometheus_client import CollectorRegistry
 
 from bench.common import LoadGenerator, Mode, Result, interleave
-from fedcompute.aggregator.contributions import JobContext, Opened, open_contribution
+from fedcompute.aggregator.contributions import JobContext, Opened
 from fedcompute.aggregator.dp import DpParams, DpSum
 from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.noise import ChaChaGaussian, Rehearsed
-from fedcompute.aggregator.worker import HASH_THREADS
+from fedcompute.aggregator.opener import Hashed, Item, Opener
+from fedcompute.clients.typed import StreamedContribution
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.memory import keep_large_buffers
-from fedcompute.core.prefetch import prefetched
+from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys import hpke
 from fedcompute.keys.envelope import seal_contribution
 from fedcompute.v1 import upload_pb2
@@ -74,6 +78,14 @@ class Job:
             assignment = f"a{i:04d}"
             bound = ContributionContext("bench", "task", 1, "agg", assignment, self.key_id, 1, "p" * 64, "q" * 64)
             self.envelopes.append((seal_contribution(payload, bound, public).SerializeToString(), assignment))
+        # as the worker reads them from the server's stream (views) or blob directory
+        self.streamed = [StreamedContribution(a, memoryview(e)) for e, a in self.envelopes]
+        self.digests = [hashlib.sha256(e).hexdigest() for e, _ in self.envelopes]
+        self.metrics = WorkerMetrics.create(CollectorRegistry())
+
+    def inputs(self, count: int) -> list[tuple[str, str]]:
+        """The job's input list for ``count`` items of the stream (the distinct envelopes in turn)."""
+        return [(self.envelopes[i % DISTINCT][1], self.digests[i % DISTINCT]) for i in range(count)]
 
     def keys(self, key_id: str) -> Any:
         assert key_id == self.key_id
@@ -82,26 +94,27 @@ class Job:
 
 def product(job: Job, count: int, dp: bool, device: str = "cpu", hashed_too: bool = True) -> float:
     """Seconds to open and sum ``count`` contributions and release the result, as ``AggregatorWorker.process``
-    does: each item hashed and opened one ahead on the prefetch thread while the current one is added (summed on
-    ``device``, the worker's ``aggregator_device``; the result is back on the CPU before the clock stops). Without
-    ``hashed_too`` (a diagnostic side, not the product) the items are not hashed: what the check costs."""
+    does: the worker's ``Opener`` (each item hashed, checked in order against the job's input list and opened, on
+    two threads, three ahead) while the current one is added (summed on ``device``, the worker's
+    ``aggregator_device``; the result is back on the CPU before the clock stops). Without ``hashed_too`` (a
+    diagnostic side, not the product) each item's sha256 is looked up, not computed: what the check costs."""
+    inputs = [(a, digest) for a, digest in job.inputs(count)]
+    known = dict(inputs)
     began = time.perf_counter()
     params = DpParams(clip_norm=1.0, noise_multiplier=1.0, expected_clients=count, min_clients=1)
     on = accumulation_device(device)
     mean: DpSum | StreamingMean = DpSum(params, on) if dp else StreamingMean(on)
 
-    def hashed(item: tuple[bytes, str]) -> tuple[bytes, str]:
-        if hashed_too:
-            hashlib.sha256(item[0]).hexdigest()  # the worker checks each item against the job's input list
-        return item
+    def looked_up(item: Item) -> Hashed:
+        assert isinstance(item, StreamedContribution)
+        return item.assignment_id, item.envelope, known[item.assignment_id]
 
-    def opened(item: tuple[bytes, str]) -> Opened:
-        return open_contribution(item[0], item[1], job.context, job.keys, norm=dp)
-
-    items = (job.envelopes[i % DISTINCT] for i in range(count))
-    # as the worker: hash (two threads), check and open (one), add (this one)
+    opener = Opener(inputs, job.context, job.keys, job.metrics, norms=dp, digest=None if hashed_too else looked_up)
+    items = (job.streamed[i % DISTINCT] for i in range(count))
     noise: Rehearsed | None = None
-    for contribution in prefetched(prefetched(items, hashed, ahead=HASH_THREADS), opened):
+    for contribution in opener.outcomes(items):
+        if not isinstance(contribution, Opened):
+            raise RuntimeError(f"contribution refused: {contribution!r} {opener.refusal}")
         if isinstance(mean, DpSum):
             mean.add(contribution.update, contribution.metrics, contribution.norm)
             if noise is None:  # as the worker, the release's noise drawn on a thread during the stream

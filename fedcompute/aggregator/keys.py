@@ -10,6 +10,7 @@ shares never fit are reported. The key lives in this object only; nothing is wri
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -63,15 +64,31 @@ class JobKeys:
     inputs: list[tuple[str, str]]
     faulty_providers: set[str] = field(default_factory=set)
     _keys: dict[str, X25519PrivateKey] = field(default_factory=dict)
+    _failed: dict[str, Exception] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, key_id: str) -> X25519PrivateKey:
-        if key_id not in self._keys:
-            self._keys[key_id] = self._obtain(key_id)
-        return self._keys[key_id]
+        """The key, obtained once per job however many threads open at once (the worker opens on two): each
+        release request spends the key services' release budgets. A failure to obtain it is kept and raised again
+        to later callers of this job, never asked again (a refusal of the key itself, ``Rejected``, is not kept:
+        it asks the providers' public keys only, no release)."""
+        with self._lock:
+            if key_id in self._failed:
+                raise self._failed[key_id]
+            if key_id not in self._keys:
+                try:
+                    self._keys[key_id] = self._obtain(key_id)
+                except Rejected:
+                    raise
+                except Exception as exc:
+                    self._failed[key_id] = exc
+                    raise
+            return self._keys[key_id]
 
     def material(self) -> bytes:
         """The private keys obtained so far, in key-id order (noise-key derivation input; never leaves)."""
-        return b"".join(hpke.private_bytes(self._keys[k]) for k in sorted(self._keys))
+        with self._lock:
+            return b"".join(hpke.private_bytes(self._keys[k]) for k in sorted(self._keys))
 
     def _published(self, key_id: str) -> common_pb2.PublicKey:
         for client in self.access.providers:

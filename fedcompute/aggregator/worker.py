@@ -9,44 +9,30 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
 
 import grpc
 import structlog
 import torch
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcompute.aggregator.contributions import JobContext, Opened, Rejected, open_contribution
+from fedcompute.aggregator.contributions import JobContext, Rejected
 from fedcompute.aggregator.dp import BelowMinimum, DpSum
 from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
 from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, Rehearsed, derive_noise_key
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
+from fedcompute.aggregator.opener import LocalEnvelope, Opener, local_envelopes
 from fedcompute.clients.typed import AggregationClient, StreamedContribution
 from fedcompute.core import checkpoints, plans
-from fedcompute.core.blobs import BlobMissing, blob_path
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.errors import InvalidArgument
-from fedcompute.core.files import bounded_refusal, read_uncached
-from fedcompute.core.prefetch import prefetched
 from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.v1 import aggregation_pb2, common_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
-HASH_THREADS = 2  # envelopes hashed at once, ahead of the opening thread
 # DP noise for the release is drawn while contributions still stream in (8 bytes per parameter held until the
 # release) up to this size, 8M parameters; a larger model draws it at the release, as before
 NOISE_AHEAD_MAX_BYTES = 64 * 1024 * 1024
-Hashed = tuple[str, bytes | memoryview, str]  # (assignment id, envelope, the envelope's sha256 hex)
-
-
-class LocalEnvelope(NamedTuple):
-    """An input's envelope as a file of the server's blob directory (``aggregator_blob_dir``), read when hashed."""
-
-    assignment_id: str
-    path: Path
-    max_bytes: int
 
 
 class AggregatorWorker:
@@ -128,15 +114,12 @@ class AggregatorWorker:
         rejections: Counter[str] = Counter()
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
         next_extension = time.monotonic() + max(lease_left, 1.0)
-        opener = _Opener(inputs, context, keys, self._metrics, norms=isinstance(mean, DpSum))
+        opener = Opener(inputs, context, keys, self._metrics, norms=isinstance(mean, DpSum))
         ahead: tuple[bytes, Rehearsed] | None = None  # the release's noise, drawn during the stream (DP)
         looked_ahead = False
         try:
-            stream = self._contributions(job, inputs)
-            # the next ones are hashed (two threads: the slowest stage, 2.5 ms per 4 MiB) and checked and opened
-            # while this one is added, all in order
-            hashed = prefetched(stream, _digest, ahead=HASH_THREADS)
-            for outcome in prefetched(hashed, opener.check_and_open):
+            # the next ones are read, hashed, checked (in order) and opened on two threads while this one is added
+            for outcome in opener.outcomes(self._contributions(job, inputs)):
                 if outcome is None:
                     self._fail(job, opener.refusal or "the stream is not the job's input set", retryable=False)
                     return
@@ -249,112 +232,12 @@ class AggregatorWorker:
         )
 
 
-class _Opener:
-    """The in-order stage after hashing (``prefetched``: the items were hashed ahead on other threads):
-    ``check`` compares each item and its hash with the job's input list (``None``: not the input set's), ``open``
-    opens what was checked. After a mismatch or an error nothing more is checked or opened, so no key is asked
-    for on a refused stream and nothing after the first mismatch is ever opened."""
-
-    def __init__(
-        self,
-        inputs: list[tuple[str, str]],
-        context: JobContext,
-        keys: Callable[[str], X25519PrivateKey],
-        metrics: WorkerMetrics,
-        norms: bool = False,
-    ) -> None:
-        self._inputs = inputs
-        self._norms = norms  # DP: each update's norm is computed while opening, off the summing thread
-        self._context = context
-        self._keys = keys
-        self._metrics = metrics
-        self._stopped = False  # set by either stage; both read it before doing anything
-        self._failed = False  # an open raised (it stopped both stages): nothing already checked is opened after it
-        self.matched = 0  # items that matched the input list so far
-        self.refusal = ""  # why the stream was refused: the first item that did not match, named
-
-    def check(self, hashed: Hashed) -> tuple[bytes | memoryview, str] | None:
-        """The item if it is the input list's next (in order), else None and the refusal says why."""
-        if self._stopped:
-            return None
-        assignment_id, envelope, sha256_hex = hashed
-        self._metrics.contribution_bytes.inc(len(envelope))
-        got = (assignment_id, sha256_hex)
-        if self.matched >= len(self._inputs) or got != self._inputs[self.matched]:
-            self._stopped = True
-            self.refusal = _mismatch(self.matched, got, self._inputs)
-            return None
-        self.matched += 1
-        return envelope, assignment_id
-
-    def check_and_open(self, hashed: Hashed) -> Opened | Rejected | None:
-        return self.open(self.check(hashed))
-
-    def open(self, checked: tuple[bytes | memoryview, str] | None) -> Opened | Rejected | None:
-        if checked is None or self._failed:
-            self._stopped = True
-            return None
-        try:
-            return open_contribution(checked[0], checked[1], self._context, self._keys, self._norms)
-        except Rejected as refusal:
-            return refusal
-        except BaseException:
-            self._stopped = self._failed = True
-            raise
-
-
 def _drawn_ahead(ahead: tuple[bytes, Rehearsed] | None, key: bytes, plan: list[tuple[int, float]]) -> Rehearsed | None:
     """The noise drawn during the stream, if it was drawn under the release's key for the release's calls: then it
     is exactly what a source made now would give; otherwise None (it is dropped, never mixed in)."""
     if ahead is None or ahead[0] != key or ahead[1].plan != plan:
         return None
     return ahead[1]
-
-
-def _digest(item: StreamedContribution | aggregation_pb2.StreamContributionsResponse | LocalEnvelope) -> Hashed:
-    """(assignment id, envelope, its sha256): the envelope read once (from its file, past the page cache: it was
-    written so and is read once; or the view of the streamed message the typed client's items hold)."""
-    if isinstance(item, LocalEnvelope):
-        envelope: bytes | memoryview = read_uncached(item.path, item.max_bytes)
-    else:
-        envelope = item.envelope
-    return item.assignment_id, envelope, hashlib.sha256(envelope).hexdigest()
-
-
-def local_envelopes(
-    blob_dir: Path, inputs: list[tuple[str, str]], max_bytes: int
-) -> tuple[list[LocalEnvelope], list[str]]:
-    """Each input's envelope file in the blob directory (addressed by its sha256, ``core.blobs.blob_path``), and
-    the assignment ids of those a bounded read would refuse now: missing, not a regular file (a link too: looked at
-    without following it), over ``max_bytes``, or an address that is not a sha256 (the input list is the
-    server's: such an address never names a path outside the directory)."""
-    local: list[LocalEnvelope] = []
-    missing: list[str] = []
-    for assignment_id, sha256_hex in inputs:
-        try:
-            path = blob_path(blob_dir, sha256_hex)
-            refused = bounded_refusal(path.lstat(), max_bytes)
-        except (BlobMissing, OSError):
-            refused = "missing"
-        if refused:
-            missing.append(assignment_id)
-        else:
-            local.append(LocalEnvelope(assignment_id, path, max_bytes))
-    return local, missing
-
-
-def _mismatch(index: int, got: tuple[str, str], inputs: list[tuple[str, str]]) -> str:
-    """Why streamed item ``index`` is refused: the server sent more than the input set, another contribution, or
-    this one's bytes altered (its store is the operator's: corrupted or replaced there)."""
-    where = f"contribution {index} of the stream ({got[0]!r})"
-    if index >= len(inputs):
-        return f"{where} is past the job's input set of {len(inputs)}; refused"
-    if got[0] != inputs[index][0]:
-        return f"{where} is not the input set's contribution {index} ({inputs[index][0]!r}); refused"
-    return (
-        f"{where} does not hash to the input set's sha256 (altered or corrupted in the server's store: "
-        f"{got[1][:12]}... instead of {inputs[index][1][:12]}...); nothing after it was opened"
-    )
 
 
 def _faulty_note(providers: set[str]) -> str:

@@ -1,10 +1,12 @@
 """Items ahead: work on the next items on background threads while the caller handles the current one.
 
-The aggregator worker chains two (hash the next items on two threads, open the next, add the current one); the
-server's job stream reads the next envelope while the current one is sent. Hashing (hashlib), HPKE opening and the
-tensor adds release the GIL for most of their time, so the stages overlap. A stage holds at most ``ahead`` + 1
-items (the one its caller holds and those being worked on), so memory stays bounded whatever the cohort; the
-next item is read from the source only when the caller asks for the next result.
+The aggregator worker runs one stage (read, hash, check and open the next items on two threads, three ahead, while
+the caller adds the current one); the server's job stream reads the next envelope while the current one is sent.
+Hashing (hashlib), HPKE opening and the tensor adds release the GIL for most of their time, so the stages overlap.
+A stage holds at most ``ahead`` + 1 items (the one its caller holds and those being worked on or waiting for a
+thread), so memory stays bounded whatever the cohort; the next item is read from the source only when the caller
+asks for the next result. Items start in order (the pool's queue is first in, first out): an item that is being
+worked on was started after every item before it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def prefetched(items: Iterable[T], work: Callable[[T], R], ahead: int = 1) -> Generator[R, None, None]:
-    """``work(item)`` for each item, results in order, run on ``ahead`` background threads that many items ahead
-    of the caller (with the caller's context variables, so log lines keep their request id). ``work``'s exceptions
-    are raised here, in order; when the caller stops early, the items in flight are finished and nothing more is
-    started."""
-    with ThreadPoolExecutor(ahead, thread_name_prefix="fedcompute-open") as pool:
+def prefetched(
+    items: Iterable[T], work: Callable[[T], R], ahead: int = 1, threads: int | None = None
+) -> Generator[R, None, None]:
+    """``work(item)`` for each item, results in order, ``ahead`` items ahead of the caller on ``threads``
+    background threads (default ``ahead``; fewer than ``ahead``: the rest wait in the pool's queue, so a thread
+    that finishes finds its next item at once), with the caller's context variables, so log lines keep their
+    request id. ``work``'s exceptions are raised here, in order; when the caller stops early, the items being worked
+    on are finished and nothing more is started."""
+    if threads is not None and not 1 <= threads <= ahead:
+        raise ValueError(f"threads must be in [1, ahead ({ahead})], got {threads}")
+    with ThreadPoolExecutor(threads or ahead, thread_name_prefix="fedcompute-open") as pool:
         pending: deque[Future[R]] = deque()
         try:
             for item in items:

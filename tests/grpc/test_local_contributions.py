@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcompute.aggregator.worker import LocalEnvelope, _digest, local_envelopes
+from fedcompute.aggregator.opener import LocalEnvelope, local_envelopes
+from fedcompute.aggregator.opener import read_and_hash as _digest
 from fedcompute.clients.device import upload
 from fedcompute.core.files import NotReadable, read_uncached
 from fedcompute.v1 import task_management_pb2 as tm

@@ -9,6 +9,8 @@ import contextvars
 import hashlib
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +25,12 @@ from prometheus_client import CollectorRegistry
 from fedcompute.aggregator.contributions import JobContext, Opened, Rejected, _parse_payload
 from fedcompute.aggregator.dp import DpParams, DpSum, l2_norm
 from fedcompute.aggregator.fedavg import WIDEN_CHUNK, StreamingMean, accumulate, accumulation_device
-from fedcompute.aggregator.keys import KeyUnavailable
+from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyUnavailable
 from fedcompute.aggregator.main import build_worker
 from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian, Rehearsed
-from fedcompute.aggregator.worker import HASH_THREADS, _digest, _drawn_ahead, _Opener
+from fedcompute.aggregator.opener import Hashed, Item, Opener
+from fedcompute.aggregator.opener import read_and_hash as _digest
+from fedcompute.aggregator.worker import _drawn_ahead
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.prefetch import prefetched
@@ -290,6 +294,16 @@ def test_prefetch_keeps_order_stays_one_ahead_and_raises_in_order() -> None:
     with pytest.raises(KeyError):
         next(wide)
     assert set(started) <= {0, 1, 2, 3, 4, 5}  # the failing item and the two in flight after it; nothing later
+    # one thread, three ahead: the items wait for the thread in the pool's queue, started in order
+    started.clear()
+    queued = prefetched(range(100), work, ahead=3, threads=1)
+    assert next(queued) == (0, "job-1")
+    assert set(started) <= {0, 1, 2, 3}
+    assert started == sorted(started)
+    queued.close()
+    for threads in (0, 4):
+        with pytest.raises(ValueError, match="threads must be in"):
+            next(prefetched(range(3), work, ahead=3, threads=threads))
 
 
 def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_error() -> None:
@@ -311,7 +325,7 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
         return key
 
     metrics = WorkerMetrics.create(CollectorRegistry())
-    opener = _Opener(inputs, job, keys, metrics)
+    opener = Opener(inputs, job, keys, metrics)
     first = opener.open(opener.check(_digest(items[0])))
     assert isinstance(first, Opened)
     assert first.num_examples == 2
@@ -325,10 +339,10 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
     altered = aggregation_pb2.StreamContributionsResponse(
         assignment_id="a1", envelope=items[0].envelope[:-1] + bytes([last])
     )
-    named = _Opener(inputs, job, keys, metrics)
+    named = Opener(inputs, job, keys, metrics)
     assert named.check(_digest(altered)) is None
     assert named.refusal.startswith("contribution 0 of the stream ('a1') does not hash to the input set's sha256")
-    past = _Opener(inputs[:1], job, keys, metrics)
+    past = Opener(inputs[:1], job, keys, metrics)
     assert past.check(_digest(items[0])) is not None
     assert past.check(_digest(items[1])) is None
     assert past.refusal == "contribution 1 of the stream ('a2') is past the job's input set of 1; refused"
@@ -338,21 +352,96 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
         raise KeyUnavailable("1 of 3 key services reachable")
 
     asked.clear()
-    failing = _Opener(inputs, job, unavailable, metrics)
+    failing = Opener(inputs, job, unavailable, metrics)
     with pytest.raises(KeyUnavailable):
         failing.open(failing.check(_digest(items[0])))
     assert failing.check(_digest(items[1])) is None  # the prefetched next item asks nothing more
     assert failing.open((items[1].envelope, "a2")) is None  # nor would an item already checked, once stopped
     assert asked == ["k"]
 
-    # the worker's pipeline (hashed ahead on two threads, checked and opened one ahead on another): a stream whose
+    # the worker's stage (each item hashed, checked in order and opened, on two threads, three ahead): a stream whose
     # second item is not the input set's opens the first, then nothing more, whatever the threads' timing
     for _ in range(20):
         asked.clear()
-        piped = _Opener(inputs, job, keys, metrics)
-        stream = [items[0], items[2], items[1], items[1]]
-        hashed = prefetched(iter(stream), _digest, ahead=HASH_THREADS)
-        outcomes = list(prefetched(hashed, piped.check_and_open))
+        piped = Opener(inputs, job, keys, metrics)
+        outcomes = list(piped.outcomes(iter([items[0], items[2], items[1], items[1]])))
         assert isinstance(outcomes[0], Opened)
         assert outcomes[1:] == [None, None, None]
         assert (piped.matched, asked) == (1, ["k"])
+    # the first item, off the list, is hashed slowly: the second, a listed one hashed at once on the other thread,
+    # waits for its turn to be checked, so it is never opened and no key is asked for
+    slow = aggregation_pb2.StreamContributionsResponse(assignment_id="a1", envelope=altered.envelope)
+    late: list[str] = []
+
+    def slow_first(item: Item) -> Hashed:
+        hashed = _digest(item)
+        if hashed[1] == slow.envelope:
+            time.sleep(0.05)
+        late.append(item.assignment_id)
+        return hashed
+
+    asked.clear()
+    gated = Opener(inputs, job, keys, metrics, digest=slow_first)
+    assert list(gated.outcomes(iter([slow, items[1], items[2]]))) == [None, None, None]
+    assert (gated.matched, asked) == (0, [])
+    assert gated.refusal.startswith("contribution 0 of the stream ('a1') does not hash")
+    assert late[0] == "a2"  # the item after it was hashed first, and still waited
+    # the listed stream, its first item hashed last: every item opened, in order, each checked in its turn
+    asked.clear()
+    outcomes = list(Opener(inputs, job, keys, metrics, digest=_slow(items[0].envelope)).outcomes(iter(items)))
+    assert [o.num_examples for o in outcomes if isinstance(o, Opened)] == [2, 2, 2]
+    assert asked == ["k", "k", "k"]
+
+    # an item that cannot be read raises in its place; nothing after it is opened (the worker fails the job)
+    def unreadable(item: Item) -> Hashed:
+        if item.assignment_id == "a2":
+            raise OSError("envelope gone")
+        return _digest(item)
+
+    asked.clear()
+    broken = Opener(inputs, job, keys, metrics, digest=unreadable).outcomes(iter(items))
+    assert isinstance(next(broken), Opened)
+    with pytest.raises(OSError, match="envelope gone"):
+        next(broken)
+    assert asked == ["k"]
+
+
+def _slow(envelope: bytes) -> Callable[[Item], Hashed]:
+    def digest(item: Item) -> Hashed:
+        hashed = _digest(item)
+        if hashed[1] == envelope:
+            time.sleep(0.05)
+        return hashed
+
+    return digest
+
+
+def test_a_jobs_key_is_obtained_once_however_many_threads_open_and_a_failure_is_not_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker opens on two threads: both may need the job's key at once. Each obtain is a release request to
+    the key services (it spends their release budgets), so the key is obtained once, and a failure to obtain it
+    is raised again to the other thread, not asked again. The obtain itself (attestation, shares: network) is
+    replaced by one that counts; the rest is JobKeys' own."""
+    key = hpke.generate_private_key()
+    obtained: list[str] = []
+    access = KeyAccess(providers=[], trusted={}, threshold=1, verifier=None, evidence=lambda nonces: "")  # type: ignore[arg-type]
+
+    def obtain(self: JobKeys, key_id: str) -> X25519PrivateKey:
+        obtained.append(key_id)
+        time.sleep(0.05)  # the other threads arrive meanwhile
+        if key_id == "down":
+            raise KeyUnavailable("1 of 3 key services reachable")
+        return key
+
+    monkeypatch.setattr(JobKeys, "_obtain", obtain)
+    keys = JobKeys(access, aggregation_pb2.AggregationJob(job_id="job_x"), "ab" * 32, [])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(keys, ["k"] * 4))
+        failures = [pool.submit(keys, "down") for _ in range(4)]
+    assert all(k is key for k in got)
+    for failure in failures:
+        with pytest.raises(KeyUnavailable, match="1 of 3"):
+            failure.result()
+    assert obtained == ["k", "down"]
+    assert keys.material() == hpke.private_bytes(key)
