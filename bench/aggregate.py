@@ -18,7 +18,10 @@ With ``--aggregator-device cuda`` (bench.run) the product also runs summing on t
 DP's norm is the one taken while opening, its noise is drawn on the CPU and added on the device.
 Two diagnostic rows (CPU only, interleaved with the rest, no RSS): the product with and without DP minus the hash
 of each envelope (its sha256 looked up instead), against the same limit, which hashes nothing: what the worker's
-check of its input list costs.
+check of its input list costs. A third (CPU only, no RSS): the product with DP over ``ON_DISK`` envelope files
+written past the page cache and fsynced, as the server stores uploads and a worker sharing its disk reads them
+(`Opener` on its disk pacing), against the disk alone reading the same files (``read_uncached`` on as many threads,
+nothing else): how near the disk a round's aggregation runs.
 Peak RSS: once per side after the timed samples, each in a fresh process (`python -m bench.aggregate SIDE N`)
 that builds the job, then aggregates while /proc/self/statm is sampled every 5 ms; it includes Python, torch and
 the 16 envelopes held in memory (`baseline_mib`, its level just before the run).
@@ -30,9 +33,12 @@ import hashlib
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +51,11 @@ from fedcompute.aggregator.contributions import JobContext, Opened
 from fedcompute.aggregator.dp import DpParams, DpSum
 from fedcompute.aggregator.fedavg import StreamingMean, accumulation_device
 from fedcompute.aggregator.noise import ChaChaGaussian, Rehearsed
-from fedcompute.aggregator.opener import Hashed, Item, Opener
+from fedcompute.aggregator.opener import DISK_THREADS, Hashed, Item, LocalEnvelope, Opener
 from fedcompute.clients.typed import StreamedContribution
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
+from fedcompute.core.files import UncachedAppender, read_uncached
 from fedcompute.core.memory import keep_large_buffers
 from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys import hpke
@@ -91,13 +98,35 @@ class Job:
         assert key_id == self.key_id
         return self.key
 
+    def files(self, directory: Path, count: int) -> list[LocalEnvelope]:
+        """``count`` envelope files (the distinct envelopes in turn, each a file of its own), written past the page
+        cache and fsynced as the server stores an upload, so reading one goes to the disk."""
+        files = []
+        for i in range(count):
+            envelope, assignment = self.envelopes[i % DISTINCT]
+            path = directory / f"envelope-{i}"
+            with UncachedAppender(path, 0) as out:
+                for start in range(0, len(envelope), 1 << 20):
+                    out.write(envelope[start : start + (1 << 20)])
+                out.sync()
+            files.append(LocalEnvelope(assignment, path, len(envelope)))
+        return files
 
-def product(job: Job, count: int, dp: bool, device: str = "cpu", hashed_too: bool = True) -> float:
+
+def product(
+    job: Job,
+    count: int,
+    dp: bool,
+    device: str = "cpu",
+    hashed_too: bool = True,
+    files: list[LocalEnvelope] | None = None,
+) -> float:
     """Seconds to open and sum ``count`` contributions and release the result, as ``AggregatorWorker.process``
     does: the worker's ``Opener`` (each item hashed, checked in order against the job's input list and opened, on
     two threads, three ahead) while the current one is added (summed on ``device``, the worker's
     ``aggregator_device``; the result is back on the CPU before the clock stops). Without ``hashed_too`` (a
-    diagnostic side, not the product) each item's sha256 is looked up, not computed: what the check costs."""
+    diagnostic side, not the product) each item's sha256 is looked up, not computed: what the check costs. With
+    ``files``: those (``count`` is their number), read from the disk as the worker sharing the server's does."""
     inputs = [(a, digest) for a, digest in job.inputs(count)]
     known = dict(inputs)
     began = time.perf_counter()
@@ -110,7 +139,7 @@ def product(job: Job, count: int, dp: bool, device: str = "cpu", hashed_too: boo
         return item.assignment_id, item.envelope, known[item.assignment_id]
 
     opener = Opener(inputs, job.context, job.keys, job.metrics, norms=dp, digest=None if hashed_too else looked_up)
-    items = (job.streamed[i % DISTINCT] for i in range(count))
+    items: Any = files if files is not None else (job.streamed[i % DISTINCT] for i in range(count))
     noise: Rehearsed | None = None
     for contribution in opener.outcomes(items):
         if not isinstance(contribution, Opened):
@@ -139,6 +168,15 @@ def limit(job: Job, count: int) -> float:
         plaintext = hpke.open_sealed(envelope.ciphertext, job.key, envelope.context)
         header = 8 + int.from_bytes(plaintext[:8], "little")
         np.add(total, np.frombuffer(plaintext, dtype=np.float32, offset=header), out=total)
+    return time.perf_counter() - began
+
+
+def disk_alone(files: list[LocalEnvelope]) -> float:
+    """Seconds for the disk to give the files' bytes: each read past the page cache, ``DISK_THREADS`` at a time."""
+    began = time.perf_counter()
+    with ThreadPoolExecutor(DISK_THREADS) as pool:
+        for _ in pool.map(lambda f: read_uncached(f.path, f.max_bytes), files):
+            pass
     return time.perf_counter() - began
 
 
@@ -198,8 +236,14 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
     measured = sides(device)
     if device != "cpu":
         product(job, 4, dp=True, device=device)  # untimed: CUDA's context, kernels and allocator start here
-    timed = interleave(mode.pairs, *(lambda f=f: f(job, count) for f in measured.values()))
-    samples = dict(zip(measured, timed, strict=True))
+    with tempfile.TemporaryDirectory(prefix="fedcompute-bench-") as tmp:
+        on_disk = ON_DISK_QUICK if mode.quick else ON_DISK
+        files = job.files(Path(tmp), on_disk) if device == "cpu" else []
+        timing: list[Callable[[], float]] = [partial(f, job, count) for f in measured.values()]
+        if files:  # diagnostic sides (a row of their own, no RSS): the DP product from the disk, the disk alone
+            timing += [lambda: product(job, on_disk, dp=True, files=files), lambda: disk_alone(files)]
+        timed = interleave(mode.pairs, *timing)
+    samples = dict(zip(measured, timed, strict=False))
     rss = {side: _fresh_process_rss(side, count) for side in measured if not side.startswith("unhashed")}
     measured_how = (
         f"{count} contributions per sample, {job.parameters:,} parameters, "
@@ -229,6 +273,14 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
         for name, side in [("aggregate unhashed", "unhashed"), ("aggregate unhashed DP", "unhashed_dp")]:
             results.append(Result(name, "throughput", "contrib/s", [count / s for s in samples[side]], rate,
                                   notes=unhashed))  # fmt: skip
+        from_disk, disk = timed[-2:]
+        disk_notes = (
+            f"diagnostic: the product with DP over {on_disk} envelope files written past the page cache (as the "
+            "server stores uploads; a worker sharing its disk reads them so), against the disk alone reading the same "
+            f"files on {DISK_THREADS} threads; {job.parameters:,} parameters, no gRPC, no key fetch"
+        )
+        results.append(Result("aggregate DP from disk", "throughput", "contrib/s", [on_disk / s for s in from_disk],
+                              [on_disk / s for s in disk], notes=disk_notes))  # fmt: skip
     return results
 
 
@@ -251,6 +303,8 @@ def main() -> None:
 
 
 COUNT = 1000  # the issue's number; --quick uses 40
+ON_DISK = 100  # envelope files for the from-disk row (a 100-device round's, 450 MB); --quick uses 20
+ON_DISK_QUICK = 20
 
 if __name__ == "__main__":
     main()

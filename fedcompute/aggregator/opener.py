@@ -25,6 +25,12 @@ from fedcompute.v1 import aggregation_pb2
 # benchmark's limit with DP here, this 0.641 (without DP 0.692 -> 0.748), interleaved in one run (bench/aggregate.py)
 OPEN_THREADS = 2
 OPEN_AHEAD = 3
+# where the envelopes are files of this machine's disk (``LocalEnvelope``: the worker shares the server's blob
+# directory), each thread also waits on the disk for every item (they were written past the page cache and are read
+# so): four threads, six ahead, keep the CPU busy while two wait. A 100-contribution DP job read from such files
+# here: 567 -> 474 ms (the disk alone reads them in ~450), while on items in memory four threads ran 5 % slower
+DISK_THREADS = 4
+DISK_AHEAD = 6
 Hashed = tuple[str, bytes | memoryview, str]  # (assignment id, envelope, the envelope's sha256 hex)
 
 
@@ -68,15 +74,23 @@ class Opener:
         self._failed = False  # an open raised (it stopped the stage): nothing already checked is opened after it
         self._turn = threading.Condition()  # the checks' order: the stream's
         self._checked = 0  # items of the stream whose turn to be checked has passed
+        self._used = False  # outcomes() was called: one stream per Opener
         self.matched = 0  # items that matched the input list so far
         self.refusal = ""  # why the stream was refused: the first item that did not match, named
 
     def outcomes(self, stream: Iterable[Item]) -> Generator[Opened | Rejected | None, None, None]:
         """Each item's outcome in stream order: opened, rejected (left out of the sum), or None (the stream is
         refused from there on: ``refusal`` says why); raises, in order, what reading an item or obtaining a key
-        raised. Stopping early stops the stream too."""
+        raised. Stopping early stops the stream too; one stream per Opener. A list of files (``local_envelopes``)
+        is worked on by ``DISK_THREADS``, ``DISK_AHEAD`` ahead; anything else by ``OPEN_THREADS``, ``OPEN_AHEAD``
+        ahead."""
+        if self._used:  # the checks' turns count this stream's items from 0: a second stream would wait forever
+            raise RuntimeError("an Opener checks one stream; make another for the next")
+        self._used = True
+        on_disk = isinstance(stream, list) and bool(stream) and isinstance(stream[0], LocalEnvelope)
+        threads, ahead = (DISK_THREADS, DISK_AHEAD) if on_disk else (OPEN_THREADS, OPEN_AHEAD)
         try:
-            yield from prefetched(enumerate(stream), self.take, ahead=OPEN_AHEAD, threads=OPEN_THREADS)
+            yield from prefetched(enumerate(stream), self.take, ahead=ahead, threads=threads)
         finally:
             if isinstance(stream, Generator):
                 stream.close()

@@ -118,7 +118,7 @@ class AggregatorWorker:
         ahead: tuple[bytes, Rehearsed] | None = None  # the release's noise, drawn during the stream (DP)
         looked_ahead = False
         try:
-            # the next ones are read, hashed, checked (in order) and opened on two threads while this one is added
+            # the next ones are read, hashed, checked (in order) and opened on other threads while this one is added
             for outcome in opener.outcomes(self._contributions(job, inputs)):
                 if outcome is None:
                     self._fail(job, opener.refusal or "the stream is not the job's input set", retryable=False)

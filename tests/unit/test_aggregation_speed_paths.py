@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,13 +23,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from fedcompute.aggregator import opener as opener_module
 from fedcompute.aggregator.contributions import JobContext, Opened, Rejected, _parse_payload
 from fedcompute.aggregator.dp import DpParams, DpSum, l2_norm
 from fedcompute.aggregator.fedavg import WIDEN_CHUNK, StreamingMean, accumulate, accumulation_device
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyUnavailable
 from fedcompute.aggregator.main import build_worker
 from fedcompute.aggregator.noise import BLOCK, ChaChaGaussian, Rehearsed
-from fedcompute.aggregator.opener import Hashed, Item, Opener
+from fedcompute.aggregator.opener import (
+    DISK_AHEAD,
+    DISK_THREADS,
+    OPEN_AHEAD,
+    OPEN_THREADS,
+    Hashed,
+    Item,
+    LocalEnvelope,
+    Opener,
+)
 from fedcompute.aggregator.opener import read_and_hash as _digest
 from fedcompute.aggregator.worker import _drawn_ahead
 from fedcompute.core import checkpoints
@@ -306,7 +317,7 @@ def test_prefetch_keeps_order_stays_one_ahead_and_raises_in_order() -> None:
             next(prefetched(range(3), work, ahead=3, threads=threads))
 
 
-def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_error() -> None:
+def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_error(tmp_path: Path) -> None:
     key = hpke.generate_private_key()
     job = JobContext("pop", "t", 1, "agg", 1, "ab" * 32, "cd" * 32, {})
     payload = checkpoints.encode({}, {"num_examples": 2})
@@ -368,6 +379,21 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
         assert isinstance(outcomes[0], Opened)
         assert outcomes[1:] == [None, None, None]
         assert (piped.matched, asked) == (1, ["k"])
+    # the same streams as files of a blob directory, read on the disk's threads (four, six ahead)
+    files = []
+    for index, listed in enumerate([items[0], items[2], items[1], items[1], items[2]]):
+        path = tmp_path / f"envelope-{index}"
+        path.write_bytes(listed.envelope)
+        files.append(LocalEnvelope(listed.assignment_id, path, len(listed.envelope)))
+    for _ in range(20):
+        asked.clear()
+        piped = Opener(inputs, job, keys, metrics)
+        outcomes = list(piped.outcomes(files[:4]))
+        assert isinstance(outcomes[0], Opened)
+        assert outcomes[1:] == [None, None, None]
+        assert (piped.matched, asked) == (1, ["k"])
+        in_order = list(Opener(inputs, job, keys, metrics).outcomes([files[0], files[2], files[4]]))
+        assert [o.num_examples for o in in_order if isinstance(o, Opened)] == [2, 2, 2]
     # the first item, off the list, is hashed slowly: the second, a listed one hashed at once on the other thread,
     # waits for its turn to be checked, so it is never opened and no key is asked for
     slow = aggregation_pb2.StreamContributionsResponse(assignment_id="a1", envelope=altered.envelope)
@@ -404,6 +430,33 @@ def test_the_opener_stops_at_the_first_item_off_the_input_list_and_after_an_erro
     with pytest.raises(OSError, match="envelope gone"):
         next(broken)
     assert asked == ["k"]
+
+
+def test_files_are_worked_on_by_the_disks_threads_and_anything_else_by_the_opening_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paced: list[tuple[int, int | None]] = []
+
+    def recorded(items: Any, work: Any, ahead: int = 1, threads: int | None = None) -> Any:
+        paced.append((ahead, threads))
+        return prefetched(items, work, ahead, threads)
+
+    monkeypatch.setattr(opener_module, "prefetched", recorded)
+    job = JobContext("pop", "t", 1, "agg", 1, "ab" * 32, "cd" * 32, {})
+    metrics = WorkerMetrics.create(CollectorRegistry())
+
+    def opener() -> Opener:  # an empty input list: every item is refused, no key is ever asked for
+        return Opener([], job, lambda key_id: hpke.generate_private_key(), metrics)
+
+    (tmp_path / "e").write_bytes(b"x")
+    assert list(opener().outcomes([LocalEnvelope("a", tmp_path / "e", 1)])) == [None]  # past the (empty) input list
+    assert list(opener().outcomes(iter([aggregation_pb2.StreamContributionsResponse(assignment_id="a")]))) == [None]
+    once = opener()
+    assert list(once.outcomes([])) == []
+    with pytest.raises(RuntimeError, match="one stream"):  # its turns would wait forever for a second stream's
+        next(once.outcomes([]))
+    assert paced == [(DISK_AHEAD, DISK_THREADS), (OPEN_AHEAD, OPEN_THREADS), (OPEN_AHEAD, OPEN_THREADS)]
+    assert DISK_THREADS > OPEN_THREADS
 
 
 def _slow(envelope: bytes) -> Callable[[Item], Hashed]:
