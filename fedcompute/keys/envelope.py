@@ -76,16 +76,17 @@ def _scan(handle: BinaryIO, size: int) -> upload_pb2.EncryptedContribution:
         fields += 1
         if fields > wire.MAX_FIELDS:
             raise wire.TooManyFields(f"more than {wire.MAX_FIELDS} fields")
-        key, position = _varint(handle, position, end)
-        field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
+        key, position = _varint(handle, position, end, wire.KEY_BYTES)
+        try:
+            field, wire_type = wire.check_key(key, inside_group=bool(groups))
+        except ValueError:
+            raise InvalidArgument(FIELD, NOT_AN_ENVELOPE) from None
         if wire_type == 0:
             value, after = _varint(handle, position, end)
             if not groups:
                 header += wire.varint(key) + wire.varint(value)
         elif wire_type == 2:
-            length, start = _varint(handle, position, end)
+            length, start = _varint(handle, position, end, wire.SIZE_BYTES)
             after = start + length
             if after > end:
                 raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
@@ -144,11 +145,12 @@ def _read_exactly(handle: BinaryIO, n: int) -> bytes:
     return data
 
 
-def _varint(handle: BinaryIO, position: int, end: int) -> tuple[int, int]:
-    """A base-128 varint at ``position`` (at most 10 bytes, within ``end``): its value and the next position."""
+def _varint(handle: BinaryIO, position: int, end: int, most: int = 10) -> tuple[int, int]:
+    """A base-128 varint at ``position`` (at most ``most`` bytes, within ``end``): its value and the next
+    position."""
     value = shift = 0
     while True:
-        if position >= end or shift >= 70:
+        if position >= end or shift >= 7 * most:
             raise InvalidArgument(FIELD, NOT_AN_ENVELOPE)
         byte = _read_exactly(handle, 1)[0]
         position += 1

@@ -47,6 +47,10 @@ def message(*fields: tuple[int, bytes | memoryview | str | int]) -> bytes:
 MAX_FIELDS = 64  # fields read by hand in one message; the messages read here have a handful
 # groups nested in one another that protobuf's parser (upb, from Python) accepts: 100 deep parse, 101 fail
 MAX_GROUP_DEPTH = 100
+# what upb accepts of a field's key and of a length: a varint of at most 5 bytes, a key of at most 32 bits (a value
+# may take 10 bytes); a longer encoding, or a larger key, it refuses, and so do the readers here
+KEY_BYTES = SIZE_BYTES = 5
+MAX_KEY = 0xFFFFFFFF
 
 
 class TooManyFields(Exception):
@@ -88,7 +92,8 @@ def _fields(view: memoryview, only: int = 0) -> Iterator[tuple[int, int, int, in
     field's key starts, where its value starts, where it ends); every field is checked on the way. A group (wire
     types 3 and 4, proto2's) is stepped over as protobuf's parser steps over one it does not know: its fields are
     checked, never yielded (they are the group's, not the message's); it must end with its own number, within the
-    message, at most ``MAX_GROUP_DEPTH`` deep."""
+    message, at most ``MAX_GROUP_DEPTH`` deep; inside one, field number 0 is accepted, as protobuf accepts it
+    there. Keys and lengths as upb reads them (``KEY_BYTES``, ``MAX_KEY``)."""
     position, end, count = 0, len(view), 0
     groups: list[int] = []  # the numbers of the groups open here, innermost last
     while position < end:
@@ -96,14 +101,12 @@ def _fields(view: memoryview, only: int = 0) -> Iterator[tuple[int, int, int, in
         if count > MAX_FIELDS:
             raise TooManyFields(f"more than {MAX_FIELDS} fields")
         key_at = position
-        key, position = _read_varint(view, position)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise ValueError("field number 0")
+        key, position = _read_varint(view, position, KEY_BYTES)
+        number, wire_type = check_key(key, inside_group=bool(groups))
         if wire_type == 0:
             _, position = _read_varint(view, position)
         elif wire_type == 2:
-            length, start = _read_varint(view, position)
+            length, start = _read_varint(view, position, SIZE_BYTES)
             position = start + length
             if position > end:
                 raise ValueError("a length-delimited field runs past the message")
@@ -126,11 +129,23 @@ def _fields(view: memoryview, only: int = 0) -> Iterator[tuple[int, int, int, in
         raise ValueError("a group runs past the message")
 
 
-def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
+def check_key(key: int, inside_group: bool) -> tuple[int, int]:
+    """A field's key as (number, wire type); ``ValueError`` where upb refuses it: past 32 bits, or field number 0
+    outside a group (an unknown group's fields upb skips without that check)."""
+    if key > MAX_KEY:
+        raise ValueError("a field key past 32 bits")
+    if key >> 3 == 0 and not inside_group:
+        raise ValueError("field number 0")
+    return key >> 3, key & 7
+
+
+def _read_varint(view: memoryview, position: int, most: int = 10) -> tuple[int, int]:
+    """The varint at ``position`` of at most ``most`` bytes: its value (a 10-byte one cut to 64 bits, as protobuf
+    cuts it) and the next position."""
     value = shift = 0
     while True:
-        if position >= len(view) or shift >= 70:
-            raise ValueError("a varint runs past the message or past 10 bytes")
+        if position >= len(view) or shift >= 7 * most:
+            raise ValueError(f"a varint runs past the message or past {most} bytes")
         byte = view[position]
         position += 1
         value |= (byte & 0x7F) << shift

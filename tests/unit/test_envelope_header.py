@@ -93,6 +93,18 @@ def test_groups_are_stepped_over_as_protobuf_steps_over_them() -> None:
     for broken in (group(10)[:1] + data, data + group(10)[1:], bytes([(10 << 3) | 3, (11 << 3) | 4]) + data):
         _same(broken)  # a group not ended, ended unopened, ended with another number
         assert _outcome(read_envelope_header, broken)[0][0] == "refused"
+    # field number 0 is refused, but not inside a group, where protobuf skips it unchecked (a group 0 too)
+    for zero in (group(9, b"\x00\x01") + data, data + group(9, b"\x02\x01x"), data + group(9, b"\x03\x04")):
+        _same(zero)
+        assert _outcome(read_envelope_header, zero)[0][0] == 1
+    # keys and lengths: protobuf reads up to 5 bytes of either, a key up to 32 bits (helper review, 2026-12-02: a key
+    # of 6 bytes, which the header reader rewrote in 1, passed the server's check and failed protobuf's)
+    for ok, odd in ((True, b"\xc8\x80\x80\x80\x00\x01"), (False, b"\xc8\x80\x80\x80\x80\x00\x01"),
+                    (False, b"\xc8\x80\x80\x80\x10\x01"), (True, b"\x4a\x80\x80\x80\x80\x00"),
+                    (False, b"\x4a\x80\x80\x80\x80\x80\x00"), (False, b"\x00\x01")):  # fmt: skip
+        for variant in (odd + data, data + odd):
+            _same(variant)
+            assert (_outcome(read_envelope_header, variant)[0][0] != "refused") is ok
 
 
 @pytest.mark.parametrize(

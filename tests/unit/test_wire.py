@@ -47,6 +47,16 @@ def _key(number: int, wire_type: int) -> bytes:
     return wire.varint(number << 3 | wire_type)
 
 
+def _padded(n: int, extra: int) -> bytes:
+    """``n`` as a varint ``extra`` bytes longer than it needs (continuation bits and zero groups)."""
+    encoded = bytearray(wire.varint(n))
+    for _ in range(extra):
+        encoded[-1] |= 0x80
+        encoded.append(0)
+    return bytes(encoded)
+
+
+_ZERO_FIELD_VALUE = {0: b"\x01", 1: bytes(8), 2: b"\x01x", 3: _key(0, 4), 5: bytes(4)}
 _metadata = st.builds(
     lambda size, sha: upload_pb2.UploadMetadata(total_size_bytes=size, sha256_hex=sha).SerializeToString(),
     st.integers(-(2**63), 2**63 - 1), st.text(max_size=70),
@@ -76,6 +86,15 @@ _write_field = st.one_of(
         st.integers(1, 40),
     ),
     st.builds(lambda n, t: _key(n, t), st.integers(1, 40), st.sampled_from([3, 4])),
+    # field number 0: refused, but inside a group, where protobuf skips it without that check (of every wire type,
+    # a group 0 too)
+    st.builds(lambda t: _key(9, 3) + _key(0, t) + _ZERO_FIELD_VALUE[t] + _key(9, 4), st.sampled_from([0, 1, 2, 3, 5])),
+    st.builds(lambda t: _key(0, t) + _ZERO_FIELD_VALUE[t], st.sampled_from([0, 1, 2, 3, 5])),
+    # keys and lengths encoded longer than they need: protobuf reads up to 5 bytes of either, a key up to 32 bits
+    st.builds(lambda n, extra: _padded(n << 3, extra) + b"\x01", st.integers(1, 40), st.integers(0, 5)),
+    st.builds(lambda extra, b: _key(4, 2) + _padded(len(b), extra) + b, st.integers(0, 5), st.binary(max_size=10)),
+    st.builds(lambda top: b"\xc8\x80\x80\x80" + bytes([top]) + b"\x01", st.integers(0, 0x7F)),
+    st.builds(lambda extra: _key(9, 3) + _padded(9 << 3 | 4, extra), st.integers(0, 5)),
 )
 
 
