@@ -89,9 +89,15 @@ class Opener:
         self._used = True
         on_disk = isinstance(stream, list) and bool(stream) and isinstance(stream[0], LocalEnvelope)
         threads, ahead = (DISK_THREADS, DISK_AHEAD) if on_disk else (OPEN_THREADS, OPEN_AHEAD)
+        taken = prefetched(enumerate(stream), self.take, ahead=ahead, threads=threads)
         try:
-            yield from prefetched(enumerate(stream), self.take, ahead=ahead, threads=threads)
+            for outcome in taken:  # noqa: UP028 (``yield from`` would close ``taken`` before ``_stopped`` is set)
+                yield outcome
         finally:
+            # stopped first, then the stage closed: the items already handed to its threads pass their turns
+            # without being read, hashed or opened (none is cancelled: a later one may be waiting for its turn)
+            self._stopped = True
+            taken.close()
             if isinstance(stream, Generator):
                 stream.close()
 
@@ -113,6 +119,9 @@ class Opener:
                     self._stopped = True
                     return None
                 return self.check(hashed)
+            except BaseException:
+                self._stopped = True  # a check that raised stops the stream: nothing after it is checked or opened
+                raise
             finally:
                 self._checked = index + 1
                 self._turn.notify_all()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -457,6 +458,56 @@ def test_files_are_worked_on_by_the_disks_threads_and_anything_else_by_the_openi
         next(once.outcomes([]))
     assert paced == [(DISK_AHEAD, DISK_THREADS), (OPEN_AHEAD, OPEN_THREADS), (OPEN_AHEAD, OPEN_THREADS)]
     assert DISK_THREADS > OPEN_THREADS
+
+
+def test_stopping_early_never_leaves_a_thread_waiting_for_a_cancelled_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's shutdown once cancelled the queued items one by one while a thread could take the next one, which
+    then waited forever for the turn of a cancelled item, and the worker with it (found by a review, 2026-12-02: one
+    try in tens to hundreds with a fast thread switch). A slow cancel makes that moment certain; now nothing is
+    cancelled, and the items already handed to the threads pass their turns unread."""
+    real_cancel = Future.cancel
+
+    def slow_cancel(self: Future[object]) -> bool:
+        time.sleep(0.2)
+        return real_cancel(self)
+
+    monkeypatch.setattr(Future, "cancel", slow_cancel)
+    read: list[str] = []
+
+    def digest(item: Item) -> Hashed:
+        time.sleep(0.02 if item.assignment_id == "a0" else 0.1)  # the others still being read at the stop
+        read.append(item.assignment_id)
+        return item.assignment_id, b"x", hashlib.sha256(b"x").hexdigest()
+
+    job = JobContext("pop", "t", 1, "agg", 1, "ab" * 32, "cd" * 32, {})
+    files = [LocalEnvelope(f"a{i}", tmp_path / "unread", 1) for i in range(20)]
+    inputs = [(f"a{i}", "0" * 64) for i in range(20)]  # a0's hash is not the listed one: the stream is refused
+    asked: list[str] = []
+
+    def keys(key_id: str) -> X25519PrivateKey:
+        asked.append(key_id)
+        return hpke.generate_private_key()
+
+    opener = Opener(inputs, job, keys, WorkerMetrics.create(CollectorRegistry()), digest=digest)
+    outcomes = opener.outcomes(files)
+    assert next(outcomes) is None  # the worker fails the job and stops here
+    closing = threading.Thread(target=outcomes.close, daemon=True)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive(), "the stage did not stop: a thread waits for a turn that never comes"
+    assert sorted(read) == ["a0", "a1", "a2", "a3"]  # those the threads were reading; the queued ones never read
+    assert asked == []
+    # the caller stops after an outcome of its own accord (an error while adding, say): the items queued behind
+    # the threads pass their turns unread too
+    read.clear()
+    listed = [(f"a{i}", hashlib.sha256(b"x").hexdigest()) for i in range(20)]
+    stopped = Opener(listed, job, keys, WorkerMetrics.create(CollectorRegistry()), digest=digest).outcomes(files)
+    assert isinstance(next(stopped), Rejected)  # b"x" is no envelope: rejected, the stream goes on
+    stopped.close()
+    assert {"a5", "a6"}.isdisjoint(read)  # queued at the stop (a4 may have been taken just before it)
+    assert set(read) <= {"a0", "a1", "a2", "a3", "a4"}
 
 
 def _slow(envelope: bytes) -> Callable[[Item], Hashed]:
