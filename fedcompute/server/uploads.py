@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -50,7 +49,6 @@ from fedcompute.store.tasks import TaskRepository
 log = structlog.get_logger("fedcompute.upload")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^uploads/(asg_[A-Za-z0-9_-]+)$")
-LOCK_STRIPES = 256
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,6 @@ class UploadService:
         self._ids = ids
         self._signer = signer
         self._max_bytes = max_bytes
-        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._facts: dict[str, _RoundFacts] = {}  # iteration id -> its facts (immutable once open; bounded)
         self._counts: GroupCommit[tuple[str, Work[bool]], bool] = GroupCommit(partial(each_in_savepoint, db))
 
@@ -155,7 +152,9 @@ class UploadService:
         if first is None:
             raise InvalidArgument("requests", "the write stream was empty")
         upload_id = self._authorize(first.resource_name, first.upload_token)
-        with self._lock_for(upload_id), sole_writer(self._staging, upload_id):
+        # one writer per upload in every process sharing the staging directory, this one included: a second stream
+        # is turned away at once (ABORTED), never queued on a thread for as long as the first one idles
+        with sole_writer(self._staging, upload_id):
             started = self._begin(upload_id, first)
             upload = started.upload
             if upload.status == UploadStatus.COMPLETE:
@@ -163,10 +162,6 @@ class UploadService:
             if first.write_offset != upload.committed_size:
                 raise OffsetMismatch(upload.committed_size, first.write_offset)
             return self._receive(started, chain([first], chunks))
-
-    def _lock_for(self, upload_id: str) -> threading.Lock:
-        """Serializes writes to one upload within this process (striped: memory stays bounded)."""
-        return self._locks[int(hashlib.sha256(upload_id.encode()).hexdigest()[:8], 16) % LOCK_STRIPES]
 
     def _begin(self, upload_id: str, first: WriteChunk) -> _Started:
         """Whether this stream may go on, and from where: a read, no write lock. Nothing is written until the

@@ -489,6 +489,64 @@ def _locked(path: Path) -> bool:
     return any(f.split()[1:3] == ["FLOCK", "ADVISORY"] and f.split()[5].endswith(f":{inode}") for f in lines)
 
 
+def test_a_second_stream_of_an_upload_on_the_same_server_is_turned_away_not_queued(harness: Harness) -> None:
+    """The same server queued a second stream of an upload behind the first, on a lock stripe shared with other
+    uploads, holding a gRPC thread for as long as the first stream idled (a device sending nothing, or one whose
+    broken connection the server had not noticed): sixteen such streams held every thread (found by a review,
+    2026-12-02). Now it gets ABORTED at once, as on another replica, and writes nothing; the first stream, idle
+    meanwhile, then finishes with the declared bytes."""
+    import threading
+
+    from fedcompute.store.blobstores import open_blob_store
+
+    blobs = open_blob_store(harness.suite.settings)
+    go_on = threading.Event()
+    task_id, a, instruction = _ready(harness, report_goal=1)
+    data = sealed(a)
+    half = len(data) // 2
+    metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
+
+    def idle_stream() -> Iterator[upload_pb2.WriteRequest]:
+        yield upload_pb2.WriteRequest(
+            resource_name=instruction.resource_name, upload_token=instruction.upload_token,
+            write_offset=0, data=data[:half], metadata=metadata,
+        )  # fmt: skip
+        go_on.wait(60)  # longer than the second call's deadline: a queued second stream would time out
+        yield upload_pb2.WriteRequest(write_offset=half, data=data[half:], finish_write=True)
+
+    answers: list[upload_pb2.WriteResponse | Exception] = []
+
+    def first() -> None:
+        try:
+            answers.append(harness.uploads.write(idle_stream()))
+        except Exception as exc:  # reported by the assertions below
+            answers.append(exc)
+
+    on_first = threading.Thread(target=first)
+    on_first.start()
+    try:
+        lock = blobs.staging_dir() / f"upload-{a.assignment_id}.lock"
+        wait_for(lambda: _locked(lock), 20, "the first stream to hold the upload")
+        forged = bytes(len(data))
+        with pytest.raises(grpc.RpcError) as info:
+            harness.uploads.write(iter([upload_pb2.WriteRequest(
+                resource_name=instruction.resource_name, upload_token=instruction.upload_token,
+                write_offset=0, data=forged, finish_write=True,
+                metadata=upload_pb2.UploadMetadata(total_size_bytes=len(forged),
+                                                   sha256_hex=hashlib.sha256(forged).hexdigest()),
+            )]))  # fmt: skip
+        assert _code(info) == grpc.StatusCode.ABORTED
+        assert "another stream is writing this upload" in (info.value.details() or "")
+    finally:
+        go_on.set()
+        on_first.join(30)
+    assert len(answers) == 1
+    assert isinstance(answers[0], upload_pb2.WriteResponse)
+    assert answers[0].complete
+    assert harness.iterations(task_id)[0].completed_uploads == 1
+    assert blobs.get(metadata.sha256_hex) == data
+
+
 def test_two_streams_of_one_upload_on_two_replicas_never_write_at_once(harness: Harness) -> None:
     """A device (or one racing itself) streams one upload to replica A and, while that stream is still open, to
     replica B, which shares A's data directory. B's stream gets ABORTED and writes nothing: two writers would
