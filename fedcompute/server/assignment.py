@@ -140,7 +140,7 @@ class AssignmentService:
         """The population's open tasks, read at most every ``OPEN_TASKS_TTL_S`` per process (a deferred read).
         Safe to be a moment stale: admission checks the round's state in its own transaction, so a task just
         closed admits nobody; a task created through this process is seen at once (``forget_open_tasks``), one
-        created through another replica within the TTL. An empty answer is not kept."""
+        created through another replica within the TTL. An empty answer is not kept, and drops what was."""
         now = self._monotonic()
         cached = self._open_cache.get(population)
         if cached is not None and (now - cached[0] < OPEN_TASKS_TTL_S or not self._refreshing.acquire(blocking=False)):
@@ -155,6 +155,8 @@ class AssignmentService:
             self._open_cache.clear()
         if tasks:
             self._open_cache[population] = (now, tasks)
+        else:  # its last task ended: an expired list kept would be handed to callers while another one re-reads
+            self._open_cache.pop(population, None)
         return tasks
 
     def forget_open_tasks(self) -> None:

@@ -8,7 +8,10 @@ admission queued so far and writes them as one; the callers that queued meanwhil
 leader is done (or lead the next batch): ``store.groupcommit``. Slots go first come, first served within a
 batch, and never past the round's ``max_cohort``: the count is taken under the row's lock (or the write lock) in
 the same statement or transaction that adds the assignments. Soft state (``Database.soft_state``): a crash may
-lose a batch whole, never a slot without its assignment.
+lose a batch whole, never a slot without its assignment. A write that fails fails its callers and writes nothing
+of theirs: on SQLite the batch's one transaction, so every caller in it; on Postgres each round's statement is its
+own, so a round's failure reaches only that round's callers, and the rounds written before it stand (their
+callers are told so, not told of another round's error).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from sqlalchemy import insert, select, update
 
 from fedcompute.core.transitions import AssignmentStatus, IterationStatus
 from fedcompute.store.database import Database
-from fedcompute.store.groupcommit import GroupCommit
+from fedcompute.store.groupcommit import Failed, GroupCommit
 from fedcompute.store.history import insert_history
 from fedcompute.store.models import AssignmentRow, IterationRow
 
@@ -63,20 +66,43 @@ class Admission:
 
 
 def write_admissions(db: Database, batch: list[Admission]) -> set[str]:
-    """Take slots for a batch (any rounds, in order): the assignment ids that got one, each with its row."""
+    """Take slots for a batch (any rounds, in order): the assignment ids that got one, each with its row; raises
+    the first round's error if a round's write failed (on Postgres the other rounds' stand: ``admission_outcomes``
+    says which)."""
+    outcomes = admission_outcomes(db, batch)
+    for outcome in outcomes:
+        if isinstance(outcome, Failed):
+            raise outcome.error
+    return {a.assignment_id for a, granted in zip(batch, outcomes, strict=True) if granted is True}
+
+
+def admission_outcomes(db: Database, batch: list[Admission]) -> list[bool | Failed]:
+    """Take slots for a batch (any rounds, in order); each admission's outcome in the batch's order: True (a slot,
+    its row written), False (no slot: the round is full or no longer open), or, on Postgres, ``Failed`` with the
+    error of its round's statement, which wrote nothing (each round's statement is its own: a round written before
+    it stands). On SQLite the batch is one transaction: an error is raised, and nothing of the batch is written."""
     rounds: dict[str, list[Admission]] = {}
     for admission in batch:
         rounds.setdefault(admission.iteration_id, []).append(admission)
     if not db.is_sqlite:
-        granted: set[str] = set()
+        outcome: dict[str, bool | Failed] = {}
         for iteration_id, wanted in rounds.items():
             params = {
                 "iteration_id": iteration_id, "k": len(wanted), "ids": ",".join(a.assignment_id for a in wanted),
                 "now": wanted[-1].at, "open": IterationStatus.OPEN.value,
                 "assigned": AssignmentStatus.ASSIGNED.value,
             }  # fmt: skip
-            granted.update(row[0] for row in db.soft_statement(_ADMIT_POSTGRES, params))
-        return granted
+            try:
+                granted = {row[0] for row in db.soft_statement(_ADMIT_POSTGRES, params)}
+            except Exception as exc:  # this round's callers only: the rounds before it are written and stay so
+                outcome.update((a.assignment_id, Failed(exc)) for a in wanted)
+            else:
+                outcome.update((a.assignment_id, a.assignment_id in granted) for a in wanted)
+        return [outcome[a.assignment_id] for a in batch]
+    return _admit_sqlite(db, rounds, batch)
+
+
+def _admit_sqlite(db: Database, rounds: dict[str, list[Admission]], batch: list[Admission]) -> list[bool | Failed]:
     with db.soft_state() as s:
         connection = s.connection()
         taken: list[Admission] = []
@@ -106,7 +132,8 @@ def write_admissions(db: Database, batch: list[Admission]) -> set[str]:
                 ],
             )  # fmt: skip
             insert_history(connection, [("assignment", a.assignment_id, None, assigned, "", a.at) for a in taken])
-        return {a.assignment_id for a in taken}
+    granted = {a.assignment_id for a in taken}
+    return [a.assignment_id in granted for a in batch]
 
 
 class AdmissionQueue:
@@ -114,9 +141,8 @@ class AdmissionQueue:
     written."""
 
     def __init__(self, db: Database, linger_s: float = ADMISSION_LINGER_S) -> None:
-        def write(batch: list[Admission]) -> list[bool]:
-            granted = write_admissions(db, batch)
-            return [a.assignment_id in granted for a in batch]
+        def write(batch: list[Admission]) -> list[bool | Failed]:
+            return admission_outcomes(db, batch)
 
         self._group: GroupCommit[Admission, bool] = GroupCommit(write, linger_s)
 

@@ -23,6 +23,7 @@ from fedcompute.server.keyring import KeyRing
 from fedcompute.store import admission
 from fedcompute.store.admission import Admission, AdmissionQueue, write_admissions
 from fedcompute.store.database import Database
+from fedcompute.store.groupcommit import Failed
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.models import AssignmentRow, StatusHistoryRow
@@ -132,6 +133,43 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
     assert _stored(db, iteration_id)[0] == 1
 
 
+def test_one_rounds_failure_reaches_only_its_callers_on_postgres_and_fails_the_whole_batch_on_sqlite(
+    db: Database,
+) -> None:
+    """A batch of check-ins for two rounds whose second round's write fails (an assignment id already taken: its
+    insert fails). On Postgres each round's statement is its own: the first round's was committed before the second
+    failed, so its caller is admitted, told so, and only the second round's caller gets the error (found by a
+    review, 2026-12-02: both were told of the error while the first's slot and row stood, held until the sweeper
+    timed it out). On SQLite the batch is one transaction: both fail and nothing is written."""
+    first = _round(db, max_cohort=5, task_id="task_a")
+    second = _round(db, max_cohort=5, task_id="task_b")
+    assert write_admissions(db, [Admission(second, "asg_taken", "task_b", NOW)]) == {"asg_taken"}
+    batch = [Admission(first, "asg_a", "task_a", NOW), Admission(second, "asg_taken", "task_b", NOW)]
+    outcomes: dict[str, object] = {}
+    queue = AdmissionQueue(db)
+
+    def check_in(admitted: Admission) -> Callable[[], None]:
+        def call() -> None:
+            try:
+                outcomes[admitted.assignment_id] = queue.admit(admitted)
+            except Exception as exc:
+                outcomes[admitted.assignment_id] = exc
+
+        return call
+
+    as_one_batch(queue._group, [check_in(a) for a in batch])
+    if db.is_sqlite:
+        assert all(isinstance(o, IntegrityError) for o in outcomes.values())
+        assert _stored(db, first)[:2] == (0, set())
+    else:
+        assert outcomes["asg_a"] is True
+        assert isinstance(outcomes["asg_taken"], psycopg.errors.UniqueViolation)
+        assert _stored(db, first)[:2] == (1, {"asg_a"})
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            write_admissions(db, batch[1:])  # the all-or-raise form raises the failed round's error
+    assert _stored(db, second)[:2] == (1, {"asg_taken"})
+
+
 def test_every_caller_returns_and_batches_form_when_callers_keep_arriving(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,11 +181,13 @@ def test_every_caller_returns_and_batches_form_when_callers_keep_arriving(
     answers: list[bool] = []
     written: list[int] = []
 
-    def counted(db: Database, batch: list[Admission]) -> set[str]:
-        written.append(len(batch))
-        return write_admissions(db, batch)
+    real = admission.admission_outcomes
 
-    monkeypatch.setattr(admission, "write_admissions", counted)  # the real write, its batch sizes noted
+    def counted(db: Database, batch: list[Admission]) -> list[bool | Failed]:
+        written.append(len(batch))
+        return real(db, batch)
+
+    monkeypatch.setattr(admission, "admission_outcomes", counted)  # the real write, its batch sizes noted
 
     def check_in(n: int) -> None:
         answers.append(queue.admit(Admission(iteration_id, f"asg_{n:03d}", "task_a", NOW)))
@@ -197,6 +237,26 @@ def test_an_expired_round_is_read_again_by_one_caller_while_the_others_use_it(db
     assert service._admit(task, set(), key) is not None
     assert len(reads) == 2  # nobody else is reading it: this caller does
     assert _stored(db, iteration_id)[0] == 4
+
+
+def test_a_population_whose_last_task_ended_is_not_served_its_old_task_list(db: Database) -> None:
+    """Once a population's last task has ended, the read that finds no open task drops the cached list: a caller
+    arriving while another one re-reads gets no task (NO_ACTIVE_TASK and its long retry window), not the old list,
+    an extra round read and NO_TASK_AVAILABLE's window ten times shorter, forever (found by a review, 2026-12-02:
+    the expired entry stayed)."""
+    _round(db, max_cohort=100)
+    now = [0.0]
+    service = AssignmentService(
+        db, FakeClock(NOW), RandomIds(), TokenSigner(b"k" * 32), KeyRing([], FakeClock(NOW)), monotonic=lambda: now[0]
+    )
+    assert [t.task_id for t in service._open_tasks("pop")] == ["task_a"]
+    with db.transaction() as s:
+        assert TaskRepository(s).change_status("task_a", TaskStatus.OPEN, TaskStatus.COMPLETED, NOW, "done")
+    assert [t.task_id for t in service._open_tasks("pop")] == ["task_a"]  # cached: at most the TTL stale
+    now[0] = OPEN_TASKS_TTL_S + 1
+    assert service._open_tasks("pop") == []  # expired: read again, none open
+    with service._refreshing:  # another caller re-reading: this one is not handed the old list
+        assert service._open_tasks("pop") == []
 
 
 def test_postgres_admissions_survive_killed_connections_and_dispose_closes_theirs(
