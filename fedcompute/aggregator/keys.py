@@ -85,11 +85,6 @@ class JobKeys:
                     raise
             return self._keys[key_id]
 
-    def material(self) -> bytes:
-        """The private keys obtained so far, in key-id order (noise-key derivation input; never leaves)."""
-        with self._lock:
-            return b"".join(hpke.private_bytes(self._keys[k]) for k in sorted(self._keys))
-
     def _published(self, key_id: str) -> common_pb2.PublicKey:
         for client in self.access.providers:
             try:

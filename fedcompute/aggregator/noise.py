@@ -16,15 +16,12 @@ gives the same samples as asking for k·BLOCK at once.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _TWO_PI = 2.0 * np.pi
 _SCALE = 2.0**-53
@@ -33,14 +30,6 @@ BLOCK = 1 << 16  # samples per block: 2 MiB of keystream
 
 class NoiseSource(Protocol):
     def gaussian(self, count: int, std: float) -> np.ndarray: ...
-
-
-def derive_noise_key(key_material: bytes, policy_sha256_hex: str, round_: int, input_set_sha256_hex: str) -> bytes:
-    """The noise key of one release: HKDF-SHA256 over the population private key(s) the worker rebuilt, bound to
-    (policy, round, input set). Only attested code holding the key can compute it, and a repeated release of the
-    same input set (a retried job) reproduces the same noise, so the two outputs cannot be averaged."""
-    info = b"fedcompute/dp-noise/v1\x00" + policy_sha256_hex.encode() + struct.pack(">Q", round_)
-    return HKDF(hashes.SHA256(), 32, salt=None, info=info + input_set_sha256_hex.encode()).derive(key_material)
 
 
 class ChaChaGaussian:

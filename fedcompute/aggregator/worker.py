@@ -1,10 +1,11 @@
 """The aggregator worker loop: claim a job, verify its task's signed access policy and obey it, stream, open and
-sum its contributions, complete or fail it. Noise is derived from the rebuilt key and (policy, round, input set),
-so a retried job releases a bit-identical output."""
+sum its contributions, complete or fail it. DP noise comes from a fresh key for every job attempt (the OS's
+CSPRNG, inside the attested worker): a retried or replayed job is a new release, charged by every key service."""
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from fedcompute.aggregator.contributions import JobContext, Rejected
 from fedcompute.aggregator.dp import BelowMinimum, DpSum
 from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation_device
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
-from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, Rehearsed, derive_noise_key
+from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, Rehearsed
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
 from fedcompute.aggregator.opener import LocalEnvelope, Opener, local_envelopes
 from fedcompute.clients.typed import AggregationClient, StreamedContribution
@@ -116,6 +117,9 @@ class AggregatorWorker:
         next_extension = time.monotonic() + max(lease_left, 1.0)
         opener = Opener(inputs, context, keys, self._metrics, norms=isinstance(mean, DpSum))
         ahead: tuple[bytes, Rehearsed] | None = None  # the release's noise, drawn during the stream (DP)
+        # this attempt's noise key: fresh, never derived from anything the server chooses or could make repeat
+        # (a repeat of a release with the same noise and another clip norm would cancel the noise exactly)
+        noise_key = secrets.token_bytes(32)
         looked_ahead = False
         try:
             # the next ones are read, hashed, checked (in order) and opened on other threads while this one is added
@@ -127,8 +131,8 @@ class AggregatorWorker:
                     rejections[outcome.reason] += 1
                 elif isinstance(mean, DpSum):
                     mean.add(outcome.update, outcome.metrics, outcome.norm)  # uniform weights: counts would leak
-                    if not looked_ahead:  # a key is known now, and the sum's shape
-                        ahead, looked_ahead = self._noise_ahead(keys, policy_hash, job, mean), True
+                    if not looked_ahead:  # the sum's tensors are known now
+                        ahead, looked_ahead = self._noise_ahead(noise_key, mean), True
                 else:
                     mean.add(outcome.update, float(outcome.num_examples))
                     metrics.add(outcome.metrics, outcome.num_examples)  # under DP metrics are left out
@@ -163,8 +167,7 @@ class AggregatorWorker:
             return
         clip_used = next_clip = 0.0
         if isinstance(mean, DpSum):
-            key = derive_noise_key(keys.material(), policy_hash, job.round, job.input_set_sha256_hex)
-            noise = _drawn_ahead(ahead, key, mean.noise_plan()) or self._noise(key)
+            noise = _drawn_ahead(ahead, noise_key, mean.noise_plan()) or self._noise(noise_key)
             try:
                 update, next_clip = mean.release(noise)
             except BelowMinimum as exc:
@@ -213,15 +216,12 @@ class AggregatorWorker:
             aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
         )
 
-    def _noise_ahead(
-        self, keys: JobKeys, policy_hash: str, job: aggregation_pb2.AggregationJob, mean: DpSum
-    ) -> tuple[bytes, Rehearsed] | None:
-        """Start drawing the release's noise now, under the noise key the keys obtained so far give (a later
-        contribution sealed to another key changes it: ``_drawn_ahead`` then leaves this draw unused)."""
+    def _noise_ahead(self, key: bytes, mean: DpSum) -> tuple[bytes, Rehearsed] | None:
+        """Start drawing the release's noise now, under this attempt's noise key, once the sum's tensors are
+        known (``_drawn_ahead`` checks at the release that its calls are the planned ones)."""
         plan = mean.noise_plan()
         if 8 * sum(count for count, _ in plan) > NOISE_AHEAD_MAX_BYTES:
             return None
-        key = derive_noise_key(keys.material(), policy_hash, job.round, job.input_set_sha256_hex)
         return key, Rehearsed(self._noise(key), plan)
 
     def _fail(self, job: aggregation_pb2.AggregationJob, reason: str, retryable: bool) -> None:

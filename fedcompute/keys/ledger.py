@@ -4,12 +4,16 @@ The rules, applied independently by every provider before its share leaves:
 - the input set is the one the attested worker bound (its digest), names each contribution once, and holds at
   least the policy's ``min_clients`` contributions;
 - releases are pinned per (policy, round), whatever aggregation or job id a request names: the same input set
-  again (a worker that died and retried) is allowed and charged nothing, since the worker derives its DP noise
-  from the key and this input set and so produces a bit-identical output; another input set for the round is
-  allowed only if it shares no contribution with any earlier one (a retried attempt with other devices), so no
-  two releases can be differenced;
-- under DP each new input set is one more Gaussian release, and the policy's accountant must keep ε after it
-  within the policy's budget.
+  again (a worker that died and retried, or a server replaying a job) is allowed, and charged as another release;
+  another input set for the round is allowed only if it shares no contribution with any earlier one (a retried
+  attempt with other devices), so no two releases can be differenced;
+- under DP every release is one more Gaussian release, a repeat too, and the policy's accountant must keep ε
+  after it within the policy's budget. A repeat used to be free, on the ground that the worker's noise, derived
+  from the key and the input set, made its output bit-identical; but the output also depends on what the server
+  writes in the job (the clip norm under adaptive clipping, the model version the contributions are checked
+  against), so two "repeats" with the same noise and another clip norm gave the exact un-noised sum by a linear
+  combination (found by a review, 2026-12-02). The worker now draws fresh noise for every job attempt, and every
+  release is charged.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from fedcompute.keys.keystore import KeysetState, RoundRelease
 
 @dataclass(frozen=True)
 class Decision:
-    repeat: bool  # the same input set as an earlier release of this round: nothing more is charged
+    repeat: bool  # the same input set as an earlier release of this round (charged again all the same)
     releases_charged: int  # DP releases charged to the policy so far, this one included
     epsilon_after: float  # 0 without DP
 
@@ -55,10 +59,9 @@ def decide(
     slot = f"{policy_sha256_hex}|{round_}"
     earlier = state.releases.get(slot, [])
     charged = state.charged.get(policy_sha256_hex, 0)
-    if any(r.input_set_sha256_hex == input_set_sha256_hex for r in earlier):
-        return Decision(True, charged, epsilon_after(charged) if policy.dp else 0.0)
+    repeat = any(r.input_set_sha256_hex == input_set_sha256_hex for r in earlier)
     ids, envelopes = {a for a, _ in inputs}, {e for _, e in inputs}
-    for previous in earlier:
+    for previous in [] if repeat else earlier:
         shared = len(ids & set(previous.assignment_ids)) + len(envelopes & set(previous.envelope_sha256s))
         if shared:
             raise PermissionDenied(
@@ -75,5 +78,6 @@ def decide(
                 f"over the access policy's {policy.dp.epsilon:g}"
             )
         state.charged[policy_sha256_hex] = charged
-    state.releases[slot] = [*earlier, RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))]
-    return Decision(False, charged, eps)
+    if not repeat:
+        state.releases[slot] = [*earlier, RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))]
+    return Decision(repeat, charged, eps)

@@ -172,10 +172,14 @@ def test_devices_refuse_policies_signed_by_too_few_providers_or_below_their_floo
         harness.stop()
 
 
-def test_a_repeated_release_of_the_same_input_set_is_bit_identical_and_free(tmp_path: Path, database_url: str) -> None:
-    """The server replays a finished DP job (as if its worker had died): the key services allow the same input set
-    again without charging it, and the worker's noise, derived from the key and the input set, is the same, so
-    the two outputs are the same bytes and cannot be averaged to strip the noise."""
+def test_a_replayed_release_of_the_same_input_set_is_noised_afresh_and_charged_again(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The server replays a finished DP job (as if its worker had died, or to learn more): the key services allow
+    the same input set again and charge it as another release, and the worker noises it afresh, so the two outputs
+    differ and cost two releases of the budget. Before 2026-12-02 a repeat was free and its noise the same, derived
+    from the key and the input set: with another clip norm written in the replayed job (adaptive clipping), the two
+    outputs combined gave the exact un-noised sum (found by a review)."""
     settings = suite_settings(tmp_path / "w", database_url, upload_retention_s=3600)
     harness = Harness.start(settings)
     try:
@@ -199,7 +203,7 @@ def test_a_repeated_release_of_the_same_input_set_is_bit_identical_and_free(tmp_
                 return conn.execute(select(JobRow.update_sha256).where(JobRow.id == job_id)).scalar_one()
 
         wait_for(lambda: replayed() is not None, 60, "the replayed job")
-        assert replayed() == first  # bit-identical output
+        assert replayed() != first  # noised afresh: nothing to combine the two with to cancel the noise
         engine.dispose()
         assert _releases_logged(harness) > logged
         log = KeyClient(open_channel(harness.suite.key_addresses[0]), 10.0).get_release_log(
@@ -207,7 +211,9 @@ def test_a_repeated_release_of_the_same_input_set_is_bit_identical_and_free(tmp_
         )
         bodies = [json.loads(e.body) for e in log.entries]
         assert bodies[-1]["repeat"] is True
-        assert bodies[-1]["releases_charged"] == bodies[0]["releases_charged"] == 1  # charged once
+        assert bodies[0]["releases_charged"] == 1
+        assert bodies[-1]["releases_charged"] == 2  # the repeat is charged as another release
+        assert bodies[-1]["epsilon_after"] > bodies[0]["epsilon_after"]
     finally:
         harness.stop()
 

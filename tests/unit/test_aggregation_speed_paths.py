@@ -548,4 +548,3 @@ def test_a_jobs_key_is_obtained_once_however_many_threads_open_and_a_failure_is_
         with pytest.raises(KeyUnavailable, match="1 of 3"):
             failure.result()
     assert obtained == ["k", "down"]
-    assert keys.material() == hpke.private_bytes(key)
