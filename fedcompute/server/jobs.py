@@ -7,9 +7,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy.orm import Session
 
 from fedcompute.core import checkpoints
 from fedcompute.core.blobs import BlobMissing, BlobStore
@@ -129,6 +130,9 @@ class JobService:
         with self._db.transaction() as s:
             jobs = JobRepository(s)
             for candidate in jobs.claimable(now):
+                if candidate.status == JobStatus.RUNNING and candidate.attempts >= self._limits.job_attempts:
+                    self._give_up(s, candidate, now)  # every attempt's worker died or hung holding it
+                    continue
                 if jobs.take_lease(candidate, worker_id, self._ids.new_id("lease"), now + self._lease, now):
                     if candidate.status == JobStatus.RUNNING:  # a crashed or stuck worker's lease ran out
                         self._metrics.lease_expiries.inc()
@@ -143,6 +147,25 @@ class JobService:
                     log.info("job_claimed", job_id=job.job_id, worker=worker_id, attempt=job.attempts)
                     return ClaimedJob(job, iteration, task, inputs, TaskRepository(s).plan(task.task_id) or b"")
         return None
+
+    def _give_up(self, s: Session, job: JobRecord, now: datetime) -> None:
+        """A job whose lease ran out on its last allowed attempt (``job_attempts``): failed, not leased again, and its
+        round retried or failed, as ``fail`` does for a worker that reports. Without this a job that kills every
+        worker taking it (too large for their memory, say) was re-leased forever and its round never ended."""
+        if not JobRepository(s).holds_lease(job.job_id, job.lease_id or ""):
+            return  # taken meanwhile (another replica's claim): theirs
+        reason = (
+            f"the job's lease ran out on each of its {job.attempts} attempts (their workers died or hung holding it); "
+            "not leased again"
+        )
+        JobRepository(s).change_status(job.job_id, JobStatus.RUNNING, JobStatus.FAILED, now, reason, error=reason)
+        iterations = IterationRepository(s)
+        iterations.set_note(job.iteration_id, f"aggregation failed: {reason}")
+        iteration = iterations.get(job.iteration_id)
+        assert iteration is not None
+        retry_or_fail_round(s, self._ids, iteration, self._limits.round_attempts, reason, now)
+        self._metrics.lease_expiries.inc()
+        log.warning("job_failed", job_id=job.job_id, reason=reason)
 
     def count_by_status(self) -> dict[str, int]:
         """How many jobs are in each status (the queue-depth gauge, read at scrape time)."""
@@ -185,6 +208,18 @@ class JobService:
             raise DataLoss(f"the envelope of {upload.assignment_id} cannot be read back: {exc}") from None
 
     def complete(self, job_id: str, lease_id: str, result: JobResult) -> str:
+        """Record the job's result under the caller's lease. The lease is checked again in the transaction that
+        records it, its row locked: a worker whose lease ran out and was taken over meanwhile (the decode and the
+        blob's fsync lie between) is refused, never recorded over the new attempt. A repeat of the call under the
+        lease that completed the job (a retry after a lost answer) answers SUCCEEDED again, recording nothing."""
+        with self._db.reading() as s:
+            found = JobRepository(s).get(job_id)
+        if (
+            found is not None
+            and found.status in (JobStatus.SUCCEEDED, JobStatus.APPLIED)
+            and found.lease_id == lease_id
+        ):
+            return JobStatus.SUCCEEDED
         job = self._leased(job_id, lease_id)
         try:
             checkpoints.decode(result.update)
@@ -195,6 +230,8 @@ class JobService:
         update_sha = self._blobs.put(result.update)
         now = self._clock.now()
         with self._db.transaction() as s:
+            if not JobRepository(s).holds_lease(job_id, lease_id):
+                raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
             done = JobRepository(s).change_status(
                 job_id,
                 JobStatus.RUNNING,
@@ -217,11 +254,16 @@ class JobService:
         return JobStatus.SUCCEEDED
 
     def fail(self, job_id: str, lease_id: str, reason: str, retryable: bool) -> str:
+        """Fail the job under the caller's lease: requeued (retryable, attempts left) or failed with its round
+        retried or failed. The lease is checked again in the transaction that changes the job, its row locked: a
+        worker whose lease was taken over meanwhile changes nothing, neither the new attempt nor the round."""
         job = self._leased(job_id, lease_id)
         now = self._clock.now()
         with self._db.transaction() as s:
             jobs = JobRepository(s)
             iterations = IterationRepository(s)
+            if not jobs.holds_lease(job_id, lease_id):
+                raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
             if retryable and job.attempts < self._limits.job_attempts:
                 backoff = min(self._limits.backoff_base_s * 2 ** (job.attempts - 1), self._limits.backoff_max_s)
                 jobs.change_status(

@@ -17,11 +17,15 @@ from sqlalchemy import create_engine, select
 
 from fedcompute.clients.device import upload
 from fedcompute.clients.typed import streamed_contribution
+from fedcompute.core import checkpoints
 from fedcompute.core.blobs import blob_path
+from fedcompute.core.errors import FailedPrecondition
+from fedcompute.core.records import JobRecord
 from fedcompute.keys import hpke
 from fedcompute.rpc import wire
 from fedcompute.rpc.channels import open_channel
 from fedcompute.server.api_workers import encode_contribution
+from fedcompute.server.jobs import JobResult
 from fedcompute.store.models import JobRow
 from fedcompute.v1 import aggregation_pb2, aggregation_pb2_grpc
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -272,3 +276,94 @@ def test_a_waiting_claim_gets_the_job_when_the_round_closes_and_shutdown_release
         assert not answers[0].HasField("job")
     finally:
         harness.stop()
+
+
+def _lease_runs_out(harness: Harness, job_id: str) -> None:
+    """The worker holding the job died or hung: its lease is in the past."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    with harness.suite.server.db.transaction() as s:
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(lease_expiry=datetime.now(UTC) - timedelta(1)))
+
+
+def _result() -> JobResult:
+    return JobResult(checkpoints.encode(checkpoints.initial_weights("digits-linear-v1", seed=0)), 2, 0, {})
+
+
+def test_a_worker_whose_lease_is_taken_over_while_it_completes_or_fails_changes_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker A's lease runs out and worker B claims the job between A's lease check and A's write (A was storing
+    its result's blob, or about to fail the job): A's CompleteJob and FailJob are refused and change nothing, B's
+    attempt goes on and completes, and a repeat of B's CompleteJob (a retry after a lost answer) answers SUCCEEDED
+    again. Before 2026-12-02 the lease was checked in one transaction and the job changed in another: A's result
+    was recorded over B's attempt, or A's failure failed the round under B, discarding B's result (found by a
+    review)."""
+    task_id = _contribute(harness, [sealed, sealed])
+    jobs = harness.suite.server.jobs
+    a = jobs.claim("worker-a")
+    assert a is not None
+    job_id = a.job.job_id
+    taken: list[str] = []
+
+    def taken_over() -> None:
+        _lease_runs_out(harness, job_id)
+        b = jobs.claim("worker-b")
+        assert b is not None
+        taken.append(b.job.lease_id or "")
+
+    real_put = jobs._blobs.put
+
+    def put_then_taken_over(data: bytes) -> str:
+        address = real_put(data)
+        taken_over()
+        return address
+
+    monkeypatch.setattr(jobs._blobs, "put", put_then_taken_over)
+    with pytest.raises(FailedPrecondition, match="not leased under this lease id"):
+        jobs.complete(job_id, a.job.lease_id or "", _result())
+    monkeypatch.setattr(jobs._blobs, "put", real_put)
+    real_leased = jobs._leased
+
+    def leased_then_taken_over(job: str, lease: str) -> JobRecord:
+        found = real_leased(job, lease)
+        taken_over()
+        return found
+
+    monkeypatch.setattr(jobs, "_leased", leased_then_taken_over)
+    with pytest.raises(FailedPrecondition, match="not leased under this lease id"):
+        jobs.fail(job_id, taken[0], "worker-b's own lease, taken over in turn", retryable=False)
+    monkeypatch.setattr(jobs, "_leased", real_leased)
+    assert [i.status for i in harness.iterations(task_id)] == [tm.ITERATION_STATUS_AGGREGATING]
+    latest = taken[-1]
+    assert jobs.complete(job_id, latest, _result()) == "SUCCEEDED"
+    assert jobs.complete(job_id, latest, _result()) == "SUCCEEDED"  # the same call again: answered, not recorded
+    with pytest.raises(FailedPrecondition):
+        jobs.complete(job_id, a.job.lease_id or "", _result())  # not the lease that completed it
+
+
+def test_a_job_whose_lease_runs_out_on_every_attempt_is_failed_not_leased_forever(harness: Harness) -> None:
+    """A job that kills every worker taking it (too large for their memory, say) never reaches FailJob: its lease
+    runs out each time. After ``job_attempts`` leases the next claim fails it and retries its round, instead of
+    leasing it again forever with the round AGGREGATING for good (found by a review, 2026-12-02)."""
+    task_id = _contribute(harness, [sealed, sealed])
+    jobs = harness.suite.server.jobs
+    first = jobs.claim("worker-0")
+    assert first is not None
+    job_id = first.job.job_id
+    for attempt in range(2, jobs._limits.job_attempts + 1):
+        _lease_runs_out(harness, job_id)
+        again = jobs.claim(f"worker-{attempt}")
+        assert again is not None
+        assert (again.job.job_id, again.job.attempts) == (job_id, attempt)
+    _lease_runs_out(harness, job_id)
+    assert jobs.claim("worker-last") is None  # failed, not leased again
+    with harness.suite.server.db.reading() as s:
+        status, error = s.execute(select(JobRow.status, JobRow.error).where(JobRow.id == job_id)).one()
+    assert status == "FAILED"
+    assert "lease ran out" in error
+    statuses = [i.status for i in harness.iterations(task_id)]
+    assert statuses[0] == tm.ITERATION_STATUS_FAILED
+    assert statuses[1:] == [tm.ITERATION_STATUS_OPEN]  # the round's next attempt
