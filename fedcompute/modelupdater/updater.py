@@ -13,7 +13,7 @@ import structlog
 import torch
 
 from fedcompute.core import checkpoints
-from fedcompute.core.blobs import BlobStore
+from fedcompute.core.blobs import BlobCorrupted, BlobMissing, BlobStore
 from fedcompute.core.clock import Clock, IdGenerator
 from fedcompute.core.privacy import DpSpec, epsilon
 from fedcompute.core.records import IterationRecord, JobRecord, ModelVersionRecord, TaskRecord
@@ -85,7 +85,13 @@ class ModelUpdater:
         """Apply every succeeded job, then purge released envelopes; return how many versions were published."""
         with self._db.transaction() as s:
             jobs = JobRepository(s).with_status(JobStatus.SUCCEEDED)
-        published = sum(1 for job in jobs if self.apply(job))
+        published = 0
+        for job in jobs:  # one job's failure is logged and retried next pass; it never holds up another task's
+            try:
+                if self.apply(job):
+                    published += 1
+            except Exception:
+                log.exception("update_not_applied", job_id=job.job_id, task_id=job.task_id)
         now = self._clock.now()
         if self._next_purge is None or now >= self._next_purge:
             self.purge_uploads()
@@ -146,9 +152,12 @@ class ModelUpdater:
             return self._finish_round(job, iteration, task, base.version, None, charge)
         try:
             weights = checkpoints.decode(self._blobs.get(base.checkpoint_sha256))
+        except (BlobMissing, BlobCorrupted) as exc:  # the published model itself: nothing a retried round mends
+            raise RuntimeError(f"the base checkpoint of {job.task_id} v{base.version} cannot be read: {exc}") from exc
+        try:
             update = checkpoints.decode(self._blobs.get(job.update_sha256 or ""))
             new_weights = apply_update(weights, update, task.spec.server_learning_rate)
-        except ValueError as exc:
+        except (ValueError, BlobMissing, BlobCorrupted) as exc:  # a lost or damaged result: the round is retried
             self._discard(job, f"update could not be applied: {exc}")
             return False
         version = base.version + 1

@@ -288,8 +288,9 @@ def _lease_runs_out(harness: Harness, job_id: str) -> None:
         s.execute(update(JobRow).where(JobRow.id == job_id).values(lease_expiry=datetime.now(UTC) - timedelta(1)))
 
 
-def _result() -> JobResult:
-    return JobResult(checkpoints.encode(checkpoints.initial_weights("digits-linear-v1", seed=0)), 2, 0, {})
+def _result(scale: float = 1.0) -> JobResult:
+    weights = checkpoints.initial_weights("digits-linear-v1", seed=0)
+    return JobResult(checkpoints.encode({k: v * scale for k, v in weights.items()}), 2, 0, {})
 
 
 def test_a_worker_whose_lease_is_taken_over_while_it_completes_or_fails_changes_nothing(
@@ -367,3 +368,36 @@ def test_a_job_whose_lease_runs_out_on_every_attempt_is_failed_not_leased_foreve
     statuses = [i.status for i in harness.iterations(task_id)]
     assert statuses[0] == tm.ITERATION_STATUS_FAILED
     assert statuses[1:] == [tm.ITERATION_STATUS_OPEN]  # the round's next attempt
+
+
+def test_a_lost_result_is_discarded_and_holds_up_no_other_task(harness: Harness) -> None:
+    """Task A's aggregated update is gone from the blob store before the model updater applies it (a damaged disk,
+    an orphan sweep racing a retried job); task B's job succeeded after it. The updater discards A's job, retrying
+    its round, and publishes B's version in the same pass. Before 2026-12-02 the missing blob escaped the pass
+    before any later job was looked at, every pass, so no task published again (found by a review)."""
+    from fedcompute.core.clock import RandomIds, SystemClock
+    from fedcompute.modelupdater.updater import ModelUpdater
+
+    harness.suite.loops[0].stop()  # the suite's model updater: this test runs one of its own
+    server, jobs = harness.suite.server, harness.suite.server.jobs
+    tasks: list[str] = []
+    for population in ("pop", "pop-b"):
+        tasks.append(harness.create_task(population, report_goal=2, max_cohort=2, min_clients=1).task_id)
+        for _ in range(2):
+            a = harness.check_in(population).task_assignment
+            upload(harness.uploads, harness.report(a).upload_instruction, sealed(a))
+        claimed = jobs.claim(f"worker-{population}")
+        assert claimed is not None
+        result = _result(scale=2.0 + len(tasks))  # bytes of no other blob (blobs are addressed by their hash)
+        assert jobs.complete(claimed.job.job_id, claimed.job.lease_id or "", result) == "SUCCEEDED"
+        if population == "pop":
+            with server.db.reading() as s:
+                lost = s.execute(select(JobRow.update_sha256).where(JobRow.id == claimed.job.job_id)).scalar_one()
+            server.blobs.delete(lost or "")
+    updater = ModelUpdater(server.db, server.blobs, SystemClock(), RandomIds(), 2)
+    assert updater.run_once() == 1  # B's version
+    assert harness.task(tasks[1]).latest_model_version == 2
+    assert harness.task(tasks[0]).latest_model_version == 1
+    assert [i.status for i in harness.iterations(tasks[0])] == [tm.ITERATION_STATUS_FAILED, tm.ITERATION_STATUS_OPEN]
+    with server.db.reading() as s:
+        assert s.execute(select(JobRow.status).where(JobRow.task_id == tasks[0])).scalar_one() == "FAILED"
