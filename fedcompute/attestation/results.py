@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcompute.core.errors import InvalidArgument
+
 EAR_PROFILE = "tag:github.com,2023:veraison/ear"
 RESULT_LIFETIME = timedelta(minutes=5)
 SUBMOD = "aggregator"
@@ -53,6 +55,15 @@ class ReleaseBinding:
 
     @classmethod
     def of(cls, msg: BindingFields) -> ReleaseBinding:
+        """The binding a request names; ``InvalidArgument`` for a field the digest cannot encode (a negative round,
+        a field over 65,535 bytes), which would otherwise fail as an internal error."""
+        if msg.round < 0:
+            raise InvalidArgument("round", f"must be 0 or more, not {msg.round}")
+        for name in ("recipient_public_key", "key_id", "task_id", "aggregation_id", "aggregation_job_id",
+                     "input_set_sha256_hex", "policy_sha256_hex"):  # fmt: skip
+            value = getattr(msg, name)
+            if len(value if isinstance(value, bytes) else value.encode()) > 0xFFFF:
+                raise InvalidArgument(name, "is over 65,535 bytes")
         return cls(
             msg.recipient_public_key,
             msg.key_id,

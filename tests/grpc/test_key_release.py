@@ -336,3 +336,28 @@ def test_the_dealer_rechecks_a_keyed_population_at_the_housekeeping_interval(tmp
         assert harness.keys.get_public_keys(key_pb2.GetPublicKeysRequest(population_name="dealt")).keys == keys
     finally:
         harness.stop()
+
+
+def test_a_binding_the_digest_cannot_encode_is_invalid_argument_at_the_key_services_and_the_verifier(
+    harness: Harness,
+) -> None:
+    """A negative round or a field over 65,535 bytes cannot be put in the binding's digest (a 64-bit unsigned round,
+    16-bit lengths): refused as INVALID_ARGUMENT naming the field, not failed as an internal error (found by a
+    review, 2026-12-02), by every key service and by the verifier alike."""
+    from fedcompute.clients.typed import VerifierClient
+    from fedcompute.v1 import verifier_pb2
+
+    binding, inputs = _binding(_key_id(harness), _inputs("a", "b"))
+    verifier = VerifierClient(open_channel(harness.suite.settings.verifier_address), 10.0)
+    for field, value, problem in (("round", -1, "must be 0 or more"), ("aggregation_id", "a" * 70_000, "65,535")):
+        odd = {**binding.fields(), field: value}
+        for client in _clients(harness):
+            with pytest.raises(grpc.RpcError) as info:
+                client.release_key_share(key_pb2.ReleaseKeyShareRequest(attestation_result="x", **odd))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert problem in (info.value.details() or "")
+        with pytest.raises(grpc.RpcError) as info:
+            verifier.attest(verifier_pb2.AttestRequest(evidence_format="fedcompute.local-eat.v1", evidence="x", **odd))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert problem in (info.value.details() or "")
+    assert len(inputs) == 2
