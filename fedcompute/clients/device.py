@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -219,7 +220,7 @@ def upload(
     for attempt in Retrying(
         retry=retry_if_exception(_resumable),
         stop=stop,
-        wait=_upload_wait,
+        wait=partial(_upload_wait, deadline_unix=instruction.upload_deadline_unix),
         reraise=True,
     ):
         with attempt:
@@ -252,16 +253,18 @@ def _pushback_s(exc: BaseException) -> float | None:
     for key, value in exc.trailing_metadata() or ():
         if key == RETRY_PUSHBACK_KEY:
             text = value.decode() if isinstance(value, bytes) else value
-            return int(text) / 1000 if text.isdigit() else None
+            return int(text) / 1000 if text.isdigit() and len(text) <= 12 else None  # a hostile server's digits
     return None
 
 
-def _upload_wait(state: RetryCallState) -> float:
-    """The server's pushback when it gave one, else jittered exponential backoff."""
+def _upload_wait(state: RetryCallState, deadline_unix: float = 0.0) -> float:
+    """The server's pushback when it gave one, else jittered exponential backoff; never past the upload deadline
+    (a server asking for a day's wait is not waited for past it: the stop then ends the tries)."""
     backoff = _BACKOFF(state)
     failed = state.outcome.exception() if state.outcome is not None else None
     pushback = _pushback_s(failed) if failed is not None else None
-    return max(backoff, pushback) if pushback is not None else backoff
+    wait = max(backoff, pushback) if pushback is not None else backoff
+    return min(wait, max(deadline_unix - time.time(), 0.0)) if deadline_unix else wait
 
 
 _BACKOFF = wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.05)

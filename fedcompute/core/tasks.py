@@ -17,6 +17,9 @@ PLAN_MEDIA_TYPE = plans.MEDIA_TYPE
 CHECKPOINT_MEDIA_TYPE = "application/vnd.safetensors"
 
 
+MAX_POPULATION_CHARS = 256  # a population's name, at task creation and in every device's request
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     local_epochs: int = 5
@@ -53,6 +56,8 @@ class TaskSpec:
         """Raise ``InvalidArgument`` naming the first bad field."""
         if not self.population_name.strip():
             raise InvalidArgument("spec.population_name", "must not be empty")
+        if len(self.population_name) > MAX_POPULATION_CHARS:
+            raise InvalidArgument("spec.population_name", f"must be at most {MAX_POPULATION_CHARS} characters")
         if self.kind not in plans.KINDS:
             raise InvalidArgument("spec.kind", f"unknown kind {self.kind!r}; known: {', '.join(plans.KINDS)}")
         if self.kind == "evaluation" and self.dp is not None and not self.dp.noise_metrics:

@@ -8,6 +8,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedcompute.core.errors import InvalidArgument
+from fedcompute.core.tasks import MAX_POPULATION_CHARS
 from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.rpc import wire
 from fedcompute.server.assignment import Assignment, AssignmentService, Refusal
@@ -58,6 +59,8 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
     def CreateTaskAssignment(
         self, request: ta.CreateTaskAssignmentRequest, context: grpc.ServicerContext
     ) -> ta.CreateTaskAssignmentResponse:
+        if len(request.population_name) > MAX_POPULATION_CHARS:  # before anything keeps or looks at it
+            raise InvalidArgument("population_name", f"must be at most {MAX_POPULATION_CHARS} characters")
         self._attestor.check(request.population_name, request.device_attestation)
         done = {(p.task_id, p.round) for p in request.recent_participations}
         self._pace.observe(request.population_name)
@@ -71,7 +74,10 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
         return _encode_assignment(outcome)
 
     def ReportResult(self, request: ta.ReportResultRequest, context: grpc.ServicerContext) -> ta.ReportResultResponse:
-        result = ta.ReportResult.Name(request.result).removeprefix("REPORT_RESULT_")
+        try:
+            result = ta.ReportResult.Name(request.result).removeprefix("REPORT_RESULT_")
+        except ValueError:  # proto3 keeps an enum value this server does not know
+            raise InvalidArgument("result", f"{request.result} is not a ReportResult this server knows") from None
         self._metrics.reports.labels(result.lower()).inc()
         outcome = self._service.report(
             request.assignment_id, request.session_token, request.task_id, request.aggregation_id, result

@@ -258,8 +258,12 @@ class AssignmentService:
             reported_at = record.changed_at or now
             if status == AssignmentStatus.ASSIGNED:
                 target = AssignmentStatus.LOCAL_COMPLETED if result == "COMPLETED" else AssignmentStatus.LOCAL_FAILED
-                assignments.change_status(assignment_id, status, target, now, result, result_code=result)
-                status, reported_at = target, now
+                if assignments.change_status(assignment_id, status, target, now, result, result_code=result):
+                    status, reported_at = target, now
+                else:  # changed since the read (the deadline sweeper timed it out, say): answer what it is now
+                    current = assignments.get(assignment_id)
+                    assert current is not None
+                    status, reported_at = current.status, current.changed_at or now
         if status in (AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOADED):
             name = upload_resource_name(assignment_id)
             window = timedelta(seconds=upload_window_s)

@@ -14,7 +14,7 @@ from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.tasks import TaskRepository
 
 _PLAN = re.compile(r"^plans/([A-Za-z0-9_-]+)$")
-_MODEL = re.compile(r"^models/([A-Za-z0-9_-]+)/([0-9]+)$")
+_MODEL = re.compile(r"^models/([A-Za-z0-9_-]+)/([0-9]{1,18})$")  # a version fits a signed 64-bit integer
 
 
 def plan_resource_name(task_id: str) -> str:

@@ -166,3 +166,70 @@ def test_a_device_whose_upload_began_never_takes_the_round_again(harness: Harnes
     assert isinstance(again, Rejected)
     assert again.reason == "NO_TASK_AVAILABLE"
     assert harness.iterations(task.task_id)[0].completed_uploads == 0
+
+
+def test_out_of_range_device_fields_are_invalid_argument_and_kept_nowhere(harness: Harness) -> None:
+    """Fields a device fills as it likes (found by a review, 2026-12-02, each answered INTERNAL or kept in a
+    process cache before): a ReportResult value this server does not know (proto3 keeps it), a model version past
+    a 64-bit integer in a Read, a population name past MAX_POPULATION_CHARS (refused before the attestor or the
+    pacing keep it), a client version past MAX_VERSION_CHARS (out of every range, never parsed or cached)."""
+    from fedcompute.core.tasks import MAX_POPULATION_CHARS
+    from fedcompute.core.versions import MAX_VERSION_CHARS, parse_version
+    from fedcompute.v1 import resource_pb2
+
+    task = harness.create_task()
+    a = harness.check_in().task_assignment
+    for unknown in (99, -1):
+        request = ta.ReportResultRequest(
+            population_name="pop", task_id=a.task_id, aggregation_id=a.aggregation_id,
+            assignment_id=a.assignment_id, session_token=a.session_token, result=unknown,  # type: ignore[arg-type]
+        )  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            harness.assignments.report_result(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "result" in (info.value.details() or "")
+    assert harness.report(a).upload_instruction.resource_name  # the assignment is as it was: it reports fine
+    for version in ("18446744073709551616", "9" * 5000):
+        with pytest.raises(grpc.RpcError) as info:
+            list(harness.resources.read(resource_pb2.ReadRequest(resource_name=f"models/{task.task_id}/{version}")))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        harness.check_in("p" * (MAX_POPULATION_CHARS + 1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "population_name" in (info.value.details() or "")
+    parse_version.cache_clear()
+    long_code = ".".join(["1"] * MAX_VERSION_CHARS)
+    assert _reason(harness.check_in(version=long_code)) == "REJECTION_REASON_CLIENT_VERSION_MISMATCH"
+    assert parse_version.cache_info().currsize <= 1  # the task's bounds at most, never the device's code
+
+
+def test_a_report_that_loses_the_race_with_the_deadline_sweeper_answers_what_the_assignment_is_now(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report reads the assignment ASSIGNED, then the deadline sweeper times it out before the report's
+    compare-and-set (Postgres, read committed): the report answers RESULT_NOT_NEEDED, not an upload grant for an
+    assignment that can no longer upload (found by a review, 2026-12-02: it ignored the compare-and-set's
+    outcome). Played by handing the report a read taken before the sweeper's change."""
+    from dataclasses import replace
+
+    from sqlalchemy import update
+
+    from fedcompute.store.assignments import AssignmentRepository
+    from fedcompute.store.models import AssignmentRow
+
+    harness.create_task()
+    a = harness.check_in().task_assignment
+    with harness.suite.server.db.transaction() as s:
+        s.execute(update(AssignmentRow).where(AssignmentRow.id == a.assignment_id).values(status="TIMED_OUT"))
+    real_get = AssignmentRepository.get
+    reads: list[str] = []
+
+    def stale_first(self: AssignmentRepository, assignment_id: str, lock: bool = False) -> object:
+        found = real_get(self, assignment_id, lock)
+        reads.append(assignment_id)
+        return replace(found, status="ASSIGNED") if len(reads) == 1 and found is not None else found
+
+    monkeypatch.setattr(AssignmentRepository, "get", stale_first)
+    answer = harness.report(a)
+    assert not answer.HasField("upload_instruction")
+    assert common_pb2.RejectionReason.Name(answer.rejection_info.reason) == "REJECTION_REASON_RESULT_NOT_NEEDED"

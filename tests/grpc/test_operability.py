@@ -255,3 +255,36 @@ def test_a_rate_limited_device_upload_waits_out_the_pushback_and_lands(database_
         assert registry.get_sample_value("fedcompute_server_uploads_completed_total") == 1  # and still landed
     finally:
         harness.stop()
+
+
+def test_a_servers_pushback_is_never_waited_past_the_upload_deadline() -> None:
+    """A hostile or misconfigured server answers RESOURCE_EXHAUSTED asking for a day's wait (or for a number of
+    5,000 digits): the reference device waits at most until its upload deadline, then its tries stop (found by a
+    review, 2026-12-02: it would have slept the day, or raised ValueError on the digits)."""
+    import time as clock
+
+    from tenacity import RetryCallState
+
+    from fedcompute.clients.device import _upload_wait
+    from fedcompute.rpc.errors import RETRY_PUSHBACK_KEY
+
+    class Pushed(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+        def __init__(self, millis: str) -> None:
+            self._millis = millis
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def trailing_metadata(self) -> Any:
+            return ((RETRY_PUSHBACK_KEY, self._millis),)
+
+    def waited(millis: str, deadline_unix: float) -> float:
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.set_exception((Pushed, Pushed(millis), None))
+        return _upload_wait(state, deadline_unix=deadline_unix)
+
+    soon = clock.time() + 2.0
+    assert waited("86400000", soon) <= 2.0  # not the day asked for
+    assert waited("86400000", clock.time() - 1) == 0.0  # past the deadline: no wait, the stop ends the tries
+    assert waited("9" * 5000, soon) <= 2.0  # the digits are not parsed: backoff, within the deadline
+    assert waited("300", 0.0) >= 0.3  # no deadline named: the pushback as asked
