@@ -14,11 +14,12 @@ import grpc
 import structlog
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from fedcompute.core.clock import RandomIds
-from fedcompute.core.errors import FedcomputeError
+from fedcompute.core.errors import FedcomputeError, InvalidArgument
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.settings import SettingError, Settings
 from fedcompute.rpc.channels import REQUEST_ID
@@ -56,16 +57,22 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         qualified, _, method = full.lstrip("/").rpartition("/")
         service = qualified.rsplit(".", 1)[-1]
         limiter = self._limiter if qualified in self._limited else None
+        # a unary request is decoded inside the call, not by gRPC: a message protobuf cannot parse (a string that
+        # is not UTF-8, cut short) is then INVALID_ARGUMENT, counted and logged, where gRPC answered INTERNAL
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(handler.unary_unary, service, method, False, limiter),
-                handler.request_deserializer,
+                self._wrap(
+                    _decoded(handler.unary_unary, handler.request_deserializer), service, method, False, limiter
+                ),
+                None,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream, service, method, True, limiter),
-                handler.request_deserializer,
+                self._wrap(
+                    _decoded(handler.unary_stream, handler.request_deserializer), service, method, True, limiter
+                ),
+                None,
                 handler.response_serializer,
             )
         if handler.stream_unary:
@@ -185,6 +192,22 @@ def add_service(
         server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
 
     return add
+
+
+def _decoded(behavior: Behavior, decode: Callable[[bytes], Any] | None) -> Behavior:
+    """``behavior`` called with its request decoded by ``decode`` (as gRPC would have), a message that does not
+    decode refused as ``InvalidArgument``."""
+    if decode is None:
+        return behavior
+
+    def call(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = decode(raw)
+        except DecodeError:
+            raise InvalidArgument("request", "is not a valid protobuf message of this method") from None
+        return behavior(request, context)
+
+    return call
 
 
 def _as_is(encoded: bytes) -> bytes:

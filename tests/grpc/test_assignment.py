@@ -233,3 +233,24 @@ def test_a_report_that_loses_the_race_with_the_deadline_sweeper_answers_what_the
     answer = harness.report(a)
     assert not answer.HasField("upload_instruction")
     assert common_pb2.RejectionReason.Name(answer.rejection_info.reason) == "REJECTION_REASON_RESULT_NOT_NEEDED"
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/fedcompute.v1.TaskAssignmentService/CreateTaskAssignment",
+        "/fedcompute.v1.TaskAssignmentService/ReportResult",
+        "/fedcompute.v1.UploadService/QueryWriteStatus",
+        "/fedcompute.v1.ResourceService/Read",
+    ],
+)
+def test_a_request_protobuf_cannot_parse_is_invalid_argument(harness: Harness, method: str) -> None:
+    """A unary request that is not a valid message of its method (cut short; a string that is not UTF-8) is
+    INVALID_ARGUMENT with a message, counted and logged like any refusal; gRPC's own decoding answered INTERNAL
+    "Exception deserializing request!" (found by a review, 2026-12-02). Write decodes its own requests (test_upload)."""
+    call = open_channel(harness.suite.server_address).unary_unary(method, None, None)  # bytes as they are
+    for bad in (b"\x0a\x05ab", b"\x0a\x02\xc3\x28"):
+        with pytest.raises(grpc.RpcError) as info:
+            call(bad, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid protobuf message" in (info.value.details() or "")
