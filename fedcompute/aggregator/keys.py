@@ -66,6 +66,8 @@ class JobKeys:
     _keys: dict[str, X25519PrivateKey] = field(default_factory=dict)
     _failed: dict[str, Exception] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # this attempt's recipient key, for every key id it asks: the key services charge an attempt once (one output)
+    _ephemeral: X25519PrivateKey = field(default_factory=hpke.generate_private_key)
 
     def __call__(self, key_id: str) -> X25519PrivateKey:
         """The key, obtained once per job however many threads open at once (the worker opens on two): each
@@ -110,7 +112,7 @@ class JobKeys:
                 f"only {len(providers)} of {len(self.access.providers)} key services are reachable, "
                 f"{self.access.threshold} needed; waiting for them to come back"
             )
-        ephemeral = hpke.generate_private_key()
+        ephemeral = self._ephemeral
         binding = ReleaseBinding(
             hpke.public_bytes(ephemeral.public_key()),
             key_id,

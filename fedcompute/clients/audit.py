@@ -122,20 +122,24 @@ def _overlaps(by_round: Mapping[int, list[dict[str, Any]]], report: AuditReport)
 
 
 def _budget(policy: AccessPolicy, entries: list[dict[str, Any]], report: AuditReport) -> float:
-    """The largest ε any provider charged, recomputed from its distinct releases."""
+    """The largest ε any provider charged: from its distinct (round, input set) releases, or the releases it says
+    it charged (``releases_charged``: a further attempt over one input set is charged too), whichever is more."""
     if policy.dp is None:
         return 0.0
     dp = policy.dp
     worst = 0.0
     charged: dict[str, set[tuple[int, str]]] = defaultdict(set)
+    said: dict[str, int] = defaultdict(int)
     for body in entries:
         charged[body["provider_id"]].add((int(body["round"]), body["input_set_sha256"]))
-    for provider, releases in sorted(charged.items()):
-        eps = epsilon(dp.noise_multiplier, dp.sample_rate, len(releases), dp.delta, dp.accountant)
+        said[body["provider_id"]] = max(said[body["provider_id"]], int(body.get("releases_charged", 0)))
+    for provider, distinct in sorted(charged.items()):
+        releases = max(len(distinct), said[provider])
+        eps = epsilon(dp.noise_multiplier, dp.sample_rate, releases, dp.delta, dp.accountant)
         worst = max(worst, eps)
         if eps > dp.epsilon:
             report.findings.append(
-                f"{provider}: {len(releases)} releases cost epsilon {eps:.4g}, over the budget {dp.epsilon:g}"
+                f"{provider}: {releases} releases cost epsilon {eps:.4g}, over the budget {dp.epsilon:g}"
             )
     return worst
 

@@ -44,6 +44,9 @@ class RoundRelease:
     input_set_sha256_hex: str
     assignment_ids: list[str]
     envelope_sha256s: list[str]
+    # the recipient keys (hex) of the aggregation attempts charged for this input set: one attempt (one recipient
+    # key, one output) asking again, for its other key id or after a lost answer, is not charged again
+    recipients: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -4,7 +4,9 @@ The rules, applied independently by every provider before its share leaves:
 - the input set is the one the attested worker bound (its digest), names each contribution once, and holds at
   least the policy's ``min_clients`` contributions;
 - releases are pinned per (policy, round), whatever aggregation or job id a request names: the same input set
-  again (a worker that died and retried, or a server replaying a job) is allowed, and charged as another release;
+  again (a worker that died and retried, or a server replaying a job) is allowed, and charged as another release
+  when it comes from another aggregation attempt (another recipient key, which the attestation result binds: an
+  attempt yields one output, whatever key ids it asks for and however often it asks);
   another input set for the round is allowed only if it shares no contribution with any earlier one (a retried
   attempt with other devices), so no two releases can be differenced;
 - under DP every release is one more Gaussian release, a repeat too, and the policy's accountant must keep ε
@@ -54,12 +56,18 @@ def decide(
     input_set_sha256_hex: str,
     inputs: list[tuple[str, str]],
     epsilon_after: Callable[[int], float],
+    recipient: bytes = b"",
 ) -> Decision:
-    """Decide one release and record it in ``state`` (the caller saves it), or raise why it is refused."""
+    """Decide one release and record it in ``state`` (the caller saves it), or raise why it is refused.
+    ``recipient``: the attempt's recipient public key (bound by its attestation result): an attempt that was
+    charged for this input set is not charged again (its other key ids, a retried call: one output)."""
     slot = f"{policy_sha256_hex}|{round_}"
     earlier = state.releases.get(slot, [])
     charged = state.charged.get(policy_sha256_hex, 0)
-    repeat = any(r.input_set_sha256_hex == input_set_sha256_hex for r in earlier)
+    same = next((r for r in earlier if r.input_set_sha256_hex == input_set_sha256_hex), None)
+    repeat = same is not None
+    if same is not None and recipient.hex() in same.recipients:
+        return Decision(True, charged, epsilon_after(charged) if policy.dp else 0.0)
     ids, envelopes = {a for a, _ in inputs}, {e for _, e in inputs}
     for previous in [] if repeat else earlier:
         shared = len(ids & set(previous.assignment_ids)) + len(envelopes & set(previous.envelope_sha256s))
@@ -78,6 +86,8 @@ def decide(
                 f"over the access policy's {policy.dp.epsilon:g}"
             )
         state.charged[policy_sha256_hex] = charged
-    if not repeat:
-        state.releases[slot] = [*earlier, RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))]
+    if same is None:
+        same = RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))
+        state.releases[slot] = [*earlier, same]
+    same.recipients.append(recipient.hex())
     return Decision(repeat, charged, eps)

@@ -249,7 +249,7 @@ class KeyService:
                 raise PermissionDenied("this attestation result was already used (replay)")
             decision = ledger.decide(
                 state, binding.policy_sha256_hex, policy, binding.round, binding.input_set_sha256_hex, inputs,
-                lambda k: _epsilon(policy, k),
+                lambda k: _epsilon(policy, k), binding.recipient_public_key,
             )  # fmt: skip
             state.used_result_ids = {j: e for j, e in state.used_result_ids.items() if e > now.timestamp()}
             state.used_result_ids[jti] = int(str(claims["exp"]))

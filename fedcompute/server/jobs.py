@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -152,8 +153,8 @@ class JobService:
         """A job whose lease ran out on its last allowed attempt (``job_attempts``): failed, not leased again, and its
         round retried or failed, as ``fail`` does for a worker that reports. Without this a job that kills every
         worker taking it (too large for their memory, say) was re-leased forever and its round never ended."""
-        if not JobRepository(s).holds_lease(job.job_id, job.lease_id or ""):
-            return  # taken meanwhile (another replica's claim): theirs
+        if not JobRepository(s).holds_lease(job.job_id, job.lease_id or "", expired_before=now):
+            return  # taken or extended meanwhile (another replica's claim, a live worker): not ours to end
         reason = (
             f"the job's lease ran out on each of its {job.attempts} attempts (their workers died or hung holding it); "
             "not leased again"
@@ -219,6 +220,8 @@ class JobService:
             and found.status in (JobStatus.SUCCEEDED, JobStatus.APPLIED)
             and found.lease_id == lease_id
         ):
+            if found.update_sha256 != hashlib.sha256(result.update).hexdigest():
+                raise FailedPrecondition(f"job {job_id!r} was completed under this lease with another result")
             return JobStatus.SUCCEEDED
         job = self._leased(job_id, lease_id)
         try:

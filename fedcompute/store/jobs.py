@@ -105,16 +105,16 @@ class JobRepository:
         record_created(self._s, "job", job.job_id, JobStatus.RUNNING, now, reason=f"leased by {owner}")
         return True
 
-    def holds_lease(self, job_id: str, lease_id: str) -> bool:
-        """Whether the job is RUNNING under ``lease_id``, its row locked until the transaction ends (``FOR UPDATE``;
-        SQLite's write transaction holds the whole database): no claim can take the lease over before the caller's
-        change to the job commits."""
-        found = self._s.execute(
-            select(JobRow.id)
-            .where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.lease_id == lease_id)
-            .with_for_update()
-        ).first()
-        return found is not None
+    def holds_lease(self, job_id: str, lease_id: str, expired_before: datetime | None = None) -> bool:
+        """Whether the job is RUNNING under ``lease_id`` (and, with ``expired_before``, that lease ran out before
+        then), its row locked until the transaction ends (``FOR UPDATE``; SQLite's write transaction holds the
+        whole database): no claim or extension changes the lease before the caller's change to the job commits."""
+        query = select(JobRow.id).where(
+            JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.lease_id == lease_id
+        )
+        if expired_before is not None:
+            query = query.where(JobRow.lease_expiry < expired_before)
+        return self._s.execute(query.with_for_update()).first() is not None
 
     def extend_lease(self, job_id: str, lease_id: str, expiry: datetime, now: datetime) -> bool:
         result = self._s.execute(

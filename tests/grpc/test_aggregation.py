@@ -341,6 +341,8 @@ def test_a_worker_whose_lease_is_taken_over_while_it_completes_or_fails_changes_
     latest = taken[-1]
     assert jobs.complete(job_id, latest, _result()) == "SUCCEEDED"
     assert jobs.complete(job_id, latest, _result()) == "SUCCEEDED"  # the same call again: answered, not recorded
+    with pytest.raises(FailedPrecondition, match="another result"):
+        jobs.complete(job_id, latest, _result(scale=2.0))  # not the same call: never answered as if recorded
     with pytest.raises(FailedPrecondition):
         jobs.complete(job_id, a.job.lease_id or "", _result())  # not the lease that completed it
 
@@ -354,11 +356,18 @@ def test_a_job_whose_lease_runs_out_on_every_attempt_is_failed_not_leased_foreve
     first = jobs.claim("worker-0")
     assert first is not None
     job_id = first.job.job_id
+    last = first
     for attempt in range(2, jobs._limits.job_attempts + 1):
         _lease_runs_out(harness, job_id)
         again = jobs.claim(f"worker-{attempt}")
         assert again is not None
         assert (again.job.job_id, again.job.attempts) == (job_id, attempt)
+        last = again
+    _lease_runs_out(harness, job_id)
+    jobs.extend(job_id, last.job.lease_id or "")  # the last worker was alive after all: it extends in time
+    assert jobs.claim("worker-late") is None  # nothing claimable, and its job is not ended under it
+    with harness.suite.server.db.reading() as s:
+        assert s.execute(select(JobRow.status).where(JobRow.id == job_id)).scalar_one() == "RUNNING"
     _lease_runs_out(harness, job_id)
     assert jobs.claim("worker-last") is None  # failed, not leased again
     with harness.suite.server.db.reading() as s:

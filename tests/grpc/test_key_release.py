@@ -361,3 +361,27 @@ def test_a_binding_the_digest_cannot_encode_is_invalid_argument_at_the_key_servi
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert problem in (info.value.details() or "")
     assert len(inputs) == 2
+
+
+def test_an_attempt_is_charged_once_and_another_attempt_over_the_same_input_set_again(harness: Harness) -> None:
+    """Under DP each aggregation attempt yields one output: one attempt (its recipient key, which the attestation
+    result binds) asking again for the same input set, for its other key id in a round that spans a key rotation
+    or after a lost answer, is not charged again; another attempt over the same input set (a retried or replayed
+    job, noised afresh) is charged as the release it is (a review, 2026-12-02, found the first charged twice once
+    every repeat was charged)."""
+    key_id = _key_id(harness)
+    settings = harness.suite.settings
+    dp = PolicyDp(1.0, 2.0, 2, epsilon=50.0, delta=1e-5, accountant="rdp", assumed_population_size=10)
+    policy = AccessPolicy("attempts", "relying", tuple(settings.allowed_measurements), 2, dp, plan_sha256_hex="ef" * 32)
+    admins = operator_key_clients(settings, key_admin_token(settings))
+    register_policy(policy, admins, load_trusted(settings.trusted_providers_path()), settings.threshold)
+    client = _clients(harness)[2]
+    first, inputs = _binding(key_id, policy=policy.sha256_hex())
+    for _ in range(2):  # the same attempt twice: a fresh attestation result each time, the same recipient key
+        _release(client, (first, inputs), _result(harness, first))
+    another = replace(first, recipient_public_key=hpke.public_bytes(hpke.generate_private_key().public_key()))
+    _release(client, (another, inputs), _result(harness, another))
+    log = client.get_release_log(key_pb2.GetReleaseLogRequest())
+    bodies = [json.loads(e.body) for e in log.entries]
+    mine = [b for b in bodies if b["policy_sha256"] == policy.sha256_hex()]
+    assert [(b["repeat"], b["releases_charged"]) for b in mine] == [(False, 1), (True, 1), (True, 2)]
