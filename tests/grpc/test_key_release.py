@@ -207,6 +207,19 @@ def test_unregistered_policies_and_measurements_outside_the_policy_are_refused(h
     _denied_everywhere(harness, bound, _result(harness, bound[0]), "access policy allows")
 
 
+def _dp_policy(harness: Harness, policy_id: str, budget: float, plan_sha256_hex: str) -> AccessPolicy:
+    """A DP access policy of population "relying" (z 1, C 2, min 2 clients, ε budget ``budget``), registered with
+    every key service as the operator does."""
+    settings = harness.suite.settings
+    dp = PolicyDp(1.0, 2.0, 2, epsilon=budget, delta=1e-5, accountant="rdp", assumed_population_size=10)
+    policy = AccessPolicy(
+        policy_id, "relying", tuple(settings.allowed_measurements), 2, dp, plan_sha256_hex=plan_sha256_hex
+    )
+    admins = operator_key_clients(settings, key_admin_token(settings))
+    register_policy(policy, admins, load_trusted(settings.trusted_providers_path()), settings.threshold)
+    return policy
+
+
 def test_dp_budget_is_enforced_by_each_key_service(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each provider charges its own ledger and refuses the release that would pass ε. The accountant (0.1-0.3 s a
     count) runs before the provider's store lock, never under it: every release of the provider waits on that lock."""
@@ -231,11 +244,7 @@ def test_dp_budget_is_enforced_by_each_key_service(harness: Harness, monkeypatch
     monkeypatch.setattr(service_module, "epsilon", watched_epsilon)
     service_module._epsilon_cached.cache_clear()  # another test may have computed these counts in this process
     key_id = _key_id(harness)
-    settings = harness.suite.settings
-    dp = PolicyDp(1.0, 2.0, 2, epsilon=1.1, delta=1e-5, accountant="rdp", assumed_population_size=10)
-    policy = AccessPolicy("tight", "relying", tuple(settings.allowed_measurements), 2, dp, plan_sha256_hex="cd" * 32)
-    admins = operator_key_clients(settings, key_admin_token(settings))
-    register_policy(policy, admins, load_trusted(settings.trusted_providers_path()), settings.threshold)
+    policy = _dp_policy(harness, "tight", 1.1, "cd" * 32)
     client = _clients(harness)[0]
     codes = [
         _attempt(harness, client, _binding(key_id, _inputs(a, b), round_=r, policy=policy.sha256_hex()))
@@ -245,7 +254,7 @@ def test_dp_budget_is_enforced_by_each_key_service(harness: Harness, monkeypatch
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert codes.index(grpc.StatusCode.RESOURCE_EXHAUSTED) == codes.count(grpc.StatusCode.OK)  # none after
     log = client.get_release_log(key_pb2.GetReleaseLogRequest())
-    pinned = load_trusted(settings.trusted_providers_path())[log.provider_id]
+    pinned = load_trusted(harness.suite.settings.trusted_providers_path())[log.provider_id]
     bodies = verify_entries([SignedEntry(e.body, e.signature) for e in log.entries], log.provider_id, pinned)
     charged = [b for b in bodies if b["policy_sha256"] == policy.sha256_hex()]
     assert len(charged) == codes.count(grpc.StatusCode.OK)
@@ -370,11 +379,7 @@ def test_an_attempt_is_charged_once_and_another_attempt_over_the_same_input_set_
     job, noised afresh) is charged as the release it is (a review, 2026-12-02, found the first charged twice once
     every repeat was charged)."""
     key_id = _key_id(harness)
-    settings = harness.suite.settings
-    dp = PolicyDp(1.0, 2.0, 2, epsilon=50.0, delta=1e-5, accountant="rdp", assumed_population_size=10)
-    policy = AccessPolicy("attempts", "relying", tuple(settings.allowed_measurements), 2, dp, plan_sha256_hex="ef" * 32)
-    admins = operator_key_clients(settings, key_admin_token(settings))
-    register_policy(policy, admins, load_trusted(settings.trusted_providers_path()), settings.threshold)
+    policy = _dp_policy(harness, "attempts", 50.0, "ef" * 32)
     client = _clients(harness)[2]
     first, inputs = _binding(key_id, policy=policy.sha256_hex())
     for _ in range(2):  # the same attempt twice: a fresh attestation result each time, the same recipient key
