@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import grpc
 import pytest
 
 from fedcompute.clients.device import upload
+from fedcompute.clients.typed import UploadClient
 from fedcompute.core.blobs import blob_path
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -367,7 +369,6 @@ def test_an_upload_stops_retrying_at_its_deadline(harness: Harness) -> None:
 def test_an_upload_begun_on_one_replica_resumes_on_another(harness: Harness) -> None:
     """Two server replicas on one database and one data directory: resumption does not depend on which
     replica a device reaches."""
-    from fedcompute.clients.typed import UploadClient
     from fedcompute.core.clock import RandomIds, SystemClock
     from fedcompute.core.secrets import token_secret, worker_token
     from fedcompute.rpc.channels import open_channel
@@ -424,8 +425,6 @@ def test_a_stream_writes_its_row_only_when_it_ends_and_none_once_its_round_close
     The operator cancels the task mid-stream; when the stream then finishes (or breaks off), the device gets
     FAILED_PRECONDITION and no upload row is written for the closed round, nothing counted. Beside it, a stream
     broken off in an open round leaves the row with the bytes it committed, to resume from."""
-    import threading
-
     from fedcompute.v1 import task_management_pb2 as tm
 
     task = harness.create_task(report_goal=3, max_cohort=3)
@@ -489,41 +488,55 @@ def _locked(path: Path) -> bool:
     return any(f.split()[1:3] == ["FLOCK", "ADVISORY"] and f.split()[5].endswith(f":{inode}") for f in lines)
 
 
+def _held_open(
+    uploads: UploadClient,
+    instruction: ta.UploadInstruction,
+    data: bytes,
+    metadata: upload_pb2.UploadMetadata,
+    go_on: threading.Event,
+    wait_s: float,
+) -> tuple[threading.Thread, list[upload_pb2.WriteResponse | Exception]]:
+    """A stream of the upload started on a thread of its own: it sends the first half, then holds the stream open
+    until ``go_on`` (at most ``wait_s``) and sends the rest with finish_write; its answer, or error, lands in the
+    list returned."""
+    half = len(data) // 2
+
+    def stream() -> Iterator[upload_pb2.WriteRequest]:
+        yield upload_pb2.WriteRequest(
+            resource_name=instruction.resource_name, upload_token=instruction.upload_token,
+            write_offset=0, data=data[:half], metadata=metadata,
+        )  # fmt: skip
+        go_on.wait(wait_s)
+        yield upload_pb2.WriteRequest(write_offset=half, data=data[half:], finish_write=True)
+
+    answers: list[upload_pb2.WriteResponse | Exception] = []
+
+    def send() -> None:
+        try:
+            answers.append(uploads.write(stream()))
+        except Exception as exc:  # reported by the caller's assertions
+            answers.append(exc)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, answers
+
+
 def test_a_second_stream_of_an_upload_on_the_same_server_is_turned_away_not_queued(harness: Harness) -> None:
     """The same server queued a second stream of an upload behind the first, on a lock stripe shared with other
     uploads, holding a gRPC thread for as long as the first stream idled (a device sending nothing, or one whose
     broken connection the server had not noticed): sixteen such streams held every thread (found by a review,
     2026-12-02). Now it gets ABORTED at once, as on another replica, and writes nothing; the first stream, idle
     meanwhile, then finishes with the declared bytes."""
-    import threading
-
     from fedcompute.store.blobstores import open_blob_store
 
     blobs = open_blob_store(harness.suite.settings)
     go_on = threading.Event()
     task_id, a, instruction = _ready(harness, report_goal=1)
     data = sealed(a)
-    half = len(data) // 2
     metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
-
-    def idle_stream() -> Iterator[upload_pb2.WriteRequest]:
-        yield upload_pb2.WriteRequest(
-            resource_name=instruction.resource_name, upload_token=instruction.upload_token,
-            write_offset=0, data=data[:half], metadata=metadata,
-        )  # fmt: skip
-        go_on.wait(60)  # longer than the second call's deadline: a queued second stream would time out
-        yield upload_pb2.WriteRequest(write_offset=half, data=data[half:], finish_write=True)
-
-    answers: list[upload_pb2.WriteResponse | Exception] = []
-
-    def first() -> None:
-        try:
-            answers.append(harness.uploads.write(idle_stream()))
-        except Exception as exc:  # reported by the assertions below
-            answers.append(exc)
-
-    on_first = threading.Thread(target=first)
-    on_first.start()
+    # idle longer than the second call's deadline: a queued second stream would time out
+    on_first, answers = _held_open(harness.uploads, instruction, data, metadata, go_on, 60.0)
     try:
         lock = blobs.staging_dir() / f"upload-{a.assignment_id}.lock"
         wait_for(lambda: _locked(lock), 20, "the first stream to hold the upload")
@@ -554,9 +567,6 @@ def test_two_streams_of_one_upload_on_two_replicas_never_write_at_once(harness: 
     envelope would fail every verified read, losing the round's aggregation. A's stream then finishes with the
     declared bytes, the blob stored under its hash holds exactly them, and the device's own client, turned away
     by B while A's stream was open, resumes and reports the upload complete."""
-    import threading
-
-    from fedcompute.clients.typed import UploadClient
     from fedcompute.core.clock import RandomIds, SystemClock
     from fedcompute.core.secrets import token_secret, worker_token
     from fedcompute.rpc.channels import open_channel
@@ -570,27 +580,8 @@ def test_two_streams_of_one_upload_on_two_replicas_never_write_at_once(harness: 
     try:
         task_id, a, instruction = _ready(harness, report_goal=1)
         data = sealed(a)
-        half = len(data) // 2
         metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest())
-
-        def slow_stream() -> Iterator[upload_pb2.WriteRequest]:
-            yield upload_pb2.WriteRequest(
-                resource_name=instruction.resource_name, upload_token=instruction.upload_token,
-                write_offset=0, data=data[:half], metadata=metadata,
-            )  # fmt: skip
-            go_on.wait(30)
-            yield upload_pb2.WriteRequest(write_offset=half, data=data[half:], finish_write=True)
-
-        answers: list[upload_pb2.WriteResponse | Exception] = []
-
-        def stream_to_a() -> None:
-            try:
-                answers.append(harness.uploads.write(slow_stream()))
-            except Exception as exc:  # reported by the assertions below
-                answers.append(exc)
-
-        on_a = threading.Thread(target=stream_to_a)
-        on_a.start()
+        on_a, answers = _held_open(harness.uploads, instruction, data, metadata, go_on, 30.0)
         staged = blobs.staging_dir() / f"upload-{a.assignment_id}"
         wait_for(lambda: _locked(staged.with_name(staged.name + ".lock")), 20, "A's stream to hold the upload")
 
