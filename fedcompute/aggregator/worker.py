@@ -116,7 +116,7 @@ class AggregatorWorker:
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3
         next_extension = time.monotonic() + max(lease_left, 1.0)
         opener = Opener(inputs, context, keys, self._metrics, norms=isinstance(mean, DpSum))
-        ahead: tuple[bytes, Rehearsed] | None = None  # the release's noise, drawn during the stream (DP)
+        ahead: Rehearsed | None = None  # the release's noise, drawn during the stream (DP)
         # this attempt's noise key: fresh, never derived from anything the server chooses or could make repeat
         # (a repeat of a release with the same noise and another clip norm would cancel the noise exactly)
         noise_key = secrets.token_bytes(32)
@@ -167,7 +167,7 @@ class AggregatorWorker:
             return
         clip_used = next_clip = 0.0
         if isinstance(mean, DpSum):
-            noise = _drawn_ahead(ahead, noise_key, mean.noise_plan()) or self._noise(noise_key)
+            noise = _drawn_ahead(ahead, mean.noise_plan()) or self._noise(noise_key)
             try:
                 update, next_clip = mean.release(noise)
             except BelowMinimum as exc:
@@ -216,13 +216,13 @@ class AggregatorWorker:
             aggregation_pb2.StreamContributionsRequest(job_id=job.job_id, lease_id=job.lease_id)
         )
 
-    def _noise_ahead(self, key: bytes, mean: DpSum) -> tuple[bytes, Rehearsed] | None:
+    def _noise_ahead(self, key: bytes, mean: DpSum) -> Rehearsed | None:
         """Start drawing the release's noise now, under this attempt's noise key, once the sum's tensors are
         known (``_drawn_ahead`` checks at the release that its calls are the planned ones)."""
         plan = mean.noise_plan()
         if 8 * sum(count for count, _ in plan) > NOISE_AHEAD_MAX_BYTES:
             return None
-        return key, Rehearsed(self._noise(key), plan)
+        return Rehearsed(self._noise(key), plan)
 
     def _fail(self, job: aggregation_pb2.AggregationJob, reason: str, retryable: bool) -> None:
         log.warning("job_failing", job_id=job.job_id, reason=reason, retryable=retryable)
@@ -232,12 +232,10 @@ class AggregatorWorker:
         )
 
 
-def _drawn_ahead(ahead: tuple[bytes, Rehearsed] | None, key: bytes, plan: list[tuple[int, float]]) -> Rehearsed | None:
-    """The noise drawn during the stream, if it was drawn under the release's key for the release's calls: then it
-    is exactly what a source made now would give; otherwise None (it is dropped, never mixed in)."""
-    if ahead is None or ahead[0] != key or ahead[1].plan != plan:
-        return None
-    return ahead[1]
+def _drawn_ahead(ahead: Rehearsed | None, plan: list[tuple[int, float]]) -> Rehearsed | None:
+    """The noise drawn during the stream (under the attempt's one noise key), if drawn for the release's calls:
+    then it is exactly what a source made now would give; otherwise None (it is dropped, never mixed in)."""
+    return ahead if ahead is not None and ahead.plan == plan else None
 
 
 def _faulty_note(providers: set[str]) -> str:

@@ -123,7 +123,7 @@ def test_noise_drawn_ahead_releases_the_same_bytes_as_noise_drawn_at_the_release
     assert np.array_equal(rehearsed.gaussian(9, 1.0), source.gaussian(9, 1.0))
 
 
-def test_noise_drawn_ahead_is_served_only_in_its_order_and_only_under_the_release_key() -> None:
+def test_noise_drawn_ahead_is_served_only_in_its_order_and_only_for_the_release_calls() -> None:
     plan = [(BLOCK, 1.0), (7, 1.0)]
     rehearsed = Rehearsed(ChaChaGaussian(KEY), plan)
     with pytest.raises(ValueError, match="rehearsed call is"):
@@ -131,12 +131,11 @@ def test_noise_drawn_ahead_is_served_only_in_its_order_and_only_under_the_releas
     with pytest.raises(ValueError, match="rehearsed call is"):
         rehearsed.gaussian(BLOCK, 2.0)  # another deviation
     assert np.array_equal(rehearsed.gaussian(BLOCK, 1.0), ChaChaGaussian(KEY).gaussian(BLOCK, 1.0))
-    # the worker uses a draw only if made under the release's own key for the release's own calls
+    # the worker uses a draw (made under the attempt's one noise key) only if made for the release's own calls
     drawn = Rehearsed(ChaChaGaussian(KEY), plan)
-    assert _drawn_ahead((KEY, drawn), KEY, plan) is drawn
-    assert _drawn_ahead((KEY, drawn), bytes(32), plan) is None  # a later contribution brought another key
-    assert _drawn_ahead((KEY, drawn), KEY, [(BLOCK, 1.0), (8, 1.0)]) is None
-    assert _drawn_ahead(None, KEY, plan) is None  # too large to draw ahead: drawn at the release
+    assert _drawn_ahead(drawn, plan) is drawn
+    assert _drawn_ahead(drawn, [(BLOCK, 1.0), (8, 1.0)]) is None
+    assert _drawn_ahead(None, plan) is None  # too large to draw ahead: drawn at the release
 
 
 @settings(max_examples=40, deadline=None)
