@@ -9,13 +9,13 @@ The rules, applied independently by every provider before its share leaves:
   attempt yields one output, whatever key ids it asks for and however often it asks);
   another input set for the round is allowed only if it shares no contribution with any earlier one (a retried
   attempt with other devices), so no two releases can be differenced;
-- under DP every release is one more Gaussian release, a repeat too, and the policy's accountant must keep ε
-  after it within the policy's budget. A repeat used to be free, on the ground that the worker's noise, derived
-  from the key and the input set, made its output bit-identical; but the output also depends on what the server
-  writes in the job (the clip norm under adaptive clipping, the model version the contributions are checked
-  against), so two "repeats" with the same noise and another clip norm gave the exact un-noised sum by a linear
-  combination (found by a review, 2026-12-02). The worker now draws fresh noise for every job attempt, and every
-  release is charged.
+- under DP every attempt's release is one more Gaussian release, a repeat of an input set by another attempt too,
+  and the policy's accountant must keep ε after it within the policy's budget. A repeat used to be free, on the
+  ground that the worker's noise, derived from the key and the input set, made its output bit-identical; but the
+  output also depends on what the server writes in the job (the clip norm under adaptive clipping, the model
+  version the contributions are checked against), so two "repeats" with the same noise and another clip norm gave
+  the exact un-noised sum by a linear combination (found by a review, 2026-12-02). The worker now draws fresh
+  noise for every job attempt, and every attempt is charged.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fedcompute.keys.keystore import KeysetState, RoundRelease
 
 @dataclass(frozen=True)
 class Decision:
-    repeat: bool  # the same input set as an earlier release of this round (charged again all the same)
+    repeat: bool  # the same input set as an earlier release of this round (charged if another attempt's)
     releases_charged: int  # DP releases charged to the policy so far, this one included
     epsilon_after: float  # 0 without DP
 

@@ -159,13 +159,18 @@ class JobService:
             f"the job's lease ran out on each of its {job.attempts} attempts (their workers died or hung holding it); "
             "not leased again"
         )
+        self._fail_for_good(s, job, reason, now)
+        self._metrics.lease_expiries.inc()
+
+    def _fail_for_good(self, s: Session, job: JobRecord, reason: str, now: datetime) -> None:
+        """The job FAILED (its lease the caller's, checked under the row lock) and its round retried, or its task
+        failed after too many attempts."""
         JobRepository(s).change_status(job.job_id, JobStatus.RUNNING, JobStatus.FAILED, now, reason, error=reason)
         iterations = IterationRepository(s)
         iterations.set_note(job.iteration_id, f"aggregation failed: {reason}")
         iteration = iterations.get(job.iteration_id)
         assert iteration is not None
         retry_or_fail_round(s, self._ids, iteration, self._limits.round_attempts, reason, now)
-        self._metrics.lease_expiries.inc()
         log.warning("job_failed", job_id=job.job_id, reason=reason)
 
     def count_by_status(self) -> dict[str, int]:
@@ -178,7 +183,7 @@ class JobService:
         expiry = now + self._lease
         with self._db.transaction() as s:
             if not JobRepository(s).extend_lease(job_id, lease_id, expiry, now):
-                raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
+                raise _not_leased(job_id)
         return int(expiry.timestamp() * 1000)
 
     def _leased(self, job_id: str, lease_id: str) -> JobRecord:
@@ -187,7 +192,7 @@ class JobService:
         if job is None:
             raise NotFound(f"job {job_id!r} does not exist")
         if job.status != JobStatus.RUNNING or job.lease_id != lease_id:
-            raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
+            raise _not_leased(job_id)
         return job
 
     def contributions(self, job_id: str, lease_id: str) -> Iterator[tuple[str, bytes]]:
@@ -234,7 +239,7 @@ class JobService:
         now = self._clock.now()
         with self._db.transaction() as s:
             if not JobRepository(s).holds_lease(job_id, lease_id):
-                raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
+                raise _not_leased(job_id)
             done = JobRepository(s).change_status(
                 job_id,
                 JobStatus.RUNNING,
@@ -266,7 +271,7 @@ class JobService:
             jobs = JobRepository(s)
             iterations = IterationRepository(s)
             if not jobs.holds_lease(job_id, lease_id):
-                raise FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
+                raise _not_leased(job_id)
             if retryable and job.attempts < self._limits.job_attempts:
                 backoff = min(self._limits.backoff_base_s * 2 ** (job.attempts - 1), self._limits.backoff_max_s)
                 jobs.change_status(
@@ -276,10 +281,9 @@ class JobService:
                 iterations.set_note(job.iteration_id, f"waiting to retry aggregation: {reason}")
                 log.warning("job_requeued", job_id=job_id, reason=reason, backoff_s=backoff)
                 return JobStatus.PENDING
-            jobs.change_status(job_id, JobStatus.RUNNING, JobStatus.FAILED, now, reason, error=reason)
-            iterations.set_note(job.iteration_id, f"aggregation failed: {reason}")
-            iteration = iterations.get(job.iteration_id)
-            assert iteration is not None
-            retry_or_fail_round(s, self._ids, iteration, self._limits.round_attempts, reason, now)
-        log.warning("job_failed", job_id=job_id, reason=reason)
+            self._fail_for_good(s, job, reason, now)
         return JobStatus.FAILED
+
+
+def _not_leased(job_id: str) -> FailedPrecondition:
+    return FailedPrecondition(f"job {job_id!r} is not leased under this lease id (expired or taken over)")
