@@ -264,7 +264,14 @@ class JobService:
     def fail(self, job_id: str, lease_id: str, reason: str, retryable: bool) -> str:
         """Fail the job under the caller's lease: requeued (retryable, attempts left) or failed with its round
         retried or failed. The lease is checked again in the transaction that changes the job, its row locked: a
-        worker whose lease was taken over meanwhile changes nothing, neither the new attempt nor the round."""
+        worker whose lease was taken over meanwhile changes nothing, neither the new attempt nor the round. A repeat
+        of the call under the lease it ended (a retry after a lost answer) answers the job's status again, PENDING
+        (requeued) or FAILED, and changes nothing: a requeued job keeps the lease id it was failed under until a
+        claim replaces it."""
+        with self._db.reading() as s:
+            found = JobRepository(s).get(job_id)
+        if found is not None and found.lease_id == lease_id and found.status in (JobStatus.PENDING, JobStatus.FAILED):
+            return found.status
         job = self._leased(job_id, lease_id)
         now = self._clock.now()
         with self._db.transaction() as s:
@@ -276,7 +283,7 @@ class JobService:
                 backoff = min(self._limits.backoff_base_s * 2 ** (job.attempts - 1), self._limits.backoff_max_s)
                 jobs.change_status(
                     job_id, JobStatus.RUNNING, JobStatus.PENDING, now, reason,
-                    lease_id=None, error=reason, not_before=now + timedelta(seconds=backoff),
+                    error=reason, not_before=now + timedelta(seconds=backoff),
                 )  # fmt: skip
                 iterations.set_note(job.iteration_id, f"waiting to retry aggregation: {reason}")
                 log.warning("job_requeued", job_id=job_id, reason=reason, backoff_s=backoff)
