@@ -31,6 +31,7 @@ from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.modelupdater")
 ORPHAN_SWEEP_EVERY = timedelta(minutes=10)
+JOB_PAGE = 10  # succeeded jobs read per look (run_once reads every one, a page at a time)
 
 
 def apply_update(
@@ -82,16 +83,22 @@ class ModelUpdater:
         self._ids = ids
 
     def run_once(self) -> int:
-        """Apply every succeeded job, then purge released envelopes; return how many versions were published."""
-        with self._db.transaction() as s:
-            jobs = JobRepository(s).with_status(JobStatus.SUCCEEDED)
-        published = 0
-        for job in jobs:  # one job's failure is logged and retried next pass; it never holds up another task's
-            try:
-                if self.apply(job):
-                    published += 1
-            except Exception:
-                log.exception("update_not_applied", job_id=job.job_id, task_id=job.task_id)
+        """Apply every succeeded job, then purge released envelopes; return how many versions were published. Every
+        job is looked at, a page (``JOB_PAGE``) at a time: jobs that keep failing (logged, retried next pass) never
+        hold up another task's, however many they are."""
+        published, after = 0, ""
+        while True:
+            with self._db.reading() as s:
+                jobs = JobRepository(s).with_status(JobStatus.SUCCEEDED, JOB_PAGE, after)
+            for job in jobs:
+                try:
+                    if self.apply(job):
+                        published += 1
+                except Exception:
+                    log.exception("update_not_applied", job_id=job.job_id, task_id=job.task_id)
+            if len(jobs) < JOB_PAGE:
+                break
+            after = jobs[-1].job_id
         now = self._clock.now()
         if self._next_purge is None or now >= self._next_purge:
             self.purge_uploads()

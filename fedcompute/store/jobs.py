@@ -81,8 +81,10 @@ class JobRepository:
         query = select(JobRow.status, func.count()).group_by(JobRow.status)
         return {str(status): int(count) for status, count in self._s.execute(query)}
 
-    def with_status(self, status: str, limit: int = 10) -> list[JobRecord]:
-        query = select(JobRow).where(JobRow.status == status).order_by(JobRow.updated_at).limit(limit)
+    def with_status(self, status: str, limit: int = 10, after: str = "") -> list[JobRecord]:
+        """Up to ``limit`` jobs in ``status`` whose id sorts after ``after``, by id: a caller pages through all of
+        them (jobs leaving the status between pages shift nothing, as an offset would)."""
+        query = select(JobRow).where(JobRow.status == status, JobRow.id > after).order_by(JobRow.id).limit(limit)
         return [to_record(r) for r in self._s.scalars(query)]
 
     def take_lease(self, job: JobRecord, owner: str, lease_id: str, expiry: datetime, now: datetime) -> bool:

@@ -347,6 +347,48 @@ def test_a_worker_whose_lease_is_taken_over_while_it_completes_or_fails_changes_
         jobs.complete(job_id, a.job.lease_id or "", _result())  # not the lease that completed it
 
 
+def test_a_failjob_repeated_after_a_lost_answer_is_answered_again_and_changes_nothing(harness: Harness) -> None:
+    """The worker's client retries FailJob (marked idempotent) when its answer is lost. The repeat, under the lease
+    the first call ended, answers the job's status again: PENDING for a requeued job, FAILED for a failed one, and
+    nothing changes (no second requeue, no second round attempt). Once a claim has taken the requeued job, the old
+    lease is refused. Before 2026-12-02 the repeat got FAILED_PRECONDITION, and a worker's retry of a failure that
+    had in fact been recorded ended in an error."""
+    task_id = _contribute(harness, [sealed, sealed])
+    claim = aggregation_pb2.ClaimJobRequest(worker_id="w")
+    first = harness.jobs.claim_job(claim).job
+    again = aggregation_pb2.FailJobRequest(job_id=first.job_id, lease_id=first.lease_id, reason="flaky", retryable=True)
+    assert harness.jobs.fail_job(again).status == aggregation_pb2.JOB_STATUS_PENDING
+    assert harness.jobs.fail_job(again).status == aggregation_pb2.JOB_STATUS_PENDING
+    with harness.suite.server.db.reading() as s:
+        assert s.execute(select(JobRow.status, JobRow.attempts).where(JobRow.id == first.job_id)).one() == (
+            "PENDING", 1,
+        )  # fmt: skip
+    claimed: list[aggregation_pb2.AggregationJob] = []
+
+    def claimed_again() -> bool:  # after its backoff
+        claimed.append(harness.jobs.claim_job(claim).job)
+        return bool(claimed[-1].job_id)
+
+    wait_for(claimed_again, 10, "the job's retry")
+    second = claimed[-1]
+    assert (second.job_id, second.attempt) == (first.job_id, 2)
+    with pytest.raises(grpc.RpcError) as info:
+        harness.jobs.fail_job(again)  # the first lease is over: a claim replaced it
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    final = aggregation_pb2.FailJobRequest(
+        job_id=second.job_id, lease_id=second.lease_id, reason="bad", retryable=False
+    )
+    assert harness.jobs.fail_job(final).status == aggregation_pb2.JOB_STATUS_FAILED
+    assert harness.jobs.fail_job(final).status == aggregation_pb2.JOB_STATUS_FAILED
+    statuses = [i.status for i in harness.iterations(task_id)]
+    assert statuses == [tm.ITERATION_STATUS_FAILED, tm.ITERATION_STATUS_OPEN]  # one retry of the round, not two
+    with pytest.raises(grpc.RpcError) as info:
+        harness.jobs.complete_job(
+            aggregation_pb2.CompleteJobRequest(job_id=second.job_id, lease_id=second.lease_id)
+        )  # a failed job is never completed under the lease that failed it
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_a_job_whose_lease_runs_out_on_every_attempt_is_failed_not_leased_forever(harness: Harness) -> None:
     """A job that kills every worker taking it (too large for their memory, say) never reaches FailJob: its lease
     runs out each time. After ``job_attempts`` leases the next claim fails it and retries its round, instead of
@@ -379,6 +421,24 @@ def test_a_job_whose_lease_runs_out_on_every_attempt_is_failed_not_leased_foreve
     assert statuses[1:] == [tm.ITERATION_STATUS_OPEN]  # the round's next attempt
 
 
+def _succeeded_jobs(harness: Harness, populations: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(task id, job id) of one task per population, each with its round's job SUCCEEDED (results of distinct
+    bytes: blobs are addressed by their hash), the suite's model updater stopped: the test runs one of its own."""
+    harness.suite.loops[0].stop()
+    jobs, done = harness.suite.server.jobs, list[tuple[str, str]]()
+    for population in populations:
+        task_id = harness.create_task(population, report_goal=2, max_cohort=2, min_clients=1).task_id
+        for _ in range(2):
+            a = harness.check_in(population).task_assignment
+            upload(harness.uploads, harness.report(a).upload_instruction, sealed(a))
+        claimed = jobs.claim(f"worker-{population}")
+        assert claimed is not None
+        result = _result(scale=3.0 + len(done))
+        assert jobs.complete(claimed.job.job_id, claimed.job.lease_id or "", result) == "SUCCEEDED"
+        done.append((task_id, claimed.job.job_id))
+    return done
+
+
 def test_a_lost_result_is_discarded_and_holds_up_no_other_task(harness: Harness) -> None:
     """Task A's aggregated update is gone from the blob store before the model updater applies it (a damaged disk,
     an orphan sweep racing a retried job); task B's job succeeded after it. The updater discards A's job, retrying
@@ -387,26 +447,45 @@ def test_a_lost_result_is_discarded_and_holds_up_no_other_task(harness: Harness)
     from fedcompute.core.clock import RandomIds, SystemClock
     from fedcompute.modelupdater.updater import ModelUpdater
 
-    harness.suite.loops[0].stop()  # the suite's model updater: this test runs one of its own
-    server, jobs = harness.suite.server, harness.suite.server.jobs
-    tasks: list[str] = []
-    for population in ("pop", "pop-b"):
-        tasks.append(harness.create_task(population, report_goal=2, max_cohort=2, min_clients=1).task_id)
-        for _ in range(2):
-            a = harness.check_in(population).task_assignment
-            upload(harness.uploads, harness.report(a).upload_instruction, sealed(a))
-        claimed = jobs.claim(f"worker-{population}")
-        assert claimed is not None
-        result = _result(scale=2.0 + len(tasks))  # bytes of no other blob (blobs are addressed by their hash)
-        assert jobs.complete(claimed.job.job_id, claimed.job.lease_id or "", result) == "SUCCEEDED"
-        if population == "pop":
-            with server.db.reading() as s:
-                lost = s.execute(select(JobRow.update_sha256).where(JobRow.id == claimed.job.job_id)).scalar_one()
-            server.blobs.delete(lost or "")
+    server = harness.suite.server
+    (a_task, a_job), (b_task, _) = _succeeded_jobs(harness, ("pop", "pop-b"))
+    with server.db.reading() as s:
+        lost = s.execute(select(JobRow.update_sha256).where(JobRow.id == a_job)).scalar_one()
+    server.blobs.delete(lost or "")
     updater = ModelUpdater(server.db, server.blobs, SystemClock(), RandomIds(), 2)
     assert updater.run_once() == 1  # B's version
-    assert harness.task(tasks[1]).latest_model_version == 2
-    assert harness.task(tasks[0]).latest_model_version == 1
-    assert [i.status for i in harness.iterations(tasks[0])] == [tm.ITERATION_STATUS_FAILED, tm.ITERATION_STATUS_OPEN]
+    assert harness.task(b_task).latest_model_version == 2
+    assert harness.task(a_task).latest_model_version == 1
+    assert [i.status for i in harness.iterations(a_task)] == [tm.ITERATION_STATUS_FAILED, tm.ITERATION_STATUS_OPEN]
     with server.db.reading() as s:
-        assert s.execute(select(JobRow.status).where(JobRow.task_id == tasks[0])).scalar_one() == "FAILED"
+        assert s.execute(select(JobRow.status).where(JobRow.task_id == a_task)).scalar_one() == "FAILED"
+
+
+def test_jobs_that_keep_failing_to_apply_hold_up_no_other_task_however_many(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Succeeded jobs whose apply keeps raising (a fault no retry mends, here one that fills every page but the
+    last: pages of one job) stay SUCCEEDED and are logged; every pass still reaches the job after them. Before
+    2026-12-02 the updater read the first 10 succeeded jobs only: ten jobs failing for good stopped every task."""
+    from fedcompute.core.clock import RandomIds, SystemClock
+    from fedcompute.modelupdater import updater as updater_module
+
+    server = harness.suite.server
+    succeeded = sorted(_succeeded_jobs(harness, ("pop", "pop-b", "pop-c")), key=lambda done: done[1])
+    stuck = {job_id for _, job_id in succeeded[:2]}  # the first pages, in the order the updater reads them
+    monkeypatch.setattr(updater_module, "JOB_PAGE", 1)
+    updater = updater_module.ModelUpdater(server.db, server.blobs, SystemClock(), RandomIds(), 2)
+    real_apply = updater.apply
+
+    def apply(job: JobRecord) -> bool:
+        if job.job_id in stuck:
+            raise RuntimeError("the base checkpoint cannot be read")
+        return real_apply(job)
+
+    monkeypatch.setattr(updater, "apply", apply)
+    assert updater.run_once() == 1  # the third task's version, past two pages that failed
+    assert updater.run_once() == 0  # the next pass looks at the stuck jobs again, and publishes nothing twice
+    assert [harness.task(task_id).latest_model_version for task_id, _ in succeeded] == [1, 1, 2]
+    with server.db.reading() as s:
+        statuses = {job_id: status for job_id, status in s.execute(select(JobRow.id, JobRow.status))}
+    assert sorted(statuses[job_id] for job_id in stuck) == ["SUCCEEDED", "SUCCEEDED"]
