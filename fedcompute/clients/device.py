@@ -136,15 +136,17 @@ class Device:
         try:
             plan = plans.parse(download(self.resources, assignment.plan))
             programs.check_program(plan.program)
-        except InvalidArgument:  # a plan this device cannot run: never loaded, reported as an error
-            self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_FAILED_OPS_ERROR))
-            return Participated(assignment.task_id, assignment.round, False)
+        except (InvalidArgument, IntegrityError):  # a plan this device cannot run, or not the one declared
+            return self._failed(assignment)
         data = (self.examples or ShardStore({"digits": self.data})).select(plan.example_selector)
         if data is None or len(data) == 0:
             self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_NOT_ELIGIBLE))
             return Participated(assignment.task_id, assignment.round, False)
-        weights = checkpoints.decode(download(self.resources, assignment.checkpoint))
-        result = train_local(plan, weights, data, seed=self.rng.randrange(2**31))
+        try:
+            weights = checkpoints.decode(download(self.resources, assignment.checkpoint))
+            result = train_local(plan, weights, data, seed=self.rng.randrange(2**31))
+        except (ValueError, InvalidArgument, IntegrityError):  # not the checkpoint declared, or not one its model loads
+            return self._failed(assignment)
         report = self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_COMPLETED))
         if not report.HasField("upload_instruction"):
             return Participated(assignment.task_id, assignment.round, False)
@@ -160,6 +162,12 @@ class Device:
                 return Participated(assignment.task_id, assignment.round, False)
             raise
         return Participated(assignment.task_id, assignment.round, True)
+
+    def _failed(self, assignment: task_assignment_pb2.TaskAssignment) -> Participated:
+        """A resource the device will not use (never loaded past its check): reported as an error, so the server
+        frees the slot now rather than at the local-compute deadline; nothing was sent, the round is not done."""
+        self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_FAILED_OPS_ERROR))
+        return Participated(assignment.task_id, assignment.round, False)
 
     def _rejected(self, info: common_pb2.RejectionInfo) -> Rejected:
         low = info.retry_window.delay_min.ToNanoseconds() / 1e9
@@ -194,12 +202,23 @@ def context_of(a: task_assignment_pb2.TaskAssignment) -> ContributionContext:
 
 
 def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
-    """Read a resource in chunks and verify its size and sha256 against the assignment's declaration."""
-    parts = [r.data for r in client.read(resource_pb2.ReadRequest(resource_name=resource.resource_name))]
-    data = b"".join(parts)
-    if len(data) != resource.size_bytes or hashlib.sha256(data).hexdigest() != resource.sha256_hex:
+    """Read a resource in chunks and verify its size and sha256 against the assignment's declaration. A server
+    that sends more than the declared size is cut off at once (the stream cancelled): the device never holds more
+    than it was told to expect."""
+    stream = client.read(resource_pb2.ReadRequest(resource_name=resource.resource_name))
+    parts, size, digest = [], 0, hashlib.sha256()
+    for response in stream:
+        size += len(response.data)
+        if size > resource.size_bytes:
+            cancel = getattr(stream, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise IntegrityError(f"{resource.resource_name} is longer than its declared {resource.size_bytes} bytes")
+        digest.update(response.data)
+        parts.append(response.data)
+    if size != resource.size_bytes or digest.hexdigest() != resource.sha256_hex:
         raise IntegrityError(f"{resource.resource_name} does not match its declared size and sha256")
-    return data
+    return b"".join(parts)
 
 
 def upload(

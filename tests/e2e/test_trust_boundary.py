@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -353,5 +354,46 @@ def test_the_worker_refuses_a_plan_the_policy_does_not_name(tmp_path: Path) -> N
         )
         versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions
         assert [v.version for v in versions] == [1]
+    finally:
+        harness.stop()
+
+
+def test_a_device_served_a_checkpoint_other_than_the_declared_one_reports_an_error_and_goes_on(
+    tmp_path: Path,
+) -> None:
+    """After a device's honest turn, the server serves, under the model resource its assignments declare, bytes
+    other than those declared: longer (cut off as soon as the stream passes the declared size, never held whole),
+    or as long but different. Each time the device loads nothing, reports an error (its slot freed at once, not at
+    the deadline), uploads nothing and returns. Before 2026-12-02 the integrity error escaped ``participate``
+    without a report, ending a simulated fleet's device thread for good, and a download was held whole before its
+    size was checked."""
+    from fedcompute.clients.device import IntegrityError, download
+    from fedcompute.store.models import AssignmentRow, ModelVersionRow
+
+    database_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url), aggregator=False)
+    try:
+        task = harness.create_task(POP, report_goal=3, max_cohort=20)
+        request = tm.ListModelVersionsRequest(task_id=task.task_id)
+        declared = harness.operators.list_model_versions(request).versions[0].checkpoint
+        outcome = _device(harness).participate()
+        assert isinstance(outcome, Participated)
+        assert outcome.uploaded  # the same device code, served the declared bytes
+        honest = download(harness.resources, declared)
+        longer = harness.suite.server.blobs.put(honest + bytes(3 * 1024 * 1024))  # chunks past the declared size
+        altered = harness.suite.server.blobs.put(bytes(len(honest)))
+        for blob, problem in ((longer, "longer than its declared"), (altered, "does not match its declared")):
+            row = ModelVersionRow.task_id == task.task_id
+            served = update(ModelVersionRow).where(row).values(checkpoint_sha256=blob)
+            _as_server(database_url, partial(Connection.execute, statement=served))
+            with pytest.raises(IntegrityError, match=problem):
+                download(harness.resources, declared)
+            outcome = _device(harness).participate()
+            assert isinstance(outcome, Participated)
+            assert not outcome.uploaded
+        with harness.suite.server.db.reading() as s:
+            found = s.execute(select(AssignmentRow.status).where(AssignmentRow.task_id == task.task_id)).scalars()
+            statuses = sorted(found)
+        assert statuses == ["LOCAL_FAILED", "LOCAL_FAILED", "UPLOADED"]  # reported, not left to time out
     finally:
         harness.stop()
