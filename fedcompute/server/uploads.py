@@ -31,7 +31,7 @@ from fedcompute.core.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from fedcompute.core.files import UncachedAppender
+from fedcompute.core.files import UncachedAppender, fsync_directory
 from fedcompute.core.records import UploadRecord
 from fedcompute.core.transitions import AssignmentStatus, UploadStatus
 from fedcompute.keys.envelope import check_envelope, read_envelope_header
@@ -210,7 +210,11 @@ class UploadService:
         row lock, not the round's (whatever closes the round marks the assignment LATE or CANCELED under the
         round's lock and then abandons its upload row, so either it did so before, seen here, or it waits for this
         commit). Soft unless ``durable``: losing it only makes the device send those bytes again. False if the
-        assignment no longer wants its upload (nothing written)."""
+        assignment no longer wants its upload (nothing written). A stream from offset 0 may have created the
+        staging file: its directory is fsynced first, so that a power cut cannot lose the file's name while the row
+        says its bytes are committed (a finished upload's file is renamed into the blob store, fsynced there)."""
+        if start == 0:
+            fsync_directory(self._staging)
         with self._db.transaction() if durable else self._db.soft_state() as s:
             assignment = AssignmentRepository(s).get(started.upload.upload_id, lock=True)
             if assignment is None or assignment.status not in (

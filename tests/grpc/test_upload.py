@@ -617,3 +617,31 @@ def test_two_streams_of_one_upload_on_two_replicas_never_write_at_once(harness: 
     finally:
         go_on.set()
         other.stop()
+
+
+def test_a_staged_file_is_named_durably_before_its_progress_is_recorded(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream from offset 0 that stops short creates the staging file and records its committed size. The
+    file's bytes are fsynced, and its directory is too, before the row records them: after a power cut the file's
+    name is still there for the resume the row promises (DATA_LOSS, a full resend, otherwise). Before 2026-12-02
+    only the bytes were fsynced. A resume from the middle creates nothing and fsyncs no directory."""
+    from fedcompute.server import uploads
+
+    _, a, instruction = _ready(harness)
+    data = sealed(a)
+    upload_id = instruction.resource_name.removeprefix("uploads/")
+    synced: list[tuple[Path, list[tuple[str, int]]]] = []
+    from fedcompute.core.files import fsync_directory as real
+
+    def fsync_directory(directory: Path) -> None:
+        real(directory)
+        synced.append((directory, _uploads_rows(harness.suite.settings.database_url, upload_id)))
+
+    monkeypatch.setattr(uploads, "fsync_directory", fsync_directory)
+    _write(harness, instruction, data[:100], declared=data, finish=False)
+    staging = harness.suite.server.blobs.staging_dir()
+    assert synced == [(staging, [])]  # before the row that records the 100 bytes was written
+    assert _uploads_rows(harness.suite.settings.database_url, upload_id) == [("IN_PROGRESS", 100)]
+    _write(harness, instruction, data[100:200], offset=100, declared=data, finish=False)
+    assert len(synced) == 1
