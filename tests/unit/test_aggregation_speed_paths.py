@@ -43,6 +43,7 @@ from fedcompute.aggregator.opener import (
 )
 from fedcompute.aggregator.opener import read_and_hash as _digest
 from fedcompute.aggregator.worker import _drawn_ahead
+from fedcompute.attestation.results import ReleaseBinding
 from fedcompute.core import checkpoints
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.prefetch import prefetched
@@ -50,7 +51,7 @@ from fedcompute.core.settings import Settings
 from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys import hpke
 from fedcompute.keys.envelope import seal_contribution
-from fedcompute.v1 import aggregation_pb2
+from fedcompute.v1 import aggregation_pb2, common_pb2
 
 KEY = bytes(range(32))
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -547,3 +548,32 @@ def test_a_jobs_key_is_obtained_once_however_many_threads_open_and_a_failure_is_
         with pytest.raises(KeyUnavailable, match="1 of 3"):
             failure.result()
     assert obtained == ["k", "down"]
+
+
+def test_an_attempt_asks_every_key_id_for_one_recipient_key_and_the_next_attempt_for_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key services charge an aggregation attempt once, by its recipient key (bound by its attestation result):
+    so one attempt (one ``JobKeys``) binds the same recipient key into the release of every key id it needs (a round
+    spanning a key rotation), and the next attempt a fresh one, charged again as the new output it is. The network
+    steps (the published key, attestation) are replaced by ones that record the binding and stop there."""
+    bound: list[tuple[int, str, bytes]] = []
+    access = KeyAccess(providers=[], trusted={}, threshold=0, verifier=None, evidence=lambda nonces: "")  # type: ignore[arg-type]
+
+    def attest(self: JobKeys, binding: ReleaseBinding) -> str:
+        bound.append((id(self), binding.key_id, binding.recipient_public_key))
+        raise KeyUnavailable("stopped after the binding")
+
+    monkeypatch.setattr(JobKeys, "_published", lambda self, key_id: common_pb2.PublicKey(key_id=key_id))
+    monkeypatch.setattr(JobKeys, "_attest", attest)
+    attempts = [JobKeys(access, aggregation_pb2.AggregationJob(job_id="job_x"), "ab" * 32, []) for _ in range(2)]
+    for keys in attempts:
+        for key_id in ("old", "rotated"):
+            with pytest.raises(KeyUnavailable):
+                keys(key_id)
+    assert [(key_id, attempt) for attempt, key_id, _ in bound] == [
+        ("old", id(attempts[0])), ("rotated", id(attempts[0])), ("old", id(attempts[1])), ("rotated", id(attempts[1])),
+    ]  # fmt: skip
+    recipients = [recipient for _, _, recipient in bound]
+    assert recipients[0] == recipients[1] != recipients[2] == recipients[3]
+    assert all(len(r) == 32 for r in recipients)
