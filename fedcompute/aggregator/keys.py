@@ -41,6 +41,11 @@ class KeyRefused(Exception):
     """Key services refused the release under their ledger (policy, input set, budget): retrying cannot help."""
 
 
+class BudgetExhausted(KeyRefused):
+    """A key service refused the release because the task's privacy budget is spent (RESOURCE_EXHAUSTED): no
+    later attempt of this task can be released either."""
+
+
 REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
 
 
@@ -128,7 +133,8 @@ class JobKeys:
         shares, errors, refused = self._collect(providers, binding, result, result_id, ephemeral)
         needed = self.access.threshold
         if len(shares) < needed and refused:
-            raise KeyRefused(f"key services refused to release a share: {'; '.join(errors)}")
+            refusal = BudgetExhausted if grpc.StatusCode.RESOURCE_EXHAUSTED in refused else KeyRefused
+            raise refusal(f"key services refused to release a share: {'; '.join(errors)}")
         if len(shares) < needed:
             raise KeyUnavailable(
                 f"only {len(shares)} of {len(self.access.providers)} key services released a share, "
@@ -158,7 +164,9 @@ class JobKeys:
         result: str,
         result_id: str,
         ephemeral: X25519PrivateKey,
-    ) -> tuple[dict[str, tuple[int, bytes]], list[str], bool]:
+    ) -> tuple[dict[str, tuple[int, bytes]], list[str], set[grpc.StatusCode]]:
+        """The shares that verified, what went wrong with the others, and the refusals among those (``REFUSALS``:
+        a key service's ledger said no)."""
         request = key_pb2.ReleaseKeyShareRequest(
             attestation_result=result,
             inputs=[common_pb2.InputRef(assignment_id=a, envelope_sha256_hex=e) for a, e in self.inputs],
@@ -166,13 +174,14 @@ class JobKeys:
         )
         shares: dict[str, tuple[int, bytes]] = {}
         errors: list[str] = []
-        refused = False
+        refused: set[grpc.StatusCode] = set()
         for client in providers:
             try:
                 reply = client.release_key_share(request)
             except grpc.RpcError as exc:
                 errors.append(f"{exc.code().name}: {exc.details()}")
-                refused = refused or exc.code() in REFUSALS
+                if exc.code() in REFUSALS:
+                    refused.add(exc.code())
                 continue
             share = self._open(reply, binding, result_id, ephemeral)
             if share is None:

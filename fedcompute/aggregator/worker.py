@@ -18,7 +18,7 @@ import torch
 from fedcompute.aggregator.contributions import JobContext, Rejected
 from fedcompute.aggregator.dp import BelowMinimum, DpSum
 from fedcompute.aggregator.fedavg import MetricMean, StreamingMean, accumulation_device
-from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused, KeyUnavailable
+from fedcompute.aggregator.keys import BudgetExhausted, JobKeys, KeyAccess, KeyRefused, KeyUnavailable
 from fedcompute.aggregator.noise import ChaChaGaussian, NoiseSource, Rehearsed
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
 from fedcompute.aggregator.opener import LocalEnvelope, Opener, local_envelopes
@@ -142,7 +142,7 @@ class AggregatorWorker:
                     )
                     next_extension = time.monotonic() + max(lease_left, 1.0)
         except KeyRefused as exc:
-            self._fail(job, str(exc), retryable=False)
+            self._fail(job, str(exc), retryable=False, budget_exhausted=isinstance(exc, BudgetExhausted))
             return
         except KeyUnavailable as exc:
             self._fail(job, str(exc), retryable=True)
@@ -224,12 +224,17 @@ class AggregatorWorker:
             return None
         return Rehearsed(self._noise(key), plan)
 
-    def _fail(self, job: aggregation_pb2.AggregationJob, reason: str, retryable: bool) -> None:
+    def _fail(
+        self, job: aggregation_pb2.AggregationJob, reason: str, retryable: bool, budget_exhausted: bool = False
+    ) -> None:
         log.warning("job_failing", job_id=job.job_id, reason=reason, retryable=retryable)
         self._metrics.jobs.labels("failed").inc()
         self._jobs.fail_job(
-            aggregation_pb2.FailJobRequest(job_id=job.job_id, lease_id=job.lease_id, reason=reason, retryable=retryable)
-        )
+            aggregation_pb2.FailJobRequest(
+                job_id=job.job_id, lease_id=job.lease_id, reason=reason, retryable=retryable,
+                budget_exhausted=budget_exhausted,
+            )
+        )  # fmt: skip
 
 
 def _drawn_ahead(ahead: Rehearsed | None, plan: list[tuple[int, float]]) -> Rehearsed | None:

@@ -26,7 +26,7 @@ from fedcompute.store.jobs import JobRepository
 from fedcompute.store.ledger import Charge, LedgerRepository
 from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.references import referenced_blobs
-from fedcompute.store.rounds import next_cohort, retry_or_fail_round
+from fedcompute.store.rounds import exhaust_budget, next_cohort, retry_or_fail_round
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.modelupdater")
@@ -251,15 +251,9 @@ class ModelUpdater:
             f"publishing round {iteration.round} would bring ε to {charge.epsilon:.4g}, "
             f"over the budget {task.spec.dp.target_epsilon:g}; nothing was released"
         )
-        now = self._clock.now()
         with self._db.transaction() as s:
-            JobRepository(s).change_status(job.job_id, JobStatus.SUCCEEDED, JobStatus.FAILED, now, reason, error=reason)
-            IterationRepository(s).change_status(
-                iteration.iteration_id, IterationStatus.AGGREGATING, IterationStatus.FAILED, now, reason
-            )
-            TaskRepository(s).change_status(task.task_id, TaskStatus.OPEN, TaskStatus.BUDGET_EXHAUSTED, now, reason)
+            exhaust_budget(s, job.job_id, JobStatus.SUCCEEDED, iteration.iteration_id, reason, self._clock.now())
         self._metrics.failed_rounds.inc()
-        log.warning("privacy_budget_exhausted", task_id=task.task_id, epsilon=charge.epsilon)
 
     def _discard(self, job: JobRecord, reason: str) -> None:
         """Fail the job; a round still aggregating is retried (or its task failed after too many attempts)."""

@@ -112,7 +112,9 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServiceServicer):
 
     def FailJob(self, request: pb.FailJobRequest, context: grpc.ServicerContext) -> pb.FailJobResponse:
         require_bearer(context, self._token)
-        status = self._jobs.fail(request.job_id, request.lease_id, request.reason, request.retryable)
+        status = self._jobs.fail(
+            request.job_id, request.lease_id, request.reason, request.retryable, request.budget_exhausted
+        )
         return pb.FailJobResponse(status=_status(status))
 
 

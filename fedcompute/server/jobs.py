@@ -25,7 +25,7 @@ from fedcompute.store.assignments import UploadRepository
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
-from fedcompute.store.rounds import retry_or_fail_round
+from fedcompute.store.rounds import exhaust_budget, retry_or_fail_round
 from fedcompute.store.tasks import TaskRepository
 
 log = structlog.get_logger("fedcompute.jobs")
@@ -261,13 +261,14 @@ class JobService:
         self._on_succeeded()
         return JobStatus.SUCCEEDED
 
-    def fail(self, job_id: str, lease_id: str, reason: str, retryable: bool) -> str:
+    def fail(self, job_id: str, lease_id: str, reason: str, retryable: bool, budget_exhausted: bool = False) -> str:
         """Fail the job under the caller's lease: requeued (retryable, attempts left) or failed with its round
         retried or failed. The lease is checked again in the transaction that changes the job, its row locked: a
         worker whose lease was taken over meanwhile changes nothing, neither the new attempt nor the round. A repeat
         of the call under the lease it ended (a retry after a lost answer) answers the job's status again, PENDING
         (requeued) or FAILED, and changes nothing: a requeued job keeps the lease id it was failed under until a
-        claim replaces it."""
+        claim replaces it. ``budget_exhausted`` (the key services refused the release for the task's privacy
+        budget): the round is failed and the task ends BUDGET_EXHAUSTED, no attempt reopened."""
         with self._db.reading() as s:
             found = JobRepository(s).get(job_id)
         if found is not None and found.lease_id == lease_id and found.status in (JobStatus.PENDING, JobStatus.FAILED):
@@ -279,6 +280,10 @@ class JobService:
             iterations = IterationRepository(s)
             if not jobs.holds_lease(job_id, lease_id):
                 raise _not_leased(job_id)
+            if budget_exhausted:
+                reason = f"the key services refused the release, the task's privacy budget spent: {reason}"
+                exhaust_budget(s, job_id, JobStatus.RUNNING, job.iteration_id, reason, now)
+                return JobStatus.FAILED
             if retryable and job.attempts < self._limits.job_attempts:
                 backoff = min(self._limits.backoff_base_s * 2 ** (job.attempts - 1), self._limits.backoff_max_s)
                 jobs.change_status(

@@ -16,7 +16,7 @@ from fedcompute.core.clock import IdGenerator
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.records import IterationRecord
 from fedcompute.core.tasks import TaskSpec
-from fedcompute.core.transitions import AssignmentStatus, IterationStatus, TaskStatus
+from fedcompute.core.transitions import AssignmentStatus, IterationStatus, JobStatus, TaskStatus
 from fedcompute.store.assignments import AssignmentRepository, UploadRepository
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.jobs import JobRepository
@@ -89,3 +89,22 @@ def retry_or_fail_round(
     cohort = next_cohort(session, task.spec, iteration.iteration_id)
     iterations.open(ids, task.task_id, iteration.round, attempt, base, task.spec, now, iteration.clip_norm, cohort)
     log.warning("round_reopened", task_id=task.task_id, round=iteration.round, attempt=iteration.attempt + 1)
+
+
+def exhaust_budget(
+    session: Session, job_id: str, job_status: str, iteration_id: str, reason: str, now: datetime
+) -> bool:
+    """The task's privacy budget is spent (the server's own ledger, or a key service's refusal): the job (in
+    ``job_status``) and its round FAILED, the task BUDGET_EXHAUSTED, no attempt reopened (none could be released).
+    False, and nothing changed, if the job was no longer in ``job_status``."""
+    if not JobRepository(session).change_status(job_id, job_status, JobStatus.FAILED, now, reason, error=reason):
+        return False
+    iterations = IterationRepository(session)
+    iterations.change_status(iteration_id, IterationStatus.AGGREGATING, IterationStatus.FAILED, now, reason)
+    iteration = iterations.get(iteration_id)
+    if iteration is not None:
+        TaskRepository(session).change_status(
+            iteration.task_id, TaskStatus.OPEN, TaskStatus.BUDGET_EXHAUSTED, now, reason
+        )
+        log.warning("privacy_budget_exhausted", task_id=iteration.task_id, reason=reason)
+    return True

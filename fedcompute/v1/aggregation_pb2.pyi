@@ -411,11 +411,17 @@ class FailJobRequest(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    BUDGET_EXHAUSTED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     lease_id: _builtins.str
     reason: _builtins.str
     retryable: _builtins.bool
     """Leave the job for a later attempt (true) or fail the round (false)."""
+    budget_exhausted: _builtins.bool
+    """The key services refused the release because the task's privacy budget is spent (RESOURCE_EXHAUSTED from
+    their ledgers): no later attempt can be released, so the round fails and the task ends BUDGET_EXHAUSTED
+    instead of retrying. Implies retryable = false.
+    """
     def __init__(
         self,
         *,
@@ -423,10 +429,11 @@ class FailJobRequest(_message.Message):
         lease_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         retryable: _builtins.bool = ...,
+        budget_exhausted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease_id", b"lease_id", "reason", b"reason", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exhausted", b"budget_exhausted", "job_id", b"job_id", "lease_id", b"lease_id", "reason", b"reason", "retryable", b"retryable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

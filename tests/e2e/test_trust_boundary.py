@@ -397,3 +397,53 @@ def test_a_device_served_a_checkpoint_other_than_the_declared_one_reports_an_err
         assert statuses == ["LOCAL_FAILED", "LOCAL_FAILED", "UPLOADED"]  # reported, not left to time out
     finally:
         harness.stop()
+
+
+def test_a_release_the_key_services_refuse_for_the_budget_ends_the_task_budget_exhausted_at_once(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The key services charge every aggregation attempt, the server's ledger only published versions: a replayed
+    job (or a worker that died after its release) leaves the key services' count ahead. The task's budget here
+    covers two releases (ε 0.40 of 0.44; a third would be 0.48). Round 1 is published, then replayed (the key
+    services' second charge), so round 2, which the server's own ledger allows, is refused by the key services
+    (RESOURCE_EXHAUSTED). The worker says why (FailJob.budget_exhausted) and the task ends BUDGET_EXHAUSTED at once,
+    round 2 failed and not reopened. Before 2026-12-02 the round was reopened until its attempts ran out and the
+    task ended FAILED: each attempt had devices upload again for a release that could never be made."""
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url, upload_retention_s=3600))
+    try:
+        config = tm.DpConfig(
+            enabled=True, target_epsilon=0.44, target_delta=1e-5, assumed_population_size=1000,
+            noise_multiplier=0.6, l2_clip_norm=0.5,
+        )  # fmt: skip
+        task = harness.create_task(POP, rounds=2, report_goal=2, max_cohort=3, dp=config)
+        for _ in range(2):
+            contribute(harness, POP)
+        wait_for(lambda: harness.task(task.task_id).current_round == 2, 60, "round 1 published")
+        engine = create_engine(database_url)
+        with engine.begin() as conn:
+            job_id = conn.execute(select(JobRow.id)).scalar_one()
+            conn.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(status="PENDING", lease_id=None, lease_expiry=None, not_before=None, update_sha256=None)
+            )
+
+        def replayed() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(select(JobRow.update_sha256).where(JobRow.id == job_id)).scalar_one() is not None
+
+        wait_for(replayed, 60, "the replayed job")  # released again: the key services' second charge
+        engine.dispose()
+        for _ in range(2):
+            contribute(harness, POP)
+        wait_for(lambda: harness.task(task.task_id).status != tm.TASK_STATUS_OPEN, 60, "round 2's end")
+        final = harness.task(task.task_id)
+        assert final.status == tm.TASK_STATUS_BUDGET_EXHAUSTED
+        assert "privacy budget" in final.status_reason
+        assert "RESOURCE_EXHAUSTED" in final.status_reason
+        assert final.latest_model_version == 2  # round 2 was not published
+        assert [i.status for i in harness.iterations(task.task_id)] == [
+            tm.ITERATION_STATUS_COMPLETED, tm.ITERATION_STATUS_FAILED,
+        ]  # fmt: skip
+    finally:
+        harness.stop()
