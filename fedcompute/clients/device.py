@@ -257,11 +257,16 @@ def upload(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+# the upload may go on from its committed size: the server was away, the bytes were damaged in transit, another
+# stream of it was still open, or the server cancelled a stream that had gone quiet (``upload_idle_s``)
+_RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+)
+
+
 def _resumable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and (
-        exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED)
-        or _offset_hint(exc)
-        or _pushback_s(exc) is not None
+        exc.code() in _RESUMABLE or _offset_hint(exc) or _pushback_s(exc) is not None
     )
 
 

@@ -35,6 +35,7 @@ class ServerMetrics:
     timeouts: Counter
     contributions: Counter
     lease_expiries: Counter
+    idle_uploads: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ServerMetrics:
@@ -57,6 +58,11 @@ class ServerMetrics:
             ),
             Counter(
                 f"{p}_job_lease_expiries", "Aggregation job leases that expired and were taken over.", registry=reg
+            ),
+            Counter(
+                f"{p}_upload_streams_idle_cancelled",
+                "Upload streams cancelled because their device sent nothing for UPLOAD_IDLE_S.",
+                registry=reg,
             ),
         )
 

@@ -148,6 +148,11 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         exception's text (SQL, host names); the traceback goes to the log under that id."""
         if _aborted(context):
             raise exc  # context.abort() already set the status; this is its own exception unwinding
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            # the call was cancelled (by its client, its deadline, or ``rpc.idle``) while the handler read its
+            # requests: nothing can be sent; gRPC knows this error as its own and ends the call without a trace
+            bound.info("rpc_cancelled")
+            raise exc
         error_id = _ids.new_id("err")
         code = grpc.StatusCode.UNAVAILABLE if unreachable(exc) else grpc.StatusCode.INTERNAL
         bound.error("rpc_failed", code=code.name, error_id=error_id, exc_info=exc)
@@ -164,7 +169,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         elapsed = time.perf_counter() - started
         self._metrics.in_flight.labels(service, method).dec()
         code_obj = context.code() if hasattr(context, "code") else None
-        code = code_obj.name if isinstance(code_obj, grpc.StatusCode) else "OK"
+        code = code_obj.name if isinstance(code_obj, grpc.StatusCode) else "OK" if context.is_active() else "CANCELLED"
         self._metrics.handled.labels(service, method, code).inc()
         self._metrics.latency.labels(service, method).observe(elapsed)
         bound.info("rpc_handled", code=code, ms=round(elapsed * 1000, 2))

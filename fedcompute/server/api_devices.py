@@ -11,6 +11,7 @@ from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.tasks import MAX_POPULATION_CHARS
 from fedcompute.core.telemetry import ServerMetrics
 from fedcompute.rpc import wire
+from fedcompute.rpc.idle import IdleStreams
 from fedcompute.server.assignment import Assignment, AssignmentService, Refusal
 from fedcompute.server.device_attestation import AcceptEveryDevice, DeviceAttestor
 from fedcompute.server.encoding import checkpoint_resource, duration, plan_resource
@@ -142,9 +143,10 @@ class UploadServicer:
     """UploadService (registered with ``add_service``: its Write reads the messages as received, not the generated
     servicer's parsed WriteRequests)."""
 
-    def __init__(self, service: UploadService, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, service: UploadService, idle_s: float, metrics: ServerMetrics | None = None) -> None:
         self._service = service
         self._metrics = metrics or ServerMetrics.create()
+        self._idle = IdleStreams(idle_s, self._metrics.idle_uploads.inc)  # a quiet stream must not hold a thread
 
     def _chunks(self, requests: Iterator[bytes]) -> Iterator[WriteChunk]:
         for raw in requests:
@@ -153,8 +155,10 @@ class UploadServicer:
             yield chunk
 
     def Write(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> upload_pb2.WriteResponse:
-        """Each WriteRequest arrives as received (``DECODED_HERE``) and is read by ``write_chunk``."""
-        status = self._service.write(self._chunks(request_iterator))
+        """Each WriteRequest arrives as received (``DECODED_HERE``) and is read by ``write_chunk``. Cancelled if the
+        device sends nothing for ``upload_idle_s`` (``rpc.idle``): what it committed is kept for its resume."""
+        with self._idle.watching(context) as timed:
+            status = self._service.write(self._chunks(timed(request_iterator)))
         if status.complete:
             self._metrics.uploads.inc()
         return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=status.complete)

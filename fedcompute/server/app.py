@@ -137,7 +137,7 @@ def build_server(
         ),
         (
             add_service(upload, decoded=UPLOADS_DECODED_HERE),  # its chunks read as views of the messages
-            UploadServicer(uploads, metrics),
+            UploadServicer(uploads, settings.upload_idle_s, metrics),
             upload.full_name,
         ),
         (

@@ -645,3 +645,58 @@ def test_a_staged_file_is_named_durably_before_its_progress_is_recorded(
     assert _uploads_rows(harness.suite.settings.database_url, upload_id) == [("IN_PROGRESS", 100)]
     _write(harness, instruction, data[100:200], offset=100, declared=data, finish=False)
     assert len(synced) == 1
+
+
+def test_upload_streams_left_quiet_are_cancelled_and_free_the_servers_threads(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A server of four gRPC threads; four Write streams are opened and go quiet: one after committing 100 bytes,
+    three before their first message (no token needed to hold a thread that long). Each is cancelled once it has
+    sent nothing for ``upload_idle_s`` (0.5 s), and counted; a check-in made meanwhile is answered, and the first
+    upload resumes from its 100 committed bytes. Before 2026-12-02 such streams held their threads for as long as
+    their clients' deadlines allowed: four of them stopped every call to this server (sixteen, the default)."""
+    settings = suite_settings(
+        tmp_path / "w", database_url, max_upload_bytes=64 * 1024, upload_idle_s=0.5, worker_threads=4
+    )
+    harness = Harness.start(settings, aggregator=False)
+    quiet = threading.Event()
+    try:
+        task_id, a, instruction = _ready(harness, report_goal=1)
+        data = sealed(a)
+        first = upload_pb2.WriteRequest(
+            resource_name=instruction.resource_name, upload_token=instruction.upload_token, data=data[:100],
+            metadata=upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=hashlib.sha256(data).hexdigest()),
+        )  # fmt: skip
+
+        def stream(sent: list[upload_pb2.WriteRequest]) -> Iterator[upload_pb2.WriteRequest]:
+            yield from sent
+            quiet.wait()  # then nothing more, until the test ends
+
+        codes: list[grpc.StatusCode] = []
+
+        def write(sent: list[upload_pb2.WriteRequest]) -> None:
+            try:
+                harness.uploads.write(stream(sent))
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+        threads = [threading.Thread(target=write, args=(sent,)) for sent in ([first], [], [], [])]
+        for thread in threads:
+            thread.start()
+        threading.Event().wait(0.2)  # every thread of the server is held by a quiet stream
+        harness.create_task("other", report_goal=2, max_cohort=3)
+        assert harness.check_in("other").HasField("task_assignment")  # answered once the streams were cancelled
+        for thread in threads:
+            thread.join(timeout=10)
+        assert codes == [grpc.StatusCode.CANCELLED] * 4
+        # kept for the device's resume (recorded as the handler ends, a moment after the device was told)
+        wait_for(lambda: _status(harness, instruction).committed_size == 100, 10, "the committed bytes")
+        assert upload(harness.uploads, instruction, data).complete
+        assert harness.iterations(task_id)[0].completed_uploads == 1
+        registry = harness.suite.server.registry
+        assert registry.get_sample_value("fedcompute_server_upload_streams_idle_cancelled_total") == 4
+        handled = {"service": "UploadService", "method": "Write", "code": "CANCELLED"}  # each handler's last step
+        wait_for(lambda: registry.get_sample_value("fedcompute_server_rpcs_handled_total", handled) == 4, 10)
+    finally:
+        quiet.set()
+        harness.stop()
