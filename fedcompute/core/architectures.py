@@ -7,6 +7,7 @@ hyperparameters) and initialises its weights from the task's seed. Nothing else 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,17 +65,23 @@ def get_architecture(arch_id: str) -> Architecture:
         raise KeyError(f"unknown built-in model {arch_id!r}; known: {known} (or send a plan)") from None
 
 
+_SEEDED = threading.Lock()
+
+
 def build_model(arch_id: str, seed: int | None = None) -> nn.Module:
-    """Build a fresh built-in model; with ``seed`` its initial weights are reproducible (global RNG untouched)."""
+    """Build a fresh built-in model; with ``seed`` its initial weights are reproducible (global RNG untouched).
+    Seeded builds take turns (``_SEEDED``): the layers draw their weights from torch's one global generator, so two
+    threads building at once (two CreateTask calls) interleaved their draws, and each got weights of neither seed."""
     arch = get_architecture(arch_id)
     if seed is None:
         return arch.builder()
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return arch.builder()
-    finally:
-        torch.random.set_rng_state(gen_state)
+    with _SEEDED:
+        gen_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            return arch.builder()
+        finally:
+            torch.random.set_rng_state(gen_state)
 
 
 def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -104,3 +104,17 @@ def test_a_poked_loop_runs_its_next_step_now_not_after_its_interval() -> None:
         assert steps.acquire(timeout=10)
     finally:
         loop.stop()
+
+
+def test_seeded_initial_weights_are_the_seeds_even_when_built_on_many_threads_at_once() -> None:
+    """The server builds a task's initial model from its seed on the gRPC thread of its CreateTask. The layers
+    draw from torch's one global generator, so builds on several threads at once interleaved their draws and each
+    got weights of no seed (found 2026-12-02, by a test building two results at once). They now take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = {seed: checkpoints.initial_weights("digits-mlp-v1", seed) for seed in range(4)}
+    seeds = [i % 4 for i in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        built = list(pool.map(lambda seed: checkpoints.initial_weights("digits-mlp-v1", seed), seeds))
+    for seed, weights in zip(seeds, built, strict=True):
+        assert all(torch.equal(weights[name], expected[seed][name]) for name in expected[seed])
