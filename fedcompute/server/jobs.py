@@ -219,15 +219,8 @@ class JobService:
         blob's fsync lie between) is refused, never recorded over the new attempt. A repeat of the call under the
         lease that completed the job (a retry after a lost answer) answers SUCCEEDED again, recording nothing."""
         with self._db.reading() as s:
-            found = JobRepository(s).get(job_id)
-        if (
-            found is not None
-            and found.status in (JobStatus.SUCCEEDED, JobStatus.APPLIED)
-            and found.lease_id == lease_id
-        ):
-            if found.update_sha256 != hashlib.sha256(result.update).hexdigest():
-                raise FailedPrecondition(f"job {job_id!r} was completed under this lease with another result")
-            return JobStatus.SUCCEEDED
+            if _completed_before(JobRepository(s).get(job_id), lease_id, result):
+                return JobStatus.SUCCEEDED
         job = self._leased(job_id, lease_id)
         try:
             checkpoints.decode(result.update)
@@ -239,6 +232,8 @@ class JobService:
         now = self._clock.now()
         with self._db.transaction() as s:
             if not JobRepository(s).holds_lease(job_id, lease_id):
+                if _completed_before(JobRepository(s).get(job_id), lease_id, result):
+                    return JobStatus.SUCCEEDED  # a repeat that overlapped the call that completed it
                 raise _not_leased(job_id)
             done = JobRepository(s).change_status(
                 job_id,
@@ -270,15 +265,16 @@ class JobService:
         claim replaces it. ``budget_exhausted`` (the key services refused the release for the task's privacy
         budget): the round is failed and the task ends BUDGET_EXHAUSTED, no attempt reopened."""
         with self._db.reading() as s:
-            found = JobRepository(s).get(job_id)
-        if found is not None and found.lease_id == lease_id and found.status in (JobStatus.PENDING, JobStatus.FAILED):
-            return found.status
+            if before := _failed_before(JobRepository(s).get(job_id), lease_id):
+                return before
         job = self._leased(job_id, lease_id)
         now = self._clock.now()
         with self._db.transaction() as s:
             jobs = JobRepository(s)
             iterations = IterationRepository(s)
             if not jobs.holds_lease(job_id, lease_id):
+                if before := _failed_before(jobs.get(job_id), lease_id):
+                    return before  # a repeat that overlapped the call that failed it (a retry after a deadline)
                 raise _not_leased(job_id)
             if budget_exhausted:
                 reason = f"the key services refused the release, the task's privacy budget spent: {reason}"
@@ -295,6 +291,23 @@ class JobService:
                 return JobStatus.PENDING
             self._fail_for_good(s, job, reason, now)
         return JobStatus.FAILED
+
+
+def _completed_before(found: JobRecord | None, lease_id: str, result: JobResult) -> bool:
+    """Whether ``found`` was completed under ``lease_id`` (then a CompleteJob under it is a repeat): with this
+    result, True; with another, refused."""
+    if found is None or found.lease_id != lease_id or found.status not in (JobStatus.SUCCEEDED, JobStatus.APPLIED):
+        return False
+    if found.update_sha256 != hashlib.sha256(result.update).hexdigest():
+        raise FailedPrecondition(f"job {found.job_id!r} was completed under this lease with another result")
+    return True
+
+
+def _failed_before(found: JobRecord | None, lease_id: str) -> str:
+    """``found``'s status if a FailJob under ``lease_id`` ended its attempt (requeued or failed), else ""."""
+    if found is not None and found.lease_id == lease_id and found.status in (JobStatus.PENDING, JobStatus.FAILED):
+        return found.status
+    return ""
 
 
 def _not_leased(job_id: str) -> FailedPrecondition:

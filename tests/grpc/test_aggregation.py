@@ -26,6 +26,7 @@ from fedcompute.rpc import wire
 from fedcompute.rpc.channels import open_channel
 from fedcompute.server.api_workers import encode_contribution
 from fedcompute.server.jobs import JobResult
+from fedcompute.store.jobs import JobRepository
 from fedcompute.store.models import JobRow
 from fedcompute.v1 import aggregation_pb2, aggregation_pb2_grpc
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -389,6 +390,47 @@ def test_a_failjob_repeated_after_a_lost_answer_is_answered_again_and_changes_no
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.parametrize("call", ["fail", "complete"])
+def test_a_repeat_overlapping_the_call_it_repeats_gets_the_same_answer(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """The worker's client retries FailJob and CompleteJob after a deadline, so the repeat can arrive while the
+    first call still waits on the job's row lock: both have passed the lease check before either changes the job.
+    The one that takes the lock second finds the job ended under its own lease and gets the same answer (PENDING,
+    or SUCCEEDED for the same result), not FAILED_PRECONDITION (found by a review, 2026-12-02)."""
+    _contribute(harness, [sealed, sealed])
+    jobs = harness.suite.server.jobs
+    claimed = jobs.claim("worker")
+    assert claimed is not None
+    job_id, lease_id = claimed.job.job_id, claimed.job.lease_id or ""
+    both_checked = threading.Barrier(2, timeout=10)
+    real_leased = jobs._leased
+
+    def leased_then_wait(job: str, lease: str) -> JobRecord:
+        found = real_leased(job, lease)
+        both_checked.wait()  # neither changes the job before both have checked the lease
+        return found
+
+    monkeypatch.setattr(jobs, "_leased", leased_then_wait)
+    answers: list[str] = []
+
+    def repeat() -> None:
+        try:
+            if call == "fail":
+                answers.append(jobs.fail(job_id, lease_id, "flaky", retryable=True))
+            else:
+                answers.append(jobs.complete(job_id, lease_id, _result()))
+        except Exception as exc:
+            answers.append(repr(exc))
+
+    threads = [threading.Thread(target=repeat) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert answers == [{"fail": "PENDING", "complete": "SUCCEEDED"}[call]] * 2
+
+
 def test_a_job_whose_lease_runs_out_on_every_attempt_is_failed_not_leased_forever(harness: Harness) -> None:
     """A job that kills every worker taking it (too large for their memory, say) never reaches FailJob: its lease
     runs out each time. After ``job_attempts`` leases the next claim fails it and retries its round, instead of
@@ -483,7 +525,16 @@ def test_jobs_that_keep_failing_to_apply_hold_up_no_other_task_however_many(
         return real_apply(job)
 
     monkeypatch.setattr(updater, "apply", apply)
+    pages: list[str] = []
+    real_page = JobRepository.with_status
+
+    def page(self: JobRepository, status: str, limit: int = 10, after: str = "") -> list[JobRecord]:
+        pages.append(after)
+        return real_page(self, status, limit, after)
+
+    monkeypatch.setattr(JobRepository, "with_status", page)
     assert updater.run_once() == 1  # the third task's version, past two pages that failed
+    assert pages == ["", *(job_id for _, job_id in succeeded)]  # a page each, then an empty one
     assert updater.run_once() == 0  # the next pass looks at the stuck jobs again, and publishes nothing twice
     assert [harness.task(task_id).latest_model_version for task_id, _ in succeeded] == [1, 1, 2]
     with server.db.reading() as s:
