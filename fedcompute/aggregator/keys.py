@@ -133,7 +133,10 @@ class JobKeys:
         shares, errors, refused = self._collect(providers, binding, result, result_id, ephemeral)
         needed = self.access.threshold
         if len(shares) < needed and refused:
-            refusal = BudgetExhausted if grpc.StatusCode.RESOURCE_EXHAUSTED in refused else KeyRefused
+            # spent for good only if too few key services are left that have not said so (each keeps its own
+            # ledger: one that was away during an earlier attempt was not charged for it, and may still release)
+            spent = refused.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            refusal = BudgetExhausted if len(self.access.providers) - spent < needed else KeyRefused
             raise refusal(f"key services refused to release a share: {'; '.join(errors)}")
         if len(shares) < needed:
             raise KeyUnavailable(
@@ -164,9 +167,9 @@ class JobKeys:
         result: str,
         result_id: str,
         ephemeral: X25519PrivateKey,
-    ) -> tuple[dict[str, tuple[int, bytes]], list[str], set[grpc.StatusCode]]:
-        """The shares that verified, what went wrong with the others, and the refusals among those (``REFUSALS``:
-        a key service's ledger said no)."""
+    ) -> tuple[dict[str, tuple[int, bytes]], list[str], list[grpc.StatusCode]]:
+        """The shares that verified, what went wrong with the others, and the refusals among those, one per key
+        service that refused (``REFUSALS``: its ledger said no)."""
         request = key_pb2.ReleaseKeyShareRequest(
             attestation_result=result,
             inputs=[common_pb2.InputRef(assignment_id=a, envelope_sha256_hex=e) for a, e in self.inputs],
@@ -174,14 +177,14 @@ class JobKeys:
         )
         shares: dict[str, tuple[int, bytes]] = {}
         errors: list[str] = []
-        refused: set[grpc.StatusCode] = set()
+        refused: list[grpc.StatusCode] = []
         for client in providers:
             try:
                 reply = client.release_key_share(request)
             except grpc.RpcError as exc:
                 errors.append(f"{exc.code().name}: {exc.details()}")
                 if exc.code() in REFUSALS:
-                    refused.add(exc.code())
+                    refused.append(exc.code())
                 continue
             share = self._open(reply, binding, result_id, ephemeral)
             if share is None:

@@ -251,9 +251,11 @@ class ModelUpdater:
             f"publishing round {iteration.round} would bring ε to {charge.epsilon:.4g}, "
             f"over the budget {task.spec.dp.target_epsilon:g}; nothing was released"
         )
+        now = self._clock.now()
         with self._db.transaction() as s:
-            exhaust_budget(s, job.job_id, JobStatus.SUCCEEDED, iteration.iteration_id, reason, self._clock.now())
-        self._metrics.failed_rounds.inc()
+            ended = exhaust_budget(s, job.job_id, JobStatus.SUCCEEDED, iteration.iteration_id, reason, now)
+        if ended:
+            self._metrics.failed_rounds.inc()
 
     def _discard(self, job: JobRecord, reason: str) -> None:
         """Fail the job; a round still aggregating is retried (or its task failed after too many attempts)."""

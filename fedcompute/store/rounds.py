@@ -100,6 +100,7 @@ def exhaust_budget(
     if not JobRepository(session).change_status(job_id, job_status, JobStatus.FAILED, now, reason, error=reason):
         return False
     iterations = IterationRepository(session)
+    iterations.set_note(iteration_id, f"not released: {reason}")
     iterations.change_status(iteration_id, IterationStatus.AGGREGATING, IterationStatus.FAILED, now, reason)
     iteration = iterations.get(iteration_id)
     if iteration is not None:

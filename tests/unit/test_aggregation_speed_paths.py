@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -577,3 +578,38 @@ def test_an_attempt_asks_every_key_id_for_one_recipient_key_and_the_next_attempt
     recipients = [recipient for _, _, recipient in bound]
     assert recipients[0] == recipients[1] != recipients[2] == recipients[3]
     assert all(len(r) == 32 for r in recipients)
+
+
+@pytest.mark.parametrize(
+    ("refusals", "expected"),
+    [
+        (["RESOURCE_EXHAUSTED"], "KeyRefused"),  # two services may still release: not spent for good
+        (["RESOURCE_EXHAUSTED", "PERMISSION_DENIED"], "KeyRefused"),
+        (["RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"], "BudgetExhausted"),  # one left of the two needed
+    ],
+)
+def test_the_budget_is_spent_for_good_only_when_too_few_key_services_are_left_to_release(
+    monkeypatch: pytest.MonkeyPatch, refusals: list[str], expected: str
+) -> None:
+    """Each key service keeps its own ledger (one away during an earlier attempt was not charged for it), so one
+    service's RESOURCE_EXHAUSTED ends the task as BUDGET_EXHAUSTED only when the services that have not said so
+    are fewer than the threshold; otherwise the refusal fails this attempt only (found by a review, 2026-12-02:
+    any budget refusal among 2-of-3 services ended the task). The network steps are replaced; the decision is
+    JobKeys' own."""
+    import jwt
+
+    from fedcompute.aggregator.keys import BudgetExhausted, KeyRefused
+
+    class Reachable:
+        def reachable(self) -> bool:
+            return True
+
+    access = KeyAccess(providers=[Reachable()] * 3, trusted={}, threshold=2, verifier=None, evidence=lambda n: "")  # type: ignore[list-item, arg-type]
+    codes = [getattr(grpc.StatusCode, name) for name in refusals]
+    monkeypatch.setattr(JobKeys, "_published", lambda self, key_id: common_pb2.PublicKey(key_id=key_id))
+    monkeypatch.setattr(JobKeys, "_attest", lambda self, binding: jwt.encode({"jti": "r"}, "k" * 32))
+    monkeypatch.setattr(JobKeys, "_collect", lambda self, *args: ({}, ["refused"] * len(codes), codes))
+    keys = JobKeys(access, aggregation_pb2.AggregationJob(job_id="job_x"), "ab" * 32, [])
+    with pytest.raises(KeyRefused) as info:
+        keys("k")
+    assert type(info.value) is {"KeyRefused": KeyRefused, "BudgetExhausted": BudgetExhausted}[expected]
