@@ -144,8 +144,11 @@ class Device:
             return Participated(assignment.task_id, assignment.round, False)
         try:
             weights = checkpoints.decode(download(self.resources, assignment.checkpoint))
+        except (ValueError, IntegrityError):  # not the checkpoint declared, or not a checkpoint
+            return self._failed(assignment)
+        try:
             result = train_local(plan, weights, data, seed=self.rng.randrange(2**31))
-        except (ValueError, InvalidArgument, IntegrityError):  # not the checkpoint declared, or not one its model loads
+        except InvalidArgument:  # a checkpoint the plan's model does not load (a fault of this device's own escapes)
             return self._failed(assignment)
         report = self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_COMPLETED))
         if not report.HasField("upload_instruction"):
@@ -203,8 +206,8 @@ def context_of(a: task_assignment_pb2.TaskAssignment) -> ContributionContext:
 
 def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
     """Read a resource in chunks and verify its size and sha256 against the assignment's declaration. A server
-    that sends more than the declared size is cut off at once (the stream cancelled): the device never holds more
-    than it was told to expect."""
+    that sends more than the declared size is cut off at the message that passes it (the stream cancelled): the
+    device holds at most the declared size and one message (the channel's receive limit), not the whole stream."""
     stream = client.read(resource_pb2.ReadRequest(resource_name=resource.resource_name))
     parts, size, digest = [], 0, hashlib.sha256()
     for response in stream:
@@ -258,7 +261,7 @@ def upload(
 
 
 # the upload may go on from its committed size: the server was away, the bytes were damaged in transit, another
-# stream of it was still open, or the server cancelled a stream that had gone quiet (``upload_idle_s``)
+# stream of it was still open, or the server cancelled a stream that had gone quiet (``stream_idle_s``)
 _RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 )

@@ -126,11 +126,12 @@ class Settings(BaseSettings):
     key_rotate_before_s: int = Field(86400, gt=0, description="Publish the next key this long before expiry.")
     public_key_max_age_s: int = Field(300, gt=0, description="Cache lifetime of published public keys.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest encrypted update accepted.")
-    upload_idle_s: float = Field(
+    stream_idle_s: float = Field(
         60.0,
         gt=0,
-        description="An upload stream whose device sends nothing for this long (its first message included) is "
-        "cancelled, freeing the gRPC thread it holds; the device resumes from the committed size.",
+        description="An upload whose device sends nothing for this long (its first message included), or a download "
+        "whose device reads nothing for this long, is cancelled, freeing the gRPC thread it holds; an upload resumes "
+        "from its committed size.",
     )
     max_plan_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest plan CreateTask accepts.")
     chunk_size_bytes: int = Field(1024 * 1024, gt=0, le=3 * 1024 * 1024, description="Upload/download chunk size.")

@@ -35,7 +35,7 @@ class ServerMetrics:
     timeouts: Counter
     contributions: Counter
     lease_expiries: Counter
-    idle_uploads: Counter
+    idle_streams: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> ServerMetrics:
@@ -60,8 +60,10 @@ class ServerMetrics:
                 f"{p}_job_lease_expiries", "Aggregation job leases that expired and were taken over.", registry=reg
             ),
             Counter(
-                f"{p}_upload_streams_idle_cancelled",
-                "Upload streams cancelled because their device sent nothing for UPLOAD_IDLE_S.",
+                f"{p}_idle_streams_cancelled",
+                "Device streams cancelled after STREAM_IDLE_S without moving, by method (Write: nothing sent; "
+                "Read: nothing read).",
+                ["method"],
                 registry=reg,
             ),
         )

@@ -1,12 +1,13 @@
-"""Cancelling request streams whose client has gone quiet.
+"""Cancelling device streams that have stopped moving.
 
-The server's gRPC threads are few (``worker_threads``, 16 by default) and a client-streaming handler holds one for
-as long as its stream is open, most of it waiting for the client's next message. Without a bound, sixteen streams
-opened and left idle (a stalled network, or anyone at all: the handler waits before the first message, which
-carries the token) held every thread, and every other call on the server waited behind them. ``IdleStreams``
-watches such streams from one thread of its own and cancels one whose client sent nothing for ``idle_s`` while
-its handler waited for it (the handler's own time, writing to disk say, never counts). The blocked read then
-raises in the handler, which ends as it does for a broken stream, and the client sees CANCELLED.
+The server's gRPC threads are few (``worker_threads``, 16 by default) and a streaming handler holds one for as long
+as its stream is open. An upload's handler waits for the device's next message (from the start: the first carries
+the token); a download's waits while gRPC sends a chunk, which ends only as the device reads it (HTTP/2 flow
+control). Without a bound, sixteen streams opened and left still (a stalled network, or anyone at all: neither
+needs a credential to hold a thread) held every thread, and every other call on the server waited behind them.
+``IdleStreams`` watches such streams from one thread of its own and cancels one that has waited on its device for
+``idle_s`` (the handler's own time, writing or reading the disk say, never counts). A blocked read then raises in
+the handler, which ends as it does for a broken stream; a blocked send ends; the device sees CANCELLED.
 """
 
 from __future__ import annotations
@@ -25,73 +26,95 @@ log = structlog.get_logger("fedcompute.rpc")
 T = TypeVar("T")
 
 
-class _Watched:
-    __slots__ = ("cancelled", "context", "waiting_since")
+class Watched:
+    """One watched call: ``received`` and ``sent`` pass its requests or responses on, timing the waits."""
 
-    def __init__(self, context: grpc.ServicerContext, now: float) -> None:
+    __slots__ = ("_streams", "cancelled", "context", "waiting_since")
+
+    def __init__(self, streams: IdleStreams, context: grpc.ServicerContext, now: float) -> None:
+        self._streams = streams
         self.context = context
-        self.waiting_since = now  # when the handler began to wait for the client; inf while the handler works
+        self.waiting_since = now  # when the handler began to wait for the device; inf while the handler works
         self.cancelled = False
+
+    def received(self, requests: Iterator[T]) -> Iterator[T]:
+        """The requests, each wait for the next one timed. A cancelled stream's read ends either way, raising or
+        as an end of stream (gRPC may see the cancel as the client's half-close first): both end the call as
+        CANCELLED here, so that the handler never takes a stream cut short for one the device ended."""
+        while True:
+            self.waiting_since = self._streams.clock()
+            try:
+                request = next(requests)
+            except StopIteration:
+                self._if_cancelled()
+                return
+            except grpc.RpcError:
+                self._if_cancelled()
+                raise
+            finally:
+                self.waiting_since = math.inf
+            yield request
+
+    def sent(self, responses: Iterator[T]) -> Iterator[T]:
+        """The responses, each send timed: from handing one to gRPC until gRPC asks for the next (its send ends
+        once the device has read enough of it)."""
+        for response in responses:
+            self.waiting_since = self._streams.clock()
+            yield response
+            self.waiting_since = math.inf
+
+    def _if_cancelled(self) -> None:
+        if self.cancelled:  # raises: the call ends as CANCELLED (what the device was told)
+            self.context.abort(grpc.StatusCode.CANCELLED, f"nothing moved for {self._streams.idle_s:g} s")
 
 
 class IdleStreams:
     def __init__(
-        self, idle_s: float, on_cancel: Callable[[], object] | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        idle_s: float,
+        on_cancel: Callable[[str], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._idle_s = idle_s
-        self._on_cancel = on_cancel or (lambda: None)
-        self._clock = clock
-        self._watched: dict[int, _Watched] = {}
+        """``on_cancel``: called with the method's name for each call cancelled (a metric)."""
+        self.idle_s = idle_s
+        self.clock = clock
+        self._on_cancel = on_cancel or (lambda method: None)
+        self._watched: dict[int, tuple[Watched, str]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watching(self, context: grpc.ServicerContext) -> Iterator[Callable[[Iterator[T]], Iterator[T]]]:
-        """Watch the call of ``context`` while the block runs (from the handler's start: the first message counts
-        as any other); the block passes its request iterator through the callable it is given."""
-        entry = _Watched(context, self._clock())
+    def watching(self, context: grpc.ServicerContext, method: str) -> Iterator[Watched]:
+        """Watch the call of ``context`` while the block runs, from the handler's start: the block passes its
+        requests through ``received`` or its responses through ``sent``."""
+        entry = Watched(self, context, self.clock())
         with self._lock:
-            self._watched[id(entry)] = entry
+            self._watched[id(entry)] = (entry, method)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="idle-streams", daemon=True)
                 self._thread.start()
         try:
-            yield lambda requests: self._timed(requests, entry)
+            yield entry
         finally:
             with self._lock:
                 del self._watched[id(entry)]
 
-    def _timed(self, requests: Iterator[T], entry: _Watched) -> Iterator[T]:
-        """The requests, timed. A cancelled stream's read ends either way, raising or as an end of stream (gRPC
-        may see the cancel as the client's half-close first): both end the call as CANCELLED here, so that the
-        handler never takes a stream cut short for one the client ended."""
-        while True:
-            entry.waiting_since = self._clock()
-            try:
-                request = next(requests)
-            except StopIteration:
-                self._if_cancelled(entry)
-                return
-            except grpc.RpcError:
-                self._if_cancelled(entry)
-                raise
-            finally:
-                entry.waiting_since = math.inf
-            yield request
-
-    def _if_cancelled(self, entry: _Watched) -> None:
-        if entry.cancelled:  # raises: the call ends as CANCELLED (what the client was told)
-            entry.context.abort(grpc.StatusCode.CANCELLED, f"nothing was sent for {self._idle_s:g} s")
-
     def _watch(self) -> None:
         while True:
-            time.sleep(min(self._idle_s / 4, 1.0))
-            now = self._clock()
+            time.sleep(min(self.idle_s / 4, 1.0))
+            now = self.clock()
             with self._lock:
-                quiet = [e for e in self._watched.values() if not e.cancelled and now - e.waiting_since > self._idle_s]
-                for entry in quiet:
+                quiet = [
+                    (entry, method)
+                    for entry, method in self._watched.values()
+                    if not entry.cancelled and now - entry.waiting_since > self.idle_s
+                ]
+                for entry, _ in quiet:
                     entry.cancelled = True
-            for entry in quiet:
-                log.warning("stream_idle_cancelled", idle_s=self._idle_s, peer=entry.context.peer())
-                self._on_cancel()
-                entry.context.cancel()  # type: ignore[no-untyped-call]
+            for entry, method in quiet:
+                try:  # one call's failure to cancel (or to be logged) never stops the watching of the others
+                    entry.context.cancel()  # type: ignore[no-untyped-call]
+                    self._on_cancel(method)
+                    log.warning("stream_idle_cancelled", method=method, idle_s=self.idle_s, peer=entry.context.peer())
+                except Exception:
+                    log.exception("stream_idle_cancel_failed", method=method)

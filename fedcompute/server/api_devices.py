@@ -16,7 +16,7 @@ from fedcompute.server.assignment import Assignment, AssignmentService, Refusal
 from fedcompute.server.device_attestation import AcceptEveryDevice, DeviceAttestor
 from fedcompute.server.encoding import checkpoint_resource, duration, plan_resource
 from fedcompute.server.pace import PaceSteering
-from fedcompute.server.resources import ResourceService
+from fedcompute.server.resources import Download, ResourceService
 from fedcompute.server.uploads import UploadService, WriteChunk
 from fedcompute.v1 import (
     common_pb2,
@@ -143,10 +143,10 @@ class UploadServicer:
     """UploadService (registered with ``add_service``: its Write reads the messages as received, not the generated
     servicer's parsed WriteRequests)."""
 
-    def __init__(self, service: UploadService, idle_s: float, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, service: UploadService, idle: IdleStreams, metrics: ServerMetrics | None = None) -> None:
         self._service = service
         self._metrics = metrics or ServerMetrics.create()
-        self._idle = IdleStreams(idle_s, self._metrics.idle_uploads.inc)  # a quiet stream must not hold a thread
+        self._idle = idle  # a stream gone quiet must not hold a thread
 
     def _chunks(self, requests: Iterator[bytes]) -> Iterator[WriteChunk]:
         for raw in requests:
@@ -156,9 +156,9 @@ class UploadServicer:
 
     def Write(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> upload_pb2.WriteResponse:
         """Each WriteRequest arrives as received (``DECODED_HERE``) and is read by ``write_chunk``. Cancelled if the
-        device sends nothing for ``upload_idle_s`` (``rpc.idle``): what it committed is kept for its resume."""
-        with self._idle.watching(context) as timed:
-            status = self._service.write(self._chunks(timed(request_iterator)))
+        device sends nothing for ``stream_idle_s`` (``rpc.idle``): what it committed is kept for its resume."""
+        with self._idle.watching(context, "Write") as watched:
+            status = self._service.write(self._chunks(watched.received(request_iterator)))
         if status.complete:
             self._metrics.uploads.inc()
         return upload_pb2.WriteResponse(committed_size=status.committed_size, complete=status.complete)
@@ -171,24 +171,31 @@ class UploadServicer:
 
 
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
-    def __init__(self, service: ResourceService) -> None:
+    def __init__(self, service: ResourceService, idle: IdleStreams) -> None:
         self._service = service
+        self._idle = idle  # a download its device stopped reading must not hold a thread
 
     def Read(
         self, request: resource_pb2.ReadRequest, context: grpc.ServicerContext
     ) -> Iterator[resource_pb2.ReadResponse]:
         """Each ``ReadResponse`` encoded here (``rpc.wire``; registered with ``ENCODED_HERE``), as bytes: the
-        first carries the size and sha256 beside its data."""
+        first carries the size and sha256 beside its data. Cancelled if the device reads nothing for
+        ``stream_idle_s`` (``rpc.idle``)."""
         download = self._service.read(request.resource_name, request.read_offset)
+        with self._idle.watching(context, "Read") as watched:
+            yield from watched.sent(self._encoded(download))  # type: ignore[misc]
+
+    @staticmethod
+    def _encoded(download: Download) -> Iterator[bytes]:
         first = True
         for chunk in download.chunks:
             if first:
-                yield encode_read(chunk, download.total_size, download.sha256_hex)  # type: ignore[misc]
+                yield encode_read(chunk, download.total_size, download.sha256_hex)
                 first = False
             else:
-                yield encode_read(chunk)  # type: ignore[misc]
+                yield encode_read(chunk)
         if first:
-            yield encode_read(b"", download.total_size, download.sha256_hex)  # type: ignore[misc]
+            yield encode_read(b"", download.total_size, download.sha256_hex)
 
 
 # The device services' methods whose servicer encodes its responses itself (``rpc.wire``): every device downloads

@@ -21,6 +21,7 @@ from fedcompute.core.telemetry import JobsCollector, ServerMetrics
 from fedcompute.core.transitions import JobStatus
 from fedcompute.rpc.auth import TokenSigner
 from fedcompute.rpc.channels import channel_for
+from fedcompute.rpc.idle import IdleStreams
 from fedcompute.rpc.metrics import announce, process_registry
 from fedcompute.rpc.serving import GrpcServer, add_service, build_grpc_server
 from fedcompute.server.api_devices import DECODED_HERE as UPLOADS_DECODED_HERE
@@ -115,6 +116,7 @@ def build_server(
     tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes, on_change=task_changed)
     uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes, on_round_closed=round_closed)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
+    idle = IdleStreams(settings.stream_idle_s, lambda method: metrics.idle_streams.labels(method).inc())
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
     jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits, metrics, settings.poll_interval_s, job_succeeded)
     round_closed.add(jobs.wake_claims)
@@ -137,12 +139,12 @@ def build_server(
         ),
         (
             add_service(upload, decoded=UPLOADS_DECODED_HERE),  # its chunks read as views of the messages
-            UploadServicer(uploads, settings.upload_idle_s, metrics),
+            UploadServicer(uploads, idle, metrics),
             upload.full_name,
         ),
         (
             add_service(resource, encoded=DOWNLOADS_ENCODED_HERE),  # its chunks sent as encoded here
-            ResourceServicer(resources),
+            ResourceServicer(resources, idle),
             resource.full_name,
         ),
         (

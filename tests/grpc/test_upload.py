@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from fedcompute.clients.typed import UploadClient
 from fedcompute.core.blobs import blob_path
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
+from fedcompute.v1 import task_management_pb2 as tm
 from fedcompute.v1 import upload_pb2
 from tests.harness import Harness, sealed, suite_settings, wait_for
 from tests.pagecache import kept_in_memory, pages_cached
@@ -652,11 +654,11 @@ def test_upload_streams_left_quiet_are_cancelled_and_free_the_servers_threads(
 ) -> None:
     """A server of four gRPC threads; four Write streams are opened and go quiet: one after committing 100 bytes,
     three before their first message (no token needed to hold a thread that long). Each is cancelled once it has
-    sent nothing for ``upload_idle_s`` (0.5 s), and counted; a check-in made meanwhile is answered, and the first
+    sent nothing for ``stream_idle_s`` (0.5 s), and counted; a check-in made meanwhile is answered, and the first
     upload resumes from its 100 committed bytes. Before 2026-12-02 such streams held their threads for as long as
     their clients' deadlines allowed: four of them stopped every call to this server (sixteen, the default)."""
     settings = suite_settings(
-        tmp_path / "w", database_url, max_upload_bytes=64 * 1024, upload_idle_s=0.5, worker_threads=4
+        tmp_path / "w", database_url, max_upload_bytes=64 * 1024, stream_idle_s=0.5, worker_threads=4
     )
     harness = Harness.start(settings, aggregator=False)
     quiet = threading.Event()
@@ -694,9 +696,81 @@ def test_upload_streams_left_quiet_are_cancelled_and_free_the_servers_threads(
         assert upload(harness.uploads, instruction, data).complete
         assert harness.iterations(task_id)[0].completed_uploads == 1
         registry = harness.suite.server.registry
-        assert registry.get_sample_value("fedcompute_server_upload_streams_idle_cancelled_total") == 4
+        assert registry.get_sample_value("fedcompute_server_idle_streams_cancelled_total", {"method": "Write"}) == 4
         handled = {"service": "UploadService", "method": "Write", "code": "CANCELLED"}  # each handler's last step
         wait_for(lambda: registry.get_sample_value("fedcompute_server_rpcs_handled_total", handled) == 4, 10)
     finally:
         quiet.set()
+        harness.stop()
+
+
+def _stalled_read(address: str, resource_name: str) -> tuple[socket.socket, Any, int]:
+    """A device of its own HTTP/2 (the h2 library, no gRPC) that starts a Read and gives the server no room to send
+    it anything: its streams' initial flow-control window is 0 and it never opens it. Returns its socket, its
+    connection state and the stream's id."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    from fedcompute.v1 import resource_pb2
+
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    stream_id = conn.get_next_available_stream_id()
+    headers = [
+        (":method", "POST"), (":scheme", "http"), (":authority", address),
+        (":path", "/fedcompute.v1.ResourceService/Read"), ("content-type", "application/grpc"), ("te", "trailers"),
+    ]  # fmt: skip
+    conn.send_headers(stream_id, headers)
+    message = resource_pb2.ReadRequest(resource_name=resource_name).SerializeToString()
+    conn.send_data(stream_id, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    return sock, conn, stream_id
+
+
+def _ended_by_server(sock: socket.socket, conn: Any, stream_id: int) -> grpc.StatusCode:
+    """Read the connection (still giving no room) until the server ends the stream: the gRPC status of its
+    trailers."""
+    import h2.events
+
+    while True:
+        data = sock.recv(65536)
+        assert data, "the server closed the connection without ending the stream"
+        for event in conn.receive_data(data):
+            assert not isinstance(event, h2.events.DataReceived), "the server sent data past a window of 0"
+            if isinstance(event, h2.events.TrailersReceived) and event.stream_id == stream_id:
+                status = dict((bytes(k), bytes(v)) for k, v in event.headers)[b"grpc-status"]
+                return next(code for code in grpc.StatusCode if code.value[0] == int(status))
+        sock.sendall(conn.data_to_send())  # settings and pings acknowledged; no window update
+
+
+def test_downloads_their_devices_stopped_reading_are_cancelled_and_free_the_servers_threads(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A server of four gRPC threads; four devices start downloading a 4.5 MB model and give the server no room to
+    send it (an HTTP/2 window of 0, never opened: a device that stopped reading, played out). gRPC takes the first
+    chunk into its buffers; each handler then waits in gRPC's send of the next. Each is cancelled once it has
+    waited ``stream_idle_s`` (0.5 s): the stream ends CANCELLED and is counted, and a check-in made meanwhile is
+    answered. Before 2026-12-02 a download held its thread for as long as the
+    device's deadline allowed (none at all, if it set none): four of them stopped every call to this server."""
+    settings = suite_settings(tmp_path / "w", database_url, stream_idle_s=0.5, worker_threads=4)
+    harness = Harness.start(settings, aggregator=False)
+    stalled = []
+    try:
+        task = harness.create_task(model_architecture="bench-1m", report_goal=2, max_cohort=3)
+        request = tm.ListModelVersionsRequest(task_id=task.task_id)
+        model = harness.operators.list_model_versions(request).versions[0].checkpoint  # 4.5 MB: five chunks
+        stalled = [_stalled_read(harness.suite.server_address, model.resource_name) for _ in range(4)]
+        assert harness.check_in().HasField("task_assignment")  # answered once the downloads were cancelled
+        for sock, conn, stream_id in stalled:
+            assert _ended_by_server(sock, conn, stream_id) == grpc.StatusCode.CANCELLED
+        registry = harness.suite.server.registry
+        read = {"method": "Read"}
+        wait_for(lambda: registry.get_sample_value("fedcompute_server_idle_streams_cancelled_total", read) == 4, 10)
+    finally:
+        for sock, _, _ in stalled:
+            sock.close()
         harness.stop()

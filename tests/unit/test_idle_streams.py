@@ -41,17 +41,17 @@ def _requests(arrivals: queue.Queue[bytes | None]) -> Iterator[bytes]:
 def test_a_handler_busy_for_longer_than_the_limit_is_not_cancelled_but_a_quiet_client_is() -> None:
     arrivals: queue.Queue[bytes | None] = queue.Queue()
     call = _Call(arrivals)
-    cancels: list[int] = []
-    streams = IdleStreams(0.2, on_cancel=lambda: cancels.append(1))
+    cancels: list[str] = []
+    streams = IdleStreams(0.2, on_cancel=cancels.append)
     arrivals.put(b"first")
-    with streams.watching(call) as timed:  # type: ignore[arg-type]
-        requests = timed(_requests(arrivals))
+    with streams.watching(call, "Write") as watched:  # type: ignore[arg-type]
+        requests = watched.received(_requests(arrivals))
         assert next(requests) == b"first"
         time.sleep(0.6)  # the handler's own work (a disk write, say): three times the limit
         assert not call.cancelled.is_set()
         arrivals.put(b"second")
         assert next(requests) == b"second"
-        with pytest.raises(RuntimeError, match=r"aborted CANCELLED: nothing was sent for 0\.2 s"):
+        with pytest.raises(RuntimeError, match=r"aborted CANCELLED: nothing moved for 0\.2 s"):
             next(requests)  # the client sends nothing more: cancelled, and the read ends as CANCELLED
     assert call.cancelled.is_set()
-    assert cancels == [1]
+    assert cancels == ["Write"]
