@@ -157,7 +157,14 @@ class Settings(BaseSettings):
         60.0, gt=0, description="`up`/`demo`: how long a component may take to start serving before giving up."
     )
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of client calls.")
-    worker_threads: int = Field(16, gt=0, description="gRPC server thread pool size.")
+    worker_threads: int = Field(24, gt=0, description="gRPC server thread pool size.")
+    device_streams_max: int = Field(
+        0,
+        ge=0,
+        description="Most device streams (uploads and downloads) one server process serves at once; more are "
+        "refused RESOURCE_EXHAUSTED with a retry pushback, so that streams never hold the threads unary calls need. "
+        "0: WORKER_THREADS less a quarter of them (at least 2 kept).",
+    )
     reuse_port: bool = Field(
         False, description="Bind the server port with SO_REUSEPORT, so several server processes share it."
     )
@@ -313,6 +320,11 @@ class Settings(BaseSettings):
 
     def trusted_providers_path(self) -> Path:
         return self.trusted_providers_file or self.public_dir() / "trusted-providers.json"
+
+    def resolved_device_streams_max(self) -> int:
+        """``device_streams_max``, or (0) the worker threads less a quarter of them, at least 2 kept for unary calls
+        (24 threads: 18 streams)."""
+        return self.device_streams_max or max(1, self.worker_threads - max(2, self.worker_threads // 4))
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.server_dir() / 'fedcompute.sqlite'}"

@@ -1,18 +1,21 @@
-"""Cancelling device streams that have stopped moving.
+"""Cancelling device streams that have stopped moving, and serving only so many at once.
 
-The server's gRPC threads are few (``worker_threads``, 16 by default) and a streaming handler holds one for as long
+The server's gRPC threads are few (``worker_threads``, 24 by default) and a streaming handler holds one for as long
 as its stream is open. An upload's handler waits for the device's next message (from the start: the first carries
 the token); a download's waits while gRPC sends a chunk, which ends only as the device reads it (HTTP/2 flow
-control). Without a bound, sixteen streams opened and left still (a stalled network, or anyone at all: neither
-needs a credential to hold a thread) held every thread, and every other call on the server waited behind them.
-``IdleStreams`` watches such streams from one thread of its own and cancels one that has waited on its device for
-``idle_s`` (the handler's own time, writing or reading the disk say, never counts). A blocked read then raises in
-the handler, which ends as it does for a broken stream; a blocked send ends; the device sees CANCELLED.
+control). Without a bound, as many streams as threads opened and left still (a stalled network, or anyone at all:
+neither needs a credential to hold a thread) held every thread, and every other call on the server waited behind
+them. ``IdleStreams`` watches such streams from one thread of its own and cancels one that has waited on its device
+for ``idle_s`` (the handler's own time, writing or reading the disk say, never counts). A blocked read then raises
+in the handler, which ends as it does for a broken stream; a blocked send ends; the device sees CANCELLED. And it
+serves at most ``max_open`` such streams at once, fewer than the threads: one more is refused at its start, so a
+client that keeps reopening quiet streams can take the stream slots, never the threads check-ins and reports need.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +24,8 @@ from typing import TypeVar
 
 import grpc
 import structlog
+
+from fedcompute.core.errors import RateLimited
 
 log = structlog.get_logger("fedcompute.rpc")
 T = TypeVar("T")
@@ -72,11 +77,15 @@ class IdleStreams:
     def __init__(
         self,
         idle_s: float,
+        max_open: int = 1 << 30,
         on_cancel: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``on_cancel``: called with the method's name for each call cancelled (a metric)."""
+        """``max_open``: the most calls watched at once; one more is refused at its start (RESOURCE_EXHAUSTED, a
+        retry pushback), so that device streams never take the threads unary calls need. ``on_cancel``: called
+        with the method's name for each call cancelled (a metric)."""
         self.idle_s = idle_s
+        self._max_open = max_open
         self.clock = clock
         self._on_cancel = on_cancel or (lambda method: None)
         self._watched: dict[int, tuple[Watched, str]] = {}
@@ -89,6 +98,11 @@ class IdleStreams:
         requests through ``received`` or its responses through ``sent``."""
         entry = Watched(self, context, self.clock())
         with self._lock:
+            if len(self._watched) >= self._max_open:
+                raise RateLimited(
+                    f"this server is serving its most device streams at once ({self._max_open}); retry shortly",
+                    random.uniform(0.5, 2.0),
+                )
             self._watched[id(entry)] = (entry, method)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="idle-streams", daemon=True)

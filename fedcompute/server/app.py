@@ -116,7 +116,11 @@ def build_server(
     tasks = TaskService(db, blobs, clock, ids, settings.max_plan_bytes, on_change=task_changed)
     uploads = UploadService(db, blobs, clock, ids, signer, settings.max_upload_bytes, on_round_closed=round_closed)
     resources = ResourceService(db, blobs, settings.chunk_size_bytes)
-    idle = IdleStreams(settings.stream_idle_s, lambda method: metrics.idle_streams.labels(method).inc())
+    idle = IdleStreams(
+        settings.stream_idle_s,
+        settings.resolved_device_streams_max(),
+        lambda method: metrics.idle_streams.labels(method).inc(),
+    )
     limits = RetryLimits(settings.max_job_attempts, settings.max_round_attempts, 0.25, settings.job_backoff_max_s)
     jobs = JobService(db, blobs, clock, ids, settings.lease_s, limits, metrics, settings.poll_interval_s, job_succeeded)
     round_closed.add(jobs.wake_claims)

@@ -18,6 +18,7 @@ import pytest
 from fedcompute.clients.device import upload
 from fedcompute.clients.typed import UploadClient
 from fedcompute.core.blobs import blob_path
+from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
@@ -658,7 +659,12 @@ def test_upload_streams_left_quiet_are_cancelled_and_free_the_servers_threads(
     upload resumes from its 100 committed bytes. Before 2026-12-02 such streams held their threads for as long as
     their clients' deadlines allowed: four of them stopped every call to this server (sixteen, the default)."""
     settings = suite_settings(
-        tmp_path / "w", database_url, max_upload_bytes=64 * 1024, stream_idle_s=0.5, worker_threads=4
+        tmp_path / "w",
+        database_url,
+        max_upload_bytes=64 * 1024,
+        stream_idle_s=0.5,
+        worker_threads=4,
+        device_streams_max=4,
     )
     harness = Harness.start(settings, aggregator=False)
     quiet = threading.Event()
@@ -756,7 +762,7 @@ def test_downloads_their_devices_stopped_reading_are_cancelled_and_free_the_serv
     waited ``stream_idle_s`` (0.5 s): the stream ends CANCELLED and is counted, and a check-in made meanwhile is
     answered. Before 2026-12-02 a download held its thread for as long as the
     device's deadline allowed (none at all, if it set none): four of them stopped every call to this server."""
-    settings = suite_settings(tmp_path / "w", database_url, stream_idle_s=0.5, worker_threads=4)
+    settings = suite_settings(tmp_path / "w", database_url, stream_idle_s=0.5, worker_threads=4, device_streams_max=4)
     harness = Harness.start(settings, aggregator=False)
     stalled = []
     try:
@@ -773,4 +779,59 @@ def test_downloads_their_devices_stopped_reading_are_cancelled_and_free_the_serv
     finally:
         for sock, _, _ in stalled:
             sock.close()
+        harness.stop()
+
+
+def test_device_streams_past_the_servers_limit_are_refused_at_once_and_unary_calls_keep_their_threads(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A server of four gRPC threads serves at most two device streams at once (the default: the threads less a
+    quarter, at least two kept). Two quiet uploads (no first message, a long idle limit) take both stream slots;
+    a third stream, a download, is refused at once (RESOURCE_EXHAUSTED with a retry pushback, its thread freed),
+    and check-ins are answered meanwhile. Before 2026-12-02 streams queued for threads like any call, so a client
+    reopening quiet streams faster than the idle limit ended them delayed every call on the server."""
+    from fedcompute.rpc.errors import RETRY_PUSHBACK_KEY
+    from fedcompute.v1 import resource_pb2, resource_pb2_grpc
+
+    settings = suite_settings(tmp_path / "w", database_url, stream_idle_s=30.0, worker_threads=4)
+    assert settings.resolved_device_streams_max() == 2
+    harness = Harness.start(settings, aggregator=False)
+    quiet = threading.Event()
+
+    def stream() -> Iterator[upload_pb2.WriteRequest]:
+        quiet.wait()
+        yield from ()
+
+    codes: list[grpc.StatusCode] = []
+
+    def write() -> None:
+        try:
+            harness.uploads.write(stream())
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+
+    held = [threading.Thread(target=write) for _ in range(2)]
+    try:
+        task = harness.create_task(report_goal=2, max_cohort=3)
+        for thread in held:
+            thread.start()
+        wait_for(lambda: harness.suite.server.registry.get_sample_value(
+            "fedcompute_server_rpcs_in_flight", {"service": "UploadService", "method": "Write"}) == 2, 10)  # fmt: skip
+        plan = harness.operators.get_task(tm.GetTaskRequest(task_id=task.task_id)).task.plan
+        reads = resource_pb2_grpc.ResourceServiceStub(open_channel(harness.suite.server_address))
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(reads.Read(resource_pb2.ReadRequest(resource_name=plan.resource_name), timeout=10))
+        assert _code(info) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "most device streams at once (2)" in (info.value.details() or "")
+        trailing: dict[str, object] = {m.key: m.value for m in info.value.trailing_metadata() or ()}
+        assert 500 <= int(str(trailing[RETRY_PUSHBACK_KEY])) <= 2000
+        assert time.monotonic() - started < 5  # refused at once, not queued behind the quiet streams
+        for _ in range(3):
+            assert harness.check_in().HasField("task_assignment")
+        assert not codes  # the two quiet streams are still open
+    finally:
+        quiet.set()
+        for thread in held:
+            thread.join(timeout=10)
         harness.stop()
