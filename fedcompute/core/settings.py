@@ -258,6 +258,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must be <= key_services ({count})")
         return value
 
+    @field_validator("device_streams_max")
+    @classmethod
+    def _streams_leave_threads(cls, value: int, info: object) -> int:
+        threads = getattr(info, "data", {}).get("worker_threads", value + 1)
+        if value and value >= threads:
+            raise ValueError(f"must be < worker_threads ({threads}): unary calls need threads streams cannot take")
+        return value
+
     @field_validator("key_rotate_before_s")
     @classmethod
     def _rotation_inside_lifetime(cls, value: int, info: object) -> int:

@@ -93,10 +93,12 @@ class IdleStreams:
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watching(self, context: grpc.ServicerContext, method: str) -> Iterator[Watched]:
-        """Watch the call of ``context`` while the block runs, from the handler's start: the block passes its
-        requests through ``received`` or its responses through ``sent``."""
-        entry = Watched(self, context, self.clock())
+    def watching(self, context: grpc.ServicerContext, method: str, waiting: bool = True) -> Iterator[Watched]:
+        """Watch the call of ``context`` while the block runs: the block passes its requests through ``received``
+        or its responses through ``sent``. ``waiting``: the handler waits on its device from the start (an
+        upload's first message); False (a download): its own work comes first, and its first send starts the
+        clock."""
+        entry = Watched(self, context, self.clock() if waiting else math.inf)
         with self._lock:
             if len(self._watched) >= self._max_open:
                 raise RateLimited(
@@ -127,8 +129,9 @@ class IdleStreams:
                     entry.cancelled = True
             for entry, method in quiet:
                 try:  # one call's failure to cancel (or to be logged) never stops the watching of the others
+                    peer = entry.context.peer()  # before the cancel: gRPC forgets it then
                     entry.context.cancel()  # type: ignore[no-untyped-call]
                     self._on_cancel(method)
-                    log.warning("stream_idle_cancelled", method=method, idle_s=self.idle_s, peer=entry.context.peer())
+                    log.warning("stream_idle_cancelled", method=method, idle_s=self.idle_s, peer=peer)
                 except Exception:
                     log.exception("stream_idle_cancel_failed", method=method)

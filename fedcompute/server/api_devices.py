@@ -181,8 +181,8 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         """Each ``ReadResponse`` encoded here (``rpc.wire``; registered with ``ENCODED_HERE``), as bytes: the
         first carries the size and sha256 beside its data. Cancelled if the device reads nothing for
         ``stream_idle_s`` (``rpc.idle``)."""
-        download = self._service.read(request.resource_name, request.read_offset)
-        with self._idle.watching(context, "Read") as watched:
+        with self._idle.watching(context, "Read", waiting=False) as watched:  # a slot before the blob is read
+            download = self._service.read(request.resource_name, request.read_offset)
             yield from watched.sent(self._encoded(download))  # type: ignore[misc]
 
     @staticmethod

@@ -26,9 +26,9 @@ __all__ = ["Database", "Session"]
 
 READ_ONLY = "fedcompute_read_only"
 BUSY_TIMEOUT_S = 60
-# Connections kept open: at least a server's gRPC threads (16 by default), so that a busy server does not open and
+# Connections kept open: at least a server's gRPC threads (24 by default), so that a busy server does not open and
 # close an overflow connection per transaction; the overflow opens more for bursts beyond that
-POOL_SIZE = 20
+POOL_SIZE = 28
 
 
 class Database:

@@ -15,9 +15,10 @@ from typing import Any
 import grpc
 import pytest
 
-from fedcompute.clients.device import upload
+from fedcompute.clients.device import download, upload
 from fedcompute.clients.typed import UploadClient
 from fedcompute.core.blobs import blob_path
+from fedcompute.core.settings import Settings
 from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -650,6 +651,12 @@ def test_a_staged_file_is_named_durably_before_its_progress_is_recorded(
     assert len(synced) == 1
 
 
+def _every_thread_a_stream(settings: Settings) -> Settings:
+    """The stream cap off (as many device streams as threads, which the settings refuse: ``model_copy`` does not
+    validate), so that quiet streams can hold every thread and the idle limit alone must free them."""
+    return settings.model_copy(update={"device_streams_max": settings.worker_threads})
+
+
 def test_upload_streams_left_quiet_are_cancelled_and_free_the_servers_threads(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -658,13 +665,8 @@ def test_upload_streams_left_quiet_are_cancelled_and_free_the_servers_threads(
     sent nothing for ``stream_idle_s`` (0.5 s), and counted; a check-in made meanwhile is answered, and the first
     upload resumes from its 100 committed bytes. Before 2026-12-02 such streams held their threads for as long as
     their clients' deadlines allowed: four of them stopped every call to this server (sixteen, the default)."""
-    settings = suite_settings(
-        tmp_path / "w",
-        database_url,
-        max_upload_bytes=64 * 1024,
-        stream_idle_s=0.5,
-        worker_threads=4,
-        device_streams_max=4,
+    settings = _every_thread_a_stream(
+        suite_settings(tmp_path / "w", database_url, max_upload_bytes=64 * 1024, stream_idle_s=0.5, worker_threads=4)
     )
     harness = Harness.start(settings, aggregator=False)
     quiet = threading.Event()
@@ -762,7 +764,7 @@ def test_downloads_their_devices_stopped_reading_are_cancelled_and_free_the_serv
     waited ``stream_idle_s`` (0.5 s): the stream ends CANCELLED and is counted, and a check-in made meanwhile is
     answered. Before 2026-12-02 a download held its thread for as long as the
     device's deadline allowed (none at all, if it set none): four of them stopped every call to this server."""
-    settings = suite_settings(tmp_path / "w", database_url, stream_idle_s=0.5, worker_threads=4, device_streams_max=4)
+    settings = _every_thread_a_stream(suite_settings(tmp_path / "w", database_url, stream_idle_s=0.5, worker_threads=4))
     harness = Harness.start(settings, aggregator=False)
     stalled = []
     try:
@@ -830,6 +832,13 @@ def test_device_streams_past_the_servers_limit_are_refused_at_once_and_unary_cal
         for _ in range(3):
             assert harness.check_in().HasField("task_assignment")
         assert not codes  # the two quiet streams are still open
+        got: list[bytes] = []
+        waiting = threading.Thread(target=lambda: got.append(download(harness.resources, plan)))
+        waiting.start()  # refused while the slots are taken: the device asks again after the pushback
+        threading.Event().wait(0.3)
+        quiet.set()  # the quiet streams end: a slot frees
+        waiting.join(timeout=30)
+        assert len(got[0]) == plan.size_bytes
     finally:
         quiet.set()
         for thread in held:

@@ -55,3 +55,15 @@ def test_a_handler_busy_for_longer_than_the_limit_is_not_cancelled_but_a_quiet_c
             next(requests)  # the client sends nothing more: cancelled, and the read ends as CANCELLED
     assert call.cancelled.is_set()
     assert cancels == ["Write"]
+
+
+def test_settings_refuse_a_stream_limit_that_leaves_no_thread_for_unary_calls() -> None:
+    from pydantic import ValidationError
+
+    from fedcompute.core.settings import Settings
+
+    assert Settings(worker_threads=24).resolved_device_streams_max() == 18
+    assert Settings(worker_threads=4).resolved_device_streams_max() == 2
+    assert Settings(worker_threads=4, device_streams_max=3).resolved_device_streams_max() == 3
+    with pytest.raises(ValidationError, match="must be < worker_threads"):
+        Settings(worker_threads=4, device_streams_max=4)
