@@ -40,7 +40,8 @@ from fedcompute.v1 import task_assignment_pb2 as ta
 
 UPLOAD_ATTEMPTS = 4  # without a deadline in the instruction
 MAX_UPLOAD_ATTEMPTS = 50
-DOWNLOAD_ATTEMPTS = 8  # a download refused for the server's stream limit: asked again after its pushback
+DOWNLOAD_ATTEMPTS = 8  # a download refused for the server's stream limit: asked again after its pushback,
+DOWNLOAD_PATIENCE_S = 60.0  # ... within this long (a hostile server's day-long pushback is not waited out)
 RECENT_PARTICIPATIONS = 100
 
 
@@ -210,21 +211,17 @@ def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
     that sends more than the declared size is cut off at the message that passes it (the stream cancelled): the
     device holds at most the declared size and one message (the channel's receive limit), not the whole stream.
     A server serving its most streams at once (RESOURCE_EXHAUSTED with a pushback) is asked again after the wait
-    it names, up to ``DOWNLOAD_ATTEMPTS`` tries."""
+    it names (as an upload waits one out), up to ``DOWNLOAD_ATTEMPTS`` tries within ``DOWNLOAD_PATIENCE_S``."""
+    deadline_unix = time.time() + DOWNLOAD_PATIENCE_S
     for attempt in Retrying(
         retry=retry_if_exception(lambda exc: _pushback_s(exc) is not None),
-        stop=stop_after_attempt(DOWNLOAD_ATTEMPTS),
-        wait=_pushback_wait,
+        stop=stop_after_attempt(DOWNLOAD_ATTEMPTS) | stop_after_delay(DOWNLOAD_PATIENCE_S),
+        wait=partial(_upload_wait, deadline_unix=deadline_unix),
         reraise=True,
     ):
         with attempt:
             return _download_once(client, resource)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _pushback_wait(state: RetryCallState) -> float:
-    failed = state.outcome.exception() if state.outcome is not None else None
-    return min(_pushback_s(failed) or 1.0, 30.0) if failed is not None else 1.0
 
 
 def _download_once(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
