@@ -11,11 +11,15 @@ the same statement or transaction that adds the assignments. Soft state (``Datab
 lose a batch whole, never a slot without its assignment. A write that fails fails its callers and writes nothing
 of theirs: on SQLite the batch's one transaction, so every caller in it; on Postgres each round's statement is its
 own, so a round's failure reaches only that round's callers, and the rounds written before it stand (their
-callers are told so, not told of another round's error).
+callers are told so, not told of another round's error). On Postgres ``AdmissionQueue`` gives each round a queue
+of its own, so one round waiting on its row's lock holds up no other round's check-ins.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -138,14 +142,42 @@ def _admit_sqlite(db: Database, rounds: dict[str, list[Admission]], batch: list[
 
 class AdmissionQueue:
     """Group commit of admissions (see the module and ``store.groupcommit``): ``admit`` blocks until its batch is
-    written."""
+    written.
+
+    On Postgres each round has a queue of its own: its statement waits on its round's row lock alone (held a
+    moment by an upload's count or a round's close), so one round's wait never holds up another population's
+    check-ins, and rounds' statements run side by side. A round's queue lives while a caller is in it. On SQLite
+    one queue serves every round: the database has one writer, so a batch of several rounds is one transaction
+    where rounds apart would be one each."""
 
     def __init__(self, db: Database, linger_s: float = ADMISSION_LINGER_S) -> None:
         def write(batch: list[Admission]) -> list[bool | Failed]:
             return admission_outcomes(db, batch)
 
-        self._group: GroupCommit[Admission, bool] = GroupCommit(write, linger_s)
+        self._write = write
+        self._linger_s = linger_s
+        self._per_round = not db.is_sqlite
+        self._lock = threading.Lock()
+        self._groups: dict[str, tuple[GroupCommit[Admission, bool], int]] = {}  # round (or ""): queue, callers in it
 
     def admit(self, admission: Admission) -> bool:
         """True if the admission got a slot (its assignment row is written); raises what the write raised."""
-        return self._group.submit(admission)
+        with self.queue(admission.iteration_id) as group:
+            return group.submit(admission)
+
+    @contextmanager
+    def queue(self, iteration_id: str) -> Iterator[GroupCommit[Admission, bool]]:
+        """The group commit a round's admissions go through, kept while the block runs."""
+        key = iteration_id if self._per_round else ""
+        with self._lock:
+            group, callers = self._groups.get(key) or (GroupCommit(self._write, self._linger_s), 0)
+            self._groups[key] = (group, callers + 1)
+        try:
+            yield group
+        finally:
+            with self._lock:
+                callers = self._groups[key][1] - 1
+                if callers:
+                    self._groups[key] = (group, callers)
+                else:
+                    del self._groups[key]

@@ -23,7 +23,7 @@ from fedcompute.server.keyring import KeyRing
 from fedcompute.store import admission
 from fedcompute.store.admission import Admission, AdmissionQueue, write_admissions
 from fedcompute.store.database import Database
-from fedcompute.store.groupcommit import Failed
+from fedcompute.store.groupcommit import Failed, GroupCommit
 from fedcompute.store.iterations import IterationRepository
 from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.models import AssignmentRow, StatusHistoryRow
@@ -125,7 +125,8 @@ def test_a_failed_batch_fails_every_caller_in_it_and_writes_nothing(db: Database
 
         return call
 
-    as_one_batch(queue._group, [check_in("asg_other"), check_in("asg_taken")])
+    with queue.queue(iteration_id) as group:
+        as_one_batch(group, [check_in("asg_other"), check_in("asg_taken")])
     assert len(errors) == 2  # the caller whose admission was fine learns of the failure too
     with db.reading() as s:
         count = s.scalar(select(func.count()).select_from(AssignmentRow))
@@ -146,18 +147,18 @@ def test_one_rounds_failure_reaches_only_its_callers_on_postgres_and_fails_the_w
     assert write_admissions(db, [Admission(second, "asg_taken", "task_b", NOW)]) == {"asg_taken"}
     batch = [Admission(first, "asg_a", "task_a", NOW), Admission(second, "asg_taken", "task_b", NOW)]
     outcomes: dict[str, object] = {}
-    queue = AdmissionQueue(db)
+    group: GroupCommit[Admission, bool] = GroupCommit(lambda b: admission.admission_outcomes(db, b))
 
     def check_in(admitted: Admission) -> Callable[[], None]:
         def call() -> None:
             try:
-                outcomes[admitted.assignment_id] = queue.admit(admitted)
+                outcomes[admitted.assignment_id] = group.submit(admitted)
             except Exception as exc:
                 outcomes[admitted.assignment_id] = exc
 
         return call
 
-    as_one_batch(queue._group, [check_in(a) for a in batch])
+    as_one_batch(group, [check_in(a) for a in batch])
     if db.is_sqlite:
         assert all(isinstance(o, IntegrityError) for o in outcomes.values())
         assert _stored(db, first)[:2] == (0, set())
@@ -316,3 +317,48 @@ def test_an_admission_written_twice_is_refused_whole_and_counts_once(db: Databas
     with pytest.raises((IntegrityError, psycopg.IntegrityError)):  # SQLAlchemy's (SQLite), the driver's (Postgres)
         write_admissions(db, [Admission(iteration_id, "asg_1", "task_a", NOW)])
     assert _stored(db, iteration_id) == (1, {"asg_1"}, {"asg_1"})
+
+
+def test_on_postgres_a_round_waiting_on_its_row_lock_holds_up_no_other_rounds_check_ins(
+    postgres_database: str,
+) -> None:
+    """Round A's row is locked (a transaction holds it, as an upload's count or a round's close does a moment): a
+    check-in to A waits for it, and one to round B (another population) is admitted meanwhile. With one queue for
+    every round, B's caller queued behind A's leader, blocked in A's statement, until A's lock was let go."""
+    from tests.conftest import fresh_postgres
+
+    db = Database(fresh_postgres(postgres_database))
+    db.migrate()
+    try:
+        first, second = _round(db, max_cohort=5, task_id="task_a"), _round(db, max_cohort=5, task_id="task_b")
+        queue = AdmissionQueue(db)
+        outcomes: dict[str, bool] = {}
+
+        def check_in(admitted: Admission) -> threading.Thread:
+            thread = threading.Thread(target=lambda: outcomes.update({admitted.assignment_id: queue.admit(admitted)}))
+            thread.start()
+            return thread
+
+        with db.engine.connect() as holder, holder.begin():
+            holder.execute(text("SELECT id FROM iterations WHERE id = :id FOR UPDATE"), {"id": first})
+            waiting = check_in(Admission(first, "asg_a", "task_a", NOW))
+            with db.engine.connect() as probe:  # A's statement is waiting on the lock before B checks in
+                wait_for(
+                    lambda: probe.execute(
+                        text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = :d"),
+                        {"d": db.engine.url.database},
+                    ).scalar_one() == 1,
+                    timeout_s=10, what="round A's admission to wait on its row's lock",
+                )  # fmt: skip
+            other = check_in(Admission(second, "asg_b", "task_b", NOW))
+            other.join(timeout=10)
+            assert not other.is_alive(), "round B's check-in waited on round A's lock"
+            assert outcomes == {"asg_b": True}
+            assert waiting.is_alive()
+        waiting.join(timeout=10)
+        assert outcomes == {"asg_a": True, "asg_b": True}
+        assert _stored(db, first)[:2] == (1, {"asg_a"})
+        assert _stored(db, second)[:2] == (1, {"asg_b"})
+        assert queue._groups == {}  # each round's queue is dropped once nobody is in it
+    finally:
+        db.dispose()

@@ -252,5 +252,7 @@ def test_admissions_linger_as_configured(db: Database) -> None:
     from fedcompute.store.admission import ADMISSION_LINGER_S, AdmissionQueue
 
     assert ADMISSION_LINGER_S > 0
-    assert AdmissionQueue(db)._group._linger_s == ADMISSION_LINGER_S
-    assert AdmissionQueue(db, linger_s=0)._group._linger_s == 0
+    with AdmissionQueue(db).queue("it_1") as group:
+        assert group._linger_s == ADMISSION_LINGER_S
+    with AdmissionQueue(db, linger_s=0).queue("it_1") as group:
+        assert group._linger_s == 0
