@@ -40,8 +40,9 @@ from fedcompute.v1 import task_assignment_pb2 as ta
 
 UPLOAD_ATTEMPTS = 4  # without a deadline in the instruction
 MAX_UPLOAD_ATTEMPTS = 50
-DOWNLOAD_ATTEMPTS = 8  # a download refused for the server's stream limit: asked again after its pushback,
-DOWNLOAD_PATIENCE_S = 60.0  # ... within this long (a hostile server's day-long pushback is not waited out)
+DOWNLOAD_ATTEMPTS = 8  # tries in a row receiving nothing (refused at the stream limit, or interrupted) before
+DOWNLOAD_PATIENCE_S = 60.0  # ... giving up; or this long without a byte (a day-long pushback is not waited out)
+MAX_DOWNLOAD_ATTEMPTS = 50  # tries in all, whatever each received
 RECENT_PARTICIPATIONS = 100
 
 
@@ -210,35 +211,76 @@ def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
     """Read a resource in chunks and verify its size and sha256 against the assignment's declaration. A server
     that sends more than the declared size is cut off at the message that passes it (the stream cancelled): the
     device holds at most the declared size and one message (the channel's receive limit), not the whole stream.
-    A server serving its most streams at once (RESOURCE_EXHAUSTED with a pushback) is asked again after the wait
-    it names (as an upload waits one out), up to ``DOWNLOAD_ATTEMPTS`` tries within ``DOWNLOAD_PATIENCE_S``."""
-    deadline_unix = time.time() + DOWNLOAD_PATIENCE_S
-    for attempt in Retrying(
-        retry=retry_if_exception(lambda exc: _pushback_s(exc) is not None),
-        stop=stop_after_attempt(DOWNLOAD_ATTEMPTS) | stop_after_delay(DOWNLOAD_PATIENCE_S),
-        wait=partial(_upload_wait, deadline_unix=deadline_unix),
-        reraise=True,
-    ):
+
+    An interrupted download (the server away, the stream cancelled for going quiet, the call's deadline) resumes
+    from the bytes received (``read_offset``), their hash carried on; a server serving its most streams at once
+    (RESOURCE_EXHAUSTED with a pushback) is asked again after the wait it names, as an upload waits one out. It
+    gives up after ``DOWNLOAD_ATTEMPTS`` tries in a row that received nothing, or ``DOWNLOAD_PATIENCE_S`` without
+    a byte, or ``MAX_DOWNLOAD_ATTEMPTS`` tries in all (a hostile server sending a byte a try)."""
+    received = _Received()
+
+    def stop(state: RetryCallState) -> bool:
+        return (
+            received.stalled >= DOWNLOAD_ATTEMPTS
+            or state.attempt_number >= MAX_DOWNLOAD_ATTEMPTS
+            or time.time() >= received.moved_unix + DOWNLOAD_PATIENCE_S
+        )
+
+    def wait(state: RetryCallState) -> float:
+        return _upload_wait(state, deadline_unix=received.moved_unix + DOWNLOAD_PATIENCE_S)
+
+    for attempt in Retrying(retry=retry_if_exception(_download_resumable), stop=stop, wait=wait, reraise=True):
         with attempt:
-            return _download_once(client, resource)
+            before = received.size
+            try:
+                if received.size < resource.size_bytes:  # (all of it may have come before the call failed)
+                    _read_into(client, resource, received)
+            finally:
+                received.stalled = 0 if received.size > before else received.stalled + 1
+            if received.size != resource.size_bytes or received.digest.hexdigest() != resource.sha256_hex:
+                raise IntegrityError(f"{resource.resource_name} does not match its declared size and sha256")
+            return b"".join(received.parts)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _download_once(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
-    stream = client.read(resource_pb2.ReadRequest(resource_name=resource.resource_name))
-    parts, size, digest = [], 0, hashlib.sha256()
+class _Received:
+    """What a download has received so far."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.moved_unix = time.time()  # when the last bytes came (or the download began)
+        self.stalled = 0  # tries in a row that received nothing
+
+
+def _read_into(client: ResourceClient, resource: common_pb2.Resource, received: _Received) -> None:
+    """Read the resource from the bytes received on, to the stream's end."""
+    request = resource_pb2.ReadRequest(resource_name=resource.resource_name, read_offset=received.size)
+    stream = client.read(request)
     for response in stream:
-        size += len(response.data)
-        if size > resource.size_bytes:
+        if received.size + len(response.data) > resource.size_bytes:
             cancel = getattr(stream, "cancel", None)
             if cancel is not None:
                 cancel()
             raise IntegrityError(f"{resource.resource_name} is longer than its declared {resource.size_bytes} bytes")
-        digest.update(response.data)
-        parts.append(response.data)
-    if size != resource.size_bytes or digest.hexdigest() != resource.sha256_hex:
-        raise IntegrityError(f"{resource.resource_name} does not match its declared size and sha256")
-    return b"".join(parts)
+        if response.data:
+            received.parts.append(response.data)
+            received.size += len(response.data)
+            received.digest.update(response.data)
+            received.moved_unix = time.time()
+
+
+# a download may go on from the bytes received: the server was away, cancelled the stream for going quiet
+# (``stream_idle_s``) or was restarted, or the call's deadline came first; or the server's stream limit, after its
+# pushback
+_DOWNLOAD_RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+
+def _download_resumable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and (exc.code() in _DOWNLOAD_RESUMABLE or _pushback_s(exc) is not None)
 
 
 def upload(
