@@ -20,7 +20,7 @@ from fedcompute.core.errors import DataLoss, FailedPrecondition, InvalidArgument
 from fedcompute.core.prefetch import prefetched
 from fedcompute.core.records import IterationRecord, JobRecord, RoundMetrics, TaskRecord, UploadRecord
 from fedcompute.core.telemetry import ServerMetrics
-from fedcompute.core.transitions import JobStatus
+from fedcompute.core.transitions import JobStatus, TaskStatus
 from fedcompute.store.assignments import UploadRepository
 from fedcompute.store.database import Database
 from fedcompute.store.iterations import IterationRepository
@@ -131,6 +131,12 @@ class JobService:
         with self._db.transaction() as s:
             jobs = JobRepository(s)
             for candidate in jobs.claimable(now):
+                ended = TaskRepository(s).get(candidate.task_id)
+                if ended is not None and ended.status != TaskStatus.OPEN:  # canceled while its round aggregated
+                    why = f"task {ended.status.lower()}: not aggregated"
+                    if jobs.change_status(candidate.job_id, candidate.status, JobStatus.FAILED, now, why, error=why):
+                        log.info("job_dropped", job_id=candidate.job_id, task_id=candidate.task_id, reason=why)
+                    continue  # no worker asks the key services to release (and charge) for a result never used
                 if candidate.status == JobStatus.RUNNING and candidate.attempts >= self._limits.job_attempts:
                     self._give_up(s, candidate, now)  # every attempt's worker died or hung holding it
                     continue

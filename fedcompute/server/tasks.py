@@ -159,9 +159,15 @@ class TaskService:
                 raise NotFound(f"task {task_id!r} does not exist")
             if record.status != TaskStatus.OPEN:
                 return record  # canceling a finished task changes nothing (idempotent)
-            tasks.change_status(task_id, TaskStatus.OPEN, TaskStatus.CANCELED, now, why)
+            # the round's row first, then the task's, as the sweeper, a job's end and the updater take them when
+            # they open a round: one opening an attempt meanwhile has done so when this reads the latest
             iterations = IterationRepository(s)
-            current = iterations.current(task_id)
+            current = iterations.lock_current(task_id)
+            if not tasks.change_status(task_id, TaskStatus.OPEN, TaskStatus.CANCELED, now, why):
+                s.expire_all()  # read again, not the row as first loaded
+                finished = tasks.get(task_id)  # ended meanwhile (its last attempt failed, say): nothing to cancel
+                assert finished is not None
+                return finished
             if current and current.status in (IterationStatus.OPEN, IterationStatus.AGGREGATING):
                 iterations.change_status(current.iteration_id, current.status, IterationStatus.CANCELED, now, why)
                 assignments = AssignmentRepository(s)

@@ -108,6 +108,25 @@ class IterationRepository:
         row = self._s.scalar(query)
         return to_record(row) if row else None
 
+    def lock_current(self, task_id: str) -> IterationRecord | None:
+        """The task's latest round, its row locked (``lock``: the round first, then the task, as every writer that
+        opens a round takes them) and read after the lock. A writer holding the lock may have opened a newer
+        attempt when it let go: that one is locked in turn, until the latest is the one locked."""
+        while True:
+            latest = self.current(task_id)
+            if latest is None:
+                return None
+            self.lock(latest.iteration_id)
+            fresh = self._s.scalar(
+                select(IterationRow)
+                .where(IterationRow.task_id == task_id)
+                .order_by(IterationRow.round.desc(), IterationRow.attempt.desc())
+                .limit(1)
+                .execution_options(populate_existing=True)
+            )
+            if fresh is not None and fresh.id == latest.iteration_id:
+                return to_record(fresh)
+
     def open_ones(self) -> list[tuple[IterationRecord, datetime]]:
         """Every open round (attempt) with the time it opened (the sweeper's work list)."""
         rows = self._s.scalars(select(IterationRow).where(IterationRow.status == IterationStatus.OPEN))

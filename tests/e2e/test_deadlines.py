@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -178,3 +180,55 @@ def test_orphan_blobs_are_swept_after_their_grace_period(clocked: tuple[Harness,
     assert server.blobs.exists(fresh)  # inside the grace period: maybe an upload about to be counted
     versions = harness.operators.list_model_versions(tm.ListModelVersionsRequest(task_id=task.task_id)).versions
     assert server.blobs.exists(versions[0].checkpoint.sha256_hex)
+
+
+def test_a_cancel_racing_the_sweepers_new_attempt_leaves_no_round_open(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeper fails a round at its deadline and opens its next attempt; an operator cancels the task at that
+    moment. The sweeper is held after failing attempt 1, before it reads the task, while the cancel runs. Before
+    2026-12-02 the cancel read attempt 1 as the current round (its row locked by the sweeper: it waited), marked the
+    task CANCELED, and the sweeper, still seeing the task OPEN, opened attempt 2: a CANCELED task with an OPEN round,
+    which devices could be admitted to until its deadline (found by review). Now the cancel takes the latest
+    round's lock first, as the sweeper does, and cancels attempt 2."""
+    from fedcompute.core.clock import SystemClock
+    from fedcompute.server.deadlines import DeadlineSweeper
+    from fedcompute.server.tasks import TaskService
+    from fedcompute.store import rounds
+    from fedcompute.store.database import Database
+    from fedcompute.store.tasks import TaskRepository
+
+    settings = suite_settings(tmp_path / "w", database_url, housekeeping_interval_s=3600.0)
+    harness = Harness.start(settings, aggregator=False)
+    db = Database(database_url)
+    try:
+        task = harness.create_task(POP, round_deadline_s=1)
+        threading.Event().wait(1.5)  # past the round's deadline, with no upload: the sweeper fails it
+        sweeper = DeadlineSweeper(db, SystemClock(), RandomIds(), max_round_attempts=5)
+        service = TaskService(db, harness.suite.server.blobs, SystemClock(), RandomIds())
+        held, go = threading.Event(), threading.Event()
+
+        class Held(TaskRepository):  # the sweeper's read of the task in retry_or_fail_round, after attempt 1 FAILED
+            def get(self, task_id: str) -> Any:
+                held.set()
+                go.wait(10)
+                return super().get(task_id)
+
+        monkeypatch.setattr(rounds, "TaskRepository", Held)
+        swept = threading.Thread(target=sweeper.run_once)
+        swept.start()
+        assert held.wait(10)
+        canceled: list[str] = []
+        cancel = threading.Thread(target=lambda: canceled.append(service.cancel(task.task_id, "operator").status))
+        cancel.start()
+        threading.Event().wait(1.0)  # the cancel waits on the round's lock (SQLite: on the writer)
+        go.set()
+        swept.join(timeout=30)
+        cancel.join(timeout=30)
+        assert canceled == ["CANCELED"]
+        statuses = [(i.attempt, tm.IterationStatus.Name(i.status)) for i in harness.iterations(task.task_id)]
+        assert statuses == [(1, "ITERATION_STATUS_FAILED"), (2, "ITERATION_STATUS_CANCELED")]
+        assert harness.task(task.task_id).status == tm.TASK_STATUS_CANCELED
+    finally:
+        db.dispose()
+        harness.stop()

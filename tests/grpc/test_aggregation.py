@@ -540,3 +540,19 @@ def test_jobs_that_keep_failing_to_apply_hold_up_no_other_task_however_many(
     with server.db.reading() as s:
         statuses = {job_id: status for job_id, status in s.execute(select(JobRow.id, JobRow.status))}
     assert sorted(statuses[job_id] for job_id in stuck) == ["SUCCEEDED", "SUCCEEDED"]
+
+
+def test_a_job_of_a_task_canceled_while_its_round_aggregated_is_not_handed_to_a_worker(harness: Harness) -> None:
+    """The round closed (a PENDING job), then the operator canceled the task: the next claim fails the job and
+    hands out nothing, so no worker asks the key services to release, and charge the privacy budget, for a result
+    the model updater would throw away. Before 2026-12-02 the job was claimed and aggregated as if the task were
+    open (found by review)."""
+    task_id = _contribute(harness, [sealed])
+    assert [i.status for i in harness.iterations(task_id)] == [tm.ITERATION_STATUS_AGGREGATING]
+    harness.operators.cancel_task(tm.CancelTaskRequest(task_id=task_id))
+    claimed = harness.jobs.claim_job(aggregation_pb2.ClaimJobRequest(worker_id="w"))
+    assert not claimed.HasField("job")
+    with harness.suite.server.db.reading() as s:
+        jobs = list(s.execute(select(JobRow.status, JobRow.error).where(JobRow.task_id == task_id)))
+    assert [(status, error) for status, error in jobs] == [("FAILED", "task canceled: not aggregated")]
+    assert [i.status for i in harness.iterations(task_id)] == [tm.ITERATION_STATUS_CANCELED]
