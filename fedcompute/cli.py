@@ -16,7 +16,7 @@ from fedcompute.core.logs import configure_logging
 from fedcompute.core.memory import hold_frozen, keep_large_buffers
 from fedcompute.ops_cli import certs_app, config_app
 from fedcompute.privacy_cli import privacy_app
-from fedcompute.rpc.serving import one_line, unreachable
+from fedcompute.rpc.errors import one_line, unreachable
 from fedcompute.task_cli import ServerOpt, task_app
 from fedcompute.task_cli import call as _call
 from fedcompute.task_cli import operators as _operators

@@ -127,7 +127,7 @@ def _creatable(path: Path) -> list[str]:
 
 
 def _database_problems(settings: Settings) -> list[str]:
-    from fedcompute.rpc.serving import one_line
+    from fedcompute.rpc.errors import one_line
     from fedcompute.store.database import Database
 
     url = settings.resolved_database_url()

@@ -30,6 +30,7 @@ OPTIMIZERS = ("sgd", "adam")
 METRICS = ("loss", "accuracy", "auc")
 DTYPES = ("float32", "int64")
 PARAMETER_DTYPES = ("float32",)
+MAX_NAME_CHARS = 128  # a plan's name (the model name a task keeps: its column's width)
 DEFAULT_MAX_PLAN_BYTES = 8 * 1024 * 1024
 
 
@@ -203,8 +204,11 @@ def parse(data: bytes, max_bytes: int = DEFAULT_MAX_PLAN_BYTES, where: str = "pl
     inputs = tuple(_tensor_spec(p, f"{where}.inputs[{i}]", True) for i, p in enumerate(r.items("inputs")))
     if len(inputs) != 1:
         raise InvalidArgument(f"{where}.inputs", "must name exactly one input tensor (a batch of examples)")
+    name = r.text("name")
+    if len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise InvalidArgument(f"{where}.name", f"must be at most {MAX_NAME_CHARS} printable characters")
     return Plan(
-        name=r.text("name"),
+        name=name,
         program=program.text("exported_program").encode(),
         program_schema_version=program.text("schema_version"),
         torch_version=program.text("torch_version"),

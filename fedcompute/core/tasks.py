@@ -6,6 +6,7 @@ from a built-in model the spec names (``core/architectures.py``), the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from fedcompute.core import plans
@@ -17,7 +18,7 @@ PLAN_MEDIA_TYPE = plans.MEDIA_TYPE
 CHECKPOINT_MEDIA_TYPE = "application/vnd.safetensors"
 
 
-MAX_POPULATION_CHARS = 256  # a population's name, at task creation and in every device's request
+MAX_POPULATION_CHARS = 255  # a population's name, at task creation and in every device's request (its column's width)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class TaskSpec:
             raise InvalidArgument("spec.population_name", "must not be empty")
         if len(self.population_name) > MAX_POPULATION_CHARS:
             raise InvalidArgument("spec.population_name", f"must be at most {MAX_POPULATION_CHARS} characters")
+        if not self.population_name.isprintable():
+            raise InvalidArgument("spec.population_name", "must not hold control characters (NUL, newlines, ...)")
         if self.kind not in plans.KINDS:
             raise InvalidArgument("spec.kind", f"unknown kind {self.kind!r}; known: {', '.join(plans.KINDS)}")
         if self.kind == "evaluation" and self.dp is not None and not self.dp.noise_metrics:
@@ -99,17 +102,17 @@ class TaskSpec:
             raise InvalidArgument("spec.hyperparameters.local_epochs", "must be > 0")
         if hp.batch_size <= 0:
             raise InvalidArgument("spec.hyperparameters.batch_size", "must be > 0")
-        if not hp.learning_rate > 0:
-            raise InvalidArgument("spec.hyperparameters.learning_rate", "must be > 0")
+        if not 0 < hp.learning_rate < math.inf:
+            raise InvalidArgument("spec.hyperparameters.learning_rate", "must be > 0 and finite")
         if not 0 <= hp.momentum < 1:
             raise InvalidArgument("spec.hyperparameters.momentum", "must be in [0, 1)")
-        if not self.server_learning_rate > 0:
-            raise InvalidArgument("spec.server_learning_rate", "must be > 0")
+        if not 0 < self.server_learning_rate < math.inf:
+            raise InvalidArgument("spec.server_learning_rate", "must be > 0 and finite")
         for name in ("local_compute_deadline_s", "upload_deadline_s", "round_deadline_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"spec.{name}", f"must be > 0 seconds, got {getattr(self, name)}")
-        if not self.traffic_weight > 0 or self.traffic_weight != self.traffic_weight:
-            raise InvalidArgument("spec.traffic_weight", f"must be > 0, got {self.traffic_weight}")
+        if not 0 < self.traffic_weight < math.inf:
+            raise InvalidArgument("spec.traffic_weight", f"must be > 0 and finite, got {self.traffic_weight}")
         if self.max_round_attempts < 0:
             raise InvalidArgument("spec.max_round_attempts", "must be >= 0 (0: the server's setting)")
         if self.min_separation_rounds < 1:

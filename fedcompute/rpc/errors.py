@@ -36,3 +36,41 @@ def trailing_metadata_for(error: errors.FedcomputeError) -> tuple[tuple[str, str
     if isinstance(error, errors.RateLimited):
         return ((RETRY_PUSHBACK_KEY, str(max(1, round(error.retry_after_s * 1000)))),)
     return ()
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A database or network dependency that cannot be reached (duck-typed: rpc does not import sqlalchemy)."""
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return bool(names & UNREACHABLE)
+
+
+MAX_MESSAGE_CHARS = 1024  # a refusal's message (grpc-message, in the trailers: clients take 8-16 KiB of them)
+
+
+def refused_data(exc: BaseException) -> bool:
+    """The database refused a value as data (SQLSTATE class 22: a NUL character in text, which Postgres cannot
+    store, a number past its column's range, text past its length): a request's field no check caught before it
+    reached the database. Duck-typed like ``unreachable``."""
+    for e in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if e is not None and any(c.__name__ == "DataError" for c in type(e).__mro__):
+            return True
+    return False
+
+
+UNREACHABLE = frozenset(
+    {
+        "OperationalError",
+        "InterfaceError",
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+    }
+)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's text (a driver's message without its SQL or traceback)."""
+    root = exc.__cause__ or exc
+    text = str(getattr(root, "orig", None) or root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0] if text else ''}"

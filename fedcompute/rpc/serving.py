@@ -23,7 +23,14 @@ from fedcompute.core.errors import FedcomputeError, InvalidArgument
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.settings import SettingError, Settings
 from fedcompute.rpc.channels import REQUEST_ID
-from fedcompute.rpc.errors import status_for, trailing_metadata_for
+from fedcompute.rpc.errors import (
+    MAX_MESSAGE_CHARS,
+    one_line,
+    refused_data,
+    status_for,
+    trailing_metadata_for,
+    unreachable,
+)
 from fedcompute.rpc.limits import AddressRateLimiter
 from fedcompute.rpc.metrics import RpcMetrics
 from fedcompute.rpc.reflection import enable_reflection
@@ -137,11 +144,14 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def _abort(self, context: grpc.ServicerContext, exc: FedcomputeError, bound: Any) -> None:
         code = status_for(exc)
-        bound.info("rpc_refused", code=code.name, reason=exc.public_message)
+        message = exc.public_message
+        if len(message) > MAX_MESSAGE_CHARS:  # it may quote the caller's value: past gRPC's metadata limit, the
+            message = message[: MAX_MESSAGE_CHARS - 10] + " ... (cut)"  # client got RESOURCE_EXHAUSTED instead
+        bound.info("rpc_refused", code=code.name, reason=message)
         trailing = trailing_metadata_for(exc)
         if trailing:
             context.set_trailing_metadata(trailing)
-        context.abort(code, exc.public_message)
+        context.abort(code, message)
 
     def _internal(self, context: grpc.ServicerContext, exc: Exception, bound: Any) -> None:
         """An exception no handler mapped: the caller gets a generic message and an error id, never the
@@ -153,6 +163,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             # requests: nothing can be sent; gRPC knows this error as its own and ends the call without a trace
             bound.info("rpc_cancelled")
             raise exc
+        if refused_data(exc):  # the caller's value, not our fault: nothing was written (the statement failed)
+            line = one_line(exc).split(": ", 1)[-1]
+            self._abort(context, InvalidArgument("request", f"a value cannot be stored ({line})"), bound)
         error_id = _ids.new_id("err")
         code = grpc.StatusCode.UNAVAILABLE if unreachable(exc) else grpc.StatusCode.INTERNAL
         bound.error("rpc_failed", code=code.name, error_id=error_id, exc_info=exc)
@@ -230,31 +243,6 @@ _HANDLER_FACTORIES = {
 def _aborted(context: grpc.ServicerContext) -> bool:
     code = context.code() if hasattr(context, "code") else None
     return isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK
-
-
-def unreachable(exc: BaseException) -> bool:
-    """A database or network dependency that cannot be reached (duck-typed: rpc does not import sqlalchemy)."""
-    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
-    return bool(names & UNREACHABLE)
-
-
-UNREACHABLE = frozenset(
-    {
-        "OperationalError",
-        "InterfaceError",
-        "ConnectionError",
-        "ConnectionRefusedError",
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-    }
-)
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's text (a driver's message without its SQL or traceback)."""
-    root = exc.__cause__ or exc
-    text = str(getattr(root, "orig", None) or root).strip().splitlines()
-    return f"{type(root).__name__}: {text[0] if text else ''}"
 
 
 @dataclass

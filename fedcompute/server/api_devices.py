@@ -62,6 +62,8 @@ class TaskAssignmentServicer(task_assignment_pb2_grpc.TaskAssignmentServiceServi
     ) -> ta.CreateTaskAssignmentResponse:
         if len(request.population_name) > MAX_POPULATION_CHARS:  # before anything keeps or looks at it
             raise InvalidArgument("population_name", f"must be at most {MAX_POPULATION_CHARS} characters")
+        if not request.population_name.isprintable():
+            raise InvalidArgument("population_name", "must not hold control characters (NUL, newlines, ...)")
         self._attestor.check(request.population_name, request.device_attestation)
         done = {(p.task_id, p.round) for p in request.recent_participations}
         self._pace.observe(request.population_name)

@@ -53,6 +53,9 @@ class ClaimedJob:
     plan: bytes = b""
 
 
+MAX_NOTE_CHARS = 4096  # a round's note, as a worker sends it (shown to operators)
+
+
 @dataclass(frozen=True)
 class JobResult:
     update: bytes
@@ -224,6 +227,10 @@ class JobService:
         records it, its row locked: a worker whose lease ran out and was taken over meanwhile (the decode and the
         blob's fsync lie between) is refused, never recorded over the new attempt. A repeat of the call under the
         lease that completed the job (a retry after a lost answer) answers SUCCEEDED again, recording nothing."""
+        if result.rejected < 0 or any(count < 0 for count in result.rejections.values()):
+            raise InvalidArgument("rejected_contributions", "counts must be >= 0")
+        if len(result.note) > MAX_NOTE_CHARS:
+            raise InvalidArgument("note", f"must be at most {MAX_NOTE_CHARS} characters")
         with self._db.reading() as s:
             if _completed_before(JobRepository(s).get(job_id), lease_id, result):
                 return JobStatus.SUCCEEDED

@@ -14,7 +14,8 @@ from fedcompute.store.model_versions import ModelVersionRepository
 from fedcompute.store.tasks import TaskRepository
 
 _PLAN = re.compile(r"^plans/([A-Za-z0-9_-]+)$")
-_MODEL = re.compile(r"^models/([A-Za-z0-9_-]+)/([0-9]{1,18})$")  # a version fits a signed 64-bit integer
+_MODEL = re.compile(r"^models/([A-Za-z0-9_-]+)/([0-9]{1,18})$")
+MAX_VERSION = 2**31 - 1  # model versions are stored as 32-bit integers: a larger one names no version
 
 
 def plan_resource_name(task_id: str) -> str:
@@ -48,8 +49,9 @@ class ResourceService:
                 raise NotFound(f"no plan {resource_name!r}")
             return Download(len(plan), hashlib.sha256(plan).hexdigest(), _slices(plan, offset, self._chunk))
         if match := _MODEL.match(resource_name):
+            number = int(match.group(2))
             with self._db.reading() as s:
-                version = ModelVersionRepository(s).get(match.group(1), int(match.group(2)))
+                version = ModelVersionRepository(s).get(match.group(1), number) if number <= MAX_VERSION else None
             if version is None:
                 raise NotFound(f"no model version {resource_name!r}")
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
@@ -61,6 +62,14 @@ def test_initial_weights_are_used_and_checked(harness: Harness) -> None:
         ({"rounds": 0}, "spec.rounds"),
         ({"model_architecture": "no-such-model"}, "spec.model_architecture"),
         ({"population_name": ""}, "spec.population_name"),
+        ({"population_name": "p" * 256}, "spec.population_name"),  # one past its column: INTERNAL on Postgres before
+        ({"population_name": "p\x00q"}, "spec.population_name"),  # Postgres stores no NUL: INTERNAL before
+        ({"server_learning_rate": math.inf}, "spec.server_learning_rate"),  # a model of NaN and inf at publish
+        ({"traffic_weight": math.inf}, "spec.traffic_weight"),
+        (
+            {"hyperparameters": tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=math.inf)},
+            "spec.hyperparameters.learning_rate",
+        ),
     ],
 )
 def test_create_task_bad_input_names_the_field(harness: Harness, fields: dict[str, Any], named: str) -> None:
@@ -153,6 +162,7 @@ def test_bad_plans_are_refused_and_nothing_is_stored(harness: Harness) -> None:
         ({"plan": _edited(good, ("optimizer", "name"), "lbfgs")}, "unknown name 'lbfgs'"),
         ({"plan": _edited(good, ("metrics",), ["loss", "f1"])}, "unknown metric 'f1'"),
         ({"plan": _edited(good, ("format_version",), 7)}, "unknown format version 7"),
+        ({"plan": _edited(good, ("name",), "n" * 129)}, "spec.plan.name: must be at most 128"),  # its column: 128
         ({"plan": pickle.dumps({"model": "x"})}, "pickled or zipped programs are refused"),
         ({"plan": b"{" + b" " * (8 * 1024 * 1024)}, "the limit is 8388608 bytes"),
         ({"plan": _edited(good, ("program", "exported_program"), "{}")}, "not a torch.export program"),
