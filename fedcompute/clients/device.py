@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ DOWNLOAD_ATTEMPTS = 8  # tries in a row receiving nothing (refused at the stream
 DOWNLOAD_PATIENCE_S = 60.0  # ... giving up; or this long without a byte (a day-long pushback is not waited out)
 MAX_DOWNLOAD_ATTEMPTS = 50  # tries in all, whatever each received
 RECENT_PARTICIPATIONS = 100
+MAX_WAIT_S = 60.0  # the longest a server's retry pushback is waited out at once (a hostile one asks for years)
+MAX_RETRY_AFTER_S = 86_400.0  # the longest a rejection's retry window is taken at its word
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # an upload instruction's chunk size past this (or not positive): 1 MiB instead
+CHECKPOINT_HEADER_BYTES = 1024 * 1024  # a checkpoint may be this much longer than its plan's float32 parameters
 
 
 class IntegrityError(Exception):
@@ -71,6 +76,8 @@ class Trust:
         """Raise ``UntrustedKey``/``UntrustedPolicy`` unless this device may upload under the assignment."""
         key = assignment.encryption_key
         check_trusted(key, self.providers, self.threshold)
+        if time.time() >= key.destruction_time_unix:
+            raise UntrustedKey("the key's shares are destroyed (destruction_time_unix): nothing sealed to it opens")
         if hpke.key_id_for(key.public_key) != key.key_id:
             raise UntrustedKey(f"key id {key.key_id!r} does not belong to the relayed public key")
         policy = check_signed(assignment.access_policy, self.providers, self.threshold)
@@ -137,6 +144,13 @@ class Device:
             self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_FAILED_OPS_ERROR))
             return Participated(assignment.task_id, assignment.round, False, refused_key=True)
         try:
+            context = context_of(assignment)
+            context.encode()  # what the upload is bound to: fields it cannot hold are refused before any download
+        except (ValueError, struct.error):
+            return self._failed(assignment)
+        if assignment.plan.size_bytes > plans.DEFAULT_MAX_PLAN_BYTES:  # no server's plan is larger
+            return self._failed(assignment)
+        try:
             plan = plans.parse(download(self.resources, assignment.plan))
             programs.check_program(plan.program)
         except (InvalidArgument, IntegrityError):  # a plan this device cannot run, or not the one declared
@@ -145,9 +159,12 @@ class Device:
         if data is None or len(data) == 0:
             self.assignments.report_result(report_request(assignment, ta.REPORT_RESULT_NOT_ELIGIBLE))
             return Participated(assignment.task_id, assignment.round, False)
+        if assignment.checkpoint.size_bytes > plan.parameter_count() * 4 + CHECKPOINT_HEADER_BYTES:
+            return self._failed(assignment)  # longer than the plan's parameters could be: not read at all
         try:
             weights = checkpoints.decode(download(self.resources, assignment.checkpoint))
-        except (ValueError, IntegrityError):  # not the checkpoint declared, or not a checkpoint
+            plans.check_tensors(plan.schema(), weights)  # exactly the plan's names, shapes and float32
+        except (ValueError, IntegrityError):  # not the checkpoint declared, not a checkpoint, or not the plan's
             return self._failed(assignment)
         try:
             result = train_local(plan, weights, data, seed=self.rng.randrange(2**31))
@@ -159,7 +176,7 @@ class Device:
         payload = checkpoints.encode(result.delta, {"num_examples": result.examples, "metrics": result.metrics})
         if self.on_payload:
             self.on_payload(payload)
-        envelope = seal_contribution(payload, context_of(assignment), assignment.encryption_key.public_key)
+        envelope = seal_contribution(payload, context, assignment.encryption_key.public_key)
         self.done.add(turn)
         try:
             upload(self.uploads, report.upload_instruction, envelope.SerializeToString())
@@ -176,8 +193,8 @@ class Device:
         return Participated(assignment.task_id, assignment.round, False)
 
     def _rejected(self, info: common_pb2.RejectionInfo) -> Rejected:
-        low = info.retry_window.delay_min.ToNanoseconds() / 1e9
-        high = info.retry_window.delay_max.ToNanoseconds() / 1e9
+        low = min(max(info.retry_window.delay_min.ToNanoseconds() / 1e9, 0.0), MAX_RETRY_AFTER_S)
+        high = min(max(info.retry_window.delay_max.ToNanoseconds() / 1e9, 0.0), MAX_RETRY_AFTER_S)
         reason = common_pb2.RejectionReason.Name(info.reason).removeprefix("REJECTION_REASON_")
         return Rejected(reason, self.rng.uniform(low, max(low, high)))
 
@@ -293,7 +310,7 @@ def upload(
     envelope's hash when the caller already computed it (declared as given: the server checks it at finish)."""
     declared = sha256_hex or hashlib.sha256(data).hexdigest()
     metadata = upload_pb2.UploadMetadata(total_size_bytes=len(data), sha256_hex=declared)
-    chunk = instruction.chunk_size_bytes or 1024 * 1024
+    chunk = instruction.chunk_size_bytes if 0 < instruction.chunk_size_bytes <= MAX_CHUNK_BYTES else 1024 * 1024
     left_s = instruction.upload_deadline_unix - time.time()
     stop: stop_base = stop_after_attempt(UPLOAD_ATTEMPTS)
     if instruction.upload_deadline_unix:
@@ -344,12 +361,13 @@ def _pushback_s(exc: BaseException) -> float | None:
 
 
 def _upload_wait(state: RetryCallState, deadline_unix: float = 0.0) -> float:
-    """The server's pushback when it gave one, else jittered exponential backoff; never past the upload deadline
-    (a server asking for a day's wait is not waited for past it: the stop then ends the tries)."""
+    """The server's pushback when it gave one (at most ``MAX_WAIT_S``), else jittered exponential backoff; never
+    past the upload deadline (a server asking for a day's wait is not waited for past it: the stop then ends the
+    tries), whose own distance the cap bounds too (``MAX_UPLOAD_ATTEMPTS`` waits at most)."""
     backoff = _BACKOFF(state)
     failed = state.outcome.exception() if state.outcome is not None else None
     pushback = _pushback_s(failed) if failed is not None else None
-    wait = max(backoff, pushback) if pushback is not None else backoff
+    wait = max(backoff, min(pushback, MAX_WAIT_S)) if pushback is not None else backoff
     return min(wait, max(deadline_unix - time.time(), 0.0)) if deadline_unix else wait
 
 

@@ -197,7 +197,8 @@ def test_a_replayed_release_of_the_same_input_set_is_noised_afresh_and_charged_a
                 update(JobRow)
                 .where(JobRow.id == job_id)
                 .values(status="PENDING", lease_id=None, lease_expiry=None, not_before=None, update_sha256=None)
-            )
+            )  # and the task shown as open: a claim hands out no job of a task that ended
+            conn.execute(update(TaskRow).where(TaskRow.id == task.task_id).values(status="OPEN"))
 
         def replayed() -> str | None:
             with engine.connect() as conn:
@@ -426,7 +427,8 @@ def test_a_release_the_key_services_refuse_for_the_budget_ends_the_task_budget_e
                 update(JobRow)
                 .where(JobRow.id == job_id)
                 .values(status="PENDING", lease_id=None, lease_expiry=None, not_before=None, update_sha256=None)
-            )
+            )  # and the task shown as open: a claim hands out no job of a task that ended
+            conn.execute(update(TaskRow).where(TaskRow.id == task.task_id).values(status="OPEN"))
 
         def replayed() -> bool:
             with engine.connect() as conn:

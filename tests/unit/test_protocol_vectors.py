@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedcompute.attestation.results import ReleaseBinding, b64url
+from fedcompute.clients.device import Trust
 from fedcompute.core.context import ContributionContext, input_set_digest
 from fedcompute.core.policy import DeviceFloor
 from fedcompute.keys import hpke, statement
@@ -186,8 +187,9 @@ def test_signatures_are_domain_separated() -> None:
     )
 
 
-def test_device_accepts_the_assignment_and_derives_the_context() -> None:
-    """What ``clients/device.py`` does with a relayed assignment: ``Trust.check``, then ``context_of``."""
+def vector_assignment() -> tuple[task_assignment_pb2.TaskAssignment, Trust]:
+    """The assignment the vectors describe (their key, the DP policy, the plan) and a device's trust in their
+    providers (2 of them)."""
     plan = vectors()["plan"]
     ctx = vectors()["contribution_context"]["input"]
     assignment = task_assignment_pb2.TaskAssignment(
@@ -201,6 +203,14 @@ def test_device_accepts_the_assignment_and_derives_the_context() -> None:
         encryption_key=key_message(),
         access_policy=signed_policy("with_dp"),
     )
+    return assignment, Trust(trusted(), 2)
+
+
+def test_device_accepts_the_assignment_and_derives_the_context() -> None:
+    """What ``clients/device.py`` does with a relayed assignment: the checks of ``Trust.check`` (but the key's
+    times: the vectors' key is past its destruction), then ``context_of``."""
+    plan = vectors()["plan"]
+    assignment, _ = vector_assignment()
     key = assignment.encryption_key
     statement.check_trusted(key, trusted(), 2)
     policy = check_signed(assignment.access_policy, trusted(), 2)
