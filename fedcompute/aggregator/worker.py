@@ -251,8 +251,11 @@ def _faulty_note(providers: set[str]) -> str:
 
 def _input_set_problem(inputs: list[tuple[str, str]], digest: str, min_clients: int) -> str:
     """Why the job's input set must be refused before anything is asked of the key services ('' if none)."""
-    if input_set_digest(inputs) != digest:
-        return "the job's input list does not hash to its input set digest; refused"
+    try:
+        if input_set_digest(inputs) != digest:
+            return "the job's input list does not hash to its input set digest; refused"
+    except ValueError as exc:
+        return f"the job's input list is refused: {exc}"
     if [a for a, _ in inputs] != sorted({a for a, _ in inputs}):
         return "the job's input list is not in ascending, distinct assignment order; refused"
     if len(inputs) < min_clients:

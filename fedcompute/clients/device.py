@@ -237,11 +237,8 @@ def download(client: ResourceClient, resource: common_pb2.Resource) -> bytes:
     received = _Received()
 
     def stop(state: RetryCallState) -> bool:
-        return (
-            received.stalled >= DOWNLOAD_ATTEMPTS
-            or state.attempt_number >= MAX_DOWNLOAD_ATTEMPTS
-            or time.time() >= received.moved_unix + DOWNLOAD_PATIENCE_S
-        )
+        late = time.time() >= received.moved_unix + DOWNLOAD_PATIENCE_S
+        return late or received.stalled >= DOWNLOAD_ATTEMPTS or state.attempt_number >= MAX_DOWNLOAD_ATTEMPTS
 
     def wait(state: RetryCallState) -> float:
         return _upload_wait(state, deadline_unix=received.moved_unix + DOWNLOAD_PATIENCE_S)
@@ -289,8 +286,7 @@ def _read_into(client: ResourceClient, resource: common_pb2.Resource, received: 
 
 
 # a download may go on from the bytes received: the server was away, cancelled the stream for going quiet
-# (``stream_idle_s``) or was restarted, or the call's deadline came first; or the server's stream limit, after its
-# pushback
+# (``stream_idle_s``) or was restarted, or the call's deadline came first (or, after its pushback, its stream limit)
 _DOWNLOAD_RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 )

@@ -8,6 +8,7 @@ checks every field against its job, and decrypts with exactly these bytes, so an
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 
@@ -92,8 +93,22 @@ class _Reader:
         return value
 
 
+ASSIGNMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what a server's ids are (a prefix and URL-safe base64)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def input_set_digest(pairs: list[tuple[str, str]]) -> str:
-    """sha256 over the sorted (assignment id, envelope sha256) pairs of a round's contributions."""
+    """sha256 over the sorted (assignment id, envelope sha256) pairs of a round's contributions. ``ValueError``
+    unless every id is 1-128 of ``[A-Za-z0-9_-]`` and every hash 64 lowercase hex: neither then holds the encoding's
+    separators (NUL, newline), so one digest is one list. Without the check a server could choose an assignment id
+    holding separators and other inputs, and two different lists (overlapping) hashed alike, which the key
+    services took for one input set released again (found by review, 2026-12-02)."""
+    for assignment_id, blob_sha in pairs:
+        if not ASSIGNMENT_ID.fullmatch(assignment_id) or not SHA256_HEX.fullmatch(blob_sha):
+            raise ValueError(
+                f"input ({assignment_id[:40]!r}, {blob_sha[:70]!r}) is not an assignment id (1-128 of A-Z a-z 0-9 _ -) "
+                "and a sha256 (64 lowercase hex)"
+            )
     digest = hashlib.sha256(b"fedcompute/input-set/v1\x00")
     for assignment_id, blob_sha in sorted(pairs):
         digest.update(f"{assignment_id}\x00{blob_sha}\n".encode())

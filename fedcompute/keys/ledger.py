@@ -37,7 +37,11 @@ class Decision:
 
 
 def check_inputs(policy: AccessPolicy, input_set_sha256_hex: str, inputs: list[tuple[str, str]]) -> None:
-    if input_set_digest(inputs) != input_set_sha256_hex:
+    try:
+        digest = input_set_digest(inputs)
+    except ValueError as exc:
+        raise InvalidArgument("inputs", str(exc)) from None
+    if digest != input_set_sha256_hex:
         raise InvalidArgument("inputs", "do not hash to input_set_sha256_hex (send the job's whole input set)")
     if len({a for a, _ in inputs}) != len(inputs) or len({e for _, e in inputs}) != len(inputs):
         raise InvalidArgument("inputs", "name one contribution twice")

@@ -7,6 +7,7 @@ ledger must refuse."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -390,3 +391,39 @@ def test_an_attempt_is_charged_once_and_another_attempt_over_the_same_input_set_
     bodies = [json.loads(e.body) for e in log.entries]
     mine = [b for b in bodies if b["policy_sha256"] == policy.sha256_hex()]
     assert [(b["repeat"], b["releases_charged"]) for b in mine] == [(False, 1), (True, 1), (True, 2)]
+
+
+def test_an_input_list_whose_ids_hold_the_digests_separators_is_refused(harness: Harness) -> None:
+    """The server chooses assignment ids. One holding NUL and newlines and other inputs made two different,
+    overlapping lists hash to one digest (the encoding ``id NUL sha NL`` has no lengths): released once for list A,
+    the key services took list B for the same input set released again, so contributions O1, O2 went into two
+    released aggregates, past the rule of one input set per round or disjoint ones (found by review, 2026-12-02).
+    Ids are now 1-128 of ``[A-Za-z0-9_-]`` and hashes 64 lowercase hex wherever the digest is computed: list B is
+    INVALID_ARGUMENT at every key service, and the worker refuses it before asking."""
+    from fedcompute.aggregator.worker import _input_set_problem
+
+    def unchecked_digest(pairs: Inputs) -> str:  # the digest's encoding, without the check
+        digest = hashlib.sha256(b"fedcompute/input-set/v1\x00")
+        for assignment_id, blob_sha in sorted(pairs):
+            digest.update(f"{assignment_id}\x00{blob_sha}\n".encode())
+        return digest.hexdigest()
+
+    hp, ht, hq, ho1, ho2 = (f"{i:02x}" * 32 for i in range(1, 6))
+    a_list = [("asg_b", hp), ("asg_c", ht), ("asg_d", hq), ("asg_x", ho1), ("asg_y", ho2)]
+    b_list = [(f"asg_b\x00{hp}\nasg_c\x00{ht}\nasg_d", hq), ("asg_x", ho1), ("asg_y", ho2)]
+    assert unchecked_digest(a_list) == unchecked_digest(b_list)
+    assert unchecked_digest(a_list) == input_set_digest(a_list)
+    key_id = _key_id(harness)
+    assert _attempt(harness, _clients(harness)[0], _binding(key_id, a_list)) == grpc.StatusCode.OK
+    binding, _ = _binding(key_id, a_list, aggregation="agg_other")  # B's digest, as the server would bind it
+    _denied_everywhere(
+        harness,
+        (binding, b_list),
+        _result(harness, binding),
+        "is not an assignment id",
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "is not an assignment id" in _input_set_problem(b_list, binding.input_set_sha256_hex, 2)
+    for odd in ([("asg_a", "AA" * 32)], [("", "aa" * 32)], [("a" * 129, "aa" * 32)]):
+        with pytest.raises(ValueError, match="is not an assignment id"):
+            input_set_digest(odd)
