@@ -141,4 +141,6 @@ def build_verifier_server(
             verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
         )
     ]
-    return build_grpc_server(settings, "verifier", "verifier_port", registrations, registry, threads=8)
+    return build_grpc_server(
+        settings, "verifier", "verifier_port", registrations, registry, threads=8, max_receive_bytes=1024 * 1024
+    )  # evidence and a binding: kilobytes; anyone may send one, and parsing a message costs ~30x its size

@@ -19,7 +19,7 @@ from fedcompute.keys.kek import load_kek
 from fedcompute.keys.keystore import KeyStore
 from fedcompute.keys.release_log import ReleaseLog
 from fedcompute.keys.service import KeyService, ReleasePolicy
-from fedcompute.keys.servicer import KeyServicer
+from fedcompute.keys.servicer import MAX_REQUEST_BYTES, KeyServicer
 from fedcompute.rpc.metrics import announce, process_registry
 from fedcompute.rpc.serving import GrpcServer, build_grpc_server
 from fedcompute.v1 import key_pb2, key_pb2_grpc
@@ -62,4 +62,7 @@ def build_key_server(
     ]
     # Ready when its data directory is usable; the verifier's key may come later (releases wait for it).
     checks = {"key_directory": lambda: settings.key_dir().stat()}
-    return build_grpc_server(settings, "keys", "key_service_port", registrations, registry, threads=8, checks=checks)
+    return build_grpc_server(
+        settings, "keys", "key_service_port", registrations, registry, threads=8, checks=checks,
+        max_receive_bytes=MAX_REQUEST_BYTES,
+    )  # fmt: skip

@@ -7,13 +7,20 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from fedcompute.attestation.results import ReleaseBinding
-from fedcompute.core.errors import FedcomputeError
+from fedcompute.core.errors import FedcomputeError, InvalidArgument
+from fedcompute.core.tasks import MAX_COHORT
 from fedcompute.core.telemetry import KeyMetrics
 from fedcompute.keys import statement
 from fedcompute.keys.service import KeyService
 from fedcompute.rpc.auth import require_bearer
 from fedcompute.rpc.errors import status_for
 from fedcompute.v1 import common_pb2, key_pb2, key_pb2_grpc
+
+# One release covers at most this many contributions (a round's max_cohort is bounded by it), and a key service
+# takes requests of at most this many bytes (40,000 inputs are ~3.8 MB). Anyone may send a ReleaseKeyShare, and
+# parsing costs ~30 bytes of memory per byte received before any check: 128 MiB of empty inputs took ~9 GB.
+MAX_RELEASE_INPUTS = MAX_COHORT
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class KeyServicer(key_pb2_grpc.KeyServiceServicer):
@@ -42,6 +49,8 @@ class KeyServicer(key_pb2_grpc.KeyServiceServicer):
         self, request: key_pb2.ReleaseKeyShareRequest, context: grpc.ServicerContext
     ) -> key_pb2.ReleaseKeyShareResponse:
         binding = ReleaseBinding.of(request)
+        if len(request.inputs) > MAX_RELEASE_INPUTS:  # before a tuple each: anyone may send this, token or not
+            raise InvalidArgument("inputs", f"at most {MAX_RELEASE_INPUTS} contributions in one release")
         inputs = [(i.assignment_id, i.envelope_sha256_hex) for i in request.inputs]
         try:
             release = self._service.release(binding, request.attestation_result, inputs)

@@ -308,11 +308,13 @@ def build_grpc_server(
     threads: int | None = None,
     checks: Mapping[str, Callable[[], object]] | None = None,
     limited: Sequence[str] = (),
+    max_receive_bytes: int | None = None,
 ) -> GrpcServer:
     """Create, register and start a server on ``settings.host`` and the port named by ``port_setting``:
     (add_XServicer_to_server, servicer, full service name) triples; health (v1) and reflection (v1, v1alpha);
     TLS or mTLS from settings; RPC metrics under ``fedcompute_<component>_``; the services named in
-    ``limited`` are rate limited per client address."""
+    ``limited`` are rate limited per client address; ``max_receive_bytes``: a smaller receive limit than
+    ``max_message_bytes`` (services whose every request is small: parsing one costs memory before any check)."""
     port_wanted = int(getattr(settings, port_setting))
     tls = server_tls(settings)
     if port_wanted and not _bindable(settings.host, port_wanted, settings.reuse_port):
@@ -323,7 +325,7 @@ def build_grpc_server(
         futures.ThreadPoolExecutor(max_workers=threads or settings.worker_threads, thread_name_prefix="grpc"),
         interceptors=[ObservingInterceptor(RpcMetrics.create(component, registry), limiter, frozenset(limited))],
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", min(settings.max_message_bytes, max_receive_bytes or 2**31 - 1)),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],

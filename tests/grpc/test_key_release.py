@@ -427,3 +427,34 @@ def test_an_input_list_whose_ids_hold_the_digests_separators_is_refused(harness:
     for odd in ([("asg_a", "AA" * 32)], [("", "aa" * 32)], [("a" * 129, "aa" * 32)]):
         with pytest.raises(ValueError, match="is not an assignment id"):
             input_set_digest(odd)
+
+
+def test_oversized_release_requests_are_refused_before_they_cost_memory(harness: Harness) -> None:
+    """Anyone may send a ReleaseKeyShare, and parsing costs ~30 bytes per byte received before any check: 32 MiB of
+    empty inputs took a key service from 80 MB to 2.2 GB (found by review, 2026-12-02). Now a key service takes
+    requests of at most 4 MiB (gRPC refuses a larger one, RESOURCE_EXHAUSTED, unparsed), the verifier 1 MiB, and
+    a release names at most 40,000 inputs, counted before any is read. Each stays up for the next call."""
+    from fedcompute.clients.typed import VerifierClient
+    from fedcompute.v1 import verifier_pb2
+
+    key_id = _key_id(harness)
+    binding, _ = _binding(key_id)
+    client = _clients(harness)[0]
+    many = [common_pb2.InputRef()] * 40_001
+    with pytest.raises(grpc.RpcError) as info:
+        client.release_key_share(
+            key_pb2.ReleaseKeyShareRequest(attestation_result="x", inputs=many, **binding.fields())
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 40000 contributions" in (info.value.details() or "")
+    huge = [common_pb2.InputRef(assignment_id="a" * 1000)] * 5000  # ~5 MB
+    with pytest.raises(grpc.RpcError) as info:
+        client.release_key_share(
+            key_pb2.ReleaseKeyShareRequest(attestation_result="x", inputs=huge, **binding.fields())
+        )
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    verifier = VerifierClient(open_channel(harness.suite.settings.verifier_address), 10.0)
+    with pytest.raises(grpc.RpcError) as info:
+        verifier.attest(verifier_pb2.AttestRequest(evidence="x" * 2_000_000, **binding.fields()))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _attempt(harness, client, _binding(key_id)) == grpc.StatusCode.OK  # served as before
