@@ -216,10 +216,17 @@ class JobKeys:
 
     def _rebuild(self, shares: dict[str, tuple[int, bytes]], published: common_pb2.PublicKey) -> X25519PrivateKey:
         needed = self.access.threshold
+        # provider_ids[i] holds share index i + 1 (the statement its providers signed): a provider that says
+        # otherwise (a second share 1, say) is faulty and left out; its index made every subset with it fail
+        holds = {provider: i + 1 for i, provider in enumerate(published.provider_ids)}
+        misindexed = {p for p, (index, _) in shares.items() if holds.get(p) != index}
         good: set[str] = set()
         key: X25519PrivateKey | None = None
-        for subset in combinations(sorted(shares), needed):
-            candidate = hpke.load_private(combine_key([shares[p] for p in subset], needed))
+        for subset in combinations(sorted(set(shares) - misindexed), needed):
+            try:
+                candidate = hpke.load_private(combine_key([shares[p] for p in subset], needed))
+            except ValueError:  # not a key at all: this subset holds a wrong share
+                continue
             if hpke.public_bytes(candidate.public_key()) == published.public_key:
                 key = key or candidate
                 good.update(subset)
@@ -228,7 +235,7 @@ class JobKeys:
                 f"the shares from {sorted(shares)} do not rebuild the published key {published.key_id}; "
                 "at least one of these providers returned a wrong share"
             )
-        wrong = set(shares) - good
+        wrong = set(shares) - good  # (the misindexed among them)
         if wrong:
             self.faulty_providers.update(wrong)
             log.warning("wrong_key_share_detected", providers=sorted(wrong), key_id=published.key_id)

@@ -123,3 +123,24 @@ def test_a_provider_identity_appears_whole_or_not_at_all(tmp_path: Path, monkeyp
     assert (folder / "identity.json").stat().st_mode & 0o777 == 0o600
     with pytest.raises(ValueError, match="belongs to provider 'kp-0', not 'kp-1'"):
         load_identity(folder, "kp-1")
+
+
+def test_a_provider_naming_another_providers_share_index_is_left_out_of_the_rebuild() -> None:
+    """kp-2 answers with share index 1 (its signed statement says kp-2 holds index 3): before 2026-12-02 the worker
+    took the index as given, every pair with kp-2 held index 1 twice and Shamir's combine raised out of the rebuild,
+    failing the job after the honest providers had released (and charged) for it, on every retry (found by review).
+    Now a provider whose index is not the statement's is faulty and left out; kp-0 and kp-1 rebuild the key."""
+    from fedcompute.aggregator.keys import JobKeys, KeyAccess
+    from fedcompute.v1 import aggregation_pb2
+
+    private = hpke.generate_private_key()
+    public = hpke.public_bytes(private.public_key())
+    (one, two, _) = split_key(hpke.private_bytes(private), 2, 3)
+    published = common_pb2.PublicKey(
+        key_id=hpke.key_id_for(public), public_key=public, provider_ids=["kp-0", "kp-1", "kp-2"]
+    )
+    access = KeyAccess(providers=[], trusted={}, threshold=2, verifier=None, evidence=lambda ids: "")  # type: ignore[arg-type]
+    keys = JobKeys(access, aggregation_pb2.AggregationJob(), "", [])
+    rebuilt = keys._rebuild({"kp-0": one, "kp-1": two, "kp-2": one}, published)
+    assert hpke.public_bytes(rebuilt.public_key()) == public
+    assert keys.faulty_providers == {"kp-2"}
