@@ -21,6 +21,7 @@ from fedcompute.v1 import verifier_pb2, verifier_pb2_grpc
 
 log = structlog.get_logger("fedcompute.verifier")
 CHALLENGE_LIFETIME = timedelta(minutes=2)
+MAX_CHALLENGES = 100_000  # outstanding at once (anyone may ask for one): past it the oldest is dropped
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,11 @@ class Verifier:
     def challenge(self) -> tuple[str, datetime]:
         now = self._clock.now()
         nonce = b64url(secrets.token_bytes(16))
-        with self._lock:
-            self._challenges = {n: e for n, e in self._challenges.items() if e > now}
+        with self._lock:  # oldest first (one lifetime for all): drop the expired from the front, O(1) a call
+            while self._challenges and (
+                len(self._challenges) >= MAX_CHALLENGES or next(iter(self._challenges.values())) <= now
+            ):
+                del self._challenges[next(iter(self._challenges))]
             self._challenges[nonce] = now + CHALLENGE_LIFETIME
         return nonce, now + CHALLENGE_LIFETIME
 
