@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -28,6 +28,7 @@ from fedcompute.clients.typed import KeyClient, VerifierClient
 from fedcompute.keys import hpke, statement
 from fedcompute.keys.service import release_context
 from fedcompute.keys.shamir import combine_key
+from fedcompute.rpc.errors import BUDGET_REFUSAL, REFUSAL_KEY
 from fedcompute.v1 import aggregation_pb2, common_pb2, key_pb2, verifier_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
@@ -135,7 +136,7 @@ class JobKeys:
         if len(shares) < needed and refused:
             # spent for good only if too few key services are left that have not said so (each keeps its own
             # ledger: one that was away during an earlier attempt was not charged for it, and may still release)
-            spent = refused.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            spent = refused.count(BUDGET_REFUSAL)
             refusal = BudgetExhausted if len(self.access.providers) - spent < needed else KeyRefused
             raise refusal(f"key services refused to release a share: {'; '.join(errors)}")
         if len(shares) < needed:
@@ -167,9 +168,11 @@ class JobKeys:
         result: str,
         result_id: str,
         ephemeral: X25519PrivateKey,
-    ) -> tuple[dict[str, tuple[int, bytes]], list[str], list[grpc.StatusCode]]:
+    ) -> tuple[dict[str, tuple[int, bytes]], list[str], list[str]]:
         """The shares that verified, what went wrong with the others, and the refusals among those, one per key
-        service that refused (``REFUSALS``: its ledger said no)."""
+        service that refused (``REFUSALS``: its ledger said no): ``BUDGET_REFUSAL`` where it said so for the
+        budget (its trailer; gRPC's own RESOURCE_EXHAUSTED for a message too large is no budget refusal), else the
+        code's name."""
         request = key_pb2.ReleaseKeyShareRequest(
             attestation_result=result,
             inputs=[common_pb2.InputRef(assignment_id=a, envelope_sha256_hex=e) for a, e in self.inputs],
@@ -177,14 +180,18 @@ class JobKeys:
         )
         shares: dict[str, tuple[int, bytes]] = {}
         errors: list[str] = []
-        refused: list[grpc.StatusCode] = []
+        refused: list[str] = []
         for client in providers:
             try:
                 reply = client.release_key_share(request)
             except grpc.RpcError as exc:
                 errors.append(f"{exc.code().name}: {exc.details()}")
                 if exc.code() in REFUSALS:
-                    refused.append(exc.code())
+                    trailers: Sequence[tuple[str, str | bytes]] = (
+                        exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+                    ) or ()
+                    budget = any(key == REFUSAL_KEY and value == BUDGET_REFUSAL for key, value in trailers)
+                    refused.append(BUDGET_REFUSAL if budget else exc.code().name)
                 continue
             share = self._open(reply, binding, result_id, ephemeral)
             if share is None:

@@ -55,6 +55,11 @@ class ResourceExhausted(FedcomputeError):
     """A size or capacity limit was hit."""
 
 
+class BudgetSpent(ResourceExhausted):
+    """A key service's ledger refuses a release for the task's privacy budget (marked apart from other
+    RESOURCE_EXHAUSTED answers, such as gRPC's own for a message past the receive limit)."""
+
+
 class Aborted(FedcomputeError):
     """A concurrent change won; retry the operation."""
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute.core.context import input_set_digest
-from fedcompute.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from fedcompute.core.errors import BudgetSpent, InvalidArgument, PermissionDenied
 from fedcompute.core.policy import AccessPolicy
 from fedcompute.keys.keystore import KeysetState, RoundRelease
 
@@ -85,7 +85,7 @@ def decide(
         charged += 1
         eps = epsilon_after(charged)
         if eps > policy.dp.epsilon:
-            raise ResourceExhausted(
+            raise BudgetSpent(
                 f"the task's privacy budget is spent: release {charged} would bring epsilon to {eps:.4g}, "
                 f"over the access policy's {policy.dp.epsilon:g}"
             )

@@ -19,6 +19,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.FedcomputeError], grpc.StatusCode], ...
 )
 
 COMMITTED_SIZE_KEY = "fedcompute-committed-size"
+REFUSAL_KEY, BUDGET_REFUSAL = "fedcompute-refusal", "privacy-budget"  # a trailer: a budget refusal, said so
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's own retry pushback: clients with a retry policy obey it
 
 
@@ -33,6 +34,8 @@ def trailing_metadata_for(error: errors.FedcomputeError) -> tuple[tuple[str, str
     """Machine-readable detail some errors carry beside their message (e.g. an upload's committed size)."""
     if isinstance(error, errors.OffsetMismatch):
         return ((COMMITTED_SIZE_KEY, str(error.committed_size)),)
+    if isinstance(error, errors.BudgetSpent):
+        return ((REFUSAL_KEY, BUDGET_REFUSAL),)
     if isinstance(error, errors.RateLimited):
         return ((RETRY_PUSHBACK_KEY, str(max(1, round(error.retry_after_s * 1000)))),)
     return ()
@@ -44,7 +47,8 @@ def unreachable(exc: BaseException) -> bool:
     return bool(names & UNREACHABLE)
 
 
-MAX_MESSAGE_CHARS = 1024  # a refusal's message (grpc-message, in the trailers: clients take 8-16 KiB of them)
+MAX_MESSAGE_BYTES = 1024  # a refusal's message in UTF-8 (grpc-message, percent-encoded in the trailers: clients
+# take 8-16 KiB of them)
 
 
 def refused_data(exc: BaseException) -> bool:

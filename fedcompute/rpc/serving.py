@@ -24,7 +24,7 @@ from fedcompute.core.loops import PollingLoop
 from fedcompute.core.settings import SettingError, Settings
 from fedcompute.rpc.channels import REQUEST_ID
 from fedcompute.rpc.errors import (
-    MAX_MESSAGE_CHARS,
+    MAX_MESSAGE_BYTES,
     one_line,
     refused_data,
     status_for,
@@ -145,8 +145,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def _abort(self, context: grpc.ServicerContext, exc: FedcomputeError, bound: Any) -> None:
         code = status_for(exc)
         message = exc.public_message
-        if len(message) > MAX_MESSAGE_CHARS:  # it may quote the caller's value: past gRPC's metadata limit, the
-            message = message[: MAX_MESSAGE_CHARS - 10] + " ... (cut)"  # client got RESOURCE_EXHAUSTED instead
+        if len(message.encode()) > MAX_MESSAGE_BYTES:  # it may quote the caller's value: past gRPC's metadata
+            # limit (the message travels percent-encoded, up to 3 bytes a byte), the client got RESOURCE_EXHAUSTED
+            message = message.encode()[: MAX_MESSAGE_BYTES - 10].decode(errors="ignore") + " ... (cut)"
         bound.info("rpc_refused", code=code.name, reason=message)
         trailing = trailing_metadata_for(exc)
         if trailing:

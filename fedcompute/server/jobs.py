@@ -134,16 +134,18 @@ class JobService:
         with self._db.transaction() as s:
             jobs = JobRepository(s)
             for candidate in jobs.claimable(now):
-                ended = TaskRepository(s).get(candidate.task_id)
-                if ended is not None and ended.status != TaskStatus.OPEN:  # canceled while its round aggregated
-                    why = f"task {ended.status.lower()}: not aggregated"
-                    if jobs.change_status(candidate.job_id, candidate.status, JobStatus.FAILED, now, why, error=why):
-                        log.info("job_dropped", job_id=candidate.job_id, task_id=candidate.task_id, reason=why)
-                    continue  # no worker asks the key services to release (and charge) for a result never used
                 if candidate.status == JobStatus.RUNNING and candidate.attempts >= self._limits.job_attempts:
                     self._give_up(s, candidate, now)  # every attempt's worker died or hung holding it
                     continue
                 if jobs.take_lease(candidate, worker_id, self._ids.new_id("lease"), now + self._lease, now):
+                    # the task read under a share lock, after the job's (the order every job path takes): a cancel
+                    # committing meanwhile is seen, or waits for this claim and then finds the job leased
+                    status = TaskRepository(s).status_shared(candidate.task_id)
+                    if status != TaskStatus.OPEN:  # canceled while its round aggregated: no worker asks the key
+                        why = f"task {str(status).lower()}: not aggregated"  # services to release (and charge)
+                        jobs.change_status(candidate.job_id, JobStatus.RUNNING, JobStatus.FAILED, now, why, error=why)
+                        log.info("job_dropped", job_id=candidate.job_id, task_id=candidate.task_id, reason=why)
+                        continue
                     if candidate.status == JobStatus.RUNNING:  # a crashed or stuck worker's lease ran out
                         self._metrics.lease_expiries.inc()
                     job = jobs.get(candidate.job_id)

@@ -89,6 +89,13 @@ class TaskRepository:
         )
         record_created(self._s, "task", task_id, status, now)
 
+    def status_shared(self, task_id: str) -> str | None:
+        """The task's status, its row share-locked until the transaction ends (Postgres ``FOR SHARE``: a change of
+        it waits; SQLite's writers are serialized anyway)."""
+        query = select(TaskRow.status).where(TaskRow.id == task_id).with_for_update(read=True)
+        status: str | None = self._s.scalar(query)
+        return status
+
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._s.get(TaskRow, task_id)
         return self._with_epsilon([row])[0] if row else None

@@ -75,12 +75,14 @@ def test_a_model_version_past_the_stored_range_is_not_found(harness: Harness) ->
 
 
 def test_a_long_id_quoted_back_is_cut_so_the_refusal_arrives(harness: Harness) -> None:
-    """A 20,000-character task id: NOT_FOUND, its message cut to 1,024 characters. The whole id quoted in the
-    message put the trailers past the client's metadata limit, and the client saw RESOURCE_EXHAUSTED instead."""
-    code, details = _refusal(lambda: harness.operators.get_task(tm.GetTaskRequest(task_id="t" * 20_000)))
-    assert code == grpc.StatusCode.NOT_FOUND
-    assert len(details) <= 1024
-    assert details.endswith("(cut)")
+    """A 20,000-character task id, and 2,000 emoji: NOT_FOUND, the message cut to 1,024 bytes of UTF-8. The whole id
+    quoted in the message put the trailers past the client's metadata limit, and the client saw RESOURCE_EXHAUSTED
+    instead (the emoji, cut by characters, still did at random)."""
+    for long_id in ("t" * 20_000, "\U0001f600" * 2_000):  # (the second: 4 bytes a character, 3 a byte on the wire)
+        code, details = _refusal(lambda i=long_id: harness.operators.get_task(tm.GetTaskRequest(task_id=i)))  # type: ignore[misc]
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert len(details.encode()) <= 1024
+        assert details.endswith("(cut)")
 
 
 def test_a_job_result_with_negative_counts_is_refused_before_anything_is_recorded(harness: Harness) -> None:
