@@ -60,7 +60,7 @@ def main() -> None:
         try:
             spec = tm.TaskSpec(
                 population_name=checkin.POPULATION, model_architecture="digits-linear-v1", rounds=1,
-                report_goal=1_000_000, max_cohort=1_000_000,
+                report_goal=40_000, max_cohort=1_000_000,
                 hyperparameters=tm.TrainingHyperparameters(local_epochs=1, batch_size=16, learning_rate=0.1),
             )  # fmt: skip
             create_task(suite, spec)

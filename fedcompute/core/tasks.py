@@ -18,7 +18,7 @@ PLAN_MEDIA_TYPE = plans.MEDIA_TYPE
 CHECKPOINT_MEDIA_TYPE = "application/vnd.safetensors"
 
 
-MAX_COHORT = 40_000  # a round's most contributions: the most one key release covers (keys/servicer.py)
+MAX_REPORT_GOAL = 40_000  # a round's most contributions (it closes at its goal): what one release covers (keys/)
 MAX_POPULATION_CHARS = 255  # a population's name, at task creation and in every device's request (its column's width)
 
 
@@ -81,8 +81,10 @@ class TaskSpec:
             raise InvalidArgument("spec.rounds", f"must be > 0, got {self.rounds}")
         if self.report_goal <= 0:
             raise InvalidArgument("spec.report_goal", f"must be > 0, got {self.report_goal}")
-        if self.max_cohort > MAX_COHORT:
-            raise InvalidArgument("spec.max_cohort", f"must be at most {MAX_COHORT} (what one key release covers)")
+        if self.report_goal > MAX_REPORT_GOAL:
+            raise InvalidArgument(
+                "spec.report_goal", f"must be at most {MAX_REPORT_GOAL} (what one key release covers)"
+            )
         if self.max_cohort < self.report_goal:
             raise InvalidArgument(
                 "spec.max_cohort", f"must be >= report_goal ({self.report_goal}), got {self.max_cohort}"

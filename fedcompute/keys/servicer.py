@@ -8,7 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from fedcompute.attestation.results import ReleaseBinding
 from fedcompute.core.errors import FedcomputeError, InvalidArgument
-from fedcompute.core.tasks import MAX_COHORT
+from fedcompute.core.tasks import MAX_REPORT_GOAL
 from fedcompute.core.telemetry import KeyMetrics
 from fedcompute.keys import statement
 from fedcompute.keys.service import KeyService
@@ -16,10 +16,10 @@ from fedcompute.rpc.auth import require_bearer
 from fedcompute.rpc.errors import status_for
 from fedcompute.v1 import common_pb2, key_pb2, key_pb2_grpc
 
-# One release covers at most this many contributions (a round's max_cohort is bounded by it), and a key service
-# takes requests of at most this many bytes (40,000 inputs are ~3.8 MB). Anyone may send a ReleaseKeyShare, and
-# parsing costs ~30 bytes of memory per byte received before any check: 128 MiB of empty inputs took ~9 GB.
-MAX_RELEASE_INPUTS = MAX_COHORT
+# One release covers at most this many contributions (a round closes at its report_goal, bounded by it), and a key
+# service takes requests of at most this many bytes (40,000 inputs are ~3.8 MB). Anyone may send a ReleaseKeyShare,
+# and parsing costs ~30 bytes of memory per byte received before any check: 128 MiB of empty inputs took ~9 GB.
+MAX_RELEASE_INPUTS = MAX_REPORT_GOAL
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 

@@ -59,7 +59,7 @@ def test_initial_weights_are_used_and_checked(harness: Harness) -> None:
         ({"report_goal": 0}, "spec.report_goal"),
         ({"report_goal": -3}, "spec.report_goal"),
         ({"report_goal": 5, "max_cohort": 4}, "spec.max_cohort"),
-        ({"max_cohort": 40_001}, "spec.max_cohort"),  # more than one key release covers
+        ({"report_goal": 40_001, "max_cohort": 40_001}, "spec.report_goal"),  # more than one key release covers
         ({"rounds": 0}, "spec.rounds"),
         ({"model_architecture": "no-such-model"}, "spec.model_architecture"),
         ({"population_name": ""}, "spec.population_name"),
