@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -16,10 +17,12 @@ import structlog
 from fedcompute.core.clock import Clock
 from fedcompute.core.errors import Aborted
 from fedcompute.store.assignments import AssignmentRepository
+from fedcompute.store.blobs import PUT_PREFIX
 from fedcompute.store.database import Database
 
 log = structlog.get_logger("fedcompute.staging")
 BATCH = 500  # staging files looked at per call (one read of their assignments)
+STALE_PUT_S = 3600  # a blob's temporary file (``PUT_PREFIX``) this much older than now was left by a crash
 _STAGED = re.compile(r"^upload-(asg_[A-Za-z0-9_-]+?)(?:\.lock)?$")  # the ids uploads.py accepts
 
 
@@ -84,7 +87,7 @@ class StagingSweeper:
         if not self._pending:
             if self._due is not None and self._clock.now() < self._due:
                 return 0
-            self._pending, self._removed = self._staged(), 0
+            self._pending, self._removed = self._staged(), self._stale_puts()
         batch = self._pending[:BATCH]
         if batch:
             with self._db.reading() as s:
@@ -105,6 +108,22 @@ class StagingSweeper:
             return []
         ids = {m.group(1) for e in entries if (m := _STAGED.match(e.name)) and e.is_file(follow_symlinks=False)}
         return sorted(ids)
+
+    def _stale_puts(self) -> int:
+        """Remove the temporary files of blob writes a crash left (a write takes seconds; these are an hour old)."""
+        removed, cutoff = 0, time.time() - STALE_PUT_S  # file times are the wall clock's
+        try:
+            entries = list(os.scandir(self._staging))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.name.startswith(PUT_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:  # gone meanwhile (another replica's sweep), or not ours to remove: the next pass
+                continue
+        return removed
 
     def _remove(self, upload_id: str) -> bool:
         """True if the upload's staged bytes were here and are now gone (its lock file goes with the lock)."""

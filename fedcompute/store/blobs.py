@@ -14,6 +14,7 @@ from fedcompute.core.blobs import BlobCorrupted, BlobMissing, blob_path
 from fedcompute.core.files import fsync_directory, read_uncached, replace_durably
 
 _READ = 1024 * 1024
+PUT_PREFIX = "put-"  # a blob being written in the staging directory; one a crash left is the staging sweep's
 
 
 class LocalBlobStore:
@@ -34,7 +35,7 @@ class LocalBlobStore:
         target = self._path(digest)
         if target.exists():
             return digest
-        fd, tmp = tempfile.mkstemp(dir=self.staging_dir())
+        fd, tmp = tempfile.mkstemp(dir=self.staging_dir(), prefix=PUT_PREFIX)  # a crash leaves it to the sweep
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

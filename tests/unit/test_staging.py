@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -135,3 +136,20 @@ def test_an_entry_the_sweep_cannot_remove_is_skipped_and_the_rest_swept(tmp_path
     left = {p.name for p in staging.iterdir()}
     assert left == {"upload-asg_a", "upload-asg_a.lock", "upload-asg_d", "upload-notes.txt", "tmpk2j3h4"}
     db.dispose()
+
+
+def test_the_sweep_removes_blob_writes_a_crash_left_and_keeps_recent_ones(tmp_path: Path) -> None:
+    """A process killed inside ``LocalBlobStore.put`` leaves its temporary file in the staging directory; those
+    matched no pattern the sweep knew and stayed for good (found by review, 2026-12-02). Now one an hour old goes;
+    a write in progress (a fresh one) stays."""
+    from fedcompute.store.blobs import PUT_PREFIX
+
+    sweeper, staging, _ = _sweeper(tmp_path, FakeClock())
+    left, writing = staging / f"{PUT_PREFIX}abc", staging / f"{PUT_PREFIX}def"
+    left.write_bytes(b"half a blob")
+    writing.write_bytes(b"a blob being written")
+    old = time.time() - 2 * 3600
+    os.utime(left, (old, old))
+    sweeper.run_once()
+    assert not left.exists()
+    assert writing.exists()
