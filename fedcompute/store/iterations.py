@@ -98,12 +98,14 @@ class IterationRepository:
         )
         return [to_record(r) for r in self._s.scalars(query)]
 
-    def current(self, task_id: str) -> IterationRecord | None:
+    def current(self, task_id: str, fresh: bool = False) -> IterationRecord | None:
+        """The task's latest round (attempt); ``fresh``: its row read again, not as this session first loaded it."""
         query = (
             select(IterationRow)
             .where(IterationRow.task_id == task_id)
             .order_by(IterationRow.round.desc(), IterationRow.attempt.desc())
             .limit(1)
+            .execution_options(populate_existing=fresh)
         )
         row = self._s.scalar(query)
         return to_record(row) if row else None
@@ -117,15 +119,9 @@ class IterationRepository:
             if latest is None:
                 return None
             self.lock(latest.iteration_id)
-            fresh = self._s.scalar(
-                select(IterationRow)
-                .where(IterationRow.task_id == task_id)
-                .order_by(IterationRow.round.desc(), IterationRow.attempt.desc())
-                .limit(1)
-                .execution_options(populate_existing=True)
-            )
-            if fresh is not None and fresh.id == latest.iteration_id:
-                return to_record(fresh)
+            locked = self.current(task_id, fresh=True)
+            if locked is not None and locked.iteration_id == latest.iteration_id:
+                return locked
 
     def open_ones(self) -> list[tuple[IterationRecord, datetime]]:
         """Every open round (attempt) with the time it opened (the sweeper's work list)."""

@@ -51,6 +51,17 @@ def _as_server(database_url: str, change: Callable[[Connection], object]) -> Non
     engine.dispose()
 
 
+def _replay(conn: Connection, job_id: str, task_id: str) -> None:
+    """As the server with its database: put a finished job back in the queue for a worker to release again, its
+    task shown open (a claim hands out no job of a task that ended)."""
+    conn.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id)
+        .values(status="PENDING", lease_id=None, lease_expiry=None, not_before=None, update_sha256=None)
+    )
+    conn.execute(update(TaskRow).where(TaskRow.id == task_id).values(status="OPEN"))
+
+
 def _note(harness: Harness, task_id: str) -> str:
     return harness.iterations(task_id)[-1].aggregation_note
 
@@ -193,12 +204,7 @@ def test_a_replayed_release_of_the_same_input_set_is_noised_afresh_and_charged_a
             job_id, first = conn.execute(select(JobRow.id, JobRow.update_sha256)).one()
         logged = _releases_logged(harness)
         with engine.begin() as conn:
-            conn.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id)
-                .values(status="PENDING", lease_id=None, lease_expiry=None, not_before=None, update_sha256=None)
-            )  # and the task shown as open: a claim hands out no job of a task that ended
-            conn.execute(update(TaskRow).where(TaskRow.id == task.task_id).values(status="OPEN"))
+            _replay(conn, job_id, task.task_id)
 
         def replayed() -> str | None:
             with engine.connect() as conn:
@@ -423,12 +429,7 @@ def test_a_release_the_key_services_refuse_for_the_budget_ends_the_task_budget_e
         engine = create_engine(database_url)
         with engine.begin() as conn:
             job_id = conn.execute(select(JobRow.id)).scalar_one()
-            conn.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id)
-                .values(status="PENDING", lease_id=None, lease_expiry=None, not_before=None, update_sha256=None)
-            )  # and the task shown as open: a claim hands out no job of a task that ended
-            conn.execute(update(TaskRow).where(TaskRow.id == task.task_id).values(status="OPEN"))
+            _replay(conn, job_id, task.task_id)
 
         def replayed() -> bool:
             with engine.connect() as conn:
