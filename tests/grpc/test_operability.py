@@ -147,10 +147,18 @@ def test_request_ids_are_returned_to_callers(harness: Harness) -> None:
     stub = task_management_pb2_grpc.TaskManagementServiceStub(open_channel(harness.suite.server_address))
     auth = (("authorization", f"Bearer {harness.suite.settings.operator_token or _token(harness)}"),)
     _, call = stub.ListTasks.with_call(tm.ListTasksRequest(), metadata=(*auth, (REQUEST_ID, "req_mine")), timeout=5)
-    assert (REQUEST_ID, "req_mine") in tuple(call.initial_metadata())
+    assert (REQUEST_ID, "req_mine") in tuple(call.trailing_metadata())  # in the trailers, with the status
     _, call = stub.ListTasks.with_call(tm.ListTasksRequest(), metadata=auth, timeout=5)
-    sent = dict(call.initial_metadata())[REQUEST_ID]
+    sent = dict(call.trailing_metadata())[REQUEST_ID]
     assert str(sent).startswith("req_")  # the typed channel's id, or one the server made
+    bare = task_management_pb2_grpc.TaskManagementServiceStub(grpc.insecure_channel(harness.suite.server_address))
+    _, call = bare.ListTasks.with_call(tm.ListTasksRequest(), metadata=auth, timeout=5)  # no id sent
+    assert str(dict(call.trailing_metadata())[REQUEST_ID]).startswith("req_")  # the one the server made
+    with pytest.raises(grpc.RpcError) as refused:  # an error's trailers carry it too
+        stub.GetTask(tm.GetTaskRequest(task_id="task_missing"), metadata=(*auth, (REQUEST_ID, "req_err")), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    trailers: dict[str, Any] = dict(refused.value.trailing_metadata() or ())  # type: ignore[arg-type]
+    assert trailers[REQUEST_ID] == "req_err"
 
 
 def _token(harness: Harness) -> str:

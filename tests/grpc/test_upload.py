@@ -19,7 +19,7 @@ from fedcompute.clients.device import download, upload
 from fedcompute.clients.typed import UploadClient
 from fedcompute.core.blobs import blob_path
 from fedcompute.core.settings import Settings
-from fedcompute.rpc.channels import open_channel
+from fedcompute.rpc.channels import REQUEST_ID, open_channel
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
@@ -85,6 +85,7 @@ def test_resumable_upload_and_idempotent_finish(harness: Harness) -> None:
     assert str(half) in (info.value.details() or "")
     trailing: dict[str, object] = {m.key: m.value for m in info.value.trailing_metadata() or ()}
     assert trailing[COMMITTED_SIZE_KEY] == str(half)
+    assert str(trailing[REQUEST_ID]).startswith("req_")  # beside the error's own trailer, not replaced by it
     done = _write(harness, instruction, data[half:], offset=half, declared=data)
     assert (done.committed_size, done.complete) == (len(data), True)
     again = _write(harness, instruction, b"", offset=len(data), declared=data)
