@@ -15,9 +15,10 @@ class BlobStore(Protocol):
         """Store ``data``; return its sha256 hex (its address)."""
         ...
 
-    def put_file(self, path: Path, sha256_hex: str | None = None) -> str:
+    def put_file(self, path: Path, sha256_hex: str | None = None, *, synced: bool = False) -> str:
         """Move a finished file into the store (hashing it unless the caller gives its digest, hashed as the bytes
-        arrived); return its sha256 hex. Reads verify the address whatever was given."""
+        arrived); return its sha256 hex. Reads verify the address whatever was given. ``synced``: the caller
+        fsynced the file after its last write (a store on this disk then does not fsync it again)."""
         ...
 
     def get(self, sha256_hex: str, *, verify: bool = True, once: bool = False) -> bytes:

@@ -293,7 +293,8 @@ class UploadService:
         except InvalidArgument:
             self._discard(upload, path)
             raise
-        blob = self._blobs.put_file(path, sha256_hex)  # hashed once, as it arrived
+        # hashed once, as it arrived; fsynced by the stream that wrote its last bytes (``_receive``)
+        blob = self._blobs.put_file(path, sha256_hex, synced=True)
         try:
             self._commit(started, blob, start)
         except _RoundClosed:

@@ -67,7 +67,7 @@ class S3BlobStore:
                 self._s3.put_object(Bucket=self._bucket, Key=key, Body=data)
         return digest
 
-    def put_file(self, path: Path, sha256_hex: str | None = None) -> str:
+    def put_file(self, path: Path, sha256_hex: str | None = None, *, synced: bool = False) -> str:
         digest = sha256_hex or _hash_file(path)  # the caller's digest, when it hashed the bytes as they arrived
         key = self.key(digest)
         with _reaching("put_file"):

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from fedcompute.store.database import Database
+from tests.fsyncs import watch_fsyncs
 
 
 def test_a_durable_commit_fsyncs_the_wal_after_the_write_lock_and_a_soft_one_does_not(
@@ -42,19 +43,6 @@ def test_a_durable_commit_fsyncs_the_wal_after_the_write_lock_and_a_soft_one_doe
     db.dispose()
 
 
-def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every real fsync from now on, by the path its descriptor names (directories included)."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
-
-
 def test_a_stored_blob_is_named_durably_its_directory_fsynced_after_the_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -63,7 +51,8 @@ def test_a_stored_blob_is_named_durably_its_directory_fsynced_after_the_rename(
     from fedcompute.store.blobs import LocalBlobStore
 
     store = LocalBlobStore(tmp_path / "blobs")
-    synced = _fsyncs(monkeypatch)
+    real_fsync = os.fsync
+    synced = watch_fsyncs(monkeypatch)
     digest = store.put(b"first")
     blob_dir = str(tmp_path / "blobs" / "sha256" / digest[:2])
     assert synced[-2:] == [str(tmp_path / "blobs" / "sha256"), blob_dir]  # new ab/: named, then the blob's name
@@ -73,7 +62,19 @@ def test_a_stored_blob_is_named_durably_its_directory_fsynced_after_the_rename(
     synced.clear()
     second = store.put_file(staged)
     assert synced[-1] == str(tmp_path / "blobs" / "sha256" / second[:2])
+    assert synced[0] == str(staged)  # its bytes, before the rename
     assert store.get(second) == b"second"
+    # a file its writer fsynced after its last write (an upload: the stream's own fsync) is only named durably
+    third = tmp_path / "blobs" / "tmp" / "upload-2"
+    with third.open("wb") as handle:
+        handle.write(b"third")
+        handle.flush()
+        real_fsync(handle.fileno())
+    synced.clear()
+    digest = store.put_file(third, synced=True)
+    assert str(third) not in synced
+    assert synced[-1] == str(tmp_path / "blobs" / "sha256" / digest[:2])
+    assert store.get(digest) == b"third"
 
 
 def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
@@ -87,7 +88,7 @@ def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
     from fedcompute.keys.trust import load_trusted, write_trusted
 
     store = KeyStore(tmp_path / "keys" / "keyset.json", os.urandom(32))
-    synced = _fsyncs(monkeypatch)
+    synced = watch_fsyncs(monkeypatch)
     with store.mutate() as state:
         state.charged["policy"] = 2
     assert synced[-1] == str(tmp_path / "keys")
@@ -165,7 +166,7 @@ def test_generated_secrets_and_signing_keys_appear_whole_and_durably_or_not_at_a
     assert list(key_path.parent.iterdir()) == []  # neither the name nor the temporary file
     monkeypatch.setattr(os, "fsync", real_fsync)
 
-    synced = _fsyncs(monkeypatch)
+    synced = watch_fsyncs(monkeypatch)
     key = load_or_create_ec_key(key_path)
     assert synced[0].startswith(str(tmp_path / "verifier" / ".verifier.pem-"))  # the bytes, before the name
     assert synced[-1] == str(tmp_path / "verifier")  # the name, after the link
