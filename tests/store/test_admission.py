@@ -342,7 +342,9 @@ def test_on_postgres_a_round_waiting_on_its_row_lock_holds_up_no_other_rounds_ch
         with db.engine.connect() as holder, holder.begin():
             holder.execute(text("SELECT id FROM iterations WHERE id = :id FOR UPDATE"), {"id": first})
             waiting = check_in(Admission(first, "asg_a", "task_a", NOW))
-            with db.engine.connect() as probe:  # A's statement is waiting on the lock before B checks in
+            # A's statement is waiting on the lock before B checks in; each poll its own transaction, since
+            # pg_stat_activity is read once per transaction (a probe in one would never see A start waiting)
+            with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as probe:
                 wait_for(
                     lambda: probe.execute(
                         text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = :d"),
