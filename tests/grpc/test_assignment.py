@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from fedcompute.clients.device import Device, Participated, Rejected
-from fedcompute.clients.typed import ResourceClient, UploadClient
+from fedcompute.clients.typed import KeyClient, ResourceClient, UploadClient
+from fedcompute.core.clock import SystemClock
+from fedcompute.core.errors import Unavailable
 from fedcompute.rpc.channels import open_channel
-from fedcompute.v1 import common_pb2
+from fedcompute.server.keyring import KeyRing
+from fedcompute.v1 import common_pb2, key_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.harness import Harness
@@ -254,3 +259,66 @@ def test_a_request_protobuf_cannot_parse_is_invalid_argument(harness: Harness, m
             call(bad, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid protobuf message" in (info.value.details() or "")
+
+
+class _SlowCountingKeys(KeyClient):
+    """A real key-service client that counts its look-ups of a population's keys, each held 0.3 s first (a slow
+    provider: every caller of a burst arrives while the first look-up is under way)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(open_channel(address), 10.0)
+        self.asked = 0
+        self._lock = threading.Lock()
+
+    def get_public_keys(self, request: key_pb2.GetPublicKeysRequest) -> key_pb2.GetPublicKeysResponse:
+        with self._lock:
+            self.asked += 1
+        time.sleep(0.3)
+        return super().get_public_keys(request)
+
+
+def _burst(ring: KeyRing, population: str, callers: int = 16) -> list[common_pb2.PublicKey | Exception]:
+    """``callers`` check-ins' look-ups of the population's key, all at once."""
+    start = threading.Barrier(callers)
+
+    def look_up(_: int) -> common_pb2.PublicKey | Exception:
+        start.wait()
+        try:
+            return ring.active_key(population)
+        except Exception as exc:  # each caller's own outcome, compared below
+            return exc
+
+    with ThreadPoolExecutor(callers) as pool:
+        return list(pool.map(look_up, range(callers)))
+
+
+def test_a_burst_of_check_ins_on_a_cold_key_cache_asks_the_key_services_once(harness: Harness) -> None:
+    """A new population's first devices (or the cache entry's expiry under load) arrive together: one look-up at
+    the key services, whose answer every waiting check-in relays; the next check-in finds it cached."""
+    harness.create_task("pop")
+    published = harness.keys.get_public_keys(key_pb2.GetPublicKeysRequest(population_name="pop")).keys
+    keys = _SlowCountingKeys(harness.suite.key_addresses[0])
+    ring = KeyRing([keys], SystemClock())
+    answers = _burst(ring, "pop")
+    assert keys.asked == 1
+    assert all(isinstance(a, common_pb2.PublicKey) for a in answers), answers
+    assert {a.SerializeToString() for a in answers} == {published[0].SerializeToString()}  # type: ignore[union-attr]
+    ring.active_key("pop")
+    assert keys.asked == 1
+
+
+def test_a_failed_key_look_up_fails_every_check_in_waiting_on_it_and_is_not_remembered() -> None:
+    """No key service answers: the check-ins that waited on the one look-up get UNAVAILABLE each (a message of
+    their own), and the next check-in asks again (a failure is not cached)."""
+    with socket.socket() as closed:  # a port with nobody listening
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    keys = _SlowCountingKeys(address)
+    ring = KeyRing([keys], SystemClock())
+    answers = _burst(ring, "pop")
+    assert keys.asked == 1
+    assert all(isinstance(a, Unavailable) and "no key service is reachable (UNAVAILABLE)" in str(a) for a in answers)
+    assert len({id(a) for a in answers}) == len(answers)
+    with pytest.raises(Unavailable):
+        ring.active_key("pop")
+    assert keys.asked == 2
