@@ -1,11 +1,11 @@
-"""Server factory: one interceptor for errors, logs, request ids, rate limits and metrics; health that follows
-each component's dependencies, reflection v1 and v1alpha, TLS from settings, and draining on stop."""
+"""Server factory: one interceptor for errors, logs, request ids, rate limits and metrics (``rpc/interceptor.py``);
+health that follows each component's dependencies, reflection v1 and v1alpha, TLS from settings, and draining on
+stop."""
 
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,182 +14,18 @@ import grpc
 import structlog
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from fedcompute.core.clock import RandomIds
-from fedcompute.core.errors import FedcomputeError, InvalidArgument
 from fedcompute.core.loops import PollingLoop
 from fedcompute.core.settings import SettingError, Settings
-from fedcompute.rpc.channels import REQUEST_ID, current_request_id
-from fedcompute.rpc.errors import (
-    MAX_MESSAGE_BYTES,
-    one_line,
-    refused_data,
-    status_for,
-    trailing_metadata_for,
-    unreachable,
-)
+from fedcompute.rpc.interceptor import ObservingInterceptor
 from fedcompute.rpc.limits import AddressRateLimiter
 from fedcompute.rpc.metrics import RpcMetrics
 from fedcompute.rpc.reflection import enable_reflection
 from fedcompute.rpc.tls import server_tls
 
 log = structlog.get_logger("fedcompute.rpc")
-_ids = RandomIds()
-
-Behavior = Callable[..., Any]
-
-
-class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps domain errors to status codes, logs one line per RPC and counts it in the metrics."""
-
-    def __init__(
-        self, metrics: RpcMetrics, limiter: AddressRateLimiter | None = None, limited: frozenset[str] = frozenset()
-    ) -> None:
-        self._metrics = metrics
-        self._limiter = limiter
-        self._limited = limited
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        full: str = handler_call_details.method
-        qualified, _, method = full.lstrip("/").rpartition("/")
-        service = qualified.rsplit(".", 1)[-1]
-        limiter = self._limiter if qualified in self._limited else None
-        # a unary request is decoded inside the call, not by gRPC: a message protobuf cannot parse (a string that
-        # is not UTF-8, cut short) is then INVALID_ARGUMENT, counted and logged, where gRPC answered INTERNAL
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap(
-                    _decoded(handler.unary_unary, handler.request_deserializer), service, method, False, limiter
-                ),
-                None,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap(
-                    _decoded(handler.unary_stream, handler.request_deserializer), service, method, True, limiter
-                ),
-                None,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap(handler.stream_unary, service, method, False, limiter),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap(handler.stream_stream, service, method, True, limiter),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-
-    def _wrap(
-        self, behavior: Behavior, service: str, method: str, streaming: bool, limiter: AddressRateLimiter | None
-    ) -> Behavior:
-        if streaming:
-
-            def stream_call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                started, bound, tokens = self._start(context, service, method)
-                try:
-                    if limiter is not None:
-                        limiter.admit(context.peer())
-                    yield from behavior(request, context)
-                except FedcomputeError as exc:
-                    self._abort(context, exc, bound)
-                except Exception as exc:
-                    self._internal(context, exc, bound)
-                finally:
-                    self._finish(context, service, method, started, bound, tokens)
-
-            return stream_call
-
-        def unary_call(request: Any, context: grpc.ServicerContext) -> Any:
-            started, bound, tokens = self._start(context, service, method)
-            try:
-                if limiter is not None:
-                    limiter.admit(context.peer())
-                return behavior(request, context)
-            except FedcomputeError as exc:
-                self._abort(context, exc, bound)
-            except Exception as exc:
-                self._internal(context, exc, bound)
-            finally:
-                self._finish(context, service, method, started, bound, tokens)
-
-        return unary_call
-
-    def _start(self, context: grpc.ServicerContext, service: str, method: str) -> tuple[float, Any, Any]:
-        """Count the call, and take the caller's request id (or make one): bound into the log context for every
-        line logged while handling it, sent on by the typed clients to other components, returned to the caller
-        in the trailing metadata. Trailers travel in the batch that ends the call, with its status; initial
-        metadata sent here would be a batch of its own, answered by a completion-queue event of its own: 7-8 % of
-        the server's GIL time under 64 callers checking in (py-spy)."""
-        self._metrics.started.labels(service, method).inc()
-        self._metrics.in_flight.labels(service, method).inc()
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID) or _ids.new_id("req"))[:128]
-        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
-        context.set_trailing_metadata(((REQUEST_ID, request_id),))
-        return time.perf_counter(), log.bind(service=service, method=method), tokens
-
-    def _abort(self, context: grpc.ServicerContext, exc: FedcomputeError, bound: Any) -> None:
-        code = status_for(exc)
-        message = exc.public_message
-        if len(message.encode()) > MAX_MESSAGE_BYTES:  # it may quote the caller's value: past gRPC's metadata
-            # limit (the message travels percent-encoded, up to 3 bytes a byte), the client got RESOURCE_EXHAUSTED
-            message = message.encode()[: MAX_MESSAGE_BYTES - 10].decode(errors="ignore") + " ... (cut)"
-        bound.info("rpc_refused", code=code.name, reason=message)
-        trailing = trailing_metadata_for(exc)
-        if trailing:  # replaces the trailers _start set: the request id goes again with them
-            context.set_trailing_metadata(((REQUEST_ID, current_request_id()), *trailing))
-        context.abort(code, message)
-
-    def _internal(self, context: grpc.ServicerContext, exc: Exception, bound: Any) -> None:
-        """An exception no handler mapped: the caller gets a generic message and an error id, never the
-        exception's text (SQL, host names); the traceback goes to the log under that id."""
-        if _aborted(context):
-            raise exc  # context.abort() already set the status; this is its own exception unwinding
-        if isinstance(exc, grpc.RpcError) and not context.is_active():
-            # the call was cancelled (by its client, its deadline, or ``rpc.idle``) while the handler read its
-            # requests: nothing can be sent; gRPC knows this error as its own and ends the call without a trace
-            bound.info("rpc_cancelled")
-            raise exc
-        if refused_data(exc):  # the caller's value, not our fault: nothing was written (the statement failed)
-            line = one_line(exc).split(": ", 1)[-1]
-            self._abort(context, InvalidArgument("request", f"a value cannot be stored ({line})"), bound)
-        error_id = _ids.new_id("err")
-        code = grpc.StatusCode.UNAVAILABLE if unreachable(exc) else grpc.StatusCode.INTERNAL
-        bound.error("rpc_failed", code=code.name, error_id=error_id, exc_info=exc)
-        what = (
-            "a dependency of this service is unavailable; retry later"
-            if code == grpc.StatusCode.UNAVAILABLE
-            else ("internal error")
-        )
-        context.abort(code, f"{what} (error id {error_id}; operators find the details in the service log)")
-
-    def _finish(
-        self, context: grpc.ServicerContext, service: str, method: str, started: float, bound: Any, tokens: Any
-    ) -> None:
-        elapsed = time.perf_counter() - started
-        self._metrics.in_flight.labels(service, method).dec()
-        code_obj = context.code() if hasattr(context, "code") else None
-        code = code_obj.name if isinstance(code_obj, grpc.StatusCode) else "OK" if context.is_active() else "CANCELLED"
-        self._metrics.handled.labels(service, method, code).inc()
-        self._metrics.latency.labels(service, method).observe(elapsed)
-        bound.info("rpc_handled", code=code, ms=round(elapsed * 1000, 2))
-        structlog.contextvars.reset_contextvars(**tokens)
 
 
 def add_service(
@@ -215,22 +51,6 @@ def add_service(
     return add
 
 
-def _decoded(behavior: Behavior, decode: Callable[[bytes], Any] | None) -> Behavior:
-    """``behavior`` called with its request decoded by ``decode`` (as gRPC would have), a message that does not
-    decode refused as ``InvalidArgument``."""
-    if decode is None:
-        return behavior
-
-    def call(raw: bytes, context: grpc.ServicerContext) -> Any:
-        try:
-            request = decode(raw)
-        except DecodeError:
-            raise InvalidArgument("request", "is not a valid protobuf message of this method") from None
-        return behavior(request, context)
-
-    return call
-
-
 def _as_is(encoded: bytes) -> bytes:
     return encoded
 
@@ -241,11 +61,6 @@ _HANDLER_FACTORIES = {
     (True, False): grpc.stream_unary_rpc_method_handler,
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
-
-
-def _aborted(context: grpc.ServicerContext) -> bool:
-    code = context.code() if hasattr(context, "code") else None
-    return isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK
 
 
 @dataclass

@@ -161,6 +161,35 @@ def test_request_ids_are_returned_to_callers(harness: Harness) -> None:
     assert trailers[REQUEST_ID] == "req_err"
 
 
+def test_each_methods_calls_are_counted_by_code_and_timed(harness: Harness) -> None:
+    """Every call of a method counts in its own children of the RPC metrics (started, handled by status code,
+    latency, in flight back to 0), whichever calls came before: 4 OK and 3 NOT_FOUND, on two methods (the suite's
+    own components list tasks too: those counts are at least ours)."""
+    stub = task_management_pb2_grpc.TaskManagementServiceStub(open_channel(harness.suite.server_address))
+    auth = (("authorization", f"Bearer {harness.suite.settings.operator_token or _token(harness)}"),)
+    registry = harness.suite.server.registry
+
+    def sample(name: str, method: str, **labels: str) -> float:
+        value = registry.get_sample_value(name, {"service": "TaskManagementService", "method": method, **labels})
+        return value or 0.0
+
+    before = {m: sample("fedcompute_server_rpcs_started_total", m) for m in ("ListTasks", "GetTask")}
+    for _ in range(4):
+        stub.ListTasks(tm.ListTasksRequest(), metadata=auth, timeout=5)
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetTask(tm.GetTaskRequest(task_id="task_missing"), metadata=auth, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert sample("fedcompute_server_rpcs_started_total", "ListTasks") - before["ListTasks"] >= 4  # the suite's too
+    assert sample("fedcompute_server_rpcs_started_total", "GetTask") - before["GetTask"] == 3
+    assert sample("fedcompute_server_rpcs_handled_total", "GetTask", code="NOT_FOUND") == 3
+    assert sample("fedcompute_server_rpcs_handled_total", "GetTask", code="OK") == 0
+    assert sample("fedcompute_server_rpcs_handled_total", "ListTasks", code="OK") >= 4
+    assert sample("fedcompute_server_rpc_duration_seconds_count", "GetTask") == 3
+    assert sample("fedcompute_server_rpcs_in_flight", "ListTasks") == 0
+    assert sample("fedcompute_server_rpcs_in_flight", "GetTask") == 0
+
+
 def _token(harness: Harness) -> str:
     from fedcompute.core.secrets import operator_token
 
