@@ -261,35 +261,43 @@ def test_a_request_protobuf_cannot_parse_is_invalid_argument(harness: Harness, m
         assert "not a valid protobuf message" in (info.value.details() or "")
 
 
+CALLERS = 16
+
+
 class _SlowCountingKeys(KeyClient):
-    """A real key-service client that counts its look-ups of a population's keys, each held 0.3 s first (a slow
-    provider: every caller of a burst arrives while the first look-up is under way)."""
+    """A real key-service client that counts its look-ups of a population's keys and holds each until every caller
+    of the burst has started its own (then 0.2 s more, for the last to reach the cache): a slow provider, with
+    every caller arriving while the first look-up is under way, however the threads are scheduled."""
 
     def __init__(self, address: str) -> None:
         super().__init__(open_channel(address), 10.0)
         self.asked = 0
+        self.arrived = threading.Semaphore(0)  # released once by each caller, just before its look-up
         self._lock = threading.Lock()
 
     def get_public_keys(self, request: key_pb2.GetPublicKeysRequest) -> key_pb2.GetPublicKeysResponse:
         with self._lock:
             self.asked += 1
-        time.sleep(0.3)
+            for _ in range(CALLERS if self.asked == 1 else 0):
+                assert self.arrived.acquire(timeout=30)
+        time.sleep(0.2)
         return super().get_public_keys(request)
 
 
-def _burst(ring: KeyRing, population: str, callers: int = 16) -> list[common_pb2.PublicKey | Exception]:
-    """``callers`` check-ins' look-ups of the population's key, all at once."""
-    start = threading.Barrier(callers)
+def _burst(ring: KeyRing, keys: _SlowCountingKeys, population: str) -> list[common_pb2.PublicKey | Exception]:
+    """``CALLERS`` check-ins' look-ups of the population's key, all at once."""
+    start = threading.Barrier(CALLERS)
 
     def look_up(_: int) -> common_pb2.PublicKey | Exception:
         start.wait()
+        keys.arrived.release()
         try:
             return ring.active_key(population)
         except Exception as exc:  # each caller's own outcome, compared below
             return exc
 
-    with ThreadPoolExecutor(callers) as pool:
-        return list(pool.map(look_up, range(callers)))
+    with ThreadPoolExecutor(CALLERS) as pool:
+        return list(pool.map(look_up, range(CALLERS)))
 
 
 def test_a_burst_of_check_ins_on_a_cold_key_cache_asks_the_key_services_once(harness: Harness) -> None:
@@ -299,7 +307,7 @@ def test_a_burst_of_check_ins_on_a_cold_key_cache_asks_the_key_services_once(har
     published = harness.keys.get_public_keys(key_pb2.GetPublicKeysRequest(population_name="pop")).keys
     keys = _SlowCountingKeys(harness.suite.key_addresses[0])
     ring = KeyRing([keys], SystemClock())
-    answers = _burst(ring, "pop")
+    answers = _burst(ring, keys, "pop")
     assert keys.asked == 1
     assert all(isinstance(a, common_pb2.PublicKey) for a in answers), answers
     assert {a.SerializeToString() for a in answers} == {published[0].SerializeToString()}  # type: ignore[union-attr]
@@ -315,7 +323,7 @@ def test_a_failed_key_look_up_fails_every_check_in_waiting_on_it_and_is_not_reme
         address = f"127.0.0.1:{closed.getsockname()[1]}"
     keys = _SlowCountingKeys(address)
     ring = KeyRing([keys], SystemClock())
-    answers = _burst(ring, "pop")
+    answers = _burst(ring, keys, "pop")
     assert keys.asked == 1
     assert all(isinstance(a, Unavailable) and "no key service is reachable (UNAVAILABLE)" in str(a) for a in answers)
     assert len({id(a) for a in answers}) == len(answers)
