@@ -59,7 +59,7 @@ from fedcompute.core.files import UncachedAppender, read_uncached
 from fedcompute.core.memory import keep_large_buffers
 from fedcompute.core.telemetry import WorkerMetrics
 from fedcompute.keys import hpke
-from fedcompute.keys.envelope import seal_contribution
+from fedcompute.keys.envelope import sealed_envelope
 from fedcompute.v1 import upload_pb2
 
 ARCH = "bench-1m"
@@ -84,7 +84,7 @@ class Job:
             payload = checkpoints.encode(update, {"num_examples": 10})
             assignment = f"a{i:04d}"
             bound = ContributionContext("bench", "task", 1, "agg", assignment, self.key_id, 1, "p" * 64, "q" * 64)
-            self.envelopes.append((seal_contribution(payload, bound, public).SerializeToString(), assignment))
+            self.envelopes.append((sealed_envelope(payload, bound, public), assignment))
         # as the worker reads them from the server's stream (views) or blob directory
         self.streamed = [StreamedContribution(a, memoryview(e)) for e, a in self.envelopes]
         self.digests = [hashlib.sha256(e).hexdigest() for e, _ in self.envelopes]

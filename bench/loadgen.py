@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedcompute.clients.device import context_of, report_request, upload
 from fedcompute.clients.typed import TaskAssignmentClient, UploadClient, encode_write
 from fedcompute.core.memory import keep_large_buffers
-from fedcompute.keys.envelope import seal_contribution
+from fedcompute.keys.envelope import sealed_envelope
 from fedcompute.rpc.channels import open_channel
 from fedcompute.v1 import common_pb2, upload_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -137,7 +137,7 @@ def upload_product(address: str, population: str, concurrency: int, count: int, 
     for _ in range(count):  # untimed: check-in, report, seal
         a = assign(address, population)
         instruction = client.report_result(report_request(a, ta.REPORT_RESULT_COMPLETED)).upload_instruction
-        envelope = seal_contribution(plaintext, context_of(a), a.encryption_key.public_key).SerializeToString()
+        envelope = sealed_envelope(plaintext, context_of(a), a.encryption_key.public_key)
         prepared.append((instruction, envelope, hashlib.sha256(envelope).hexdigest()))  # the device's, as the seal
     uploads = [UploadClient(open_channel(address, own_connection=True), 120.0) for _ in range(concurrency)]
 
@@ -183,7 +183,7 @@ def round_devices(address: str, population: str, devices: int, concurrency: int,
         a = client.create_task_assignment(checkin_request(population)).task_assignment
         if not a.assignment_id:
             return 0
-        envelope = seal_contribution(payload, context_of(a), a.encryption_key.public_key).SerializeToString()
+        envelope = sealed_envelope(payload, context_of(a), a.encryption_key.public_key)
         instruction = client.report_result(report_request(a, ta.REPORT_RESULT_COMPLETED)).upload_instruction
         upload(uploads[i % concurrency], instruction, envelope)
         return 1

@@ -31,7 +31,7 @@ from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.core.policy import DeviceFloor
 from fedcompute.keys import hpke
-from fedcompute.keys.envelope import seal_contribution
+from fedcompute.keys.envelope import sealed_envelope
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.keys.policy import from_message as policy_from_message
 from fedcompute.keys.statement import UntrustedKey, check_trusted
@@ -176,10 +176,10 @@ class Device:
         payload = checkpoints.encode(result.delta, {"num_examples": result.examples, "metrics": result.metrics})
         if self.on_payload:
             self.on_payload(payload)
-        envelope = seal_contribution(payload, context, assignment.encryption_key.public_key)
+        envelope = sealed_envelope(payload, context, assignment.encryption_key.public_key)
         self.done.add(turn)
         try:
-            upload(self.uploads, report.upload_instruction, envelope.SerializeToString())
+            upload(self.uploads, report.upload_instruction, envelope)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed before we finished
                 return Participated(assignment.task_id, assignment.round, False)

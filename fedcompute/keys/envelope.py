@@ -13,6 +13,7 @@ from fedcompute.rpc import wire
 from fedcompute.v1 import upload_pb2
 
 FIELD = "upload"
+ENVELOPE_VERSION = 1
 NOT_AN_ENVELOPE = "is not an EncryptedContribution envelope; encrypt the update first"
 CIPHERTEXT_FIELD = upload_pb2.EncryptedContribution.DESCRIPTOR.fields_by_name["ciphertext"].number
 
@@ -128,8 +129,10 @@ def _scan(handle: BinaryIO, size: int) -> upload_pb2.EncryptedContribution:
 
 
 def _check_header(envelope: upload_pb2.EncryptedContribution, ciphertext_length: int) -> None:
-    if envelope.version != 1:
-        raise InvalidArgument(FIELD, f"envelope version {envelope.version} is not supported (expected 1)")
+    if envelope.version != ENVELOPE_VERSION:
+        raise InvalidArgument(
+            FIELD, f"envelope version {envelope.version} is not supported (expected {ENVELOPE_VERSION})"
+        )
     if (envelope.kem_id, envelope.kdf_id, envelope.aead_id) != (hpke.KEM_ID, hpke.KDF_ID, hpke.AEAD_ID):
         raise InvalidArgument(FIELD, "envelope must use HPKE X25519 / HKDF-SHA256 / ChaCha20-Poly1305")
     if not envelope.key_id:
@@ -189,13 +192,17 @@ def seal_contribution(
     plaintext: bytes, context: ContributionContext, public_key: bytes
 ) -> upload_pb2.EncryptedContribution:
     """Device side: HPKE-seal an update to the population key, bound to its context."""
+    return upload_pb2.EncryptedContribution.FromString(sealed_envelope(plaintext, context, public_key))
+
+
+def sealed_envelope(plaintext: bytes, context: ContributionContext, public_key: bytes) -> bytes:
+    """``seal_contribution``, encoded (``rpc.wire``): the bytes a device uploads, byte for byte what
+    ``SerializeToString`` gives (tests). The ciphertext is copied once, into the envelope; building the message
+    copied it and serializing copied it again (0.5 + 0.75 ms of memory traffic per 4.5 MB update here, 2-4 times
+    that while the devices of a benchmark round shared the machine with the servers)."""
     info = context.encode()
-    return upload_pb2.EncryptedContribution(
-        version=1,
-        key_id=context.key_id,
-        kem_id=hpke.KEM_ID,
-        kdf_id=hpke.KDF_ID,
-        aead_id=hpke.AEAD_ID,
-        context=info,
-        ciphertext=hpke.seal(plaintext, hpke.load_public(public_key), info),
-    )
+    ciphertext = hpke.seal(plaintext, hpke.load_public(public_key), info)
+    return wire.message(
+        (1, ENVELOPE_VERSION), (2, context.key_id), (3, hpke.KEM_ID), (4, hpke.KDF_ID), (5, hpke.AEAD_ID),
+        (6, info), (7, ciphertext),
+    )  # fmt: skip

@@ -7,7 +7,7 @@ import pytest
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import InvalidArgument
 from fedcompute.keys import hpke
-from fedcompute.keys.envelope import check_envelope, seal_contribution
+from fedcompute.keys.envelope import check_envelope, parse_envelope, seal_contribution, sealed_envelope
 from fedcompute.v1 import upload_pb2
 
 CTX = ContributionContext("pop", "task_1", 3, "agg_1", "asg_1", "k_1", 3, "ab" * 32, "cd" * 32)
@@ -38,6 +38,24 @@ def test_envelope_accepted_only_when_bound_to_the_assignment() -> None:
     elsewhere = ContributionContext("pop", "task_2", 3, "agg_1", "asg_1", "", 3, "ab" * 32, "cd" * 32)
     with pytest.raises(InvalidArgument, match="another task"):
         check_envelope(envelope, elsewhere)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 70_000, 4_500_000])
+def test_the_encoded_envelope_is_what_protobuf_serializes(size: int) -> None:
+    """A device uploads ``sealed_envelope``'s bytes, encoded by hand: they must be exactly the serialization of the
+    message they hold (the hash the device declares, and the server's and the aggregator's checks, read them)."""
+    key = hpke.generate_private_key()
+    plaintext = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    encoded = sealed_envelope(plaintext, CTX, hpke.public_bytes(key.public_key()))
+    envelope = parse_envelope(encoded)
+    assert envelope.SerializeToString() == encoded
+    expected = upload_pb2.EncryptedContribution(
+        version=1, key_id=CTX.key_id, kem_id=hpke.KEM_ID, kdf_id=hpke.KDF_ID, aead_id=hpke.AEAD_ID,
+        context=CTX.encode(), ciphertext=envelope.ciphertext,
+    )  # fmt: skip
+    assert expected.SerializeToString() == encoded
+    assert hpke.open_sealed(envelope.ciphertext, key, CTX.encode()) == plaintext
+    check_envelope(encoded, CTX)
 
 
 @pytest.mark.parametrize(
