@@ -14,7 +14,8 @@ rounds (ours, Flower's, ours, ...); the target is 1/5 of it. Without that enviro
 issue's measurement of it (16 s on this machine), a constant. The 1,000-device round has no limit (the issue sets
 none, and Flower's engine would take minutes). Each sample also records the whole machine's busy CPU over it
 (core-seconds, /proc/stat), ours and each Flower round's: on a machine of k cores a round needing C core-seconds
-takes at least C / k seconds, however its work is overlapped.
+takes at least C / k seconds, however its work is overlapped; and, of ours, the suite's process's and the load
+generator's (the devices') share.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from bench.checkin_load import cpu_ticks
+from bench.checkin_load import cpu_ticks, process_ticks
 from bench.common import LoadGenerator, Mode, Result, create_task, suite_settings
 from fedcompute.clients.typed import TaskManagementClient
 from fedcompute.core import checkpoints
@@ -50,6 +51,10 @@ LARGE = 1000  # one round of this many devices in full mode (4.5 GB of uploads)
 WARM_UP = 10  # devices in the untimed first round
 CPU_NOTES = ("the machine's busy CPU over create->published (/proc/stat; every process: servers, worker, devices); "
              "core-s / cores is the least the round can take on this machine however it is scheduled")  # fmt: skip
+
+SPLIT_NOTES = ("the busy CPU's split: the suite's process (servers, key services, verifier, launcher) and the load "
+               "generator's (the devices sealing, hashing and sending); the rest of it is the aggregator worker's, "
+               "the kernel's and other processes'")  # fmt: skip
 
 
 def run(mode: Mode, load: LoadGenerator) -> list[Result]:
@@ -109,6 +114,8 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
             Result(name, "uploads->published", "s", [r["aggregate_publish_s"] for r in samples], notes=notes),
             Result(name, "CPU busy", "core-s", [r["cpu_core_s"] for r in samples], notes=CPU_NOTES),
             Result(name, "CPU busy", "fraction", [r["machine_cpu_busy"] for r in samples], notes=CPU_NOTES),
+            Result(name, "CPU servers", "core-s", [r["servers_cpu_core_s"] for r in samples], notes=SPLIT_NOTES),
+            Result(name, "CPU devices", "core-s", [r["devices_cpu_core_s"] for r in samples], notes=SPLIT_NOTES),
         ]  # fmt: skip
         if warm:  # Flower's later rounds, its actors up: the same round without the start-up the issue's 16 s holds
             warm_notes = "the same rounds against Flower's next round in the same simulation"
@@ -156,6 +163,7 @@ def _round(
     job_done = threading.Event()
     suite.server.job_succeeded.add(job_done.set)  # this process's server took a job's result (one job a round)
     busy, total = cpu_ticks()
+    servers, devices_cpu = process_ticks(), process_ticks(load.pid)
     began = time.time()
     task = create_task(suite, spec)
     keyed = time.time()
@@ -176,6 +184,8 @@ def _round(
             time.sleep(0.02)
     published = time.time()
     busy_after, total_after = cpu_ticks()
+    servers, devices_cpu = process_ticks() - servers, process_ticks(load.pid) - devices_cpu
+    tick = os.sysconf("SC_CLK_TCK")
     if current.status != tm.TASK_STATUS_COMPLETED or current.latest_model_version <= task.latest_model_version:
         raise RuntimeError(
             f"the round ended {tm.TaskStatus.Name(current.status)}, version {current.latest_model_version}"
@@ -188,6 +198,11 @@ def _round(
         "aggregate_publish_s": published - uploaded,
         "model_version": current.latest_model_version,
         # the whole machine's busy CPU over the sample (servers, worker, devices): core-seconds
-        "cpu_core_s": (busy_after - busy) / os.sysconf("SC_CLK_TCK"),
+        "cpu_core_s": (busy_after - busy) / tick,
+        # of which: this process (the servers, key services, verifier, launcher; not the worker, a process of its
+        # own) and the load generator (the devices: sealing, hashing and sending their updates); the rest is the
+        # aggregator worker's, the kernel's and whatever else ran
+        "servers_cpu_core_s": servers / tick,
+        "devices_cpu_core_s": devices_cpu / tick,
         "machine_cpu_busy": round((busy_after - busy) / max(1, total_after - total), 3),
     }
