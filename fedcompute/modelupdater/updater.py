@@ -110,14 +110,20 @@ class ModelUpdater:
 
     def sweep_orphans(self) -> int:
         """Delete blobs no row refers to that are older than the grace period: what a process killed between
-        storing an upload and the commit that would have counted it left behind."""
+        storing an upload and the commit that would have counted it left behind. A put of bytes already stored
+        sets their stored time to now (the stores' ``put``), so a blob about to be referred to again (an update
+        identical to one a crash left unreferenced) is not old: the blobs are listed again once the references
+        are read, and only those still old are deleted. What is left: a put of such bytes that lands between that
+        second listing and their delete (milliseconds), then commits, refers to a deleted blob."""
         cutoff = self._clock.now() - self._orphan_grace
         stored = self._blobs.stored_before(cutoff)
         if not stored:
             return 0
         with self._db.transaction() as s:
             referenced = referenced_blobs(s)
-        orphans = [sha for sha in stored if sha not in referenced]
+        candidates = [sha for sha in stored if sha not in referenced]
+        still_old = set(self._blobs.stored_before(cutoff)) if candidates else set()
+        orphans = [sha for sha in candidates if sha in still_old]
         for sha in orphans:
             self._blobs.delete(sha)
         if orphans:

@@ -1,5 +1,5 @@
 """Local content-addressed blob directory: ``sha256/ab/cdef...``, written temp -> fsync -> rename -> fsync of the
-directory."""
+directory. A put of bytes already stored writes nothing and sets their stored time (mtime) to now."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class LocalBlobStore:
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         target = self._path(digest)
-        if target.exists():
+        if _refreshed(target):
             return digest
         fd, tmp = tempfile.mkstemp(dir=self.staging_dir(), prefix=PUT_PREFIX)  # a crash leaves it to the sweep
         with os.fdopen(fd, "wb") as handle:
@@ -50,7 +50,7 @@ class LocalBlobStore:
         one flush of the ~5 each upload made (strace, a 100-device benchmark round)."""
         digest = sha256_hex or _hash_file(path)
         target = self._path(digest)
-        if target.exists():
+        if _refreshed(target):
             path.unlink()
             return digest
         if not synced:
@@ -106,6 +106,18 @@ class LocalBlobStore:
             except FileNotFoundError:
                 continue  # deleted meanwhile
         return found
+
+
+def _refreshed(target: Path) -> bool:
+    """The blob is already stored: its stored time (mtime) set to now, so that the orphan sweep, which deletes
+    blobs no row refers to once they are older than its grace period, does not take it for an old orphan while
+    the row about to refer to it again commits (an update identical to one a crash left unreferenced, say).
+    False if there is none (or it was just swept): the caller writes it."""
+    try:
+        os.utime(target)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _chunks(path: Path, offset: int, chunk_size: int) -> Iterator[bytes]:

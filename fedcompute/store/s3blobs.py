@@ -1,11 +1,13 @@
 """Content-addressed blobs in an S3-compatible bucket: ``PREFIX/sha256/ab/cdef...``, verified on every read.
 
-An object is named by the sha256 of its bytes and never rewritten, so a put of an address already present is
-skipped, and a PUT is atomic (the object appears whole or not at all), so no temp-and-rename is needed. No read
-trusts the bucket: ``get`` hashes what it returns, and ``read_chunks`` downloads the whole object once into a
-local spool (memory, or an unnamed file in the staging directory past ``SPOOL_BYTES``), hashing as it goes, and
-serves the chunks from that spool only once the hash matched: the bytes served are the bytes verified, at the
-cost of one full GET per read (the local store likewise hashes the whole file before each read).
+An object is named by the sha256 of its bytes and its bytes never change, so a put of an address already present
+uploads nothing (the object is copied onto itself, server side, which sets its LastModified to now, as the local
+store sets a file's mtime: the orphan sweep goes by that time), and a PUT is atomic (the object appears whole or
+not at all), so no temp-and-rename is needed. No read trusts the bucket: ``get`` hashes what it returns, and
+``read_chunks`` downloads the whole object once into a local spool (memory, or an unnamed file in the staging
+directory past ``SPOOL_BYTES``), hashing as it goes, and serves the chunks from that spool only once the hash
+matched: the bytes served are the bytes verified, at the cost of one full GET per read (the local store likewise
+hashes the whole file before each read).
 
 Failures to reach the store (after boto3's own retries) raise ``Unavailable``, which callers see as UNAVAILABLE
 and loops retry; the cause goes to the log.
@@ -63,7 +65,7 @@ class S3BlobStore:
         digest = hashlib.sha256(data).hexdigest()
         key = self.key(digest)
         with _reaching("put"):
-            if self._head(key) is None:
+            if not self._refreshed(key):
                 self._s3.put_object(Bucket=self._bucket, Key=key, Body=data)
         return digest
 
@@ -71,7 +73,7 @@ class S3BlobStore:
         digest = sha256_hex or _hash_file(path)  # the caller's digest, when it hashed the bytes as they arrived
         key = self.key(digest)
         with _reaching("put_file"):
-            if self._head(key) is None:
+            if not self._refreshed(key):
                 self._s3.upload_file(str(path), self._bucket, key, Config=_TRANSFER)
         path.unlink()  # only once the object is in place: a failed upload leaves the staged file to retry
         return digest
@@ -130,6 +132,24 @@ class S3BlobStore:
                     if SHA256_HEX.match(address) and item["LastModified"].timestamp() < limit:
                         found.append(address)
         return found
+
+    def _refreshed(self, key: str) -> bool:
+        """The object is already stored: copied onto itself (server side, its bytes unchanged) so that its
+        LastModified is now, as the local store sets the file's mtime (``store.blobs``: the orphan sweep must not
+        take it for an old orphan while the row about to refer to it commits). False if there is none: the caller
+        puts it."""
+        if self._head(key) is None:
+            return False
+        try:
+            self._s3.copy_object(
+                Bucket=self._bucket, Key=key, CopySource={"Bucket": self._bucket, "Key": key},
+                MetadataDirective="REPLACE",
+            )  # fmt: skip
+        except ClientError as exc:
+            if _code(exc) in _MISSING:  # swept between the two requests
+                return False
+            raise
+        return True
 
     def _head(self, key: str) -> int | None:
         """The object's size, or None if there is none."""

@@ -182,6 +182,65 @@ def test_orphan_blobs_are_swept_after_their_grace_period(clocked: tuple[Harness,
     assert server.blobs.exists(versions[0].checkpoint.sha256_hex)
 
 
+def _aged(harness: Harness, sha: str) -> None:
+    """The blob's stored time set two hours back: past the orphan sweep's grace period."""
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).timestamp()
+    path = harness.suite.settings.server_dir() / "blobs" / "sha256" / sha[:2] / sha[2:]
+    os.utime(path, (two_hours_ago, two_hours_ago))
+
+
+def test_an_old_orphan_put_again_is_not_swept_while_its_row_commits(clocked: tuple[Harness, FakeClock]) -> None:
+    """A crash left an update's blob unreferenced; hours later the same bytes are stored again (a retried job
+    whose update is identical) and the row referring to them is about to commit. The put found the blob and wrote
+    nothing; before 2026-12-03 it left its old mtime, so a sweep at that moment deleted it, and the row committed
+    referred to nothing. Now a put of stored bytes makes them new: the sweep leaves them."""
+    harness, clock = clocked
+    blobs = harness.suite.server.blobs
+    update = b"an aggregated update whose job was retried"
+    orphan = blobs.put(update)
+    _aged(harness, orphan)
+    assert blobs.put(update) == orphan  # stored again; its row not committed yet
+    updater = ModelUpdater(harness.suite.server.db, blobs, clock, RandomIds(), 2)
+    assert updater.sweep_orphans() == 0
+    assert blobs.get(orphan) == update
+
+
+class _PutDuringListing:
+    """The server's blob store, with a put of the same bytes landing just after the sweep's first listing (another
+    process storing them while the sweep reads the references)."""
+
+    def __init__(self, blobs: Any, data: bytes) -> None:
+        self._blobs, self._data, self.lists = blobs, data, 0
+
+    def stored_before(self, cutoff: datetime) -> list[str]:
+        found: list[str] = self._blobs.stored_before(cutoff)
+        self.lists += 1
+        if self.lists == 1:
+            self._blobs.put(self._data)
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._blobs, name)
+
+
+def test_a_put_while_the_sweep_reads_the_references_is_not_swept(clocked: tuple[Harness, FakeClock]) -> None:
+    """The same, with the put landing after the sweep listed the old blobs and before it read the references:
+    the sweep lists them again before deleting and leaves what is no longer old."""
+    harness, clock = clocked
+    blobs = harness.suite.server.blobs
+    update = b"an aggregated update stored again mid-sweep"
+    orphan = blobs.put(update)
+    other = blobs.put(b"an orphan no one stores again")
+    _aged(harness, orphan)
+    _aged(harness, other)
+    racing = _PutDuringListing(blobs, update)
+    updater = ModelUpdater(harness.suite.server.db, racing, clock, RandomIds(), 2)
+    assert updater.sweep_orphans() == 1
+    assert racing.lists == 2
+    assert blobs.get(orphan) == update
+    assert not blobs.exists(other)
+
+
 def test_a_cancel_racing_the_sweepers_new_attempt_leaves_no_round_open(
     tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

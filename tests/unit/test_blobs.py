@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -281,6 +282,26 @@ def test_delete_and_stored_before(subject: Subject) -> None:
     with pytest.raises(BlobMissing):
         store.get(first)
     assert store.stored_before(FUTURE) == [second]
+
+
+def test_storing_stored_bytes_again_makes_them_new(subject: Subject) -> None:
+    """The orphan sweep deletes unreferenced blobs stored before its cutoff: bytes stored again (their row about to
+    commit) must not be among them, though nothing is written again. The stored time is the local file's mtime
+    (the kernel's coarse clock) or the object's LastModified (S3 keeps it to the second): a second apart."""
+    store = subject.store
+    by_put, by_file = b"put twice " + secrets.token_bytes(16), b"put_file twice " + secrets.token_bytes(16)
+    first, second = store.put(by_put), store.put(by_file)
+    time.sleep(1.1)
+    cutoff = datetime.now(UTC)
+    assert sorted(store.stored_before(cutoff)) == sorted([first, second])
+    time.sleep(1.1)
+    assert store.put(by_put) == first
+    staged = store.staging_dir() / "again"
+    staged.write_bytes(by_file)
+    assert store.put_file(staged, second) == second
+    assert not staged.exists()
+    assert store.stored_before(cutoff) == []
+    assert (store.get(first), store.get(second)) == (by_put, by_file)
 
 
 # --- choosing the store from settings -------------------------------------------------------------------------
