@@ -4,8 +4,9 @@
 
 --quick is a smoke run (under a minute: one pair, 1 s samples, fewer contributions and devices, no
 replicas unless named by --only); its numbers are not to be compared.
-NAME is one of: checkin, upload, aggregate, round, replicas. --aggregator-device cuda (or cuda:N) adds rows to the
-aggregation benchmark for the worker summing on that device, interleaved with the CPU rows and the same limit.
+NAME is one of: checkin, upload, aggregate, round, replicas, keystore. --aggregator-device cuda (or cuda:N) adds
+rows to the aggregation benchmark for the worker summing on that device, interleaved with the CPU rows and the same
+limit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fedcompute.core.memory import keep_large_buffers
 
 # name -> module with run(mode, load) -> list[Result]
 BENCHMARKS = {"checkin": "checkin", "upload": "upload", "aggregate": "aggregate", "round": "round_time",
-              "replicas": "replicas"}  # fmt: skip
+              "replicas": "replicas", "keystore": "keystore"}  # fmt: skip
 
 
 def main() -> None:

@@ -2,7 +2,14 @@
 its release ledger per (policy, round), the privacy budget each policy has spent, and used result ids.
 
 One JSON file per provider, written atomically and durably (temp -> fsync -> rename -> fsync of the directory),
-mode 0600. Shares are stored
+mode 0600. The state is parsed once and kept: a read or a change parses the file again only if it changed behind
+this process's back (its inode, size or mtime differ from what this process last read or wrote: a rewrite in
+place to the same size within the file system's timestamp tick of this process's last write, a few
+milliseconds, goes unseen until the file changes again; the provider's directory is its own), and a change
+that raises is dropped from memory as it never reached the disk. The ledger grows by a round's input set with
+every release (about 10 KB a round of 100 devices); at 1,000 such rounds a release parsed the 10 MB file four
+times and wrote it once, through ``dataclasses.asdict``'s deep copy: 228 ms for the write alone, 131 of them
+the copy. Shares are stored
 ChaCha20-Poly1305-sealed under the provider's KEK, bound to their key id; a destroyed key keeps no share. The KEK
 itself never sits in this directory (see ``keys/kek.py``).
 """
@@ -15,7 +22,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -63,6 +70,8 @@ class KeyStore:
         self._path = path
         self._aead = ChaCha20Poly1305(kek)
         self._lock = threading.Lock()
+        self._state: KeysetState | None = None  # as last read or written by this process
+        self._file: tuple[int, int, int] | None = None  # that file's (inode, size, mtime_ns)
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def seal_share(self, key_id: str, share: bytes) -> str:
@@ -74,16 +83,33 @@ class KeyStore:
         return self._aead.decrypt(raw[:12], raw[12:], key.key_id.encode())
 
     def read(self) -> KeysetState:
+        """The state now, to read: its tables are copies (a later change does not move them under the caller),
+        their records the kept ones."""
         with self._lock:
-            return self._load()
+            state = self._current()
+            return KeysetState(
+                dict(state.keys), dict(state.policies), dict(state.releases), dict(state.charged),
+                dict(state.used_result_ids),
+            )  # fmt: skip
 
     @contextmanager
     def mutate(self) -> Iterator[KeysetState]:
-        """Load, let the caller change, save atomically (serialized within this process)."""
+        """The state, to change; saved atomically when the block ends (serialized within this process). A block
+        that raises saves nothing, and its changes are forgotten here too (the file is read again)."""
         with self._lock:
-            state = self._load()
-            yield state
-            self._save(state)
+            state = self._current()
+            try:
+                yield state
+                self._save(state)
+            except BaseException:
+                self._state = self._file = None
+                raise
+
+    def _current(self) -> KeysetState:
+        seen = _identity(self._path)
+        if self._state is None or seen != self._file:
+            self._state, self._file = self._load(), seen
+        return self._state
 
     def _load(self) -> KeysetState:
         if not self._path.exists():
@@ -102,10 +128,32 @@ class KeyStore:
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as handle:
-                json.dump(asdict(state), handle)
+                handle.write(json.dumps(as_json(state)))
                 handle.flush()
                 os.fsync(handle.fileno())
             replace_durably(tmp, self._path)  # a share, a policy or a charge survives a power cut once saved
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._state, self._file = state, _identity(self._path)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells this file from another version of it, or None if there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def as_json(state: KeysetState) -> dict[str, object]:
+    """The state as ``dataclasses.asdict`` gives it, without its deep copy: the records' own dicts, which
+    ``json.dumps`` only reads (every field is a str, int, bool or a list of str)."""
+    return {
+        "keys": {k: vars(v) for k, v in state.keys.items()},
+        "policies": state.policies,
+        "releases": {k: [vars(r) for r in v] for k, v in state.releases.items()},
+        "charged": state.charged,
+        "used_result_ids": state.used_result_ids,
+    }

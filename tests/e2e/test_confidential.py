@@ -4,6 +4,7 @@ refusing an unsigned key, a worker with other code, and a scan for secrets in ev
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def _kek(workdir: Path, provider: str) -> ChaCha20Poly1305:
 
 
 def _tamper_share(workdir: Path, provider: str) -> None:
+    time.sleep(0.05)  # past the timestamp tick of the provider's last write: its store then sees the change
     folder = workdir / "keys" / provider
     kek = _kek(workdir, provider)
     state = json.loads((folder / "keyset.json").read_text())
