@@ -136,17 +136,15 @@ class S3BlobStore:
     def _refreshed(self, key: str) -> bool:
         """The object is already stored: copied onto itself (server side, its bytes unchanged) so that its
         LastModified is now, as the local store sets the file's mtime (``store.blobs``: the orphan sweep must not
-        take it for an old orphan while the row about to refer to it commits). False if there is none: the caller
-        puts it."""
-        if self._head(key) is None:
-            return False
+        take it for an old orphan while the row about to refer to it commits). False if there is none (the copy's
+        source is missing): the caller puts it. One request, where a HEAD first would be two."""
         try:
             self._s3.copy_object(
                 Bucket=self._bucket, Key=key, CopySource={"Bucket": self._bucket, "Key": key},
                 MetadataDirective="REPLACE",
             )  # fmt: skip
         except ClientError as exc:
-            if _code(exc) in _MISSING:  # swept between the two requests
+            if _code(exc) in _MISSING:
                 return False
             raise
         return True
