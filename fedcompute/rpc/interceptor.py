@@ -210,8 +210,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> None:
         elapsed = time.perf_counter() - started
         counted.in_flight.dec()
-        code_obj = context.code() if hasattr(context, "code") else None
-        code = code_obj.name if isinstance(code_obj, grpc.StatusCode) else "OK" if context.is_active() else "CANCELLED"
+        code_obj = _status(context)
+        code = code_obj.name if code_obj is not None else "OK" if context.is_active() else "CANCELLED"
         counted.handled(code).inc()
         counted.latency.observe(elapsed)
         bound.info("rpc_handled", code=code, ms=round(elapsed * 1000, 2))
@@ -234,6 +234,12 @@ def _decoded(behavior: Behavior, decode: Callable[[bytes], Any] | None) -> Behav
     return call
 
 
-def _aborted(context: grpc.ServicerContext) -> bool:
+def _status(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status the handler set (``abort``, ``set_code``), if any."""
     code = context.code() if hasattr(context, "code") else None
-    return isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def _aborted(context: grpc.ServicerContext) -> bool:
+    code = _status(context)
+    return code is not None and code != grpc.StatusCode.OK
