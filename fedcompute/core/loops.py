@@ -24,6 +24,10 @@ class PollingLoop:
         self._poked = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
+    @property
+    def name(self) -> str:
+        return self._name
+
     def start(self) -> PollingLoop:
         self._thread.start()
         return self
