@@ -126,6 +126,14 @@ class Harness:
     def stop(self) -> None:
         self.suite.stop()
 
+    def stop_model_updater(self) -> None:
+        """Stop the suite's model updater (a test runs one of its own): it applies succeeded jobs and sweeps
+        orphan blobs at its first pass and then every ten minutes of the clock, whenever its thread gets to it. The
+        loop's stop waits out a pass under way."""
+        for loop in self.suite.loops:
+            if loop.name == "modelupdater":
+                loop.stop()
+
 
 def task_spec(population: str = "pop", **fields: Any) -> tm.TaskSpec:
     spec = tm.TaskSpec(

@@ -164,20 +164,11 @@ def test_a_task_sets_its_own_failure_threshold(clocked: tuple[Harness, FakeClock
     assert "failed 1 times" in harness.task(task.task_id).status_reason
 
 
-def _own_sweep_only(harness: Harness) -> None:
-    """Stop the suite's model updater, which sweeps orphans at its first pass and then every ten minutes of the
-    clock: one whose first pass ran late, after a test had aged its blobs, swept them before the test's own
-    sweep could (seen once in CI: the test's sweep found nothing). The loop's stop waits out a pass under way."""
-    for loop in harness.suite.loops:
-        if loop.name == "modelupdater":
-            loop.stop()
-
-
 def test_orphan_blobs_are_swept_after_their_grace_period(clocked: tuple[Harness, FakeClock]) -> None:
     """A server killed between storing an upload and counting it leaves a blob no row refers to."""
     harness, clock = clocked
     task = harness.create_task(POP, report_goal=2, max_cohort=3, **DEADLINES)  # its checkpoint is referenced
-    _own_sweep_only(harness)
+    harness.stop_model_updater()  # its first pass, run late, could sweep this test's blobs first
     server = harness.suite.server
     orphan = server.blobs.put(b"an envelope whose upload was never counted")
     fresh = server.blobs.put(b"an upload being counted right now")
@@ -207,7 +198,7 @@ def test_an_old_orphan_put_again_is_not_swept_while_its_row_commits(clocked: tup
     harness, clock = clocked
     blobs = harness.suite.server.blobs
     update = b"an aggregated update whose job was retried"
-    _own_sweep_only(harness)
+    harness.stop_model_updater()  # its first pass, run late, could sweep this test's blobs first
     orphan = blobs.put(update)
     _aged(harness, orphan)
     assert blobs.put(update) == orphan  # stored again; its row not committed yet
@@ -240,7 +231,7 @@ def test_a_put_while_the_sweep_reads_the_references_is_not_swept(clocked: tuple[
     harness, clock = clocked
     blobs = harness.suite.server.blobs
     update = b"an aggregated update stored again mid-sweep"
-    _own_sweep_only(harness)
+    harness.stop_model_updater()  # its first pass, run late, could sweep this test's blobs first
     orphan = blobs.put(update)
     other = blobs.put(b"an orphan no one stores again")
     _aged(harness, orphan)

@@ -466,7 +466,7 @@ def test_a_job_whose_lease_runs_out_on_every_attempt_is_failed_not_leased_foreve
 def _succeeded_jobs(harness: Harness, populations: tuple[str, ...]) -> list[tuple[str, str]]:
     """(task id, job id) of one task per population, each with its round's job SUCCEEDED (results of distinct
     bytes: blobs are addressed by their hash), the suite's model updater stopped: the test runs one of its own."""
-    harness.suite.loops[0].stop()
+    harness.stop_model_updater()
     jobs, done = harness.suite.server.jobs, list[tuple[str, str]]()
     for population in populations:
         task_id = harness.create_task(population, report_goal=2, max_cohort=2, min_clients=1).task_id
