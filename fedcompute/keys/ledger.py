@@ -92,6 +92,7 @@ def decide(
         state.charged[policy_sha256_hex] = charged
     if same is None:
         same = RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))
-        state.releases[slot] = [*earlier, same]
+        earlier = [*earlier, same]
     same.recipients.append(recipient.hex())
+    state.releases[slot] = earlier  # assigned, also when only a recipient was added: the store saves what is set
     return Decision(repeat, charged, eps)

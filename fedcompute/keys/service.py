@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import NoReturn
@@ -182,8 +182,7 @@ class KeyService:
                 raise NotFound(f"key {key.key_id} was never imported here")
             if stored.statement_hex != bare.SerializeToString().hex() and not stored.activated:
                 raise FailedPrecondition("the statement differs from the imported one")
-            stored.statement_hex = key.SerializeToString().hex()
-            stored.activated = True
+            state.keys[key.key_id] = replace(stored, statement_hex=key.SerializeToString().hex(), activated=True)
         log.info("key_activated", key_id=key.key_id, population=key.population_name)
 
     def destroy_due(self) -> int:
@@ -194,9 +193,7 @@ class KeyService:
             return 0
         with self._store.mutate() as state:
             for key in due:
-                stored = state.keys[key.key_id]
-                stored.sealed_share_hex = ""
-                stored.destroyed = True
+                state.keys[key.key_id] = replace(state.keys[key.key_id], sealed_share_hex="", destroyed=True)
                 log.info("key_share_destroyed", key_id=key.key_id)
         return len(due)
 
@@ -251,7 +248,8 @@ class KeyService:
                 state, binding.policy_sha256_hex, policy, binding.round, binding.input_set_sha256_hex, inputs,
                 lambda k: _epsilon(policy, k), binding.recipient_public_key,
             )  # fmt: skip
-            state.used_result_ids = {j: e for j, e in state.used_result_ids.items() if e > now.timestamp()}
+            for expired in [j for j, e in state.used_result_ids.items() if e <= now.timestamp()]:
+                del state.used_result_ids[expired]  # in place: the journal records what changed (keys/keystore.py)
             state.used_result_ids[jti] = int(str(claims["exp"]))
             share = self._store.open_share(key)
             self._log.append(_log_fields(self._id.provider_id, policy, binding, inputs, measurement, decision, now))

@@ -89,11 +89,19 @@ def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
 
     store = KeyStore(tmp_path / "keys" / "keyset.json", os.urandom(32))
     synced = watch_fsyncs(monkeypatch)
-    with store.mutate() as state:
-        state.charged["policy"] = 2
+    with store.mutate() as state:  # keys and policies: the snapshot, renamed into place
+        state.policies["policy"] = "aa"
     assert synced[-1] == str(tmp_path / "keys")
     assert synced[0].startswith(str(tmp_path / "keys" / ".keyset-"))
-    assert store.read().charged == {"policy": 2}
+    synced.clear()
+    with store.mutate() as state:  # a charge: appended to the journal, whose first line creates it
+        state.charged["policy"] = 2
+    assert synced == [str(tmp_path / "keys" / "keyset.journal"), str(tmp_path / "keys")]
+    synced.clear()
+    with store.mutate() as state:
+        state.charged["policy"] = 3
+    assert synced == [str(tmp_path / "keys" / "keyset.journal")]
+    assert store.read().charged == {"policy": 3}
     synced.clear()
     pinned = tmp_path / "public" / "trusted-providers.json"
     write_trusted(pinned, {"kp-0": ec.generate_private_key(ec.SECP256R1()).public_key()})
