@@ -14,7 +14,8 @@ the whole 10 MB file (45 ms), at 10,000 rounds 100 MB (517 ms). The snapshot is 
 outgrows it (``JOURNAL_MIN_BYTES`` at least), then the journal emptied; a crash between the two leaves lines the
 snapshot already holds, which a load skips by their ``seq``. A line a crash cut short (never acknowledged: its
 fsync had not returned) is dropped at the next load and cut off before the next append; a whole line that does
-not parse, or a gap in the sequence, stops the load (``KeysetCorrupted``): the state is damaged, restore it.
+not parse, a gap in the sequence or an entry twice stops the load (``KeysetCorrupted``): the state is damaged,
+restore it. Each change holds an exclusive ``flock`` on ``keyset.lock`` beside them.
 
 The state is parsed once and kept: a read or a change parses the files again only if either changed behind this
 process's back (its inode, size or mtime differ from what this process last read or wrote: a rewrite in place to the
@@ -29,6 +30,7 @@ itself never sits in this directory (see ``keys/kek.py``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -109,6 +111,9 @@ class Tracked(dict[str, V]):
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
+    def __ior__(self, other: Any) -> Tracked[V]:  # type: ignore[misc,override]
+        raise TypeError("set entries one by one (or update): a keyset table records which it changed")
+
     def popitem(self) -> tuple[str, V]:
         raise TypeError("remove entries by key: a keyset table records which it changed")
 
@@ -137,6 +142,7 @@ class KeyStore:
         self._seq = 0  # the last journal entry in the state
         self._journal_end = 0  # where the journal's last whole line ends
         self._snapshot_bytes = 0
+        self._named = False  # this process has fsynced the directory since the journal was first appended to
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def seal_share(self, key_id: str, share: bytes) -> str:
@@ -159,7 +165,7 @@ class KeyStore:
         """The state, to change; saved when the block ends (serialized within this process): a journal line, or
         the snapshot where keys or policies changed (see the module). A block that raises saves nothing, and its
         changes are forgotten here too (the files are read again)."""
-        with self._lock:
+        with self._lock, self._exclusive():
             state = self._current()
             tables = [getattr(state, name) for name in TABLES]
             try:
@@ -169,11 +175,21 @@ class KeyStore:
                 self._state = self._file = None
                 raise
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Every change holds an exclusive ``flock`` on ``keyset.lock``: a second process on the same directory
+        (one writes it, by design) waits instead of cutting off the other's journal line or reusing its number."""
+        fd = os.open(self._path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _current(self) -> KeysetState:
         seen = (_identity(self._path), _identity(self._journal))
         if self._state is None or seen != self._file:
-            self._state = self._load()
-            self._file = (_identity(self._path), _identity(self._journal))
+            self._state, self._file = self._load(), seen  # a change during the load: read again next time
         return self._state
 
     def _load(self) -> KeysetState:
@@ -195,8 +211,8 @@ class KeyStore:
                 at = int(entry["seq"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise KeysetCorrupted(f"{self._journal} line {number} does not parse ({exc}): restore it") from None
-            if at <= seq:
-                continue  # the snapshot holds it (written before the journal was emptied)
+            if at <= self._seq and seq == self._seq:
+                continue  # the snapshot holds it (written before the journal was emptied): only ever a prefix
             if at != seq + 1:
                 raise KeysetCorrupted(f"{self._journal} line {number} is entry {at}, after entry {seq}: restore it")
             _apply(state, entry)
@@ -225,7 +241,6 @@ class KeyStore:
             table = getattr(state, name)
             entry[name] = {k: _plain(table[k]) if k in table else None for k in sorted(changed[name])}
         line = (json.dumps(entry) + "\n").encode()
-        created = not self._journal.exists()
         fd = os.open(self._journal, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != self._journal_end:
@@ -237,8 +252,9 @@ class KeyStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if created:
-            fsync_directory(self._journal.parent)  # the journal's name survives a power cut too
+        if not self._named:  # the journal's name survives a power cut too (whoever created it, whenever)
+            fsync_directory(self._journal.parent)
+            self._named = True
         self._seq += 1
         self._journal_end += len(line)
         for name in JOURNALED:

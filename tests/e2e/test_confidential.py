@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from sqlalchemy import MetaData, create_engine, select
 
 from fedcompute.clients.device import Device, Participated, Trust
+from fedcompute.keys.keystore import KeyStore
 from fedcompute.keys.shamir import combine_key
 from fedcompute.v1 import task_management_pb2 as tm
 from tests.harness import Harness, contribute, suite_settings, wait_for, zero_update
@@ -130,9 +131,11 @@ def test_worker_with_other_code_gets_no_key(workdir: Path, database_url: str) ->
         contribute(harness, POPULATION)
         wait_for(lambda: "attestation failed" in _round(harness, task_id).aggregation_note, 60, "a refusal")
         assert "measurement" in _round(harness, task_id).aggregation_note
-        for i in range(3):
-            state = json.loads((workdir / "keys" / f"kp-{i}" / "keyset.json").read_text())
-            assert state["releases"] == {}  # nothing was released by any key service
+        for i in range(3):  # nothing was released by any key service (snapshot and journal, as the service reads)
+            kek = bytes.fromhex((workdir / "kek" / f"kp-{i}.key").read_text())
+            state = KeyStore(workdir / "keys" / f"kp-{i}" / "keyset.json", kek).read()
+            assert state.releases == {}
+            assert state.used_result_ids == {}
         assert harness.task(task_id).latest_model_version == 1
     finally:
         harness.stop()
@@ -212,7 +215,9 @@ def test_a_copy_of_the_servers_disk_and_database_yields_nothing_to_decrypt(workd
         assert not any(needle in hay for hay in haystacks), "the server's disk or database holds a secret"
     assert not _envelopes(server_dir)
     # Nothing of another component lives in the server's directory at all.
-    assert not any(p.name in ("identity.json", "keyset.json", "platform-ca.pem") for p in server_dir.rglob("*"))
+    assert not any(
+        p.name in ("identity.json", "keyset.json", "keyset.journal", "platform-ca.pem") for p in server_dir.rglob("*")
+    )
 
 
 def _envelopes(server_dir: Path) -> list[Path]:

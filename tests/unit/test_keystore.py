@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from fedcompute.keys import keystore
 from fedcompute.keys.keystore import KeysetCorrupted, KeysetState, KeyStore, RoundRelease, StoredKey
+from tests.fsyncs import watch_fsyncs
 
 
 def _key(key_id: str) -> StoredKey:
@@ -211,6 +213,7 @@ def test_a_crash_between_the_snapshot_and_emptying_the_journal_counts_nothing_tw
         lambda lines: [lines[0], b"not json", lines[1]],
         lambda lines: [lines[0], lines[2]],  # an entry removed: a gap in the sequence
         lambda lines: [lines[0], b'{"releases": {}}', lines[1]],  # no sequence number
+        lambda lines: [lines[0], lines[1], lines[1], lines[2]],  # an entry twice
     ],
 )
 def test_a_damaged_journal_stops_the_load(store: KeyStore, damage: Any) -> None:
@@ -278,3 +281,58 @@ def test_killed_at_any_moment_a_store_loses_no_acknowledged_release(tmp_path: Pa
         state = KeyStore(path, os.urandom(32)).read()
         assert state.charged["p"] >= acknowledged
         assert sorted(state.releases) == sorted(f"p|{n}" for n in range(state.charged["p"]))
+
+
+def test_a_second_writer_waits_and_neither_line_is_lost(store: KeyStore) -> None:
+    """One process writes a provider's directory, by design; should a second one run (a restart overlapping the
+    old process), it waits for the first's change instead of cutting off its journal line (found by a review:
+    the first's line was cut and its number reused, and a replayed result id would then be accepted)."""
+    _released(store, 1)
+    other = KeyStore(store._path, os.urandom(32))
+    done = threading.Event()
+
+    def second() -> None:
+        with other.mutate() as state:
+            state.used_result_ids["jti-B"] = 2**31
+        done.set()
+
+    with store.mutate() as state:
+        state.used_result_ids["jti-A"] = 2**31
+        writer = threading.Thread(target=second)
+        writer.start()
+        assert not done.wait(0.3)  # held on the lock while this change is open
+    writer.join(10)
+    assert done.is_set()
+    assert {"jti-A", "jti-B"} <= set(KeyStore(store._path, os.urandom(32)).read().used_result_ids)
+
+
+def test_the_journals_name_is_made_durable_even_if_its_first_append_failed(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file created by an append that then failed (its fsync raised) exists; the next append, acknowledged,
+    still fsyncs the directory (found by a review: it looked at whether the file existed)."""
+    with store.mutate() as state:
+        state.policies["p"] = "aa"
+    real = os.fsync
+    failures = [OSError(5, "I/O error")]
+
+    def failing(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        _released(store, 1)
+    assert _journal(store).exists()
+    synced = watch_fsyncs(monkeypatch)
+    _released(store, 2)
+    assert synced == [str(_journal(store)), str(store._path.parent)]
+
+
+def test_a_table_cannot_be_changed_unrecorded(store: KeyStore) -> None:
+    with pytest.raises(TypeError), store.mutate() as state:
+        state.charged |= {"p": 1}
+    with pytest.raises(TypeError), store.mutate() as state:
+        state.charged.popitem()
+    assert store.read().charged == {}
