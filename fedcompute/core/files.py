@@ -200,7 +200,7 @@ class UncachedAppender:
         assert self._buffer is not None
         try:
             with memoryview(self._buffer) as buffer:
-                _write_all(self._fd, buffer[:length], self._base)
+                write_all(self._fd, buffer[:length], self._base)
             return True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
@@ -213,7 +213,7 @@ class UncachedAppender:
         return False
 
     def _write_plain(self, data: memoryview) -> None:
-        _write_all(self._fd, data, self._base)
+        write_all(self._fd, data, self._base)
         self._base += len(data)
 
     def _release_buffer(self) -> None:
@@ -222,7 +222,8 @@ class UncachedAppender:
             self._buffer = None
 
 
-def _write_all(fd: int, data: memoryview, at: int) -> None:
+def write_all(fd: int, data: memoryview, at: int) -> None:
+    """All of ``data`` to ``fd`` at offset ``at`` (a write may take less than it was given)."""
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], at + done)

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fedcompute.core.files import fsync_directory, replace_durably
+from fedcompute.core.files import fsync_directory, replace_durably, write_all
 
 JOURNAL_MIN_BYTES = 1 << 20  # the journal is folded into a new snapshot once over this and over the snapshot's size
 TABLES = ("keys", "policies", "releases", "charged", "used_result_ids")
@@ -193,7 +193,8 @@ class KeyStore:
         return self._state
 
     def _load(self) -> KeysetState:
-        data = json.loads(self._path.read_text()) if self._path.exists() else {}
+        snapshot = self._path.read_bytes() if self._path.exists() else b"{}"
+        data = json.loads(snapshot)
         state = KeysetState(
             keys=Tracked({k: StoredKey(**v) for k, v in data.get("keys", {}).items()}),
             policies=Tracked(data.get("policies", {})),
@@ -202,7 +203,7 @@ class KeyStore:
             used_result_ids=Tracked(data.get("used_result_ids", {})),
         )
         self._seq = seq = int(data.get("journal_seq", 0))
-        self._snapshot_bytes = self._path.stat().st_size if data else 0
+        self._snapshot_bytes = len(snapshot)
         raw = self._journal.read_bytes() if self._journal.exists() else b""
         self._journal_end = raw.rfind(b"\n") + 1  # after it: a line a crash cut short, never acknowledged
         for number, line in enumerate(raw[: self._journal_end].splitlines(), 1):
@@ -245,10 +246,7 @@ class KeyStore:
         try:
             if os.fstat(fd).st_size != self._journal_end:
                 os.ftruncate(fd, self._journal_end)  # a line cut short by a crash (see _load)
-            os.lseek(fd, self._journal_end, os.SEEK_SET)
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, memoryview(line), self._journal_end)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -259,7 +257,7 @@ class KeyStore:
         self._journal_end += len(line)
         for name in JOURNALED:
             getattr(state, name).changed.clear()
-        self._file = (self._file[0] if self._file else _identity(self._path), _identity(self._journal))
+        self._file = (_identity(self._path), _identity(self._journal))
 
     def _write_snapshot(self, state: KeysetState) -> None:
         fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".keyset-")
@@ -273,7 +271,7 @@ class KeyStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        if self._journal_end or (self._journal.exists() and self._journal.stat().st_size):
+        if self._journal.exists() and self._journal.stat().st_size:
             with self._journal.open("r+b") as journal:  # what the snapshot holds: a crash before this skips it
                 journal.truncate(0)
                 os.fsync(journal.fileno())
