@@ -14,8 +14,8 @@ rounds (ours, Flower's, ours, ...); the target is 1/5 of it. Without that enviro
 issue's measurement of it (16 s on this machine), a constant. The 1,000-device round has no limit (the issue sets
 none, and Flower's engine would take minutes). Each sample also records the whole machine's busy CPU over it
 (core-seconds, /proc/stat), ours and each Flower round's: on a machine of k cores a round needing C core-seconds
-takes at least C / k seconds, however its work is overlapped; and, of ours, the suite's process's and the load
-generator's (the devices') share.
+takes at least C / k seconds, however its work is overlapped (the row "CPU floor", against the same limit); and, of
+ours, the suite's process's and the load generator's (the devices') share.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ LARGE = 1000  # one round of this many devices in full mode (4.5 GB of uploads)
 WARM_UP = 10  # devices in the untimed first round
 CPU_NOTES = ("the machine's busy CPU over create->published (/proc/stat; every process: servers, worker, devices); "
              "core-s / cores is the least the round can take on this machine however it is scheduled")  # fmt: skip
+
+CORES = os.cpu_count() or 1
+FLOOR_NOTES = ("the round's busy core-s / this machine's cores: the least it could take here with every core busy and "
+               "nothing waiting; while its ratio is above the target, no overlap reaches the target on this machine, "
+               "only less CPU does")  # fmt: skip
 
 SPLIT_NOTES = ("the busy CPU's split: the suite's process (servers, key services, verifier, launcher) and the load "
                "generator's (the devices sealing, hashing and sending); the rest of it is the aggregator worker's, "
@@ -113,6 +118,8 @@ def run(mode: Mode, load: LoadGenerator) -> list[Result]:
             Result(name, "devices' turns", "s", [r["devices_s"] for r in samples], notes=notes),
             Result(name, "uploads->published", "s", [r["aggregate_publish_s"] for r in samples], notes=notes),
             Result(name, "CPU busy", "core-s", [r["cpu_core_s"] for r in samples], notes=CPU_NOTES),
+            Result(name, "CPU floor", "s", [r["cpu_core_s"] / CORES for r in samples], limit,
+                   lower_is_better=True, notes=f"{FLOOR_NOTES}{target}"),
             Result(name, "CPU busy", "fraction", [r["machine_cpu_busy"] for r in samples], notes=CPU_NOTES),
             Result(name, "CPU servers", "core-s", [r["servers_cpu_core_s"] for r in samples], notes=SPLIT_NOTES),
             Result(name, "CPU devices", "core-s", [r["devices_cpu_core_s"] for r in samples], notes=SPLIT_NOTES),
