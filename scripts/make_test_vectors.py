@@ -337,13 +337,14 @@ def input_set_layout(pairs: list[tuple[str, str]]) -> Fields:
 
 
 def binding_layout(b: dict[str, Any]) -> Fields:
-    out: Fields = [("magic", b"fedcompute/release-binding/v2\x00")]
+    out: Fields = [("magic", b"fedcompute/release-binding/v3\x00")]
     out += _lp("recipient_public_key", bytes.fromhex(b["recipient_public_key_hex"]))
     out += _lp("key_id", b["key_id"].encode())
     out += _lp("task_id", b["task_id"].encode())
     out.append(("round u64", _u64(b["round"])))
     for name in ("aggregation_id", "job_id", "input_set_sha256_hex", "policy_sha256_hex"):
         out += _lp(name, b[name].encode())
+    out.append(("release_number u64", _u64(b["release_number"])))
     return out
 
 
@@ -611,6 +612,7 @@ def binding() -> ReleaseBinding:
         job_id=JOB_ID,
         input_set_sha256_hex=input_set_vector()["digest_hex"],
         policy_sha256_hex=dp_policy().sha256_hex(),
+        release_number=1,  # the policy's first DP release
     )
 
 
@@ -645,6 +647,7 @@ def auditor_vectors() -> dict[str, Any]:
         "job_id": b.job_id,
         "input_set_sha256_hex": b.input_set_sha256_hex,
         "policy_sha256_hex": b.policy_sha256_hex,
+        "release_number": b.release_number,
     }
     preimage = b"".join(raw for _, raw in binding_layout(binding_fields))
     if b64url(hashlib.sha256(preimage).digest()) != b.digest():

@@ -5,6 +5,11 @@ carrying (challenge, binding of this exact release request); an attestation resu
 share, each HPKE-sealed to the ephemeral key and signed. Any t shares rebuild the key, which must derive the
 published (t-signed) public key; other t-subsets are tried when more than t arrived, and providers whose
 shares never fit are reported. The key lives in this object only; nothing is written anywhere.
+
+Under a DP access policy the attempt numbers its release (``release_number``, in the binding): one past the
+highest count the key services report, the same number for every key id it asks; a key service that has granted
+as high a number meanwhile refuses it as stale, and the attempt reads the counts again and asks anew, under a new
+attestation result (``NUMBER_TRIES`` times at most). Shares are only ever combined from one binding.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from fedcompute.clients.typed import KeyClient, VerifierClient
 from fedcompute.keys import hpke, statement
 from fedcompute.keys.service import release_context
 from fedcompute.keys.shamir import combine_key
-from fedcompute.rpc.errors import BUDGET_REFUSAL, REFUSAL_KEY
+from fedcompute.rpc.errors import BUDGET_REFUSAL, REFUSAL_KEY, STALE_REFUSAL
 from fedcompute.v1 import aggregation_pb2, common_pb2, key_pb2, verifier_pb2
 
 log = structlog.get_logger("fedcompute.aggregator")
@@ -48,6 +53,7 @@ class BudgetExhausted(KeyRefused):
 
 
 REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+NUMBER_TRIES = 3  # numbers asked for one key id before the job is retried later (each time another release ran)
 
 
 @dataclass
@@ -68,12 +74,14 @@ class JobKeys:
     job: aggregation_pb2.AggregationJob
     policy_sha256_hex: str
     inputs: list[tuple[str, str]]
+    numbered: bool = False  # a DP policy: the attempt numbers its release (the module)
     faulty_providers: set[str] = field(default_factory=set)
     _keys: dict[str, X25519PrivateKey] = field(default_factory=dict)
     _failed: dict[str, Exception] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # this attempt's recipient key, for every key id it asks: the key services charge an attempt once (one output)
     _ephemeral: X25519PrivateKey = field(default_factory=hpke.generate_private_key)
+    _number: int = 0  # the attempt's release number once it has one (numbered only)
 
     def __call__(self, key_id: str) -> X25519PrivateKey:
         """The key, obtained once per job however many threads open at once (the worker opens on two): each
@@ -119,23 +127,33 @@ class JobKeys:
                 f"{self.access.threshold} needed; waiting for them to come back"
             )
         ephemeral = self._ephemeral
-        binding = ReleaseBinding(
-            hpke.public_bytes(ephemeral.public_key()),
-            key_id,
-            self.job.task_id,
-            self.job.round,
-            self.job.aggregation_id,
-            self.job.job_id,
-            self.job.input_set_sha256_hex,
-            self.policy_sha256_hex,
-        )
-        result = self._attest(binding)
-        result_id = str(jwt.decode(result, options={"verify_signature": False})["jti"])
-        shares, errors, refused = self._collect(providers, binding, result, result_id, ephemeral)
         needed = self.access.threshold
+        for _ in range(NUMBER_TRIES if self.numbered else 1):
+            binding = ReleaseBinding(
+                hpke.public_bytes(ephemeral.public_key()),
+                key_id,
+                self.job.task_id,
+                self.job.round,
+                self.job.aggregation_id,
+                self.job.job_id,
+                self.job.input_set_sha256_hex,
+                self.policy_sha256_hex,
+                self._numbered(providers),
+            )
+            result = self._attest(binding)
+            result_id = str(jwt.decode(result, options={"verify_signature": False})["jti"])
+            shares, errors, refused = self._collect(providers, binding, result, result_id, ephemeral)
+            if len(shares) >= needed or STALE_REFUSAL not in refused:
+                break
+            self._number = 0  # another release took its number meanwhile: read the counts again
+        if len(shares) < needed and STALE_REFUSAL in refused:
+            raise KeyUnavailable(
+                f"key services kept granting other releases the number this attempt asked with "
+                f"({NUMBER_TRIES} tries); retrying later ({'; '.join(errors)})"
+            )
         if len(shares) < needed and refused:
-            # spent for good only if too few key services are left that have not said so (each keeps its own
-            # ledger: one that was away during an earlier attempt was not charged for it, and may still release)
+            # spent for good only if too few key services are left that have not said so: the number was read
+            # from counts that may have been raised on the way (unsigned), and one that was away can be asked later
             spent = refused.count(BUDGET_REFUSAL)
             refusal = BudgetExhausted if len(self.access.providers) - spent < needed else KeyRefused
             raise refusal(f"key services refused to release a share: {'; '.join(errors)}")
@@ -145,6 +163,23 @@ class JobKeys:
                 f"{needed} needed ({'; '.join(errors)})"
             )
         return self._rebuild(shares, published)
+
+    def _numbered(self, providers: list[KeyClient]) -> int:
+        """The attempt's release number (0 without DP): the one it has, or one past the highest count of the
+        key services that answer (a stale count only gets a refusal; a higher one charges more, never less)."""
+        if not self.numbered or self._number:
+            return self._number
+        counts = []
+        request = key_pb2.GetReleaseCountRequest(policy_sha256_hex=self.policy_sha256_hex)
+        for client in providers:
+            try:
+                counts.append(client.get_release_count(request).releases_charged)
+            except grpc.RpcError:  # away, or the policy is not registered there: its release will say so
+                continue
+        if not counts:
+            raise KeyUnavailable("no key service answered GetReleaseCount")
+        self._number = max(counts) + 1
+        return self._number
 
     def _attest(self, binding: ReleaseBinding) -> str:
         try:
@@ -190,8 +225,9 @@ class JobKeys:
                     trailers: Sequence[tuple[str, str | bytes]] = (
                         exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
                     ) or ()
-                    budget = any(key == REFUSAL_KEY and value == BUDGET_REFUSAL for key, value in trailers)
-                    refused.append(BUDGET_REFUSAL if budget else exc.code().name)
+                    marked = {value for key, value in trailers if key == REFUSAL_KEY}
+                    refusal = next((m for m in (BUDGET_REFUSAL, STALE_REFUSAL) if m in marked), exc.code().name)
+                    refused.append(str(refusal))
                 continue
             share = self._open(reply, binding, result_id, ephemeral)
             if share is None:

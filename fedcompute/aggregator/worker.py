@@ -110,7 +110,7 @@ class AggregatorWorker:
             plan.metrics,
         )
         metrics = MetricMean()
-        keys = JobKeys(self._keys, job, policy_hash, inputs)
+        keys = JobKeys(self._keys, job, policy_hash, inputs, numbered=policy.dp is not None)
         mean: StreamingMean | DpSum = DpSum(dp, self._device) if dp else StreamingMean(self._device)
         rejections: Counter[str] = Counter()
         lease_left = (job.lease_expiry_unix_ms / 1000 - time.time()) / 3

@@ -1,9 +1,9 @@
 """Attestation results (ES256 JWT, EAT/EAR claim names) and the binding nonce that ties them to one release.
 
-binding = sha256("fedcompute/release-binding/v2\0" || lp(recipient public key) || lp(key id) || lp(task id)
-|| u64(round) || lp(aggregation id) || lp(job id) || lp(input set sha256) || lp(policy sha256)), base64url: the
-worker puts it in its evidence as eat_nonce[1], the verifier copies it into the result, and each key service
-recomputes it from the release request.
+binding = sha256("fedcompute/release-binding/v3\0" || lp(recipient public key) || lp(key id) || lp(task id)
+|| u64(round) || lp(aggregation id) || lp(job id) || lp(input set sha256) || lp(policy sha256)
+|| u64(release number)), base64url: the worker puts it in its evidence as eat_nonce[1], the verifier copies it into
+the result, and each key service recomputes it from the release request.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class BindingFields(Protocol):
     aggregation_job_id: str
     input_set_sha256_hex: str
     policy_sha256_hex: str
+    release_number: int
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class ReleaseBinding:
     job_id: str
     input_set_sha256_hex: str
     policy_sha256_hex: str
+    # under a DP policy, which of its releases this attempt is, counted over every key service (keys/ledger.py)
+    release_number: int = 0
 
     @classmethod
     def of(cls, msg: BindingFields) -> ReleaseBinding:
@@ -73,6 +76,7 @@ class ReleaseBinding:
             msg.aggregation_job_id,
             msg.input_set_sha256_hex,
             msg.policy_sha256_hex,
+            msg.release_number,
         )
 
     def fields(self) -> dict[str, Any]:
@@ -86,16 +90,18 @@ class ReleaseBinding:
             "aggregation_job_id": self.job_id,
             "input_set_sha256_hex": self.input_set_sha256_hex,
             "policy_sha256_hex": self.policy_sha256_hex,
+            "release_number": self.release_number,
         }
 
     def digest(self) -> str:
-        parts = [b"fedcompute/release-binding/v2\x00"]
+        parts = [b"fedcompute/release-binding/v3\x00"]
         for raw in (self.recipient_public_key, self.key_id.encode(), self.task_id.encode()):
             parts.append(struct.pack(">H", len(raw)) + raw)
         parts.append(struct.pack(">Q", self.round))
         for text in (self.aggregation_id, self.job_id, self.input_set_sha256_hex, self.policy_sha256_hex):
             raw = text.encode()
             parts.append(struct.pack(">H", len(raw)) + raw)
+        parts.append(struct.pack(">Q", self.release_number))
         return b64url(hashlib.sha256(b"".join(parts)).digest())
 
 

@@ -49,7 +49,13 @@ def register_policy(
     trusted: Mapping[str, ec.EllipticCurvePublicKey],
     threshold: int,
 ) -> common_pb2.SignedAccessPolicy:
-    """Register with every key service; at least ``threshold`` valid signatures from pinned providers are needed."""
+    """Register with every key service; at least ``threshold`` valid signatures from pinned providers are needed.
+    A DP policy needs t > n/2: its key services refuse DP releases of keys held otherwise (keys/service.py)."""
+    if policy.dp is not None and 2 * threshold <= len(trusted):
+        raise RegistrationFailed(
+            f"a DP task needs population keys that more than half of the key services must release (t > n/2), "
+            f"not {threshold} of {len(trusted)}: its key services would refuse every release; raise the threshold"
+        )
     message = to_message(policy)
     signed = common_pb2.SignedAccessPolicy(policy=message)
     errors = []

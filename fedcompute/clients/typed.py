@@ -254,6 +254,10 @@ class KeyClient:
     def get_release_log(self, request: key_pb2.GetReleaseLogRequest) -> key_pb2.GetReleaseLogResponse:
         return self._stub.GetReleaseLog(request, timeout=self._timeout)
 
+    @idempotent()
+    def get_release_count(self, request: key_pb2.GetReleaseCountRequest) -> key_pb2.GetReleaseCountResponse:
+        return self._stub.GetReleaseCount(request, timeout=self._timeout)
+
 
 class VerifierClient:
     def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:

@@ -60,6 +60,11 @@ class BudgetSpent(ResourceExhausted):
     RESOURCE_EXHAUSTED answers, such as gRPC's own for a message past the receive limit)."""
 
 
+class StaleReleaseNumber(FailedPrecondition):
+    """A key service has granted a DP release numbered as high as this one's: the worker reads the key services'
+    counts again and numbers its release past the highest (marked, so that it is told from other refusals)."""
+
+
 class Aborted(FedcomputeError):
     """A concurrent change won; retry the operation."""
 

@@ -78,6 +78,9 @@ class RoundRelease:
     # the recipient keys (hex) of the aggregation attempts charged for this input set: one attempt (one recipient
     # key, one output) asking again, for its other key id or after a lost answer, is not charged again
     recipients: list[str] = field(default_factory=list)
+    # under DP, the release numbers each of those attempts was granted (keys/ledger.py): asked again with one of
+    # them, it is a repeat; with another, a release of its own number
+    numbers: dict[str, list[int]] = field(default_factory=dict)
 
 
 V = TypeVar("V")

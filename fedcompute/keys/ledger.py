@@ -16,6 +16,14 @@ The rules, applied independently by every provider before its share leaves:
   version the contributions are checked against), so two "repeats" with the same noise and another clip norm gave
   the exact un-noised sum by a linear combination (found by a review, 2026-12-02). The worker now draws fresh
   noise for every job attempt, and every attempt is charged.
+- under DP a release is numbered over every key service: the attempt asks with ``release_number`` = 1 + the
+  highest count the key services report (``GetReleaseCount``), bound by its attestation result; a provider grants
+  it only past its own count (or the same number again to the same attempt, a repeat) and charges the policy that
+  many releases: its count becomes the number. Until 2026-12-03 each provider charged only the releases it took
+  part in, so a server that kept a different provider away from each attempt had up to n/t x the budget released
+  in all (1.5x at 2 of 3), each provider within its own. Now, with t > n/2 (``service.py`` refuses DP releases
+  of a key held otherwise), any two releases share a provider, which granted the later one a higher number: R
+  releases carry R distinct numbers, and the provider that granted the highest charged at least R.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute.core.context import input_set_digest
-from fedcompute.core.errors import BudgetSpent, InvalidArgument, PermissionDenied
+from fedcompute.core.errors import BudgetSpent, InvalidArgument, PermissionDenied, StaleReleaseNumber
 from fedcompute.core.policy import AccessPolicy
 from fedcompute.keys.keystore import KeysetState, RoundRelease
 
@@ -61,16 +69,19 @@ def decide(
     inputs: list[tuple[str, str]],
     epsilon_after: Callable[[int], float],
     recipient: bytes = b"",
+    number: int = 0,
 ) -> Decision:
     """Decide one release and record it in ``state`` (the caller saves it), or raise why it is refused.
     ``recipient``: the attempt's recipient public key (bound by its attestation result): an attempt that was
-    charged for this input set is not charged again (its other key ids, a retried call: one output)."""
+    charged for this input set is not charged again (its other key ids, a retried call: one output). ``number``:
+    under DP, the release number the attempt asks with (the module's last rule); without DP it is not used."""
     slot = f"{policy_sha256_hex}|{round_}"
     earlier = state.releases.get(slot, [])
     charged = state.charged.get(policy_sha256_hex, 0)
     same = next((r for r in earlier if r.input_set_sha256_hex == input_set_sha256_hex), None)
-    repeat = same is not None
-    if same is not None and recipient.hex() in same.recipients:
+    repeat, attempt = same is not None, recipient.hex()
+    granted = same.numbers.get(attempt, []) if same is not None else []
+    if same is not None and attempt in same.recipients and (policy.dp is None or number in granted):
         return Decision(True, charged, epsilon_after(charged) if policy.dp else 0.0)
     ids, envelopes = {a for a, _ in inputs}, {e for _, e in inputs}
     for previous in [] if repeat else earlier:
@@ -82,17 +93,29 @@ def decide(
             )
     eps = 0.0
     if policy.dp is not None:
-        charged += 1
-        eps = epsilon_after(charged)
+        if number < 1:
+            raise InvalidArgument(
+                "release_number", "a release under a DP access policy must be numbered: 1 + the highest count the "
+                "key services report (GetReleaseCount)"
+            )  # fmt: skip
+        if number <= charged:
+            raise StaleReleaseNumber(
+                f"release number {number} is not past the {charged} releases this key service has charged the "
+                "access policy; read GetReleaseCount again and number the release past the highest"
+            )
+        eps = epsilon_after(number)
         if eps > policy.dp.epsilon:
             raise BudgetSpent(
-                f"the task's privacy budget is spent: release {charged} would bring epsilon to {eps:.4g}, "
+                f"the task's privacy budget is spent: release {number} would bring epsilon to {eps:.4g}, "
                 f"over the access policy's {policy.dp.epsilon:g}"
             )
-        state.charged[policy_sha256_hex] = charged
+        charged = state.charged[policy_sha256_hex] = number
     if same is None:
         same = RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))
         earlier = [*earlier, same]
-    same.recipients.append(recipient.hex())
+    if attempt not in same.recipients:
+        same.recipients.append(attempt)
+    if policy.dp is not None:
+        same.numbers.setdefault(attempt, []).append(number)
     state.releases[slot] = earlier  # assigned, also when only a recipient was added: the store saves what is set
     return Decision(repeat, charged, eps)

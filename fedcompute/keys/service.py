@@ -232,7 +232,7 @@ class KeyService:
         ledger.check_inputs(policy, binding.input_set_sha256_hex, inputs)
         if policy.dp is not None:
             load_accountants()  # before the store's lock: the first import takes seconds (core/privacy.py)
-            self._warm_epsilon(policy, binding.policy_sha256_hex)
+            self._warm_epsilon(policy, binding)
         with self._store.mutate() as state:
             key = state.keys.get(binding.key_id)
             if key is None or not key.activated:
@@ -241,12 +241,14 @@ class KeyService:
                 raise FailedPrecondition(f"key {binding.key_id} was destroyed; its share no longer exists")
             if key.population_name != policy.population_name:
                 self._refuse(binding, "the key belongs to another population than the access policy")
+            if policy.dp is not None:
+                _check_majority(key)
             jti = str(claims["jti"])
             if jti in state.used_result_ids:
                 raise PermissionDenied("this attestation result was already used (replay)")
             decision = ledger.decide(
                 state, binding.policy_sha256_hex, policy, binding.round, binding.input_set_sha256_hex, inputs,
-                lambda k: _epsilon(policy, k), binding.recipient_public_key,
+                lambda k: _epsilon(policy, k), binding.recipient_public_key, binding.release_number,
             )  # fmt: skip
             for expired in [j for j, e in state.used_result_ids.items() if e <= now.timestamp()]:
                 del state.used_result_ids[expired]  # in place: the journal records what changed (keys/keystore.py)
@@ -266,14 +268,19 @@ class KeyService:
             self._id.provider_id, key.share_index, sealed, context, signature, decision.repeat, policy.policy_id, spent
         )
 
-    def _warm_epsilon(self, policy: AccessPolicy, policy_sha256_hex: str) -> None:
+    def _warm_epsilon(self, policy: AccessPolicy, binding: ReleaseBinding) -> None:
         """Compute, before the store's lock, the ε the ledger will ask for under it (cached): the policy's charged
-        releases so far and one more. An accountant takes 0.02-0.25 s for each new count (RDP, PRV; 2 cores), and
-        every release of this provider, whatever its population, waits on that lock. Should another release of the
-        policy be charged meanwhile, the ledger computes the count it finds under the lock, as before."""
-        charged = self._store.read().charged.get(policy_sha256_hex, 0)
-        for releases in (charged, charged + 1):
+        releases so far (a repeat) and the release's number. An accountant takes 0.02-0.25 s for each new count
+        (RDP, PRV; 2 cores), and every release of this provider, whatever its population, waits on that lock.
+        Should another release of the policy be charged meanwhile, the ledger computes what it needs under it."""
+        charged = self._store.read().charged.get(binding.policy_sha256_hex, 0)
+        for releases in {charged, binding.release_number}:
             _epsilon(policy, releases)
+
+    def release_count(self, policy_sha256_hex: str) -> int:
+        """The highest DP release number this provider has granted under the policy: the releases it charged."""
+        self._registered(policy_sha256_hex)
+        return self._store.read().charged.get(policy_sha256_hex, 0)
 
     def _refuse(self, binding: ReleaseBinding, problem: str) -> NoReturn:
         log.warning("key_release_refused", reason=problem, key_id=binding.key_id, job_id=binding.job_id)
@@ -305,6 +312,19 @@ class KeyService:
             if not ok:
                 self._refuse(binding, problem)
         return claims
+
+
+def _check_majority(key: StoredKey) -> None:
+    """DP releases need a key held t of n with t > n/2: any two sets of t key services then share one, which is
+    what makes the release numbers count every release (keys/ledger.py); two disjoint sets could each release,
+    each numbering its own."""
+    held = common_pb2.PublicKey.FromString(bytes.fromhex(key.statement_hex))
+    if 2 * held.threshold <= len(held.provider_ids):
+        raise FailedPrecondition(
+            f"key {key.key_id} is held {held.threshold} of {len(held.provider_ids)}: a DP access policy needs a key "
+            "that more than half of its key services must release (t > n/2), or two disjoint sets of them could "
+            "each release and neither count the other's releases against the budget"
+        )
 
 
 def _stored_policy(stored: str) -> AccessPolicy:

@@ -68,6 +68,14 @@ class KeyServicer(key_pb2_grpc.KeyServiceServicer):
             signature=release.signature,
         )
 
+    def GetReleaseCount(
+        self, request: key_pb2.GetReleaseCountRequest, context: grpc.ServicerContext
+    ) -> key_pb2.GetReleaseCountResponse:
+        return key_pb2.GetReleaseCountResponse(
+            provider_id=self._service.identity.provider_id,
+            releases_charged=self._service.release_count(request.policy_sha256_hex),
+        )
+
     def ImportKeyShare(
         self, request: key_pb2.ImportKeyShareRequest, context: grpc.ServicerContext
     ) -> key_pb2.ImportKeyShareResponse:

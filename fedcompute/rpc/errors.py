@@ -20,6 +20,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.FedcomputeError], grpc.StatusCode], ...
 
 COMMITTED_SIZE_KEY = "fedcompute-committed-size"
 REFUSAL_KEY, BUDGET_REFUSAL = "fedcompute-refusal", "privacy-budget"  # a trailer: a budget refusal, said so
+STALE_REFUSAL = "stale-release-number"  # the same trailer: a DP release numbered at or below a key service's count
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's own retry pushback: clients with a retry policy obey it
 
 
@@ -36,6 +37,8 @@ def trailing_metadata_for(error: errors.FedcomputeError) -> tuple[tuple[str, str
         return ((COMMITTED_SIZE_KEY, str(error.committed_size)),)
     if isinstance(error, errors.BudgetSpent):
         return ((REFUSAL_KEY, BUDGET_REFUSAL),)
+    if isinstance(error, errors.StaleReleaseNumber):
+        return ((REFUSAL_KEY, STALE_REFUSAL),)
     if isinstance(error, errors.RateLimited):
         return ((RETRY_PUSHBACK_KEY, str(max(1, round(error.retry_after_s * 1000)))),)
     return ()

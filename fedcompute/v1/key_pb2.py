@@ -26,7 +26,7 @@ from fedcompute.v1 import common_pb2 as fedcompute_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64\x63ompute/v1/key.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"/\n\x14GetPublicKeysRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\"k\n\x15GetPublicKeysResponse\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.fedcompute.v1.PublicKey\x12*\n\x07max_age\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x18\n\x16GetProviderInfoRequest\"g\n\x17GetProviderInfoResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x1b\n\x13wrapping_public_key\x18\x03 \x01(\x0c\"\x98\x02\n\x16ReleaseKeyShareRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x04 \x01(\t\x12\x1a\n\x12\x61ggregation_job_id\x18\x05 \x01(\t\x12\x1c\n\x14input_set_sha256_hex\x18\x06 \x01(\t\x12\x1c\n\x14recipient_public_key\x18\x07 \x01(\x0c\x12\x1a\n\x12\x61ttestation_result\x18\x08 \x01(\t\x12\x19\n\x11policy_sha256_hex\x18\t \x01(\t\x12\'\n\x06inputs\x18\n \x03(\x0b\x32\x17.fedcompute.v1.InputRef\"\x88\x01\n\x17ReleaseKeyShareResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x13\n\x0bshare_index\x18\x02 \x01(\r\x12\x17\n\x0f\x65ncrypted_share\x18\x03 \x01(\x0c\x12\x17\n\x0frelease_context\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"j\n\x15ImportKeyShareRequest\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.fedcompute.v1.PublicKey\x12\x13\n\x0bshare_index\x18\x02 \x01(\r\x12\x15\n\rwrapped_share\x18\x03 \x01(\x0c\"H\n\x16ImportKeyShareResponse\x12.\n\tsignature\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.KeySignature\";\n\x12\x41\x63tivateKeyRequest\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.fedcompute.v1.PublicKey\"\x15\n\x13\x41\x63tivateKeyResponse\"D\n\x15RegisterPolicyRequest\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.AccessPolicy\"H\n\x16RegisterPolicyResponse\x12.\n\tsignature\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.KeySignature\")\n\x14GetReleaseLogRequest\x12\x11\n\tstart_seq\x18\x01 \x01(\x04\"]\n\x15GetReleaseLogResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12/\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1e.fedcompute.v1.ReleaseLogEntry\"2\n\x0fReleaseLogEntry\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x32\x9c\x05\n\nKeyService\x12Z\n\rGetPublicKeys\x12#.fedcompute.v1.GetPublicKeysRequest\x1a$.fedcompute.v1.GetPublicKeysResponse\x12`\n\x0fGetProviderInfo\x12%.fedcompute.v1.GetProviderInfoRequest\x1a&.fedcompute.v1.GetProviderInfoResponse\x12`\n\x0fReleaseKeyShare\x12%.fedcompute.v1.ReleaseKeyShareRequest\x1a&.fedcompute.v1.ReleaseKeyShareResponse\x12]\n\x0eImportKeyShare\x12$.fedcompute.v1.ImportKeyShareRequest\x1a%.fedcompute.v1.ImportKeyShareResponse\x12T\n\x0b\x41\x63tivateKey\x12!.fedcompute.v1.ActivateKeyRequest\x1a\".fedcompute.v1.ActivateKeyResponse\x12]\n\x0eRegisterPolicy\x12$.fedcompute.v1.RegisterPolicyRequest\x1a%.fedcompute.v1.RegisterPolicyResponse\x12Z\n\rGetReleaseLog\x12#.fedcompute.v1.GetReleaseLogRequest\x1a$.fedcompute.v1.GetReleaseLogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64\x63ompute/v1/key.proto\x12\rfedcompute.v1\x1a\x1a\x66\x65\x64\x63ompute/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"/\n\x14GetPublicKeysRequest\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\"k\n\x15GetPublicKeysResponse\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.fedcompute.v1.PublicKey\x12*\n\x07max_age\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x18\n\x16GetProviderInfoRequest\"g\n\x17GetProviderInfoResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x1b\n\x13wrapping_public_key\x18\x03 \x01(\x0c\"\xb0\x02\n\x16ReleaseKeyShareRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x04 \x01(\t\x12\x1a\n\x12\x61ggregation_job_id\x18\x05 \x01(\t\x12\x1c\n\x14input_set_sha256_hex\x18\x06 \x01(\t\x12\x1c\n\x14recipient_public_key\x18\x07 \x01(\x0c\x12\x1a\n\x12\x61ttestation_result\x18\x08 \x01(\t\x12\x19\n\x11policy_sha256_hex\x18\t \x01(\t\x12\'\n\x06inputs\x18\n \x03(\x0b\x32\x17.fedcompute.v1.InputRef\x12\x16\n\x0erelease_number\x18\x0b \x01(\x04\"\x88\x01\n\x17ReleaseKeyShareResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x13\n\x0bshare_index\x18\x02 \x01(\r\x12\x17\n\x0f\x65ncrypted_share\x18\x03 \x01(\x0c\x12\x17\n\x0frelease_context\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"j\n\x15ImportKeyShareRequest\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.fedcompute.v1.PublicKey\x12\x13\n\x0bshare_index\x18\x02 \x01(\r\x12\x15\n\rwrapped_share\x18\x03 \x01(\x0c\"H\n\x16ImportKeyShareResponse\x12.\n\tsignature\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.KeySignature\";\n\x12\x41\x63tivateKeyRequest\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.fedcompute.v1.PublicKey\"\x15\n\x13\x41\x63tivateKeyResponse\"D\n\x15RegisterPolicyRequest\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.AccessPolicy\"H\n\x16RegisterPolicyResponse\x12.\n\tsignature\x18\x01 \x01(\x0b\x32\x1b.fedcompute.v1.KeySignature\")\n\x14GetReleaseLogRequest\x12\x11\n\tstart_seq\x18\x01 \x01(\x04\"]\n\x15GetReleaseLogResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12/\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1e.fedcompute.v1.ReleaseLogEntry\"2\n\x0fReleaseLogEntry\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"3\n\x16GetReleaseCountRequest\x12\x19\n\x11policy_sha256_hex\x18\x01 \x01(\t\"H\n\x17GetReleaseCountResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x18\n\x10releases_charged\x18\x02 \x01(\x04\x32\xfe\x05\n\nKeyService\x12Z\n\rGetPublicKeys\x12#.fedcompute.v1.GetPublicKeysRequest\x1a$.fedcompute.v1.GetPublicKeysResponse\x12`\n\x0fGetProviderInfo\x12%.fedcompute.v1.GetProviderInfoRequest\x1a&.fedcompute.v1.GetProviderInfoResponse\x12`\n\x0fReleaseKeyShare\x12%.fedcompute.v1.ReleaseKeyShareRequest\x1a&.fedcompute.v1.ReleaseKeyShareResponse\x12]\n\x0eImportKeyShare\x12$.fedcompute.v1.ImportKeyShareRequest\x1a%.fedcompute.v1.ImportKeyShareResponse\x12T\n\x0b\x41\x63tivateKey\x12!.fedcompute.v1.ActivateKeyRequest\x1a\".fedcompute.v1.ActivateKeyResponse\x12]\n\x0eRegisterPolicy\x12$.fedcompute.v1.RegisterPolicyRequest\x1a%.fedcompute.v1.RegisterPolicyResponse\x12Z\n\rGetReleaseLog\x12#.fedcompute.v1.GetReleaseLogRequest\x1a$.fedcompute.v1.GetReleaseLogResponse\x12`\n\x0fGetReleaseCount\x12%.fedcompute.v1.GetReleaseCountRequest\x1a&.fedcompute.v1.GetReleaseCountResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,27 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROVIDERINFORESPONSE']._serialized_start=286
   _globals['_GETPROVIDERINFORESPONSE']._serialized_end=389
   _globals['_RELEASEKEYSHAREREQUEST']._serialized_start=392
-  _globals['_RELEASEKEYSHAREREQUEST']._serialized_end=672
-  _globals['_RELEASEKEYSHARERESPONSE']._serialized_start=675
-  _globals['_RELEASEKEYSHARERESPONSE']._serialized_end=811
-  _globals['_IMPORTKEYSHAREREQUEST']._serialized_start=813
-  _globals['_IMPORTKEYSHAREREQUEST']._serialized_end=919
-  _globals['_IMPORTKEYSHARERESPONSE']._serialized_start=921
-  _globals['_IMPORTKEYSHARERESPONSE']._serialized_end=993
-  _globals['_ACTIVATEKEYREQUEST']._serialized_start=995
-  _globals['_ACTIVATEKEYREQUEST']._serialized_end=1054
-  _globals['_ACTIVATEKEYRESPONSE']._serialized_start=1056
-  _globals['_ACTIVATEKEYRESPONSE']._serialized_end=1077
-  _globals['_REGISTERPOLICYREQUEST']._serialized_start=1079
-  _globals['_REGISTERPOLICYREQUEST']._serialized_end=1147
-  _globals['_REGISTERPOLICYRESPONSE']._serialized_start=1149
-  _globals['_REGISTERPOLICYRESPONSE']._serialized_end=1221
-  _globals['_GETRELEASELOGREQUEST']._serialized_start=1223
-  _globals['_GETRELEASELOGREQUEST']._serialized_end=1264
-  _globals['_GETRELEASELOGRESPONSE']._serialized_start=1266
-  _globals['_GETRELEASELOGRESPONSE']._serialized_end=1359
-  _globals['_RELEASELOGENTRY']._serialized_start=1361
-  _globals['_RELEASELOGENTRY']._serialized_end=1411
-  _globals['_KEYSERVICE']._serialized_start=1414
-  _globals['_KEYSERVICE']._serialized_end=2082
+  _globals['_RELEASEKEYSHAREREQUEST']._serialized_end=696
+  _globals['_RELEASEKEYSHARERESPONSE']._serialized_start=699
+  _globals['_RELEASEKEYSHARERESPONSE']._serialized_end=835
+  _globals['_IMPORTKEYSHAREREQUEST']._serialized_start=837
+  _globals['_IMPORTKEYSHAREREQUEST']._serialized_end=943
+  _globals['_IMPORTKEYSHARERESPONSE']._serialized_start=945
+  _globals['_IMPORTKEYSHARERESPONSE']._serialized_end=1017
+  _globals['_ACTIVATEKEYREQUEST']._serialized_start=1019
+  _globals['_ACTIVATEKEYREQUEST']._serialized_end=1078
+  _globals['_ACTIVATEKEYRESPONSE']._serialized_start=1080
+  _globals['_ACTIVATEKEYRESPONSE']._serialized_end=1101
+  _globals['_REGISTERPOLICYREQUEST']._serialized_start=1103
+  _globals['_REGISTERPOLICYREQUEST']._serialized_end=1171
+  _globals['_REGISTERPOLICYRESPONSE']._serialized_start=1173
+  _globals['_REGISTERPOLICYRESPONSE']._serialized_end=1245
+  _globals['_GETRELEASELOGREQUEST']._serialized_start=1247
+  _globals['_GETRELEASELOGREQUEST']._serialized_end=1288
+  _globals['_GETRELEASELOGRESPONSE']._serialized_start=1290
+  _globals['_GETRELEASELOGRESPONSE']._serialized_end=1383
+  _globals['_RELEASELOGENTRY']._serialized_start=1385
+  _globals['_RELEASELOGENTRY']._serialized_end=1435
+  _globals['_GETRELEASECOUNTREQUEST']._serialized_start=1437
+  _globals['_GETRELEASECOUNTREQUEST']._serialized_end=1488
+  _globals['_GETRELEASECOUNTRESPONSE']._serialized_start=1490
+  _globals['_GETRELEASECOUNTRESPONSE']._serialized_end=1562
+  _globals['_KEYSERVICE']._serialized_start=1565
+  _globals['_KEYSERVICE']._serialized_end=2331
 # @@protoc_insertion_point(module_scope)

@@ -121,6 +121,7 @@ class ReleaseKeyShareRequest(_message.Message):
     ATTESTATION_RESULT_FIELD_NUMBER: _builtins.int
     POLICY_SHA256_HEX_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    RELEASE_NUMBER_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     task_id: _builtins.str
     round: _builtins.int
@@ -134,6 +135,11 @@ class ReleaseKeyShareRequest(_message.Message):
     """Attestation result (ES256 JWT) from a verifier this provider trusts, bound to this request."""
     policy_sha256_hex: _builtins.str
     """sha256 (hex) of the canonical access policy the release is for; the provider must have registered it."""
+    release_number: _builtins.int
+    """Under a DP access policy: which release of the policy this attempt is, counted over every key service
+    (1 + the highest GetReleaseCount); it must be past this provider's count unless this attempt was granted it
+    before, and the provider charges the policy that many releases. Bound by the attestation result.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.InputRef]:
         """The input set itself: its digest must equal input_set_sha256_hex and it must hold >= min_clients entries."""
@@ -151,10 +157,11 @@ class ReleaseKeyShareRequest(_message.Message):
         attestation_result: _builtins.str = ...,
         policy_sha256_hex: _builtins.str = ...,
         inputs: _abc.Iterable[_common_pb2.InputRef] | None = ...,
+        release_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "attestation_result", b"attestation_result", "input_set_sha256_hex", b"input_set_sha256_hex", "inputs", b"inputs", "key_id", b"key_id", "policy_sha256_hex", b"policy_sha256_hex", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "attestation_result", b"attestation_result", "input_set_sha256_hex", b"input_set_sha256_hex", "inputs", b"inputs", "key_id", b"key_id", "policy_sha256_hex", b"policy_sha256_hex", "recipient_public_key", b"recipient_public_key", "release_number", b"release_number", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,3 +392,46 @@ class ReleaseLogEntry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseLogEntry: _TypeAlias = ReleaseLogEntry  # noqa: Y015
+
+@_typing.final
+class GetReleaseCountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_SHA256_HEX_FIELD_NUMBER: _builtins.int
+    policy_sha256_hex: _builtins.str
+    """sha256 (hex) of the registered access policy."""
+    def __init__(
+        self,
+        *,
+        policy_sha256_hex: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_sha256_hex", b"policy_sha256_hex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReleaseCountRequest: _TypeAlias = GetReleaseCountRequest  # noqa: Y015
+
+@_typing.final
+class GetReleaseCountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    RELEASES_CHARGED_FIELD_NUMBER: _builtins.int
+    provider_id: _builtins.str
+    releases_charged: _builtins.int
+    """The highest release_number this provider has granted under the policy: the releases it has charged it."""
+    def __init__(
+        self,
+        *,
+        provider_id: _builtins.str = ...,
+        releases_charged: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_id", b"provider_id", "releases_charged", b"releases_charged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReleaseCountResponse: _TypeAlias = GetReleaseCountResponse  # noqa: Y015

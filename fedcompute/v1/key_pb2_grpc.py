@@ -71,6 +71,11 @@ class KeyServiceStub:
                 request_serializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogRequest.SerializeToString,
                 response_deserializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogResponse.FromString,
                 _registered_method=True)
+        self.GetReleaseCount = channel.unary_unary(
+                '/fedcompute.v1.KeyService/GetReleaseCount',
+                request_serializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseCountRequest.SerializeToString,
+                response_deserializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseCountResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -127,6 +132,14 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReleaseCount(self, request, context):
+        """Public: the highest DP release number this provider has granted under an access policy (0: none); a worker
+        numbers its release one past the highest it reads (docs/protocol.md, "Release numbers").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +177,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.GetReleaseLog,
                     request_deserializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogRequest.FromString,
                     response_serializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseLogResponse.SerializeToString,
+            ),
+            'GetReleaseCount': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReleaseCount,
+                    request_deserializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseCountRequest.FromString,
+                    response_serializer=fedcompute_dot_v1_dot_key__pb2.GetReleaseCountResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +375,33 @@ class KeyService:
             '/fedcompute.v1.KeyService/GetReleaseLog',
             fedcompute_dot_v1_dot_key__pb2.GetReleaseLogRequest.SerializeToString,
             fedcompute_dot_v1_dot_key__pb2.GetReleaseLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReleaseCount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcompute.v1.KeyService/GetReleaseCount',
+            fedcompute_dot_v1_dot_key__pb2.GetReleaseCountRequest.SerializeToString,
+            fedcompute_dot_v1_dot_key__pb2.GetReleaseCountResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class KeyServiceStub:
     """Admin (operator): register a task's access policy with this provider's ledger; returns its signature."""
     GetReleaseLog: _grpc.UnaryUnaryMultiCallable[_key_pb2.GetReleaseLogRequest, _key_pb2.GetReleaseLogResponse]
     """Public: this provider's append-only, hash-chained, signed release log (for `fedcompute audit`)."""
+    GetReleaseCount: _grpc.UnaryUnaryMultiCallable[_key_pb2.GetReleaseCountRequest, _key_pb2.GetReleaseCountResponse]
+    """Public: the highest DP release number this provider has granted under an access policy (0: none); a worker
+    numbers its release one past the highest it reads (docs/protocol.md, "Release numbers").
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -71,6 +75,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """Admin (operator): register a task's access policy with this provider's ledger; returns its signature."""
     GetReleaseLog: _aio.UnaryUnaryMultiCallable[_key_pb2.GetReleaseLogRequest, _key_pb2.GetReleaseLogResponse]  # type: ignore[assignment]
     """Public: this provider's append-only, hash-chained, signed release log (for `fedcompute audit`)."""
+    GetReleaseCount: _aio.UnaryUnaryMultiCallable[_key_pb2.GetReleaseCountRequest, _key_pb2.GetReleaseCountResponse]  # type: ignore[assignment]
+    """Public: the highest DP release number this provider has granted under an access policy (0: none); a worker
+    numbers its release one past the highest it reads (docs/protocol.md, "Release numbers").
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """One key provider (an independent party): holds one Shamir share of each population private key, signs the
@@ -132,5 +140,15 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_pb2.GetReleaseLogResponse, _abc.Awaitable[_key_pb2.GetReleaseLogResponse]]:
         """Public: this provider's append-only, hash-chained, signed release log (for `fedcompute audit`)."""
+
+    @_abc_1.abstractmethod
+    def GetReleaseCount(
+        self,
+        request: _key_pb2.GetReleaseCountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_pb2.GetReleaseCountResponse, _abc.Awaitable[_key_pb2.GetReleaseCountResponse]]:
+        """Public: the highest DP release number this provider has granted under an access policy (0: none); a worker
+        numbers its release one past the highest it reads (docs/protocol.md, "Release numbers").
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

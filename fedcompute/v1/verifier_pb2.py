@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64\x63ompute/v1/verifier.proto\x12\rfedcompute.v1\"\x15\n\x13GetChallengeRequest\";\n\x14GetChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"\xf5\x01\n\rAttestRequest\x12\x17\n\x0f\x65vidence_format\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\t\x12\x1c\n\x14recipient_public_key\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x07 \x01(\t\x12\x1a\n\x12\x61ggregation_job_id\x18\x08 \x01(\t\x12\x1c\n\x14input_set_sha256_hex\x18\t \x01(\t\x12\x19\n\x11policy_sha256_hex\x18\n \x01(\t\",\n\x0e\x41ttestResponse\x12\x1a\n\x12\x61ttestation_result\x18\x01 \x01(\t2\xb1\x01\n\x0fVerifierService\x12W\n\x0cGetChallenge\x12\".fedcompute.v1.GetChallengeRequest\x1a#.fedcompute.v1.GetChallengeResponse\x12\x45\n\x06\x41ttest\x12\x1c.fedcompute.v1.AttestRequest\x1a\x1d.fedcompute.v1.AttestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64\x63ompute/v1/verifier.proto\x12\rfedcompute.v1\"\x15\n\x13GetChallengeRequest\";\n\x14GetChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"\x8d\x02\n\rAttestRequest\x12\x17\n\x0f\x65vidence_format\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\t\x12\x1c\n\x14recipient_public_key\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x16\n\x0e\x61ggregation_id\x18\x07 \x01(\t\x12\x1a\n\x12\x61ggregation_job_id\x18\x08 \x01(\t\x12\x1c\n\x14input_set_sha256_hex\x18\t \x01(\t\x12\x19\n\x11policy_sha256_hex\x18\n \x01(\t\x12\x16\n\x0erelease_number\x18\x0b \x01(\x04\",\n\x0e\x41ttestResponse\x12\x1a\n\x12\x61ttestation_result\x18\x01 \x01(\t2\xb1\x01\n\x0fVerifierService\x12W\n\x0cGetChallenge\x12\".fedcompute.v1.GetChallengeRequest\x1a#.fedcompute.v1.GetChallengeResponse\x12\x45\n\x06\x41ttest\x12\x1c.fedcompute.v1.AttestRequest\x1a\x1d.fedcompute.v1.AttestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCHALLENGERESPONSE']._serialized_start=70
   _globals['_GETCHALLENGERESPONSE']._serialized_end=129
   _globals['_ATTESTREQUEST']._serialized_start=132
-  _globals['_ATTESTREQUEST']._serialized_end=377
-  _globals['_ATTESTRESPONSE']._serialized_start=379
-  _globals['_ATTESTRESPONSE']._serialized_end=423
-  _globals['_VERIFIERSERVICE']._serialized_start=426
-  _globals['_VERIFIERSERVICE']._serialized_end=603
+  _globals['_ATTESTREQUEST']._serialized_end=401
+  _globals['_ATTESTRESPONSE']._serialized_start=403
+  _globals['_ATTESTRESPONSE']._serialized_end=447
+  _globals['_VERIFIERSERVICE']._serialized_start=450
+  _globals['_VERIFIERSERVICE']._serialized_end=627
 # @@protoc_insertion_point(module_scope)

@@ -68,6 +68,7 @@ class AttestRequest(_message.Message):
     AGGREGATION_JOB_ID_FIELD_NUMBER: _builtins.int
     INPUT_SET_SHA256_HEX_FIELD_NUMBER: _builtins.int
     POLICY_SHA256_HEX_FIELD_NUMBER: _builtins.int
+    RELEASE_NUMBER_FIELD_NUMBER: _builtins.int
     evidence_format: _builtins.str
     """"fedcompute.local-eat.v1" or "gcp.confidential-space.oidc"."""
     evidence: _builtins.str
@@ -81,6 +82,7 @@ class AttestRequest(_message.Message):
     aggregation_job_id: _builtins.str
     input_set_sha256_hex: _builtins.str
     policy_sha256_hex: _builtins.str
+    release_number: _builtins.int
     def __init__(
         self,
         *,
@@ -94,10 +96,11 @@ class AttestRequest(_message.Message):
         aggregation_job_id: _builtins.str = ...,
         input_set_sha256_hex: _builtins.str = ...,
         policy_sha256_hex: _builtins.str = ...,
+        release_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "evidence", b"evidence", "evidence_format", b"evidence_format", "input_set_sha256_hex", b"input_set_sha256_hex", "key_id", b"key_id", "policy_sha256_hex", b"policy_sha256_hex", "recipient_public_key", b"recipient_public_key", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_id", b"aggregation_id", "aggregation_job_id", b"aggregation_job_id", "evidence", b"evidence", "evidence_format", b"evidence_format", "input_set_sha256_hex", b"input_set_sha256_hex", "key_id", b"key_id", "policy_sha256_hex", b"policy_sha256_hex", "recipient_public_key", b"recipient_public_key", "release_number", b"release_number", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

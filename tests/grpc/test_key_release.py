@@ -67,12 +67,16 @@ Inputs = list[tuple[str, str]]
 
 
 def _binding(
-    key_id: str, inputs: Inputs | None = None, round_: int = 1, aggregation: str = "agg_x", policy: str = ""
-) -> tuple[ReleaseBinding, Inputs]:
+    key_id: str, inputs: Inputs | None = None, round_: int = 1, aggregation: str = "agg_x", policy: str = "",
+    number: int = 0,
+) -> tuple[ReleaseBinding, Inputs]:  # fmt: skip
     inputs = _inputs("a", "b") if inputs is None else inputs
     recipient = hpke.public_bytes(hpke.generate_private_key().public_key())
     digest = input_set_digest(inputs)
-    return ReleaseBinding(recipient, key_id, "task_x", round_, aggregation, "job_x", digest, policy or POLICY), inputs
+    binding = ReleaseBinding(
+        recipient, key_id, "task_x", round_, aggregation, "job_x", digest, policy or POLICY, number
+    )
+    return binding, inputs
 
 
 def _result(harness: Harness, binding: ReleaseBinding, when: datetime | None = None, **appraisal: Any) -> str:
@@ -248,7 +252,7 @@ def test_dp_budget_is_enforced_by_each_key_service(harness: Harness, monkeypatch
     policy = _dp_policy(harness, "tight", 1.1, "cd" * 32)
     client = _clients(harness)[0]
     codes = [
-        _attempt(harness, client, _binding(key_id, _inputs(a, b), round_=r, policy=policy.sha256_hex()))
+        _attempt(harness, client, _binding(key_id, _inputs(a, b), round_=r, policy=policy.sha256_hex(), number=r))
         for r, (a, b) in enumerate([("a", "b"), ("c", "d"), ("e", "f"), ("g", "h"), ("i", "j"), ("k", "l")], start=1)
     ]
     assert codes[0] == grpc.StatusCode.OK
@@ -382,10 +386,12 @@ def test_an_attempt_is_charged_once_and_another_attempt_over_the_same_input_set_
     key_id = _key_id(harness)
     policy = _dp_policy(harness, "attempts", 50.0, "ef" * 32)
     client = _clients(harness)[2]
-    first, inputs = _binding(key_id, policy=policy.sha256_hex())
+    first, inputs = _binding(key_id, policy=policy.sha256_hex(), number=1)
     for _ in range(2):  # the same attempt twice: a fresh attestation result each time, the same recipient key
         _release(client, (first, inputs), _result(harness, first))
-    another = replace(first, recipient_public_key=hpke.public_bytes(hpke.generate_private_key().public_key()))
+    another = replace(
+        first, recipient_public_key=hpke.public_bytes(hpke.generate_private_key().public_key()), release_number=2
+    )
     _release(client, (another, inputs), _result(harness, another))
     log = client.get_release_log(key_pb2.GetReleaseLogRequest())
     bodies = [json.loads(e.body) for e in log.entries]

@@ -338,6 +338,7 @@ def test_auditor_vectors() -> None:
         i["job_id"],
         i["input_set_sha256_hex"],
         i["policy_sha256_hex"],
+        i["release_number"],
     )
     assert binding.digest() == a["release_binding"]["digest_b64url"]
     preimage = bytes.fromhex(joined(a["release_binding"]["fields"]))
