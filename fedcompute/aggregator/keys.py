@@ -31,6 +31,7 @@ from fedcompute.attestation.evidence import LOCAL_FORMAT
 from fedcompute.attestation.results import ReleaseBinding
 from fedcompute.clients.typed import KeyClient, VerifierClient
 from fedcompute.keys import hpke, statement
+from fedcompute.keys.ledger import MAX_RELEASE_NUMBER
 from fedcompute.keys.service import release_context
 from fedcompute.keys.shamir import combine_key
 from fedcompute.rpc.errors import BUDGET_REFUSAL, REFUSAL_KEY, STALE_REFUSAL
@@ -119,15 +120,15 @@ class JobKeys:
 
     def _obtain(self, key_id: str) -> X25519PrivateKey:
         published = self._published(key_id)
+        needed = max(self.access.threshold, published.threshold)  # the key's own t, signed: never fewer shares
         providers = [c for c in self.access.providers if c.reachable()]
-        if len(providers) < self.access.threshold:
+        if len(providers) < needed:
             # Asking for releases now would only spend the live providers' release budgets.
             raise KeyUnavailable(
                 f"only {len(providers)} of {len(self.access.providers)} key services are reachable, "
-                f"{self.access.threshold} needed; waiting for them to come back"
+                f"{needed} needed; waiting for them to come back"
             )
         ephemeral = self._ephemeral
-        needed = self.access.threshold
         for _ in range(NUMBER_TRIES if self.numbered else 1):
             binding = ReleaseBinding(
                 hpke.public_bytes(ephemeral.public_key()),
@@ -169,15 +170,19 @@ class JobKeys:
         key services that answer (a stale count only gets a refusal; a higher one charges more, never less)."""
         if not self.numbered or self._number:
             return self._number
-        counts = []
+        counts, errors = [], []
         request = key_pb2.GetReleaseCountRequest(policy_sha256_hex=self.policy_sha256_hex)
         for client in providers:
             try:
                 counts.append(client.get_release_count(request).releases_charged)
-            except grpc.RpcError:  # away, or the policy is not registered there: its release will say so
-                continue
+            except grpc.RpcError as exc:  # away, or the policy is not registered there: its release will say so
+                errors.append(exc)
         if not counts:
-            raise KeyUnavailable("no key service answered GetReleaseCount")
+            said = "; ".join(f"{e.code().name}: {e.details()}" for e in errors)
+            refused = errors and all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in errors)
+            raise (KeyRefused if refused else KeyUnavailable)(f"no key service gave its release count ({said})")
+        if max(counts) >= MAX_RELEASE_NUMBER:  # no key service grants past it: raised on the way (not signed)?
+            raise KeyRefused(f"a key service reports {max(counts)} releases of the policy, the most there can be")
         self._number = max(counts) + 1
         return self._number
 
@@ -258,7 +263,7 @@ class JobKeys:
         return (reply.share_index, share) if len(share) == 32 else None
 
     def _rebuild(self, shares: dict[str, tuple[int, bytes]], published: common_pb2.PublicKey) -> X25519PrivateKey:
-        needed = self.access.threshold
+        needed = max(self.access.threshold, published.threshold)
         # provider_ids[i] holds share index i + 1 (the statement its providers signed): a provider that says
         # otherwise (a second share 1, say) is faulty and left out; its index made every subset with it fail
         holds = {provider: i + 1 for i, provider in enumerate(published.provider_ids)}

@@ -34,7 +34,7 @@ from fedcompute.keys import hpke
 from fedcompute.keys.envelope import sealed_envelope
 from fedcompute.keys.policy import UntrustedPolicy, check_signed
 from fedcompute.keys.policy import from_message as policy_from_message
-from fedcompute.keys.statement import UntrustedKey, check_trusted
+from fedcompute.keys.statement import UntrustedKey, check_dp_holders, check_trusted
 from fedcompute.rpc.errors import COMMITTED_SIZE_KEY, RETRY_PUSHBACK_KEY
 from fedcompute.v1 import common_pb2, resource_pb2, task_assignment_pb2, upload_pb2
 from fedcompute.v1 import task_assignment_pb2 as ta
@@ -86,6 +86,8 @@ class Trust:
         if policy.population_name != assignment.population_name or key.population_name != policy.population_name:
             raise UntrustedPolicy("the access policy or key belongs to another population")
         problems = self.floor.violations(policy, key.threshold, key.expiration_time_unix - key.activation_time_unix)
+        if policy.dp is not None:
+            check_dp_holders(key, self.providers)  # key services number DP releases (docs/protocol.md A.5)
         if problems:
             raise UntrustedPolicy("; ".join(problems))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from fedcompute.core.context import length_prefixed as _lp
@@ -203,3 +203,21 @@ class DeviceFloor:
         if key_lifetime_s > self.max_key_lifetime_s:
             found.append(f"the key lives {key_lifetime_s} s, longer than this device's {self.max_key_lifetime_s} s")
         return found
+
+
+def dp_quorum_violations(provider_ids: Collection[str], threshold: int, pinned: Collection[str]) -> list[str]:
+    """Under DP, why a key (its ``provider_ids`` and Shamir ``threshold``) cannot carry a device's contributions
+    (empty: it can). Key services number DP releases over each other (docs/protocol.md A.5), which counts every
+    release only if any two sets of key services that can release a key of the task share one: so each key must be
+    held only by providers the device pins, and need more than half of them (t > n/2 of the pinned). A key dealt
+    to other providers, or to too few, could be released by a group that never sees another group's count."""
+    found = []
+    unpinned = sorted(set(provider_ids) - set(pinned))
+    if unpinned:
+        found.append(f"the DP task's key is held by providers this device does not pin: {', '.join(unpinned)}")
+    if 2 * threshold <= len(pinned):
+        found.append(
+            f"the DP task's key needs {threshold} key services to release it, not more than half of the "
+            f"{len(pinned)} this device pins"
+        )
+    return found

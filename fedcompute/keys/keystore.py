@@ -318,7 +318,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 def as_json(state: KeysetState) -> dict[str, object]:
     """The state as ``dataclasses.asdict`` gives it, without its deep copy: the records' own dicts, which
-    ``json.dumps`` only reads (every field is a str, int, bool or a list of str)."""
+    ``json.dumps`` only reads (every field is a str, int, bool, a list of str or a dict of lists of int)."""
     return {
         "keys": {k: vars(v) for k, v in state.keys.items()},
         "policies": state.policies,

@@ -21,9 +21,11 @@ The rules, applied independently by every provider before its share leaves:
   it only past its own count (or the same number again to the same attempt, a repeat) and charges the policy that
   many releases: its count becomes the number. Until 2026-12-03 each provider charged only the releases it took
   part in, so a server that kept a different provider away from each attempt had up to n/t x the budget released
-  in all (1.5x at 2 of 3), each provider within its own. Now, with t > n/2 (``service.py`` refuses DP releases
-  of a key held otherwise), any two releases share a provider, which granted the later one a higher number: R
-  releases carry R distinct numbers, and the provider that granted the highest charged at least R.
+  in all (1.5x at 2 of 3), each provider within its own. Now, as long as every key that carries a device's
+  contributions is held only by providers the device pins and needs more than half of them (devices check it,
+  ``keys/statement.py check_dp_holders``; ``service.py`` refuses DP releases of a key held t <= n/2 of its own
+  list), any two releases of that device's data share a provider, which granted the later one a higher number:
+  R releases carry R distinct numbers, and the provider that granted the highest charged at least R.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 from fedcompute.core.context import input_set_digest
 from fedcompute.core.errors import BudgetSpent, InvalidArgument, PermissionDenied, StaleReleaseNumber
-from fedcompute.core.policy import AccessPolicy
+from fedcompute.core.policy import AccessPolicy, PolicyDp
 from fedcompute.keys.keystore import KeysetState, RoundRelease
 
 
@@ -42,6 +44,25 @@ class Decision:
     repeat: bool  # the same input set as an earlier release of this round (charged if another attempt's)
     releases_charged: int  # DP releases charged to the policy so far, this one included
     epsilon_after: float  # 0 without DP
+
+
+# the most releases a DP policy may have: the accountant's cost grows with the count (PRV: ~20 MB and 1.4 s at
+# 1,000 releases, 19 GB at a million), and the number comes from counts read over the network
+MAX_RELEASE_NUMBER = 10_000
+
+
+def over_budget(dp: PolicyDp, eps: float) -> bool:
+    """ε past the policy's budget; an ε that is not a number (an accountant's failure) is past it too."""
+    return not eps <= dp.epsilon
+
+
+def check_number(number: int) -> None:
+    """A DP release's number is 1 to ``MAX_RELEASE_NUMBER``."""
+    if not 1 <= number <= MAX_RELEASE_NUMBER:
+        raise InvalidArgument(
+            "release_number", f"a release under a DP access policy must be numbered 1 to {MAX_RELEASE_NUMBER}: 1 + "
+            "the highest count the key services report (GetReleaseCount)"
+        )  # fmt: skip
 
 
 def check_inputs(policy: AccessPolicy, input_set_sha256_hex: str, inputs: list[tuple[str, str]]) -> None:
@@ -93,18 +114,14 @@ def decide(
             )
     eps = 0.0
     if policy.dp is not None:
-        if number < 1:
-            raise InvalidArgument(
-                "release_number", "a release under a DP access policy must be numbered: 1 + the highest count the "
-                "key services report (GetReleaseCount)"
-            )  # fmt: skip
+        check_number(number)
         if number <= charged:
             raise StaleReleaseNumber(
                 f"release number {number} is not past the {charged} releases this key service has charged the "
                 "access policy; read GetReleaseCount again and number the release past the highest"
             )
         eps = epsilon_after(number)
-        if eps > policy.dp.epsilon:
+        if over_budget(policy.dp, eps):
             raise BudgetSpent(
                 f"the task's privacy budget is spent: release {number} would bring epsilon to {eps:.4g}, "
                 f"over the access policy's {policy.dp.epsilon:g}"

@@ -18,7 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcompute.attestation.results import ReleaseBinding, ResultRejected, b64url, verify_result
 from fedcompute.core.clock import Clock
-from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from fedcompute.core.errors import (
+    BudgetSpent,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from fedcompute.core.policy import AccessPolicy
 from fedcompute.core.privacy import epsilon, load_accountants, load_accountants_soon
 from fedcompute.keys import hpke, ledger, statement
@@ -231,8 +238,9 @@ class KeyService:
             self._refuse(binding, "the aggregator's code measurement is not one the task's access policy allows")
         ledger.check_inputs(policy, binding.input_set_sha256_hex, inputs)
         if policy.dp is not None:
+            ledger.check_number(binding.release_number)  # before the accountant runs for it
             load_accountants()  # before the store's lock: the first import takes seconds (core/privacy.py)
-            self._warm_epsilon(policy, binding)
+            self._screen(policy, binding)
         with self._store.mutate() as state:
             key = state.keys.get(binding.key_id)
             if key is None or not key.activated:
@@ -268,14 +276,26 @@ class KeyService:
             self._id.provider_id, key.share_index, sealed, context, signature, decision.repeat, policy.policy_id, spent
         )
 
-    def _warm_epsilon(self, policy: AccessPolicy, binding: ReleaseBinding) -> None:
-        """Compute, before the store's lock, the ε the ledger will ask for under it (cached): the policy's charged
-        releases so far (a repeat) and the release's number. An accountant takes 0.02-0.25 s for each new count
-        (RDP, PRV; 2 cores), and every release of this provider, whatever its population, waits on that lock.
-        Should another release of the policy be charged meanwhile, the ledger computes what it needs under it."""
+    def _screen(self, policy: AccessPolicy, binding: ReleaseBinding) -> None:
+        """Before the store's lock, compute the ε the ledger will ask for under it (cached): the policy's charged
+        releases so far (a repeat's answer) and the release's number, reached from the count in doubling steps
+        (count + 1, + 2, + 4, ...), refusing at the first step over the budget (ε grows with the releases). An
+        accountant takes 0.02-1.4 s for each new count (RDP, PRV; 2 cores; PRV's grid grows with the count: a
+        million releases asks for 19 GB), and every release of this provider waits on that lock; the number comes
+        from counts read over the network, so this bounds the accountant's work by the budget's own capacity,
+        whatever number is asked. Should another release be charged meanwhile, the ledger computes what it needs."""
+        assert policy.dp is not None
         charged = self._store.read().charged.get(binding.policy_sha256_hex, 0)
-        for releases in {charged, binding.release_number}:
-            _epsilon(policy, releases)
+        _epsilon(policy, charged)
+        number, step = binding.release_number, charged + 1
+        while step <= number:
+            if ledger.over_budget(policy.dp, eps := _epsilon(policy, step)):
+                raise BudgetSpent(
+                    f"the task's privacy budget is spent: release {step} would bring epsilon to {eps:.4g}, over the "
+                    f"access policy's {policy.dp.epsilon:g}"
+                    + (f", and release {number} more so" if step < number else "")
+                )
+            step = number + 1 if step == number else min(number, charged + 2 * (step - charged))
 
     def release_count(self, policy_sha256_hex: str) -> int:
         """The highest DP release number this provider has granted under the policy: the releases it charged."""

@@ -9,6 +9,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcompute.core.policy import dp_quorum_violations
 from fedcompute.v1 import common_pb2
 
 MAGIC = b"fedcompute/public-key/v1\x00"
@@ -82,3 +83,13 @@ def check_trusted(key: common_pb2.PublicKey, trusted: Mapping[str, ec.EllipticCu
         raise UntrustedKey(
             f"key {key.key_id} has {len(valid)} valid signature(s) from trusted providers, {threshold} needed{detail}"
         )
+
+
+def check_dp_holders(key: common_pb2.PublicKey, trusted: Mapping[str, ec.EllipticCurvePublicKey]) -> None:
+    """Raise ``UntrustedKey`` unless this key may carry a device's contributions to a DP task: held only by
+    providers the device pins, by a majority of them (``core.policy.dp_quorum_violations``), and signed by every
+    holder (a holder that did not sign could be anyone's: two quorums meeting only there would not meet)."""
+    problems = dp_quorum_violations(key.provider_ids, key.threshold, trusted)
+    if problems:
+        raise UntrustedKey("; ".join(problems))
+    check_trusted(key, {p: trusted[p] for p in key.provider_ids}, len(set(key.provider_ids)))

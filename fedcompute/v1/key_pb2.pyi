@@ -138,7 +138,7 @@ class ReleaseKeyShareRequest(_message.Message):
     release_number: _builtins.int
     """Under a DP access policy: which release of the policy this attempt is, counted over every key service
     (1 + the highest GetReleaseCount); it must be past this provider's count unless this attempt was granted it
-    before, and the provider charges the policy that many releases. Bound by the attestation result.
+    before, and the provider charges the policy that many releases; 1 to 10,000. Bound by the attestation result.
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.InputRef]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Connection, create_engine, select, update
 
 from fedcompute.clients.device import Device, Participated, Trust
@@ -26,6 +27,7 @@ from fedcompute.core.policy import AccessPolicy, DeviceFloor
 from fedcompute.core.programs import check_program
 from fedcompute.keys import hpke
 from fedcompute.keys.policy import to_message
+from fedcompute.keys.statement import UntrustedKey
 from fedcompute.rpc.channels import open_channel
 from fedcompute.server.assignment import OPEN_TASKS_TTL_S
 from fedcompute.store.models import IterationRow, JobRow, TaskRow
@@ -182,6 +184,36 @@ def test_devices_refuse_policies_signed_by_too_few_providers_or_below_their_floo
         _refused(harness)
     finally:
         harness.stop()
+
+
+def test_devices_refuse_a_dp_task_whose_key_no_majority_of_their_pinned_providers_must_release(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Key services number DP releases over each other; that counts every release only if the task's keys are all
+    released by majorities of one set of providers. A device that pins providers beyond the key's (2 of 3 dealt
+    where it pins 5: another key could be dealt 2 of the other 3) or fewer than the key's (one holder unpinned)
+    refuses the DP task; the same key for a task without DP, and a device pinning exactly its holders, are fine."""
+    harness = Harness.start(suite_settings(tmp_path / "w", database_url), aggregator=False)
+    try:
+        task = _dp_task(harness)
+        assignment = harness.check_in(POP).task_assignment
+        assert assignment.task_id == task.task_id
+        trust = harness.trust()
+        trust.check(assignment)  # pins the key's three holders: 2 of 3 is a majority
+        extra = {f"kp-{i}": ec_public() for i in (8, 9)}
+        with pytest.raises(UntrustedKey, match="not more than half of the 5"):
+            Trust({**trust.providers, **extra}, trust.threshold).check(assignment)
+        two = {p: k for p, k in trust.providers.items() if p != "kp-2"}
+        with pytest.raises(UntrustedKey, match="does not pin: kp-2"):
+            Trust(two, trust.threshold).check(assignment)
+        harness.create_task("plain", report_goal=2, max_cohort=3)
+        Trust({**trust.providers, **extra}, trust.threshold).check(harness.check_in("plain").task_assignment)
+    finally:
+        harness.stop()
+
+
+def ec_public() -> ec.EllipticCurvePublicKey:
+    return ec.generate_private_key(ec.SECP256R1()).public_key()
 
 
 def test_a_replayed_release_of_the_same_input_set_is_noised_afresh_and_charged_again(

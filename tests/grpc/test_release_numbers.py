@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedcompute.aggregator.keys import JobKeys, KeyAccess
+from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused
 from fedcompute.clients.dealer import operator_key_clients
 from fedcompute.clients.operator import RegistrationFailed
 from fedcompute.clients.typed import KeyClient, VerifierClient
@@ -25,6 +25,7 @@ from fedcompute.core.context import input_set_digest
 from fedcompute.core.policy import AccessPolicy, PolicyDp
 from fedcompute.core.secrets import key_admin_token
 from fedcompute.keys import hpke
+from fedcompute.keys.ledger import MAX_RELEASE_NUMBER
 from fedcompute.keys.policy import to_message
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
@@ -189,3 +190,50 @@ def test_a_worker_told_stale_counts_is_refused_then_reads_them_again_and_numbers
     assert [p.asked for p in providers] == [2, 2, 2]  # read twice: stale, then as they are
     assert [_count(c, policy) for c in _clients(harness)] == [3, 3, 3]
     assert keys(key_id) is key  # obtained once per attempt
+
+
+def test_a_number_far_past_the_budget_is_refused_for_the_budget_at_the_accountants_usual_cost(
+    harness: Harness,
+) -> None:
+    """Counts travel unsigned, so a worker may ask with any number a count on the way said. Past 10,000 (the most
+    releases a policy may have) it is invalid; below, under the PRV accountant, whose grid grows with the count (a
+    million releases asks it for 19 GB), the key service reaches the number from its count in doubling steps and
+    refuses at the first over the budget, charging nothing."""
+    settings = harness.suite.settings
+    key_id = _key_id(harness)
+    dp = PolicyDp(1.0, 2.0, 2, epsilon=5.0, delta=1e-5, accountant="prv", assumed_population_size=10)
+    policy = AccessPolicy("far", "relying", tuple(settings.allowed_measurements), 2, dp, plan_sha256_hex="f6" * 32)
+    for admin in operator_key_clients(settings, key_admin_token(settings)):
+        admin.register_policy(key_pb2.RegisterPolicyRequest(policy=to_message(policy)))
+    client = _clients(harness)[0]
+    for number, code in [(10**12, grpc.StatusCode.INVALID_ARGUMENT), (2**64 - 1, grpc.StatusCode.INVALID_ARGUMENT),
+                         (MAX_RELEASE_NUMBER, grpc.StatusCode.RESOURCE_EXHAUSTED)]:  # fmt: skip
+        bound = _binding(key_id, policy=policy.sha256_hex(), number=number)
+        with pytest.raises(grpc.RpcError) as info:
+            _release(client, bound, _result(harness, bound[0]))
+        assert info.value.code() == code
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert _refusal(info.value) == "privacy-budget"
+            assert f"and release {number} more so" in (info.value.details() or "")
+        else:
+            assert "numbered 1 to 10000" in (info.value.details() or "")
+    assert _count(client, policy.sha256_hex()) == 0
+    first = _binding(key_id, policy=policy.sha256_hex(), number=1)
+    _release(client, first, _result(harness, first[0]))  # the budget is untouched
+    assert _count(client, policy.sha256_hex()) == 1
+
+
+def test_a_worker_whose_policy_no_key_service_holds_is_refused_not_left_retrying(harness: Harness) -> None:
+    """Every key service answers GetReleaseCount FAILED_PRECONDITION (the policy was never registered): the job
+    fails for good with their reasons, as a refused release would, rather than waiting for key services to come
+    back."""
+    settings = harness.suite.settings
+    key_id = _key_id(harness)
+    access = KeyAccess(
+        providers=_clients(harness), trusted=load_trusted(settings.trusted_providers_path()),
+        threshold=settings.threshold, verifier=VerifierClient(open_channel(settings.verifier_address), 10.0),
+        evidence=lambda nonces: "",
+    )  # fmt: skip
+    keys = JobKeys(access, aggregation_pb2.AggregationJob(population_name="relying"), "c7" * 32, [], numbered=True)
+    with pytest.raises(KeyRefused, match="not registered with key service"):
+        keys(key_id)

@@ -76,6 +76,25 @@ def test_devices_need_t_valid_signatures_from_trusted_providers() -> None:
         statement.check_trusted(key, trusted, 2)
 
 
+def test_a_dp_key_must_be_signed_by_every_holder_a_majority_of_the_pinned_providers() -> None:
+    """T of the holders' signatures admit a key; under DP every holder must have signed it: a holder that did
+    not could be an impostor's slot, where two quorums would meet and nowhere else."""
+    signers = {p: ec.generate_private_key(ec.SECP256R1()) for p in ("kp-0", "kp-1", "kp-2")}
+    trusted = {p: k.public_key() for p, k in signers.items()}
+    key = _key(list(signers), 2)
+    for provider in ("kp-0", "kp-1"):
+        key.signatures.append(
+            common_pb2.KeySignature(provider_id=provider, signature=statement.sign(key, signers[provider]))
+        )
+    statement.check_trusted(key, trusted, 2)
+    with pytest.raises(statement.UntrustedKey, match="2 valid signature"):
+        statement.check_dp_holders(key, trusted)
+    key.signatures.append(common_pb2.KeySignature(provider_id="kp-2", signature=statement.sign(key, signers["kp-2"])))
+    statement.check_dp_holders(key, trusted)
+    with pytest.raises(statement.UntrustedKey, match="not more than half"):
+        statement.check_dp_holders(key, {**trusted, "kp-8": trusted["kp-0"], "kp-9": trusted["kp-1"]})
+
+
 def test_measurement_covers_the_code(tmp_path: Path) -> None:
     copy = tmp_path / "fedcompute"
     shutil.copytree(package_root(), copy, ignore=shutil.ignore_patterns("__pycache__"))

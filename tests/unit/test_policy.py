@@ -16,7 +16,7 @@ from fedcompute.aggregator.contributions import JobContext, Rejected, open_contr
 from fedcompute.aggregator.obey import PolicyConflict, dp_params
 from fedcompute.core.context import ContributionContext
 from fedcompute.core.errors import InvalidArgument
-from fedcompute.core.policy import AccessPolicy, DeviceFloor, PolicyDp
+from fedcompute.core.policy import AccessPolicy, DeviceFloor, PolicyDp, dp_quorum_violations
 from fedcompute.core.settings import Settings
 from fedcompute.keys import hpke
 from fedcompute.keys.envelope import seal_contribution
@@ -98,6 +98,17 @@ def test_device_floor() -> None:
     assert floor.violations(POLICY, 2, 3600) == []
     assert len(floor.violations(dataclasses.replace(POLICY, dp=None, min_clients=3), 1, 2 * 86400)) == 4
     assert floor.violations(dataclasses.replace(POLICY, dp=dataclasses.replace(DP, epsilon=20)), 2, 1)
+
+
+def test_a_dp_key_must_be_held_by_a_majority_of_the_pinned_providers_and_by_no_other() -> None:
+    pinned = {"kp-0": None, "kp-1": None, "kp-2": None}
+    assert dp_quorum_violations(["kp-0", "kp-1", "kp-2"], 2, pinned) == []
+    assert dp_quorum_violations(["kp-0", "kp-1"], 2, pinned) == []  # a subset, still a majority of the pinned
+    assert dp_quorum_violations(["kp-0", "kp-1", "kp-2"], 1, pinned)  # 1 of 3: two groups of one
+    assert dp_quorum_violations(["kp-2", "kp-3", "kp-4"], 2, pinned)[0].endswith("does not pin: kp-3, kp-4")
+    five = {f"kp-{i}": None for i in range(5)}
+    assert dp_quorum_violations(["kp-0", "kp-1", "kp-2"], 2, five)  # 2 of {0,1,2} and 2 of {2,3,4}: disjoint
+    assert dp_quorum_violations(["kp-0", "kp-1", "kp-2", "kp-3", "kp-4"], 3, five) == []
 
 
 def _job(**dp: object) -> aggregation_pb2.AggregationJob:
