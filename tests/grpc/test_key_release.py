@@ -41,6 +41,14 @@ from fedcompute.rpc.channels import open_channel
 from fedcompute.v1 import common_pb2, key_pb2
 from tests.harness import Harness, suite_settings, wait_for
 
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """These tests play against the key services, which keep no database: the server's backend is SQLite alone
+    here (every backend runs the server's own tests)."""
+    return f"sqlite:///{tmp_path / 'test.sqlite'}"
+
+
 ids = RandomIds()
 
 

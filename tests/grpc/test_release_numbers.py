@@ -34,6 +34,14 @@ from fedcompute.v1 import aggregation_pb2, key_pb2
 from tests.grpc.test_key_release import _binding, _clients, _dp_policy, _inputs, _key_id, _release, _result
 from tests.harness import Harness, suite_settings
 
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """These tests play against the key services, which keep no database: the server's backend is SQLite alone
+    here (every backend runs the server's own tests)."""
+    return f"sqlite:///{tmp_path / 'test.sqlite'}"
+
+
 DP = PolicyDp(1.0, 2.0, 2, epsilon=1.0, delta=1e-5, accountant="rdp", assumed_population_size=10)  # _dp_policy's
 
 
