@@ -56,6 +56,15 @@ def over_budget(dp: PolicyDp, eps: float) -> bool:
     return not eps <= dp.epsilon
 
 
+def budget_spent(dp: PolicyDp, number: int, eps: float, asked: int = 0) -> BudgetSpent:
+    """The refusal of release ``number``, whose ε is over the budget (``asked``: the higher number requested)."""
+    more = f", and release {asked} more so" if asked > number else ""
+    return BudgetSpent(
+        f"the task's privacy budget is spent: release {number} would bring epsilon to {eps:.4g}, "
+        f"over the access policy's {dp.epsilon:g}{more}"
+    )
+
+
 def check_number(number: int) -> None:
     """A DP release's number is 1 to ``MAX_RELEASE_NUMBER``."""
     if not 1 <= number <= MAX_RELEASE_NUMBER:
@@ -122,10 +131,7 @@ def decide(
             )
         eps = epsilon_after(number)
         if over_budget(policy.dp, eps):
-            raise BudgetSpent(
-                f"the task's privacy budget is spent: release {number} would bring epsilon to {eps:.4g}, "
-                f"over the access policy's {policy.dp.epsilon:g}"
-            )
+            raise budget_spent(policy.dp, number, eps)
         charged = state.charged[policy_sha256_hex] = number
     if same is None:
         same = RoundRelease(input_set_sha256_hex, sorted(ids), sorted(envelopes))

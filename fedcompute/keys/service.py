@@ -18,14 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcompute.attestation.results import ReleaseBinding, ResultRejected, b64url, verify_result
 from fedcompute.core.clock import Clock
-from fedcompute.core.errors import (
-    BudgetSpent,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unavailable,
-)
+from fedcompute.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from fedcompute.core.policy import AccessPolicy
 from fedcompute.core.privacy import epsilon, load_accountants, load_accountants_soon
 from fedcompute.keys import hpke, ledger, statement
@@ -290,11 +283,7 @@ class KeyService:
         number, step = binding.release_number, charged + 1
         while step <= number:
             if ledger.over_budget(policy.dp, eps := _epsilon(policy, step)):
-                raise BudgetSpent(
-                    f"the task's privacy budget is spent: release {step} would bring epsilon to {eps:.4g}, over the "
-                    f"access policy's {policy.dp.epsilon:g}"
-                    + (f", and release {number} more so" if step < number else "")
-                )
+                raise ledger.budget_spent(policy.dp, step, eps, number)
             step = number + 1 if step == number else min(number, charged + 2 * (step - charged))
 
     def release_count(self, policy_sha256_hex: str) -> int:
