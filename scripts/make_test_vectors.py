@@ -619,7 +619,7 @@ def binding() -> ReleaseBinding:
 def auditor_vectors() -> dict[str, Any]:
     b = binding()
     entry = {
-        "v": 1,
+        "v": 2,
         "provider_id": "kp-1",
         "time_unix": ACTIVATION + 86400,
         "policy_sha256": b.policy_sha256_hex,
@@ -634,6 +634,9 @@ def auditor_vectors() -> dict[str, Any]:
         "repeat": False,
         "releases_charged": 1,
         "epsilon_after": 0.5,
+        "job_id": b.job_id,
+        "recipient": b.recipient_public_key.hex(),
+        "release_number": b.release_number,
         "seq": 0,
         "prev": GENESIS,
     }

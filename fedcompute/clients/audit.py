@@ -4,7 +4,9 @@ Anyone can run it: the logs and the task are public, and it trusts only the pinn
 signed access policy it verifies every provider's log (signatures, hash chain, sequence), then checks that every
 published version (round r >= 1) had >= t providers release for round r under that policy, that no round was
 released for two overlapping input sets, and that the ε each provider charged stays within the budget
-(recomputed with the policy's accountant, not taken from the log).
+(recomputed with the policy's accountant, not taken from the log). Under DP, where the entries name their attempt
+(``v`` 2: recipient key, job and release number), each key service granted a number to one attempt only, and
+each new number past the ones before it (docs/protocol.md A.5): what keeps R releases R distinct numbers.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def audit(
     for body in entries:
         by_round[int(body["round"])].append(body)
     _overlaps(by_round, report)
+    if policy.dp:
+        _numbers(entries, report)
     spent = _budget(policy, entries, report)
     for version in versions:
         if version.version <= 1:
@@ -119,6 +123,29 @@ def _overlaps(by_round: Mapping[int, list[dict[str, Any]]], report: AuditReport)
                 report.findings.append(
                     f"round {round_} was released for two overlapping input sets ({a[:12]}…, {b[:12]}…)"
                 )
+
+
+def _numbers(entries: list[dict[str, Any]], report: AuditReport) -> None:
+    """Each key service's DP release numbers (A.5), from the entries that name their attempt (``v`` 2): a number
+    is granted to one attempt only (its recipient key; the same attempt may ask again), and a number granted anew
+    is past every number granted before it. Either broken, two releases may have been charged as one."""
+    granted: dict[str, dict[int, str]] = defaultdict(dict)  # provider -> number -> recipient
+    for body in entries:  # each provider's entries in log order
+        if "recipient" not in body:  # v1 entries do not name their attempt
+            continue
+        provider, number, recipient = body["provider_id"], int(body["release_number"]), body["recipient"]
+        mine = granted[provider]
+        holder = mine.get(number)
+        if holder == recipient:
+            continue  # the same attempt asking again (another key id, a retried call): one release
+        if holder is not None:
+            report.findings.append(f"{provider}: release number {number} granted to two attempts (entry {body['seq']})")
+        elif mine and number <= max(mine):
+            report.findings.append(
+                f"{provider}: release number {number} granted after number {max(mine)}, not past its count "
+                f"(entry {body['seq']})"
+            )
+        mine.setdefault(number, recipient)
 
 
 def _budget(policy: AccessPolicy, entries: list[dict[str, Any]], report: AuditReport) -> float:

@@ -362,7 +362,7 @@ def _log_fields(
     now: datetime,
 ) -> dict[str, object]:
     return {
-        "v": 1,
+        "v": 2,
         "provider_id": provider_id,
         "time_unix": int(now.timestamp()),
         "policy_sha256": binding.policy_sha256_hex,
@@ -377,6 +377,10 @@ def _log_fields(
         "repeat": decision.repeat,
         "releases_charged": decision.releases_charged,
         "epsilon_after": decision.epsilon_after,
+        # the attempt (its recipient key and job) and the number it was granted: an auditor counts releases
+        "job_id": binding.job_id,
+        "recipient": binding.recipient_public_key.hex(),
+        "release_number": binding.release_number,
     }
 
 

@@ -62,13 +62,7 @@ def test_audit_passes_on_the_demo_round_and_fails_on_a_tampered_log(tmp_path: Pa
 
 def test_audit_finds_overlapping_input_sets_and_overspent_budgets(tmp_path: Path) -> None:
     """Providers that break their own ledger rules (compromised, or a bug) are caught from their signed logs."""
-    keys = {f"kp-{i}": ec.generate_private_key(ec.SECP256R1()) for i in range(2)}
-    dp = PolicyDp(1.0, 2.0, 2, epsilon=0.9, delta=1e-5, accountant="rdp", assumed_population_size=10)
-    policy = AccessPolicy("p", POP, ("sha256:" + "aa" * 32,), 2, dp, plan_sha256_hex="cd" * 32)
-    signed = common_pb2.SignedAccessPolicy(policy=to_message(policy))
-    for provider, key in keys.items():
-        signed.signatures.add(provider_id=provider, signature=sign(policy, key))
-    task = tm.Task(task_id="task_a", access_policy=signed)
+    keys, policy, task = _dp_task(2, 0.9)
     logs = {}
     for provider, key in keys.items():
         log = ReleaseLog(tmp_path / provider / "log.jsonl", key)
@@ -86,3 +80,47 @@ def test_audit_finds_overlapping_input_sets_and_overspent_budgets(tmp_path: Path
     assert any("round 1 was released for two overlapping input sets" in f for f in report.findings)
     assert any("over the budget 0.9" in f for f in report.findings)
     assert [r.providers for r in report.rows] == [("kp-0", "kp-1"), ("kp-0", "kp-1")]
+
+
+def test_audit_finds_a_key_service_that_granted_a_release_number_twice_or_not_past_its_count(tmp_path: Path) -> None:
+    """DP release numbers (docs/protocol.md A.5) from the signed logs: kp-1 grants number 3 to a second attempt
+    and then number 2 below its count, as a compromised key service could to let two releases pass as one; the
+    honest key services' logs, with an attempt that asks again for another key id, give no finding."""
+    keys, policy, task = _dp_task(3, 50.0)
+    a, b, c, d = ("a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32)  # four attempts' recipient keys
+    grants = {  # (attempt, number, key id, round, inputs) in log order
+        "kp-0": [(a, 1, "k_1", 1, [["x", "1"]]), (a, 1, "k_2", 1, [["x", "1"]]), (b, 3, "k_1", 2, [["y", "2"]])],
+        "kp-1": [(a, 1, "k_1", 1, [["x", "1"]]), (b, 3, "k_1", 2, [["y", "2"]]), (c, 3, "k_1", 3, [["z", "3"]]),
+                 (d, 2, "k_1", 4, [["w", "4"]])],
+        "kp-2": [(b, 3, "k_1", 2, [["y", "2"]])],
+    }  # fmt: skip
+    logs = {}
+    for provider, key in keys.items():
+        log = ReleaseLog(tmp_path / provider / "log.jsonl", key)
+        for recipient, number, key_id, round_, inputs in grants[provider]:
+            log.append(
+                {
+                    "v": 2, "provider_id": provider, "policy_sha256": policy.sha256_hex(), "round": round_,
+                    "key_id": key_id, "input_set_sha256": json.dumps(inputs), "inputs": inputs, "epsilon_after": 0.5,
+                    "releases_charged": number, "recipient": recipient, "job_id": f"job_{round_}",
+                    "release_number": number,
+                }
+            )  # fmt: skip
+        logs[provider] = log.entries()
+    report = audit(task, [], logs, {p: k.public_key() for p, k in keys.items()}, 2)
+    assert report.findings == [
+        "kp-1: release number 3 granted to two attempts (entry 2)",
+        "kp-1: release number 2 granted after number 3, not past its count (entry 3)",
+    ]
+
+
+def _dp_task(providers: int, budget: float) -> tuple[dict[str, ec.EllipticCurvePrivateKey], AccessPolicy, tm.Task]:
+    """Key services' signing keys, a DP access policy of ε ``budget`` (2 of them needed) and a task it governs,
+    the policy signed by every one of them."""
+    keys = {f"kp-{i}": ec.generate_private_key(ec.SECP256R1()) for i in range(providers)}
+    dp = PolicyDp(1.0, 2.0, 2, epsilon=budget, delta=1e-5, accountant="rdp", assumed_population_size=10)
+    policy = AccessPolicy("p", POP, ("sha256:" + "aa" * 32,), 2, dp, plan_sha256_hex="cd" * 32)
+    signed = common_pb2.SignedAccessPolicy(policy=to_message(policy))
+    for provider, key in keys.items():
+        signed.signatures.add(provider_id=provider, signature=sign(policy, key))
+    return keys, policy, tm.Task(task_id="task_a", access_policy=signed)

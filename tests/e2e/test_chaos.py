@@ -209,7 +209,8 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
         in_progress = conn.execute(select(func.count()).where(UploadRow.status == "IN_PROGRESS")).scalar_one()
     engine.dispose()
     assert in_progress == 0
-    # The key services' signed logs: >= t releases per version, no round released for two overlapping sets.
+    # The key services' signed logs: >= t releases per version, no round released for two overlapping sets, and
+    # (DP) each key service's release numbers each one attempt's and rising.
     audit = [*CLI, "audit", "--task", task_id, "--server", addresses["server"]]
     for i in range(3):
         audit += ["--key-service", addresses[f"kp-{i}"]]
@@ -229,7 +230,7 @@ def test_kill_9_of_every_component_mid_task_loses_and_doubles_nothing(
         counts = [b["releases_charged"] for b in bodies]
         assert counts == sorted(set(counts)), counts  # each release past the one before
         for body in bodies:
-            numbers.setdefault(body["releases_charged"], set()).add(body["input_set_sha256"])
+            numbers.setdefault(body["release_number"], set()).add(body["input_set_sha256"])
     assert all(len(sets) == 1 for sets in numbers.values()), numbers  # one number, one release
     assert max(numbers) >= len(numbers) >= charged
     # No orphan process: every component and every worker is gone once the deployment stops.

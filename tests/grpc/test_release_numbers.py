@@ -17,6 +17,8 @@ import grpc
 import pytest
 
 from fedcompute.aggregator.keys import JobKeys, KeyAccess, KeyRefused
+from fedcompute.clients.audit import AuditReport
+from fedcompute.clients.audit import _numbers as audit_numbers
 from fedcompute.clients.dealer import operator_key_clients
 from fedcompute.clients.operator import RegistrationFailed
 from fedcompute.clients.typed import KeyClient, VerifierClient
@@ -92,6 +94,13 @@ def test_a_server_that_rotates_the_key_services_gets_no_more_releases_than_the_b
     assert took_part == [3, 3, 2]  # each within 4: the per-provider charge alone would have let two more through
     assert set(refusals) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "privacy-budget")}
     assert [_count(c, policy) for c in clients] == [4, 4, 3]
+    # the signed logs name each grant's attempt and number: an auditor finds every number one attempt's, rising
+    entries = [json.loads(e.body) for c in clients for e in c.get_release_log(key_pb2.GetReleaseLogRequest()).entries]
+    entries = [b for b in entries if b["policy_sha256"] == policy]
+    assert sorted({b["release_number"] for b in entries}) == [1, 2, 3, 4]
+    report = AuditReport()
+    audit_numbers(entries, report)
+    assert report.findings == []
 
 
 def test_a_number_at_or_below_a_key_services_count_is_stale_and_the_same_attempt_asking_again_is_a_repeat(
@@ -123,8 +132,11 @@ def test_a_number_at_or_below_a_key_services_count_is_stale_and_the_same_attempt
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "release_number" in (info.value.details() or "")
     bodies = [json.loads(e.body) for e in client.get_release_log(key_pb2.GetReleaseLogRequest()).entries]
-    charged = [b["releases_charged"] for b in bodies if b["policy_sha256"] == policy]
-    assert charged == [3, 3, 5]
+    mine = [b for b in bodies if b["policy_sha256"] == policy]
+    assert [b["releases_charged"] for b in mine] == [3, 3, 5]
+    assert [b["release_number"] for b in mine] == [3, 3, 5]  # as granted: the repeat's number is the attempt's
+    assert len({b["recipient"] for b in mine}) == 1  # one attempt throughout
+    assert {b["job_id"] for b in mine} == {jumped[0].job_id}
     with pytest.raises(grpc.RpcError) as info:
         _count(client, "c3" * 32)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # a policy never registered there

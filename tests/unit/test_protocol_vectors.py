@@ -355,6 +355,12 @@ def test_auditor_vectors() -> None:
     body = entry["body_json"].encode()
     assert canonical(json.loads(body)) == body
     assert json.loads(body)["prev"] == GENESIS
+    logged = json.loads(body)  # the attempt the entry names: the binding's recipient, job and release number
+    assert (logged["recipient"], logged["job_id"], logged["release_number"]) == (
+        i["recipient_public_key_hex"],
+        i["job_id"],
+        i["release_number"],
+    )
     assert hashlib.sha256(body).hexdigest() == entry["body_sha256_hex"]
     signed = SignedEntry(body, bytes.fromhex(entry["signature_der_hex"]))
     assert verify_entries([signed], "kp-1", trusted()["kp-1"])[0]["seq"] == 0
