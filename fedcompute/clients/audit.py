@@ -5,8 +5,8 @@ signed access policy it verifies every provider's log (signatures, hash chain, s
 published version (round r >= 1) had >= t providers release for round r under that policy, that no round was
 released for two overlapping input sets, and that the ε each provider charged stays within the budget
 (recomputed with the policy's accountant, not taken from the log). Under DP, where the entries name their attempt
-(``v`` 2: recipient key, job and release number), each key service granted a number to one attempt only, and
-each new number past the ones before it (docs/protocol.md A.5): what keeps R releases R distinct numbers.
+(``v`` 2: recipient key, job and release number), also that each key service granted a number to one attempt only
+and each new number past the ones before it (docs/protocol.md A.5), as its own signed log tells it.
 """
 
 from __future__ import annotations
@@ -126,26 +126,57 @@ def _overlaps(by_round: Mapping[int, list[dict[str, Any]]], report: AuditReport)
 
 
 def _numbers(entries: list[dict[str, Any]], report: AuditReport) -> None:
-    """Each key service's DP release numbers (A.5), from the entries that name their attempt (``v`` 2): a number
-    is granted to one attempt only (its recipient key; the same attempt may ask again), and a number granted anew
-    is past every number granted before it. Either broken, two releases may have been charged as one."""
-    granted: dict[str, dict[int, str]] = defaultdict(dict)  # provider -> number -> recipient
-    for body in entries:  # each provider's entries in log order
-        if "recipient" not in body:  # v1 entries do not name their attempt
-            continue
-        provider, number, recipient = body["provider_id"], int(body["release_number"]), body["recipient"]
+    """Each key service's DP release numbers (docs/protocol.md A.5) under the policy, in its log's order, from the
+    entries that name their attempt (recipient key; the round and input set it was bound to): a number is granted
+    to one attempt only (the same attempt may ask again: another key id, a retried call), a number first granted
+    (the count after it equals it) is past every number before it, and no entry says fewer releases charged than
+    the number it names. Entries of
+    version 1 name no attempt: their counts are taken as numbers granted to someone, and such an entry after one
+    that named its attempt is a finding. This holds a key service to what it signed in its own log; one that
+    lies in its log as well is beyond any log's reach."""
+    granted: dict[str, dict[int, tuple[str, object, object] | None]] = defaultdict(dict)  # number -> attempt
+    named: set[str] = set()  # providers whose log named its attempts already
+    for body in entries:
+        provider, seq = body["provider_id"], body["seq"]
         mine = granted[provider]
-        holder = mine.get(number)
-        if holder == recipient:
-            continue  # the same attempt asking again (another key id, a retried call): one release
-        if holder is not None:
-            report.findings.append(f"{provider}: release number {number} granted to two attempts (entry {body['seq']})")
-        elif mine and number <= max(mine):
+        if "recipient" not in body:
+            if provider in named:
+                report.findings.append(f"{provider}: entry {seq} names no attempt, after entries that did")
+            if (old := _whole(body.get("releases_charged"))) is not None:
+                mine.setdefault(old, None)
+            continue
+        named.add(provider)
+        number, charged, recipient = (
+            _whole(body.get("release_number")),
+            _whole(body.get("releases_charged")),
+            body["recipient"],
+        )
+        if number is None or charged is None or not isinstance(recipient, str):
             report.findings.append(
-                f"{provider}: release number {number} granted after number {max(mine)}, not past its count "
-                f"(entry {body['seq']})"
+                f"{provider}: entry {seq} has no whole release_number, releases_charged or recipient"
             )
-        mine.setdefault(number, recipient)
+            continue
+        if charged < number:
+            report.findings.append(
+                f"{provider}: entry {seq} charges {charged} releases, fewer than its number {number}"
+            )
+        attempt = (recipient, body.get("round"), body.get("input_set_sha256"))
+        if number not in mine:
+            # above its number, the count says this is the attempt asking again (another key id), its first grant
+            # unlogged: a key service that stopped after saving its count, before logging, leaves just that
+            if mine and number <= max(mine) and charged == number:
+                report.findings.append(
+                    f"{provider}: release number {number} granted after number {max(mine)}, not past its count "
+                    f"(entry {seq})"
+                )
+            mine[number] = attempt
+        elif mine[number] is not None and mine[number] != attempt:
+            report.findings.append(f"{provider}: release number {number} granted to two attempts (entry {seq})")
+
+
+def _whole(value: object) -> int | None:
+    """A count or number as a log entry holds it (a JSON integer, not a boolean), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _budget(policy: AccessPolicy, entries: list[dict[str, Any]], report: AuditReport) -> float:
@@ -159,7 +190,8 @@ def _budget(policy: AccessPolicy, entries: list[dict[str, Any]], report: AuditRe
     said: dict[str, int] = defaultdict(int)
     for body in entries:
         charged[body["provider_id"]].add((int(body["round"]), body["input_set_sha256"]))
-        said[body["provider_id"]] = max(said[body["provider_id"]], int(body.get("releases_charged", 0)))
+        numbers = (_whole(body.get("releases_charged")), _whole(body.get("release_number")))  # the number: v2
+        said[body["provider_id"]] = max([said[body["provider_id"]], *(n for n in numbers if n is not None)])
     for provider, distinct in sorted(charged.items()):
         releases = max(len(distinct), said[provider])
         eps = epsilon(dp.noise_multiplier, dp.sample_rate, releases, dp.delta, dp.accountant)

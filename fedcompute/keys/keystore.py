@@ -35,7 +35,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,10 +164,12 @@ class KeyStore:
             return KeysetState(*(dict(getattr(state, name)) for name in TABLES))
 
     @contextmanager
-    def mutate(self) -> Iterator[KeysetState]:
+    def mutate(self, then: Callable[[], object] | None = None) -> Iterator[KeysetState]:
         """The state, to change; saved when the block ends (serialized within this process): a journal line, or
         the snapshot where keys or policies changed (see the module). A block that raises saves nothing, and its
-        changes are forgotten here too (the files are read again)."""
+        changes are forgotten here too (the files are read again). ``then``: called once the change is saved,
+        still in this serialization (a release's log entry: written only for what the state keeps, in the order
+        the changes were made); what it raises reaches the caller, the change staying saved."""
         with self._lock, self._exclusive():
             state = self._current()
             tables = [getattr(state, name) for name in TABLES]
@@ -177,6 +179,8 @@ class KeyStore:
             except BaseException:
                 self._state = self._file = None
                 raise
+            if then is not None:
+                then()
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:

@@ -234,7 +234,10 @@ class KeyService:
             ledger.check_number(binding.release_number)  # before the accountant runs for it
             load_accountants()  # before the store's lock: the first import takes seconds (core/privacy.py)
             self._screen(policy, binding)
-        with self._store.mutate() as state:
+        # logged once the ledger is saved (a failed save must not leave a signed grant the count never took),
+        # before the share leaves, in the order of the decisions
+        entry: list[dict[str, object]] = []
+        with self._store.mutate(then=lambda: self._log.append(entry[0])) as state:
             key = state.keys.get(binding.key_id)
             if key is None or not key.activated:
                 raise NotFound(f"key {binding.key_id!r} is not held by provider {self._id.provider_id}")
@@ -255,7 +258,7 @@ class KeyService:
                 del state.used_result_ids[expired]  # in place: the journal records what changed (keys/keystore.py)
             state.used_result_ids[jti] = int(str(claims["exp"]))
             share = self._store.open_share(key)
-            self._log.append(_log_fields(self._id.provider_id, policy, binding, inputs, measurement, decision, now))
+            entry.append(_log_fields(self._id.provider_id, policy, binding, inputs, measurement, decision, now))
         context = release_context(binding, self._id.provider_id, key.share_index, jti)
         sealed = hpke.seal(share, hpke.load_public(binding.recipient_public_key), context)
         signed = context + hashlib.sha256(sealed).digest()

@@ -83,34 +83,46 @@ def test_audit_finds_overlapping_input_sets_and_overspent_budgets(tmp_path: Path
 
 
 def test_audit_finds_a_key_service_that_granted_a_release_number_twice_or_not_past_its_count(tmp_path: Path) -> None:
-    """DP release numbers (docs/protocol.md A.5) from the signed logs: kp-1 grants number 3 to a second attempt
-    and then number 2 below its count, as a compromised key service could to let two releases pass as one; the
-    honest key services' logs, with an attempt that asks again for another key id, give no finding."""
-    keys, policy, task = _dp_task(3, 50.0)
-    a, b, c, d = ("a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32)  # four attempts' recipient keys
-    grants = {  # (attempt, number, key id, round, inputs) in log order
-        "kp-0": [(a, 1, "k_1", 1, [["x", "1"]]), (a, 1, "k_2", 1, [["x", "1"]]), (b, 3, "k_1", 2, [["y", "2"]])],
-        "kp-1": [(a, 1, "k_1", 1, [["x", "1"]]), (b, 3, "k_1", 2, [["y", "2"]]), (c, 3, "k_1", 3, [["z", "3"]]),
-                 (d, 2, "k_1", 4, [["w", "4"]])],
-        "kp-2": [(b, 3, "k_1", 2, [["y", "2"]])],
+    """DP release numbers (docs/protocol.md A.5) from the signed logs, each key service held to what it signed:
+    kp-1 grants number 3 to a second attempt and then number 2 below its count; kp-4 grants one attempt's number
+    for another round, logs a charge below its number, then entries that name no attempt or no number. The honest
+    logs give no finding: an attempt asking again for another key id; a log across the upgrade to entries that
+    name their attempt (v1 then v2), the same attempt asking again with its earlier number; and the same attempt
+    asking again after a later grant, its first grant unlogged (stopped between saving its count and logging)."""
+    keys, policy, task = _dp_task(5, 50.0)
+    a, b, c, d, e = ("a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32, "e5" * 32)  # attempts' recipient keys
+    # per log, in order: (attempt, None for a v1 entry; number; releases charged; key id; round)
+    grants: dict[str, list[tuple[str | None, int | None, int, str, int]]] = {
+        "kp-0": [(a, 1, 1, "k_1", 1), (a, 1, 1, "k_2", 1), (b, 3, 3, "k_1", 2)],
+        "kp-1": [(a, 1, 1, "k_1", 1), (b, 3, 3, "k_1", 2), (c, 3, 3, "k_1", 3), (d, 2, 2, "k_1", 4)],
+        "kp-2": [(b, 3, 3, "k_1", 2)],
+        "kp-3": [(None, 0, 3, "k_1", 1), (a, 5, 5, "k_1", 1), (a, 3, 5, "k_1", 1), (d, 7, 7, "k_1", 2),
+                 (e, 6, 7, "k_1", 3)],
+        "kp-4": [(a, 1, 1, "k_1", 1), (a, 1, 1, "k_1", 2), (b, 2, 1, "k_1", 3), (None, 0, 4, "k_1", 4),
+                 (c, None, 5, "k_1", 5)],
     }  # fmt: skip
     logs = {}
     for provider, key in keys.items():
         log = ReleaseLog(tmp_path / provider / "log.jsonl", key)
-        for recipient, number, key_id, round_, inputs in grants[provider]:
-            log.append(
-                {
-                    "v": 2, "provider_id": provider, "policy_sha256": policy.sha256_hex(), "round": round_,
-                    "key_id": key_id, "input_set_sha256": json.dumps(inputs), "inputs": inputs, "epsilon_after": 0.5,
-                    "releases_charged": number, "recipient": recipient, "job_id": f"job_{round_}",
-                    "release_number": number,
-                }
-            )  # fmt: skip
+        for recipient, number, charged, key_id, round_ in grants[provider]:
+            inputs = [[f"asg_{round_}", f"{round_}"]]
+            fields: dict[str, object] = {
+                "v": 1, "provider_id": provider, "policy_sha256": policy.sha256_hex(), "round": round_,
+                "key_id": key_id, "input_set_sha256": json.dumps(inputs), "inputs": inputs, "epsilon_after": 0.5,
+                "releases_charged": charged,
+            }  # fmt: skip
+            if recipient is not None:
+                fields |= {"v": 2, "recipient": recipient, "job_id": f"job_{round_}", "release_number": number}
+            log.append(fields)
         logs[provider] = log.entries()
     report = audit(task, [], logs, {p: k.public_key() for p, k in keys.items()}, 2)
     assert report.findings == [
         "kp-1: release number 3 granted to two attempts (entry 2)",
         "kp-1: release number 2 granted after number 3, not past its count (entry 3)",
+        "kp-4: release number 1 granted to two attempts (entry 1)",
+        "kp-4: entry 2 charges 1 releases, fewer than its number 2",
+        "kp-4: entry 3 names no attempt, after entries that did",
+        "kp-4: entry 4 has no whole release_number, releases_charged or recipient",
     ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -241,10 +241,10 @@ def test_dp_budget_is_enforced_by_each_key_service(harness: Harness, monkeypatch
     mutate, accountant = KeyStore.mutate, privacy.epsilon
 
     @contextmanager
-    def watched_mutate(self: KeyStore) -> Iterator[Any]:
+    def watched_mutate(self: KeyStore, then: Callable[[], object] | None = None) -> Iterator[Any]:
         under_lock.held = True
         try:
-            with mutate(self) as state:
+            with mutate(self, then) as state:
                 yield state
         finally:
             under_lock.held = False

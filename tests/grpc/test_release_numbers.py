@@ -27,8 +27,10 @@ from fedcompute.core.context import input_set_digest
 from fedcompute.core.policy import AccessPolicy, PolicyDp
 from fedcompute.core.secrets import key_admin_token
 from fedcompute.keys import hpke
+from fedcompute.keys.keystore import KeyStore
 from fedcompute.keys.ledger import MAX_RELEASE_NUMBER
 from fedcompute.keys.policy import to_message
+from fedcompute.keys.release_log import ReleaseLog
 from fedcompute.keys.trust import load_trusted
 from fedcompute.rpc.channels import open_channel
 from fedcompute.rpc.errors import REFUSAL_KEY, STALE_REFUSAL
@@ -257,3 +259,42 @@ def test_a_worker_whose_policy_no_key_service_holds_is_refused_not_left_retrying
     keys = JobKeys(access, aggregation_pb2.AggregationJob(population_name="relying"), "c7" * 32, [], numbered=True)
     with pytest.raises(KeyRefused, match="not registered with key service"):
         keys(key_id)
+
+
+def test_a_grant_is_logged_only_once_the_key_services_count_keeps_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key service whose count cannot be saved (a full disk) releases nothing and logs nothing, so the next
+    attempt's grant of the same number is the only one its log shows; one whose log cannot be written after the
+    save keeps the charge and releases nothing, and the same attempt asking again is a repeat, logged then. An
+    auditor finds nothing in either log (before 2026-12-03 the entry was written first: a failed save left a signed
+    grant of a number the count never took, which the next attempt was granted again)."""
+    key_id = _key_id(harness)
+    policy = _dp_policy(harness, "kept", 50.0, "e5" * 32).sha256_hex()
+    client = _clients(harness)[0]
+
+    def full_disk(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    unsaved = _binding(key_id, _inputs("a", "b"), round_=1, policy=policy, number=1)
+    with monkeypatch.context() as patched:
+        patched.setattr(KeyStore, "_save", full_disk)
+        with pytest.raises(grpc.RpcError):
+            _release(client, unsaved, _result(harness, unsaved[0]))
+    assert _count(client, policy) == 0
+    granted = _binding(key_id, _inputs("c", "d"), round_=2, policy=policy, number=1)  # another attempt: number 1
+    _release(client, granted, _result(harness, granted[0]))
+    unlogged = _binding(key_id, _inputs("e", "f"), round_=3, policy=policy, number=2)
+    with monkeypatch.context() as patched:
+        patched.setattr(ReleaseLog, "append", full_disk)
+        with pytest.raises(grpc.RpcError):
+            _release(client, unlogged, _result(harness, unlogged[0]))
+    assert _count(client, policy) == 2  # charged: the count is saved before the entry is written
+    _release(client, unlogged, _result(harness, unlogged[0]))  # the same attempt again: a repeat
+    assert _count(client, policy) == 2
+    bodies = [json.loads(e.body) for e in client.get_release_log(key_pb2.GetReleaseLogRequest()).entries]
+    mine = [b for b in bodies if b["policy_sha256"] == policy]
+    assert [(b["round"], b["release_number"], b["releases_charged"]) for b in mine] == [(2, 1, 1), (3, 2, 2)]
+    report = AuditReport()
+    audit_numbers(mine, report)
+    assert report.findings == []
