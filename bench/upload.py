@@ -17,9 +17,8 @@ page cache as the product does (core/files.py UncachedAppender), fsyncs the file
 the directory and answers; its files stay until the benchmark ends, as the product's blobs do. No database, no
 check of the hash or header, no locks. The sides alternate: product, raw sink, durable sink, disk alone (below).
 The durable sink against the raw sink is a row as well: no durable server reaches a higher ratio here (on
-2026-12-03 the disk alone ran at 1.5-1.6x the raw sink and the durable sink at 0.53-0.55 of it: there the hash
-and the writes on two cores shared with the callers bound it, not the disk's bandwidth; a sink that only hashed
-ran at 0.61-0.74 of the raw sink).
+2026-12-03 the disk alone ran at 1.5-1.6x the raw sink and the durable sink at 0.53-0.55 of it: there the durable
+sink's hash and writes, on two cores shared with the callers, bound its ratio, not the disk's bandwidth).
 (The page cache is most of the cost of writing here: a sink that kept its files' pages cached ran at 270-300 MB/s,
 19-22 ms of server CPU per upload, most of it the kernel's page-cache writes into pages it had to find and clear;
 one that deleted each file, or dropped its pages once fsynced, let the next file's writes reuse them. The product

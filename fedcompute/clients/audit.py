@@ -5,8 +5,9 @@ signed access policy it verifies every provider's log (signatures, hash chain, s
 published version (round r >= 1) had >= t providers release for round r under that policy, that no round was
 released for two overlapping input sets, and that the ε each provider charged stays within the budget
 (recomputed with the policy's accountant, not taken from the log). Under DP, where the entries name their attempt
-(``v`` 2: recipient key, job and release number), also that each key service granted a number to one attempt only
-and each new number past the ones before it (docs/protocol.md A.5), as its own signed log tells it.
+(``v`` 2: recipient key, job and release number), also that each key service granted a number to one attempt only,
+each new number past the ones before it and no charge below its number, and that its entries keep naming their
+attempt (docs/protocol.md A.4, A.5), as its own signed log tells it. An entry it cannot read is a finding.
 """
 
 from __future__ import annotations
@@ -68,9 +69,17 @@ def audit(
             report.findings.append(f"{provider}: not a pinned key service; its log is ignored")
             continue
         try:
-            entries += [b for b in verify_entries(signed, provider, trusted[provider]) if b["policy_sha256"] == digest]
+            bodies = verify_entries(signed, provider, trusted[provider])
         except LogInvalid as exc:
             report.findings.append(str(exc))
+            continue
+        for body in bodies:
+            if body.get("policy_sha256") != digest:
+                continue
+            if problem := _malformed(body):  # signed, so its key service's doing: a finding, not a crash here
+                report.findings.append(f"{provider} release log entry {body['seq']}: {problem}")
+            else:
+                entries.append(body)
     by_round: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for body in entries:
         by_round[int(body["round"])].append(body)
@@ -128,9 +137,9 @@ def _overlaps(by_round: Mapping[int, list[dict[str, Any]]], report: AuditReport)
 def _numbers(entries: list[dict[str, Any]], report: AuditReport) -> None:
     """Each key service's DP release numbers (docs/protocol.md A.5) under the policy, in its log's order, from the
     entries that name their attempt (recipient key; the round and input set it was bound to): a number is granted
-    to one attempt only (the same attempt may ask again: another key id, a retried call), a number first granted
-    (the count after it equals it) is past every number before it, and no entry says fewer releases charged than
-    the number it names. Entries of
+    to one attempt only (the same attempt may ask again: another key id, a retried call), a number first seen is
+    past every number before it (unless the entry is a repeat charging more than its number: the same attempt,
+    its first grant unlogged), and no entry says fewer releases charged than the number it names. Entries of
     version 1 name no attempt: their counts are taken as numbers granted to someone, and such an entry after one
     that named its attempt is a finding. This holds a key service to what it signed in its own log; one that
     lies in its log as well is beyond any log's reach."""
@@ -162,9 +171,9 @@ def _numbers(entries: list[dict[str, Any]], report: AuditReport) -> None:
             )
         attempt = (recipient, body.get("round"), body.get("input_set_sha256"))
         if number not in mine:
-            # above its number, the count says this is the attempt asking again (another key id), its first grant
-            # unlogged: a key service that stopped after saving its count, before logging, leaves just that
-            if mine and number <= max(mine) and charged == number:
+            # a repeat whose count is above its number is the attempt asking again (another key id) with its first
+            # grant unlogged: a key service stopped, or its log not written, after the count was saved leaves that
+            if mine and number <= max(mine) and not (charged > number and body.get("repeat") is True):
                 report.findings.append(
                     f"{provider}: release number {number} granted after number {max(mine)}, not past its count "
                     f"(entry {seq})"
@@ -172,6 +181,25 @@ def _numbers(entries: list[dict[str, Any]], report: AuditReport) -> None:
             mine[number] = attempt
         elif mine[number] is not None and mine[number] != attempt:
             report.findings.append(f"{provider}: release number {number} granted to two attempts (entry {seq})")
+
+
+def _malformed(body: Mapping[str, Any]) -> str:
+    """What in a verified entry of the task's policy the audit cannot read ('' if nothing)."""
+    if _whole(body.get("round")) is None:
+        return "round is not a whole number"
+    if not isinstance(body.get("input_set_sha256"), str):
+        return "input_set_sha256 is not a string"
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in inputs
+    ):
+        return "inputs is not a list of [assignment id, envelope sha256] pairs"
+    eps = body.get("epsilon_after", 0.0)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return "epsilon_after is not a number"
+    if _whole(body.get("v")) not in (None, 1) and not isinstance(body.get("recipient"), str):
+        return f"a version {body['v']} entry names no attempt (recipient)"
+    return ""
 
 
 def _whole(value: object) -> int | None:

@@ -55,6 +55,7 @@ class ReleaseLog:
         """Add one entry (``seq`` and ``prev`` are filled in), durable before this returns."""
         with self._lock:
             if self._tail is None:
+                self._cut_torn_tail()
                 entries = self._read()
                 self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS)
             count, prev = self._tail
@@ -76,11 +77,24 @@ class ReleaseLog:
         with self._lock:
             return self._read()[start_seq:]
 
+    def _cut_torn_tail(self) -> None:
+        """Drop what follows the file's last newline: a line whose write was cut off (a full disk, a kill), never
+        acknowledged (an append returns once its whole line is fsynced), which the next line would otherwise be
+        appended to, leaving the file unreadable from there on."""
+        if not self._path.exists():
+            return
+        data = self._path.read_bytes()
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):
+            os.truncate(self._path, whole)
+
     def _read(self) -> list[SignedEntry]:
+        """The entries of the file's whole lines (a torn last line, ``_cut_torn_tail``, is no entry)."""
         if not self._path.exists():
             return []
         out = []
-        for line in self._path.read_text().splitlines():
+        text = self._path.read_text()
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if line.strip():
                 item = json.loads(line)
                 out.append(SignedEntry(base64.b64decode(item["body"]), base64.b64decode(item["signature"])))

@@ -89,7 +89,7 @@ def test_audit_finds_a_key_service_that_granted_a_release_number_twice_or_not_pa
     logs give no finding: an attempt asking again for another key id; a log across the upgrade to entries that
     name their attempt (v1 then v2), the same attempt asking again with its earlier number; and the same attempt
     asking again after a later grant, its first grant unlogged (stopped between saving its count and logging)."""
-    keys, policy, task = _dp_task(5, 50.0)
+    keys, policy, task = _dp_task(6, 50.0)
     a, b, c, d, e = ("a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32, "e5" * 32)  # attempts' recipient keys
     # per log, in order: (attempt, None for a v1 entry; number; releases charged; key id; round)
     grants: dict[str, list[tuple[str | None, int | None, int, str, int]]] = {
@@ -100,6 +100,7 @@ def test_audit_finds_a_key_service_that_granted_a_release_number_twice_or_not_pa
                  (e, 6, 7, "k_1", 3)],
         "kp-4": [(a, 1, 1, "k_1", 1), (a, 1, 1, "k_1", 2), (b, 2, 1, "k_1", 3), (None, 0, 4, "k_1", 4),
                  (c, None, 5, "k_1", 5)],
+        "kp-5": [(a, 1, 1, "k_1", 1), (b, 3, 3, "k_1", 2), (c, 2, 3, "k_1", 3)],  # below its count, not a repeat
     }  # fmt: skip
     logs = {}
     for provider, key in keys.items():
@@ -113,6 +114,7 @@ def test_audit_finds_a_key_service_that_granted_a_release_number_twice_or_not_pa
             }  # fmt: skip
             if recipient is not None:
                 fields |= {"v": 2, "recipient": recipient, "job_id": f"job_{round_}", "release_number": number}
+            fields["repeat"] = provider == "kp-3" and recipient in (a, e) and number != charged  # its retries
             log.append(fields)
         logs[provider] = log.entries()
     report = audit(task, [], logs, {p: k.public_key() for p, k in keys.items()}, 2)
@@ -123,7 +125,36 @@ def test_audit_finds_a_key_service_that_granted_a_release_number_twice_or_not_pa
         "kp-4: entry 2 charges 1 releases, fewer than its number 2",
         "kp-4: entry 3 names no attempt, after entries that did",
         "kp-4: entry 4 has no whole release_number, releases_charged or recipient",
+        "kp-5: release number 2 granted after number 3, not past its count (entry 2)",
     ]
+
+
+def test_audit_reports_entries_it_cannot_read_instead_of_failing(tmp_path: Path) -> None:
+    """A key service signs entries of the task's policy that the audit cannot read (a round that is no number,
+    inputs that are no pairs, a version 2 entry with no attempt): each is a finding, and the readable entries are
+    still audited."""
+    keys, policy, task = _dp_task(2, 50.0)
+    logs = {}
+    for provider, key in keys.items():
+        log = ReleaseLog(tmp_path / provider / "log.jsonl", key)
+        good = {
+            "v": 2, "provider_id": provider, "policy_sha256": policy.sha256_hex(), "round": 1, "key_id": "k_1",
+            "input_set_sha256": "s1", "inputs": [["asg_1", "1"]], "epsilon_after": 0.5, "releases_charged": 1,
+            "repeat": False, "recipient": "a1" * 32, "job_id": "job_1", "release_number": 1,
+        }  # fmt: skip
+        log.append(good)
+        if provider == "kp-1":
+            log.append({**good, "round": "two"})
+            log.append({**good, "inputs": [["asg_3"]]})
+            log.append({k: v for k, v in good.items() if k != "recipient"})
+        logs[provider] = log.entries()
+    report = audit(task, [tm.ModelVersion(version=2, round=1)], logs, {p: k.public_key() for p, k in keys.items()}, 2)
+    assert report.findings == [
+        "kp-1 release log entry 1: round is not a whole number",
+        "kp-1 release log entry 2: inputs is not a list of [assignment id, envelope sha256] pairs",
+        "kp-1 release log entry 3: a version 2 entry names no attempt (recipient)",
+    ]
+    assert [r.providers for r in report.rows] == [("kp-0", "kp-1")]
 
 
 def _dp_task(providers: int, budget: float) -> tuple[dict[str, ec.EllipticCurvePrivateKey], AccessPolicy, tm.Task]:

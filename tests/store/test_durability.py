@@ -254,3 +254,23 @@ def test_the_loser_of_a_creation_race_returns_the_winners_identity(
     assert loser.signing_key.private_numbers() == winner.signing_key.private_numbers()
     assert loser.wrapping_key.private_bytes_raw() == winner.wrapping_key.private_bytes_raw()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json"]
+
+
+def test_a_release_log_line_cut_off_by_a_failed_write_is_dropped_by_the_next_append(tmp_path: Path) -> None:
+    """A write cut off mid-line (a full disk, a kill) was never acknowledged: the log reads without it, and the
+    next append replaces it instead of continuing it (before, every later read of the log failed to parse)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedcompute.keys.release_log import ReleaseLog, verify_entries
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "keys" / "release-log.jsonl"
+    ReleaseLog(path, key).append({"provider_id": "kp-0", "round": 0})
+    with path.open("a") as handle:
+        handle.write('{"body": "eyJ')  # the start of a second line, no newline
+    restarted = ReleaseLog(path, key)
+    assert [b["round"] for b in verify_entries(restarted.entries(), "kp-0", key.public_key())] == [0]
+    assert restarted.append({"provider_id": "kp-0", "round": 1})["seq"] == 1
+    bodies = verify_entries(ReleaseLog(path, key).entries(), "kp-0", key.public_key())
+    assert [b["round"] for b in bodies] == [0, 1]
+    assert path.read_text().count("\n") == 2
