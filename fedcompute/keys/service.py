@@ -380,7 +380,7 @@ def _log_fields(
         "repeat": decision.repeat,
         "releases_charged": decision.releases_charged,
         "epsilon_after": decision.epsilon_after,
-        # the attempt (its recipient key and job) and the number it was granted: an auditor counts releases
+        # the attempt (its recipient key and job) and its number: an auditor checks each number names one attempt
         "job_id": binding.job_id,
         "recipient": binding.recipient_public_key.hex(),
         "release_number": binding.release_number,
