@@ -83,10 +83,16 @@ class ReleaseLog:
         appended to, leaving the file unreadable from there on."""
         if not self._path.exists():
             return
-        data = self._path.read_bytes()
-        whole = data.rfind(b"\n") + 1
-        if whole < len(data):
-            os.truncate(self._path, whole)
+        with self._path.open("rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            if not end:
+                return
+            handle.seek(end - 1)
+            if handle.read(1) == b"\n":
+                return  # ends with a whole line (the usual case): one byte read
+            handle.seek(0)
+            whole = handle.read().rfind(b"\n") + 1
+        os.truncate(self._path, whole)
 
     def _read(self) -> list[SignedEntry]:
         """The entries of the file's whole lines (a torn last line, ``_cut_torn_tail``, is no entry)."""

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -61,6 +62,19 @@ def _count(client: KeyClient, policy: str) -> int:
     return client.get_release_count(key_pb2.GetReleaseCountRequest(policy_sha256_hex=policy)).releases_charged
 
 
+def _logged(clients: Sequence[KeyClient], policy: str) -> list[dict[str, Any]]:
+    """The key services' release log entries under ``policy``, each log in its order, one log after another."""
+    bodies = [json.loads(e.body) for c in clients for e in c.get_release_log(key_pb2.GetReleaseLogRequest()).entries]
+    return [b for b in bodies if b["policy_sha256"] == policy]
+
+
+def _number_findings(entries: list[dict[str, Any]]) -> list[str]:
+    """What ``fedcompute audit`` finds in these entries' release numbers (clients/audit.py)."""
+    report = AuditReport()
+    audit_numbers(entries, report)
+    return report.findings
+
+
 def _refusal(exc: grpc.RpcError) -> str:
     trailers: Sequence[tuple[str, str | bytes]] = (
         exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
@@ -97,12 +111,9 @@ def test_a_server_that_rotates_the_key_services_gets_no_more_releases_than_the_b
     assert set(refusals) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "privacy-budget")}
     assert [_count(c, policy) for c in clients] == [4, 4, 3]
     # the signed logs name each grant's attempt and number: an auditor finds every number one attempt's, rising
-    entries = [json.loads(e.body) for c in clients for e in c.get_release_log(key_pb2.GetReleaseLogRequest()).entries]
-    entries = [b for b in entries if b["policy_sha256"] == policy]
+    entries = _logged(clients, policy)
     assert sorted({b["release_number"] for b in entries}) == [1, 2, 3, 4]
-    report = AuditReport()
-    audit_numbers(entries, report)
-    assert report.findings == []
+    assert _number_findings(entries) == []
 
 
 def test_a_number_at_or_below_a_key_services_count_is_stale_and_the_same_attempt_asking_again_is_a_repeat(
@@ -133,8 +144,7 @@ def test_a_number_at_or_below_a_key_services_count_is_stale_and_the_same_attempt
         _release(client, unnumbered, _result(harness, unnumbered[0]))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "release_number" in (info.value.details() or "")
-    bodies = [json.loads(e.body) for e in client.get_release_log(key_pb2.GetReleaseLogRequest()).entries]
-    mine = [b for b in bodies if b["policy_sha256"] == policy]
+    mine = _logged([client], policy)
     assert [b["releases_charged"] for b in mine] == [3, 3, 5]
     assert [b["release_number"] for b in mine] == [3, 3, 5]  # as granted: the repeat's number is the attempt's
     assert len({b["recipient"] for b in mine}) == 1  # one attempt throughout
@@ -292,9 +302,6 @@ def test_a_grant_is_logged_only_once_the_key_services_count_keeps_it(
     assert _count(client, policy) == 2  # charged: the count is saved before the entry is written
     _release(client, unlogged, _result(harness, unlogged[0]))  # the same attempt again: a repeat
     assert _count(client, policy) == 2
-    bodies = [json.loads(e.body) for e in client.get_release_log(key_pb2.GetReleaseLogRequest()).entries]
-    mine = [b for b in bodies if b["policy_sha256"] == policy]
+    mine = _logged([client], policy)
     assert [(b["round"], b["release_number"], b["releases_charged"]) for b in mine] == [(2, 1, 1), (3, 2, 2)]
-    report = AuditReport()
-    audit_numbers(mine, report)
-    assert report.findings == []
+    assert _number_findings(mine) == []
