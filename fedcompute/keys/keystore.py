@@ -167,9 +167,12 @@ class KeyStore:
     def mutate(self, then: Callable[[], object] | None = None) -> Iterator[KeysetState]:
         """The state, to change; saved when the block ends (serialized within this process): a journal line, or
         the snapshot where keys or policies changed (see the module). A block that raises saves nothing, and its
-        changes are forgotten here too (the files are read again). ``then``: called once the change is saved,
-        still in this serialization (a release's log entry: written only for what the state keeps, in the order
-        the changes were made); what it raises reaches the caller, the change staying saved."""
+        changes are forgotten here too (the files are read again). A save that raises once its line or snapshot
+        is durable (the directory's fsync after a new journal, the journal's truncation after a snapshot) has
+        kept the change: the error reaches the caller, ``then`` is not called, and the files read again hold it
+        (for a release: charged, logged nowhere, no share sent; the safe side). ``then``: called once the change
+        is saved, still in this serialization (a release's log entry: written only for what the state keeps, in
+        the order the changes were made); what it raises reaches the caller, the change staying saved."""
         with self._lock, self._exclusive():
             state = self._current()
             tables = [getattr(state, name) for name in TABLES]

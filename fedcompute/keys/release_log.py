@@ -10,6 +10,7 @@ provider's log. Stored as JSON lines, appended with fsync before the share leave
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -46,31 +47,37 @@ class ReleaseLog:
         self._path = path
         self._key = signing_key
         self._lock = threading.Lock()
-        # (entries, sha256 hex of the last body): read from the file once, then kept by each append, which made
-        # an append read and parse the whole log (13 ms at 3,000 entries here, growing by ~4 us an entry)
-        self._tail: tuple[int, str] | None = None
+        # (entries, sha256 hex of the last body, the file as this append left it): read from the file once, then
+        # kept by each append, which made an append read and parse the whole log (13 ms at 3,000 entries here,
+        # growing by ~4 us an entry); read again when the file is not as left (another process appended to it)
+        self._tail: tuple[int, str, tuple[int, int, int]] | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Add one entry (``seq`` and ``prev`` are filled in), durable before this returns."""
+        """Add one entry (``seq`` and ``prev`` are filled in), durable before this returns. Appends are serialized
+        across processes too (an exclusive ``flock`` on the file): a second process on the same directory, as
+        during a rollout that overlaps two key-service pods on one volume, continues the chain from the file
+        instead of from what it last wrote (which forked the chain, and every audit of the log failed from there)."""
         with self._lock:
-            if self._tail is None:
-                self._cut_torn_tail()
-                entries = self._read()
-                self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS)
-            count, prev = self._tail
-            body = {**fields, "seq": count, "prev": prev}
-            raw = canonical(body)
-            line = {"body": _b64(raw), "signature": _b64(statement.sign_bytes(raw, self._key))}
-            self._tail = None  # until the entry is durable: a failed write makes the next append read the file
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             with os.fdopen(fd, "a") as handle:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
+                if self._tail is None or self._tail[2] != _as_left(os.fstat(fd)):
+                    self._cut_torn_tail()
+                    entries = self._read()
+                    self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS,
+                                  (0, 0, -1))  # fmt: skip
+                count, prev, _ = self._tail
+                body = {**fields, "seq": count, "prev": prev}
+                raw = canonical(body)
+                line = {"body": _b64(raw), "signature": _b64(statement.sign_bytes(raw, self._key))}
+                self._tail = None  # until the entry is durable: a failed write makes the next append read the file
                 handle.write(json.dumps(line) + "\n")
                 handle.flush()
-                os.fsync(handle.fileno())
-            if not count:  # the file may be new: its name is durable only once its directory is fsynced
-                fsync_directory(self._path.parent)
-            self._tail = (count + 1, hashlib.sha256(raw).hexdigest())
+                os.fsync(fd)
+                if not count:  # the file may be new: its name is durable only once its directory is fsynced
+                    fsync_directory(self._path.parent)
+                self._tail = (count + 1, hashlib.sha256(raw).hexdigest(), _as_left(os.fstat(fd)))
         return body
 
     def entries(self, start_seq: int = 0) -> list[SignedEntry]:
@@ -132,6 +139,11 @@ def verify_entries(
         prev = hashlib.sha256(entry.body).hexdigest()
         bodies.append(body)
     return bodies
+
+
+def _as_left(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells a file apart from the one an append left: device, inode and size."""
+    return stat.st_dev, stat.st_ino, stat.st_size
 
 
 def _b64(raw: bytes) -> str:

@@ -274,3 +274,40 @@ def test_a_release_log_line_cut_off_by_a_failed_write_is_dropped_by_the_next_app
     bodies = verify_entries(ReleaseLog(path, key).entries(), "kp-0", key.public_key())
     assert [b["round"] for b in bodies] == [0, 1]
     assert path.read_text().count("\n") == 2
+
+
+def test_two_processes_appending_to_one_release_log_continue_one_chain(tmp_path: Path) -> None:
+    """Two key-service processes on one directory (a rollout overlapping two pods on one volume): each appends
+    after the other's entries, so the log stays one chain that verifies. Before, each continued from what it had
+    itself last written: the second's entry repeated a sequence number, and the log failed verification there."""
+    import multiprocessing
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedcompute.keys.release_log import ReleaseLog, verify_entries
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path = tmp_path / "keys" / "release-log.jsonl"
+    here = ReleaseLog(path, key)
+    here.append({"provider_id": "kp-0", "round": 0})  # this process's tail is kept from here on
+    context = multiprocessing.get_context("spawn")  # another process, as another pod: nothing shared but the file
+    other = context.Process(target=_append_rounds, args=(str(path), pem, [1, 2]))
+    other.start()
+    other.join(60)
+    assert other.exitcode == 0
+    here.append({"provider_id": "kp-0", "round": 3})
+    bodies = verify_entries(ReleaseLog(path, key).entries(), "kp-0", key.public_key())
+    assert [(b["seq"], b["round"]) for b in bodies] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+
+
+def _append_rounds(path: str, pem: bytes, rounds: list[int]) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from fedcompute.keys.release_log import ReleaseLog
+
+    key = serialization.load_pem_private_key(pem, password=None)
+    log = ReleaseLog(Path(path), key)  # type: ignore[arg-type]
+    for round_ in rounds:
+        log.append({"provider_id": "kp-0", "round": round_})
