@@ -20,12 +20,13 @@ restore it. Each change holds an exclusive ``flock`` on ``keyset.lock`` beside t
 The state is parsed once and kept: a read or a change parses the files again only if either changed behind this
 process's back (its inode, size or mtime differ from what this process last read or wrote: a rewrite in place to the
 same size within the file system's timestamp tick of this process's last write, a few milliseconds, goes unseen
-until the file changes again; the provider's directory is its own, and one process writes it), and a change that
-raises is dropped from memory as it never reached the disk. Its tables record which entries a change set or removed:
-a change is an assignment (``state.releases[slot] = [...]``), never a record changed in place, which would reach the
-disk only with the next snapshot (``StoredKey`` is frozen: ``dataclasses.replace``). Shares are stored
-ChaCha20-Poly1305-sealed under the provider's KEK, bound to their key id; a destroyed key keeps no share. The KEK
-itself never sits in this directory (see ``keys/kek.py``).
+until the file changes again; the provider's directory is its own, and one process writes it: a second one, as two
+pods of one provider overlapping on a volume, waits for ``keyset.lock``, and its lines and snapshots change the
+files' size or inode), and a change that raises is dropped from memory as it never reached the disk. Its tables
+record which entries a change set or removed: a change is an assignment (``state.releases[slot] = [...]``), never a
+record changed in place, which would reach the disk only with the next snapshot (``StoredKey`` is frozen:
+``dataclasses.replace``). Shares are stored ChaCha20-Poly1305-sealed under the provider's KEK, bound to their key
+id; a destroyed key keeps no share. The KEK itself never sits in this directory (see ``keys/kek.py``).
 """
 
 from __future__ import annotations
@@ -167,10 +168,10 @@ class KeyStore:
     def mutate(self, then: Callable[[], object] | None = None) -> Iterator[KeysetState]:
         """The state, to change; saved when the block ends (serialized within this process): a journal line, or
         the snapshot where keys or policies changed (see the module). A block that raises saves nothing, and its
-        changes are forgotten here too (the files are read again). A save that raises once its line or snapshot
-        is durable (the directory's fsync after a new journal, the journal's truncation after a snapshot) has
-        kept the change: the error reaches the caller, ``then`` is not called, and the files read again hold it
-        (for a release: charged, logged nowhere, no share sent; the safe side). ``then``: called once the change
+        changes are forgotten here too (the files are read again). A save that raises after its journal line
+        was written or its snapshot renamed into place (a failed fsync) has kept the change, durably or not: the
+        error reaches the caller, ``then`` is not called, and the files read again hold it (for a release:
+        charged, logged nowhere, no share sent; the safe side). ``then``: called once the change
         is saved, still in this serialization (a release's log entry: written only for what the state keeps, in
         the order the changes were made); what it raises reaches the caller, the change staying saved."""
         with self._lock, self._exclusive():

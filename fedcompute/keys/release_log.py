@@ -15,10 +15,11 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -50,7 +51,7 @@ class ReleaseLog:
         # (entries, sha256 hex of the last body, the file as this append left it): read from the file once, then
         # kept by each append, which made an append read and parse the whole log (13 ms at 3,000 entries here,
         # growing by ~4 us an entry); read again when the file is not as left (another process appended to it)
-        self._tail: tuple[int, str, tuple[int, int, int]] | None = None
+        self._tail: tuple[int, str, tuple[int, int, int, int]] | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,27 +59,48 @@ class ReleaseLog:
         across processes too (an exclusive ``flock`` on the file): a second process on the same directory, as
         during a rollout that overlaps two key-service pods on one volume, continues the chain from the file
         instead of from what it last wrote (which forked the chain, and every audit of the log failed from there)."""
-        with self._lock:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with os.fdopen(fd, "a") as handle:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
-                if self._tail is None or self._tail[2] != _as_left(os.fstat(fd)):
-                    self._cut_torn_tail()
-                    entries = self._read()
-                    self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS,
-                                  (0, 0, -1))  # fmt: skip
-                count, prev, _ = self._tail
-                body = {**fields, "seq": count, "prev": prev}
-                raw = canonical(body)
-                line = {"body": _b64(raw), "signature": _b64(statement.sign_bytes(raw, self._key))}
-                self._tail = None  # until the entry is durable: a failed write makes the next append read the file
-                handle.write(json.dumps(line) + "\n")
-                handle.flush()
-                os.fsync(fd)
-                if not count:  # the file may be new: its name is durable only once its directory is fsynced
-                    fsync_directory(self._path.parent)
-                self._tail = (count + 1, hashlib.sha256(raw).hexdigest(), _as_left(os.fstat(fd)))
+        with self._lock, self._locked_file() as handle:
+            fd = handle.fileno()
+            if self._tail is None or self._tail[2] != _as_left(os.fstat(fd)):
+                self._cut_torn_tail()
+                entries = self._read()
+                self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS,
+                              (0, 0, -1, 0))  # fmt: skip
+            count, prev, _ = self._tail
+            body = {**fields, "seq": count, "prev": prev}
+            raw = canonical(body)
+            line = {"body": _b64(raw), "signature": _b64(statement.sign_bytes(raw, self._key))}
+            self._tail = None  # until the entry is durable: a failed write makes the next append read the file
+            handle.write(json.dumps(line) + "\n")
+            handle.flush()
+            os.fsync(fd)
+            if not count:  # the file may be new: its name is durable only once its directory is fsynced
+                fsync_directory(self._path.parent)
+            self._tail = (count + 1, hashlib.sha256(raw).hexdigest(), _as_left(os.fstat(fd)))
         return body
+
+    @contextmanager
+    def _locked_file(self) -> Iterator[TextIO]:
+        """The log file, open to append, under an exclusive ``flock`` (released when it closes). The file the path
+        names once the lock is held: one replaced while this waited for the lock (a restore) is opened again, so
+        an entry is never written to a file no longer in the directory."""
+        while True:
+            handle = os.fdopen(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                held = os.fstat(handle.fileno())
+                named = os.stat(self._path)
+            except FileNotFoundError:  # removed while this waited: open it (anew) again
+                handle.close()
+                continue
+            except BaseException:
+                handle.close()
+                raise
+            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                break
+            handle.close()
+        with handle:
+            yield handle
 
     def entries(self, start_seq: int = 0) -> list[SignedEntry]:
         with self._lock:
@@ -141,9 +163,10 @@ def verify_entries(
     return bodies
 
 
-def _as_left(stat: os.stat_result) -> tuple[int, int, int]:
-    """What tells a file apart from the one an append left: device, inode and size."""
-    return stat.st_dev, stat.st_ino, stat.st_size
+def _as_left(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file apart from the one an append left: device, inode, size and change time (a rewrite in
+    place to the same size moves the last)."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_ctime_ns
 
 
 def _b64(raw: bytes) -> str:

@@ -4,12 +4,18 @@ not wait for the disk. Observed through the real fsync calls on the real WAL fil
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
 
+from fedcompute.keys.release_log import ReleaseLog, verify_entries
 from fedcompute.store.database import Database
 from tests.fsyncs import watch_fsyncs
 
@@ -82,8 +88,6 @@ def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
 ) -> None:
     """A key service's ledger (shares, policies, the budget each policy spent) and a device's pinned providers:
     a save lost to a power cut would forget a charge, or pin again on first use."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     from fedcompute.keys.keystore import KeyStore
     from fedcompute.keys.trust import load_trusted, write_trusted
 
@@ -109,8 +113,6 @@ def test_a_key_services_state_and_the_pinned_providers_are_named_durably(
     assert synced[-1] == str(tmp_path / "public")
     assert list(load_trusted(pinned)) == ["kp-0"]
     # the release log: its first entry creates the file, whose name must be durable too; later ones append
-    from fedcompute.keys.release_log import ReleaseLog
-
     log = ReleaseLog(tmp_path / "log" / "releases.jsonl", ec.generate_private_key(ec.SECP256R1()))
     synced.clear()
     log.append({"round": 1})
@@ -126,10 +128,6 @@ def test_the_release_log_chains_across_restarts_and_a_failed_append_leaves_no_ga
     """Appends keep the log's tail in memory (an append no longer reads the whole file): a log reopened by a
     restarted provider continues the chain, and an append whose fsync failed is not counted, so the next entry
     is read from what the file holds and the whole log still verifies."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from fedcompute.keys.release_log import ReleaseLog, verify_entries
-
     key = ec.generate_private_key(ec.SECP256R1())
     path = tmp_path / "keys" / "release-log.jsonl"
     first = ReleaseLog(path, key)
@@ -259,10 +257,6 @@ def test_the_loser_of_a_creation_race_returns_the_winners_identity(
 def test_a_release_log_line_cut_off_by_a_failed_write_is_dropped_by_the_next_append(tmp_path: Path) -> None:
     """A write cut off mid-line (a full disk, a kill) was never acknowledged: the log reads without it, and the
     next append replaces it instead of continuing it (before, every later read of the log failed to parse)."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from fedcompute.keys.release_log import ReleaseLog, verify_entries
-
     key = ec.generate_private_key(ec.SECP256R1())
     path = tmp_path / "keys" / "release-log.jsonl"
     ReleaseLog(path, key).append({"provider_id": "kp-0", "round": 0})
@@ -279,21 +273,11 @@ def test_a_release_log_line_cut_off_by_a_failed_write_is_dropped_by_the_next_app
 def test_two_processes_appending_to_one_release_log_continue_one_chain(tmp_path: Path) -> None:
     """Two key-service processes on one directory (a rollout overlapping two pods on one volume): each appends
     after the other's entries, so the log stays one chain that verifies. Before, each continued from what it had
-    itself last written: the second's entry repeated a sequence number, and the log failed verification there."""
-    import multiprocessing
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from fedcompute.keys.release_log import ReleaseLog, verify_entries
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path = tmp_path / "keys" / "release-log.jsonl"
+    itself last written: the first's next entry repeated sequence number 1, and the log failed verification there."""
+    key, pem, path = _log_key_and_path(tmp_path)
     here = ReleaseLog(path, key)
     here.append({"provider_id": "kp-0", "round": 0})  # this process's tail is kept from here on
-    context = multiprocessing.get_context("spawn")  # another process, as another pod: nothing shared but the file
-    other = context.Process(target=_append_rounds, args=(str(path), pem, [1, 2]))
+    other = _SPAWN.Process(target=_append_rounds, args=(str(path), pem, [1, 2]))  # another process, as another pod
     other.start()
     other.join(60)
     assert other.exitcode == 0
@@ -302,12 +286,65 @@ def test_two_processes_appending_to_one_release_log_continue_one_chain(tmp_path:
     assert [(b["seq"], b["round"]) for b in bodies] == [(0, 0), (1, 1), (2, 2), (3, 3)]
 
 
-def _append_rounds(path: str, pem: bytes, rounds: list[int]) -> None:
-    from cryptography.hazmat.primitives import serialization
+def test_processes_appending_to_one_release_log_at_once_take_turns(tmp_path: Path) -> None:
+    """Three processes appending at the same moment (the file's flock): every entry is kept, once, in one chain.
+    Without the lock two of them read the same tail and wrote the same sequence number."""
+    key, pem, path = _log_key_and_path(tmp_path)
+    go = _SPAWN.Event()
+    writers = [
+        _SPAWN.Process(target=_append_rounds, args=(str(path), pem, list(range(i * 1000, i * 1000 + 40)), go))
+        for i in range(3)
+    ]
+    for writer in writers:
+        writer.start()
+    go.set()
+    for writer in writers:
+        writer.join(120)
+        assert writer.exitcode == 0
+    bodies = verify_entries(ReleaseLog(path, key).entries(), "kp-0", key.public_key())
+    assert [b["seq"] for b in bodies] == list(range(120))
+    assert sorted(b["round"] for b in bodies) == sorted(r + i * 1000 for i in range(3) for r in range(40))
 
-    from fedcompute.keys.release_log import ReleaseLog
 
+def test_a_release_log_replaced_while_an_append_waits_gets_the_entry(tmp_path: Path) -> None:
+    """The file renamed over (a restore) while an append waited for its lock: the entry goes to the file the path
+    now names, never to the one unlinked (the append had returned, its entry nowhere to be read)."""
+    import fcntl
+    import threading
+
+    key, _, path = _log_key_and_path(tmp_path)
+    log = ReleaseLog(path, key)
+    log.append({"provider_id": "kp-0", "round": 0})
+    copy = path.with_name("restored.jsonl")
+    copy.write_bytes(path.read_bytes())
+    holder = os.open(path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another writer holds the log
+    appended: list[dict[str, object]] = []
+    waiting = threading.Thread(target=lambda: appended.append(log.append({"provider_id": "kp-0", "round": 1})))
+    waiting.start()
+    time.sleep(0.3)  # the append opens the file and waits for the lock
+    os.replace(copy, path)
+    os.close(holder)  # the lock goes with it
+    waiting.join(30)
+    assert [entry["seq"] for entry in appended] == [1]
+    bodies = verify_entries(ReleaseLog(path, key).entries(), "kp-0", key.public_key())
+    assert [b["round"] for b in bodies] == [0, 1]
+
+
+_SPAWN = multiprocessing.get_context("spawn")  # other processes, as other pods: nothing shared but the files
+
+
+def _log_key_and_path(tmp_path: Path) -> tuple[ec.EllipticCurvePrivateKey, bytes, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key, pem, tmp_path / "keys" / "release-log.jsonl"
+
+
+def _append_rounds(path: str, pem: bytes, rounds: list[int], go: Any = None) -> None:
     key = serialization.load_pem_private_key(pem, password=None)
-    log = ReleaseLog(Path(path), key)  # type: ignore[arg-type]
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    log = ReleaseLog(Path(path), key)
+    if go is not None:
+        go.wait(60)
     for round_ in rounds:
         log.append({"provider_id": "kp-0", "round": round_})
