@@ -27,6 +27,26 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def lock_current(path: Path, flags: int, blocking: bool = True) -> int | None:
+    """``path`` opened (``flags``, created 0600 if missing) under an exclusive ``flock``, if the file locked is still
+    the one the path names; None (nothing left open) if it was removed or replaced while this waited for the lock:
+    open it again. With ``blocking`` False a lock held elsewhere raises ``BlockingIOError`` (nothing left open)."""
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held, named = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+        return fd
+    os.close(fd)
+    return None
+
+
 def drop_cached(fd: int) -> None:
     """Let the kernel drop the page cache's copy of an open file whose bytes were fsynced and will not be read
     again soon (an upload: written once here, read once by the aggregator). A hint: nothing is lost or changed,

@@ -171,9 +171,9 @@ class KeyStore:
         changes are forgotten here too (the files are read again). A save that raises after its journal line
         was written or its snapshot renamed into place (a failed fsync) has kept the change, durably or not: the
         error reaches the caller, ``then`` is not called, and the files read again hold it (for a release:
-        charged, logged nowhere, no share sent; the safe side). ``then``: called once the change
-        is saved, still in this serialization (a release's log entry: written only for what the state keeps, in
-        the order the changes were made); what it raises reaches the caller, the change staying saved."""
+        charged, logged nowhere, no share sent; the safe side). ``then``: called once the change is saved, still
+        in this serialization (a release's log entry: written only for what the state keeps, in the order the
+        changes were made); what it raises reaches the caller, the change staying saved."""
         with self._lock, self._exclusive():
             state = self._current()
             tables = [getattr(state, name) for name in TABLES]

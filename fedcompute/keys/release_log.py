@@ -10,7 +10,6 @@ provider's log. Stored as JSON lines, appended with fsync before the share leave
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcompute.core.files import fsync_directory
+from fedcompute.core.files import fsync_directory, lock_current
 from fedcompute.keys import statement
 
 GENESIS = "0" * 64
@@ -48,10 +47,11 @@ class ReleaseLog:
         self._path = path
         self._key = signing_key
         self._lock = threading.Lock()
-        # (entries, sha256 hex of the last body, the file as this append left it): read from the file once, then
-        # kept by each append, which made an append read and parse the whole log (13 ms at 3,000 entries here,
-        # growing by ~4 us an entry); read again when the file is not as left (another process appended to it)
-        self._tail: tuple[int, str, tuple[int, int, int, int]] | None = None
+        # (entries, sha256 hex of the last body): read from the file once, then kept by each append, which made
+        # an append read and parse the whole log (13 ms at 3,000 entries here, growing by ~4 us an entry); read
+        # again when the file is not as the last append left it (``_left``: another process appended to it)
+        self._tail: tuple[int, str] | None = None
+        self._left: tuple[int, int, int, int] | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,12 +61,11 @@ class ReleaseLog:
         instead of from what it last wrote (which forked the chain, and every audit of the log failed from there)."""
         with self._lock, self._locked_file() as handle:
             fd = handle.fileno()
-            if self._tail is None or self._tail[2] != _as_left(os.fstat(fd)):
+            if self._tail is None or self._left != _as_left(os.fstat(fd)):
                 self._cut_torn_tail()
                 entries = self._read()
-                self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS,
-                              (0, 0, -1, 0))  # fmt: skip
-            count, prev, _ = self._tail
+                self._tail = (len(entries), hashlib.sha256(entries[-1].body).hexdigest() if entries else GENESIS)
+            count, prev = self._tail
             body = {**fields, "seq": count, "prev": prev}
             raw = canonical(body)
             line = {"body": _b64(raw), "signature": _b64(statement.sign_bytes(raw, self._key))}
@@ -76,30 +75,17 @@ class ReleaseLog:
             os.fsync(fd)
             if not count:  # the file may be new: its name is durable only once its directory is fsynced
                 fsync_directory(self._path.parent)
-            self._tail = (count + 1, hashlib.sha256(raw).hexdigest(), _as_left(os.fstat(fd)))
+            self._tail, self._left = (count + 1, hashlib.sha256(raw).hexdigest()), _as_left(os.fstat(fd))
         return body
 
     @contextmanager
     def _locked_file(self) -> Iterator[TextIO]:
-        """The log file, open to append, under an exclusive ``flock`` (released when it closes). The file the path
-        names once the lock is held: one replaced while this waited for the lock (a restore) is opened again, so
-        an entry is never written to a file no longer in the directory."""
-        while True:
-            handle = os.fdopen(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                held = os.fstat(handle.fileno())
-                named = os.stat(self._path)
-            except FileNotFoundError:  # removed while this waited: open it (anew) again
-                handle.close()
-                continue
-            except BaseException:
-                handle.close()
-                raise
-            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
-                break
-            handle.close()
-        with handle:
+        """The log file, open to append, under an exclusive ``flock`` (released when it closes): the file the path
+        names once the lock is held, so that an entry is never written to one replaced meanwhile (a restore)."""
+        fd = None
+        while fd is None:
+            fd = lock_current(self._path, os.O_WRONLY | os.O_APPEND)
+        with os.fdopen(fd, "a") as handle:
             yield handle
 
     def entries(self, start_seq: int = 0) -> list[SignedEntry]:

@@ -3,7 +3,6 @@ sweep that removes staged bytes no upload will finish (``StagingSweeper``)."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import time
@@ -16,6 +15,7 @@ import structlog
 
 from fedcompute.core.clock import Clock
 from fedcompute.core.errors import Aborted
+from fedcompute.core.files import lock_current
 from fedcompute.store.assignments import AssignmentRepository
 from fedcompute.store.blobs import PUT_PREFIX
 from fedcompute.store.database import Database
@@ -37,21 +37,12 @@ def sole_writer(staging: Path, upload_id: str) -> Iterator[None]:
     path = staging / f"upload-{upload_id}.lock"
     busy = Aborted("another stream is writing this upload right now; resume when it ends")
     for _ in range(8):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+            fd = lock_current(path, os.O_RDWR, blocking=False)
         except BlockingIOError:
-            os.close(fd)
             raise busy from None
-        except FileNotFoundError:
-            current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
+        if fd is not None:
             break
-        os.close(fd)
     else:
         raise busy
     try:
